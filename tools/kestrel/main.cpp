@@ -1,7 +1,54 @@
-// The `kestrel` command: one binary, subcommands (run, info).
+// The `kestrel` command: one binary, subcommands. Flag names follow llama.cpp's so users
+// can switch without relearning. Errors from the library end here as a message on stderr
+// and a non-zero exit status.
+#include <CLI/CLI.hpp>
 #include <cstdio>
+#include <string>
+#include <vector>
 
-int main() {
-  std::puts("kestrel: skeleton");
-  return 0;
+#include "commands.h"
+
+namespace {
+
+// llama.cpp spells some long options with one dash (-ub, -ctk, ...), which CLI11 reserves
+// for one-letter flags; translate them to their long names before parsing.
+std::vector<std::string> translate_llama_flags(int argc, char** argv) {
+  static const std::pair<const char*, const char*> kAliases[] = {
+      {"-ub", "--ubatch-size"},   {"-ctk", "--cache-type-k"}, {"-ctv", "--cache-type-v"},
+      {"-ngl", "--n-gpu-layers"}, {"-fa", "--flash-attn"},    {"-pg", "--prompt-gen"},
+  };
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) {
+    std::string a = argv[i];
+    for (const auto& [from, to] : kAliases) {
+      const std::string f = from;
+      if (a == f) a = to;
+      else if (a.rfind(f + "=", 0) == 0) a = std::string(to) + a.substr(f.size());
+    }
+    args.push_back(a);
+  }
+  return args;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Kestrel: fast prompt evaluation for llama-family GGUF models"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string(KESTREL_VERSION) + " (" KESTREL_GIT_VERSION ")");
+  kestrel::cli::RunOptions run;
+  kestrel::cli::add_run_command(app, run);
+  kestrel::cli::InfoOptions info;
+  kestrel::cli::add_info_command(app, info);
+  try {
+    std::vector<std::string> args = translate_llama_flags(argc, argv);
+    std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);  // CLI11 wants them so
+    app.parse(reversed);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  int rc = 0;
+  if (app.got_subcommand("run")) rc = kestrel::cli::run_command(run);
+  else if (app.got_subcommand("info")) rc = kestrel::cli::info_command(info);
+  return rc;
 }

@@ -1,0 +1,122 @@
+// The one seam between the model and hardware. A backend owns its memory, repacks weights
+// into whatever layout its kernels want (invisible above this interface) and implements the
+// small fixed op set the llama family needs. Activations are row-major f32 matrices
+// [n_tokens][dim]; the KV cache is a pair of [n_ctx][kv_dim] matrices per layer in f16, q8_0
+// or q4_0. Ops are enqueued in order; synchronize() waits for all of them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/status.h"
+#include "format/quant/types.h"
+
+namespace kestrel::backend {
+
+class Backend;
+
+// A matrix in one backend's memory. For quantized types `cols` counts elements, so a row
+// takes quant::row_bytes(type, cols) bytes.
+struct Tensor {
+  quant::DType type = quant::DType::F32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  void* data = nullptr;  // backend memory (a host pointer on the CPU backend)
+  size_t bytes = 0;
+  Backend* owner = nullptr;
+
+  explicit operator bool() const { return data != nullptr; }
+  size_t row_bytes() const { return bytes / static_cast<size_t>(rows > 0 ? rows : 1); }
+};
+
+// A weight matrix as stored in the GGUF file (host memory, usually the file mapping):
+// n_out rows of n_in elements of `type`.
+struct HostMatrix {
+  quant::DType type = quant::DType::F32;
+  int64_t n_in = 0;   // elements per row (the contiguous GGUF dimension)
+  int64_t n_out = 0;  // rows
+  const void* data = nullptr;
+  std::string name;
+};
+
+// A matmul weight after the backend prepared it (repacked, uploaded). Opaque above.
+class Weight {
+ public:
+  virtual ~Weight() = default;
+  quant::DType type = quant::DType::F32;
+  int64_t n_in = 0;
+  int64_t n_out = 0;
+  std::string name;
+  size_t bytes = 0;  // device bytes it occupies
+};
+
+// Which way RoPE pairs dimensions: llama.cpp's "normal" rotates adjacent pairs
+// (x[2i], x[2i+1]); "neox" rotates halves (x[i], x[i + head_dim/2]).
+enum class RopeLayout { Normal, NeoX };
+
+struct RopeParams {
+  int n_heads = 0;
+  int head_dim = 0;
+  float freq_base = 10000.0f;
+  RopeLayout layout = RopeLayout::Normal;
+};
+
+struct AttentionParams {
+  int n_head = 0;
+  int n_head_kv = 0;
+  int head_dim = 0;
+  float scale = 1.0f;  // usually 1/sqrt(head_dim)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;       // "cpu", "cuda", ...
+  virtual std::string device_name() const = 0;  // e.g. the CPU model and ISA in use
+
+  // Memory. alloc never leaves a partial allocation behind on failure.
+  virtual Expected<Tensor> alloc(quant::DType type, int64_t rows, int64_t cols,
+                                 const char* what) = 0;
+  virtual void free(Tensor& t) = 0;
+  // Host <-> backend copies of whole rows [row0, row0 + n_rows).
+  virtual Status upload(Tensor& dst, int64_t row0, int64_t n_rows, const void* src) = 0;
+  virtual Status download(const Tensor& src, int64_t row0, int64_t n_rows, void* dst) = 0;
+
+  virtual Expected<std::unique_ptr<Weight>> load_weight(const HostMatrix& m) = 0;
+  // A small f32 vector (norm weight, bias) as a 1 x n tensor.
+  virtual Expected<Tensor> load_vector(const float* data, int64_t n, const char* what) = 0;
+
+  // Ops. Shapes: T = tokens in the micro-batch; all activations f32.
+  // out[T][E] = table[tokens[t]] (table on the host, any supported type).
+  virtual Status embed(const HostMatrix& table, const int32_t* tokens, int n_tokens,
+                       Tensor& out) = 0;
+  // out[T][E] = x / rms(x) * weight[E]
+  virtual Status rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
+                          Tensor& out) = 0;
+  // out[T][n_out] = x[T][n_in] . W[n_out][n_in]^T (+ bias[n_out])
+  virtual Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
+                        const Tensor* bias) = 0;
+  // In place on x[T][n_heads * head_dim], token t at position positions[t].
+  virtual Status rope(Tensor& x, int n_tokens, const int32_t* positions,
+                      const RopeParams& p) = 0;
+  // Writes k[T][kv_dim], v[T][kv_dim] into rows positions[t] of the caches, converting to
+  // the cache type (quantize on write).
+  virtual Status kv_store(const Tensor& k, const Tensor& v, int n_tokens,
+                          const int32_t* positions, Tensor& k_cache, Tensor& v_cache) = 0;
+  // Causal attention: token t attends to cache rows [0, positions[t]].
+  // q[T][n_head*head_dim] -> out[T][n_head*head_dim].
+  virtual Status attention(const Tensor& q, int n_tokens, const int32_t* positions,
+                           const Tensor& k_cache, const Tensor& v_cache,
+                           const AttentionParams& p, Tensor& out) = 0;
+  // out[T][F] = silu(gate) * up
+  virtual Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) = 0;
+  // x[T][E] += y[T][E]
+  virtual Status add(Tensor& x, const Tensor& y, int n_tokens) = 0;
+  // out[i][:] = x[rows[i]][:] (gathers the rows whose logits are wanted)
+  virtual Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) = 0;
+
+  virtual Status synchronize() = 0;
+};
+
+}  // namespace kestrel::backend

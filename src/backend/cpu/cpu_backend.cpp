@@ -1,0 +1,370 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <new>
+
+#include "format/quant/fp16.h"
+#include "format/quant/quant.h"
+
+namespace kestrel::backend::cpu {
+
+using quant::DType;
+
+namespace {
+
+// A matmul weight on the CPU: quantized types repacked into 16-row panels, dense types
+// used in place (usually straight from the file mapping).
+class CpuWeight final : public Weight {
+ public:
+  std::vector<uint8_t> packed;  // quantized types
+  const uint8_t* dense = nullptr;
+  int64_t dense_row_bytes = 0;
+  int64_t n_panels = 0;
+  int64_t n_blocks = 0;
+};
+
+std::string cpu_model_name() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const auto colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(colon + 2);
+    }
+  }
+  return "CPU";
+}
+
+bool is_packed_type(DType t) { return t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0; }
+bool is_dense_type(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+}  // namespace
+
+CpuBackend::CpuBackend(int n_threads, const KernelTable* kernels)
+    : pool_(n_threads), kernels_(kernels ? kernels : &best_kernels()), scratch_(8) {}
+
+CpuBackend::~CpuBackend() = default;
+
+std::string CpuBackend::device_name() const {
+  return cpu_model_name() + " (" + kernels_->isa + ", " + std::to_string(n_threads()) +
+         " threads)";
+}
+
+Expected<Tensor> CpuBackend::alloc(DType type, int64_t rows, int64_t cols, const char* what) {
+  const int64_t rb = quant::row_bytes(type, cols);
+  if (rows <= 0 || cols <= 0 || rb < 0)
+    return error("cannot allocate %s: %lld x %lld elements of %s", what,
+                 static_cast<long long>(rows), static_cast<long long>(cols),
+                 quant::type_name(type));
+  const size_t bytes = static_cast<size_t>(rb) * static_cast<size_t>(rows);
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  if (!p)
+    return error("out of host memory allocating %s (%.1f MiB)", what, bytes / 1048576.0);
+  Tensor t;
+  t.type = type;
+  t.rows = rows;
+  t.cols = cols;
+  t.data = p;
+  t.bytes = bytes;
+  t.owner = this;
+  return t;
+}
+
+void CpuBackend::free(Tensor& t) {
+  std::free(t.data);
+  t = Tensor{};
+}
+
+Status CpuBackend::upload(Tensor& dst, int64_t row0, int64_t n_rows, const void* src) {
+  if (row0 < 0 || n_rows < 0 || row0 + n_rows > dst.rows)
+    return error("upload of rows [%lld, %lld) outside a tensor of %lld rows",
+                 static_cast<long long>(row0), static_cast<long long>(row0 + n_rows),
+                 static_cast<long long>(dst.rows));
+  const size_t rb = dst.row_bytes();
+  std::memcpy(static_cast<uint8_t*>(dst.data) + row0 * rb, src, n_rows * rb);
+  return Status::ok();
+}
+
+Status CpuBackend::download(const Tensor& src, int64_t row0, int64_t n_rows, void* dst) {
+  if (row0 < 0 || n_rows < 0 || row0 + n_rows > src.rows)
+    return error("download of rows [%lld, %lld) outside a tensor of %lld rows",
+                 static_cast<long long>(row0), static_cast<long long>(row0 + n_rows),
+                 static_cast<long long>(src.rows));
+  const size_t rb = src.row_bytes();
+  std::memcpy(dst, static_cast<const uint8_t*>(src.data) + row0 * rb, n_rows * rb);
+  return Status::ok();
+}
+
+Expected<std::unique_ptr<Weight>> CpuBackend::load_weight(const HostMatrix& m) {
+  auto w = std::make_unique<CpuWeight>();
+  w->type = m.type;
+  w->n_in = m.n_in;
+  w->n_out = m.n_out;
+  w->name = m.name;
+  if (is_dense_type(m.type)) {
+    w->dense = static_cast<const uint8_t*>(m.data);
+    w->dense_row_bytes = quant::row_bytes(m.type, m.n_in);
+    w->bytes = 0;  // read in place from the mapping
+  } else if (is_packed_type(m.type)) {
+    if (m.n_in % kBlock != 0)
+      return error("weight '%s': %lld columns is not a multiple of 32", m.name.c_str(),
+                   static_cast<long long>(m.n_in));
+    w->n_panels = (m.n_out + kPanelRows - 1) / kPanelRows;
+    w->n_blocks = m.n_in / kBlock;
+    const size_t bytes = w->n_panels * w->n_blocks * packed_block_bytes(m.type);
+    try {
+      w->packed.resize(bytes);
+    } catch (const std::bad_alloc&) {
+      return error("out of host memory repacking weight '%s' (%.1f MiB)", m.name.c_str(),
+                   bytes / 1048576.0);
+    }
+    // Pack panels in parallel: each task writes its own panels.
+    const int64_t per_panel = w->n_blocks * packed_block_bytes(m.type);
+    const int64_t src_panel = quant::row_bytes(m.type, m.n_in) * kPanelRows;
+    const int64_t n_panels = w->n_panels;
+    CpuWeight* wp = w.get();
+    pool_.parallel_for(n_panels, [&](int64_t p, int) {
+      const int64_t rows = std::min<int64_t>(kPanelRows, m.n_out - p * kPanelRows);
+      pack_panels(m.type, static_cast<const uint8_t*>(m.data) + p * src_panel, rows, m.n_in,
+                  kernels_->q8_unsigned, wp->packed.data() + p * per_panel);
+    });
+    w->bytes = bytes;
+  } else {
+    return error("weight '%s' has type %s, which the CPU backend cannot multiply yet",
+                 m.name.c_str(), quant::type_name(m.type));
+  }
+  return std::unique_ptr<Weight>(std::move(w));
+}
+
+Expected<Tensor> CpuBackend::load_vector(const float* data, int64_t n, const char* what) {
+  KESTREL_ASSIGN_OR_RETURN(Tensor t, alloc(DType::F32, 1, n, what));
+  std::memcpy(t.data, data, n * sizeof(float));
+  return t;
+}
+
+uint8_t* CpuBackend::scratch_bytes(size_t n, int slot) {
+  auto& buf = scratch_[slot];
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+float* CpuBackend::scratch_floats(size_t n, int slot) {
+  return reinterpret_cast<float*>(scratch_bytes(n * sizeof(float), slot));
+}
+
+Status CpuBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_tokens,
+                         Tensor& out) {
+  for (int t = 0; t < n_tokens; ++t) {
+    if (tokens[t] < 0 || tokens[t] >= table.n_out)
+      return error("token id %d is outside the vocabulary [0, %lld)", tokens[t],
+                   static_cast<long long>(table.n_out));
+  }
+  const int64_t rb = quant::row_bytes(table.type, table.n_in);
+  pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+    quant::dequantize_row(table.type, static_cast<const uint8_t*>(table.data) + tokens[t] * rb,
+                          static_cast<float*>(out.data) + t * out.cols, table.n_in);
+  });
+  return Status::ok();
+}
+
+Status CpuBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
+                            Tensor& out) {
+  const int64_t n = x.cols;
+  const auto* w = static_cast<const float*>(weight.data);
+  pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+    const float* xr = static_cast<const float*>(x.data) + t * n;
+    float* o = static_cast<float*>(out.data) + t * out.cols;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+    for (int64_t i = 0; i < n; ++i) o[i] = xr[i] * inv * w[i];
+  });
+  return Status::ok();
+}
+
+Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Tensor& out,
+                          const Tensor* bias) {
+  const auto& w = static_cast<const CpuWeight&>(wbase);
+  if (x.cols != w.n_in || out.cols < w.n_out || x.rows < n_tokens || out.rows < n_tokens)
+    return error("matmul '%s': input [%lld x %lld] does not fit weight [%lld x %lld]",
+                 w.name.c_str(), static_cast<long long>(n_tokens),
+                 static_cast<long long>(x.cols), static_cast<long long>(w.n_out),
+                 static_cast<long long>(w.n_in));
+  const auto* xf = static_cast<const float*>(x.data);
+  auto* of = static_cast<float*>(out.data);
+  const int64_t ld_out = out.cols;
+  if (w.dense) {
+    const int64_t n_groups = (w.n_out + kPanelRows - 1) / kPanelRows;
+    pool_.parallel_for(n_groups, [&](int64_t g, int) {
+      const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, w.n_out - g * kPanelRows));
+      kernels_->dense(w.type, w.dense + g * kPanelRows * w.dense_row_bytes, w.dense_row_bytes,
+                      rows, xf, x.cols, n_tokens, w.n_in, of + g * kPanelRows, ld_out);
+    });
+  } else {
+    // Quantize the activations once, then stream the weight panels.
+    const int64_t stride = QuantActs::row_stride(w.n_in);
+    uint8_t* qbuf = scratch_bytes(stride * n_tokens, 0);
+    pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+      kernels_->quantize_acts(xf + t * x.cols, w.n_in, qbuf + t * stride);
+    });
+    QuantActs acts{qbuf, stride, w.n_in};
+    const PanelKernel kernel = w.type == DType::Q4_0   ? kernels_->panel_q4_0
+                               : w.type == DType::Q4_1 ? kernels_->panel_q4_1
+                                                       : kernels_->panel_q8_0;
+    const int64_t bb = packed_block_bytes(w.type) * w.n_blocks;
+    // Tasks of a few panels each, so both threads stay busy to the end; inside a task a
+    // strip of tokens is reused across its panels while it sits in L1/L2.
+    constexpr int64_t kPanelsPerTask = 4;
+    constexpr int kTokenStrip = 32;
+    const int64_t n_tasks = (w.n_panels + kPanelsPerTask - 1) / kPanelsPerTask;
+    pool_.parallel_for(n_tasks, [&](int64_t task, int) {
+      const int64_t p0 = task * kPanelsPerTask;
+      const int64_t p1 = std::min(w.n_panels, p0 + kPanelsPerTask);
+      for (int t0 = 0; t0 < n_tokens; t0 += kTokenStrip) {
+        const int nt = std::min(kTokenStrip, n_tokens - t0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const int valid =
+              static_cast<int>(std::min<int64_t>(kPanelRows, w.n_out - p * kPanelRows));
+          kernel(w.packed.data() + p * bb, w.n_blocks, acts, t0, nt, of + p * kPanelRows,
+                 ld_out, valid);
+        }
+      }
+    });
+  }
+  if (bias) {
+    const auto* b = static_cast<const float*>(bias->data);
+    for (int t = 0; t < n_tokens; ++t)
+      for (int64_t i = 0; i < w.n_out; ++i) of[t * ld_out + i] += b[i];
+  }
+  return Status::ok();
+}
+
+Status CpuBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
+  const int half = p.head_dim / 2;
+  // inv_freq[i] = base^(-2i/head_dim), computed in double once per call
+  std::vector<double> inv_freq(half);
+  for (int i = 0; i < half; ++i)
+    inv_freq[i] = std::pow(static_cast<double>(p.freq_base), -2.0 * i / p.head_dim);
+  pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+    float* row = static_cast<float*>(x.data) + t * x.cols;
+    for (int i = 0; i < half; ++i) {
+      const double theta = positions[t] * inv_freq[i];
+      const float c = static_cast<float>(std::cos(theta));
+      const float s = static_cast<float>(std::sin(theta));
+      for (int h = 0; h < p.n_heads; ++h) {
+        float* head = row + h * p.head_dim;
+        const int i0 = p.layout == RopeLayout::Normal ? 2 * i : i;
+        const int i1 = p.layout == RopeLayout::Normal ? 2 * i + 1 : i + half;
+        const float a = head[i0], b = head[i1];
+        head[i0] = a * c - b * s;
+        head[i1] = a * s + b * c;
+      }
+    }
+  });
+  return Status::ok();
+}
+
+Status CpuBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
+                            const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
+  for (int t = 0; t < n_tokens; ++t)
+    if (positions[t] < 0 || positions[t] >= k_cache.rows)
+      return error("KV store at position %d outside the cache of %lld positions", positions[t],
+                   static_cast<long long>(k_cache.rows));
+  pool_.parallel_for(2 * static_cast<int64_t>(n_tokens), [&](int64_t i, int) {
+    const Tensor& src = i % 2 ? v : k;
+    Tensor& dst = i % 2 ? v_cache : k_cache;
+    const int64_t t = i / 2;
+    quant::quantize_row(dst.type, static_cast<const float*>(src.data) + t * src.cols,
+                        static_cast<uint8_t*>(dst.data) + positions[t] * dst.row_bytes(),
+                        dst.cols);
+  });
+  return Status::ok();
+}
+
+void CpuBackend::dequantize_rows(const Tensor& t, int64_t n_rows, float* out) {
+  const int64_t per_task = 16;
+  pool_.parallel_for((n_rows + per_task - 1) / per_task, [&](int64_t task, int) {
+    const int64_t r1 = std::min(n_rows, (task + 1) * per_task);
+    for (int64_t r = task * per_task; r < r1; ++r)
+      quant::dequantize_row(t.type, static_cast<const uint8_t*>(t.data) + r * t.row_bytes(),
+                            out + r * t.cols, t.cols);
+  });
+}
+
+Status CpuBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
+                             const Tensor& k_cache, const Tensor& v_cache,
+                             const AttentionParams& p, Tensor& out) {
+  int32_t max_pos = 0;
+  for (int t = 0; t < n_tokens; ++t) max_pos = std::max(max_pos, positions[t]);
+  const int64_t n_kv = max_pos + 1;
+  const int64_t kv_dim = k_cache.cols;
+  // The cache rows this micro-batch can see, dequantized once for every head and token.
+  float* kf = scratch_floats(n_kv * kv_dim, 1);
+  float* vf = scratch_floats(n_kv * kv_dim, 2);
+  dequantize_rows(k_cache, n_kv, kf);
+  dequantize_rows(v_cache, n_kv, vf);
+  float* scores_all = scratch_floats(static_cast<size_t>(pool_.n_threads()) * n_kv, 3);
+  const int group = p.n_head / p.n_head_kv;
+  const KernelTable& kt = *kernels_;
+  pool_.parallel_for(static_cast<int64_t>(n_tokens) * p.n_head, [&](int64_t task, int thread) {
+    const int64_t t = task / p.n_head;
+    const int h = static_cast<int>(task % p.n_head);
+    const int kvh = h / group;
+    const float* qh = static_cast<const float*>(q.data) + t * q.cols + h * p.head_dim;
+    float* oh = static_cast<float*>(out.data) + t * out.cols + h * p.head_dim;
+    float* scores = scores_all + thread * n_kv;
+    const int64_t n = positions[t] + 1;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      scores[j] = kt.dot_f32(qh, kf + j * kv_dim + kvh * p.head_dim, p.head_dim) * p.scale;
+      mx = std::max(mx, scores[j]);
+    }
+    double sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      scores[j] = std::exp(scores[j] - mx);
+      sum += scores[j];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    std::memset(oh, 0, p.head_dim * sizeof(float));
+    for (int64_t j = 0; j < n; ++j)
+      kt.axpy_f32(scores[j] * inv, vf + j * kv_dim + kvh * p.head_dim, oh, p.head_dim);
+  });
+  return Status::ok();
+}
+
+Status CpuBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
+  const int64_t n = gate.cols;
+  pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+    const float* g = static_cast<const float*>(gate.data) + t * gate.cols;
+    const float* u = static_cast<const float*>(up.data) + t * up.cols;
+    float* o = static_cast<float*>(out.data) + t * out.cols;
+    for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  });
+  return Status::ok();
+}
+
+Status CpuBackend::add(Tensor& x, const Tensor& y, int n_tokens) {
+  const int64_t n = x.cols;
+  pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+    float* a = static_cast<float*>(x.data) + t * x.cols;
+    const float* b = static_cast<const float*>(y.data) + t * y.cols;
+    for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+  });
+  return Status::ok();
+}
+
+Status CpuBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) {
+  for (int i = 0; i < n_rows; ++i) {
+    if (rows[i] < 0 || rows[i] >= x.rows) return error("get_rows: row %d out of range", rows[i]);
+    std::memcpy(static_cast<float*>(out.data) + i * out.cols,
+                static_cast<const float*>(x.data) + rows[i] * x.cols, x.cols * sizeof(float));
+  }
+  return Status::ok();
+}
+
+}  // namespace kestrel::backend::cpu

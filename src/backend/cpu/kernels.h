@@ -1,0 +1,77 @@
+// CPU compute kernels behind one function table, chosen once at start-up from what the CPU
+// supports (AVX-512 VNNI, AVX2, or portable C++ that also builds for ARM).
+//
+// Quantized matmuls run in int8: activations are quantized per 32-element block (q8 with a
+// float scale and the block's integer sum), weights are repacked at load time into panels of
+// 16 output rows so that one 64-byte vector holds 4 consecutive elements of 16 rows, the
+// shape that dpbusd (u8 x s8 -> 4-way sums in int32 lanes) consumes with the activation's
+// 4 bytes broadcast. Each lane then accumulates a whole block dot for one row, and the float
+// conversion and scaling happen once per block per 16 rows instead of once per 64 products.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "format/quant/types.h"
+
+namespace kestrel::backend::cpu {
+
+constexpr int kPanelRows = 16;
+constexpr int kBlock = 32;
+
+// Activations of T tokens quantized for the int8 kernels. Row t starts at base + t * stride:
+// int8 q[k], then float d[k/32] (scale), then int32 s[k/32] (sum of the block's q).
+struct QuantActs {
+  const uint8_t* base = nullptr;
+  int64_t stride = 0;
+  int64_t k = 0;
+  const int8_t* q(int64_t t) const { return reinterpret_cast<const int8_t*>(base + t * stride); }
+  const float* d(int64_t t) const { return reinterpret_cast<const float*>(base + t * stride + k); }
+  const int32_t* s(int64_t t) const {
+    return reinterpret_cast<const int32_t*>(base + t * stride + k + 4 * (k / kBlock));
+  }
+  static int64_t row_stride(int64_t k) { return k + 8 * (k / kBlock); }
+};
+
+// Packed panel formats, per (panel, block):
+//   Q4_0: float scale[16], u8 nibbles[256]    (320 bytes)
+//   Q4_1: float scale[16], float min[16], u8 nibbles[256]   (384 bytes)
+//   Q8_0: float scale[16], u8 quants[512]     (576 bytes; stored q+128 when q8_unsigned)
+// Nibble chunk j (64 bytes, j = 0..3): byte 4r+e holds element 4(2j)+e of row r in its low
+// nibble and element 4(2j+1)+e in its high nibble. Q8 chunk g (g = 0..7): byte 4r+e holds
+// element 4g+e of row r.
+int64_t packed_block_bytes(quant::DType t);
+
+using PanelKernel = void (*)(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts,
+                             int64_t t0, int n_tokens, float* out, int64_t ld_out,
+                             int n_valid_rows);
+
+// out[t][r] for r < n_rows, t < n_tokens = dot(w row r, x row t) for dense weight types.
+using DenseKernel = void (*)(quant::DType type, const uint8_t* w, int64_t w_row_bytes,
+                             int n_rows, const float* x, int64_t ld_x, int n_tokens, int64_t k,
+                             float* out, int64_t ld_out);
+
+struct KernelTable {
+  const char* isa = "generic";
+  bool q8_unsigned = false;  // Q8_0 panels hold q+128 (for u8 x s8 dot instructions)
+  void (*quantize_acts)(const float* x, int64_t k, uint8_t* row_out) = nullptr;
+  PanelKernel panel_q4_0 = nullptr;
+  PanelKernel panel_q4_1 = nullptr;
+  PanelKernel panel_q8_0 = nullptr;
+  DenseKernel dense = nullptr;
+  float (*dot_f32)(const float* a, const float* b, int n) = nullptr;
+  void (*axpy_f32)(float a, const float* x, float* y, int n) = nullptr;  // y += a x
+};
+
+const KernelTable& generic_kernels();
+const KernelTable* avx2_kernels();    // nullptr when not compiled in
+const KernelTable* avx512_kernels();  // nullptr when not compiled in
+// The best table this CPU runs; KESTREL_CPU_ISA=generic|avx2|avx512 overrides (for tests).
+const KernelTable& best_kernels();
+
+// Packing from GGUF rows (n_out rows of n_in elements) into panels; writes
+// ceil(n_out/16) * (n_in/32) * packed_block_bytes(type) bytes.
+void pack_panels(quant::DType type, const void* rows, int64_t n_out, int64_t n_in,
+                 bool q8_unsigned, uint8_t* out);
+
+}  // namespace kestrel::backend::cpu

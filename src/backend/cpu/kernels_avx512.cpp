@@ -1,0 +1,205 @@
+// AVX-512 (F, BW, VL, DQ, VNNI) kernels. Compiled with those flags only; chosen at run time.
+#include "backend/cpu/kernels.h"
+
+#if defined(__x86_64__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+#include <cmath>
+
+namespace kestrel::backend::cpu {
+namespace {
+
+using quant::DType;
+
+void quantize_acts_avx512(const float* x, int64_t k, uint8_t* row_out) {
+  auto* q = reinterpret_cast<int8_t*>(row_out);
+  auto* d = reinterpret_cast<float*>(row_out + k);
+  auto* s = reinterpret_cast<int32_t*>(row_out + k + 4 * (k / kBlock));
+  const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + b * kBlock);
+    const __m512 v1 = _mm512_loadu_ps(x + b * kBlock + 16);
+    const __m512 a = _mm512_max_ps(_mm512_and_ps(v0, sign_mask), _mm512_and_ps(v1, sign_mask));
+    const float amax = _mm512_reduce_max_ps(a);
+    const float scale = amax / 127.0f;
+    const __m512 inv = _mm512_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+    // round to nearest even, as nearbyint does in the generic path
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtsepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(i1));
+    d[b] = scale;
+    s[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+  }
+}
+
+// A panel of 16 rows against NT tokens. Per block: unpack the 8 groups of 4 elements x 16
+// rows once, then per token 8 dpbusd with the activation's 4 bytes broadcast; the int32
+// accumulator starts at the block's bias (-8 * sum for Q4_0, -128 * sum for unsigned Q8_0)
+// so the unsigned weights need no correction afterwards.
+template <DType T, int NT>
+inline void panel_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts, int64_t t0,
+                       float* out, int64_t ld_out, int n_valid_rows) {
+  constexpr int64_t kBytes = T == DType::Q4_0 ? 320 : T == DType::Q4_1 ? 384 : 576;
+  constexpr int kBias = T == DType::Q4_0 ? -8 : T == DType::Q8_0 ? -128 : 0;
+  __m512 acc[NT];
+  const int8_t* xq[NT];
+  const float* xd[NT];
+  const int32_t* xs[NT];
+  for (int t = 0; t < NT; ++t) {
+    acc[t] = _mm512_setzero_ps();
+    xq[t] = acts.q(t0 + t);
+    xd[t] = acts.d(t0 + t);
+    xs[t] = acts.s(t0 + t);
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = panel + b * kBytes;
+    const __m512 wscale = _mm512_loadu_ps(blk);
+    __m512 wmin = _mm512_setzero_ps();
+    if constexpr (T == DType::Q4_1) wmin = _mm512_loadu_ps(blk + 64);
+    __m512i w[8];
+    if constexpr (T == DType::Q8_0) {
+      for (int g = 0; g < 8; ++g) w[g] = _mm512_loadu_si512(blk + 64 + 64 * g);
+    } else {
+      const uint8_t* nib = blk + (T == DType::Q4_1 ? 128 : 64);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i raw = _mm512_loadu_si512(nib + 64 * j);
+        w[2 * j] = _mm512_and_si512(raw, low4);
+        w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
+    }
+    for (int t = 0; t < NT; ++t) {
+      const int32_t* x4 = reinterpret_cast<const int32_t*>(xq[t] + b * kBlock);
+      __m512i dot = _mm512_set1_epi32(kBias * xs[t][b]);
+      for (int g = 0; g < 8; ++g) dot = _mm512_dpbusd_epi32(dot, w[g], _mm512_set1_epi32(x4[g]));
+      const __m512 dx = _mm512_set1_ps(xd[t][b]);
+      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, dx), acc[t]);
+      if constexpr (T == DType::Q4_1)
+        acc[t] = _mm512_fmadd_ps(wmin, _mm512_set1_ps(xd[t][b] * static_cast<float>(xs[t][b])),
+                                 acc[t]);
+    }
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << n_valid_rows) - 1);
+  for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(out + (t0 + t) * ld_out, mask, acc[t]);
+}
+
+template <DType T>
+void panel_avx512(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts, int64_t t0,
+                  int n_tokens, float* out, int64_t ld_out, int n_valid_rows) {
+  constexpr int kTile = 8;
+  int t = 0;
+  for (; t + kTile <= n_tokens; t += kTile)
+    panel_tile<T, kTile>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+  switch (n_tokens - t) {
+    case 7: panel_tile<T, 7>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
+    case 6: panel_tile<T, 6>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
+    case 5: panel_tile<T, 5>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
+    case 4: panel_tile<T, 4>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
+    case 3: panel_tile<T, 3>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
+    case 2: panel_tile<T, 2>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
+    case 1: panel_tile<T, 1>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
+    default: break;
+  }
+}
+
+inline __m512 load16(DType type, const uint8_t* w, int64_t i) {
+  if (type == DType::F16)
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * i)));
+  if (type == DType::BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * i))),
+        16));
+  return _mm512_loadu_ps(reinterpret_cast<const float*>(w) + i);
+}
+
+// Dense weights (f32, f16, bf16): tiles of 4 rows x 4 tokens, 16 vector accumulators.
+template <int NR, int NT>
+void dense_tile(DType type, const uint8_t* w, int64_t w_row_bytes, const float* x, int64_t ld_x,
+                int64_t k, float* out, int64_t ld_out) {
+  __m512 acc[NR][NT];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    __m512 xv[NT];
+    for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * ld_x + i);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 wv = load16(type, w + r * w_row_bytes, i);
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NT; ++t) out[t * ld_out + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+void dense_avx512(DType type, const uint8_t* w, int64_t w_row_bytes, int n_rows, const float* x,
+                  int64_t ld_x, int n_tokens, int64_t k, float* out, int64_t ld_out) {
+  if (k % 16 != 0) {
+    generic_kernels().dense(type, w, w_row_bytes, n_rows, x, ld_x, n_tokens, k, out, ld_out);
+    return;
+  }
+  int r = 0;
+  for (; r + 4 <= n_rows; r += 4) {
+    int t = 0;
+    for (; t + 4 <= n_tokens; t += 4)
+      dense_tile<4, 4>(type, w + r * w_row_bytes, w_row_bytes, x + t * ld_x, ld_x, k,
+                       out + t * ld_out + r, ld_out);
+    for (; t < n_tokens; ++t)
+      dense_tile<4, 1>(type, w + r * w_row_bytes, w_row_bytes, x + t * ld_x, ld_x, k,
+                       out + t * ld_out + r, ld_out);
+  }
+  for (; r < n_rows; ++r)
+    for (int t = 0; t < n_tokens; ++t)
+      dense_tile<1, 1>(type, w + r * w_row_bytes, w_row_bytes, x + t * ld_x, ld_x, k,
+                       out + t * ld_out + r, ld_out);
+}
+
+float dot_f32_avx512(const float* a, const float* b, int n) {
+  __m512 acc = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy_f32_avx512(float a, const float* x, float* y, int n) {
+  const __m512 av = _mm512_set1_ps(a);
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+KernelTable make_avx512() {
+  KernelTable k;
+  k.isa = "avx512-vnni";
+  k.q8_unsigned = true;
+  k.quantize_acts = quantize_acts_avx512;
+  k.panel_q4_0 = panel_avx512<DType::Q4_0>;
+  k.panel_q4_1 = panel_avx512<DType::Q4_1>;
+  k.panel_q8_0 = panel_avx512<DType::Q8_0>;
+  k.dense = dense_avx512;
+  k.dot_f32 = dot_f32_avx512;
+  k.axpy_f32 = axpy_f32_avx512;
+  return k;
+}
+
+}  // namespace
+
+const KernelTable* avx512_kernels() {
+  static const KernelTable table = make_avx512();
+  return &table;
+}
+
+}  // namespace kestrel::backend::cpu
+
+#else
+namespace kestrel::backend::cpu {
+const KernelTable* avx512_kernels() { return nullptr; }
+}  // namespace kestrel::backend::cpu
+#endif
+#endif  // __x86_64__

@@ -1,0 +1,127 @@
+#include "model/forward.h"
+
+#include <cmath>
+
+namespace kestrel::model {
+
+using backend::Backend;
+using backend::Tensor;
+using quant::DType;
+
+Expected<std::unique_ptr<Forward>> Forward::create(const Model& model, int max_tokens) {
+  if (max_tokens <= 0) return error("micro-batch size %d must be positive", max_tokens);
+  std::unique_ptr<Forward> f(new Forward(model, max_tokens));
+  for (Backend* be : model.backends()) KESTREL_TRY(f->alloc_scratch(be));
+  return f;
+}
+
+Forward::~Forward() {
+  for (auto& [be, s] : scratch_)
+    for (Tensor* t : {&s.x, &s.h, &s.q, &s.k, &s.v, &s.att, &s.proj, &s.gate, &s.up})
+      if (*t) be->free(*t);
+  if (head_in_) head_in_.owner->free(head_in_);
+  if (logits_) logits_.owner->free(logits_);
+}
+
+Status Forward::alloc_scratch(Backend* be) {
+  const Config& c = model_.config();
+  Scratch& s = scratch_[be];
+  const int T = max_tokens_;
+  KESTREL_ASSIGN_OR_RETURN(s.x, be->alloc(DType::F32, T, c.n_embd, "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.h, be->alloc(DType::F32, T, c.n_embd, "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.q, be->alloc(DType::F32, T, c.q_dim(), "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.k, be->alloc(DType::F32, T, c.kv_dim(), "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.v, be->alloc(DType::F32, T, c.kv_dim(), "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.att, be->alloc(DType::F32, T, c.q_dim(), "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.proj, be->alloc(DType::F32, T, c.n_embd, "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.gate, be->alloc(DType::F32, T, c.n_ff, "activations"));
+  KESTREL_ASSIGN_OR_RETURN(s.up, be->alloc(DType::F32, T, c.n_ff, "activations"));
+  return Status::ok();
+}
+
+// Activations cross devices once, at a placement boundary, through host memory.
+Status Forward::move_residual(Backend* from, Backend* to, int n) {
+  const Config& c = model_.config();
+  host_x_.resize(static_cast<size_t>(n) * c.n_embd);
+  KESTREL_TRY(from->download(scratch_[from].x, 0, n, host_x_.data()));
+  return to->upload(scratch_[to].x, 0, n, host_x_.data());
+}
+
+Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cache,
+                    const int32_t* logit_rows, int n_logit_rows, float* logits) {
+  const Config& c = model_.config();
+  if (n <= 0 || n > max_tokens_)
+    return error("batch of %d tokens does not fit the micro-batch size %d", n, max_tokens_);
+  if (pos0 < 0 || pos0 + n > cache.n_ctx())
+    return error("positions %d..%d do not fit the context of %d tokens: raise -c", pos0,
+                 pos0 + n - 1, cache.n_ctx());
+  positions_.resize(n);
+  for (int t = 0; t < n; ++t) positions_[t] = pos0 + t;
+
+  Backend* where = model_.input_backend();
+  KESTREL_TRY(where->embed(model_.token_embd(), tokens, n, scratch_[where].x));  // x[T][E]
+  for (int il = 0; il < c.n_layer; ++il) {
+    Backend* be = model_.layer(il).backend;
+    if (be != where) {
+      KESTREL_TRY(move_residual(where, be, n));
+      where = be;
+    }
+    KESTREL_TRY(run_layer(il, n, positions_.data(), cache));
+  }
+  if (n_logit_rows == 0) return where->synchronize();
+  if (where != model_.head_backend()) {
+    KESTREL_TRY(move_residual(where, model_.head_backend(), n));
+  }
+  return run_head(n_logit_rows, logit_rows, logits);
+}
+
+Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache) {
+  const Config& c = model_.config();
+  const LayerWeights& L = model_.layer(il);
+  Backend& be = *L.backend;
+  Scratch& s = scratch_[&be];
+  const backend::RopeParams rope_q{c.n_head, c.head_dim, c.rope_base, c.rope_layout};
+  const backend::RopeParams rope_k{c.n_head_kv, c.head_dim, c.rope_base, c.rope_layout};
+  const backend::AttentionParams attn{c.n_head, c.n_head_kv, c.head_dim,
+                                      1.0f / std::sqrt(static_cast<float>(c.head_dim))};
+  const bool bias = c.qkv_bias;
+
+  // Attention block.
+  KESTREL_TRY(be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));          // h[T][E]
+  KESTREL_TRY(be.matmul(*L.wq, s.h, n, s.q, bias ? &L.bq : nullptr));     // q[T][q_dim]
+  KESTREL_TRY(be.matmul(*L.wk, s.h, n, s.k, bias ? &L.bk : nullptr));     // k[T][kv_dim]
+  KESTREL_TRY(be.matmul(*L.wv, s.h, n, s.v, bias ? &L.bv : nullptr));     // v[T][kv_dim]
+  KESTREL_TRY(be.rope(s.q, n, pos, rope_q));
+  KESTREL_TRY(be.rope(s.k, n, pos, rope_k));
+  KESTREL_TRY(be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));   // cache rows pos[t]
+  KESTREL_TRY(be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));  // att[T][q_dim]
+  KESTREL_TRY(be.matmul(*L.wo, s.att, n, s.proj, nullptr));               // proj[T][E]
+  KESTREL_TRY(be.add(s.x, s.proj, n));                                     // x += proj
+
+  // Feed-forward block (SwiGLU).
+  KESTREL_TRY(be.rms_norm(s.x, n, L.ffn_norm, c.rms_eps, s.h));           // h[T][E]
+  KESTREL_TRY(be.matmul(*L.w_gate, s.h, n, s.gate, nullptr));             // gate[T][F]
+  KESTREL_TRY(be.matmul(*L.w_up, s.h, n, s.up, nullptr));                 // up[T][F]
+  KESTREL_TRY(be.swiglu(s.gate, s.up, n, s.gate));                        // gate = silu(gate)*up
+  KESTREL_TRY(be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));          // proj[T][E]
+  return be.add(s.x, s.proj, n);                                           // x += proj
+}
+
+Status Forward::run_head(int n_rows, const int32_t* rows, float* logits) {
+  const Config& c = model_.config();
+  Backend& be = *model_.head_backend();
+  Scratch& s = scratch_[&be];
+  if (!logits_ || logits_.rows < n_rows) {
+    if (head_in_) be.free(head_in_);
+    if (logits_) be.free(logits_);
+    KESTREL_ASSIGN_OR_RETURN(head_in_, be.alloc(DType::F32, n_rows, c.n_embd, "head input"));
+    KESTREL_ASSIGN_OR_RETURN(logits_, be.alloc(DType::F32, n_rows, c.n_vocab, "logits"));
+  }
+  KESTREL_TRY(be.get_rows(s.x, rows, n_rows, s.h));                         // h[R][E]
+  KESTREL_TRY(be.rms_norm(s.h, n_rows, model_.output_norm(), c.rms_eps, head_in_));
+  KESTREL_TRY(be.matmul(model_.output(), head_in_, n_rows, logits_, nullptr));  // [R][V]
+  KESTREL_TRY(be.synchronize());
+  return be.download(logits_, 0, n_rows, logits);
+}
+
+}  // namespace kestrel::model

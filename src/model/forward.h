@@ -1,0 +1,57 @@
+// The forward pass of the llama family: one readable sequence of backend ops over a batch
+// of tokens with positions. The same function runs a prefill micro-batch and a decode step.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "kv/kv_cache.h"
+#include "model/model.h"
+
+namespace kestrel::model {
+
+class Forward {
+ public:
+  // Scratch for micro-batches of up to `max_tokens` tokens on every backend the model uses.
+  static Expected<std::unique_ptr<Forward>> create(const Model& model, int max_tokens);
+  ~Forward();
+
+  int max_tokens() const { return max_tokens_; }
+
+  // Runs tokens[0..n) at positions pos0..pos0+n-1, storing their K/V in `cache`, and writes
+  // the logits of the rows listed in logit_rows (indices into the batch) to
+  // logits[n_logit_rows][n_vocab]. n_logit_rows may be 0 (no head is computed).
+  Status run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cache,
+             const int32_t* logit_rows, int n_logit_rows, float* logits);
+
+ private:
+  // Activations of one backend, each [max_tokens][dim] f32.
+  struct Scratch {
+    backend::Tensor x;     // [T][E] residual stream
+    backend::Tensor h;     // [T][E] normed input of a block
+    backend::Tensor q;     // [T][q_dim]
+    backend::Tensor k;     // [T][kv_dim]
+    backend::Tensor v;     // [T][kv_dim]
+    backend::Tensor att;   // [T][q_dim] attention output before wo
+    backend::Tensor proj;  // [T][E] output of wo / w_down
+    backend::Tensor gate;  // [T][F]
+    backend::Tensor up;    // [T][F]
+  };
+  Forward(const Model& model, int max_tokens) : model_(model), max_tokens_(max_tokens) {}
+  Status alloc_scratch(backend::Backend* be);
+  Status move_residual(backend::Backend* from, backend::Backend* to, int n);
+  Status run_layer(int il, int n, const int32_t* positions, kv::KvCache& cache);
+  Status run_head(int n_rows, const int32_t* rows, float* logits);
+
+  const Model& model_;
+  int max_tokens_;
+  std::map<backend::Backend*, Scratch> scratch_;
+  backend::Tensor head_in_;   // [max_rows][E] rows gathered for the head
+  backend::Tensor logits_;    // [max_rows][V]
+  std::vector<float> host_x_;
+  std::vector<int32_t> positions_;
+};
+
+}  // namespace kestrel::model

@@ -1,0 +1,48 @@
+// The prompt-evaluation report: totals, a per-chunk table, the settings used and, when a
+// target is given, how far the result is from it. Rendered as markdown (the form of the
+// seed's hand-made analysis) and as JSON.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/session.h"
+
+namespace kestrel::runtime {
+
+struct TargetRange {
+  double low_ms = 0;   // ms/token, the better end
+  double high_ms = 0;  // ms/token, the acceptable end
+};
+// Parses "20-50" (ms/token); false when malformed.
+bool parse_target(const std::string& s, TargetRange* out);
+
+struct PromptReport {
+  std::string model_path;
+  std::string model_name;
+  std::string arch;
+  std::string backend;
+  std::string device;
+  std::string version;
+  int n_threads = 0;
+  int n_gpu_layers = 0;
+  SessionParams settings;
+  double load_ms = 0;  // model load and weight preparation, before any chunk is timed
+  int prompt_tokens = 0;
+  std::vector<ChunkStats> chunks;
+  int gen_tokens = 0;
+  double gen_ms = 0;
+  std::optional<TargetRange> target;
+
+  double total_ms() const;
+  double ms_per_token() const;
+  double tokens_per_s() const;
+};
+
+std::string chunk_note(const PromptReport& r, size_t i);
+std::string render_markdown(const PromptReport& r);
+nlohmann::json to_json(const PromptReport& r);
+
+}  // namespace kestrel::runtime

@@ -1,0 +1,64 @@
+// One conversation: the KV cache, the scratch of the forward pass, the position, and the
+// time each prompt chunk took.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "kv/kv_cache.h"
+#include "model/forward.h"
+#include "model/model.h"
+#include "runtime/scheduler.h"
+
+namespace kestrel::runtime {
+
+struct SessionParams {
+  int n_ctx = 4096;
+  int n_batch = 512;
+  int n_ubatch = 512;
+  Chunking chunking = Chunking::Balanced;
+  quant::DType type_k = quant::DType::F16;
+  quant::DType type_v = quant::DType::F16;
+};
+
+struct ChunkStats {
+  int index = 0;
+  int first_token = 0;
+  int n_tokens = 0;
+  int n_ubatches = 0;
+  double ms = 0;
+};
+
+class Session {
+ public:
+  static Expected<std::unique_ptr<Session>> create(const model::Model& model,
+                                                   const SessionParams& params);
+
+  // Evaluates the prompt in chunks after what the session already holds. all_logits, when
+  // given, receives [n_tokens][n_vocab] logits of every position; the last position's
+  // logits are always kept (last_logits()).
+  Status prefill(const std::vector<int32_t>& tokens, std::vector<float>* all_logits);
+  // One generation step: feeds `token` at the next position.
+  Status decode(int32_t token);
+
+  const std::vector<float>& last_logits() const { return last_logits_; }
+  int n_past() const { return n_past_; }
+  const SessionParams& params() const { return params_; }
+  const std::vector<ChunkStats>& chunk_stats() const { return chunks_; }
+  const kv::KvCache& cache() const { return *cache_; }
+
+ private:
+  Session(const model::Model& model, const SessionParams& params)
+      : model_(model), params_(params) {}
+  Status check_tokens(const std::vector<int32_t>& tokens) const;
+
+  const model::Model& model_;
+  SessionParams params_;
+  std::unique_ptr<kv::KvCache> cache_;
+  std::unique_ptr<model::Forward> forward_;
+  std::vector<float> last_logits_;
+  std::vector<ChunkStats> chunks_;
+  int n_past_ = 0;
+};
+
+}  // namespace kestrel::runtime
