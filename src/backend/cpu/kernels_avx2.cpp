@@ -18,10 +18,12 @@ inline float hsum(__m256 v) {
 }
 
 void quantize_acts_avx2(const float* x, int64_t k, uint8_t* row_out) {
-  auto* q = reinterpret_cast<int8_t*>(row_out);
-  auto* d = reinterpret_cast<float*>(row_out + k);
-  auto* s = reinterpret_cast<int32_t*>(row_out + k + 4 * (k / kBlock));
+  auto* q1 = reinterpret_cast<int8_t*>(row_out);
+  auto* q2 = reinterpret_cast<int8_t*>(row_out + k);
+  auto* d = reinterpret_cast<float*>(row_out + 2 * k);
+  auto* s = reinterpret_cast<int32_t*>(row_out + 2 * k + 4 * (k / kBlock));
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inv128 = _mm256_set1_ps(1.0f / 128.0f);
   for (int64_t b = 0; b < k / kBlock; ++b) {
     __m256 v[4];
     __m256 m = _mm256_setzero_ps();
@@ -32,19 +34,24 @@ void quantize_acts_avx2(const float* x, int64_t k, uint8_t* row_out) {
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float scale = _mm_cvtss_f32(m4) / 127.0f;
-    const __m256 inv = _mm256_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+    const float unit = _mm_cvtss_f32(m4) / (127.0f * 128.0f);
+    const __m256 inv = _mm256_set1_ps(unit > 0 ? 1.0f / unit : 0.0f);
     int32_t sum = 0;
     for (int i = 0; i < 4; ++i) {
-      alignas(32) int32_t tmp[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp),
-                         _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+      const __m256i vi = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      const __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(vi), inv128));
+      const __m256i lo = _mm256_sub_epi32(vi, _mm256_slli_epi32(hi, 7));
+      alignas(32) int32_t th[8], tl[8], tv[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(th), hi);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tl), lo);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tv), vi);
       for (int j = 0; j < 8; ++j) {
-        q[b * kBlock + 8 * i + j] = static_cast<int8_t>(tmp[j]);
-        sum += tmp[j];
+        q1[b * kBlock + 8 * i + j] = static_cast<int8_t>(th[j]);
+        q2[b * kBlock + 8 * i + j] = static_cast<int8_t>(tl[j]);
+        sum += tv[j];
       }
     }
-    d[b] = scale;
+    d[b] = unit;
     s[b] = sum;
   }
 }
@@ -60,8 +67,8 @@ inline void half_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& a
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = panel + b * kBytes;
     const __m256 wscale = _mm256_loadu_ps(reinterpret_cast<const float*>(blk) + 8 * half);
-    __m256i dot[NT];
-    for (int t = 0; t < NT; ++t) dot[t] = _mm256_setzero_si256();
+    __m256i dot_hi[NT], dot_lo[NT];
+    for (int t = 0; t < NT; ++t) dot_hi[t] = dot_lo[t] = _mm256_setzero_si256();
     for (int g = 0; g < 8; ++g) {
       __m256i w;
       if constexpr (T == DType::Q8_0) {
@@ -72,23 +79,23 @@ inline void half_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& a
         w = (g & 1) ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4)
                     : _mm256_and_si256(raw, low4);
       }
+      // signed weights (Q8_0): |w| as u8 and the sign moved onto x (x stays within 127)
+      const __m256i wu = T == DType::Q8_0 ? _mm256_sign_epi8(w, w) : w;
       for (int t = 0; t < NT; ++t) {
-        const int32_t x4 = reinterpret_cast<const int32_t*>(acts.q(t0 + t) + b * kBlock)[g];
-        const __m256i xv = _mm256_set1_epi32(x4);
-        __m256i p;
-        if constexpr (T == DType::Q8_0) {
-          // signed x signed: |w| as u8 and the sign moved onto x (q8 values stay within 127)
-          p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-        } else {
-          p = _mm256_maddubs_epi16(w, xv);
-        }
-        dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(p, ones));
+        const __m256i xh = _mm256_set1_epi32(
+            reinterpret_cast<const int32_t*>(acts.q1(t0 + t) + b * kBlock)[g]);
+        const __m256i xl = _mm256_set1_epi32(
+            reinterpret_cast<const int32_t*>(acts.q2(t0 + t) + b * kBlock)[g]);
+        const __m256i ph = _mm256_maddubs_epi16(wu, T == DType::Q8_0 ? _mm256_sign_epi8(xh, w) : xh);
+        const __m256i pl = _mm256_maddubs_epi16(wu, T == DType::Q8_0 ? _mm256_sign_epi8(xl, w) : xl);
+        dot_hi[t] = _mm256_add_epi32(dot_hi[t], _mm256_madd_epi16(ph, ones));
+        dot_lo[t] = _mm256_add_epi32(dot_lo[t], _mm256_madd_epi16(pl, ones));
       }
     }
     for (int t = 0; t < NT; ++t) {
       const float xd = acts.d(t0 + t)[b];
       const int32_t xs = acts.s(t0 + t)[b];
-      __m256i di = dot[t];
+      __m256i di = _mm256_add_epi32(_mm256_slli_epi32(dot_hi[t], 7), dot_lo[t]);
       if constexpr (T == DType::Q4_0) di = _mm256_sub_epi32(di, _mm256_set1_epi32(8 * xs));
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(di), _mm256_mul_ps(wscale, _mm256_set1_ps(xd)),
                                acc[t]);

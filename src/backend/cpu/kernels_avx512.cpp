@@ -13,43 +13,53 @@ namespace {
 using quant::DType;
 
 void quantize_acts_avx512(const float* x, int64_t k, uint8_t* row_out) {
-  auto* q = reinterpret_cast<int8_t*>(row_out);
-  auto* d = reinterpret_cast<float*>(row_out + k);
-  auto* s = reinterpret_cast<int32_t*>(row_out + k + 4 * (k / kBlock));
+  auto* q1 = reinterpret_cast<int8_t*>(row_out);
+  auto* q2 = reinterpret_cast<int8_t*>(row_out + k);
+  auto* d = reinterpret_cast<float*>(row_out + 2 * k);
+  auto* s = reinterpret_cast<int32_t*>(row_out + 2 * k + 4 * (k / kBlock));
   const __m512 sign_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512 inv128 = _mm512_set1_ps(1.0f / 128.0f);
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const __m512 v0 = _mm512_loadu_ps(x + b * kBlock);
     const __m512 v1 = _mm512_loadu_ps(x + b * kBlock + 16);
     const __m512 a = _mm512_max_ps(_mm512_and_ps(v0, sign_mask), _mm512_and_ps(v1, sign_mask));
-    const float amax = _mm512_reduce_max_ps(a);
-    const float scale = amax / 127.0f;
-    const __m512 inv = _mm512_set1_ps(scale > 0 ? 1.0f / scale : 0.0f);
+    const float unit = _mm512_reduce_max_ps(a) / (127.0f * 128.0f);
+    const __m512 inv = _mm512_set1_ps(unit > 0 ? 1.0f / unit : 0.0f);
     // round to nearest even, as nearbyint does in the generic path
     const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
     const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtsepi32_epi8(i0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(i1));
-    d[b] = scale;
+    const __m512i h0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(i0), inv128));
+    const __m512i h1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(i1), inv128));
+    const __m512i l0 = _mm512_sub_epi32(i0, _mm512_slli_epi32(h0, 7));
+    const __m512i l1 = _mm512_sub_epi32(i1, _mm512_slli_epi32(h1, 7));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b * kBlock), _mm512_cvtsepi32_epi8(h0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q1 + b * kBlock + 16), _mm512_cvtsepi32_epi8(h1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b * kBlock), _mm512_cvtsepi32_epi8(l0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q2 + b * kBlock + 16), _mm512_cvtsepi32_epi8(l1));
+    d[b] = unit;
     s[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
   }
 }
 
 // A panel of 16 rows against NT tokens. Per block: unpack the 8 groups of 4 elements x 16
-// rows once, then per token 8 dpbusd with the activation's 4 bytes broadcast; the int32
-// accumulator starts at the block's bias (-8 * sum for Q4_0, -128 * sum for unsigned Q8_0)
-// so the unsigned weights need no correction afterwards.
+// rows once, then per token 8 dpbusd per activation plane with the activation's 4 bytes
+// broadcast. The low plane's accumulator starts at the block's bias (-8 * sum for Q4_0,
+// -128 * sum for unsigned Q8_0) so the unsigned weights need no correction afterwards.
 template <DType T, int NT>
 inline void panel_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts, int64_t t0,
                        float* out, int64_t ld_out, int n_valid_rows) {
   constexpr int64_t kBytes = T == DType::Q4_0 ? 320 : T == DType::Q4_1 ? 384 : 576;
   constexpr int kBias = T == DType::Q4_0 ? -8 : T == DType::Q8_0 ? -128 : 0;
   __m512 acc[NT];
-  const int8_t* xq[NT];
+  const int8_t* xq1[NT];
+  const int8_t* xq2[NT];
   const float* xd[NT];
   const int32_t* xs[NT];
+#pragma GCC unroll 8
   for (int t = 0; t < NT; ++t) {
     acc[t] = _mm512_setzero_ps();
-    xq[t] = acts.q(t0 + t);
+    xq1[t] = acts.q1(t0 + t);
+    xq2[t] = acts.q2(t0 + t);
     xd[t] = acts.d(t0 + t);
     xs[t] = acts.s(t0 + t);
   }
@@ -70,10 +80,18 @@ inline void panel_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& 
         w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
       }
     }
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
-      const int32_t* x4 = reinterpret_cast<const int32_t*>(xq[t] + b * kBlock);
-      __m512i dot = _mm512_set1_epi32(kBias * xs[t][b]);
-      for (int g = 0; g < 8; ++g) dot = _mm512_dpbusd_epi32(dot, w[g], _mm512_set1_epi32(x4[g]));
+      const int32_t* hi4 = reinterpret_cast<const int32_t*>(xq1[t] + b * kBlock);
+      const int32_t* lo4 = reinterpret_cast<const int32_t*>(xq2[t] + b * kBlock);
+      __m512i dot_hi = _mm512_setzero_si512();
+      __m512i dot_lo = _mm512_set1_epi32(kBias * xs[t][b]);
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g) {
+        dot_hi = _mm512_dpbusd_epi32(dot_hi, w[g], _mm512_set1_epi32(hi4[g]));
+        dot_lo = _mm512_dpbusd_epi32(dot_lo, w[g], _mm512_set1_epi32(lo4[g]));
+      }
+      const __m512i dot = _mm512_add_epi32(_mm512_slli_epi32(dot_hi, 7), dot_lo);
       const __m512 dx = _mm512_set1_ps(xd[t][b]);
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, dx), acc[t]);
       if constexpr (T == DType::Q4_1)
@@ -82,6 +100,7 @@ inline void panel_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& 
     }
   }
   const __mmask16 mask = static_cast<__mmask16>((1u << n_valid_rows) - 1);
+#pragma GCC unroll 8
   for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(out + (t0 + t) * ld_out, mask, acc[t]);
 }
 

@@ -79,21 +79,26 @@ void pack_panels(DType type, const void* rows, int64_t n_out, int64_t n_in, bool
 namespace {
 
 void quantize_acts_generic(const float* x, int64_t k, uint8_t* row_out) {
-  auto* q = reinterpret_cast<int8_t*>(row_out);
-  auto* d = reinterpret_cast<float*>(row_out + k);
-  auto* s = reinterpret_cast<int32_t*>(row_out + k + 4 * (k / kBlock));
+  auto* q1 = reinterpret_cast<int8_t*>(row_out);
+  auto* q2 = reinterpret_cast<int8_t*>(row_out + k);
+  auto* d = reinterpret_cast<float*>(row_out + 2 * k);
+  auto* s = reinterpret_cast<int32_t*>(row_out + 2 * k + 4 * (k / kBlock));
   for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
     float amax = 0;
-    for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(x[b * kBlock + i]));
-    const float scale = amax / 127.0f;
-    const float inv = scale > 0 ? 1.0f / scale : 0.0f;
+    for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(xb[i]));
+    const float unit = amax / (127.0f * 128.0f);
+    const float inv = unit > 0 ? 1.0f / unit : 0.0f;
     int32_t sum = 0;
     for (int i = 0; i < kBlock; ++i) {
-      const int v = static_cast<int>(std::nearbyint(x[b * kBlock + i] * inv));
-      q[b * kBlock + i] = static_cast<int8_t>(v);
+      // v in units, |v| <= 16256; split into 128 * hi + lo with |lo| <= 64
+      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+      const int hi = static_cast<int>(std::nearbyint(static_cast<float>(v) / 128.0f));
+      q1[b * kBlock + i] = static_cast<int8_t>(hi);
+      q2[b * kBlock + i] = static_cast<int8_t>(v - 128 * hi);
       sum += v;
     }
-    d[b] = scale;
+    d[b] = unit;
     s[b] = sum;
   }
 }
@@ -105,7 +110,8 @@ void panel_generic(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts
                    int n_tokens, float* out, int64_t ld_out, int n_valid_rows, bool q8_unsigned) {
   const int64_t bb = packed_block_bytes(T);
   for (int t = 0; t < n_tokens; ++t) {
-    const int8_t* xq = acts.q(t0 + t);
+    const int8_t* q1 = acts.q1(t0 + t);
+    const int8_t* q2 = acts.q2(t0 + t);
     const float* xd = acts.d(t0 + t);
     const int32_t* xs = acts.s(t0 + t);
     for (int r = 0; r < n_valid_rows; ++r) {
@@ -113,14 +119,15 @@ void panel_generic(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts
       for (int64_t b = 0; b < n_blocks; ++b) {
         const uint8_t* blk = panel + b * bb;
         const float* scale = reinterpret_cast<const float*>(blk);
-        const int8_t* x = xq + b * kBlock;
+        // x element i of the block, in units: 128 * q1 + q2
+        auto xv = [&](int i) { return 128 * q1[b * kBlock + i] + q2[b * kBlock + i]; };
         int32_t dot = 0;
         if constexpr (T == DType::Q8_0) {
           for (int g = 0; g < 8; ++g)
             for (int e = 0; e < 4; ++e) {
               const uint8_t raw = blk[64 + 64 * g + 4 * r + e];
               const int w = q8_unsigned ? static_cast<int>(raw) - 128 : static_cast<int8_t>(raw);
-              dot += w * x[4 * g + e];
+              dot += w * xv(4 * g + e);
             }
           acc += scale[r] * xd[b] * static_cast<float>(dot);
         } else {
@@ -128,7 +135,7 @@ void panel_generic(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts
           for (int j = 0; j < 4; ++j)
             for (int e = 0; e < 4; ++e) {
               const uint8_t byte = nib[64 * j + 4 * r + e];
-              dot += (byte & 0x0F) * x[8 * j + e] + (byte >> 4) * x[8 * j + 4 + e];
+              dot += (byte & 0x0F) * xv(8 * j + e) + (byte >> 4) * xv(8 * j + 4 + e);
             }
           if constexpr (T == DType::Q4_0) {
             acc += scale[r] * xd[b] * static_cast<float>(dot - 8 * xs[b]);

@@ -34,8 +34,12 @@ bool row_ok(DType t, int64_t n) {
   return be > 0 && n >= 0 && n % be == 0;
 }
 
-int clamp_int(int v, int lo, int hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
+// round(v) clamped to [lo, hi], clamped in float first so that no value (not even an
+// infinity or a NaN, which gives lo) reaches the int conversion out of range.
+int round_clamp(float v, int lo, int hi) {
+  const float r =
+      std::fmin(std::fmax(std::round(v), static_cast<float>(lo)), static_cast<float>(hi));
+  return static_cast<int>(r);
 }
 
 // ---- one block each way ------------------------------------------------------------------
@@ -80,9 +84,7 @@ void quantize_block(const float* x, BlockQ4_0* b) {
   const float d = fp16_to_fp32(b->d);  // quantize against the scale actually stored
   uint8_t q[kBlock];
   for (int j = 0; j < kBlock; ++j) {
-    q[j] = d == 0.0f
-               ? 8
-               : static_cast<uint8_t>(clamp_int(static_cast<int>(std::round(x[j] / d)) + 8, 0, 15));
+    q[j] = d == 0.0f ? 8 : static_cast<uint8_t>(round_clamp(x[j] / d, -8, 7) + 8);
   }
   for (int j = 0; j < kBlock / 2; ++j) {
     b->qs[j] = static_cast<uint8_t>(q[j] | (q[j + kBlock / 2] << 4));
@@ -102,10 +104,7 @@ void quantize_block(const float* x, BlockQ4_1* b) {
   const float m = fp16_to_fp32(b->m);
   uint8_t q[kBlock];
   for (int j = 0; j < kBlock; ++j) {
-    q[j] =
-        d == 0.0f
-            ? 0
-            : static_cast<uint8_t>(clamp_int(static_cast<int>(std::round((x[j] - m) / d)), 0, 15));
+    q[j] = d == 0.0f ? 0 : static_cast<uint8_t>(round_clamp((x[j] - m) / d, 0, 15));
   }
   for (int j = 0; j < kBlock / 2; ++j) {
     b->qs[j] = static_cast<uint8_t>(q[j] | (q[j + kBlock / 2] << 4));
@@ -120,10 +119,7 @@ void quantize_block(const float* x, BlockQ8_0* b) {
   b->d = fp32_to_fp16(amax / 127.0f);
   const float d = fp16_to_fp32(b->d);  // quantize against the scale actually stored
   for (int j = 0; j < kBlock; ++j) {
-    b->qs[j] =
-        d == 0.0f
-            ? 0
-            : static_cast<int8_t>(clamp_int(static_cast<int>(std::round(x[j] / d)), -127, 127));
+    b->qs[j] = d == 0.0f ? 0 : static_cast<int8_t>(round_clamp(x[j] / d, -127, 127));
   }
 }
 
