@@ -290,6 +290,53 @@ TEST(QuantBlocks, Q8_0HandBuiltDequantizesExactly) {
   for (int j = 0; j < 32; ++j) EXPECT_EQ(out[j], q[j] * 0.125f) << j;
 }
 
+// Blocks whose scales are exact in fp16, so every code is known (round half away from zero).
+TEST(QuantBlocks, QuantizeGivesKnownCodes) {
+  std::vector<float> x(32, 0.0f);
+  x[0] = -8.0f;  // m: d = 1
+  x[1] = -2.5f;  // -> -3 (half away from zero), code 5
+  x[2] = 2.5f;   // -> 3, code 11
+  x[3] = 7.6f;   // -> 8, clamped to 7, code 15
+  x[17] = 0.49f;
+  x[31] = -7.5f;  // -> -8, code 0
+  std::vector<uint8_t> q(sizeof(BlockQ4_0));
+  quantize_row(DType::Q4_0, x.data(), q.data(), 32);
+  BlockQ4_0 b4;
+  std::memcpy(&b4, q.data(), sizeof b4);
+  EXPECT_EQ(b4.d, 0x3c00);        // 1.0
+  EXPECT_EQ(b4.qs[0], 0x80 | 0);  // elem 0 code 0, elem 16 code 8
+  EXPECT_EQ(b4.qs[1], 0x85);      // elem 1 code 5, elem 17 code 8
+  EXPECT_EQ(b4.qs[2], 0x8b);      // elem 2 code 11
+  EXPECT_EQ(b4.qs[3], 0x8f);      // elem 3 code 15
+  EXPECT_EQ(b4.qs[15], 0x08);     // elem 15 code 8, elem 31 code 0
+
+  std::vector<float> y(32);
+  for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(j % 16) - 1.0f;  // -1 .. 14
+  y[5] = 3.5f;  // (3.5 - -1) / 1 = 4.5 -> 5
+  std::vector<uint8_t> q1(sizeof(BlockQ4_1));
+  quantize_row(DType::Q4_1, y.data(), q1.data(), 32);
+  BlockQ4_1 b1;
+  std::memcpy(&b1, q1.data(), sizeof b1);
+  EXPECT_EQ(fp16_to_fp32(b1.d), 1.0f);
+  EXPECT_EQ(fp16_to_fp32(b1.m), -1.0f);
+  for (int j = 0; j < 16; ++j) EXPECT_EQ(b1.qs[j], j | (j << 4)) << j;
+
+  std::vector<float> z(32, 0.0f);
+  z[0] = 127.0f;  // d = 1
+  z[1] = -63.5f;  // -> -64
+  z[2] = 0.5f;    // -> 1
+  z[3] = -0.49f;  // -> 0
+  std::vector<uint8_t> q8(sizeof(BlockQ8_0));
+  quantize_row(DType::Q8_0, z.data(), q8.data(), 32);
+  BlockQ8_0 b8;
+  std::memcpy(&b8, q8.data(), sizeof b8);
+  EXPECT_EQ(b8.d, 0x3c00);
+  EXPECT_EQ(b8.qs[0], 127);
+  EXPECT_EQ(b8.qs[1], -64);
+  EXPECT_EQ(b8.qs[2], 1);
+  EXPECT_EQ(b8.qs[3], 0);
+}
+
 TEST(QuantBlocks, FloatRowsHandBuilt) {
   const uint16_t h[4] = {0x3c00, 0xc000, 0x7bff, 0x0001};
   const float h_expect[4] = {1.0f, -2.0f, 65504.0f, std::ldexp(1.0f, -24)};

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the build and test dependencies (Debian packages, PyPI packages) and builds
+# Kestrel into build/ with warnings as errors. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+[ "$(id -u)" != 0 ] && SUDO=sudo
+need=()
+for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev python3 python3-pip; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if ! python3 -c "import numpy, gguf" 2>/dev/null; then
+  python3 -m pip install -q -r requirements.txt 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages -r requirements.txt
+fi
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKESTREL_WERROR=ON >/dev/null
+cmake --build build -j "$(nproc)"

@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""Write a llama-family GGUF model with random weights, for tests and benchmarks.
+
+    python3 scripts/synth_gguf.py --out tiny.gguf --arch llama --shape tiny --type q4_0 [--tied]
+    python3 scripts/synth_gguf.py --out l2.gguf --shape llama2-7b --type q4_0
+
+Two ways to make the weights:
+
+* "real" (the default for n_embd < 2048): float weights drawn from a normal distribution with
+  a variance that keeps the network numerically sane (logits with a std of a few units, no
+  overflow), then converted with gguf.quants.quantize. Tests compare against these.
+* "fast" (the default for n_embd >= 2048, i.e. the benchmark shapes): random quant blocks are
+  written directly (random nibbles / int8 and random fp16 scales), chunk by chunk, so a 7B
+  Q4_0 file takes seconds and little memory. The per-block scales are chosen so the weights
+  have about the same std as in the "real" mode.
+
+Tensor layout (GGUF dims, ne0 first = the contiguous input dim), per layer i:
+  token_embd.weight [n_embd, n_vocab]      blk.i.attn_norm.weight [n_embd] F32
+  blk.i.attn_q.weight [n_embd, n_embd]     blk.i.attn_k/v.weight [n_embd, n_head_kv*head_dim]
+  blk.i.attn_output.weight [n_embd, n_embd]
+  blk.i.ffn_norm.weight [n_embd] F32       blk.i.ffn_gate/up.weight [n_embd, n_ff]
+  blk.i.ffn_down.weight [n_ff, n_embd]     qwen2 only: blk.i.attn_q/k/v.bias F32
+  output_norm.weight [n_embd] F32          output.weight [n_embd, n_vocab] (absent with --tied)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+# name -> (n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab)
+SHAPES = {
+    "tiny":      (128,  2,  4,  2,   320,    512),
+    "small":     (256,  3,  8,  2,   704,   1024),
+    "llama2-7b": (4096, 32, 32, 32, 11008,  32000),
+    "llama3-8b": (4096, 32, 32,  8, 14336, 128256),
+    "llama3-1b": (2048, 16, 32,  8,  8192, 128256),
+}
+
+TYPES = {
+    "f32":  (QT.F32,  gguf.LlamaFileType.ALL_F32),
+    "f16":  (QT.F16,  gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QT.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "q4_1": (QT.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+ARCHS = ("llama", "qwen2")
+
+# Target std of the logits: output weights get std LOGIT_STD / sqrt(n_embd), since the final
+# rmsnorm makes its input have unit RMS.
+LOGIT_STD = 3.0
+
+# Elements per generated chunk in fast mode (bounds memory to a few hundred MiB).
+CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclasses.dataclass
+class HParams:
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
+            raise ValueError(f"bad head counts: {self}")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even (RoPE)")
+
+
+@dataclasses.dataclass
+class TensorSpec:
+    name: str
+    ne: tuple[int, ...]      # GGUF dims, ne0 (contiguous) first
+    qtype: QT
+    init: str                # "normal" (mean 0), "norm" (1 + 0.1*normal), "bias" (0.1*normal)
+    std: float = 1.0         # std for "normal"
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.ne)
+
+    @property
+    def nbytes(self) -> int:
+        block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return self.n_elements // block * type_size
+
+
+def tensor_plan(arch: str, hp: HParams, qtype: QT, tied: bool) -> list[TensorSpec]:
+    """Every tensor of the model in file order, with its GGUF dims, type and initialisation."""
+    e, ff, kv_dim = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
+    f32 = QT.F32
+    # With a tied head the embedding is also the output matrix: give it the output's scale.
+    embd_std = LOGIT_STD / math.sqrt(e) if tied else 1.0
+    plan = [TensorSpec("token_embd.weight", (e, hp.n_vocab), qtype, "normal", embd_std)]
+    for i in range(hp.n_layer):
+        b = f"blk.{i}."
+        plan += [
+            TensorSpec(b + "attn_norm.weight", (e,), f32, "norm"),
+            TensorSpec(b + "attn_q.weight", (e, e), qtype, "normal", 1 / math.sqrt(e)),
+            TensorSpec(b + "attn_k.weight", (e, kv_dim), qtype, "normal", 1 / math.sqrt(e)),
+            TensorSpec(b + "attn_v.weight", (e, kv_dim), qtype, "normal", 1 / math.sqrt(e)),
+        ]
+        if arch == "qwen2":
+            plan += [
+                TensorSpec(b + "attn_q.bias", (e,), f32, "bias"),
+                TensorSpec(b + "attn_k.bias", (kv_dim,), f32, "bias"),
+                TensorSpec(b + "attn_v.bias", (kv_dim,), f32, "bias"),
+            ]
+        plan += [
+            TensorSpec(b + "attn_output.weight", (e, e), qtype, "normal", 1 / math.sqrt(e)),
+            TensorSpec(b + "ffn_norm.weight", (e,), f32, "norm"),
+            TensorSpec(b + "ffn_gate.weight", (e, ff), qtype, "normal", 1 / math.sqrt(e)),
+            TensorSpec(b + "ffn_up.weight", (e, ff), qtype, "normal", 1 / math.sqrt(e)),
+            TensorSpec(b + "ffn_down.weight", (ff, e), qtype, "normal", 1 / math.sqrt(ff)),
+        ]
+    plan.append(TensorSpec("output_norm.weight", (e,), f32, "norm"))
+    if not tied:
+        plan.append(TensorSpec("output.weight", (e, hp.n_vocab), qtype, "normal", LOGIT_STD / math.sqrt(e)))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# "real" mode: float values, converted with gguf.quants.quantize
+
+
+def real_values(rng: np.random.Generator, t: TensorSpec) -> np.ndarray:
+    """Float32 values of a tensor, numpy shape = reversed GGUF dims (rows = ne1, cols = ne0)."""
+    shape = tuple(reversed(t.ne))
+    z = rng.standard_normal(shape, dtype=np.float32)
+    if t.init == "norm":
+        return 1.0 + 0.1 * z
+    if t.init == "bias":
+        return 0.1 * z
+    return z * np.float32(t.std)
+
+
+def real_chunks(rng: np.random.Generator, t: TensorSpec):
+    """The tensor's bytes in one piece: quantized floats."""
+    yield gguf.quants.quantize(real_values(rng, t), t.qtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# "fast" mode: random blocks written directly, chunk by chunk
+
+# std of the integer part of a block's values: Q4_0 (q - 8), Q4_1 q, q in 0..15; Q8_0 int8
+_Q4_STD = math.sqrt((16 * 16 - 1) / 12)   # 4.61
+_Q8_STD = math.sqrt((256 * 256 - 1) / 12)  # 73.9
+
+
+def random_blocks(rng: np.random.Generator, qtype: QT, n_blocks: int, std: float) -> np.ndarray:
+    """n_blocks random Q4_0 / Q4_1 / Q8_0 blocks whose values have about the given std.
+
+    The quant bytes (nibbles or int8) are uniform random; each block's fp16 scale d is uniform
+    in [0.3, 1.7] * std / std(q) with a random sign (Q4_0's q - 8 has mean -0.5: without the
+    sign every row would share a bias direction). For Q4_1 the offset m is about -7.5 d (mean
+    0) plus a little noise.
+    """
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    q_std = _Q8_STD if qtype == QT.Q8_0 else _Q4_STD
+    d = rng.uniform(0.3, 1.7, size=n_blocks).astype(np.float32) * np.float32(std / q_std)
+    if qtype != QT.Q4_1:
+        d *= rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=n_blocks)
+    blocks[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    if qtype == QT.Q4_1:
+        m = d * (-7.5 + 0.5 * rng.standard_normal(n_blocks, dtype=np.float32))
+        blocks[:, 2:4] = m.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
+def random_floats(rng: np.random.Generator, qtype: QT, n: int, std: float) -> np.ndarray:
+    """n random normal values with the given std, as F32, F16 or BF16 (uint16 bits)."""
+    x = rng.standard_normal(n, dtype=np.float32)
+    x *= np.float32(std)
+    if qtype == QT.F32:
+        return x
+    if qtype == QT.F16:
+        return x.astype(np.float16)
+    return (x.view(np.uint32) >> 16).astype(np.uint16)  # BF16 by truncation
+
+
+def fast_chunks(rng: np.random.Generator, t: TensorSpec):
+    """The tensor's bytes in chunks of whole rows, at most about CHUNK_ELEMENTS elements each."""
+    if t.init != "normal":  # norms and biases are small: real values
+        yield real_values(rng, t)
+        return
+    ne0, rows = t.ne[0], math.prod(t.ne[1:])
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // ne0)
+    block, _ = gguf.GGML_QUANT_SIZES[t.qtype]
+    for r0 in range(0, rows, rows_per_chunk):
+        n = min(rows_per_chunk, rows - r0) * ne0
+        if t.qtype in (QT.F32, QT.F16, QT.BF16):
+            yield random_floats(rng, t.qtype, n, t.std)
+        else:
+            yield random_blocks(rng, t.qtype, n // block, t.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer
+
+
+def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype: str = "f32",
+                tied: bool = False, seed: int = 0, ctx: int = 4096, rope_base: float | None = None,
+                fast: bool | None = None, overrides: dict | None = None, verbose: bool = True) -> dict:
+    """Write one model; returns a summary dict (params, bytes, seconds, hparams)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}")
+    hp = HParams(*SHAPES[shape])
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(hp, k, v)
+    hp.check()
+    qtype, ftype = TYPES[wtype]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if hp.n_embd % block or hp.n_ff % block:
+        raise ValueError(f"n_embd and n_ff must be multiples of {block} for {wtype}")
+    if fast is None:
+        fast = hp.n_embd >= 2048
+    if rope_base is None:
+        rope_base = 1e6 if arch == "qwen2" else 1e4
+    eps = 1e-6 if arch == "qwen2" else 1e-5
+    t_start = time.time()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")  # renamed at the end: no half-written models
+
+    w = gguf.GGUFWriter(tmp, arch)
+    w.add_name(f"kestrel-synth-{arch}-{shape}-{wtype}{'-tied' if tied else ''}")
+    w.add_context_length(ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_block_count(hp.n_layer)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_rope_freq_base(rope_base)
+    w.add_rope_dimension_count(hp.head_dim)
+    w.add_vocab_size(hp.n_vocab)
+    w.add_file_type(ftype)
+    # Minimal tokenizer. GGUFWriter refuses empty arrays, so there is no merges key.
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"<t{i}>" for i in range(hp.n_vocab)])
+    w.add_token_types([int(gguf.TokenType.NORMAL)] * hp.n_vocab)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    plan = tensor_plan(arch, hp, qtype, tied)
+    for t in plan:
+        # numpy-order shape (reversed GGUF dims); with raw_dtype set and a non-uint8 dtype the
+        # shape is taken as element counts.
+        w.add_tensor_info(t.name, tuple(reversed(t.ne)), np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+
+    # Tensor data, streamed: each tensor starts at an aligned offset (the offsets written in the
+    # tensor infos are the running sum of sizes padded to the alignment).
+    rng = np.random.default_rng(seed)
+    fout = w.fout[0]
+    w.write_padding(fout, fout.tell())
+    chunks = fast_chunks if fast else real_chunks
+    for t in plan:
+        written = 0
+        for data in chunks(rng, t):
+            data = np.ascontiguousarray(data)
+            fout.write(data.data)
+            written += data.nbytes
+        if written != t.nbytes:
+            raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+        w.write_padding(fout, written)
+    w.close()
+    tmp.replace(out)
+
+    n_params = sum(t.n_elements for t in plan)
+    summary = {
+        "path": str(out), "arch": arch, "shape": shape, "type": wtype, "tied": tied,
+        "fast": fast, "params": n_params, "bytes": out.stat().st_size,
+        "seconds": time.time() - t_start, "hparams": dataclasses.asdict(hp),
+    }
+    if verbose:
+        print(f"wrote {out}: {arch} {shape} {wtype}{' tied' if tied else ''} "
+              f"({'random blocks' if fast else 'quantized floats'}) "
+              f"n_embd={hp.n_embd} n_layer={hp.n_layer} n_head={hp.n_head} n_head_kv={hp.n_head_kv} "
+              f"n_ff={hp.n_ff} n_vocab={hp.n_vocab}: {n_params / 1e6:.2f} M params, "
+              f"{summary['bytes'] / 2**20:.1f} MiB, {summary['seconds']:.1f} s")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="output .gguf path")
+    ap.add_argument("--arch", choices=ARCHS, default="llama")
+    ap.add_argument("--shape", choices=SHAPES, default="tiny")
+    ap.add_argument("--type", choices=TYPES, default="f32", dest="wtype",
+                    help="type of every 2-D tensor (norms and biases are always F32)")
+    ap.add_argument("--tied", action="store_true", help="no output.weight: the head reuses token_embd")
+    ap.add_argument("--seed", type=int, default=0)
+    for k in ("n-embd", "n-layer", "n-head", "n-head-kv", "n-ff", "n-vocab"):
+        ap.add_argument(f"--{k}", type=int, help="override the shape's value")
+    ap.add_argument("--rope-base", type=float, help="default 10000 (llama), 1000000 (qwen2)")
+    ap.add_argument("--ctx", type=int, default=4096, help="{arch}.context_length")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--fast", action="store_true", default=None,
+                      help="random quant blocks (default when n_embd >= 2048)")
+    mode.add_argument("--real", action="store_false", dest="fast",
+                      help="quantize real-valued weights (default when n_embd < 2048)")
+    a = ap.parse_args(argv)
+    overrides = {k: getattr(a, k) for k in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_vocab")}
+    try:
+        write_model(a.out, a.arch, a.shape, a.wtype, a.tied, a.seed, a.ctx, a.rope_base, a.fast, overrides)
+    except ValueError as e:
+        print(f"synth_gguf: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
