@@ -72,7 +72,7 @@ struct AttentionParams {
 class Backend {
  public:
   virtual ~Backend() = default;
-  virtual const char* name() const = 0;       // "cpu", "cuda", ...
+  virtual const char* name() const = 0;         // "cpu", "cuda", ...
   virtual std::string device_name() const = 0;  // e.g. the CPU model and ISA in use
 
   // Memory. alloc never leaves a partial allocation behind on failure.
@@ -98,17 +98,16 @@ class Backend {
   virtual Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
                         const Tensor* bias) = 0;
   // In place on x[T][n_heads * head_dim], token t at position positions[t].
-  virtual Status rope(Tensor& x, int n_tokens, const int32_t* positions,
-                      const RopeParams& p) = 0;
+  virtual Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) = 0;
   // Writes k[T][kv_dim], v[T][kv_dim] into rows positions[t] of the caches, converting to
   // the cache type (quantize on write).
-  virtual Status kv_store(const Tensor& k, const Tensor& v, int n_tokens,
-                          const int32_t* positions, Tensor& k_cache, Tensor& v_cache) = 0;
+  virtual Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
+                          Tensor& k_cache, Tensor& v_cache) = 0;
   // Causal attention: token t attends to cache rows [0, positions[t]].
   // q[T][n_head*head_dim] -> out[T][n_head*head_dim].
   virtual Status attention(const Tensor& q, int n_tokens, const int32_t* positions,
-                           const Tensor& k_cache, const Tensor& v_cache,
-                           const AttentionParams& p, Tensor& out) = 0;
+                           const Tensor& k_cache, const Tensor& v_cache, const AttentionParams& p,
+                           Tensor& out) = 0;
   // out[T][F] = silu(gate) * up
   virtual Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) = 0;
   // x[T][E] += y[T][E]

@@ -46,8 +46,8 @@ Status error(const char* fmt, Args... args) {
 template <typename T>
 class Expected {
  public:
-  Expected(T value) : v_(std::move(value)) {}         // NOLINT: implicit by design
-  Expected(Status status) : v_(std::move(status)) {   // NOLINT: implicit by design
+  Expected(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
+  Expected(Status status) : v_(std::move(status)) {  // NOLINT: implicit by design
     assert(!std::get<Status>(v_).is_ok() && "Expected built from an ok Status");
   }
   bool has_value() const { return v_.index() == 0; }
@@ -73,10 +73,10 @@ class Expected {
 }  // namespace kestrel
 
 // Propagate a failed Status from an expression returning Status.
-#define KESTREL_TRY(expr)                          \
-  do {                                             \
-    ::kestrel::Status kestrel_try_s_ = (expr);     \
-    if (!kestrel_try_s_) return kestrel_try_s_;    \
+#define KESTREL_TRY(expr)                       \
+  do {                                          \
+    ::kestrel::Status kestrel_try_s_ = (expr);  \
+    if (!kestrel_try_s_) return kestrel_try_s_; \
   } while (0)
 
 #define KESTREL_CONCAT_INNER(a, b) a##b

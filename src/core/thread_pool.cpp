@@ -52,8 +52,10 @@ void ThreadPool::parallel_for(int64_t n_tasks, const std::function<void(int64_t,
   // Wait for the workers' last tasks; yield now and then so a worker that was preempted
   // (more threads than free cores) gets the core back instead of being spun against.
   for (int spins = 0; active_.load(std::memory_order_acquire) != 0; ++spins) {
-    if (spins < 4096) KESTREL_PAUSE();
-    else std::this_thread::yield();
+    if (spins < 4096)
+      KESTREL_PAUSE();
+    else
+      std::this_thread::yield();
   }
 }
 

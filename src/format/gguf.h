@@ -37,18 +37,18 @@ const char* value_type_name(ValueType t);
 struct Value {
   ValueType type = ValueType::UINT8;
   ValueType elem_type = ValueType::UINT8;  // for ARRAY
-  uint64_t u = 0;                           // unsigned integer types and BOOL
-  int64_t i = 0;                            // signed integer types
-  double f = 0;                             // FLOAT32 / FLOAT64
-  std::string str;                          // STRING
+  uint64_t u = 0;                          // unsigned integer types and BOOL
+  int64_t i = 0;                           // signed integer types
+  double f = 0;                            // FLOAT32 / FLOAT64
+  std::string str;                         // STRING
   // ARRAY of scalars: each element converted as above; ARRAY of STRING: strs.
-  std::vector<Value> arr;                   // nested scalars / arrays (not strings)
-  std::vector<std::string> strs;            // string arrays (vocabularies are large)
+  std::vector<Value> arr;         // nested scalars / arrays (not strings)
+  std::vector<std::string> strs;  // string arrays (vocabularies are large)
   uint64_t array_len = 0;
 
   bool is_integer() const;
   bool is_number() const;
-  int64_t as_int() const;   // any integer type (caller checks is_integer)
+  int64_t as_int() const;    // any integer type (caller checks is_integer)
   double as_double() const;  // any number type
 };
 
@@ -56,8 +56,8 @@ struct TensorInfo {
   std::string name;
   std::vector<int64_t> dims;  // GGUF order: dims[0] is the contiguous (row) dimension
   quant::DType type = quant::DType::F32;
-  uint64_t offset = 0;        // relative to the data section
-  uint64_t n_bytes = 0;       // validated to lie inside the file
+  uint64_t offset = 0;            // relative to the data section
+  uint64_t n_bytes = 0;           // validated to lie inside the file
   const uint8_t* data = nullptr;  // into the mapping
 
   int64_t n_elements() const;

@@ -9,12 +9,12 @@ Expected<std::unique_ptr<KvCache>> KvCache::create(const model::Model& model, in
   const auto& c = model.config();
   for (quant::DType t : {type_k, type_v}) {
     if (!quant::is_kv_type(t))
-      return error("KV cache type %s is not supported: use f16, q8_0 or q4_0",
-                   quant::type_name(t));
+      return error("KV cache type %s is not supported: use f16, q8_0 or q4_0", quant::type_name(t));
     if (quant::row_bytes(t, c.kv_dim()) < 0)
-      return error("KV cache type %s needs rows of a multiple of 32 values, but this model's "
-                   "K/V rows have %d: use -ctk f16 -ctv f16",
-                   quant::type_name(t), c.kv_dim());
+      return error(
+          "KV cache type %s needs rows of a multiple of 32 values, but this model's "
+          "K/V rows have %d: use -ctk f16 -ctv f16",
+          quant::type_name(t), c.kv_dim());
   }
   if (n_ctx <= 0) return error("context size %d must be positive", n_ctx);
   std::unique_ptr<KvCache> kv(new KvCache());

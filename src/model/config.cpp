@@ -4,7 +4,9 @@
 
 namespace kestrel::model {
 
-bool is_supported_arch(const std::string& arch) { return arch == "llama" || arch == "qwen2"; }
+bool is_supported_arch(const std::string& arch) {
+  return arch == "llama" || arch == "qwen2";
+}
 
 namespace {
 
@@ -31,9 +33,8 @@ Expected<Config> read_config(const gguf::File& f) {
   Config c;
   KESTREL_ASSIGN_OR_RETURN(c.arch, f.get_string("general.architecture"));
   if (!is_supported_arch(c.arch))
-    return error(
-        "%s: architecture '%s' is not supported (Kestrel runs 'llama' and 'qwen2' models)",
-        f.path().c_str(), c.arch.c_str());
+    return error("%s: architecture '%s' is not supported (Kestrel runs 'llama' and 'qwen2' models)",
+                 f.path().c_str(), c.arch.c_str());
   c.name = f.get_string("general.name", c.arch);
   const std::string& a = c.arch;
   KESTREL_ASSIGN_OR_RETURN(c.n_embd, read_dim(f, a, "embedding_length"));
@@ -43,16 +44,16 @@ Expected<Config> read_config(const gguf::File& f) {
   KESTREL_ASSIGN_OR_RETURN(c.n_head_kv, read_dim(f, a, "attention.head_count_kv", c.n_head));
   KESTREL_ASSIGN_OR_RETURN(c.n_ctx_train, read_dim(f, a, "context_length", 4096));
   if (c.n_embd % c.n_head != 0 && !f.find(a + ".attention.key_length"))
-    return error("%s: n_embd %d is not a multiple of the head count %d", f.path().c_str(),
-                 c.n_embd, c.n_head);
+    return error("%s: n_embd %d is not a multiple of the head count %d", f.path().c_str(), c.n_embd,
+                 c.n_head);
   KESTREL_ASSIGN_OR_RETURN(c.head_dim, read_dim(f, a, "attention.key_length", c.n_embd / c.n_head));
   if (c.n_head % c.n_head_kv != 0)
     return error("%s: %d attention heads cannot be grouped over %d KV heads", f.path().c_str(),
                  c.n_head, c.n_head_kv);
   if (c.head_dim % 2 != 0)
     return error("%s: head dimension %d is odd; RoPE needs pairs", f.path().c_str(), c.head_dim);
-  if (const auto* rot = f.find(a + ".rope.dimension_count"); rot && rot->is_integer() &&
-                                                             rot->as_int() != c.head_dim)
+  if (const auto* rot = f.find(a + ".rope.dimension_count");
+      rot && rot->is_integer() && rot->as_int() != c.head_dim)
     return error("%s: partial RoPE (%lld of %d dimensions) is not supported", f.path().c_str(),
                  static_cast<long long>(rot->as_int()), c.head_dim);
   c.rms_eps = static_cast<float>(f.get_float(a + ".attention.layer_norm_rms_epsilon", 1e-5));

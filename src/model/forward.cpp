@@ -87,24 +87,24 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache)
   const bool bias = c.qkv_bias;
 
   // Attention block.
-  KESTREL_TRY(be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));          // h[T][E]
-  KESTREL_TRY(be.matmul(*L.wq, s.h, n, s.q, bias ? &L.bq : nullptr));     // q[T][q_dim]
-  KESTREL_TRY(be.matmul(*L.wk, s.h, n, s.k, bias ? &L.bk : nullptr));     // k[T][kv_dim]
-  KESTREL_TRY(be.matmul(*L.wv, s.h, n, s.v, bias ? &L.bv : nullptr));     // v[T][kv_dim]
+  KESTREL_TRY(be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));       // h[T][E]
+  KESTREL_TRY(be.matmul(*L.wq, s.h, n, s.q, bias ? &L.bq : nullptr));  // q[T][q_dim]
+  KESTREL_TRY(be.matmul(*L.wk, s.h, n, s.k, bias ? &L.bk : nullptr));  // k[T][kv_dim]
+  KESTREL_TRY(be.matmul(*L.wv, s.h, n, s.v, bias ? &L.bv : nullptr));  // v[T][kv_dim]
   KESTREL_TRY(be.rope(s.q, n, pos, rope_q));
   KESTREL_TRY(be.rope(s.k, n, pos, rope_k));
-  KESTREL_TRY(be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));   // cache rows pos[t]
+  KESTREL_TRY(be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // cache rows pos[t]
   KESTREL_TRY(be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));  // att[T][q_dim]
-  KESTREL_TRY(be.matmul(*L.wo, s.att, n, s.proj, nullptr));               // proj[T][E]
-  KESTREL_TRY(be.add(s.x, s.proj, n));                                     // x += proj
+  KESTREL_TRY(be.matmul(*L.wo, s.att, n, s.proj, nullptr));                       // proj[T][E]
+  KESTREL_TRY(be.add(s.x, s.proj, n));                                            // x += proj
 
   // Feed-forward block (SwiGLU).
-  KESTREL_TRY(be.rms_norm(s.x, n, L.ffn_norm, c.rms_eps, s.h));           // h[T][E]
-  KESTREL_TRY(be.matmul(*L.w_gate, s.h, n, s.gate, nullptr));             // gate[T][F]
-  KESTREL_TRY(be.matmul(*L.w_up, s.h, n, s.up, nullptr));                 // up[T][F]
-  KESTREL_TRY(be.swiglu(s.gate, s.up, n, s.gate));                        // gate = silu(gate)*up
-  KESTREL_TRY(be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));          // proj[T][E]
-  return be.add(s.x, s.proj, n);                                           // x += proj
+  KESTREL_TRY(be.rms_norm(s.x, n, L.ffn_norm, c.rms_eps, s.h));   // h[T][E]
+  KESTREL_TRY(be.matmul(*L.w_gate, s.h, n, s.gate, nullptr));     // gate[T][F]
+  KESTREL_TRY(be.matmul(*L.w_up, s.h, n, s.up, nullptr));         // up[T][F]
+  KESTREL_TRY(be.swiglu(s.gate, s.up, n, s.gate));                // gate = silu(gate)*up
+  KESTREL_TRY(be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
+  return be.add(s.x, s.proj, n);                                  // x += proj
 }
 
 Status Forward::run_head(int n_rows, const int32_t* rows, float* logits) {
@@ -117,7 +117,7 @@ Status Forward::run_head(int n_rows, const int32_t* rows, float* logits) {
     KESTREL_ASSIGN_OR_RETURN(head_in_, be.alloc(DType::F32, n_rows, c.n_embd, "head input"));
     KESTREL_ASSIGN_OR_RETURN(logits_, be.alloc(DType::F32, n_rows, c.n_vocab, "logits"));
   }
-  KESTREL_TRY(be.get_rows(s.x, rows, n_rows, s.h));                         // h[R][E]
+  KESTREL_TRY(be.get_rows(s.x, rows, n_rows, s.h));  // h[R][E]
   KESTREL_TRY(be.rms_norm(s.h, n_rows, model_.output_norm(), c.rms_eps, head_in_));
   KESTREL_TRY(be.matmul(model_.output(), head_in_, n_rows, logits_, nullptr));  // [R][V]
   KESTREL_TRY(be.synchronize());

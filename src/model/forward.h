@@ -48,8 +48,8 @@ class Forward {
   const Model& model_;
   int max_tokens_;
   std::map<backend::Backend*, Scratch> scratch_;
-  backend::Tensor head_in_;   // [max_rows][E] rows gathered for the head
-  backend::Tensor logits_;    // [max_rows][V]
+  backend::Tensor head_in_;  // [max_rows][E] rows gathered for the head
+  backend::Tensor logits_;   // [max_rows][V]
   std::vector<float> host_x_;
   std::vector<int32_t> positions_;
 };

@@ -100,15 +100,24 @@ Status Model::load_layers() {
     LayerWeights& l = layers_[i];
     Backend& be = *l.backend;
     auto name = [&](const char* what) { return layer_name(i, what); };
-    KESTREL_ASSIGN_OR_RETURN(l.attn_norm, load_f32_vector(be, f, c, name("attn_norm.weight"), c.n_embd));
-    KESTREL_ASSIGN_OR_RETURN(l.ffn_norm, load_f32_vector(be, f, c, name("ffn_norm.weight"), c.n_embd));
-    KESTREL_ASSIGN_OR_RETURN(l.wq, load_matrix(be, f, c, name("attn_q.weight"), c.n_embd, c.q_dim()));
-    KESTREL_ASSIGN_OR_RETURN(l.wk, load_matrix(be, f, c, name("attn_k.weight"), c.n_embd, c.kv_dim()));
-    KESTREL_ASSIGN_OR_RETURN(l.wv, load_matrix(be, f, c, name("attn_v.weight"), c.n_embd, c.kv_dim()));
-    KESTREL_ASSIGN_OR_RETURN(l.wo, load_matrix(be, f, c, name("attn_output.weight"), c.q_dim(), c.n_embd));
-    KESTREL_ASSIGN_OR_RETURN(l.w_gate, load_matrix(be, f, c, name("ffn_gate.weight"), c.n_embd, c.n_ff));
-    KESTREL_ASSIGN_OR_RETURN(l.w_up, load_matrix(be, f, c, name("ffn_up.weight"), c.n_embd, c.n_ff));
-    KESTREL_ASSIGN_OR_RETURN(l.w_down, load_matrix(be, f, c, name("ffn_down.weight"), c.n_ff, c.n_embd));
+    KESTREL_ASSIGN_OR_RETURN(l.attn_norm,
+                             load_f32_vector(be, f, c, name("attn_norm.weight"), c.n_embd));
+    KESTREL_ASSIGN_OR_RETURN(l.ffn_norm,
+                             load_f32_vector(be, f, c, name("ffn_norm.weight"), c.n_embd));
+    KESTREL_ASSIGN_OR_RETURN(l.wq,
+                             load_matrix(be, f, c, name("attn_q.weight"), c.n_embd, c.q_dim()));
+    KESTREL_ASSIGN_OR_RETURN(l.wk,
+                             load_matrix(be, f, c, name("attn_k.weight"), c.n_embd, c.kv_dim()));
+    KESTREL_ASSIGN_OR_RETURN(l.wv,
+                             load_matrix(be, f, c, name("attn_v.weight"), c.n_embd, c.kv_dim()));
+    KESTREL_ASSIGN_OR_RETURN(
+        l.wo, load_matrix(be, f, c, name("attn_output.weight"), c.q_dim(), c.n_embd));
+    KESTREL_ASSIGN_OR_RETURN(l.w_gate,
+                             load_matrix(be, f, c, name("ffn_gate.weight"), c.n_embd, c.n_ff));
+    KESTREL_ASSIGN_OR_RETURN(l.w_up,
+                             load_matrix(be, f, c, name("ffn_up.weight"), c.n_embd, c.n_ff));
+    KESTREL_ASSIGN_OR_RETURN(l.w_down,
+                             load_matrix(be, f, c, name("ffn_down.weight"), c.n_ff, c.n_embd));
     if (c.qkv_bias) {
       KESTREL_ASSIGN_OR_RETURN(l.bq, load_f32_vector(be, f, c, name("attn_q.bias"), c.q_dim()));
       KESTREL_ASSIGN_OR_RETURN(l.bk, load_f32_vector(be, f, c, name("attn_k.bias"), c.kv_dim()));

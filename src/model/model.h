@@ -13,14 +13,14 @@
 namespace kestrel::model {
 
 struct LayerWeights {
-  backend::Backend* backend = nullptr;   // where this layer runs
-  backend::Tensor attn_norm;             // [E]
-  backend::Tensor ffn_norm;              // [E]
-  backend::Tensor bq, bk, bv;            // [q_dim], [kv_dim], [kv_dim] (qwen2 only)
-  std::unique_ptr<backend::Weight> wq;   // [q_dim][E]
-  std::unique_ptr<backend::Weight> wk;   // [kv_dim][E]
-  std::unique_ptr<backend::Weight> wv;   // [kv_dim][E]
-  std::unique_ptr<backend::Weight> wo;   // [E][q_dim]
+  backend::Backend* backend = nullptr;      // where this layer runs
+  backend::Tensor attn_norm;                // [E]
+  backend::Tensor ffn_norm;                 // [E]
+  backend::Tensor bq, bk, bv;               // [q_dim], [kv_dim], [kv_dim] (qwen2 only)
+  std::unique_ptr<backend::Weight> wq;      // [q_dim][E]
+  std::unique_ptr<backend::Weight> wk;      // [kv_dim][E]
+  std::unique_ptr<backend::Weight> wv;      // [kv_dim][E]
+  std::unique_ptr<backend::Weight> wo;      // [E][q_dim]
   std::unique_ptr<backend::Weight> w_gate;  // [F][E]
   std::unique_ptr<backend::Weight> w_up;    // [F][E]
   std::unique_ptr<backend::Weight> w_down;  // [E][F]

@@ -59,10 +59,14 @@ std::string chunk_note(const PromptReport& r, size_t i) {
   int largest = 0;
   for (const auto& c : r.chunks) largest = std::max(largest, c.n_tokens);
   std::string note;
-  if (r.chunks.size() == 1) note = "single chunk";
-  else if (i == 0) note = "first chunk";
-  else if (i + 1 == r.chunks.size()) note = "last chunk";
-  else note = "middle chunk";
+  if (r.chunks.size() == 1)
+    note = "single chunk";
+  else if (i == 0)
+    note = "first chunk";
+  else if (i + 1 == r.chunks.size())
+    note = "last chunk";
+  else
+    note = "middle chunk";
   if (r.chunks.size() > 1 && r.chunks[i].n_tokens * 4 < largest * 3)
     note += " (small: " + std::to_string(r.chunks[i].n_tokens) + " tokens)";
   if (r.chunks[i].n_ubatches > 1)
@@ -83,27 +87,27 @@ std::string render_markdown(const PromptReport& r) {
   for (size_t i = 0; i < r.chunks.size(); ++i) {
     const auto& c = r.chunks[i];
     o << "| " << i + 1 << " | " << c.first_token << "-" << c.first_token + c.n_tokens << " | "
-      << grouped(c.ms, 1) << " ms | " << fmt("%.2f", c.ms / c.n_tokens) << " | "
-      << chunk_note(r, i) << " |\n";
+      << grouped(c.ms, 1) << " ms | " << fmt("%.2f", c.ms / c.n_tokens) << " | " << chunk_note(r, i)
+      << " |\n";
   }
   if (r.target) {
     const double now = r.ms_per_token(), lo = r.target->low_ms, hi = r.target->high_ms;
-    auto range = [](double a, double b, const char* f) {
-      return fmt(f, a) + "-" + fmt(f, b);
-    };
+    auto range = [](double a, double b, const char* f) { return fmt(f, a) + "-" + fmt(f, b); };
     const bool met_hi = now <= hi, met_lo = now <= lo;
     o << "\n## Against the target\n| item | target | now | reached | short by |\n"
       << "|---|---|---|---|---|\n";
     o << "| prompt evaluation | " << range(lo, hi, "%g") << " ms/token | " << fmt("%.2f", now)
       << " ms/token | "
-      << (met_lo ? std::string("yes") : range(100 * lo / now, std::min(100.0, 100 * hi / now), "%.1f") + "%")
+      << (met_lo ? std::string("yes")
+                 : range(100 * lo / now, std::min(100.0, 100 * hi / now), "%.1f") + "%")
       << " | "
       << (met_hi ? (met_lo ? "-" : range(now / lo, 1.0, "%.2f") + "x")
                  : range(now / hi, now / lo, "%.2f") + "x too slow")
       << " |\n";
     o << "| throughput | " << range(1000 / hi, 1000 / lo, "%g") << " tokens/s | "
       << grouped(r.tokens_per_s(), 2) << " tokens/s | "
-      << (met_lo ? std::string("yes") : range(100 * lo / now, std::min(100.0, 100 * hi / now), "%.1f") + "%")
+      << (met_lo ? std::string("yes")
+                 : range(100 * lo / now, std::min(100.0, 100 * hi / now), "%.1f") + "%")
       << " | " << (met_hi ? std::string(met_lo ? "-" : "within range") : "too slow") << " |\n";
   }
   const auto& s = r.settings;

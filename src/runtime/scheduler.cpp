@@ -4,12 +4,17 @@
 
 namespace kestrel::runtime {
 
-const char* chunking_name(Chunking c) { return c == Chunking::Balanced ? "balanced" : "fixed"; }
+const char* chunking_name(Chunking c) {
+  return c == Chunking::Balanced ? "balanced" : "fixed";
+}
 
 bool parse_chunking(const std::string& s, Chunking* out) {
-  if (s == "balanced") *out = Chunking::Balanced;
-  else if (s == "fixed") *out = Chunking::Fixed;
-  else return false;
+  if (s == "balanced")
+    *out = Chunking::Balanced;
+  else if (s == "fixed")
+    *out = Chunking::Fixed;
+  else
+    return false;
   return true;
 }
 

@@ -13,8 +13,8 @@ Expected<std::unique_ptr<Session>> Session::create(const model::Model& model,
                  params.n_ubatch);
   std::unique_ptr<Session> s(new Session(model, params));
   s->params_.n_ubatch = std::min(params.n_ubatch, params.n_batch);
-  KESTREL_ASSIGN_OR_RETURN(s->cache_, kv::KvCache::create(model, params.n_ctx, params.type_k,
-                                                          params.type_v));
+  KESTREL_ASSIGN_OR_RETURN(s->cache_,
+                           kv::KvCache::create(model, params.n_ctx, params.type_k, params.type_v));
   KESTREL_ASSIGN_OR_RETURN(s->forward_, model::Forward::create(model, s->params_.n_ubatch));
   s->last_logits_.resize(model.config().n_vocab);
   return s;
@@ -26,9 +26,10 @@ Status Session::check_tokens(const std::vector<int32_t>& tokens) const {
     if (tokens[i] < 0 || tokens[i] >= n_vocab)
       return error("token %zu has id %d, outside the vocabulary [0, %d)", i, tokens[i], n_vocab);
   if (n_past_ + static_cast<int64_t>(tokens.size()) > params_.n_ctx)
-    return error("%zu tokens after %d already in the context do not fit its %d positions: "
-                 "raise -c or shorten the prompt",
-                 tokens.size(), n_past_, params_.n_ctx);
+    return error(
+        "%zu tokens after %d already in the context do not fit its %d positions: "
+        "raise -c or shorten the prompt",
+        tokens.size(), n_past_, params_.n_ctx);
   return Status::ok();
 }
 
@@ -37,8 +38,8 @@ Status Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* 
   KESTREL_TRY(check_tokens(tokens));
   const int n_vocab = model_.config().n_vocab;
   if (all_logits) all_logits->assign(tokens.size() * static_cast<size_t>(n_vocab), 0.0f);
-  const auto plan = plan_chunks(static_cast<int>(tokens.size()), params_.n_batch,
-                                params_.n_ubatch, params_.chunking);
+  const auto plan = plan_chunks(static_cast<int>(tokens.size()), params_.n_batch, params_.n_ubatch,
+                                params_.chunking);
   std::vector<int32_t> rows;
   for (const Chunk& chunk : plan) {
     const auto t0 = std::chrono::steady_clock::now();

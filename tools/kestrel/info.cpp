@@ -27,10 +27,13 @@ std::string describe(const gguf::Value& v) {
       }
       return out;
     }
-    case ValueType::BOOL: return v.u ? "true" : "false";
+    case ValueType::BOOL:
+      return v.u ? "true" : "false";
     case ValueType::FLOAT32:
-    case ValueType::FLOAT64: return format("%g", v.f);
-    default: return v.is_integer() ? std::to_string(v.as_int()) : "?";
+    case ValueType::FLOAT64:
+      return format("%g", v.f);
+    default:
+      return v.is_integer() ? std::to_string(v.as_int()) : "?";
   }
 }
 

@@ -22,8 +22,10 @@ std::vector<std::string> translate_llama_flags(int argc, char** argv) {
     std::string a = argv[i];
     for (const auto& [from, to] : kAliases) {
       const std::string f = from;
-      if (a == f) a = to;
-      else if (a.rfind(f + "=", 0) == 0) a = std::string(to) + a.substr(f.size());
+      if (a == f)
+        a = to;
+      else if (a.rfind(f + "=", 0) == 0)
+        a = std::string(to) + a.substr(f.size());
     }
     args.push_back(a);
   }
@@ -48,7 +50,9 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   int rc = 0;
-  if (app.got_subcommand("run")) rc = kestrel::cli::run_command(run);
-  else if (app.got_subcommand("info")) rc = kestrel::cli::info_command(info);
+  if (app.got_subcommand("run"))
+    rc = kestrel::cli::run_command(run);
+  else if (app.got_subcommand("info"))
+    rc = kestrel::cli::info_command(info);
   return rc;
 }

@@ -61,7 +61,8 @@ void add_run_command(CLI::App& app, RunOptions& o) {
   run->add_option("-m,--model", o.model, "GGUF model file")->required();
   run->add_option("--tokens", o.tokens, "prompt as token ids, e.g. 1,2,3")->required();
   run->add_option("-n,--n-predict", o.n_predict, "tokens to generate")->capture_default_str();
-  run->add_option("-c,--ctx-size", o.n_ctx, "context size (0: fit the job, at least min(training context, 4096))")
+  run->add_option("-c,--ctx-size", o.n_ctx,
+                  "context size (0: fit the job, at least min(training context, 4096))")
       ->capture_default_str();
   run->add_option("-b,--batch-size", o.n_batch, "chunk size: tokens per timed chunk")
       ->capture_default_str();
@@ -120,16 +121,18 @@ int run_command(const RunOptions& o) {
   if (o.n_ctx > 0) {
     sp.n_ctx = o.n_ctx;
     if (needed > o.n_ctx)
-      return fail(format("the prompt (%d tokens) plus generation (-n %d) needs %d positions but "
-                         "the context is %d: raise -c or shorten the prompt",
-                         n_prompt, o.n_predict, needed, o.n_ctx));
+      return fail(
+          format("the prompt (%d tokens) plus generation (-n %d) needs %d positions but "
+                 "the context is %d: raise -c or shorten the prompt",
+                 n_prompt, o.n_predict, needed, o.n_ctx));
   } else {
     sp.n_ctx = std::max(std::min(cfg.n_ctx_train, 4096), needed);
     if (needed > cfg.n_ctx_train)
-      return fail(format("the prompt (%d tokens) plus generation (-n %d) needs %d positions, "
-                         "more than the model's training context of %d: shorten the prompt or "
-                         "lower -n (or force it with -c)",
-                         n_prompt, o.n_predict, needed, cfg.n_ctx_train));
+      return fail(
+          format("the prompt (%d tokens) plus generation (-n %d) needs %d positions, "
+                 "more than the model's training context of %d: shorten the prompt or "
+                 "lower -n (or force it with -c)",
+                 n_prompt, o.n_predict, needed, cfg.n_ctx_train));
   }
   auto session = runtime::Session::create(**model, sp);
   if (!session) return fail(session.message());
@@ -177,7 +180,8 @@ int run_command(const RunOptions& o) {
   rep.backend = (*model)->input_backend()->name();
   rep.device = (*model)->input_backend()->device_name();
   rep.version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
-  rep.n_threads = o.n_threads > 0 ? o.n_threads : static_cast<int>(std::thread::hardware_concurrency());
+  rep.n_threads =
+      o.n_threads > 0 ? o.n_threads : static_cast<int>(std::thread::hardware_concurrency());
   rep.settings = (*session)->params();
   rep.load_ms = load_ms;
   rep.prompt_tokens = n_prompt;

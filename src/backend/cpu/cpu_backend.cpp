@@ -39,8 +39,12 @@ std::string cpu_model_name() {
   return "CPU";
 }
 
-bool is_packed_type(DType t) { return t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0; }
-bool is_dense_type(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+bool is_packed_type(DType t) {
+  return t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0;
+}
+bool is_dense_type(DType t) {
+  return t == DType::F32 || t == DType::F16 || t == DType::BF16;
+}
 
 }  // namespace
 
@@ -50,8 +54,7 @@ CpuBackend::CpuBackend(int n_threads, const KernelTable* kernels)
 CpuBackend::~CpuBackend() = default;
 
 std::string CpuBackend::device_name() const {
-  return cpu_model_name() + " (" + kernels_->isa + ", " + std::to_string(n_threads()) +
-         " threads)";
+  return cpu_model_name() + " (" + kernels_->isa + ", " + std::to_string(n_threads()) + " threads)";
 }
 
 Expected<Tensor> CpuBackend::alloc(DType type, int64_t rows, int64_t cols, const char* what) {
@@ -63,8 +66,7 @@ Expected<Tensor> CpuBackend::alloc(DType type, int64_t rows, int64_t cols, const
   const size_t bytes = static_cast<size_t>(rb) * static_cast<size_t>(rows);
   const size_t rounded = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded);
-  if (!p)
-    return error("out of host memory allocating %s (%.1f MiB)", what, bytes / 1048576.0);
+  if (!p) return error("out of host memory allocating %s (%.1f MiB)", what, bytes / 1048576.0);
   Tensor t;
   t.type = type;
   t.rows = rows;
@@ -192,9 +194,8 @@ Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Te
   const auto& w = static_cast<const CpuWeight&>(wbase);
   if (x.cols != w.n_in || out.cols < w.n_out || x.rows < n_tokens || out.rows < n_tokens)
     return error("matmul '%s': input [%lld x %lld] does not fit weight [%lld x %lld]",
-                 w.name.c_str(), static_cast<long long>(n_tokens),
-                 static_cast<long long>(x.cols), static_cast<long long>(w.n_out),
-                 static_cast<long long>(w.n_in));
+                 w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
+                 static_cast<long long>(w.n_out), static_cast<long long>(w.n_in));
   const auto* xf = static_cast<const float*>(x.data);
   auto* of = static_cast<float*>(out.data);
   const int64_t ld_out = out.cols;
@@ -202,8 +203,8 @@ Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Te
     const int64_t n_groups = (w.n_out + kPanelRows - 1) / kPanelRows;
     pool_.parallel_for(n_groups, [&](int64_t g, int) {
       const int rows = static_cast<int>(std::min<int64_t>(kPanelRows, w.n_out - g * kPanelRows));
-      kernels_->dense(w.type, w.dense + g * kPanelRows * w.dense_row_bytes, w.dense_row_bytes,
-                      rows, xf, x.cols, n_tokens, w.n_in, of + g * kPanelRows, ld_out);
+      kernels_->dense(w.type, w.dense + g * kPanelRows * w.dense_row_bytes, w.dense_row_bytes, rows,
+                      xf, x.cols, n_tokens, w.n_in, of + g * kPanelRows, ld_out);
     });
   } else {
     // Quantize the activations once, then stream the weight panels.
@@ -230,8 +231,8 @@ Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Te
         for (int64_t p = p0; p < p1; ++p) {
           const int valid =
               static_cast<int>(std::min<int64_t>(kPanelRows, w.n_out - p * kPanelRows));
-          kernel(w.packed.data() + p * bb, w.n_blocks, acts, t0, nt, of + p * kPanelRows,
-                 ld_out, valid);
+          kernel(w.packed.data() + p * bb, w.n_blocks, acts, t0, nt, of + p * kPanelRows, ld_out,
+                 valid);
         }
       }
     });
@@ -280,8 +281,7 @@ Status CpuBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
     Tensor& dst = i % 2 ? v_cache : k_cache;
     const int64_t t = i / 2;
     quant::quantize_row(dst.type, static_cast<const float*>(src.data) + t * src.cols,
-                        static_cast<uint8_t*>(dst.data) + positions[t] * dst.row_bytes(),
-                        dst.cols);
+                        static_cast<uint8_t*>(dst.data) + positions[t] * dst.row_bytes(), dst.cols);
   });
   return Status::ok();
 }
@@ -290,15 +290,19 @@ void CpuBackend::dequantize_rows(const Tensor& t, int64_t n_rows, float* out) {
   const int64_t per_task = 16;
   pool_.parallel_for((n_rows + per_task - 1) / per_task, [&](int64_t task, int) {
     const int64_t r1 = std::min(n_rows, (task + 1) * per_task);
-    for (int64_t r = task * per_task; r < r1; ++r)
-      quant::dequantize_row(t.type, static_cast<const uint8_t*>(t.data) + r * t.row_bytes(),
-                            out + r * t.cols, t.cols);
+    for (int64_t r = task * per_task; r < r1; ++r) {
+      const uint8_t* src = static_cast<const uint8_t*>(t.data) + r * t.row_bytes();
+      if (t.type == DType::F16)
+        kernels_->f16_to_f32(reinterpret_cast<const uint16_t*>(src), out + r * t.cols, t.cols);
+      else
+        quant::dequantize_row(t.type, src, out + r * t.cols, t.cols);
+    }
   });
 }
 
 Status CpuBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
-                             const Tensor& k_cache, const Tensor& v_cache,
-                             const AttentionParams& p, Tensor& out) {
+                             const Tensor& k_cache, const Tensor& v_cache, const AttentionParams& p,
+                             Tensor& out) {
   int32_t max_pos = 0;
   for (int t = 0; t < n_tokens; ++t) max_pos = std::max(max_pos, positions[t]);
   const int64_t n_kv = max_pos + 1;

@@ -36,9 +36,8 @@ class CpuBackend final : public Backend {
   Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) override;
   Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
                   Tensor& k_cache, Tensor& v_cache) override;
-  Status attention(const Tensor& q, int n_tokens, const int32_t* positions,
-                   const Tensor& k_cache, const Tensor& v_cache, const AttentionParams& p,
-                   Tensor& out) override;
+  Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
+                   const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
   Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;

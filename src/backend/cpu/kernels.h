@@ -58,9 +58,9 @@ using PanelKernel = void (*)(const uint8_t* panel, int64_t n_blocks, const Quant
                              int n_valid_rows);
 
 // out[t][r] for r < n_rows, t < n_tokens = dot(w row r, x row t) for dense weight types.
-using DenseKernel = void (*)(quant::DType type, const uint8_t* w, int64_t w_row_bytes,
-                             int n_rows, const float* x, int64_t ld_x, int n_tokens, int64_t k,
-                             float* out, int64_t ld_out);
+using DenseKernel = void (*)(quant::DType type, const uint8_t* w, int64_t w_row_bytes, int n_rows,
+                             const float* x, int64_t ld_x, int n_tokens, int64_t k, float* out,
+                             int64_t ld_out);
 
 struct KernelTable {
   const char* isa = "generic";
@@ -72,6 +72,7 @@ struct KernelTable {
   DenseKernel dense = nullptr;
   float (*dot_f32)(const float* a, const float* b, int n) = nullptr;
   void (*axpy_f32)(float a, const float* x, float* y, int n) = nullptr;  // y += a x
+  void (*f16_to_f32)(const uint16_t* x, float* y, int64_t n) = nullptr;  // KV cache reads
 };
 
 const KernelTable& generic_kernels();
@@ -82,7 +83,7 @@ const KernelTable& best_kernels();
 
 // Packing from GGUF rows (n_out rows of n_in elements) into panels; writes
 // ceil(n_out/16) * (n_in/32) * packed_block_bytes(type) bytes.
-void pack_panels(quant::DType type, const void* rows, int64_t n_out, int64_t n_in,
-                 bool q8_unsigned, uint8_t* out);
+void pack_panels(quant::DType type, const void* rows, int64_t n_out, int64_t n_in, bool q8_unsigned,
+                 uint8_t* out);
 
 }  // namespace kestrel::backend::cpu

@@ -82,12 +82,14 @@ inline void half_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& a
       // signed weights (Q8_0): |w| as u8 and the sign moved onto x (x stays within 127)
       const __m256i wu = T == DType::Q8_0 ? _mm256_sign_epi8(w, w) : w;
       for (int t = 0; t < NT; ++t) {
-        const __m256i xh = _mm256_set1_epi32(
-            reinterpret_cast<const int32_t*>(acts.q1(t0 + t) + b * kBlock)[g]);
-        const __m256i xl = _mm256_set1_epi32(
-            reinterpret_cast<const int32_t*>(acts.q2(t0 + t) + b * kBlock)[g]);
-        const __m256i ph = _mm256_maddubs_epi16(wu, T == DType::Q8_0 ? _mm256_sign_epi8(xh, w) : xh);
-        const __m256i pl = _mm256_maddubs_epi16(wu, T == DType::Q8_0 ? _mm256_sign_epi8(xl, w) : xl);
+        const __m256i xh =
+            _mm256_set1_epi32(reinterpret_cast<const int32_t*>(acts.q1(t0 + t) + b * kBlock)[g]);
+        const __m256i xl =
+            _mm256_set1_epi32(reinterpret_cast<const int32_t*>(acts.q2(t0 + t) + b * kBlock)[g]);
+        const __m256i ph =
+            _mm256_maddubs_epi16(wu, T == DType::Q8_0 ? _mm256_sign_epi8(xh, w) : xh);
+        const __m256i pl =
+            _mm256_maddubs_epi16(wu, T == DType::Q8_0 ? _mm256_sign_epi8(xl, w) : xl);
         dot_hi[t] = _mm256_add_epi32(dot_hi[t], _mm256_madd_epi16(ph, ones));
         dot_lo[t] = _mm256_add_epi32(dot_lo[t], _mm256_madd_epi16(pl, ones));
       }
@@ -181,6 +183,14 @@ void axpy_f32_avx2(float a, const float* x, float* y, int n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+void f16_to_f32_avx2(const uint16_t* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  for (; i < n; ++i) y[i] = _cvtsh_ss(x[i]);
+}
+
 KernelTable make_avx2() {
   KernelTable k;
   k.isa = "avx2";
@@ -192,6 +202,7 @@ KernelTable make_avx2() {
   k.dense = dense_avx2;
   k.dot_f32 = dot_f32_avx2;
   k.axpy_f32 = axpy_f32_avx2;
+  k.f16_to_f32 = f16_to_f32_avx2;
   return k;
 }
 
@@ -206,7 +217,9 @@ const KernelTable* avx2_kernels() {
 
 #else
 namespace kestrel::backend::cpu {
-const KernelTable* avx2_kernels() { return nullptr; }
+const KernelTable* avx2_kernels() {
+  return nullptr;
+}
 }  // namespace kestrel::backend::cpu
 #endif
 #endif  // __x86_64__

@@ -95,8 +95,8 @@ inline void panel_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& 
       const __m512 dx = _mm512_set1_ps(xd[t][b]);
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wscale, dx), acc[t]);
       if constexpr (T == DType::Q4_1)
-        acc[t] = _mm512_fmadd_ps(wmin, _mm512_set1_ps(xd[t][b] * static_cast<float>(xs[t][b])),
-                                 acc[t]);
+        acc[t] =
+            _mm512_fmadd_ps(wmin, _mm512_set1_ps(xd[t][b] * static_cast<float>(xs[t][b])), acc[t]);
     }
   }
   const __mmask16 mask = static_cast<__mmask16>((1u << n_valid_rows) - 1);
@@ -112,21 +112,35 @@ void panel_avx512(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts,
   for (; t + kTile <= n_tokens; t += kTile)
     panel_tile<T, kTile>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
   switch (n_tokens - t) {
-    case 7: panel_tile<T, 7>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
-    case 6: panel_tile<T, 6>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
-    case 5: panel_tile<T, 5>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
-    case 4: panel_tile<T, 4>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
-    case 3: panel_tile<T, 3>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
-    case 2: panel_tile<T, 2>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
-    case 1: panel_tile<T, 1>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows); break;
-    default: break;
+    case 7:
+      panel_tile<T, 7>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+      break;
+    case 6:
+      panel_tile<T, 6>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+      break;
+    case 5:
+      panel_tile<T, 5>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+      break;
+    case 4:
+      panel_tile<T, 4>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+      break;
+    case 3:
+      panel_tile<T, 3>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+      break;
+    case 2:
+      panel_tile<T, 2>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+      break;
+    case 1:
+      panel_tile<T, 1>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
+      break;
+    default:
+      break;
   }
 }
 
 inline __m512 load16(DType type, const uint8_t* w, int64_t i) {
   if (type == DType::F16)
-    return _mm512_cvtph_ps(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * i)));
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * i)));
   if (type == DType::BF16)
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * i))),
@@ -193,6 +207,14 @@ void axpy_f32_avx512(float a, const float* x, float* y, int n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+void f16_to_f32_avx512(const uint16_t* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i,
+                     _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+  for (; i < n; ++i) y[i] = _cvtsh_ss(x[i]);
+}
+
 KernelTable make_avx512() {
   KernelTable k;
   k.isa = "avx512-vnni";
@@ -204,6 +226,7 @@ KernelTable make_avx512() {
   k.dense = dense_avx512;
   k.dot_f32 = dot_f32_avx512;
   k.axpy_f32 = axpy_f32_avx512;
+  k.f16_to_f32 = f16_to_f32_avx512;
   return k;
 }
 
@@ -218,7 +241,9 @@ const KernelTable* avx512_kernels() {
 
 #else
 namespace kestrel::backend::cpu {
-const KernelTable* avx512_kernels() { return nullptr; }
+const KernelTable* avx512_kernels() {
+  return nullptr;
+}
 }  // namespace kestrel::backend::cpu
 #endif
 #endif  // __x86_64__

@@ -14,10 +14,14 @@ using quant::DType;
 
 int64_t packed_block_bytes(DType t) {
   switch (t) {
-    case DType::Q4_0: return 64 + 256;
-    case DType::Q4_1: return 128 + 256;
-    case DType::Q8_0: return 64 + 512;
-    default: return 0;
+    case DType::Q4_0:
+      return 64 + 256;
+    case DType::Q4_1:
+      return 128 + 256;
+    case DType::Q8_0:
+      return 64 + 512;
+    default:
+      return 0;
   }
 }
 
@@ -164,9 +168,12 @@ void panel_q8_0_generic(const uint8_t* p, int64_t nb, const QuantActs& a, int64_
 
 inline float load_dense(DType type, const uint8_t* w, int64_t i) {
   switch (type) {
-    case DType::F16: return quant::fp16_to_fp32(reinterpret_cast<const uint16_t*>(w)[i]);
-    case DType::BF16: return quant::bf16_to_fp32(reinterpret_cast<const uint16_t*>(w)[i]);
-    default: return reinterpret_cast<const float*>(w)[i];
+    case DType::F16:
+      return quant::fp16_to_fp32(reinterpret_cast<const uint16_t*>(w)[i]);
+    case DType::BF16:
+      return quant::bf16_to_fp32(reinterpret_cast<const uint16_t*>(w)[i]);
+    default:
+      return reinterpret_cast<const float*>(w)[i];
   }
 }
 
@@ -193,6 +200,10 @@ void axpy_f32_generic(float a, const float* x, float* y, int n) {
   for (int i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+void f16_to_f32_generic(const uint16_t* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = quant::fp16_to_fp32(x[i]);
+}
+
 KernelTable make_generic() {
   KernelTable k;
   k.isa = "generic";
@@ -204,6 +215,7 @@ KernelTable make_generic() {
   k.dense = dense_generic;
   k.dot_f32 = dot_f32_generic;
   k.axpy_f32 = axpy_f32_generic;
+  k.f16_to_f32 = f16_to_f32_generic;
   return k;
 }
 
@@ -234,8 +246,12 @@ const KernelTable& generic_kernels() {
 }
 
 #if !defined(__x86_64__)
-const KernelTable* avx2_kernels() { return nullptr; }
-const KernelTable* avx512_kernels() { return nullptr; }
+const KernelTable* avx2_kernels() {
+  return nullptr;
+}
+const KernelTable* avx512_kernels() {
+  return nullptr;
+}
 #endif
 
 const KernelTable& best_kernels() {

@@ -35,7 +35,9 @@ struct TypeInfo {
 
 // nullptr for an id the GGUF reader does not know at all.
 const TypeInfo* type_info(uint32_t ggml_type);
-inline const TypeInfo* type_info(DType t) { return type_info(static_cast<uint32_t>(t)); }
+inline const TypeInfo* type_info(DType t) {
+  return type_info(static_cast<uint32_t>(t));
+}
 const char* type_name(DType t);
 
 // Bytes of one row of n elements; -1 when n is not a multiple of the block size.
