@@ -161,6 +161,9 @@ float* CpuBackend::scratch_floats(size_t n, int slot) {
 
 Status CpuBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_tokens,
                          Tensor& out) {
+  if (!quant::is_supported(table.type))
+    return error("embedding table '%s' has type %s, which Kestrel cannot read yet",
+                 table.name.c_str(), quant::type_name(table.type));
   for (int t = 0; t < n_tokens; ++t) {
     if (tokens[t] < 0 || tokens[t] >= table.n_out)
       return error("token id %d is outside the vocabulary [0, %lld)", tokens[t],
@@ -192,6 +195,11 @@ Status CpuBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight,
 Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Tensor& out,
                           const Tensor* bias) {
   const auto& w = static_cast<const CpuWeight&>(wbase);
+  if (n_tokens < 0) return error("matmul '%s': negative token count %d", w.name.c_str(), n_tokens);
+  if (n_tokens == 0) return Status::ok();
+  if (x.type != DType::F32 || out.type != DType::F32 || (bias && bias->cols < w.n_out))
+    return error("matmul '%s': activations must be f32 and the bias cover %lld outputs",
+                 w.name.c_str(), static_cast<long long>(w.n_out));
   if (x.cols != w.n_in || out.cols < w.n_out || x.rows < n_tokens || out.rows < n_tokens)
     return error("matmul '%s': input [%lld x %lld] does not fit weight [%lld x %lld]",
                  w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
@@ -272,10 +280,15 @@ Status CpuBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const
 
 Status CpuBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
                             const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
+  const int64_t cache_rows = std::min(k_cache.rows, v_cache.rows);
+  if (k.cols != k_cache.cols || v.cols != v_cache.cols)
+    return error("KV store: rows of %lld/%lld values do not match the caches' %lld/%lld",
+                 static_cast<long long>(k.cols), static_cast<long long>(v.cols),
+                 static_cast<long long>(k_cache.cols), static_cast<long long>(v_cache.cols));
   for (int t = 0; t < n_tokens; ++t)
-    if (positions[t] < 0 || positions[t] >= k_cache.rows)
+    if (positions[t] < 0 || positions[t] >= cache_rows)
       return error("KV store at position %d outside the cache of %lld positions", positions[t],
-                   static_cast<long long>(k_cache.rows));
+                   static_cast<long long>(cache_rows));
   pool_.parallel_for(2 * static_cast<int64_t>(n_tokens), [&](int64_t i, int) {
     const Tensor& src = i % 2 ? v : k;
     Tensor& dst = i % 2 ? v_cache : k_cache;
@@ -303,8 +316,20 @@ void CpuBackend::dequantize_rows(const Tensor& t, int64_t n_rows, float* out) {
 Status CpuBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
                              const Tensor& k_cache, const Tensor& v_cache, const AttentionParams& p,
                              Tensor& out) {
+  if (p.n_head <= 0 || p.n_head_kv <= 0 || p.n_head % p.n_head_kv != 0 || p.head_dim <= 0 ||
+      q.cols < static_cast<int64_t>(p.n_head) * p.head_dim ||
+      out.cols < static_cast<int64_t>(p.n_head) * p.head_dim ||
+      k_cache.cols < static_cast<int64_t>(p.n_head_kv) * p.head_dim || k_cache.cols != v_cache.cols)
+    return error("attention: %d heads / %d KV heads of %d do not fit q [%lld] and caches [%lld]",
+                 p.n_head, p.n_head_kv, p.head_dim, static_cast<long long>(q.cols),
+                 static_cast<long long>(k_cache.cols));
   int32_t max_pos = 0;
-  for (int t = 0; t < n_tokens; ++t) max_pos = std::max(max_pos, positions[t]);
+  for (int t = 0; t < n_tokens; ++t) {
+    if (positions[t] < 0 || positions[t] >= std::min(k_cache.rows, v_cache.rows))
+      return error("attention at position %d outside the cache of %lld positions", positions[t],
+                   static_cast<long long>(std::min(k_cache.rows, v_cache.rows)));
+    max_pos = std::max(max_pos, positions[t]);
+  }
   const int64_t n_kv = max_pos + 1;
   const int64_t kv_dim = k_cache.cols;
   // The cache rows this micro-batch can see, dequantized once for every head and token.
