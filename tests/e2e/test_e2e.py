@@ -304,7 +304,9 @@ def bad_input_cases(wd: Workdir, args) -> list[Result]:
             r.note = f"exit {p.rc}: {last[0][:200]}"
         cases.append(r)
 
-    if want("bad-input/token-out-of-range") or want("bad-input/prompt-over-context") or want("bad-input/missing-model"):
+    if any(want(n) for n in ("bad-input/token-out-of-range", "bad-input/prompt-over-context",
+                             "bad-input/missing-model", "bad-input/unknown-architecture",
+                             "bad-input/missing-tensor", "bad-input/truncated-model")):
         model = wd.model(spec)
         n_vocab = wd.ref_model(spec).n_vocab
         bad = n_vocab + 7
@@ -318,6 +320,22 @@ def bad_input_cases(wd: Workdir, args) -> list[Result]:
         if want("bad-input/missing-model"):
             check("bad-input/missing-model", wd.root / "no-such-model.gguf", [1, 2, 3],
                   ["-c", str(N_CTX)], None, "")
+        # Damaged copies of a valid model: same-length byte edits, so only one thing is wrong.
+        data = Path(model).read_bytes()
+        damaged = {
+            "bad-input/unknown-architecture": (data.replace(b"llama", b"gptj_", 1)
+                                               if b"llama" in data else data,
+                                               r"architecture", "the architecture"),
+            "bad-input/missing-tensor": (data.replace(b"blk.1.ffn_up.weight", b"blk.1.ffn_uX.weight"),
+                                         r"blk\.1\.ffn_up\.weight", "the missing tensor"),
+            "bad-input/truncated-model": (data[: len(data) // 2], r"truncated|outside the file",
+                                          "truncation"),
+        }
+        for name, (blob, pattern, desc) in damaged.items():
+            if want(name):
+                path = wd.root / (name.split("/")[1] + ".gguf")
+                path.write_bytes(blob)
+                check(name, path, [1, 2, 3], ["-c", str(N_CTX)], pattern, desc)
     return cases
 
 
