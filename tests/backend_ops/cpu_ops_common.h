@@ -25,6 +25,7 @@
 #include "backend/cpu/kernels.h"
 #include "format/quant/quant.h"
 #include "format/quant/types.h"
+#include "test_seed.h"
 
 namespace kestrel::backend::cpu::ops_test {
 
@@ -32,17 +33,7 @@ using quant::DType;
 
 // ---- seeds ---------------------------------------------------------------------------------
 
-// One seed per run, fresh unless KESTREL_TEST_SEED is set.
-inline uint64_t test_seed() {
-  static const uint64_t seed = [] {
-    if (const char* s = std::getenv("KESTREL_TEST_SEED")) {
-      return static_cast<uint64_t>(std::strtoull(s, nullptr, 0));
-    }
-    std::random_device rd;
-    return (static_cast<uint64_t>(rd()) << 32) ^ static_cast<uint64_t>(rd());
-  }();
-  return seed;
-}
+using kestrel::testing::test_seed;
 
 #define OPS_TRACE_SEED()                                                                      \
   SCOPED_TRACE(                                                                               \

@@ -15,22 +15,14 @@
 #include "format/quant/fp16.h"
 #include "format/quant/quant.h"
 #include "format/quant/types.h"
+#include "test_seed.h"
 
 namespace kestrel::quant {
 namespace {
 
 // A fresh seed per run (override with KESTREL_TEST_SEED to reproduce); every test using it
 // records it with SCOPED_TRACE so a failure names the seed.
-uint64_t test_seed() {
-  static const uint64_t seed = [] {
-    if (const char* s = std::getenv("KESTREL_TEST_SEED")) {
-      return static_cast<uint64_t>(std::strtoull(s, nullptr, 0));
-    }
-    std::random_device rd;
-    return (static_cast<uint64_t>(rd()) << 32) ^ static_cast<uint64_t>(rd());
-  }();
-  return seed;
-}
+using kestrel::testing::test_seed;
 #define TRACE_SEED() SCOPED_TRACE("KESTREL_TEST_SEED=" + std::to_string(test_seed()))
 
 bool same_float(float a, float b) {

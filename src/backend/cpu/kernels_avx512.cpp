@@ -104,6 +104,19 @@ inline void panel_tile(const uint8_t* panel, int64_t n_blocks, const QuantActs& 
   for (int t = 0; t < NT; ++t) _mm512_mask_storeu_ps(out + (t0 + t) * ld_out, mask, acc[t]);
 }
 
+// The last n < 8 tokens: one instantiation per tile width, so the accumulators stay in
+// registers.
+template <DType T, int NT>
+inline void panel_tail(int n, const uint8_t* panel, int64_t n_blocks, const QuantActs& acts,
+                       int64_t t0, float* out, int64_t ld_out, int n_valid_rows) {
+  if constexpr (NT > 0) {
+    if (n == NT)
+      panel_tile<T, NT>(panel, n_blocks, acts, t0, out, ld_out, n_valid_rows);
+    else
+      panel_tail<T, NT - 1>(n, panel, n_blocks, acts, t0, out, ld_out, n_valid_rows);
+  }
+}
+
 template <DType T>
 void panel_avx512(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts, int64_t t0,
                   int n_tokens, float* out, int64_t ld_out, int n_valid_rows) {
@@ -111,31 +124,7 @@ void panel_avx512(const uint8_t* panel, int64_t n_blocks, const QuantActs& acts,
   int t = 0;
   for (; t + kTile <= n_tokens; t += kTile)
     panel_tile<T, kTile>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-  switch (n_tokens - t) {
-    case 7:
-      panel_tile<T, 7>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-      break;
-    case 6:
-      panel_tile<T, 6>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-      break;
-    case 5:
-      panel_tile<T, 5>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-      break;
-    case 4:
-      panel_tile<T, 4>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-      break;
-    case 3:
-      panel_tile<T, 3>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-      break;
-    case 2:
-      panel_tile<T, 2>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-      break;
-    case 1:
-      panel_tile<T, 1>(panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
-      break;
-    default:
-      break;
-  }
+  panel_tail<T, kTile - 1>(n_tokens - t, panel, n_blocks, acts, t0 + t, out, ld_out, n_valid_rows);
 }
 
 inline __m512 load16(DType type, const uint8_t* w, int64_t i) {
