@@ -55,6 +55,9 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
   if (pos0 < 0 || pos0 + n > cache.n_ctx())
     return error("positions %d..%d do not fit the context of %d tokens: raise -c", pos0,
                  pos0 + n - 1, cache.n_ctx());
+  for (int i = 0; i < n_logit_rows; ++i)
+    if (logit_rows[i] < 0 || logit_rows[i] >= n)
+      return error("logits requested for row %d of a batch of %d tokens", logit_rows[i], n);
   positions_.resize(n);
   for (int t = 0; t < n; ++t) positions_[t] = pos0 + t;
 

@@ -81,6 +81,7 @@ Expected<std::unique_ptr<Model>> Model::load(const std::string& path, const Load
   KESTREL_ASSIGN_OR_RETURN(m->config_, read_config(*m->file_));
   int threads = params.n_threads;
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  m->n_threads_ = threads;
   m->owned_backends_.push_back(std::make_unique<backend::cpu::CpuBackend>(threads));
   Backend* cpu = m->owned_backends_.front().get();
   m->layers_.resize(m->config_.n_layer);
@@ -132,14 +133,6 @@ Status Model::load_layers() {
     KESTREL_ASSIGN_OR_RETURN(output_, load_matrix(hb, f, c, "output.weight", c.n_embd, c.n_vocab));
   }
   return Status::ok();
-}
-
-size_t Model::weight_bytes() const {
-  size_t total = output_->bytes;
-  for (const auto& l : layers_)
-    for (const auto* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down})
-      total += (*w)->bytes;
-  return total;
 }
 
 std::vector<Backend*> Model::backends() const {

@@ -43,7 +43,7 @@ class Model {
   backend::Backend* head_backend() const { return head_backend_; }
   const backend::Tensor& output_norm() const { return output_norm_; }  // [E]
   const backend::Weight& output() const { return *output_; }           // [V][E]
-  size_t weight_bytes() const;  // bytes of weights as prepared by the backends
+  int n_threads() const { return n_threads_; }  // CPU threads, after resolving 0 = all cores
   std::vector<backend::Backend*> backends() const;
 
  private:
@@ -56,6 +56,7 @@ class Model {
   std::vector<LayerWeights> layers_;
   backend::HostMatrix token_embd_;
   backend::Backend* head_backend_ = nullptr;
+  int n_threads_ = 1;
   backend::Tensor output_norm_;
   std::unique_ptr<backend::Weight> output_;
 };

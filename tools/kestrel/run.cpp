@@ -3,7 +3,6 @@
 #include <cstdio>
 #include <fstream>
 #include <sstream>
-#include <thread>
 
 #include "commands.h"
 #include "format/quant/quant.h"
@@ -180,8 +179,7 @@ int run_command(const RunOptions& o) {
   rep.backend = (*model)->input_backend()->name();
   rep.device = (*model)->input_backend()->device_name();
   rep.version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
-  rep.n_threads =
-      o.n_threads > 0 ? o.n_threads : static_cast<int>(std::thread::hardware_concurrency());
+  rep.n_threads = (*model)->n_threads();
   rep.settings = (*session)->params();
   rep.load_ms = load_ms;
   rep.prompt_tokens = n_prompt;

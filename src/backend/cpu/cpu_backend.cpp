@@ -247,8 +247,9 @@ Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Te
   }
   if (bias) {
     const auto* b = static_cast<const float*>(bias->data);
-    for (int t = 0; t < n_tokens; ++t)
+    pool_.parallel_for(n_tokens, [&](int64_t t, int) {
       for (int64_t i = 0; i < w.n_out; ++i) of[t * ld_out + i] += b[i];
+    });
   }
   return Status::ok();
 }
