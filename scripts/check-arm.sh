@@ -12,7 +12,7 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null; then
 fi
 out=$(mktemp -d)
 for f in $(git ls-files 'src/*.cpp'); do
-  aarch64-linux-gnu-g++ -std=c++20 -O2 -Wall -Wextra -Werror -Isrc -Iinclude \
+  aarch64-linux-gnu-g++ -std=c++20 -O2 -Wall -Wextra -Werror -Isrc -Iinclude -idirafter /usr/include \
     -DKESTREL_VERSION='"arm-check"' -DKESTREL_GIT_VERSION='"arm-check"' -c "$f" -o "$out/obj.o"
 done
 rm -rf "$out"

@@ -4,7 +4,14 @@
 #include <CLI/CLI.hpp>
 #include <string>
 
+#include "core/status.h"
+
 namespace kestrel::cli {
+
+// Prints "kestrel: error: MESSAGE" on stderr and returns the exit status 1.
+int fail(const std::string& message);
+// The prompt from -p TEXT or -f FILE (at most one of them).
+Expected<std::string> read_prompt(const std::string& text, const std::string& file);
 
 struct RunOptions {
   std::string model;
@@ -37,5 +44,16 @@ struct InfoOptions {
 };
 void add_info_command(CLI::App& app, InfoOptions& o);
 int info_command(const InfoOptions& o);
+
+struct TokenizeOptions {
+  std::string model;
+  std::string prompt;
+  std::string file;
+  bool ids_only = false;
+  bool no_special = false;
+  bool no_parse_special = false;
+};
+void add_tokenize_command(CLI::App& app, TokenizeOptions& o);
+int tokenize_command(const TokenizeOptions& o);
 
 }  // namespace kestrel::cli

@@ -42,6 +42,8 @@ int main(int argc, char** argv) {
   kestrel::cli::add_run_command(app, run);
   kestrel::cli::InfoOptions info;
   kestrel::cli::add_info_command(app, info);
+  kestrel::cli::TokenizeOptions tokenize;
+  kestrel::cli::add_tokenize_command(app, tokenize);
   try {
     std::vector<std::string> args = translate_llama_flags(argc, argv);
     std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);  // CLI11 wants them so
@@ -54,5 +56,7 @@ int main(int argc, char** argv) {
     rc = kestrel::cli::run_command(run);
   else if (app.got_subcommand("info"))
     rc = kestrel::cli::info_command(info);
+  else if (app.got_subcommand("tokenize"))
+    rc = kestrel::cli::tokenize_command(tokenize);
   return rc;
 }

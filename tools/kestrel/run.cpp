@@ -13,12 +13,12 @@
 
 namespace kestrel::cli {
 
-namespace {
-
 int fail(const std::string& message) {
   std::fprintf(stderr, "kestrel: error: %s\n", message.c_str());
   return 1;
 }
+
+namespace {
 
 Expected<std::vector<int32_t>> parse_token_list(const std::string& s) {
   std::vector<int32_t> out;
