@@ -64,8 +64,8 @@ TEST(BackendOpsSetup, BestTableIsAmongTheTestedOnes) {
   EXPECT_NE(std::find(tables.begin(), tables.end(), &best_kernels()), tables.end())
       << "best_kernels() picked " << best_kernels().isa << ", which this test does not cover";
   for (const KernelTable* t : tables) {
-    EXPECT_TRUE(t->quantize_acts && t->panel_q4_0 && t->panel_q4_1 && t->panel_q8_0 && t->dense &&
-                t->dot_f32 && t->axpy_f32)
+    EXPECT_TRUE(t->quantize_acts && t->panel_q4_0 && t->panel_q4_1 && t->panel_q8_0 &&
+                t->panel_u8min && t->panel_q6 && t->dense && t->dot_f32 && t->axpy_f32)
         << t->isa << " has an empty slot";
   }
 }
@@ -141,6 +141,9 @@ void check_matmul_shapes(DType type) {
   // the SIMD width (20: every ISA's scalar fallback; 40: AVX2 vector path, AVX-512 fallback).
   std::vector<int64_t> n_ins = {32, 64, 96, 2048};
   if (dense) n_ins.insert(n_ins.end(), {20, 40});
+  // K-quants: one to eight 256-element superblocks
+  const bool kquant = quant::type_info(type)->block_elems == quant::kSuperBlock;
+  if (kquant) n_ins = {256, 768, 2048};
   // n_out: a partial last panel of 16 rows (37 = 2*16 + 5, 100 = 6*16 + 4) and an exact one.
   const std::vector<int64_t> n_outs = {37, 100, 16};
   // 1 (decode), 3, 8 (one AVX-512 tile), 9 and 17 (tile + tails), 33 (token strip of 32 + 1)
@@ -148,7 +151,7 @@ void check_matmul_shapes(DType type) {
   constexpr int kMaxTokens = 33;
   for (int64_t n_in : n_ins) {
     for (int64_t n_out : n_outs) {
-      if (n_out == 16 && n_in != 64) continue;  // one exact-panel shape is enough
+      if (n_out == 16 && n_in != (kquant ? 256 : 64)) continue;  // one exact panel is enough
       const HostWeight w = random_weight(rng, type, n_in, n_out);
       const std::vector<float> x = randn(rng, static_cast<size_t>(kMaxTokens * n_in));
       const std::vector<float> bias = randn(rng, static_cast<size_t>(n_out));
@@ -233,6 +236,21 @@ TEST(BackendOpsMatmul, Q4_1) {
 TEST(BackendOpsMatmul, Q8_0) {
   check_matmul_shapes(DType::Q8_0);
 }
+TEST(BackendOpsMatmul, Q5_0) {
+  check_matmul_shapes(DType::Q5_0);
+}
+TEST(BackendOpsMatmul, Q5_1) {
+  check_matmul_shapes(DType::Q5_1);
+}
+TEST(BackendOpsMatmul, Q4_K) {
+  check_matmul_shapes(DType::Q4_K);
+}
+TEST(BackendOpsMatmul, Q5_K) {
+  check_matmul_shapes(DType::Q5_K);
+}
+TEST(BackendOpsMatmul, Q6_K) {
+  check_matmul_shapes(DType::Q6_K);
+}
 TEST(BackendOpsMatmul, F32Outliers) {
   check_matmul_outliers(DType::F32);
 }
@@ -251,14 +269,31 @@ TEST(BackendOpsMatmul, Q4_1Outliers) {
 TEST(BackendOpsMatmul, Q8_0Outliers) {
   check_matmul_outliers(DType::Q8_0);
 }
+TEST(BackendOpsMatmul, Q5_0Outliers) {
+  check_matmul_outliers(DType::Q5_0);
+}
+TEST(BackendOpsMatmul, Q5_1Outliers) {
+  check_matmul_outliers(DType::Q5_1);
+}
+TEST(BackendOpsMatmul, Q4_KOutliers) {
+  check_matmul_outliers(DType::Q4_K);
+}
+TEST(BackendOpsMatmul, Q5_KOutliers) {
+  check_matmul_outliers(DType::Q5_K);
+}
+TEST(BackendOpsMatmul, Q6_KOutliers) {
+  check_matmul_outliers(DType::Q6_K);
+}
 
 // ---- embed --------------------------------------------------------------------------------
 
 TEST(BackendOpsEmbed, RowsEqualDequantizeRowForEveryType) {
   OPS_TRACE_SEED();
   std::mt19937 rng = test_rng();
-  for (DType type : {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
-    const int64_t vocab = 50, dim = 96;
+  for (DType type : {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0,
+                     DType::Q5_0, DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+    const int64_t dim = quant::type_info(type)->block_elems == quant::kSuperBlock ? 512 : 96;
+    const int64_t vocab = 50;
     constexpr int kTokens = 11;
     const std::vector<float> table_f = randn(rng, static_cast<size_t>(vocab * dim));
     const std::vector<uint8_t> table = quantize_rows(type, table_f, vocab, dim);
@@ -335,12 +370,16 @@ TEST(BackendOpsBadInput, LoadWeightRejectsWhatItCannotMultiply) {
   const std::vector<uint8_t> f32 = quantize_rows(DType::F32, wf, 4, 48);
   auto bad = be.load_weight(HostMatrix{DType::Q4_0, 40, 4, f32.data(), "odd"});
   EXPECT_FALSE(bad.has_value());
+  // K-quant rows that are not whole 256-element superblocks
+  const std::vector<uint8_t> q4k(4 * 144, 0x11);
+  auto bad_k = be.load_weight(HostMatrix{DType::Q4_K, 128, 4, q4k.data(), "short"});
+  EXPECT_FALSE(bad_k.has_value());
   // a type the CPU backend has no kernels for
-  const std::vector<uint8_t> raw(4 * 144, 0x11);
-  auto k = be.load_weight(HostMatrix{DType::Q4_K, 256, 4, raw.data(), "q4k"});
+  const std::vector<uint8_t> raw(4 * 84, 0x11);
+  auto k = be.load_weight(HostMatrix{DType::Q2_K, 256, 4, raw.data(), "q2k"});
   EXPECT_FALSE(k.has_value());
   if (!k.has_value()) {
-    EXPECT_NE(k.message().find("q4k"), std::string::npos) << k.message();
+    EXPECT_NE(k.message().find("q2k"), std::string::npos) << k.message();
   }
 }
 
@@ -365,15 +404,15 @@ TEST(BackendOpsBadInput, EmbedOutOfRangeTokenNamesTheId) {
   }
 }
 
-// A table the reference routines cannot decode (q4_K) must be an error, not NaN rows.
+// A table the reference routines cannot decode (q2_K) must be an error, not NaN rows.
 TEST(BackendOpsBadInput, EmbedUnsupportedTableTypeIsAnError) {
-  const std::vector<uint8_t> raw(4 * 144, 0x11);  // 4 rows of one q4_K block each
-  const HostMatrix host{DType::Q4_K, 256, 4, raw.data(), "token_embd"};
+  const std::vector<uint8_t> raw(4 * 84, 0x11);  // 4 rows of one q2_K block each
+  const HostMatrix host{DType::Q2_K, 256, 4, raw.data(), "token_embd"};
   CpuBackend be(2);
   DevTensor out(be, DType::F32, 1, 256);
   const int32_t token = 1;
   const Status s = be.embed(host, &token, 1, *out);
-  EXPECT_FALSE(s.is_ok()) << "embed from a q4_K table returned ok";
+  EXPECT_FALSE(s.is_ok()) << "embed from a q2_K table returned ok";
 }
 
 // Prints the largest error seen per op / type / ISA at the end of the run (opt-in).

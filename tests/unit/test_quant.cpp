@@ -1,5 +1,6 @@
 // Tests of the fp16/bf16 conversions and the scalar reference block formats (quant.h).
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <cmath>
@@ -221,13 +222,48 @@ TEST(QuantBlocks, LayoutMatchesGgml) {
   EXPECT_EQ(offsetof(BlockQ4_1, qs), 4u);
   EXPECT_EQ(offsetof(BlockQ8_0, qs), 2u);
   EXPECT_EQ(kBlock, 32);
+  EXPECT_EQ(sizeof(BlockQ5_0), 22u);
+  EXPECT_EQ(sizeof(BlockQ5_1), 24u);
+  EXPECT_EQ(sizeof(BlockQ4_K), 144u);
+  EXPECT_EQ(sizeof(BlockQ5_K), 176u);
+  EXPECT_EQ(sizeof(BlockQ6_K), 210u);
+  EXPECT_EQ(offsetof(BlockQ5_0, qh), 2u);
+  EXPECT_EQ(offsetof(BlockQ5_0, qs), 6u);
+  EXPECT_EQ(offsetof(BlockQ5_1, qh), 4u);
+  EXPECT_EQ(offsetof(BlockQ5_1, qs), 8u);
+  EXPECT_EQ(offsetof(BlockQ4_K, scales), 4u);
+  EXPECT_EQ(offsetof(BlockQ4_K, qs), 16u);
+  EXPECT_EQ(offsetof(BlockQ5_K, qh), 16u);
+  EXPECT_EQ(offsetof(BlockQ5_K, qs), 48u);
+  EXPECT_EQ(offsetof(BlockQ6_K, qh), 128u);
+  EXPECT_EQ(offsetof(BlockQ6_K, scales), 192u);
+  EXPECT_EQ(offsetof(BlockQ6_K, d), 208u);
+  // type ids and sizes as ggml numbers them
+  const struct {
+    DType t;
+    uint32_t id;
+    int64_t elems, bytes;
+  } ids[] = {{DType::Q5_0, 6, 32, 22},
+             {DType::Q5_1, 7, 32, 24},
+             {DType::Q4_K, 12, 256, 144},
+             {DType::Q5_K, 13, 256, 176},
+             {DType::Q6_K, 14, 256, 210}};
+  for (const auto& c : ids) {
+    const TypeInfo* info = type_info(c.id);
+    ASSERT_NE(info, nullptr);
+    EXPECT_EQ(info->type, c.t);
+    EXPECT_EQ(info->block_elems, c.elems);
+    EXPECT_EQ(info->block_bytes, c.bytes);
+    EXPECT_TRUE(info->supported);
+  }
 }
 
 TEST(QuantBlocks, SupportedAndKvTypes) {
-  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
+  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0,
+                  DType::Q5_0, DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
     EXPECT_TRUE(is_supported(t)) << static_cast<int>(t);
   }
-  for (DType t : {DType::Q5_0, DType::Q5_1, DType::Q8_1, DType::Q2_K, DType::Q4_K, DType::Q6_K}) {
+  for (DType t : {DType::Q8_1, DType::Q2_K, DType::Q3_K, DType::Q8_K}) {
     EXPECT_FALSE(is_supported(t)) << static_cast<int>(t);
   }
   EXPECT_TRUE(is_kv_type(DType::F16));
@@ -491,6 +527,13 @@ double relative_l2(const std::vector<float>& x, const std::vector<float>& y) {
 //   F16 : 11-bit significand, rms relative ~ 2^-11 / sqrt(3) * 0.72 ~ 2.4e-4; bound 4e-4.
 //   BF16: 8-bit significand,  rms relative ~ 2^-8 / sqrt(3) * 0.72 ~ 1.6e-3; bound 2.5e-3
 //         (truncating instead of rounding would roughly double it and fail).
+//   Q5_0: step max|x|/16 ~ 0.15 sigma, rms ~ 0.043 (measured 0.043); bound 0.045.
+//   Q5_1: step (max - min)/31 ~ 0.13 sigma, rms ~ 0.038 (measured 0.038); bound 0.04.
+//   Q4_K: per-32 affine steps as Q4_1 but with 6-bit scale/min codes and the min clamped to
+//         <= 0, improved by the +-1 code search: measured 0.072; bound 0.08.
+//   Q5_K: the same with 31 steps: measured 0.035; bound 0.04.
+//   Q6_K: step max|x|/32 over 16 elements (E max ~ 1.77 sigma), rms ~ 0.016, plus the int8
+//         sub-scale rounding: measured 0.018; bound 0.02.
 TEST(QuantRow, RelativeL2ErrorBounds) {
   TRACE_SEED();
   std::mt19937_64 rng(test_seed() + 5);
@@ -498,11 +541,13 @@ TEST(QuantRow, RelativeL2ErrorBounds) {
     DType t;
     double bound;
   };
-  const Case cases[] = {{DType::Q4_0, 0.09}, {DType::Q4_1, 0.085},  {DType::Q8_0, 0.006},
-                        {DType::F16, 4e-4},  {DType::BF16, 2.5e-3}, {DType::F32, 0.0}};
+  const Case cases[] = {{DType::Q4_0, 0.09},  {DType::Q4_1, 0.085},  {DType::Q8_0, 0.006},
+                        {DType::F16, 4e-4},   {DType::BF16, 2.5e-3}, {DType::F32, 0.0},
+                        {DType::Q5_0, 0.045}, {DType::Q5_1, 0.04},   {DType::Q4_K, 0.08},
+                        {DType::Q5_K, 0.04},  {DType::Q6_K, 0.02}};
   for (const Case& c : cases) {
     for (float scale : kScales) {
-      const size_t n = 32 * 4096;
+      const size_t n = 256 * 512;
       const std::vector<float> x = normal_row(rng, n, scale);
       const std::vector<float> y = dequantize(c.t, quantize(c.t, x), n);
       const double err = relative_l2(x, y);
@@ -513,6 +558,15 @@ TEST(QuantRow, RelativeL2ErrorBounds) {
       std::printf("[          ] %-5s scale %-6g relative L2 error %.3g (bound %.3g)\n",
                   type_name(c.t), scale, err, c.bound);
     }
+  }
+}
+
+TEST(QuantRow, ZeroSuperblocksAreExactAndFinite) {
+  for (DType t : {DType::Q5_0, DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+    std::vector<float> x(512, 0.0f);
+    for (int j = 256; j < 512; ++j) x[j] = -0.0f;
+    const std::vector<float> y = dequantize(t, quantize(t, x), x.size());
+    for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(y[i], 0.0f) << type_name(t) << " " << i;
   }
 }
 
@@ -535,8 +589,9 @@ TEST(QuantRow, ZeroAndConstantBlocksAreExactAndFinite) {
 TEST(QuantRow, DotRowMatchesDotOfDequantizedRow) {
   TRACE_SEED();
   std::mt19937_64 rng(test_seed() + 6);
-  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0}) {
-    const size_t n = 32 * 300;
+  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0,
+                  DType::Q5_0, DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+    const size_t n = 256 * 38;
     const std::vector<float> w = normal_row(rng, n, 0.7f, 0.1f);
     const std::vector<float> x = normal_row(rng, n, 1.3f);
     const std::vector<uint8_t> q = quantize(t, w);
@@ -553,6 +608,87 @@ TEST(QuantRow, DotRowMatchesDotOfDequantizedRow) {
     for (size_t i = 0; i < n; ++i) exact += double{w[i]} * double{x[i]};
     EXPECT_NEAR(got, exact, mag * 0.1) << type_name(t);
   }
+}
+
+// ---- bit layouts against gguf-py ----------------------------------------------------------
+
+// Random blocks of t (random bytes, with every fp16 field replaced by a random finite half of
+// moderate size), dequantized by Kestrel and by gguf-py's numpy dequantizer
+// (tests/unit/gguf_dequant.py), which is an independent implementation of the ggml layouts.
+// Both compute the same float32 operations in the same order, so they must agree bit for bit.
+TEST(QuantGgufPy, DequantizeMatchesGgufPy) {
+#if !defined(KESTREL_PYTHON) || !defined(KESTREL_SOURCE_DIR)
+  GTEST_SKIP() << "built without a Python interpreter";
+#else
+  TRACE_SEED();
+  std::mt19937_64 rng(test_seed() + 7);
+  struct Case {
+    DType t;
+    const char* name;
+    std::vector<int> half_offsets;  // byte offsets of the fp16 fields in a block
+  };
+  const Case cases[] = {{DType::Q5_0, "Q5_0", {0}},
+                        {DType::Q5_1, "Q5_1", {0, 2}},
+                        {DType::Q4_K, "Q4_K", {0, 2}},
+                        {DType::Q5_K, "Q5_K", {0, 2}},
+                        {DType::Q6_K, "Q6_K", {208}}};
+  const std::string dir = ::testing::TempDir();
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const TypeInfo* info = type_info(c.t);
+    const int64_t n_blocks = 64;
+    const int64_t n = n_blocks * info->block_elems;
+    std::vector<uint8_t> raw(static_cast<size_t>(n_blocks * info->block_bytes));
+    for (auto& v : raw) v = static_cast<uint8_t>(rng());
+    std::uniform_real_distribution<float> mag(-6.0f, 2.0f);
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      for (int off : c.half_offsets) {
+        const float v = std::ldexp(1.0f + static_cast<float>(rng() % 1000) / 1000.0f,
+                                   static_cast<int>(mag(rng))) *
+                        ((rng() & 1) ? -1.0f : 1.0f);
+        const uint16_t h = fp32_to_fp16(v);
+        std::memcpy(&raw[b * info->block_bytes + off], &h, 2);
+      }
+    }
+    const std::string in = dir + "kestrel_gguf_in_" + c.name + ".bin";
+    const std::string out = dir + "kestrel_gguf_out_" + c.name + ".bin";
+    FILE* f = std::fopen(in.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    ASSERT_EQ(std::fwrite(raw.data(), 1, raw.size(), f), raw.size());
+    std::fclose(f);
+    const std::string cmd = std::string("\"") + KESTREL_PYTHON + "\" \"" + KESTREL_SOURCE_DIR +
+                            "/tests/unit/gguf_dequant.py\" " + c.name + " \"" + in + "\" \"" + out +
+                            "\"";
+    const int rc = std::system(cmd.c_str());
+    if (rc != 0 && WIFEXITED(rc) && WEXITSTATUS(rc) == 3) GTEST_SKIP() << "gguf-py not installed";
+    ASSERT_EQ(rc, 0) << cmd;
+    std::vector<float> ref(static_cast<size_t>(n));
+    f = std::fopen(out.c_str(), "rb");
+    ASSERT_NE(f, nullptr);
+    ASSERT_EQ(std::fread(ref.data(), 4, ref.size(), f), ref.size());
+    std::fclose(f);
+    std::remove(in.c_str());
+    std::remove(out.c_str());
+    std::vector<float> ours(static_cast<size_t>(n));
+    dequantize_row(c.t, raw.data(), ours.data(), n);
+    int mismatches = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      // equal as values (gguf-py may produce -0 where Kestrel adds a +0 min)
+      if (!(ours[i] == ref[i]) && ++mismatches < 10)
+        ADD_FAILURE() << "element " << i << " (block " << i / info->block_elems << "): ours "
+                      << ours[i] << " gguf-py " << ref[i];
+    }
+    EXPECT_EQ(mismatches, 0);
+    // dot_row agrees with the dequantized row
+    const std::vector<float> x = normal_row(rng, static_cast<size_t>(n), 1.0f);
+    double want = 0, mag_sum = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      want += double{ref[i]} * x[i];
+      mag_sum += std::fabs(double{ref[i]} * x[i]);
+    }
+    EXPECT_NEAR(dot_row(c.t, raw.data(), x.data(), n), want, mag_sum * 1e-13);
+  }
+#endif
 }
 
 }  // namespace

@@ -40,7 +40,7 @@ std::string cpu_model_name() {
 }
 
 bool is_packed_type(DType t) {
-  return t == DType::Q4_0 || t == DType::Q4_1 || t == DType::Q8_0;
+  return panel_format(t) != PanelFormat::None;
 }
 bool is_dense_type(DType t) {
   return t == DType::F32 || t == DType::F16 || t == DType::BF16;
@@ -113,9 +113,10 @@ Expected<std::unique_ptr<Weight>> CpuBackend::load_weight(const HostMatrix& m) {
     w->dense_row_bytes = quant::row_bytes(m.type, m.n_in);
     w->bytes = 0;  // read in place from the mapping
   } else if (is_packed_type(m.type)) {
-    if (m.n_in % kBlock != 0)
-      return error("weight '%s': %lld columns is not a multiple of 32", m.name.c_str(),
-                   static_cast<long long>(m.n_in));
+    if (m.n_in % kBlock != 0 || quant::row_bytes(m.type, m.n_in) < 0)
+      return error("weight '%s': %lld columns is not a multiple of the %s block (%lld)",
+                   m.name.c_str(), static_cast<long long>(m.n_in), quant::type_name(m.type),
+                   static_cast<long long>(quant::type_info(m.type)->block_elems));
     w->n_panels = (m.n_out + kPanelRows - 1) / kPanelRows;
     w->n_blocks = m.n_in / kBlock;
     const size_t bytes = w->n_panels * w->n_blocks * packed_block_bytes(m.type);
@@ -218,13 +219,13 @@ Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Te
     // Quantize the activations once, then stream the weight panels.
     const int64_t stride = QuantActs::row_stride(w.n_in);
     uint8_t* qbuf = scratch_bytes(stride * n_tokens, 0);
+    const bool half_sums = panel_format(w.type) == PanelFormat::Q6;
     pool_.parallel_for(n_tokens, [&](int64_t t, int) {
       kernels_->quantize_acts(xf + t * x.cols, w.n_in, qbuf + t * stride);
+      if (half_sums) quantize_acts_half_sums(w.n_in, qbuf + t * stride);
     });
     QuantActs acts{qbuf, stride, w.n_in};
-    const PanelKernel kernel = w.type == DType::Q4_0   ? kernels_->panel_q4_0
-                               : w.type == DType::Q4_1 ? kernels_->panel_q4_1
-                                                       : kernels_->panel_q8_0;
+    const PanelKernel kernel = panel_kernel(*kernels_, w.type);
     const int64_t bb = packed_block_bytes(w.type) * w.n_blocks;
     // Tasks of a few panels each, so both threads stay busy to the end; inside a task a
     // strip of tokens is reused across its panels while it sits in L1/L2.

@@ -199,6 +199,8 @@ KernelTable make_avx2() {
   k.panel_q4_0 = panel_avx2<DType::Q4_0>;
   k.panel_q4_1 = panel_avx2<DType::Q4_1>;
   k.panel_q8_0 = panel_avx2<DType::Q8_0>;
+  k.panel_u8min = panel_u8min_avx2;
+  k.panel_q6 = panel_q6_avx2;
   k.dense = dense_avx2;
   k.dot_f32 = dot_f32_avx2;
   k.axpy_f32 = axpy_f32_avx2;

@@ -212,6 +212,8 @@ KernelTable make_avx512() {
   k.panel_q4_0 = panel_avx512<DType::Q4_0>;
   k.panel_q4_1 = panel_avx512<DType::Q4_1>;
   k.panel_q8_0 = panel_avx512<DType::Q8_0>;
+  k.panel_u8min = panel_u8min_avx512;
+  k.panel_q6 = panel_q6_avx512;
   k.dense = dense_avx512;
   k.dot_f32 = dot_f32_avx512;
   k.axpy_f32 = axpy_f32_avx512;

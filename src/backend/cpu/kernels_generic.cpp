@@ -12,16 +12,56 @@ namespace kestrel::backend::cpu {
 
 using quant::DType;
 
-int64_t packed_block_bytes(DType t) {
+PanelFormat panel_format(DType t) {
   switch (t) {
     case DType::Q4_0:
-      return 64 + 256;
+      return PanelFormat::Q4_0;
     case DType::Q4_1:
-      return 128 + 256;
+    case DType::Q4_K:
+      return PanelFormat::Q4_1;
     case DType::Q8_0:
+    case DType::Q5_0:
+      return PanelFormat::Q8_0;
+    case DType::Q5_1:
+    case DType::Q5_K:
+      return PanelFormat::U8Min;
+    case DType::Q6_K:
+      return PanelFormat::Q6;
+    default:
+      return PanelFormat::None;
+  }
+}
+
+int64_t packed_block_bytes(DType t) {
+  switch (panel_format(t)) {
+    case PanelFormat::Q4_0:
+      return 64 + 256;
+    case PanelFormat::Q4_1:
+      return 128 + 256;
+    case PanelFormat::Q8_0:
       return 64 + 512;
+    case PanelFormat::U8Min:
+    case PanelFormat::Q6:
+      return 128 + 512;
     default:
       return 0;
+  }
+}
+
+PanelKernel panel_kernel(const KernelTable& table, DType t) {
+  switch (panel_format(t)) {
+    case PanelFormat::Q4_0:
+      return table.panel_q4_0;
+    case PanelFormat::Q4_1:
+      return table.panel_q4_1;
+    case PanelFormat::Q8_0:
+      return table.panel_q8_0;
+    case PanelFormat::U8Min:
+      return table.panel_u8min;
+    case PanelFormat::Q6:
+      return table.panel_q6;
+    default:
+      return nullptr;
   }
 }
 
@@ -50,6 +90,10 @@ void pack_panels(DType type, const void* rows, int64_t n_out, int64_t n_in, bool
         const int64_t row = p * kPanelRows + r;
         if (row >= n_out) {
           continue;  // padding row: zero scale (and min), so it contributes nothing
+        }
+        if (type != DType::Q4_0 && type != DType::Q4_1 && type != DType::Q8_0) {
+          pack_slice(type, src + row * src_row, b, r, q8_unsigned, dst);  // transcoded types
+          continue;
         }
         const uint8_t* blk = src + row * src_row + b * quant::type_info(type)->block_bytes;
         if (type == DType::Q4_0) {
@@ -212,6 +256,8 @@ KernelTable make_generic() {
   k.panel_q4_0 = panel_q4_0_generic;
   k.panel_q4_1 = panel_q4_1_generic;
   k.panel_q8_0 = panel_q8_0_generic;
+  k.panel_u8min = panel_u8min_generic;
+  k.panel_q6 = panel_q6_generic;
   k.dense = dense_generic;
   k.dot_f32 = dot_f32_generic;
   k.axpy_f32 = axpy_f32_generic;

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "format/quant/fp16.h"
+#include "format/quant/quant_ext.h"
 
 namespace kestrel::quant {
 
@@ -22,7 +23,13 @@ int64_t block_elems_of(DType t) {
     case DType::Q4_0:
     case DType::Q4_1:
     case DType::Q8_0:
+    case DType::Q5_0:
+    case DType::Q5_1:
       return kBlock;
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K:
+      return kSuperBlock;
     default:
       return 0;
   }
@@ -198,6 +205,12 @@ void dequantize_row(DType t, const void* src, float* dst, int64_t n) {
       return dequantize_blocks<BlockQ4_1>(src, dst, n);
     case DType::Q8_0:
       return dequantize_blocks<BlockQ8_0>(src, dst, n);
+    case DType::Q5_0:
+    case DType::Q5_1:
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K:
+      return detail::dequantize_slices(t, src, dst, n);
     default:
       return;  // unreachable: row_ok() rejected it
   }
@@ -222,6 +235,12 @@ void quantize_row(DType t, const float* src, void* dst, int64_t n) {
       return quantize_blocks<BlockQ4_1>(src, dst, n);
     case DType::Q8_0:
       return quantize_blocks<BlockQ8_0>(src, dst, n);
+    case DType::Q5_0:
+    case DType::Q5_1:
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K:
+      return detail::quantize_ext(t, src, dst, n);
     default:
       return;  // unreachable: row_ok() rejected it
   }
@@ -251,6 +270,12 @@ double dot_row(DType t, const void* w, const float* x, int64_t n) {
       return dot_blocks<BlockQ4_1>(w, x, n);
     case DType::Q8_0:
       return dot_blocks<BlockQ8_0>(w, x, n);
+    case DType::Q5_0:
+    case DType::Q5_1:
+    case DType::Q4_K:
+    case DType::Q5_K:
+    case DType::Q6_K:
+      return detail::dot_slices(t, w, x, n);
     default:
       return std::numeric_limits<double>::quiet_NaN();  // unreachable
   }
