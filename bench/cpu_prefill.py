@@ -70,18 +70,22 @@ def run_peer(model, test, n_batch, n_ubatch, threads, seed):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kestrel", default=os.path.join(ROOT, "build/bin/kestrel"))
-    ap.add_argument("--model", default=os.path.join(ROOT, "models/llama3-1b-q4_0.gguf"))
+    ap.add_argument("--type", default="q4_0",
+                    help="weight type of the synthesized model (q4_0, q4_k, q4_k_m, q6_k, ...)")
+    ap.add_argument("--model", help="default: models/llama3-1b-TYPE.gguf (synthesized if missing)")
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--peer", action="store_true", help="race llama-cpp-python in the same run")
     ap.add_argument("--only", default="", help="comma list of tests, e.g. pp512,tg32")
     ap.add_argument("--out", default="bench-cpu.json")
     args = ap.parse_args()
+    if args.model is None:
+        args.model = os.path.join(ROOT, f"models/llama3-1b-{args.type}.gguf")
 
     if not os.path.exists(args.model):
         os.makedirs(os.path.dirname(args.model), exist_ok=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts/synth_gguf.py"), "--out",
-                        args.model, "--shape", "llama3-1b", "--type", "q4_0"], check=True)
+                        args.model, "--shape", "llama3-1b", "--type", args.type], check=True)
     only = set(filter(None, args.only.split(",")))
     rows = []
     for test, nb, nub in TESTS:

@@ -38,6 +38,7 @@ from gguf import GGMLQuantizationType as QT
 # name -> (n_embd, n_layer, n_head, n_head_kv, n_ff, n_vocab)
 SHAPES = {
     "tiny":      (128,  2,  4,  2,   320,    512),
+    "tiny-k":    (256,  2,  4,  2,   512,    512),   # K-quants need 256-multiple inputs
     "small":     (256,  3,  8,  2,   704,   1024),
     "llama2-7b": (4096, 32, 32, 32, 11008,  32000),
     "llama3-8b": (4096, 32, 32,  8, 14336, 128256),
@@ -51,6 +52,14 @@ TYPES = {
     "q4_0": (QT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
     "q4_1": (QT.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     "q8_0": (QT.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_0": (QT.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q5_1": (QT.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q4_k": (QT.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_S),
+    "q5_k": (QT.Q5_K, gguf.LlamaFileType.MOSTLY_Q5_K_S),
+    "q6_k": (QT.Q6_K, gguf.LlamaFileType.MOSTLY_Q6_K),
+    # A Q4_K_M-like mix: Q4_K everywhere except the output head (Q6_K) and attn_v / ffn_down of
+    # the layers llama.cpp gives more bits (see mixed_type).
+    "q4_k_m": (QT.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M),
 }
 
 ARCHS = ("llama", "qwen2")
@@ -101,7 +110,24 @@ class TensorSpec:
         return self.n_elements // block * type_size
 
 
-def tensor_plan(arch: str, hp: HParams, qtype: QT, tied: bool) -> list[TensorSpec]:
+def more_bits(layer: int, n_layer: int) -> bool:
+    """The layers whose attn_v / ffn_down a Q4_K_M file stores in Q6_K: the first and last
+    eighth of the layers and every third layer in between (llama.cpp's rule of thumb)."""
+    return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
+
+
+def mixed_type(wtype: str, qtype: QT, name: str, n_layer: int) -> QT:
+    """The type of one 2-D tensor: qtype, except in the q4_k_m mix."""
+    if wtype != "q4_k_m":
+        return qtype
+    if name == "output.weight":
+        return QT.Q6_K
+    if name.endswith(("attn_v.weight", "ffn_down.weight")):
+        return QT.Q6_K if more_bits(int(name.split(".")[1]), n_layer) else QT.Q4_K
+    return QT.Q4_K
+
+
+def tensor_plan(arch: str, hp: HParams, qtype: QT, tied: bool, wtype: str = "") -> list[TensorSpec]:
     """Every tensor of the model in file order, with its GGUF dims, type and initialisation."""
     e, ff, kv_dim = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
     f32 = QT.F32
@@ -132,6 +158,9 @@ def tensor_plan(arch: str, hp: HParams, qtype: QT, tied: bool) -> list[TensorSpe
     plan.append(TensorSpec("output_norm.weight", (e,), f32, "norm"))
     if not tied:
         plan.append(TensorSpec("output.weight", (e, hp.n_vocab), qtype, "normal", LOGIT_STD / math.sqrt(e)))
+    for t in plan:
+        if len(t.ne) == 2:
+            t.qtype = mixed_type(wtype, t.qtype, t.name, hp.n_layer)
     return plan
 
 
@@ -150,9 +179,77 @@ def real_values(rng: np.random.Generator, t: TensorSpec) -> np.ndarray:
     return z * np.float32(t.std)
 
 
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """float32 [n] -> uint8 [n, 2] (fp16, little-endian)."""
+    return x.astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+def quantize_k(x: np.ndarray, qtype: QT) -> np.ndarray:
+    """Q4_K / Q5_K / Q6_K blocks [n_blocks, type_size] of float32 values (a multiple of 256).
+
+    gguf-py only dequantizes the K-quants, so this is a plain numpy quantizer (independent of
+    Kestrel's C++ one): per 32 (Q4_K/Q5_K) an affine range [min(min, 0), max] coded with 6-bit
+    scale and min codes under fp16 super-scales; per 16 (Q6_K) a symmetric scale max/-32 coded
+    as int8 under an fp16 super-scale.
+    """
+    x = np.asarray(x, dtype=np.float32).reshape(-1, 256)
+    nb = x.shape[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if qtype in (QT.Q4_K, QT.Q5_K):
+            qmax = 15 if qtype == QT.Q4_K else 31
+            xs = x.reshape(nb, 8, 32)
+            lo = np.minimum(xs.min(axis=-1), 0)
+            hi = xs.max(axis=-1)
+            s, o = (hi - lo) / qmax, -lo                                            # [nb, 8]
+            d = (s.max(axis=-1) / 63).astype(np.float16).astype(np.float32)[:, None]
+            dmin = (o.max(axis=-1) / 63).astype(np.float16).astype(np.float32)[:, None]
+            sc = np.where(d > 0, np.clip(np.round(s / d), 0, 63), 0).astype(np.uint8)
+            mn = np.where(dmin > 0, np.clip(np.round(o / dmin), 0, 63), 0).astype(np.uint8)
+            scale = (d * sc)[..., None]
+            off = (dmin * mn)[..., None]
+            q = np.where(scale > 0, np.clip(np.round((xs + off) / scale), 0, qmax), 0).astype(np.uint8)
+            q = q.reshape(nb, 4, 2, 32)                                              # [nb, i, s, l]
+            qs = (q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)                        # [nb, 4, 32]
+            packed = np.zeros((nb, 12), dtype=np.uint8)
+            packed[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+            packed[:, 4:8] = (mn[:, 0:4] & 63) | ((mn[:, 4:8] >> 4) << 6)
+            packed[:, 8:12] = (sc[:, 4:8] & 15) | ((mn[:, 4:8] & 15) << 4)
+            parts = [_f16_bytes(d[:, 0]), _f16_bytes(dmin[:, 0]), packed]
+            if qtype == QT.Q5_K:
+                hb = (q >> 4).reshape(nb, 8, 32)                                     # bit j of qh[l]
+                qh = np.zeros((nb, 32), dtype=np.uint8)
+                for j in range(8):
+                    qh |= hb[:, j] << np.uint8(j)
+                parts.append(qh)
+            parts.append(qs.reshape(nb, 128))
+            return np.concatenate(parts, axis=-1)
+        if qtype == QT.Q6_K:
+            xs = x.reshape(nb, 16, 16)
+            imax = np.abs(xs).argmax(axis=-1)[..., None]
+            s = np.take_along_axis(xs, imax, axis=-1)[..., 0] / -32                # [nb, 16]
+            d = (np.abs(s).max(axis=-1) / 127).astype(np.float16).astype(np.float32)[:, None]
+            sc = np.where(d > 0, np.clip(np.round(s / d), -128, 127), 0).astype(np.int8)
+            eff = (d * sc.astype(np.float32))[..., None]
+            q = np.where(eff != 0, np.clip(np.round(xs / eff), -32, 31) + 32, 32).astype(np.uint8)
+            q = q.reshape(nb, 2, 4, 32)                                              # [nb, h, c, l]
+            ql = np.concatenate([(q[:, :, 0] & 15) | ((q[:, :, 2] & 15) << 4),
+                                 (q[:, :, 1] & 15) | ((q[:, :, 3] & 15) << 4)], axis=-1)  # [nb, 2, 64]
+            qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4)
+                  | ((q[:, :, 3] >> 4) << 6))                                        # [nb, 2, 32]
+            return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8),
+                                   _f16_bytes(d[:, 0])], axis=-1)
+    raise ValueError(f"quantize_k: {qtype.name}")
+
+
+def quantize(values: np.ndarray, qtype: QT) -> np.ndarray:
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+        return quantize_k(values, qtype)
+    return gguf.quants.quantize(values, qtype)
+
+
 def real_chunks(rng: np.random.Generator, t: TensorSpec):
     """The tensor's bytes in one piece: quantized floats."""
-    yield gguf.quants.quantize(real_values(rng, t), t.qtype)
+    yield quantize(real_values(rng, t), t.qtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +281,37 @@ def random_blocks(rng: np.random.Generator, qtype: QT, n_blocks: int, std: float
     return blocks
 
 
+# Byte offsets of the fp16 scale fields of the 5-bit and K-quant blocks, and the mean code the
+# second field must cancel (Q5_1 min = -15.5 d; Q4_K/Q5_K dmin * E[mn] = d * E[sc] * E[q]).
+_SCALE_FIELDS = {QT.Q5_0: (0, None, 0), QT.Q5_1: (0, 2, -15.5), QT.Q4_K: (0, 2, 7.5),
+                 QT.Q5_K: (0, 2, 15.5), QT.Q6_K: (208, None, 0)}
+
+
+def random_blocks_ext(rng: np.random.Generator, qtype: QT, n_blocks: int, std: float) -> np.ndarray:
+    """n_blocks random Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K blocks whose values have about the given
+    std: random bytes, fp16 scales uniform in [0.3, 1.7] (random sign for the symmetric types),
+    then every scale multiplied by the factor that gives a sample of blocks the wanted std."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    d_off, m_off, m_mean = _SCALE_FIELDS[qtype]
+    d = rng.uniform(0.3, 1.7, size=n_blocks).astype(np.float32)
+    if m_off is None:
+        d *= rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=n_blocks)
+        m = None
+    else:
+        m = d * np.float32(m_mean) * (1 + 0.05 * rng.standard_normal(n_blocks, dtype=np.float32))
+
+    def put(scale: float) -> None:
+        blocks[:, d_off:d_off + 2] = _f16_bytes(d * np.float32(scale))
+        if m is not None:
+            blocks[:, m_off:m_off + 2] = _f16_bytes(m * np.float32(scale))
+
+    put(1e-3)
+    sample = gguf.quants.dequantize(blocks[:256], qtype)
+    put(1e-3 * std / max(float(np.std(sample)), 1e-30))
+    return blocks
+
+
 def random_floats(rng: np.random.Generator, qtype: QT, n: int, std: float) -> np.ndarray:
     """n random normal values with the given std, as F32, F16 or BF16 (uint16 bits)."""
     x = rng.standard_normal(n, dtype=np.float32)
@@ -207,6 +335,8 @@ def fast_chunks(rng: np.random.Generator, t: TensorSpec):
         n = min(rows_per_chunk, rows - r0) * ne0
         if t.qtype in (QT.F32, QT.F16, QT.BF16):
             yield random_floats(rng, t.qtype, n, t.std)
+        elif t.qtype in _SCALE_FIELDS:
+            yield random_blocks_ext(rng, t.qtype, n // block, t.std)
         else:
             yield random_blocks(rng, t.qtype, n // block, t.std)
 
@@ -227,7 +357,7 @@ def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype
             setattr(hp, k, v)
     hp.check()
     qtype, ftype = TYPES[wtype]
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    block = 256 if wtype == "q4_k_m" else gguf.GGML_QUANT_SIZES[qtype][0]
     if hp.n_embd % block or hp.n_ff % block:
         raise ValueError(f"n_embd and n_ff must be multiples of {block} for {wtype}")
     if fast is None:
@@ -260,7 +390,7 @@ def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 
-    plan = tensor_plan(arch, hp, qtype, tied)
+    plan = tensor_plan(arch, hp, qtype, tied, wtype)
     for t in plan:
         # numpy-order shape (reversed GGUF dims); with raw_dtype set and a non-uint8 dtype the
         # shape is taken as element counts.

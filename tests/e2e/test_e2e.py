@@ -4,7 +4,8 @@
 Bounds and pass criteria (every logits run):
 
   rel L2  max over positions p of ||ours[p] - ref[p]||_2 / ||ref[p]||_2 must be <= the bound of
-          the model's weight type: f32, f16, bf16 5e-3; q4_0, q4_1 1e-2; q8_0 3e-2.
+          the model's weight type: f32, f16, bf16, q6_k 5e-3; q4_0, q4_1, q5_0, q5_1, q4_k,
+          q5_k, q4_k_m (Q4_K with Q6_K head, attn_v and ffn_down in some layers) 1e-2; q8_0 3e-2.
   top-1   the fraction of positions p with argmax(ours[p]) == argmax(ref[p]) must be >= 0.95
           (raw agreement; no tie allowance).
 
@@ -59,7 +60,9 @@ import reference  # noqa: E402
 
 # Max relative L2 error per position, by weight type. Applies to every KV cache type: a quantized
 # KV cache is judged against the reference with the same K/V storage rounding.
-WEIGHT_BOUNDS = {"f32": 5e-3, "f16": 5e-3, "bf16": 5e-3, "q4_0": 1e-2, "q4_1": 1e-2, "q8_0": 3e-2}
+WEIGHT_BOUNDS = {"f32": 5e-3, "f16": 5e-3, "bf16": 5e-3, "q4_0": 1e-2, "q4_1": 1e-2, "q8_0": 3e-2,
+                 "q5_0": 1e-2, "q5_1": 1e-2, "q4_k": 1e-2, "q5_k": 1e-2, "q6_k": 5e-3,
+                 "q4_k_m": 1e-2}
 
 TOP1_MIN = 0.95       # minimum raw top-1 agreement
 
@@ -89,6 +92,11 @@ QUANT_KV = {("llama", "q4_0"): ["q8_0"], ("qwen2", "q8_0"): ["q8_0"],
             ("llama", "f16"): ["q8_0", "q4_0"], ("qwen2", "f32"): ["q4_0"],
             ("llama", "f32"): ["q4_0"]}
 SMALL = {("llama", "q4_0"), ("qwen2", "q4_0")}                    # also run the small shape
+# The 5-bit and K-quant weight types: llama only (the architectures differ above the matmul,
+# which the types above cover), the mix on both. K-quants need inputs that are multiples of
+# 256, so their models use the tiny-k shape (n_embd 256, n_ff 512).
+EXT_TYPES = {"llama": ("q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m"), "qwen2": ("q4_k_m",)}
+K_TYPES = ("q4_k", "q5_k", "q6_k", "q4_k_m")
 
 # label -> extra kestrel flags
 BATCHINGS = {
@@ -140,6 +148,8 @@ def plan_runs() -> list[Run]:
                 models.append((ModelSpec(arch, "tiny", wtype, tied=True), ["f16"]))
             if (arch, wtype) in SMALL:
                 models.append((ModelSpec(arch, "small", wtype), ["f16"]))
+        for wtype in EXT_TYPES[arch]:
+            models.append((ModelSpec(arch, "tiny-k" if wtype in K_TYPES else "tiny", wtype), ["f16"]))
     return [Run(spec, kv, batching) for spec, kvs in models for kv in kvs for batching in BATCHINGS]
 
 
