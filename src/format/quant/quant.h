@@ -122,9 +122,10 @@ bool is_supported(DType t);
 bool is_kv_type(DType t);
 
 // Preconditions of the three routines below: is_supported(t), n >= 0 and n a multiple of
-// the block size of t (1 or kBlock), src/dst/w/x valid for the row. They are checked with assert();
-// in a release build a violated precondition leaves dst untouched (quantize_row), fills dst with
-// NaN (dequantize_row) or returns NaN (dot_row) rather than reading or writing out of bounds.
+// the block size of t (1, kBlock or kSuperBlock), src/dst/w/x valid for the row. They are checked
+// with assert(); in a release build a violated precondition leaves dst untouched (quantize_row),
+// fills dst with NaN (dequantize_row) or returns NaN (dot_row) rather than reading or writing out
+// of bounds.
 
 // Expands one row of n elements of type t at src into n floats.
 void dequantize_row(DType t, const void* src, float* dst, int64_t n);
