@@ -75,25 +75,29 @@ Value f_safe(Interpreter&, Value& v, CallArgs&) {
   return make_str(text_of(v));
 }
 
-Value f_capitalize(Interpreter&, Value& v, CallArgs&) {
-  std::string s = py_lower(text_of(v));
-  if (!s.empty() && s[0] >= 'a' && s[0] <= 'z') s[0] = static_cast<char>(s[0] - 32);
-  return make_str(s);
+Value f_capitalize(Interpreter&, Value& v, CallArgs& a) {
+  return call_method(make_str(text_of(v)), "capitalize", a);
 }
 
-// jinja2's title: upper-case the first letter after a space, dash or opening bracket.
-Value f_title(Interpreter&, Value& v, CallArgs&) {
-  std::string s = text_of(v);
-  bool word_start = true;
-  for (char& c : s) {
+// jinja2's title: capitalize every word that follows a space, dash or opening bracket.
+Value f_title(Interpreter&, Value& v, CallArgs& a) {
+  std::string s = text_of(v), out, word;
+  CallArgs none;
+  none.pos = a.pos;
+  auto flush = [&]() {
+    if (!word.empty()) out += call_method(make_str(word), "capitalize", none).s;
+    word.clear();
+  };
+  for (char c : s) {
     bool sep = c == '-' || c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' ||
                c == '\v' || c == '(' || c == '{' || c == '[' || c == '<';
-    if (!sep)
-      c = word_start ? (c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c)
-                     : (c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c);
-    word_start = sep;
+    if (sep)
+      flush(), out += c;
+    else
+      word += c;
   }
-  return make_str(s);
+  flush();
+  return make_str(out);
 }
 
 Value f_default(Interpreter&, Value& v, CallArgs& a) {

@@ -33,6 +33,60 @@ bool is_alpha(char c) {
 bool is_digit(char c) {
   return c >= '0' && c <= '9';
 }
+
+// Simple case mapping for ASCII, Latin-1, Latin Extended-A, Greek and Cyrillic (the scripts
+// seen in chat templates); other code points are left as they are.
+uint32_t case_map(uint32_t c, bool upper) {
+  if (upper) {
+    if ((c >= 'a' && c <= 'z') || (c >= 0xE0 && c <= 0xFE && c != 0xF7) ||
+        (c >= 0x3B1 && c <= 0x3C9 && c != 0x3C2) || (c >= 0x430 && c <= 0x44F))
+      return c - 32;
+    if (c >= 0x450 && c <= 0x45F) return c - 80;
+    if (c == 0x3C2) return 0x3A3;
+    if (c == 0xFF) return 0x178;
+  } else {
+    if ((c >= 'A' && c <= 'Z') || (c >= 0xC0 && c <= 0xDE && c != 0xD7) ||
+        (c >= 0x391 && c <= 0x3A9 && c != 0x3A2) || (c >= 0x410 && c <= 0x42F))
+      return c + 32;
+    if (c >= 0x400 && c <= 0x40F) return c + 80;
+    if (c == 0x178) return 0xFF;
+  }
+  bool in_a = (c >= 0x100 && c <= 0x137) || (c >= 0x14A && c <= 0x177);
+  bool in_b = (c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E);
+  if (in_a || in_b) {
+    bool is_up = (c % 2 == 0) == in_a;
+    if (upper && !is_up) return c - 1;
+    if (!upper && is_up) return c + 1;
+  }
+  return c;
+}
+
+bool is_cased(uint32_t c) {
+  return case_map(c, true) != c || case_map(c, false) != c;
+}
+
+// Maps each code point: `upper_at(index, cp, previous_was_cased)` says which case it takes.
+template <typename Rule>
+std::string map_case(const std::string& s, Rule upper_at) {
+  std::string out;
+  bool prev_cased = false;
+  size_t index = 0;
+  for (size_t i = 0; i < s.size(); ++index) {
+    size_t start = i;
+    uint32_t c = utf8_next(s, i);
+    bool upper = upper_at(index, prev_cased);
+    uint32_t m = case_map(c, upper);
+    if (upper && c == 0xDF)  // ß
+      out += "SS";
+    else if (m == c)
+      out.append(s, start, i - start);
+    else
+      utf8_append(out, m);
+    prev_cased = is_cased(c);
+  }
+  return out;
+}
+
 char to_upper(char c) {
   return is_lower(c) ? static_cast<char>(c - 32) : c;
 }
@@ -40,18 +94,12 @@ char to_lower(char c) {
   return is_upper(c) ? static_cast<char>(c + 32) : c;
 }
 
-std::string py_title(std::string s) {
-  bool prev_cased = false;
-  for (char& c : s) {
-    c = prev_cased ? to_lower(c) : to_upper(c);
-    prev_cased = is_alpha(c);
-  }
-  return s;
+std::string py_title(const std::string& s) {
+  return map_case(s, [](size_t, bool prev_cased) { return !prev_cased; });
 }
 
-std::string py_capitalize(std::string s) {
-  for (size_t k = 0; k < s.size(); ++k) s[k] = k == 0 ? to_upper(s[k]) : to_lower(s[k]);
-  return s;
+std::string py_capitalize(const std::string& s) {
+  return map_case(s, [](size_t index, bool) { return index == 0; });
 }
 
 std::vector<Value> py_split(const std::string& s, const Value* sep, int64_t maxsplit, Pos pos) {
@@ -238,13 +286,11 @@ std::string py_strip(const std::string& s, const Value* chars, bool left, bool r
 }
 
 std::string py_upper(std::string s) {
-  for (char& c : s) c = to_upper(c);
-  return s;
+  return map_case(s, [](size_t, bool) { return true; });
 }
 
 std::string py_lower(std::string s) {
-  for (char& c : s) c = to_lower(c);
-  return s;
+  return map_case(s, [](size_t, bool) { return false; });
 }
 
 std::string py_replace(const std::string& s, const std::string& old, const std::string& repl,
