@@ -2,6 +2,7 @@
 // time each prompt chunk took.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -40,6 +41,12 @@ class Session {
   Status prefill(const std::vector<int32_t>& tokens, std::vector<float>* all_logits);
   // One generation step: feeds `token` at the next position.
   Status decode(int32_t token);
+
+  // Forgets every position from `n_past` on (a chat re-rendered with different tokens there);
+  // their cache rows are overwritten by what is evaluated next.
+  void truncate(int n_past) { n_past_ = std::min(n_past_, std::max(n_past, 0)); }
+
+  void reset_chunk_stats() { chunks_.clear(); }
 
   const std::vector<float>& last_logits() const { return last_logits_; }
   int n_past() const { return n_past_; }

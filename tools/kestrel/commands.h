@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/status.h"
+#include "generate.h"
 
 namespace kestrel::cli {
 
@@ -12,28 +13,15 @@ namespace kestrel::cli {
 int fail(const std::string& message);
 // The prompt from -p TEXT or -f FILE (at most one of them).
 Expected<std::string> read_prompt(const std::string& text, const std::string& file);
+// Writes a file atomically: a temporary beside it, renamed into place when complete.
+Status write_file(const std::string& path, const void* data, size_t bytes);
 
 struct RunOptions {
-  std::string model;
+  SessionOptions session;
+  std::string prompt;  // -p
+  std::string file;    // -f
   std::string tokens;  // "1,2,3"
-  int n_predict = 32;
-  int n_ctx = 0;  // 0: the model's training context, capped at 4096, grown to fit the job
-  int n_batch = 512;
-  int n_ubatch = 512;
-  int n_threads = 0;
-  std::string type_k = "f16";
-  std::string type_v = "f16";
-  std::string chunking = "balanced";
-  float temp = 0.8f;
-  int top_k = 40;
-  float top_p = 0.95f;
-  float min_p = 0.05f;
-  uint64_t seed = 0xFFFFFFFFu;
-  bool ignore_eos = false;
   std::string dump_logits;
-  bool report = false;
-  std::string report_json;
-  std::string target_ms;
 };
 void add_run_command(CLI::App& app, RunOptions& o);
 int run_command(const RunOptions& o);
@@ -55,5 +43,14 @@ struct TokenizeOptions {
 };
 void add_tokenize_command(CLI::App& app, TokenizeOptions& o);
 int tokenize_command(const TokenizeOptions& o);
+
+struct ChatOptions {
+  SessionOptions session;
+  std::string prompt;  // one turn; empty: interactive
+  std::string system;
+  std::string template_file;
+};
+void add_chat_command(CLI::App& app, ChatOptions& o);
+int chat_command(const ChatOptions& o);
 
 }  // namespace kestrel::cli

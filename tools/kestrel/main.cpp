@@ -42,6 +42,8 @@ int main(int argc, char** argv) {
   kestrel::cli::add_run_command(app, run);
   kestrel::cli::InfoOptions info;
   kestrel::cli::add_info_command(app, info);
+  kestrel::cli::ChatOptions chat;
+  kestrel::cli::add_chat_command(app, chat);
   kestrel::cli::TokenizeOptions tokenize;
   kestrel::cli::add_tokenize_command(app, tokenize);
   try {
@@ -56,6 +58,8 @@ int main(int argc, char** argv) {
     rc = kestrel::cli::run_command(run);
   else if (app.got_subcommand("info"))
     rc = kestrel::cli::info_command(info);
+  else if (app.got_subcommand("chat"))
+    rc = kestrel::cli::chat_command(chat);
   else if (app.got_subcommand("tokenize"))
     rc = kestrel::cli::tokenize_command(tokenize);
   return rc;

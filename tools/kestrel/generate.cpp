@@ -1,0 +1,169 @@
+#include "generate.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "commands.h"
+#include "format/quant/quant.h"
+
+namespace kestrel::cli {
+
+namespace {
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict) {
+  o.n_predict = default_n_predict;
+  app->add_option("-m,--model", o.model, "GGUF model file")->required();
+  app->add_option("-n,--n-predict", o.n_predict, "tokens to generate")->capture_default_str();
+  app->add_option("-c,--ctx-size", o.n_ctx,
+                  "context size (0: fit the job, at least min(training context, 4096))")
+      ->capture_default_str();
+  app->add_option("-b,--batch-size", o.n_batch, "chunk size: tokens per timed chunk")
+      ->capture_default_str();
+  app->add_option("--ubatch-size", o.n_ubatch, "(-ub) micro-batch size: tokens per forward pass")
+      ->capture_default_str();
+  app->add_option("-t,--threads", o.n_threads, "CPU threads (0: all cores)")->capture_default_str();
+  app->add_option("--cache-type-k", o.type_k, "(-ctk) KV cache type for K: f16, q8_0, q4_0")
+      ->capture_default_str();
+  app->add_option("--cache-type-v", o.type_v, "(-ctv) KV cache type for V: f16, q8_0, q4_0")
+      ->capture_default_str();
+  app->add_option("--chunking", o.chunking, "balanced (equal chunks) or fixed (llama.cpp's split)")
+      ->check(CLI::IsMember({"balanced", "fixed"}))
+      ->capture_default_str();
+  app->add_option("--temp", o.temp, "sampling temperature (0: greedy)")->capture_default_str();
+  app->add_option("--top-k", o.top_k, "top-k sampling (0: off)")->capture_default_str();
+  app->add_option("--top-p", o.top_p, "top-p sampling (1: off)")->capture_default_str();
+  app->add_option("--min-p", o.min_p, "min-p sampling (0: off)")->capture_default_str();
+  app->add_option("--seed", o.seed, "sampling seed (default: random)");
+  app->add_flag("--ignore-eos", o.ignore_eos, "keep generating past end of sequence");
+  app->add_flag("--report", o.report, "print the prompt-evaluation report (markdown)");
+  app->add_option("--report-json", o.report_json, "write the report as JSON");
+  app->add_option("--target-ms", o.target_ms, "target ms/token range, e.g. 20-50");
+}
+
+Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o) {
+  model::LoadParams lp;
+  lp.n_threads = o.n_threads;
+  return model::Model::load(o.model, lp);
+}
+
+Status create_session(const SessionOptions& o, int n_needed, Loaded* l) {
+  runtime::SessionParams sp;
+  if (!quant::parse_type(o.type_k.c_str(), &sp.type_k) || !quant::is_kv_type(sp.type_k))
+    return error("-ctk %s: the KV cache type must be f16, q8_0 or q4_0", o.type_k.c_str());
+  if (!quant::parse_type(o.type_v.c_str(), &sp.type_v) || !quant::is_kv_type(sp.type_v))
+    return error("-ctv %s: the KV cache type must be f16, q8_0 or q4_0", o.type_v.c_str());
+  if (o.n_batch <= 0 || o.n_ubatch <= 0) return error("-b and -ub must be positive");
+  sp.n_batch = o.n_batch;
+  sp.n_ubatch = o.n_ubatch;
+  runtime::parse_chunking(o.chunking, &sp.chunking);
+  const int n_ctx_train = l->model->config().n_ctx_train;
+  if (o.n_ctx > 0) {
+    sp.n_ctx = o.n_ctx;
+    if (n_needed > o.n_ctx)
+      return error(
+          "the prompt plus generation needs %d positions but the context is %d: raise "
+          "-c, lower -n or shorten the prompt",
+          n_needed, o.n_ctx);
+  } else {
+    sp.n_ctx = std::max(std::min(n_ctx_train, 4096), n_needed);
+    if (n_needed > n_ctx_train)
+      return error(
+          "the prompt plus generation needs %d positions, more than the model's "
+          "training context of %d: shorten the prompt or lower -n (or force it with -c)",
+          n_needed, n_ctx_train);
+  }
+  KESTREL_ASSIGN_OR_RETURN(l->session, runtime::Session::create(*l->model, sp));
+  return Status::ok();
+}
+
+runtime::SamplerParams sampler_params(const SessionOptions& o) {
+  runtime::SamplerParams p;
+  p.temperature = o.temp;
+  p.top_k = o.top_k;
+  p.top_p = o.top_p;
+  p.min_p = o.min_p;
+  p.seed = o.seed;
+  return p;
+}
+
+Expected<Generation> generate(runtime::Session& session, const tok::Tokenizer* tokenizer,
+                              runtime::Sampler& sampler, int n_vocab, int64_t eos, int n_predict,
+                              bool ignore_eos, bool print_ids, std::FILE* out) {
+  Generation g;
+  std::unique_ptr<tok::Detokenizer> detok;
+  if (tokenizer && !print_ids)
+    detok = std::make_unique<tok::Detokenizer>(*tokenizer, /*at_text_start=*/false);
+  for (int i = 0; i < n_predict; ++i) {
+    const int32_t next = sampler.sample(session.last_logits().data(), n_vocab);
+    g.ids.push_back(next);
+    const bool end = tokenizer ? tokenizer->is_end_of_generation(next) : next == eos;
+    if (detok) {
+      if (!end) std::fputs(detok->push(next).c_str(), out);
+    } else {
+      std::fprintf(out, "%s%d", i ? " " : "", next);
+    }
+    std::fflush(out);
+    if (end && !ignore_eos) {
+      g.ended = true;
+      break;
+    }
+    if (i + 1 == n_predict) break;  // the last token needs no forward pass
+    if (session.n_past() >= session.params().n_ctx) {
+      g.context_full = true;
+      break;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    KESTREL_TRY(session.decode(next));
+    g.decode_ms += ms_since(t0);
+    ++g.decode_steps;
+  }
+  if (detok) std::fputs(detok->flush().c_str(), out);
+  std::fflush(out);
+  return g;
+}
+
+Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens,
+                     const Generation& gen) {
+  runtime::PromptReport rep;
+  const auto& cfg = l.model->config();
+  rep.model_path = o.model;
+  rep.model_name = cfg.name;
+  rep.arch = cfg.arch;
+  rep.backend = l.model->input_backend()->name();
+  rep.device = l.model->input_backend()->device_name();
+  rep.version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
+  rep.n_threads = l.model->n_threads();
+  rep.settings = l.session->params();
+  rep.load_ms = l.load_ms;
+  rep.prompt_tokens = prompt_tokens;
+  rep.chunks = l.session->chunk_stats();
+  rep.gen_tokens = gen.decode_steps;
+  rep.gen_ms = gen.decode_ms;
+  if (!o.target_ms.empty()) {
+    runtime::TargetRange target;
+    if (!runtime::parse_target(o.target_ms, &target))
+      return error("--target-ms %s: expected LOW-HIGH in ms/token, e.g. 20-50",
+                   o.target_ms.c_str());
+    rep.target = target;
+  }
+  std::fflush(stdout);  // the generated text first, then the summary
+  std::fprintf(stderr, "prompt: %d tokens in %.1f ms (%.2f ms/token, %.2f tokens/s)\n",
+               prompt_tokens, rep.total_ms(), rep.ms_per_token(), rep.tokens_per_s());
+  if (rep.gen_tokens > 0)
+    std::fprintf(stderr, "generation: %d tokens in %.1f ms (%.2f tokens/s)\n", rep.gen_tokens,
+                 rep.gen_ms, rep.gen_tokens * 1000.0 / rep.gen_ms);
+  if (o.report) std::printf("\n%s", runtime::render_markdown(rep).c_str());
+  if (!o.report_json.empty()) {
+    const std::string js = runtime::to_json(rep).dump(2) + "\n";
+    KESTREL_TRY(write_file(o.report_json, js.data(), js.size()));
+  }
+  return Status::ok();
+}
+
+}  // namespace kestrel::cli

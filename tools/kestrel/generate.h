@@ -1,0 +1,72 @@
+// What `run` and `chat` share: the options of a session (model, context, batching, KV cache,
+// sampling, report), building the session from them, the generation loop, and the
+// prompt-evaluation report.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "model/model.h"
+#include "runtime/report.h"
+#include "runtime/sampler.h"
+#include "runtime/session.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kestrel::cli {
+
+struct SessionOptions {
+  std::string model;
+  int n_predict = 32;
+  int n_ctx = 0;  // 0: fit the job, at least min(training context, 4096)
+  int n_batch = 512;
+  int n_ubatch = 512;
+  int n_threads = 0;
+  std::string type_k = "f16";
+  std::string type_v = "f16";
+  std::string chunking = "balanced";
+  float temp = 0.8f;
+  int top_k = 40;
+  float top_p = 0.95f;
+  float min_p = 0.05f;
+  uint64_t seed = runtime::kRandomSeed;
+  bool ignore_eos = false;
+  bool report = false;
+  std::string report_json;
+  std::string target_ms;
+};
+void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict);
+
+// A loaded model with its tokenizer and an empty session sized for `n_needed` positions
+// (prompt plus generation) unless -c fixes the size.
+struct Loaded {
+  std::unique_ptr<model::Model> model;
+  std::unique_ptr<tok::Tokenizer> tokenizer;  // null when the GGUF has no vocabulary
+  std::unique_ptr<runtime::Session> session;
+  double load_ms = 0;
+};
+Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o);
+Status create_session(const SessionOptions& o, int n_needed, Loaded* out);
+runtime::SamplerParams sampler_params(const SessionOptions& o);
+
+struct Generation {
+  std::vector<int32_t> ids;  // sampled tokens, the end-of-generation token included
+  int decode_steps = 0;      // forward passes timed (the last sampled token needs none)
+  double decode_ms = 0;
+  bool ended = false;         // an end-of-generation token stopped it
+  bool context_full = false;  // the context ran out first
+};
+// Samples up to n_predict tokens after the session's last logits, streaming text to `out`
+// (ids when there is no tokenizer or `print_ids`). Without a tokenizer, `eos` ends it.
+Expected<Generation> generate(runtime::Session& session, const tok::Tokenizer* tokenizer,
+                              runtime::Sampler& sampler, int n_vocab, int64_t eos, int n_predict,
+                              bool ignore_eos, bool print_ids, std::FILE* out);
+
+// Prints the summary lines on stderr and, as asked, the markdown report and the JSON file.
+Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens,
+                     const Generation& gen);
+
+}  // namespace kestrel::cli
