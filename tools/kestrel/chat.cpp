@@ -73,6 +73,11 @@ struct Conversation {
   Status answer() {
     KESTREL_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, render_tokens());
     if (tokens.empty()) return error("the chat template rendered an empty prompt");
+    if (opts.verbose_prompt) {
+      std::string ids;
+      for (int32_t id : tokens) ids += (ids.empty() ? "" : ", ") + std::to_string(id);
+      std::fprintf(stderr, "prompt ids: [%s]\n", ids.c_str());
+    }
     size_t keep = 0;
     while (keep < evaluated.size() && keep < tokens.size() && evaluated[keep] == tokens[keep])
       ++keep;
@@ -140,6 +145,7 @@ void add_chat_command(CLI::App& app, ChatOptions& o) {
   add_session_options(c, o.session, 512);
   c->add_option("-p,--prompt", o.prompt, "one user turn: answer it and exit");
   c->add_option("--system", o.system, "system message");
+  c->add_flag("--verbose-prompt", o.verbose_prompt, "print each turn's prompt token ids");
   c->add_option("--chat-template", o.template_file,
                 "Jinja chat template file (default: the model's tokenizer.chat_template)");
 }

@@ -49,6 +49,7 @@ struct ChatOptions {
   std::string prompt;  // one turn; empty: interactive
   std::string system;
   std::string template_file;
+  bool verbose_prompt = false;
 };
 void add_chat_command(CLI::App& app, ChatOptions& o);
 int chat_command(const ChatOptions& o);
