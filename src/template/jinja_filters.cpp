@@ -48,31 +48,37 @@ size_t length_of(const Value& v, Pos pos) {
     case Kind::String:
       return utf8_length(v.s);
     case Kind::List:
+      if (v.list->generator) break;
       return v.list->items.size();
     case Kind::Dict:
       return v.dict->items.size();
     default:
-      fail(pos, "object of type '" + type_name(v) + "' has no len()");
+      break;
   }
+  fail(pos, "object of type '" + type_name(v) + "' has no len()");
 }
 
 Value f_length(Interpreter&, Value& v, CallArgs& a) {
   return make_int(static_cast<int64_t>(length_of(v, a.pos)));
 }
+// String filters keep Markup as Markup (soft_str), which matters for a later "+".
+Value like(const Value& v, std::string s) {
+  return v.markup ? make_markup(std::move(s)) : make_str(std::move(s));
+}
 Value f_trim(Interpreter&, Value& v, CallArgs& a) {
-  return make_str(py_strip(text_of(v), find_arg(a, 0, "chars"), true, true));
+  return like(v, py_strip(text_of(v), find_arg(a, 0, "chars"), true, true));
 }
 Value f_upper(Interpreter&, Value& v, CallArgs&) {
-  return make_str(py_upper(text_of(v)));
+  return like(v, py_upper(text_of(v)));
 }
 Value f_lower(Interpreter&, Value& v, CallArgs&) {
-  return make_str(py_lower(text_of(v)));
+  return like(v, py_lower(text_of(v)));
 }
 Value f_string(Interpreter&, Value& v, CallArgs&) {
-  return make_str(text_of(v));
+  return like(v, text_of(v));
 }
 Value f_safe(Interpreter&, Value& v, CallArgs&) {
-  return make_str(text_of(v));
+  return make_markup(text_of(v));
 }
 
 Value f_capitalize(Interpreter&, Value& v, CallArgs& a) {
@@ -113,6 +119,7 @@ Value f_first(Interpreter&, Value& v, CallArgs& a) {
 }
 
 Value f_last(Interpreter&, Value& v, CallArgs& a) {
+  if (v.is_list() && v.list->generator) fail(a.pos, "'generator' object is not reversible");
   std::vector<Value> items = iterate(v, a.pos);
   return items.empty() ? make_undefined("No last item, sequence was empty.") : items.back();
 }
@@ -244,7 +251,7 @@ Value f_unique(Interpreter&, Value& v, CallArgs& a) {
     seen.push_back(key);
     out.push_back(item);
   }
-  return make_list(std::move(out));
+  return make_generator(std::move(out));
 }
 
 Value min_max(Value& v, CallArgs& a, bool want_max) {
@@ -286,29 +293,10 @@ Value f_reverse(Interpreter&, Value& v, CallArgs& a) {
 }
 
 Value f_escape(Interpreter&, Value& v, CallArgs&) {
-  std::string out;
-  for (char c : text_of(v)) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '\'':
-        out += "&#39;";
-        break;
-      case '"':
-        out += "&#34;";
-        break;
-      default:
-        out += c;
-    }
-  }
-  return make_str(out);
+  return v.markup ? v : make_markup(html_escape(text_of(v)));
+}
+Value f_forceescape(Interpreter&, Value& v, CallArgs&) {
+  return make_markup(html_escape(text_of(v)));
 }
 
 Value f_indent(Interpreter&, Value& v, CallArgs& a) {
@@ -383,13 +371,13 @@ Value select_items(Interpreter& in, Value& v, CallArgs& a, bool by_attr, bool ke
   CallArgs test_args;
   test_args.pos = a.pos;
   for (size_t k = first + 1; k < a.args.size(); ++k) test_args.args.push_back(a.args[k]);
-  if (!truthy(v)) return make_list({});
+  if (!truthy(v)) return make_generator({});
   for (const Value& item : iterate(v, a.pos)) {
     Value x = by_attr ? attr_path(item, attribute, a.pos) : item;
     bool ok = test.empty() ? truthy(x) : apply_test(in, test, x, test_args);
     if (ok == keep) out.push_back(item);
   }
-  return make_list(std::move(out));
+  return make_generator(std::move(out));
 }
 Value f_select(Interpreter& in, Value& v, CallArgs& a) {
   return select_items(in, v, a, false, true);
@@ -406,7 +394,7 @@ Value f_rejectattr(Interpreter& in, Value& v, CallArgs& a) {
 
 Value f_map(Interpreter& in, Value& v, CallArgs& a) {
   std::vector<Value> out;
-  if (!truthy(v)) return make_list({});
+  if (!truthy(v)) return make_generator({});
   const Value* attribute = nullptr;
   for (const auto& [k, x] : a.kwargs)
     if (k == "attribute") attribute = &x;
@@ -416,9 +404,9 @@ Value f_map(Interpreter& in, Value& v, CallArgs& a) {
       Value x = attr_path(item, to_str(*attribute), a.pos);
       out.push_back(x.is_undefined() && !def.is_undefined() ? def : x);
     }
-    return make_list(std::move(out));
+    return make_generator(std::move(out));
   }
-  if (a.args.empty()) return make_list(iterate(v, a.pos));
+  if (a.args.empty()) return make_generator(iterate(v, a.pos));
   std::string filter = text_of(a.args[0]);
   if (!has_filter(filter)) fail(a.pos, "no filter named '" + filter + "'");
   CallArgs rest{{a.args.begin() + 1, a.args.end()}, a.kwargs, a.pos};
@@ -426,7 +414,7 @@ Value f_map(Interpreter& in, Value& v, CallArgs& a) {
     CallArgs args = rest;
     out.push_back(apply_filter(in, filter, item, args));
   }
-  return make_list(std::move(out));
+  return make_generator(std::move(out));
 }
 
 const std::map<std::string, FilterFn, std::less<>>& filters() {
@@ -471,7 +459,7 @@ const std::map<std::string, FilterFn, std::less<>>& filters() {
       {"unique", f_unique},
       {"upper", f_upper},
       {"wordcount", f_wordcount},
-      {"forceescape", f_escape},
+      {"forceescape", f_forceescape},
   };
   return table;
 }
@@ -497,12 +485,12 @@ bool test_value(Interpreter& in, const std::string& name, const Value& v, CallAr
     return v.is_undefined() || v.is_string() || v.is_list() ||
            (v.is_dict() && v.dict->type == Dict::Type::Dict);
   if (name == "sequence")
-    return v.is_undefined() || v.is_string() || v.is_list() ||
+    return v.is_undefined() || v.is_string() || (v.is_list() && !v.list->generator) ||
            (v.is_dict() && v.dict->type == Dict::Type::Dict);
   if (name == "callable") return v.kind == Kind::Function;
   if (name == "lower") return v.is_string() && py_lower(v.s) == v.s;
   if (name == "upper") return v.is_string() && py_upper(v.s) == v.s;
-  if (name == "escaped") return false;
+  if (name == "escaped") return v.is_string() && v.markup;
   if (name == "odd" || name == "even") {
     if (!v.is_int()) fail(a.pos, "test '" + name + "' needs an integer, not " + type_name(v));
     return (v.as_int() % 2 != 0) == (name == "odd");

@@ -102,12 +102,15 @@ Value binary_op(const std::string& op, const Value& a, const Value& b, Interpret
     return int_op(op, a.as_int(), b.as_int(), pos);
   }
   if (op == "+" && a.is_string() && b.is_string()) {
-    in.check_size(a.s.size() + b.s.size(), pos);
-    std::string s = a.s;
-    s += b.s;
-    return make_str(std::move(s));
+    // Markup + str escapes the str (markupsafe); the result is Markup.
+    bool markup = a.markup || b.markup;
+    std::string s = markup && !a.markup ? html_escape(a.s) : a.s;
+    s += markup && !b.markup ? html_escape(b.s) : b.s;
+    in.check_size(s.size(), pos);
+    return markup ? make_markup(std::move(s)) : make_str(std::move(s));
   }
-  if (op == "+" && a.is_list() && b.is_list() && a.list->tuple == b.list->tuple) {
+  if (op == "+" && a.is_list() && b.is_list() && a.list->tuple == b.list->tuple &&
+      !a.list->generator && !b.list->generator) {
     std::vector<Value> items = a.list->items;
     items.insert(items.end(), b.list->items.begin(), b.list->items.end());
     return make_list(std::move(items), a.list->tuple);
@@ -231,7 +234,7 @@ Value get_item(const Value& obj, const Value& key, Pos pos) {
   if (obj.is_undefined()) fail(pos, obj.s);
   if (obj.is_dict()) {
     if (const Value* v = obj.dict->find(key)) return *v;
-  } else if ((obj.is_list() || obj.is_string()) && key.is_int()) {
+  } else if ((obj.is_string() || (obj.is_list() && !obj.list->generator)) && key.is_int()) {
     int64_t n = obj.is_list() ? static_cast<int64_t>(obj.list->items.size())
                               : static_cast<int64_t>(utf8_length(obj.s));
     int64_t i = key.as_int() < 0 ? key.as_int() + n : key.as_int();
@@ -247,7 +250,7 @@ Value get_item(const Value& obj, const Value& key, Pos pos) {
 
 Value slice(const Value& obj, const Value& start, const Value& stop, const Value& step, Pos pos) {
   if (obj.is_undefined()) fail(pos, obj.s);
-  if (!obj.is_list() && !obj.is_string())
+  if ((!obj.is_list() && !obj.is_string()) || (obj.is_list() && obj.list->generator))
     fail(pos, "'" + type_name(obj) + "' object is not subscriptable");
   auto as_index = [&](const Value& v, const char* what) -> const Value* {
     if (v.is_undefined() || v.is_none()) return nullptr;

@@ -74,6 +74,42 @@ Value make_str(std::string s) {
   v.s = std::move(s);
   return v;
 }
+Value make_markup(std::string s) {
+  Value v = make_str(std::move(s));
+  v.markup = true;
+  return v;
+}
+Value make_generator(std::vector<Value> items) {
+  Value v = make_list(std::move(items));
+  v.list->generator = true;
+  return v;
+}
+std::string html_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      case '"':
+        out += "&#34;";
+        break;
+      default:
+        out += c;
+    }
+  }
+  return out;
+}
+
 Value make_list(std::vector<Value> items, bool tuple) {
   Value v;
   v.kind = Kind::List;
@@ -110,7 +146,7 @@ bool truthy(const Value& v) {
     case Kind::String:
       return !v.s.empty();
     case Kind::List:
-      return !v.list->items.empty();
+      return v.list->generator || !v.list->items.empty();
     case Kind::Dict:
       return v.dict->type != Dict::Type::Dict || !v.dict->items.empty();
     case Kind::Function:
@@ -267,6 +303,7 @@ std::string repr(const Value& v) {
     case Kind::String:
       return repr_string(v.s);
     case Kind::List:
+      if (v.list->generator) return "<generator object>";
       if (v.list->tuple) return "(" + repr_items(v) + (v.list->items.size() == 1 ? ",)" : ")");
       return "[" + repr_items(v) + "]";
     case Kind::Dict:
@@ -312,9 +349,9 @@ std::string type_name(const Value& v) {
     case Kind::Float:
       return "float";
     case Kind::String:
-      return "str";
+      return v.markup ? "Markup" : "str";
     case Kind::List:
-      return v.list->tuple ? "tuple" : "list";
+      return v.list->generator ? "generator" : v.list->tuple ? "tuple" : "list";
     case Kind::Dict:
       return v.dict->type == Dict::Type::Dict        ? "dict"
              : v.dict->type == Dict::Type::Namespace ? "Namespace"
@@ -339,6 +376,7 @@ bool equals(const Value& a, const Value& b) {
       return a.s == b.s;
     case Kind::List: {
       const auto &x = a.list->items, &y = b.list->items;
+      if (a.list->generator || b.list->generator) return a.list == b.list;
       if (a.list->tuple != b.list->tuple || x.size() != y.size()) return false;
       for (size_t k = 0; k < x.size(); ++k)
         if (!equals(x[k], y[k])) return false;
@@ -473,6 +511,7 @@ void json_value(std::string& out, const Value& v, const JsonOptions& o, int dept
       json_string(out, v.s, o.ensure_ascii);
       return;
     case Kind::List: {
+      if (v.list->generator) break;
       if (v.list->items.empty()) {
         out += "[]";
         return;

@@ -39,6 +39,7 @@ struct Value {
   int64_t i = 0;
   double f = 0.0;
   std::string s;  // the text of a String; for an Undefined, the message of the error it raises
+  bool markup = false;  // a String that is markupsafe.Markup (from |safe or |escape)
   std::shared_ptr<List> list;
   std::shared_ptr<Dict> dict;
   std::shared_ptr<Function> fn;
@@ -59,6 +60,9 @@ struct Value {
 struct List {
   std::vector<Value> items;
   bool tuple = false;
+  // The lazy result of select/reject/map/unique: iterable, but with no len(), no index and no
+  // JSON form, and always true, as in jinja2.
+  bool generator = false;
 };
 
 // An insertion-ordered mapping (Python dict); also a jinja2 namespace() or loop object.
@@ -88,6 +92,9 @@ Value make_bool(bool b);
 Value make_int(int64_t i);
 Value make_float(double f);
 Value make_str(std::string s);
+Value make_markup(std::string s);
+Value make_generator(std::vector<Value> items);
+std::string html_escape(const std::string& s);
 Value make_list(std::vector<Value> items, bool tuple = false);
 Value make_dict(Dict::Type type = Dict::Type::Dict);
 Value make_fn(std::string name, std::function<Value(CallArgs&)> call);

@@ -44,6 +44,26 @@ MUST_PASS = [
 UNICODE = "Grüße, 世界! 🦀 — naïve café \u00a0 ✓"
 TRICKY = "He said \"hi\"\n\tand 'bye' \\ <b>&amp;</b> {{ not jinja }}  \n"
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "description": "City name, e.g. Paris"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7.5}},
+        "required": ["city"]}}}]
+
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You can call tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [{
+        "id": "call12345", "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+    {"role": "tool", "tool_call_id": "call12345", "name": "get_weather",
+     "content": "{\"temperature\": 21.5, \"sky\": \"clear\"}"},
+    {"role": "assistant", "content": "It is 21.5 °C and clear in Paris."},
+    {"role": "user", "content": "Thanks!"},
+]
+
 CONVERSATIONS = {
     "system_user": [
         {"role": "system", "content": "You are a helpful assistant."},
@@ -128,10 +148,13 @@ def collect_templates(root):
 
 
 def contexts():
-    for name, messages in CONVERSATIONS.items():
+    conversations = [(name, messages, None) for name, messages in CONVERSATIONS.items()]
+    conversations.append(("tools", TOOL_CONVERSATION, TOOLS))
+    conversations.append(("tools_unused", CONVERSATIONS["system_user"], TOOLS))
+    for name, messages, tools in conversations:
         for gen in (True, False):
             yield f"{name}/gen={gen}", {
-                "messages": messages, "tools": None, "documents": None,
+                "messages": messages, "tools": tools, "documents": None,
                 "add_generation_prompt": gen, "bos_token": "<s>", "eos_token": "</s>",
             }
 

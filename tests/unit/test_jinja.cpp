@@ -52,6 +52,21 @@ TEST(Jinja, MatchesJinja2OnEachConstruct) {
     EXPECT_EQ(render(c.source), c.expected) << "[" << c.group << "] " << c.source;
 }
 
+TEST(Jinja, MarkupFromSafeEscapesWhatIsAddedToIt) {
+  // markupsafe: Markup + str escapes the str; "~" joins plain strings (autoescape is off).
+  EXPECT_EQ(render(R"J({{ 'a<'|safe + '<b>' }} {{ '<x>'|e + '&' }} {{ ('x'|safe) ~ '<' }})J"
+                   R"J( {{ '<'|safe|trim + '>' }} {{ 'q'|safe is escaped }})J"),
+            "a<&lt;b&gt; &lt;x&gt;&amp; x< <&gt; True");
+}
+
+TEST(Jinja, SelectAndMapReturnGeneratorsAsInJinja2) {
+  EXPECT_EQ(render("{{ [1, 2, 3] | select('odd') | list | length }} {{ [] | map('upper') | list }}"
+                   " {{ [3, 1] | unique | list }}{{ ([1] | select)[0] }}|"),
+            "2 [] [3, 1]|");
+  expect_error("{{ [1] | select('odd') | length }}", {"'generator' has no len()"});
+  expect_error("{{ [1] | map('string') | tojson }}", {"generator is not JSON serializable"});
+}
+
 TEST(Jinja, NormalizesNewlinesAndDropsOneTrailingNewline) {
   EXPECT_EQ(render("line1\r\nline2\rline3\n\n"), "line1\nline2\nline3\n");
   EXPECT_EQ(render("a\n"), "a");
