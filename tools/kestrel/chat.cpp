@@ -144,6 +144,7 @@ void add_chat_command(CLI::App& app, ChatOptions& o) {
   CLI::App* c = app.add_subcommand("chat", "Chat with an instruct model through its template");
   add_session_options(c, o.session, 512);
   c->add_option("-p,--prompt", o.prompt, "one user turn: answer it and exit");
+  c->add_option("-f,--file", o.file, "one user turn read from a file: answer it and exit");
   c->add_option("--system", o.system, "system message");
   c->add_flag("--verbose-prompt", o.verbose_prompt, "print each turn's prompt token ids");
   c->add_option("--chat-template", o.template_file,
@@ -172,8 +173,10 @@ int chat_command(const ChatOptions& o) {
   l.load_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_load).count();
   Conversation c(o, l, *tmpl);
-  if (o.prompt.empty()) return interactive(c);
-  st = c.turn(o.prompt);
+  if (o.prompt.empty() && o.file.empty()) return interactive(c);
+  auto text = read_prompt(o.prompt, o.file);
+  if (!text) return fail(text.message());
+  st = c.turn(*text);
   if (!st) return fail(st.message());
   return 0;
 }

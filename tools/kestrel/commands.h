@@ -46,7 +46,8 @@ int tokenize_command(const TokenizeOptions& o);
 
 struct ChatOptions {
   SessionOptions session;
-  std::string prompt;  // one turn; empty: interactive
+  std::string prompt;  // one turn; empty (and no file): interactive
+  std::string file;
   std::string system;
   std::string template_file;
   bool verbose_prompt = false;
