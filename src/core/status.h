@@ -42,6 +42,10 @@ template <typename... Args>
 Status error(const char* fmt, Args... args) {
   return Status::error(format(fmt, args...));
 }
+// A message without arguments is taken as is (no format string to interpret).
+inline Status error(const char* message) {
+  return Status::error(message);
+}
 
 template <typename T>
 class Expected {

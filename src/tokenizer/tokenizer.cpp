@@ -177,12 +177,12 @@ void Tokenizer::encode_bpe_word(std::string_view word, std::vector<int32_t>& out
       out.push_back(id);
       continue;
     }
-    for_each_char(piece, [&](std::string_view c) {  // a merge result missing from the vocab
+    // A piece missing from the vocabulary: its characters one by one. A byte whose character
+    // is not in the vocabulary at all is dropped, as Hugging Face's BPE without an unknown
+    // token (the byte-level models' setting) and llama.cpp do.
+    for_each_char(piece, [&](std::string_view c) {
       const int32_t cid = vocab_.find(std::string(c));
-      if (cid != kNoToken)
-        out.push_back(cid);
-      else if (vocab_.unk != kNoToken)
-        out.push_back(vocab_.unk);
+      if (cid != kNoToken) out.push_back(cid);
     });
   }
 }

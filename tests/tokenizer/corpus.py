@@ -34,6 +34,7 @@ HARD_TEXTS = [
     "\u3000ideographic\u3000space",
     "mathematics: ∀x∈ℝ, ∃y: y>x; 𝔸𝔹ℂ 𝒜ℬ",
     "url https://example.com/path?q=1&r=two#frag email a.b@c.de",
+    "control \x00 \x01 \x16 \x1b[0m \x7f characters",
     "",
 ]
 
