@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" != 0 ] && SUDO=sudo
 need=()
-for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev libpcre2-dev pkg-config python3 python3-pip; do
+for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev pkg-config python3 python3-pip; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -2,6 +2,9 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <utf8proc.h>
+
+#include <cstdlib>
 
 namespace kestrel::tok {
 
@@ -27,8 +30,10 @@ Expected<PreTokenizerSpec> pre_tokenizer_spec(const std::string& pre) {
              pre == "smaug-bpe" || pre == "falcon3" || pre == "pixtral") {
     s.regexes = {kLlama3};
     s.ignore_merges = pre == "llama3" || pre == "llama-v3" || pre == "llama-bpe";
+    s.add_bos = s.ignore_merges || pre == "falcon3" || pre == "pixtral";
   } else if (pre == "qwen2" || pre == "deepseek-r1-qwen" || pre == "stablelm2" || pre == "megrez") {
     s.regexes = {kQwen2};
+    s.nfc = pre == "qwen2" || pre == "deepseek-r1-qwen";
   } else if (pre == "smollm" || pre == "starcoder" || pre == "refact" || pre == "command-r" ||
              pre == "codeshell" || pre == "exaone" || pre == "minerva") {
     // Every digit on its own, then GPT-2's expression.
@@ -45,6 +50,19 @@ Expected<PreTokenizerSpec> pre_tokenizer_spec(const std::string& pre) {
         pre.c_str());
   }
   return s;
+}
+
+std::string nfc_normalize(std::string_view text) {
+  // utf8proc allocates the result; on failure (not expected for valid UTF-8) keep the text.
+  utf8proc_uint8_t* out = nullptr;
+  const utf8proc_ssize_t n =
+      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(text.data()),
+                   static_cast<utf8proc_ssize_t>(text.size()), &out,
+                   static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+  if (n < 0) return std::string(text);
+  std::string result(reinterpret_cast<const char*>(out), static_cast<size_t>(n));
+  std::free(out);
+  return result;
 }
 
 struct PreTokenizer::Impl {

@@ -16,7 +16,12 @@ namespace kestrel::tok {
 struct PreTokenizerSpec {
   std::vector<std::string> regexes;
   bool ignore_merges = false;  // a word that is itself a token skips the merges (Llama 3)
+  bool add_bos = false;        // BOS when the GGUF does not say (Llama 3 always wants it)
+  bool nfc = false;            // Unicode NFC before splitting (Qwen2's normalizer)
 };
+
+// Unicode normalization form C of valid UTF-8 text.
+std::string nfc_normalize(std::string_view text);
 
 // The spec for a tokenizer.ggml.pre name; an error lists the supported names.
 Expected<PreTokenizerSpec> pre_tokenizer_spec(const std::string& pre);

@@ -77,6 +77,7 @@ Expected<std::unique_ptr<Tokenizer>> Tokenizer::load(const gguf::File& file) {
     KESTREL_ASSIGN_OR_RETURN(PreTokenizer pre, PreTokenizer::create(spec.regexes));
     t->pre_ = std::make_unique<PreTokenizer>(std::move(pre));
     t->ignore_merges_ = spec.ignore_merges;
+    t->nfc_ = spec.nfc;
   }
   const Vocab& v = t->vocab_;
   for (int32_t id = 0; id < v.size(); ++id) {
@@ -210,7 +211,9 @@ Expected<std::vector<int32_t>> Tokenizer::encode(std::string_view text,
       else
         encode_spm(f.text, out);
     } else {
-      for (std::string_view word : pre_->split(f.text)) encode_bpe_word(word, out);
+      const std::string normalized = nfc_ ? nfc_normalize(f.text) : std::string();
+      const std::string_view text = nfc_ ? std::string_view(normalized) : f.text;
+      for (std::string_view word : pre_->split(text)) encode_bpe_word(word, out);
     }
     prev_special = false;
   }

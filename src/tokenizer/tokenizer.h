@@ -57,6 +57,7 @@ class Tokenizer {
   Vocab vocab_;
   std::unique_ptr<PreTokenizer> pre_;  // BPE only
   bool ignore_merges_ = false;
+  bool nfc_ = false;
   // Special and added tokens that are matched in raw text, by first byte, longest first.
   std::vector<int32_t> special_by_byte_[256];
 };

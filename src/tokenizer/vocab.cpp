@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "tokenizer/pretokenizer.h"
+
 namespace kestrel::tok {
 
 namespace {
@@ -126,10 +128,15 @@ Expected<Vocab> load_vocab(const gguf::File& f) {
   KESTREL_TRY(read_token_id(f, "tokenizer.ggml.unknown_token_id", n_vocab, &v.unk));
   KESTREL_TRY(read_token_id(f, "tokenizer.ggml.padding_token_id", n_vocab, &v.pad));
   const bool spm = v.kind == VocabKind::Spm;
-  v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token", spm);
+  v.pre = f.get_string("tokenizer.ggml.pre", "default");
+  bool bos_by_default = spm;
+  if (!spm) {
+    KESTREL_ASSIGN_OR_RETURN(PreTokenizerSpec pre, pre_tokenizer_spec(v.pre));
+    bos_by_default = pre.add_bos;
+  }
+  v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token", bos_by_default);
   v.add_eos = f.get_bool("tokenizer.ggml.add_eos_token", false);
   v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix", spm);
-  v.pre = f.get_string("tokenizer.ggml.pre", "default");
   if (v.add_bos && v.bos == kNoToken)
     return error("tokenizer.ggml.add_bos_token is set but the vocabulary has no BOS token id");
   if (v.add_eos && v.eos == kNoToken)

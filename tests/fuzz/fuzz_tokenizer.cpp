@@ -9,6 +9,7 @@
 
 #include "format/gguf.h"
 #include "tokenizer/byte_level.h"
+#include "tokenizer/pretokenizer.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/utf8.h"
 
@@ -38,9 +39,10 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 // What decoding gives back: byte-level vocabularies may lack a few bytes (SmolLM2 has no
 // token for some control characters), which encoding drops; SentencePiece reads its visible
-// space U+2581 back as a space.
+// space U+2581 back as a space; Qwen2 normalizes to NFC.
 std::string representable(const std::string& text) {
   const kestrel::tok::Vocab& v = g_tok->vocab();
+  if (v.pre == "qwen2") return kestrel::tok::nfc_normalize(text);  // its normalizer
   std::string out;
   if (v.kind == kestrel::tok::VocabKind::Spm) {
     for (size_t i = 0; i < text.size(); ++i) {

@@ -34,6 +34,8 @@ HARD_TEXTS = [
     "\u3000ideographic\u3000space",
     "mathematics: ∀x∈ℝ, ∃y: y>x; 𝔸𝔹ℂ 𝒜ℬ",
     "url https://example.com/path?q=1&r=two#frag email a.b@c.de",
+    # Decomposed (NFD) text: Qwen2 normalizes to NFC first, the others keep it as it is.
+    "\u1112\u1161\u11ab\u1100\u116e\u11a8\u110b\u1165 cafe\u0301 A\u030a \u212b",
     "control \x00 \x01 \x16 \x1b[0m \x7f characters",
     "",
 ]

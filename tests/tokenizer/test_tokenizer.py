@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import unicodedata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from corpus import HARD_TEXTS, SPECIAL_TEXTS  # noqa: E402
@@ -81,6 +82,8 @@ def gpt2_byte_chars():
 def representable(text, vocab):
     """The text less the bytes a byte-level vocabulary has no token for: the model cannot
     round-trip those (its tokenizer drops them), so the round trip is judged without them."""
+    if vocab is not None and vocab.pre == "qwen2":  # its normalizer: NFC
+        text = unicodedata.normalize("NFC", text)
     data = text.encode("utf-8")
     if vocab is None or vocab.model != "gpt2":
         return data
@@ -127,6 +130,29 @@ def reference_cases(args):
             got, _ = run_driver(args, path, SPECIAL_TEXTS, parse_special=False)
             compare(f"reference {name} (special tokens as text)", SPECIAL_TEXTS, got,
                     [ref.encode(t, False) for t in SPECIAL_TEXTS])
+
+
+def llama_cpp_cases(args):
+    """When llama-cpp-python is installed (not in CI: it builds for minutes), llama.cpp's own
+    tokenizer is a third reference, BOS/EOS rules included (add_special on)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("skip llama.cpp itself as a reference: llama-cpp-python is not installed")
+        return
+    vocab_dir = os.path.join(args.models, "llama.cpp", "vocab")
+    models = [(os.path.join(vocab_dir, f"ggml-vocab-{n}.gguf"), n) for n, _ in REFERENCE_VOCABS]
+    models.append((os.path.join(args.models, SMOLLM2), "SmolLM2"))
+    for path, name in models:
+        texts = HARD_TEXTS + SPECIAL_TEXTS
+        ref = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+        if name == "qwen2":  # llama.cpp skips Qwen2's NFC normalizer; compare on NFC text only
+            texts = [t for t in HARD_TEXTS + SPECIAL_TEXTS if unicodedata.is_normalized("NFC", t)]
+        for special in (False, True):
+            got, _ = run_driver(args, path, texts, parse_special=special, add_special=True)
+            want = [ref.tokenize(t.encode("utf-8"), add_bos=True, special=special) for t in texts]
+            compare(f"llama.cpp {name} (BOS/EOS added, special tokens "
+                    f"{'parsed' if special else 'as text'})", texts, got, want)
 
 
 def write_vocab(path, model="gpt2", tokens=("a", "b", "ab"), merges=("a b",), pre="default",
@@ -202,6 +228,7 @@ def main():
         return 77
     llamacpp_cases(args)
     reference_cases(args)
+    llama_cpp_cases(args)
     bad_input_cases(args)
     print(f"{len(failures)} failures")
     return 1 if failures else 0
