@@ -151,7 +151,9 @@ void add_chat_command(CLI::App& app, ChatOptions& o) {
                 "Jinja chat template file (default: the model's tokenizer.chat_template)");
 }
 
-int chat_command(const ChatOptions& o) {
+int chat_command(ChatOptions& o) {
+  Status settings = apply_settings_file(o.session);
+  if (!settings) return fail(settings.message());
   const auto t_load = std::chrono::steady_clock::now();
   Loaded l;
   auto model = load_model(o.session);

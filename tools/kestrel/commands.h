@@ -24,7 +24,7 @@ struct RunOptions {
   std::string dump_logits;
 };
 void add_run_command(CLI::App& app, RunOptions& o);
-int run_command(const RunOptions& o);
+int run_command(RunOptions& o);
 
 struct InfoOptions {
   std::string model;
@@ -53,6 +53,6 @@ struct ChatOptions {
   bool verbose_prompt = false;
 };
 void add_chat_command(CLI::App& app, ChatOptions& o);
-int chat_command(const ChatOptions& o);
+int chat_command(ChatOptions& o);
 
 }  // namespace kestrel::cli

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 
 #include "commands.h"
 #include "format/quant/quant.h"
+#include "runtime/history.h"
+#include "runtime/settings.h"
 
 namespace kestrel::cli {
 
@@ -44,6 +47,26 @@ void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict
   app->add_flag("--report", o.report, "print the prompt-evaluation report (markdown)");
   app->add_option("--report-json", o.report_json, "write the report as JSON");
   app->add_option("--target-ms", o.target_ms, "target ms/token range, e.g. 20-50");
+  app->add_flag("--profile", o.profile, "time every op kind and print the top ones per chunk");
+  app->add_option("--history", o.history, "append this run's report to a JSON-lines file");
+  app->add_option("--config", o.config, "settings file written by `kestrel tune`");
+  o.command = app;
+}
+
+Status apply_settings_file(SessionOptions& o) {
+  if (o.config.empty()) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(runtime::Settings s, runtime::load_settings(o.config));
+  auto given = [&](const char* flag) { return o.command && o.command->count(flag) > 0; };
+  if (s.n_batch && !given("--batch-size")) o.n_batch = *s.n_batch;
+  if (s.n_ubatch && !given("--ubatch-size")) o.n_ubatch = *s.n_ubatch;
+  if (s.n_threads && !given("--threads")) o.n_threads = *s.n_threads;
+  if (s.type_k && !given("--cache-type-k")) o.type_k = *s.type_k;
+  if (s.type_v && !given("--cache-type-v")) o.type_v = *s.type_v;
+  if (s.chunking && !given("--chunking")) o.chunking = *s.chunking;
+  if (s.n_gpu_layers && *s.n_gpu_layers > 0)
+    return error("settings file '%s' asks for %d GPU layers, but this build has no GPU backend",
+                 o.config.c_str(), *s.n_gpu_layers);
+  return Status::ok();
 }
 
 Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o) {
@@ -162,6 +185,12 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   if (!o.report_json.empty()) {
     const std::string js = runtime::to_json(rep).dump(2) + "\n";
     KESTREL_TRY(write_file(o.report_json, js.data(), js.size()));
+  }
+  if (!o.history.empty()) {
+    nlohmann::json record = runtime::to_json(rep);
+    record["kind"] = "run";
+    record["recorded_at"] = static_cast<int64_t>(std::time(nullptr));
+    KESTREL_TRY(runtime::append_history(o.history, record));
   }
   return Status::ok();
 }

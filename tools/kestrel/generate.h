@@ -37,8 +37,14 @@ struct SessionOptions {
   bool report = false;
   std::string report_json;
   std::string target_ms;
+  bool profile = false;         // per-op times (--profile)
+  std::string history;          // append the report as a JSON line (--history FILE)
+  std::string config;           // settings file from `kestrel tune` (--config FILE)
+  CLI::App* command = nullptr;  // to tell flags given on the command line from defaults
 };
 void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict);
+// Loads --config FILE into the options; flags given on the command line win over the file.
+Status apply_settings_file(SessionOptions& o);
 
 // A loaded model with its tokenizer and an empty session sized for `n_needed` positions
 // (prompt plus generation) unless -c fixes the size.

@@ -74,7 +74,9 @@ void add_run_command(CLI::App& app, RunOptions& o) {
                   "write float32 logits of every prompt position, [n_prompt][n_vocab]");
 }
 
-int run_command(const RunOptions& o) {
+int run_command(RunOptions& o) {
+  Status settings = apply_settings_file(o.session);
+  if (!settings) return fail(settings.message());
   const SessionOptions& so = o.session;
   if (so.n_predict < 0) return fail("-n must be 0 or more");
   const auto t_load = std::chrono::steady_clock::now();
