@@ -6,9 +6,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
+#include "core/op_profiler.h"
 #include "core/status.h"
 #include "format/quant/types.h"
 
@@ -116,6 +119,13 @@ class Backend {
   virtual Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) = 0;
 
   virtual Status synchronize() = 0;
+
+  // Runs `op` for the per-op profile (--profile) and adds its time to `profiler` under
+  // `kind`. The default brackets the op with synchronize() and the host clock, which is exact
+  // for synchronous backends; asynchronous ones override it with device timers (events) so
+  // that profiling does not serialize more than it must. Never called when not profiling.
+  virtual Status profile_op(std::string_view kind, OpProfiler& profiler,
+                            const std::function<Status()>& op);
 };
 
 }  // namespace kestrel::backend

@@ -1,12 +1,33 @@
 #include "model/forward.h"
 
+#include <array>
 #include <cmath>
+#include <string>
 
 namespace kestrel::model {
 
 using backend::Backend;
 using backend::Tensor;
 using quant::DType;
+
+namespace {
+
+// The profile's name of a matmul: by weight type, where prompt time mostly goes.
+std::string_view matmul_kind(const backend::Weight& w) {
+  static const auto names = [] {
+    std::array<std::string, 64> a;
+    for (int i = 0; i < 64; ++i)
+      a[i] = std::string("matmul ") + quant::type_name(static_cast<DType>(i));
+    return a;
+  }();
+  const int i = static_cast<int>(w.type);
+  return i >= 0 && i < 64 ? std::string_view(names[i]) : std::string_view("matmul");
+}
+
+}  // namespace
+
+// One backend op, timed under `kind` when a profiler is attached (Forward::op).
+#define OP(be, kind, expr) KESTREL_TRY(op(be, kind, [&] { return (expr); }))
 
 Expected<std::unique_ptr<Forward>> Forward::create(const Model& model, int max_tokens) {
   if (max_tokens <= 0) return error("micro-batch size %d must be positive", max_tokens);
@@ -43,8 +64,9 @@ Status Forward::alloc_scratch(Backend* be) {
 Status Forward::move_residual(Backend* from, Backend* to, int n) {
   const Config& c = model_.config();
   host_x_.resize(static_cast<size_t>(n) * c.n_embd);
-  KESTREL_TRY(from->download(scratch_[from].x, 0, n, host_x_.data()));
-  return to->upload(scratch_[to].x, 0, n, host_x_.data());
+  OP(*from, "copy between devices", from->download(scratch_[from].x, 0, n, host_x_.data()));
+  OP(*to, "copy between devices", to->upload(scratch_[to].x, 0, n, host_x_.data()));
+  return Status::ok();
 }
 
 Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cache,
@@ -62,7 +84,7 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
   for (int t = 0; t < n; ++t) positions_[t] = pos0 + t;
 
   Backend* where = model_.input_backend();
-  KESTREL_TRY(where->embed(model_.token_embd(), tokens, n, scratch_[where].x));  // x[T][E]
+  OP(*where, "embed", where->embed(model_.token_embd(), tokens, n, scratch_[where].x));  // x[T][E]
   for (int il = 0; il < c.n_layer; ++il) {
     Backend* be = model_.layer(il).backend;
     if (be != where) {
@@ -90,24 +112,28 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache)
   const bool bias = c.qkv_bias;
 
   // Attention block.
-  KESTREL_TRY(be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));       // h[T][E]
-  KESTREL_TRY(be.matmul(*L.wq, s.h, n, s.q, bias ? &L.bq : nullptr));  // q[T][q_dim]
-  KESTREL_TRY(be.matmul(*L.wk, s.h, n, s.k, bias ? &L.bk : nullptr));  // k[T][kv_dim]
-  KESTREL_TRY(be.matmul(*L.wv, s.h, n, s.v, bias ? &L.bv : nullptr));  // v[T][kv_dim]
-  KESTREL_TRY(be.rope(s.q, n, pos, rope_q));
-  KESTREL_TRY(be.rope(s.k, n, pos, rope_k));
-  KESTREL_TRY(be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // cache rows pos[t]
-  KESTREL_TRY(be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));  // att[T][q_dim]
-  KESTREL_TRY(be.matmul(*L.wo, s.att, n, s.proj, nullptr));                       // proj[T][E]
-  KESTREL_TRY(be.add(s.x, s.proj, n));                                            // x += proj
+  OP(be, "rms_norm", be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));               // h[T][E]
+  OP(be, matmul_kind(*L.wq), be.matmul(*L.wq, s.h, n, s.q, bias ? &L.bq : nullptr));  // q[T][q_dim]
+  OP(be, matmul_kind(*L.wk),
+     be.matmul(*L.wk, s.h, n, s.k, bias ? &L.bk : nullptr));  // k[T][kv_dim]
+  OP(be, matmul_kind(*L.wv),
+     be.matmul(*L.wv, s.h, n, s.v, bias ? &L.bv : nullptr));  // v[T][kv_dim]
+  OP(be, "rope", be.rope(s.q, n, pos, rope_q));
+  OP(be, "rope", be.rope(s.k, n, pos, rope_k));
+  OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
+  OP(be, "attention",
+     be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));     // att[T][q_dim]
+  OP(be, matmul_kind(*L.wo), be.matmul(*L.wo, s.att, n, s.proj, nullptr));  // proj[T][E]
+  OP(be, "add", be.add(s.x, s.proj, n));                                    // x += proj
 
   // Feed-forward block (SwiGLU).
-  KESTREL_TRY(be.rms_norm(s.x, n, L.ffn_norm, c.rms_eps, s.h));   // h[T][E]
-  KESTREL_TRY(be.matmul(*L.w_gate, s.h, n, s.gate, nullptr));     // gate[T][F]
-  KESTREL_TRY(be.matmul(*L.w_up, s.h, n, s.up, nullptr));         // up[T][F]
-  KESTREL_TRY(be.swiglu(s.gate, s.up, n, s.gate));                // gate = silu(gate)*up
-  KESTREL_TRY(be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
-  return be.add(s.x, s.proj, n);                                  // x += proj
+  OP(be, "rms_norm", be.rms_norm(s.x, n, L.ffn_norm, c.rms_eps, s.h));            // h[T][E]
+  OP(be, matmul_kind(*L.w_gate), be.matmul(*L.w_gate, s.h, n, s.gate, nullptr));  // gate[T][F]
+  OP(be, matmul_kind(*L.w_up), be.matmul(*L.w_up, s.h, n, s.up, nullptr));        // up[T][F]
+  OP(be, "swiglu", be.swiglu(s.gate, s.up, n, s.gate));  // gate = silu(gate)*up
+  OP(be, matmul_kind(*L.w_down), be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
+  OP(be, "add", be.add(s.x, s.proj, n));                                             // x += proj
+  return Status::ok();
 }
 
 Status Forward::run_head(int n_rows, const int32_t* rows, float* logits) {
@@ -120,11 +146,13 @@ Status Forward::run_head(int n_rows, const int32_t* rows, float* logits) {
     KESTREL_ASSIGN_OR_RETURN(head_in_, be.alloc(DType::F32, n_rows, c.n_embd, "head input"));
     KESTREL_ASSIGN_OR_RETURN(logits_, be.alloc(DType::F32, n_rows, c.n_vocab, "logits"));
   }
-  KESTREL_TRY(be.get_rows(s.x, rows, n_rows, s.h));  // h[R][E]
-  KESTREL_TRY(be.rms_norm(s.h, n_rows, model_.output_norm(), c.rms_eps, head_in_));
-  KESTREL_TRY(be.matmul(model_.output(), head_in_, n_rows, logits_, nullptr));  // [R][V]
+  OP(be, "get_rows", be.get_rows(s.x, rows, n_rows, s.h));  // h[R][E]
+  OP(be, "rms_norm", be.rms_norm(s.h, n_rows, model_.output_norm(), c.rms_eps, head_in_));
+  OP(be, "matmul head " + std::string(matmul_kind(model_.output()).substr(7)),
+     be.matmul(model_.output(), head_in_, n_rows, logits_, nullptr));  // [R][V]
   KESTREL_TRY(be.synchronize());
-  return be.download(logits_, 0, n_rows, logits);
+  OP(be, "copy logits to host", be.download(logits_, 0, n_rows, logits));
+  return Status::ok();
 }
 
 }  // namespace kestrel::model

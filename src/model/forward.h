@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/op_profiler.h"
 #include "kv/kv_cache.h"
 #include "model/model.h"
 
@@ -26,7 +27,16 @@ class Forward {
   Status run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cache,
              const int32_t* logit_rows, int n_logit_rows, float* logits);
 
+  // Per-op times go to `p` while it is set (nullptr: off, the default).
+  void set_profiler(OpProfiler* p) { profiler_ = p; }
+
  private:
+  // Runs one backend op; with a profiler attached, its backend times it under `kind`.
+  template <typename Op>
+  Status op(backend::Backend& be, std::string_view kind, Op&& f) {
+    if (!profiler_) return f();
+    return be.profile_op(kind, *profiler_, f);
+  }
   // Activations of one backend, each [max_tokens][dim] f32.
   struct Scratch {
     backend::Tensor x;     // [T][E] residual stream
@@ -47,6 +57,7 @@ class Forward {
 
   const Model& model_;
   int max_tokens_;
+  OpProfiler* profiler_ = nullptr;
   std::map<backend::Backend*, Scratch> scratch_;
   backend::Tensor head_in_;  // [max_rows][E] rows gathered for the head
   backend::Tensor logits_;   // [max_rows][V]

@@ -55,6 +55,23 @@ std::string grouped(double v, int decimals) {
 
 }  // namespace
 
+namespace {
+
+// One line per chunk: its three largest op kinds and their share of the chunk.
+std::string profile_by_chunk(const PromptReport& r) {
+  if (r.chunks.size() < 2) return "";
+  std::string out = "\n| chunk | largest ops (share of the chunk) |\n|---|---|\n";
+  for (const auto& c : r.chunks) {
+    std::string ops;
+    for (size_t i = 0; i < c.ops.size() && i < 3; ++i)
+      ops += (i ? ", " : "") + c.ops[i].kind + " " + fmt("%.0f%%", 100.0 * c.ops[i].ms / c.ms);
+    out += "| " + std::to_string(c.index + 1) + " | " + ops + " |\n";
+  }
+  return out;
+}
+
+}  // namespace
+
 std::string chunk_note(const PromptReport& r, size_t i) {
   int largest = 0;
   for (const auto& c : r.chunks) largest = std::max(largest, c.n_tokens);
@@ -121,6 +138,8 @@ std::string render_markdown(const PromptReport& r) {
     << " |\n";
   o << "| load (before timing) | " << grouped(r.load_ms, 1) << " ms |\n";
   o << "| version | " << r.version << " |\n";
+  if (r.profile)
+    o << "\n" << render_profile_markdown(*r.profile, r.total_ms()) << profile_by_chunk(r);
   return o.str();
 }
 
@@ -137,6 +156,11 @@ nlohmann::json to_json(const PromptReport& r) {
                       {"ms_per_token", c.ms / c.n_tokens},
                       {"tokens_per_s", c.ms > 0 ? c.n_tokens * 1000.0 / c.ms : 0.0},
                       {"note", chunk_note(r, i)}});
+    if (!c.ops.empty()) {
+      OpProfiler p;
+      for (const OpTime& t : c.ops) p.add_all(t);
+      chunks.back()["profile"] = profile_to_json(p, c.ms);
+    }
   }
   const auto& s = r.settings;
   json j = {{"prompt_tokens", r.prompt_tokens},
@@ -162,6 +186,7 @@ nlohmann::json to_json(const PromptReport& r) {
     j["generation"] = {{"tokens", r.gen_tokens},
                        {"ms", r.gen_ms},
                        {"tokens_per_s", r.gen_tokens * 1000.0 / r.gen_ms}};
+  if (r.profile) j["profile"] = profile_to_json(*r.profile, r.total_ms());
   if (r.target) {
     j["target"] = {{"low_ms_per_token", r.target->low_ms},
                    {"high_ms_per_token", r.target->high_ms},

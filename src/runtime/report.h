@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/profiler.h"
 #include "runtime/session.h"
 
 namespace kestrel::runtime {
@@ -35,6 +36,7 @@ struct PromptReport {
   int gen_tokens = 0;
   double gen_ms = 0;
   std::optional<TargetRange> target;
+  std::optional<OpProfiler> profile;  // --profile: the ops of the prompt chunks
 
   double total_ms() const;
   double ms_per_token() const;

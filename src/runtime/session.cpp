@@ -42,6 +42,7 @@ Status Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* 
                                 params_.chunking);
   std::vector<int32_t> rows;
   for (const Chunk& chunk : plan) {
+    chunk_profile_.reset();
     const auto t0 = std::chrono::steady_clock::now();
     int first = chunk.first_token;
     for (int n : chunk.ubatches) {
@@ -62,8 +63,16 @@ Status Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* 
     }
     const double ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    chunks_.push_back({static_cast<int>(chunks_.size()), n_past_ + chunk.first_token,
-                       chunk.n_tokens, static_cast<int>(chunk.ubatches.size()), ms});
+    chunks_.push_back({static_cast<int>(chunks_.size()),
+                       n_past_ + chunk.first_token,
+                       chunk.n_tokens,
+                       static_cast<int>(chunk.ubatches.size()),
+                       ms,
+                       {}});
+    if (profiler_) {
+      chunks_.back().ops = chunk_profile_.sorted();
+      for (const OpTime& o : chunks_.back().ops) profiler_->add_all(o);
+    }
   }
   if (all_logits)
     std::copy_n(all_logits->data() + (tokens.size() - 1) * static_cast<size_t>(n_vocab), n_vocab,
@@ -76,7 +85,10 @@ Status Session::decode(int32_t token) {
   const std::vector<int32_t> one{token};
   KESTREL_TRY(check_tokens(one));
   const int32_t row = 0;
+  chunk_profile_.reset();
   KESTREL_TRY(forward_->run(&token, 1, n_past_, *cache_, &row, 1, last_logits_.data()));
+  if (profiler_)
+    for (const OpTime& o : chunk_profile_.sorted()) profiler_->add_all(o);
   ++n_past_;
   return Status::ok();
 }

@@ -6,6 +6,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/op_profiler.h"
 #include "kv/kv_cache.h"
 #include "model/forward.h"
 #include "model/model.h"
@@ -28,6 +29,7 @@ struct ChunkStats {
   int n_tokens = 0;
   int n_ubatches = 0;
   double ms = 0;
+  std::vector<OpTime> ops;  // per-op times of this chunk, largest first (only when profiling)
 };
 
 class Session {
@@ -47,6 +49,12 @@ class Session {
   void truncate(int n_past) { n_past_ = std::min(n_past_, std::max(n_past, 0)); }
 
   void reset_chunk_stats() { chunks_.clear(); }
+  // While set, every op of prefill and decode is timed (per-op profile, --profile) and added
+  // to `p`; each chunk's share is also kept in its ChunkStats. nullptr turns it off.
+  void set_profiler(OpProfiler* p) {
+    profiler_ = p;
+    forward_->set_profiler(p ? &chunk_profile_ : nullptr);
+  }
 
   const std::vector<float>& last_logits() const { return last_logits_; }
   int n_past() const { return n_past_; }
@@ -66,6 +74,8 @@ class Session {
   std::vector<float> last_logits_;
   std::vector<ChunkStats> chunks_;
   int n_past_ = 0;
+  OpProfiler* profiler_ = nullptr;
+  OpProfiler chunk_profile_;  // the ops of the chunk being evaluated
 };
 
 }  // namespace kestrel::runtime

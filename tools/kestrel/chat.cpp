@@ -92,6 +92,10 @@ struct Conversation {
     evaluated.resize(keep);
     const std::vector<int32_t> fresh(tokens.begin() + static_cast<long>(keep), tokens.end());
     l.session->reset_chunk_stats();  // the report covers this turn
+    if (l.profile) {
+      l.profile->reset();
+      l.session->set_profiler(l.profile.get());
+    }
     KESTREL_TRY(l.session->prefill(fresh, nullptr));
     evaluated = tokens;
     const int room = n_ctx - l.session->n_past();

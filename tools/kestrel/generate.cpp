@@ -102,6 +102,10 @@ Status create_session(const SessionOptions& o, int n_needed, Loaded* l) {
           n_needed, n_ctx_train);
   }
   KESTREL_ASSIGN_OR_RETURN(l->session, runtime::Session::create(*l->model, sp));
+  if (o.profile) {
+    l->profile = std::make_unique<OpProfiler>();
+    l->session->set_profiler(l->profile.get());
+  }
   return Status::ok();
 }
 
@@ -119,6 +123,7 @@ Expected<Generation> generate(runtime::Session& session, const tok::Tokenizer* t
                               runtime::Sampler& sampler, int n_vocab, int64_t eos, int n_predict,
                               bool ignore_eos, bool print_ids, std::FILE* out) {
   Generation g;
+  session.set_profiler(nullptr);  // the profile covers prompt evaluation
   std::unique_ptr<tok::Detokenizer> detok;
   if (tokenizer && !print_ids)
     detok = std::make_unique<tok::Detokenizer>(*tokenizer, /*at_text_start=*/false);
@@ -166,6 +171,7 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   rep.load_ms = l.load_ms;
   rep.prompt_tokens = prompt_tokens;
   rep.chunks = l.session->chunk_stats();
+  if (l.profile) rep.profile = *l.profile;
   rep.gen_tokens = gen.decode_steps;
   rep.gen_ms = gen.decode_ms;
   if (!o.target_ms.empty()) {
@@ -181,7 +187,13 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   if (rep.gen_tokens > 0)
     std::fprintf(stderr, "generation: %d tokens in %.1f ms (%.2f tokens/s)\n", rep.gen_tokens,
                  rep.gen_ms, rep.gen_tokens * 1000.0 / rep.gen_ms);
-  if (o.report) std::printf("\n%s", runtime::render_markdown(rep).c_str());
+  if (o.report) {
+    std::printf("\n%s", runtime::render_markdown(rep).c_str());
+  } else if (rep.profile) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "\n%s",
+                 runtime::render_profile_markdown(*rep.profile, rep.total_ms()).c_str());
+  }
   if (!o.report_json.empty()) {
     const std::string js = runtime::to_json(rep).dump(2) + "\n";
     KESTREL_TRY(write_file(o.report_json, js.data(), js.size()));

@@ -53,6 +53,7 @@ struct Loaded {
   std::unique_ptr<tok::Tokenizer> tokenizer;  // null when the GGUF has no vocabulary
   std::unique_ptr<runtime::Session> session;
   double load_ms = 0;
+  std::unique_ptr<OpProfiler> profile;  // with --profile: attached while the prompt is evaluated
 };
 Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o);
 Status create_session(const SessionOptions& o, int n_needed, Loaded* out);

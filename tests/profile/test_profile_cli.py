@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""`--profile`: per-op times by op kind, in the markdown report and the JSON report, overall
+and per chunk; profiling changes no result (logits bit-identical) and, off, leaves no trace.
+No timing bounds: only that the numbers are consistent (shares within the wall time)."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+failures = []
+
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        failures.append(what)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--kestrel", required=True)
+    ap.add_argument("--workdir", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    model = os.path.join(args.workdir, "tiny-q4_0.gguf")
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "synth_gguf.py"), "--out", model,
+                    "--shape", "tiny", "--type", "q4_0"], check=True, capture_output=True)
+    tokens = ",".join(str(3 + (i * 7919) % 200) for i in range(70))
+    base = [args.kestrel, "run", "-m", model, "--tokens", tokens, "-n", "0", "-b", "32",
+            "-ub", "16"]
+
+    def run(extra, name):
+        js, logits = (os.path.join(args.workdir, f"{name}.{ext}") for ext in ("json", "f32"))
+        p = subprocess.run(base + extra + ["--report-json", js, "--dump-logits", logits],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr)
+        with open(js) as f, open(logits, "rb") as g:
+            return json.load(f), g.read(), p
+
+    plain, plain_logits, _ = run([], "plain")
+    prof, prof_logits, p = run(["--profile", "--report"], "profiled")
+    check("profile" not in plain and all("profile" not in c for c in plain["chunks"]),
+          "without --profile the report carries no profile")
+    check(plain_logits == prof_logits, "profiling changes no logit (bit-identical)")
+    ops = {o["op"]: o for o in prof["profile"]["ops"]}
+    want = {"matmul q4_0", "attention", "rms_norm", "rope", "kv_store", "swiglu", "add", "embed"}
+    check(want <= set(ops), f"op kinds recorded: {sorted(ops)}")
+    # tiny: 2 layers; 70 tokens run as balanced chunks 24+23+23, each in 2 micro-batches
+    n_layer, n_ubatch = 2, 6
+    check(ops["attention"]["calls"] == n_layer * n_ubatch and
+          ops["matmul q4_0"]["calls"] == 7 * n_layer * n_ubatch,
+          f"calls: attention {ops['attention']['calls']}, matmul {ops['matmul q4_0']['calls']}")
+    wall = prof["profile"]["wall_ms"]
+    total = sum(o["ms"] for o in ops.values())
+    check(abs(wall - prof["total_ms"]) < 1e-6 and 0 < total <= wall * 1.001,
+          f"op time {total:.2f} ms within the wall time {wall:.2f} ms")
+    shares = [c["profile"]["ops_ms"] / c["ms"] for c in prof["chunks"]]
+    check(len(prof["chunks"]) == 3 and all(0 < s <= 1.001 for s in shares),
+          f"every chunk has its own profile (shares of the chunk {[round(s, 3) for s in shares]})")
+    check("## Per-op profile" in p.stdout and "| matmul q4_0 |" in p.stdout and
+          "largest ops (share of the chunk)" in p.stdout, "markdown report shows the profile")
+    print(f"{len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
