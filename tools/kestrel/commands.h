@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <string>
+#include <vector>
 
 #include "core/status.h"
 #include "generate.h"
@@ -54,5 +55,24 @@ struct ChatOptions {
 };
 void add_chat_command(CLI::App& app, ChatOptions& o);
 int chat_command(ChatOptions& o);
+
+struct BenchOptions {  // bench.cpp; every list is a comma list, every combination is measured
+  std::vector<std::string> models;                 // -m
+  std::vector<int> n_prompt{512};                  // -p
+  std::vector<int> n_gen{128};                     // -n
+  std::vector<std::string> prompt_gen;             // -pg N,M (repeatable)
+  std::vector<int> n_batch{2048}, n_ubatch{512};   // -b, -ub
+  std::vector<int> n_threads{0}, n_gpu_layers{0};  // -t, -ngl
+  std::vector<std::string> type_k{"f16"}, type_v{"f16"}, backends{"cpu"}, chunking{"balanced"};
+  int repetitions = 5;     // -r, after one warm-up run
+  std::string output = "md";  // -o md|json|jsonl|csv
+  std::string config, history, vs_llama_bench;
+  bool profile = false;
+  bool no_warmup = false;
+  uint64_t seed = 1234;
+  CLI::App* command = nullptr;
+};
+void add_bench_command(CLI::App& app, BenchOptions& o);
+int bench_command(BenchOptions& o);
 
 }  // namespace kestrel::cli

@@ -46,6 +46,8 @@ int main(int argc, char** argv) {
   kestrel::cli::add_chat_command(app, chat);
   kestrel::cli::TokenizeOptions tokenize;
   kestrel::cli::add_tokenize_command(app, tokenize);
+  kestrel::cli::BenchOptions bench;
+  kestrel::cli::add_bench_command(app, bench);
   try {
     std::vector<std::string> args = translate_llama_flags(argc, argv);
     std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);  // CLI11 wants them so
@@ -62,5 +64,7 @@ int main(int argc, char** argv) {
     rc = kestrel::cli::chat_command(chat);
   else if (app.got_subcommand("tokenize"))
     rc = kestrel::cli::tokenize_command(tokenize);
+  else if (app.got_subcommand("bench"))
+    rc = kestrel::cli::bench_command(bench);
   return rc;
 }

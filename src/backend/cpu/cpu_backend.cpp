@@ -27,6 +27,15 @@ class CpuWeight final : public Weight {
   int64_t n_blocks = 0;
 };
 
+bool is_packed_type(DType t) {
+  return panel_format(t) != PanelFormat::None;
+}
+bool is_dense_type(DType t) {
+  return t == DType::F32 || t == DType::F16 || t == DType::BF16;
+}
+
+}  // namespace
+
 std::string cpu_model_name() {
   std::ifstream in("/proc/cpuinfo");
   std::string line;
@@ -38,15 +47,6 @@ std::string cpu_model_name() {
   }
   return "CPU";
 }
-
-bool is_packed_type(DType t) {
-  return panel_format(t) != PanelFormat::None;
-}
-bool is_dense_type(DType t) {
-  return t == DType::F32 || t == DType::F16 || t == DType::BF16;
-}
-
-}  // namespace
 
 CpuBackend::CpuBackend(int n_threads, const KernelTable* kernels)
     : pool_(n_threads), kernels_(kernels ? kernels : &best_kernels()), scratch_(8) {}

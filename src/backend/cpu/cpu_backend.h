@@ -10,6 +10,9 @@
 
 namespace kestrel::backend::cpu {
 
+// The host CPU's model name from /proc/cpuinfo ("CPU" when it does not say).
+std::string cpu_model_name();
+
 class CpuBackend final : public Backend {
  public:
   // `kernels` defaults to the best this CPU supports.
