@@ -176,6 +176,17 @@ def test_config(b: Bench, work: Path) -> None:
           "--config: flags on the command line win")
 
 
+def test_profile(b: Bench) -> None:
+    args = ["-p", "16", "-n", "2", "-r", "2", "-t", "1", "--profile"]
+    results = b.json(*args)
+    check(all(isinstance(r.get("profile"), dict) and r["profile"] for r in results),
+          "--profile: json results carry a 'profile' object")
+    text = b.ok(*args)
+    check(text.count("## Per-op profile: ") == 2 and "| op |" in text,
+          "--profile: md has one profile table per test after the results")
+    check("profile" not in b.json("-p", "16", "-n", "0", *FAST)[0], "no --profile: no profile")
+
+
 def test_bad_input(b: Bench, work: Path) -> None:
     hist = work / "bad-history.jsonl"
     bad_ref = work / "bad-llama-bench.json"
@@ -222,7 +233,7 @@ def main() -> int:
         subprocess.run([sys.executable, str(REPO / "scripts" / "synth_gguf.py"), "--out",
                         str(model), "--shape", "tiny", "--type", "q4_0"], check=True)
     b = Bench(args.kestrel, model)
-    for test in (test_formats, test_product):
+    for test in (test_formats, test_product, test_profile):
         test(b)
     for test in (test_vs_llama_bench, test_history, test_config, test_bad_input):
         test(b, work)

@@ -176,7 +176,7 @@ class MarkdownPrinter final : public BenchPrinter {
     out += "build: kestrel " + (all.empty() ? std::string() : all.front().kestrel_version) + "\n";
     for (const BenchResult& r : all) {
       if (r.profile_markdown.empty()) continue;
-      out += "\n### profile: " + r.model_type + ", " + r.test_name() + ", b " +
+      out += "\n## Per-op profile: " + r.model_type + ", " + r.test_name() + ", b " +
              std::to_string(r.n_batch) + ", ub " + std::to_string(r.n_ubatch) + ", t " +
              std::to_string(r.n_threads) + ", " + r.type_k + "/" + r.type_v + "\n\n" +
              r.profile_markdown;

@@ -64,7 +64,7 @@ struct BenchOptions {  // bench.cpp; every list is a comma list, every combinati
   std::vector<int> n_batch{2048}, n_ubatch{512};   // -b, -ub
   std::vector<int> n_threads{0}, n_gpu_layers{0};  // -t, -ngl
   std::vector<std::string> type_k{"f16"}, type_v{"f16"}, backends{"cpu"}, chunking{"balanced"};
-  int repetitions = 5;     // -r, after one warm-up run
+  int repetitions = 5;        // -r, after one warm-up run
   std::string output = "md";  // -o md|json|jsonl|csv
   std::string config, history, vs_llama_bench;
   bool profile = false;
