@@ -121,6 +121,12 @@ def test_product(b: Bench) -> None:
     check(abs(pg["samples_ts"][0] - 10 * 1e9 / pg["samples_ns"][0]) < 1e-6 * pg["samples_ts"][0],
           "pg: t/s counts prompt and generated tokens")
 
+    p = b.run("-o", "json", "-t", "1,2", "-b", "16,32", "-p", "8", "-n", "0", "-r", "1")
+    results = json.loads(p.stdout)
+    check(sorted((r["n_threads"], r["n_batch"]) for r in results) ==
+          [(1, 16), (1, 32), (2, 16), (2, 32)] and p.stderr.count("loading") == 2,
+          "-t 1,2 -b 16,32: 4 rows, the model loaded once per thread count")
+
     m = str(b.model)
     results = b.json("-m", f"{m},{m}", "-m", m, "-p", "8", "-n", "0", *FAST, model=False)
     check(len(results) == 3, "-m A,B -m C: three models measured")

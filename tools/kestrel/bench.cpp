@@ -353,13 +353,12 @@ Status measure(const BenchOptions& o, const Combo& c, const Test& t, LoadedModel
   return Status::ok();
 }
 
-std::string describe_combo(const Combo& c, const Test& t, const BenchResult& r) {
+std::string describe_combo(const Combo& c, const BenchResult& r) {
   char buf[512];
   std::snprintf(buf, sizeof(buf), "%s %s, %s, b %d, ub %d, t %d, ngl %d, %s/%s, %s",
                 std::filesystem::path(c.model).filename().string().c_str(), r.test_name().c_str(),
                 c.backend.c_str(), c.n_batch, c.n_ubatch, r.n_threads, c.n_gpu_layers,
                 c.type_k.c_str(), c.type_v.c_str(), c.chunking.c_str());
-  (void)t;
   return buf;
 }
 
@@ -386,7 +385,7 @@ Status run_plan(const BenchOptions& o, const Plan& plan, BenchPrinter& printer,
     for (const Test& t : plan.tests) {
       BenchResult r = describe_result(c, t, lm);
       ++progress.index;
-      progress.what = describe_combo(c, t, r);
+      progress.what = describe_combo(c, r);
       KESTREL_TRY(measure(o, c, t, lm, progress, &r));
       if (!o.vs_llama_bench.empty()) {
         r.compared = true;
