@@ -14,7 +14,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-if ! python3 -c "import numpy, gguf, tokenizers, sentencepiece" 2>/dev/null; then
+if ! python3 -c "import numpy, gguf, tokenizers, sentencepiece, matplotlib, jinja2" 2>/dev/null; then
   python3 -m pip install -q -r requirements.txt 2>/dev/null ||
     python3 -m pip install -q --break-system-packages -r requirements.txt
 fi

@@ -56,6 +56,16 @@ struct ChatOptions {
 void add_chat_command(CLI::App& app, ChatOptions& o);
 int chat_command(ChatOptions& o);
 
+struct ReportOptions {
+  std::string history;  // the JSON-lines file written by --history
+  std::string format = "md";
+  std::string target_ms;
+  bool target_all = false;
+  std::string plot;  // OUT.svg or OUT.png
+};
+void add_report_command(CLI::App& app, ReportOptions& o);
+int report_command(const ReportOptions& o);
+
 struct BenchOptions {  // bench.cpp; every list is a comma list, every combination is measured
   std::vector<std::string> models;                 // -m
   std::vector<int> n_prompt{512};                  // -p

@@ -48,6 +48,8 @@ int main(int argc, char** argv) {
   kestrel::cli::add_tokenize_command(app, tokenize);
   kestrel::cli::BenchOptions bench;
   kestrel::cli::add_bench_command(app, bench);
+  kestrel::cli::ReportOptions report;
+  kestrel::cli::add_report_command(app, report);
   try {
     std::vector<std::string> args = translate_llama_flags(argc, argv);
     std::vector<std::string> reversed(args.rbegin(), args.rend() - 1);  // CLI11 wants them so
@@ -66,5 +68,7 @@ int main(int argc, char** argv) {
     rc = kestrel::cli::tokenize_command(tokenize);
   else if (app.got_subcommand("bench"))
     rc = kestrel::cli::bench_command(bench);
+  else if (app.got_subcommand("report"))
+    rc = kestrel::cli::report_command(report);
   return rc;
 }
