@@ -105,7 +105,7 @@ Status draw_plot(const std::string& history, const std::string& out) {
   const char* py_env = std::getenv("KESTREL_PYTHON");
   const std::string python = py_env && *py_env ? py_env : "python3";
   std::string err;
-  const int rc = run_capturing_stderr({python, script, history, "--out", out}, &err);
+  const int rc = run_capturing_stderr({python, script, "--out=" + out, "--", history}, &err);
   err = trim(err);
   if (rc == 0) {
     if (!file_exists(out))
