@@ -266,6 +266,17 @@ TEST(Target, WithinRangeAndMet) {
   EXPECT_NEAR(g.factor_low, 2, 1e-12);
   EXPECT_NEAR(g.short_tps_low, 25, 1e-12);
   EXPECT_EQ(g.reached_high_pct, 100);
+  Trend t;
+  t.rows.push_back(row);
+  const std::string md = render_trend_markdown(t, {g});
+  EXPECT_NE(md.find("| 40.00 ms/token | within range (50.0% of 20 ms/token) | 20.00 ms/token to "
+                    "the better end (2.00x) |"),
+            std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| 25.00 tokens/s | within range (50.0% of 50 tokens/s) | 25.00 tokens/s to "
+                    "the better end |"),
+            std::string::npos)
+      << md;
 
   row.ms_per_token = 10;
   row.tokens_per_s = 100;
