@@ -85,4 +85,17 @@ struct BenchOptions {  // bench.cpp; every list is a comma list, every combinati
 void add_bench_command(CLI::App& app, BenchOptions& o);
 int bench_command(BenchOptions& o);
 
+struct TuneOptions {
+  std::string model;
+  int n_prompt = 512;
+  bool decode = false;
+  int n_gen_decode = 32;
+  int n_gen = 0;  // resolved: n_gen_decode with --decode, else 0
+  int repetitions = 2;
+  int max_trials = 60;
+  std::string output = "kestrel-settings.json";
+};
+void add_tune_command(CLI::App& app, TuneOptions& o);
+int tune_command(TuneOptions& o);
+
 }  // namespace kestrel::cli

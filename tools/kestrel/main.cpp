@@ -44,6 +44,8 @@ int main(int argc, char** argv) {
   kestrel::cli::add_info_command(app, info);
   kestrel::cli::ChatOptions chat;
   kestrel::cli::add_chat_command(app, chat);
+  kestrel::cli::TuneOptions tune;
+  kestrel::cli::add_tune_command(app, tune);
   kestrel::cli::TokenizeOptions tokenize;
   kestrel::cli::add_tokenize_command(app, tokenize);
   kestrel::cli::BenchOptions bench;
@@ -64,6 +66,8 @@ int main(int argc, char** argv) {
     rc = kestrel::cli::info_command(info);
   else if (app.got_subcommand("chat"))
     rc = kestrel::cli::chat_command(chat);
+  else if (app.got_subcommand("tune"))
+    rc = kestrel::cli::tune_command(tune);
   else if (app.got_subcommand("tokenize"))
     rc = kestrel::cli::tokenize_command(tokenize);
   else if (app.got_subcommand("bench"))
