@@ -114,7 +114,8 @@ struct Conversation {
     std::string text;
     for (int32_t id : answer_ids) text += d.push(id);
     messages.push_back({"assistant", text + d.flush()});
-    if (opts.session.report || !opts.session.report_json.empty())
+    const SessionOptions& so = opts.session;
+    if (so.report || !so.report_json.empty() || so.profile || !so.history.empty())
       KESTREL_TRY(finish_report(opts.session, l, static_cast<int>(fresh.size()), gen));
     return Status::ok();
   }
