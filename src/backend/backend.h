@@ -119,6 +119,9 @@ class Backend {
   virtual Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) = 0;
 
   virtual Status synchronize() = 0;
+  // Bytes that can still be allocated on the device (host: MemAvailable), or -1 if unknown.
+  // Checked before large allocations so that they fail with numbers, not half-way.
+  virtual int64_t available_memory() const { return -1; }
 
   // Runs `op` for the per-op profile (--profile) and adds its time to `profiler` under
   // `kind`. The default brackets the op with synchronize() and the host clock, which is exact

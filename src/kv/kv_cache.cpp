@@ -4,6 +4,28 @@
 
 namespace kestrel::kv {
 
+// Checks, before anything is allocated, that each backend has the memory for its layers'
+// share of the cache; the message gives the numbers and the ways out.
+Status KvCache::check_fits(const model::Model& model, int n_ctx, quant::DType type_k,
+                           quant::DType type_v) {
+  const auto& c = model.config();
+  const double row = static_cast<double>(quant::row_bytes(type_k, c.kv_dim()) +
+                                         quant::row_bytes(type_v, c.kv_dim()));
+  for (backend::Backend* be : model.backends()) {
+    int n_layers = 0;
+    for (int i = 0; i < c.n_layer; ++i) n_layers += model.layer(i).backend == be;
+    const double needed = row * n_ctx * n_layers;
+    const int64_t free = be->available_memory();
+    if (free >= 0 && needed > static_cast<double>(free))
+      return error(
+          "the KV cache for a context of %d tokens needs %.2f GiB on %s, but only "
+          "%.2f GiB is free: lower -c, or store the cache quantized (-ctk q8_0 -ctv "
+          "q8_0 halves it, q4_0 quarters it)",
+          n_ctx, needed / 1073741824.0, be->name(), free / 1073741824.0);
+  }
+  return Status::ok();
+}
+
 Expected<std::unique_ptr<KvCache>> KvCache::create(const model::Model& model, int n_ctx,
                                                    quant::DType type_k, quant::DType type_v) {
   const auto& c = model.config();
@@ -17,6 +39,7 @@ Expected<std::unique_ptr<KvCache>> KvCache::create(const model::Model& model, in
           quant::type_name(t), c.kv_dim());
   }
   if (n_ctx <= 0) return error("context size %d must be positive", n_ctx);
+  KESTREL_TRY(check_fits(model, n_ctx, type_k, type_v));
   std::unique_ptr<KvCache> kv(new KvCache());
   kv->n_ctx_ = n_ctx;
   kv->type_k_ = type_k;

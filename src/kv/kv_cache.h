@@ -25,6 +25,8 @@ class KvCache {
   size_t bytes() const;
 
  private:
+  static Status check_fits(const model::Model& model, int n_ctx, quant::DType type_k,
+                           quant::DType type_v);
   KvCache() = default;
   int n_ctx_ = 0;
   quant::DType type_k_ = quant::DType::F16;

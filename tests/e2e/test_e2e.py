@@ -315,6 +315,7 @@ def bad_input_cases(wd: Workdir, args) -> list[Result]:
         cases.append(r)
 
     if any(want(n) for n in ("bad-input/token-out-of-range", "bad-input/prompt-over-context",
+                             "bad-input/kv-cache-over-memory",
                              "bad-input/missing-model", "bad-input/unknown-architecture",
                              "bad-input/missing-tensor", "bad-input/truncated-model")):
         model = wd.model(spec)
@@ -327,6 +328,11 @@ def bad_input_cases(wd: Workdir, args) -> list[Result]:
             long_prompt = [int(t) for t in np.random.default_rng(0).integers(0, n_vocab, N_CTX + 44)]
             check("bad-input/prompt-over-context", model, long_prompt, ["-c", str(N_CTX)],
                   r"context|n_ctx|\bctx\b", "the context")
+        if want("bad-input/kv-cache-over-memory"):
+            # A context whose KV cache exceeds the machine's memory: refused with the numbers
+            # before anything is allocated (not an overcommitted allocation that dies later).
+            check("bad-input/kv-cache-over-memory", model, [1, 2, 3], ["-c", "2000000000"],
+                  r"GiB.*free", "the memory needed and free")
         if want("bad-input/missing-model"):
             check("bad-input/missing-model", wd.root / "no-such-model.gguf", [1, 2, 3],
                   ["-c", str(N_CTX)], None, "")

@@ -57,6 +57,16 @@ std::string CpuBackend::device_name() const {
   return cpu_model_name() + " (" + kernels_->isa + ", " + std::to_string(n_threads()) + " threads)";
 }
 
+int64_t CpuBackend::available_memory() const {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return -1;
+}
+
 Expected<Tensor> CpuBackend::alloc(DType type, int64_t rows, int64_t cols, const char* what) {
   const int64_t rb = quant::row_bytes(type, cols);
   if (rows <= 0 || cols <= 0 || rb < 0)

@@ -21,6 +21,7 @@ class CpuBackend final : public Backend {
 
   const char* name() const override { return "cpu"; }
   std::string device_name() const override;
+  int64_t available_memory() const override;  // MemAvailable of /proc/meminfo, -1 elsewhere
   const KernelTable& kernels() const { return *kernels_; }
   int n_threads() const { return pool_.n_threads(); }
 
