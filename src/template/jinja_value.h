@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/utf8.h"
+
 namespace kestrel::jinja {
 
 // A position in the template source, 1-based.
@@ -124,6 +126,6 @@ std::vector<size_t> utf8_starts(std::string_view s);  // byte offset of every co
 size_t utf8_length(std::string_view s);
 // Decodes the code point at s[i] and advances i; invalid bytes decode as themselves.
 uint32_t utf8_next(std::string_view s, size_t& i);
-void utf8_append(std::string& out, uint32_t cp);
+using kestrel::utf8_append;  // core/utf8.h
 
 }  // namespace kestrel::jinja

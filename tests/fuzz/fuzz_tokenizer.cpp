@@ -11,7 +11,7 @@
 #include "tokenizer/byte_level.h"
 #include "tokenizer/pretokenizer.h"
 #include "tokenizer/tokenizer.h"
-#include "tokenizer/utf8.h"
+#include "core/utf8.h"
 
 namespace {
 std::unique_ptr<kestrel::gguf::File> g_file;
@@ -63,7 +63,7 @@ std::string representable(const std::string& text) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);
-  const bool valid = kestrel::tok::utf8_invalid_offset(text) == std::string::npos;
+  const bool valid = kestrel::utf8_invalid_offset(text) == std::string::npos;
   for (bool parse_special : {false, true}) {
     auto ids = g_tok->encode(text, {false, parse_special});
     if (static_cast<bool>(ids) != valid) __builtin_trap();

@@ -9,7 +9,7 @@
 
 #include "format/gguf.h"
 #include "tokenizer/tokenizer.h"
-#include "tokenizer/utf8.h"
+#include "core/utf8.h"
 
 using nlohmann::json;
 
@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
     std::string text;
     for (int32_t id : *r) {
       const std::string piece = d.push(id);
-      if (kestrel::tok::utf8_invalid_offset(piece) != std::string::npos) chunks_valid = false;
+      if (kestrel::utf8_invalid_offset(piece) != std::string::npos) chunks_valid = false;
       text += piece;
     }
     text += d.flush();

@@ -8,7 +8,7 @@
 #include "test_seed.h"
 #include "tokenizer/byte_level.h"
 #include "tokenizer/tokenizer.h"
-#include "tokenizer/utf8.h"
+#include "core/utf8.h"
 #include "unit/gguf_builder.h"
 
 namespace kestrel::tok {

@@ -1,6 +1,6 @@
-#include "tokenizer/utf8.h"
+#include "core/utf8.h"
 
-namespace kestrel::tok {
+namespace kestrel {
 
 int32_t utf8_next(std::string_view s, size_t* pos) {
   const auto byte = [&](size_t i) { return static_cast<uint8_t>(s[i]); };
@@ -72,4 +72,4 @@ size_t utf8_complete_prefix(std::string_view s) {
   return n;
 }
 
-}  // namespace kestrel::tok
+}  // namespace kestrel

@@ -1,4 +1,4 @@
-// UTF-8 helpers for the tokenizer: decoding code points, validating untrusted text, and
+// UTF-8 helpers: decoding code points, validating untrusted text, and
 // finding where a byte stream can be cut without splitting a character (streamed output).
 #pragma once
 
@@ -7,7 +7,7 @@
 #include <string>
 #include <string_view>
 
-namespace kestrel::tok {
+namespace kestrel {
 
 // Length of the UTF-8 sequence that starts with byte `b` (1 for bytes that cannot start one).
 inline size_t utf8_seq_len(uint8_t b) {
@@ -42,4 +42,4 @@ void for_each_char(std::string_view s, F&& f) {
 // (a complete but malformed sequence counts as complete: it will never become valid).
 size_t utf8_complete_prefix(std::string_view s);
 
-}  // namespace kestrel::tok
+}  // namespace kestrel
