@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/registry.h"
 #include "format/quant/quant.h"
 
 namespace kestrel::model {
@@ -79,6 +80,10 @@ Expected<std::unique_ptr<Model>> Model::load(const std::string& path, const Load
   std::unique_ptr<Model> m(new Model());
   KESTREL_ASSIGN_OR_RETURN(m->file_, gguf::File::open(path));
   KESTREL_ASSIGN_OR_RETURN(m->config_, read_config(*m->file_));
+  // Placement: every backend compiled in is in the registry; until a GPU backend is, the
+  // checks below leave only the CPU, and the GPU backends place layers here when they land.
+  KESTREL_TRY(backend::check_backend(params.backend));
+  KESTREL_TRY(backend::check_gpu_layers(params.backend, params.n_gpu_layers));
   int threads = params.n_threads;
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   m->n_threads_ = threads;

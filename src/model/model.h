@@ -27,7 +27,9 @@ struct LayerWeights {
 };
 
 struct LoadParams {
-  int n_threads = 0;  // 0: all cores
+  int n_threads = 0;            // 0: all cores
+  std::string backend = "cpu";  // where -ngl layers go (backend/registry.h lists them)
+  int n_gpu_layers = 0;         // llama.cpp's -ngl: the last N layers, N > n_layer adds the head
 };
 
 class Model {
@@ -43,7 +45,10 @@ class Model {
   backend::Backend* head_backend() const { return head_backend_; }
   const backend::Tensor& output_norm() const { return output_norm_; }  // [E]
   const backend::Weight& output() const { return *output_; }           // [V][E]
-  int n_threads() const { return n_threads_; }  // CPU threads, after resolving 0 = all cores
+  int n_threads() const { return n_threads_; }
+  int n_gpu_layers() const {
+    return n_gpu_layers_;
+  }  // layers actually placed off the CPU  // CPU threads, after resolving 0 = all cores
   std::vector<backend::Backend*> backends() const;
 
  private:
@@ -57,6 +62,7 @@ class Model {
   backend::HostMatrix token_embd_;
   backend::Backend* head_backend_ = nullptr;
   int n_threads_ = 1;
+  int n_gpu_layers_ = 0;
   backend::Tensor output_norm_;
   std::unique_ptr<backend::Weight> output_;
 };

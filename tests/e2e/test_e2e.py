@@ -315,7 +315,7 @@ def bad_input_cases(wd: Workdir, args) -> list[Result]:
         cases.append(r)
 
     if any(want(n) for n in ("bad-input/token-out-of-range", "bad-input/prompt-over-context",
-                             "bad-input/kv-cache-over-memory",
+                             "bad-input/kv-cache-over-memory", "bad-input/gpu-layers-without-gpu",
                              "bad-input/missing-model", "bad-input/unknown-architecture",
                              "bad-input/missing-tensor", "bad-input/truncated-model")):
         model = wd.model(spec)
@@ -333,6 +333,9 @@ def bad_input_cases(wd: Workdir, args) -> list[Result]:
             # before anything is allocated (not an overcommitted allocation that dies later).
             check("bad-input/kv-cache-over-memory", model, [1, 2, 3], ["-c", "2000000000"],
                   r"GiB.*free", "the memory needed and free")
+        if want("bad-input/gpu-layers-without-gpu"):
+            check("bad-input/gpu-layers-without-gpu", model, [1, 2, 3], ["-ngl", "5"],
+                  r"GPU backend", "the missing GPU backend")
         if want("bad-input/missing-model"):
             check("bad-input/missing-model", wd.root / "no-such-model.gguf", [1, 2, 3],
                   ["-c", str(N_CTX)], None, "")

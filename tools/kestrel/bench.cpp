@@ -270,6 +270,8 @@ Status ensure_loaded(const Combo& c, LoadedModel* lm) {
   lm->model.reset();  // free the previous one first
   model::LoadParams lp;
   lp.n_threads = c.n_threads;
+  lp.backend = c.backend;
+  lp.n_gpu_layers = c.n_gpu_layers;
   std::fprintf(stderr, "kestrel bench: loading %s\n", c.model.c_str());
   KESTREL_ASSIGN_OR_RETURN(lm->model, model::Model::load(c.model, lp));
   lm->info = describe_model(*lm->model);

@@ -31,6 +31,11 @@ void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict
   app->add_option("--ubatch-size", o.n_ubatch, "(-ub) micro-batch size: tokens per forward pass")
       ->capture_default_str();
   app->add_option("-t,--threads", o.n_threads, "CPU threads (0: all cores)")->capture_default_str();
+  app->add_option("--n-gpu-layers", o.n_gpu_layers,
+                  "(-ngl) layers on the GPU backend: the last N, N > layers adds the head")
+      ->capture_default_str();
+  app->add_option("--backend", o.backend, "backend for -ngl layers (see `kestrel bench --help`)")
+      ->capture_default_str();
   app->add_option("--cache-type-k", o.type_k, "(-ctk) KV cache type for K: f16, q8_0, q4_0")
       ->capture_default_str();
   app->add_option("--cache-type-v", o.type_v, "(-ctv) KV cache type for V: f16, q8_0, q4_0")
@@ -63,15 +68,15 @@ Status apply_settings_file(SessionOptions& o) {
   if (s.type_k && !given("--cache-type-k")) o.type_k = *s.type_k;
   if (s.type_v && !given("--cache-type-v")) o.type_v = *s.type_v;
   if (s.chunking && !given("--chunking")) o.chunking = *s.chunking;
-  if (s.n_gpu_layers && *s.n_gpu_layers > 0)
-    return error("settings file '%s' asks for %d GPU layers, but this build has no GPU backend",
-                 o.config.c_str(), *s.n_gpu_layers);
+  if (s.n_gpu_layers && !given("--n-gpu-layers")) o.n_gpu_layers = *s.n_gpu_layers;
   return Status::ok();
 }
 
 Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o) {
   model::LoadParams lp;
   lp.n_threads = o.n_threads;
+  lp.backend = o.backend;
+  lp.n_gpu_layers = o.n_gpu_layers;
   return model::Model::load(o.model, lp);
 }
 
@@ -167,6 +172,7 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   rep.device = l.model->input_backend()->device_name();
   rep.version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
   rep.n_threads = l.model->n_threads();
+  rep.n_gpu_layers = l.model->n_gpu_layers();
   rep.settings = l.session->params();
   rep.load_ms = l.load_ms;
   rep.prompt_tokens = prompt_tokens;

@@ -25,6 +25,8 @@ struct SessionOptions {
   int n_batch = 512;
   int n_ubatch = 512;
   int n_threads = 0;
+  int n_gpu_layers = 0;         // -ngl
+  std::string backend = "cpu";  // --backend
   std::string type_k = "f16";
   std::string type_v = "f16";
   std::string chunking = "balanced";
