@@ -76,6 +76,12 @@ Expected<Settings> load_settings(const std::string& path) {
     else
       s.chunking = c.get<std::string>();
   }
+  if (st && j.contains("backend")) {
+    if (!j.at("backend").is_string())
+      st = error("'backend' must be a string such as \"cpu\"");
+    else
+      s.backend = j.at("backend").get<std::string>();  // checked against the build when used
+  }
   if (!st) return error("settings file '%s': %s", path.c_str(), st.message().c_str());
   if (j.contains("tuned_for")) s.tuned_for = j.at("tuned_for");
   return s;
@@ -90,6 +96,7 @@ nlohmann::json settings_to_json(const Settings& s) {
   if (s.type_k) j["type_k"] = *s.type_k;
   if (s.type_v) j["type_v"] = *s.type_v;
   if (s.chunking) j["chunking"] = *s.chunking;
+  if (s.backend) j["backend"] = *s.backend;
   if (!s.tuned_for.is_null()) j["tuned_for"] = s.tuned_for;
   return j;
 }

@@ -1,7 +1,7 @@
 // A settings file: the session settings `kestrel tune` found fastest, loaded by
 // `kestrel run --config FILE` and `kestrel bench --config FILE`. JSON, written atomically:
 //   {"kestrel_settings": 1, "n_batch": 256, "n_ubatch": 256, "n_threads": 2,
-//    "n_gpu_layers": 0, "type_k": "f16", "type_v": "f16", "chunking": "balanced",
+//    "n_gpu_layers": 0, "backend": "cpu", "type_k": "f16", "type_v": "f16", "chunking": "balanced",
 //    "tuned_for": {...what it was measured on...}}
 // Every key but the marker is optional; a key that is present must be valid.
 #pragma once
@@ -16,7 +16,7 @@ namespace kestrel::runtime {
 
 struct Settings {
   std::optional<int> n_batch, n_ubatch, n_threads, n_gpu_layers;
-  std::optional<std::string> type_k, type_v, chunking;
+  std::optional<std::string> type_k, type_v, chunking, backend;
   nlohmann::json tuned_for;  // free-form: model, prompt length, device, measured t/s
 };
 

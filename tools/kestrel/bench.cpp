@@ -60,6 +60,7 @@ Status apply_bench_settings(BenchOptions& o) {
   if (s.n_ubatch && !given("--ubatch-size")) o.n_ubatch = {*s.n_ubatch};
   if (s.n_threads && !given("--threads")) o.n_threads = {*s.n_threads};
   if (s.n_gpu_layers && !given("--n-gpu-layers")) o.n_gpu_layers = {*s.n_gpu_layers};
+  if (s.backend && !given("--backend")) o.backends = {*s.backend};
   if (s.type_k && !given("--cache-type-k")) o.type_k = {*s.type_k};
   if (s.type_v && !given("--cache-type-v")) o.type_v = {*s.type_v};
   if (s.chunking && !given("--chunking")) o.chunking = {*s.chunking};

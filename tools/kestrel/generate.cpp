@@ -69,6 +69,7 @@ Status apply_settings_file(SessionOptions& o) {
   if (s.type_v && !given("--cache-type-v")) o.type_v = *s.type_v;
   if (s.chunking && !given("--chunking")) o.chunking = *s.chunking;
   if (s.n_gpu_layers && !given("--n-gpu-layers")) o.n_gpu_layers = *s.n_gpu_layers;
+  if (s.backend && !given("--backend")) o.backend = *s.backend;
   return Status::ok();
 }
 

@@ -3,7 +3,8 @@
 // that `run --config` and `bench --config` load.
 //
 // The search is coordinate descent, not a grid: start from the defaults, sweep one setting
-// at a time (micro-batch, chunk size, threads, KV cache type) with the others at their best
+// at a time (micro-batch, chunk size, threads, KV cache type, and where the build has a GPU
+// backend, the layers placed on it) with the others at their best
 // so far, keep the winner, and repeat the sweep while it still finds something faster (at
 // most three rounds). A grid of 6 x 6 x 3 x 3 = 324 runs becomes about 20-40.
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include <random>
 #include <thread>
 
+#include "backend/registry.h"
 #include "commands.h"
 #include "generate.h"
 #include "runtime/settings.h"
@@ -25,13 +27,17 @@ namespace {
 struct Point {
   int n_batch = 512, n_ubatch = 512, n_threads = 0;
   std::string kv = "f16";
+  std::string backend = "cpu";
+  int n_gpu_layers = 0;
   bool operator<(const Point& o) const {
-    return std::tie(n_batch, n_ubatch, n_threads, kv) <
-           std::tie(o.n_batch, o.n_ubatch, o.n_threads, o.kv);
+    return std::tie(n_batch, n_ubatch, n_threads, kv, backend, n_gpu_layers) <
+           std::tie(o.n_batch, o.n_ubatch, o.n_threads, o.kv, o.backend, o.n_gpu_layers);
   }
   std::string describe() const {
-    return format("-b %d -ub %d -t %d -ctk %s -ctv %s", n_batch, n_ubatch, n_threads, kv.c_str(),
-                  kv.c_str());
+    std::string s = format("-b %d -ub %d -t %d -ctk %s -ctv %s", n_batch, n_ubatch, n_threads,
+                           kv.c_str(), kv.c_str());
+    if (n_gpu_layers > 0) s += format(" --backend %s -ngl %d", backend.c_str(), n_gpu_layers);
+    return s;
   }
 };
 
@@ -46,7 +52,7 @@ class Tuner {
   Tuner(const TuneOptions& o) : o_(o) {}
 
   Status measure(const Point& p, Trial* out) {
-    KESTREL_TRY(load_for(p.n_threads));
+    KESTREL_TRY(load_for(p));
     runtime::SessionParams sp;
     sp.n_ctx = o_.n_prompt + o_.n_gen + 1;
     sp.n_batch = p.n_batch;
@@ -77,15 +83,20 @@ class Tuner {
   }
 
   const std::string& device() const { return device_; }
+  int n_layer() const { return model_ ? model_->config().n_layer : 0; }
 
  private:
-  Status load_for(int n_threads) {
-    if (model_ && loaded_threads_ == n_threads) return Status::ok();
-    model_.reset();
+  Status load_for(const Point& p) {
+    if (model_ && loaded_.n_threads == p.n_threads && loaded_.backend == p.backend &&
+        loaded_.n_gpu_layers == p.n_gpu_layers)
+      return Status::ok();
+    model_.reset();  // free the previous placement first
     model::LoadParams lp;
-    lp.n_threads = n_threads;
+    lp.n_threads = p.n_threads;
+    lp.backend = p.backend;
+    lp.n_gpu_layers = p.n_gpu_layers;
     KESTREL_ASSIGN_OR_RETURN(model_, model::Model::load(o_.model, lp));
-    loaded_threads_ = n_threads;
+    loaded_ = p;
     device_ = model_->input_backend()->device_name();
     if (prompt_.empty()) {  // random ids within the vocabulary: speed does not depend on them
       std::mt19937 rng(1234);
@@ -98,7 +109,7 @@ class Tuner {
 
   const TuneOptions& o_;
   std::unique_ptr<model::Model> model_;
-  int loaded_threads_ = -1;
+  Point loaded_;
   std::string device_;
   std::vector<int32_t> prompt_;
 };
@@ -152,7 +163,15 @@ int tune_command(TuneOptions& o) {
       *out = it->second;
       return Status::ok();
     }
-    KESTREL_TRY(tuner.measure(p, out));
+    Status m = tuner.measure(p, out);
+    if (!m && p.n_gpu_layers == 0) return m;
+    if (!m) {  // a GPU placement that does not fit: say so and go on
+      std::fprintf(stderr, "[%zu] %s: skipped: %s\n", tried.size() + 1, p.describe().c_str(),
+                   m.message().c_str());
+      *out = {p, 0.0, 0.0};
+      tried[p] = *out;
+      return Status::ok();
+    }
     tried[p] = *out;
     best_rate = std::max(best_rate, out->tokens_per_s);
     std::fprintf(stderr, "[%zu] %s: %.1f t/s (best so far %.1f)\n", tried.size(),
@@ -162,16 +181,26 @@ int tune_command(TuneOptions& o) {
   Trial base;
   Status st = trial(best, &base);
   if (!st) return fail(st.message());
-  const int per_round =
-      static_cast<int>(values[0].size() + values[1].size() + values[2].size() + kv_types.size());
-  std::fprintf(stderr,
-               "tuning %s for %s: about %d trials per round, at most 3 rounds; one trial takes "
-               "~%.1f s, so about %.0f-%.0f s in all (a full grid would be %zu trials)\n",
-               o.model.c_str(), o.decode ? "prompt + generation" : "prompt evaluation", per_round,
-               base.ms * (o.repetitions + 1) / 1000.0,
-               per_round * base.ms * (o.repetitions + 1) / 1000.0,
-               3 * per_round * base.ms * (o.repetitions + 1) / 1000.0,
-               values[0].size() * values[1].size() * values[2].size() * kv_types.size());
+  // Placement: every GPU backend of the build (backend/registry.h) with all layers and the
+  // head, all layers, half and a quarter of them; the CPU alone is the starting point. A
+  // placement that does not fit the device's memory fails to load and is skipped.
+  std::vector<std::pair<std::string, int>> placements{{"cpu", 0}};
+  for (const std::string& b : backend::available_backends()) {
+    if (!backend::is_gpu_backend(b)) continue;
+    const int L = tuner.n_layer();
+    for (int n : {L + 1, L, L / 2, L / 4})
+      if (n > 0) placements.emplace_back(b, n);
+  }
+  const int per_round = static_cast<int>(values[0].size() + values[1].size() + values[2].size() +
+                                         kv_types.size() + placements.size() - 1);
+  std::fprintf(
+      stderr,
+      "tuning %s for %s: about %d trials per round, at most 3 rounds; one trial takes "
+      "~%.1f s, so about %.0f-%.0f s in all (a full grid would be %zu trials)\n",
+      o.model.c_str(), o.decode ? "prompt + generation" : "prompt evaluation", per_round,
+      base.ms * (o.repetitions + 1) / 1000.0, per_round * base.ms * (o.repetitions + 1) / 1000.0,
+      3 * per_round * base.ms * (o.repetitions + 1) / 1000.0,
+      values[0].size() * values[1].size() * values[2].size() * kv_types.size() * placements.size());
   // The settings swept, one at a time, each over its candidate values.
   struct Dimension {
     size_t count;
@@ -186,6 +215,11 @@ int tune_command(TuneOptions& o) {
        }},
       {values[2].size(), [&](Point& p, size_t i) { p.n_threads = values[2][i]; }},
       {kv_types.size(), [&](Point& p, size_t i) { p.kv = kv_types[i]; }},
+      {placements.size(),
+       [&](Point& p, size_t i) {
+         p.backend = placements[i].first;
+         p.n_gpu_layers = placements[i].second;
+       }},
   };
   Trial winner = base;
   for (int round = 0; round < 3; ++round) {
@@ -231,20 +265,26 @@ int tune_command(TuneOptions& o) {
   for (const auto& [p, t] : tried) rows.push_back(t);
   std::sort(rows.begin(), rows.end(),
             [](const Trial& a, const Trial& b) { return a.tokens_per_s > b.tokens_per_s; });
-  std::printf("| n_batch | n_ubatch | threads | KV cache | t/s | vs defaults |\n");
-  std::printf("|---|---|---|---|---|---|\n");
+  std::printf("| n_batch | n_ubatch | threads | KV cache | placement | t/s | vs defaults |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
   for (const Trial& t : rows) {
     const bool is_default = !(t.p < base.p) && !(base.p < t.p);
     const bool is_winner = !(t.p < winner.p) && !(winner.p < t.p);
-    std::printf("| %d | %d | %d | %s | %.1f | %.2fx%s%s |\n", t.p.n_batch, t.p.n_ubatch,
-                t.p.n_threads, t.p.kv.c_str(), t.tokens_per_s, t.tokens_per_s / search_base_rate,
-                is_winner ? " **winner**" : "", is_default ? " (defaults)" : "");
+    const std::string placement =
+        t.p.n_gpu_layers > 0 ? format("%s -ngl %d", t.p.backend.c_str(), t.p.n_gpu_layers) : "cpu";
+    const std::string rate = t.tokens_per_s > 0 ? format("%.1f", t.tokens_per_s) : "does not fit";
+    std::printf("| %d | %d | %d | %s | %s | %s | %.2fx%s%s |\n", t.p.n_batch, t.p.n_ubatch,
+                t.p.n_threads, t.p.kv.c_str(), placement.c_str(), rate.c_str(),
+                t.tokens_per_s / search_base_rate, is_winner ? " **winner**" : "",
+                is_default ? " (defaults)" : "");
   }
   runtime::Settings s;
   s.n_batch = winner.p.n_batch;
   s.n_ubatch = winner.p.n_ubatch;
   s.n_threads = winner.p.n_threads;
   s.type_k = s.type_v = winner.p.kv;
+  s.n_gpu_layers = winner.p.n_gpu_layers;
+  s.backend = winner.p.backend;
   s.tuned_for = {{"model", o.model},
                  {"n_prompt", o.n_prompt},
                  {"n_gen", o.n_gen},
