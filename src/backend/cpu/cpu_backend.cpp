@@ -325,6 +325,74 @@ void CpuBackend::dequantize_rows(const Tensor& t, int64_t n_rows, float* out) {
   });
 }
 
+// Attention as small f32 GEMMs: for one KV head, a block of query tokens times the query
+// heads that share it (GQA) form the rows of Q; S = Q K^T over the keys the block can see, a
+// causal softmax per row, then O = P V with V transposed once per call. Each K/V row is read
+// once per block instead of once per (token, head), and the dot products run in the dense
+// kernel's register tiles. Keys are padded to a multiple of 16 (zero probabilities, zero V
+// columns) so the P V product stays on the SIMD path.
+void CpuBackend::attention_tiled(const Tensor& q, int n_tokens, const int32_t* positions,
+                                 const float* kf, const float* vf, int64_t n_kv, int64_t kv_dim,
+                                 const AttentionParams& p, Tensor& out) {
+  constexpr int kBlock = 16;  // query tokens per task
+  const int D = p.head_dim, group = p.n_head / p.n_head_kv;
+  const int64_t n_pad = (n_kv + 15) / 16 * 16;
+  // vt[kvh][d][j] = V[j][kvh*D + d], zero for j >= n_kv.
+  float* vt = scratch_floats(static_cast<size_t>(p.n_head_kv) * D * n_pad, 3);
+  pool_.parallel_for(p.n_head_kv, [&](int64_t kvh, int) {
+    float* dst = vt + kvh * D * n_pad;
+    for (int d = 0; d < D; ++d) {
+      float* row = dst + static_cast<int64_t>(d) * n_pad;
+      for (int64_t j = 0; j < n_kv; ++j) row[j] = vf[j * kv_dim + kvh * D + d];
+      for (int64_t j = n_kv; j < n_pad; ++j) row[j] = 0.0f;
+    }
+  });
+  const KernelTable& kt = *kernels_;
+  const int n_blocks = (n_tokens + kBlock - 1) / kBlock;
+  pool_.parallel_for(static_cast<int64_t>(p.n_head_kv) * n_blocks, [&](int64_t task, int) {
+    const int kvh = static_cast<int>(task / n_blocks);
+    const int t0 = static_cast<int>(task % n_blocks) * kBlock;
+    const int nt = std::min(kBlock, n_tokens - t0);
+    const int rows = nt * group;  // row r: token t0 + r / group, head kvh * group + r % group
+    int32_t max_pos = 0;
+    for (int t = t0; t < t0 + nt; ++t) max_pos = std::max(max_pos, positions[t]);
+    const int64_t n_keys = max_pos + 1, n_keys_pad = (n_keys + 15) / 16 * 16;
+    std::vector<float> qg(static_cast<size_t>(rows) * D), pm(rows * n_keys_pad),
+        og(static_cast<size_t>(rows) * D);
+    for (int r = 0; r < rows; ++r) {
+      const int t = t0 + r / group, h = kvh * group + r % group;
+      std::memcpy(&qg[static_cast<size_t>(r) * D],
+                  static_cast<const float*>(q.data) + t * q.cols + static_cast<int64_t>(h) * D,
+                  D * sizeof(float));
+    }
+    // S[r][j] = q_r . k_j for the keys the block sees.
+    kt.dense(DType::F32, reinterpret_cast<const uint8_t*>(kf + kvh * D), kv_dim * 4,
+             static_cast<int>(n_keys), qg.data(), D, rows, D, pm.data(), n_keys_pad);
+    for (int r = 0; r < rows; ++r) {
+      float* row = &pm[static_cast<size_t>(r) * n_keys_pad];
+      const int64_t n = positions[t0 + r / group] + 1;  // causal: keys 0..pos
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j] * p.scale);
+      double sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        row[j] = std::exp(row[j] * p.scale - mx);
+        sum += row[j];
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+      for (int64_t j = n; j < n_keys_pad; ++j) row[j] = 0.0f;
+    }
+    // O[r][d] = sum_j P[r][j] V[j][d], with V^T rows of n_pad values.
+    kt.dense(DType::F32, reinterpret_cast<const uint8_t*>(vt + kvh * D * n_pad), n_pad * 4, D,
+             pm.data(), n_keys_pad, rows, n_keys_pad, og.data(), D);
+    for (int r = 0; r < rows; ++r) {
+      const int t = t0 + r / group, h = kvh * group + r % group;
+      std::memcpy(static_cast<float*>(out.data) + t * out.cols + static_cast<int64_t>(h) * D,
+                  &og[static_cast<size_t>(r) * D], D * sizeof(float));
+    }
+  });
+}
+
 Status CpuBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
                              const Tensor& k_cache, const Tensor& v_cache, const AttentionParams& p,
                              Tensor& out) {
@@ -349,32 +417,7 @@ Status CpuBackend::attention(const Tensor& q, int n_tokens, const int32_t* posit
   float* vf = scratch_floats(n_kv * kv_dim, 2);
   dequantize_rows(k_cache, n_kv, kf);
   dequantize_rows(v_cache, n_kv, vf);
-  float* scores_all = scratch_floats(static_cast<size_t>(pool_.n_threads()) * n_kv, 3);
-  const int group = p.n_head / p.n_head_kv;
-  const KernelTable& kt = *kernels_;
-  pool_.parallel_for(static_cast<int64_t>(n_tokens) * p.n_head, [&](int64_t task, int thread) {
-    const int64_t t = task / p.n_head;
-    const int h = static_cast<int>(task % p.n_head);
-    const int kvh = h / group;
-    const float* qh = static_cast<const float*>(q.data) + t * q.cols + h * p.head_dim;
-    float* oh = static_cast<float*>(out.data) + t * out.cols + h * p.head_dim;
-    float* scores = scores_all + thread * n_kv;
-    const int64_t n = positions[t] + 1;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      scores[j] = kt.dot_f32(qh, kf + j * kv_dim + kvh * p.head_dim, p.head_dim) * p.scale;
-      mx = std::max(mx, scores[j]);
-    }
-    double sum = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      scores[j] = std::exp(scores[j] - mx);
-      sum += scores[j];
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    std::memset(oh, 0, p.head_dim * sizeof(float));
-    for (int64_t j = 0; j < n; ++j)
-      kt.axpy_f32(scores[j] * inv, vf + j * kv_dim + kvh * p.head_dim, oh, p.head_dim);
-  });
+  attention_tiled(q, n_tokens, positions, kf, vf, n_kv, kv_dim, p, out);
   return Status::ok();
 }
 

@@ -48,6 +48,9 @@ class CpuBackend final : public Backend {
   Status synchronize() override { return Status::ok(); }
 
  private:
+  void attention_tiled(const Tensor& q, int n_tokens, const int32_t* positions, const float* kf,
+                       const float* vf, int64_t n_kv, int64_t kv_dim, const AttentionParams& p,
+                       Tensor& out);
   float* scratch_floats(size_t n, int slot);  // grows a per-purpose scratch buffer
   uint8_t* scratch_bytes(size_t n, int slot);
   void dequantize_rows(const Tensor& t, int64_t n_rows, float* out);
