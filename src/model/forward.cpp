@@ -12,16 +12,20 @@ using quant::DType;
 
 namespace {
 
-// The profile's name of a matmul: by weight type, where prompt time mostly goes.
-std::string_view matmul_kind(const backend::Weight& w) {
+// The profile's name of a matmul: by weight type, where prompt time mostly goes, with the
+// output head apart. Names are built once, so the unprofiled path builds no strings.
+std::string_view matmul_kind(const backend::Weight& w, bool head = false) {
   static const auto names = [] {
-    std::array<std::string, 64> a;
-    for (int i = 0; i < 64; ++i)
-      a[i] = std::string("matmul ") + quant::type_name(static_cast<DType>(i));
+    std::array<std::array<std::string, 64>, 2> a;
+    for (int i = 0; i < 64; ++i) {
+      const std::string type = quant::type_name(static_cast<DType>(i));
+      a[0][i] = "matmul " + type;
+      a[1][i] = "matmul head " + type;
+    }
     return a;
   }();
   const int i = static_cast<int>(w.type);
-  return i >= 0 && i < 64 ? std::string_view(names[i]) : std::string_view("matmul");
+  return i >= 0 && i < 64 ? std::string_view(names[head][i]) : std::string_view("matmul");
 }
 
 }  // namespace
@@ -148,7 +152,7 @@ Status Forward::run_head(int n_rows, const int32_t* rows, float* logits) {
   }
   OP(be, "get_rows", be.get_rows(s.x, rows, n_rows, s.h));  // h[R][E]
   OP(be, "rms_norm", be.rms_norm(s.h, n_rows, model_.output_norm(), c.rms_eps, head_in_));
-  OP(be, "matmul head " + std::string(matmul_kind(model_.output()).substr(7)),
+  OP(be, matmul_kind(model_.output(), /*head=*/true),
      be.matmul(model_.output(), head_in_, n_rows, logits_, nullptr));  // [R][V]
   KESTREL_TRY(be.synchronize());
   OP(be, "copy logits to host", be.download(logits_, 0, n_rows, logits));

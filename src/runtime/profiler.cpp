@@ -2,18 +2,14 @@
 
 #include <cstdio>
 
+#include "core/status.h"
+
 namespace kestrel::runtime {
 
 namespace {
 
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-
 std::string share(double ms, double wall_ms) {
-  return wall_ms > 0 ? fmt("%.1f%%", 100.0 * ms / wall_ms) : "-";
+  return wall_ms > 0 ? format("%.1f%%", 100.0 * ms / wall_ms) : "-";
 }
 
 }  // namespace
@@ -21,7 +17,7 @@ std::string share(double ms, double wall_ms) {
 std::string render_profile_markdown(const OpProfiler& p, double wall_ms, int top_n) {
   const auto ops = p.sorted();
   std::string out = "## Per-op profile\n\n";
-  out += "Measured over " + fmt("%.1f", wall_ms) + " ms of timed work (" +
+  out += "Measured over " + format("%.1f", wall_ms) + " ms of timed work (" +
          std::to_string(ops.size()) + " op kinds).\n\n";
   out += "| op | ms | calls | ms/call | share |\n|---|---|---|---|---|\n";
   double rest = 0;
@@ -33,15 +29,16 @@ std::string render_profile_markdown(const OpProfiler& p, double wall_ms, int top
       rest_calls += o.calls;
       continue;
     }
-    out += "| " + o.kind + " | " + fmt("%.2f", o.ms) + " | " + std::to_string(o.calls) + " | " +
-           fmt("%.4f", o.ms / static_cast<double>(o.calls)) + " | " + share(o.ms, wall_ms) + " |\n";
+    out += "| " + o.kind + " | " + format("%.2f", o.ms) + " | " + std::to_string(o.calls) + " | " +
+           format("%.4f", o.ms / static_cast<double>(o.calls)) + " | " + share(o.ms, wall_ms) +
+           " |\n";
   }
   if (rest_calls)
-    out += "| (other kinds) | " + fmt("%.2f", rest) + " | " + std::to_string(rest_calls) +
+    out += "| (other kinds) | " + format("%.2f", rest) + " | " + std::to_string(rest_calls) +
            " | - | " + share(rest, wall_ms) + " |\n";
   const double outside = wall_ms - p.total_ms();
   if (wall_ms > 0)
-    out += "| (outside ops) | " + fmt("%.2f", outside > 0 ? outside : 0.0) + " | - | - | " +
+    out += "| (outside ops) | " + format("%.2f", outside > 0 ? outside : 0.0) + " | - | - | " +
            share(outside > 0 ? outside : 0.0, wall_ms) + " |\n";
   return out;
 }

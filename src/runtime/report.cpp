@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <sstream>
 
+#include "core/status.h"
 #include "format/quant/types.h"
 
 namespace kestrel::runtime {
@@ -32,15 +33,9 @@ double PromptReport::tokens_per_s() const {
 
 namespace {
 
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-
 // 12345.6 -> "12,345.6": the seed's tables group thousands.
 std::string grouped(double v, int decimals) {
-  const std::string s = fmt(decimals == 0 ? "%.0f" : decimals == 1 ? "%.1f" : "%.2f", v);
+  const std::string s = format(decimals == 0 ? "%.0f" : decimals == 1 ? "%.1f" : "%.2f", v);
   const size_t dot = s.find('.');
   const size_t end = dot == std::string::npos ? s.size() : dot;
   const size_t start = s[0] == '-' ? 1 : 0;
@@ -64,7 +59,7 @@ std::string profile_by_chunk(const PromptReport& r) {
   for (const auto& c : r.chunks) {
     std::string ops;
     for (size_t i = 0; i < c.ops.size() && i < 3; ++i)
-      ops += (i ? ", " : "") + c.ops[i].kind + " " + fmt("%.0f%%", 100.0 * c.ops[i].ms / c.ms);
+      ops += (i ? ", " : "") + c.ops[i].kind + " " + format("%.0f%%", 100.0 * c.ops[i].ms / c.ms);
     out += "| " + std::to_string(c.index + 1) + " | " + ops + " |\n";
   }
   return out;
@@ -95,7 +90,7 @@ std::string render_markdown(const PromptReport& r) {
   std::ostringstream o;
   o << "# Prompt evaluation report\n\n## Result\n";
   o << "- Prompt: " << r.prompt_tokens << " tokens, " << grouped(r.total_ms(), 1)
-    << " ms in all: **" << fmt("%.2f", r.ms_per_token()) << " ms/token**, **"
+    << " ms in all: **" << format("%.2f", r.ms_per_token()) << " ms/token**, **"
     << grouped(r.tokens_per_s(), 2) << " tokens/s**.\n";
   if (r.gen_tokens > 0)
     o << "- Generation: " << r.gen_tokens << " tokens, " << grouped(r.gen_ms, 1) << " ms: **"
@@ -104,16 +99,18 @@ std::string render_markdown(const PromptReport& r) {
   for (size_t i = 0; i < r.chunks.size(); ++i) {
     const auto& c = r.chunks[i];
     o << "| " << i + 1 << " | " << c.first_token << "-" << c.first_token + c.n_tokens << " | "
-      << grouped(c.ms, 1) << " ms | " << fmt("%.2f", c.ms / c.n_tokens) << " | " << chunk_note(r, i)
-      << " |\n";
+      << grouped(c.ms, 1) << " ms | " << format("%.2f", c.ms / c.n_tokens) << " | "
+      << chunk_note(r, i) << " |\n";
   }
   if (r.target) {
     const double now = r.ms_per_token(), lo = r.target->low_ms, hi = r.target->high_ms;
-    auto range = [](double a, double b, const char* f) { return fmt(f, a) + "-" + fmt(f, b); };
+    auto range = [](double a, double b, const char* f) {
+      return format(f, a) + "-" + format(f, b);
+    };
     const bool met_hi = now <= hi, met_lo = now <= lo;
     o << "\n## Against the target\n| item | target | now | reached | short by |\n"
       << "|---|---|---|---|---|\n";
-    o << "| prompt evaluation | " << range(lo, hi, "%g") << " ms/token | " << fmt("%.2f", now)
+    o << "| prompt evaluation | " << range(lo, hi, "%g") << " ms/token | " << format("%.2f", now)
       << " ms/token | "
       << (met_lo ? std::string("yes")
                  : range(100 * lo / now, std::min(100.0, 100 * hi / now), "%.1f") + "%")

@@ -8,13 +8,13 @@
 
 namespace kestrel::runtime {
 
-Status write_file_atomic(const std::string& path, const std::string& text) {
+Status write_file_atomic(const std::string& path, std::string_view bytes) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out)
       return error("cannot write '%s' (is the directory there and writable?)", path.c_str());
-    out << text;
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     out.flush();
     if (!out) {
       std::remove(tmp.c_str());

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "core/status.h"
 
@@ -24,8 +25,8 @@ Expected<Settings> load_settings(const std::string& path);
 Status save_settings(const std::string& path, const Settings& s);
 nlohmann::json settings_to_json(const Settings& s);
 
-// Writes `text` to `path` through a temporary file renamed into place, so a reader never
+// Writes `bytes` to `path` through a temporary file renamed into place, so a reader never
 // sees half a file and a failed write leaves the old file as it was.
-Status write_file_atomic(const std::string& path, const std::string& text);
+Status write_file_atomic(const std::string& path, std::string_view bytes);
 
 }  // namespace kestrel::runtime

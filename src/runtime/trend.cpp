@@ -7,17 +7,13 @@
 #include <map>
 #include <sstream>
 
+#include "core/status.h"
+
 namespace kestrel::runtime {
 
 namespace {
 
 using nlohmann::json;
-
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
 
 const json* find(const json& j, const char* key) {
   if (!j.is_object()) return nullptr;
@@ -163,13 +159,13 @@ std::string parse_bench(const json& j, TrendRow* r) {
 }
 
 std::string range(double a, double b, const char* f) {
-  return fmt(f, a) + "-" + fmt(f, b);
+  return format(f, a) + "-" + format(f, b);
 }
 
 std::string change_cell(const TrendRow& r) {
   if (r.baseline > 0)
-    return (r.change_pct >= 0 ? "+" : "") + fmt("%.1f", r.change_pct) + "% (" +
-           fmt("%.2f", r.speedup) + "x, vs #" + std::to_string(r.baseline) + ")";
+    return (r.change_pct >= 0 ? "+" : "") + format("%.1f", r.change_pct) + "% (" +
+           format("%.2f", r.speedup) + "x, vs #" + std::to_string(r.baseline) + ")";
   return r.is_baseline ? "baseline" : "-";
 }
 
@@ -268,8 +264,8 @@ std::string render_trend_markdown(const Trend& t, const std::vector<TargetRow>& 
     o << "| " << r.record << " | " << r.version << " | " << r.date << " | " << kind_cell(r) << " | "
       << r.model << " | " << r.settings_summary() << " | "
       << (r.prompt_tokens > 0 ? std::to_string(r.prompt_tokens) : "-") << " | "
-      << fmt("%.2f", r.ms_per_token) << " | " << fmt("%.2f", r.tokens_per_s);
-    if (r.stddev_ts > 0) o << " ± " << fmt("%.2f", r.stddev_ts);
+      << format("%.2f", r.ms_per_token) << " | " << format("%.2f", r.tokens_per_s);
+    if (r.stddev_ts > 0) o << " ± " << format("%.2f", r.stddev_ts);
     o << " | " << change_cell(r) << " |\n";
   }
   o << "\nchange: ms/token saved against the first record with the same model, device, test "
@@ -277,7 +273,8 @@ std::string render_trend_markdown(const Trend& t, const std::vector<TargetRow>& 
   for (const auto& n : t.notes) o << "- " << n << "\n";
   if (target_rows.empty()) return o.str();
   const auto& first = target_rows.front();
-  o << "\n## Against the target (" << fmt("%g", first.low_ms) << "-" << fmt("%g", first.high_ms)
+  o << "\n## Against the target (" << format("%g", first.low_ms) << "-"
+    << format("%g", first.high_ms)
     << " ms/token)\n| # | item | target | now | reached | short by |\n"
        "|---|---|---|---|---|---|\n";
   for (const auto& g : target_rows) {
@@ -285,27 +282,27 @@ std::string render_trend_markdown(const Trend& t, const std::vector<TargetRow>& 
     auto reached = [&](double best_end, const char* unit) {
       if (g.met_best) return std::string("yes");
       if (g.met)
-        return "within range (" + fmt("%.1f", g.reached_low_pct) + "% of " + fmt("%g", best_end) +
-               " " + unit + ")";
+        return "within range (" + format("%.1f", g.reached_low_pct) + "% of " +
+               format("%g", best_end) + " " + unit + ")";
       return range(g.reached_low_pct, g.reached_high_pct, "%.1f") + "%";
     };
     std::string short_ms, short_tps;
     if (g.met_best) {
       short_ms = short_tps = "-";
     } else if (g.met) {
-      short_ms = fmt("%.2f", g.short_ms_low) + " ms/token to the better end (" +
-                 fmt("%.2f", g.factor_low) + "x)";
-      short_tps = fmt("%.2f", g.short_tps_low) + " tokens/s to the better end";
+      short_ms = format("%.2f", g.short_ms_low) + " ms/token to the better end (" +
+                 format("%.2f", g.factor_low) + "x)";
+      short_tps = format("%.2f", g.short_tps_low) + " tokens/s to the better end";
     } else {
       short_ms = range(g.short_ms_high, g.short_ms_low, "%.2f") + " ms/token (" +
                  range(g.factor_high, g.factor_low, "%.2f") + "x too slow)";
       short_tps = range(g.short_tps_high, g.short_tps_low, "%.2f") + " tokens/s";
     }
     o << "| " << g.record << " | prompt evaluation | " << range(g.low_ms, g.high_ms, "%g")
-      << " ms/token | " << fmt("%.2f", g.now_ms) << " ms/token | " << reached(g.low_ms, "ms/token")
-      << " | " << short_ms << " |\n";
+      << " ms/token | " << format("%.2f", g.now_ms) << " ms/token | "
+      << reached(g.low_ms, "ms/token") << " | " << short_ms << " |\n";
     o << "| " << g.record << " | throughput | " << range(1000 / g.high_ms, 1000 / g.low_ms, "%g")
-      << " tokens/s | " << fmt("%.2f", g.now_tps) << " tokens/s | "
+      << " tokens/s | " << format("%.2f", g.now_tps) << " tokens/s | "
       << reached(1000 / g.low_ms, "tokens/s") << " | " << short_tps << " |\n";
   }
   return o.str();

@@ -14,8 +14,6 @@ namespace kestrel::cli {
 int fail(const std::string& message);
 // The prompt from -p TEXT or -f FILE (at most one of them).
 Expected<std::string> read_prompt(const std::string& text, const std::string& file);
-// Writes a file atomically: a temporary beside it, renamed into place when complete.
-Status write_file(const std::string& path, const void* data, size_t bytes);
 
 struct RunOptions {
   SessionOptions session;

@@ -203,7 +203,7 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   }
   if (!o.report_json.empty()) {
     const std::string js = runtime::to_json(rep).dump(2) + "\n";
-    KESTREL_TRY(write_file(o.report_json, js.data(), js.size()));
+    KESTREL_TRY(runtime::write_file_atomic(o.report_json, js));
   }
   if (!o.history.empty()) {
     nlohmann::json record = runtime::to_json(rep);

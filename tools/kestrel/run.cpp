@@ -7,25 +7,13 @@
 
 #include "commands.h"
 #include "generate.h"
+#include "runtime/settings.h"
 
 namespace kestrel::cli {
 
 int fail(const std::string& message) {
   std::fprintf(stderr, "kestrel: error: %s\n", message.c_str());
   return 1;
-}
-
-Status write_file(const std::string& path, const void* data, size_t bytes) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return error("cannot write '%s'", path.c_str());
-    out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-    if (!out) return error("writing '%s' failed (disk full?)", path.c_str());
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    return error("cannot move '%s' into place", path.c_str());
-  return Status::ok();
 }
 
 namespace {
@@ -51,13 +39,15 @@ Expected<std::vector<int32_t>> parse_token_list(const std::string& s) {
 
 // The prompt as ids: --tokens as given, or the text of -p / -f through the model's tokenizer
 // (BOS as the model asks, special-token text parsed, as llama.cpp does).
-Expected<std::vector<int32_t>> prompt_tokens(const RunOptions& o, const tok::Tokenizer* tok) {
+// `text` receives the prompt text (empty for --tokens), echoed before the generated text.
+Expected<std::vector<int32_t>> prompt_tokens(const RunOptions& o, const tok::Tokenizer* tok,
+                                             std::string* text) {
   const int given = !o.tokens.empty() + !o.prompt.empty() + !o.file.empty();
   if (given != 1) return error("give the prompt with exactly one of -p TEXT, -f FILE or --tokens");
   if (!o.tokens.empty()) return parse_token_list(o.tokens);
-  KESTREL_ASSIGN_OR_RETURN(std::string text, read_prompt(o.prompt, o.file));
+  KESTREL_ASSIGN_OR_RETURN(*text, read_prompt(o.prompt, o.file));
   if (!tok) return error("this model has no vocabulary: give the prompt as --tokens");
-  KESTREL_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok->encode(text));
+  KESTREL_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tok->encode(*text));
   if (ids.empty()) return error("the prompt is empty: give some text");
   return ids;
 }
@@ -89,7 +79,8 @@ int run_command(RunOptions& o) {
     l.tokenizer = std::move(*tokenizer);
   else if (o.tokens.empty())  // a text prompt needs the vocabulary; ids do not
     return fail(tokenizer.message());
-  auto tokens = prompt_tokens(o, l.tokenizer.get());
+  std::string prompt_text;
+  auto tokens = prompt_tokens(o, l.tokenizer.get(), &prompt_text);
   if (!tokens) return fail(tokens.message());
   const int n_prompt = static_cast<int>(tokens->size());
   Status st = create_session(so, n_prompt + so.n_predict, &l);
@@ -101,12 +92,14 @@ int run_command(RunOptions& o) {
   st = l.session->prefill(*tokens, o.dump_logits.empty() ? nullptr : &all_logits);
   if (!st) return fail(st.message());
   if (!o.dump_logits.empty()) {
-    st = write_file(o.dump_logits, all_logits.data(), all_logits.size() * sizeof(float));
+    st = runtime::write_file_atomic(
+        o.dump_logits, std::string_view(reinterpret_cast<const char*>(all_logits.data()),
+                                        all_logits.size() * sizeof(float)));
     if (!st) return fail(st.message());
   }
 
   const bool text_mode = o.tokens.empty();
-  if (text_mode && so.n_predict > 0) std::printf("%s", read_prompt(o.prompt, o.file)->c_str());
+  if (text_mode && so.n_predict > 0) std::printf("%s", prompt_text.c_str());
   runtime::Sampler sampler(sampler_params(so));
   const auto& cfg = l.model->config();
   auto gen = generate(*l.session, l.tokenizer.get(), sampler, cfg.n_vocab,

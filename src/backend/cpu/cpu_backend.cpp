@@ -357,8 +357,11 @@ void CpuBackend::attention_tiled(const Tensor& q, int n_tokens, const int32_t* p
     int32_t max_pos = 0;
     for (int t = t0; t < t0 + nt; ++t) max_pos = std::max(max_pos, positions[t]);
     const int64_t n_keys = max_pos + 1, n_keys_pad = (n_keys + 15) / 16 * 16;
-    std::vector<float> qg(static_cast<size_t>(rows) * D), pm(rows * n_keys_pad),
-        og(static_cast<size_t>(rows) * D);
+    // Per-thread buffers, kept across calls: no allocation per block once they have grown.
+    thread_local std::vector<float> qg, pm, og;
+    qg.resize(static_cast<size_t>(rows) * D);
+    pm.resize(static_cast<size_t>(rows) * n_keys_pad);
+    og.resize(static_cast<size_t>(rows) * D);
     for (int r = 0; r < rows; ++r) {
       const int t = t0 + r / group, h = kvh * group + r % group;
       std::memcpy(&qg[static_cast<size_t>(r) * D],
