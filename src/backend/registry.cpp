@@ -1,5 +1,10 @@
 #include "backend/registry.h"
 
+#include "backend/cpu/cpu_backend.h"
+#ifdef KESTREL_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
 namespace kestrel::backend {
 
 namespace {
@@ -7,16 +12,22 @@ namespace {
 struct Entry {
   const char* name;
   bool gpu;  // takes the layers -ngl offloads
+  Status (*probe)();
+  Expected<std::unique_ptr<Backend>> (*create)(const BackendOptions&);
 };
+
+Expected<std::unique_ptr<Backend>> create_cpu(const BackendOptions& o) {
+  return std::unique_ptr<Backend>(std::make_unique<cpu::CpuBackend>(o.n_threads));
+}
 
 const std::vector<Entry>& entries() {
   static const std::vector<Entry> table = {
-      {"cpu", false},
+      {"cpu", false, [] { return Status::ok(); }, create_cpu},
 #ifdef KESTREL_CUDA
-      {"cuda", true},
+      {"cuda", true, cuda::probe, cuda::create},
 #endif
 #ifdef KESTREL_OPENCL
-      {"opencl", true},
+      {"opencl", true, nullptr, nullptr},
 #endif
   };
   return table;
@@ -48,17 +59,19 @@ bool is_gpu_backend(const std::string& name) {
 }
 
 Status check_backend(const std::string& name) {
-  if (find(name)) return Status::ok();
+  if (name == "auto" || find(name)) return Status::ok();
   return error("backend '%s' is not available in this build (available: %s)", name.c_str(),
                available_backends_text().c_str());
 }
 
 Status check_gpu_layers(const std::string& backend, int n_gpu_layers) {
-  if (n_gpu_layers < 0)
-    return error("-ngl %d: the number of GPU layers must be 0 or more", n_gpu_layers);
-  if (n_gpu_layers == 0 || is_gpu_backend(backend)) return Status::ok();
+  if (n_gpu_layers < -1)
+    return error("-ngl %d: the number of GPU layers must be 0 or more (-1: all on a GPU)",
+                 n_gpu_layers);
+  if (n_gpu_layers <= 0 || is_gpu_backend(backend)) return Status::ok();
   bool any_gpu = false;
   for (const Entry& e : entries()) any_gpu = any_gpu || e.gpu;
+  if (any_gpu && backend == "auto") return Status::ok();
   if (!any_gpu)
     return error("-ngl %d: this build has no GPU backend (available: %s); use -ngl 0", n_gpu_layers,
                  available_backends_text().c_str());
@@ -66,6 +79,29 @@ Status check_gpu_layers(const std::string& backend, int n_gpu_layers) {
       "-ngl %d: backend '%s' runs on the CPU; choose a GPU backend with --backend "
       "(available: %s) or use -ngl 0",
       n_gpu_layers, backend.c_str(), available_backends_text().c_str());
+}
+
+Status probe_backend(const std::string& name) {
+  KESTREL_TRY(check_backend(name));
+  const Entry* e = find(name);
+  if (!e->probe) return error("backend '%s' is not implemented yet", name.c_str());
+  return e->probe();
+}
+
+std::string first_usable_gpu_backend(std::string* why) {
+  for (const Entry& e : entries()) {
+    if (!e.gpu) continue;
+    Status s = probe_backend(e.name);
+    if (s.is_ok()) return e.name;
+    if (why) *why += (why->empty() ? "" : "; ") + s.message();
+  }
+  return "";
+}
+
+Expected<std::unique_ptr<Backend>> create_backend(const std::string& name,
+                                                  const BackendOptions& options) {
+  KESTREL_TRY(probe_backend(name));
+  return find(name)->create(options);
 }
 
 }  // namespace kestrel::backend

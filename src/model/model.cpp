@@ -2,7 +2,6 @@
 
 #include <thread>
 
-#include "backend/cpu/cpu_backend.h"
 #include "backend/registry.h"
 #include "format/quant/quant.h"
 
@@ -80,20 +79,95 @@ Expected<std::unique_ptr<Model>> Model::load(const std::string& path, const Load
   std::unique_ptr<Model> m(new Model());
   KESTREL_ASSIGN_OR_RETURN(m->file_, gguf::File::open(path));
   KESTREL_ASSIGN_OR_RETURN(m->config_, read_config(*m->file_));
-  // Placement: every backend compiled in is in the registry; until a GPU backend is, the
-  // checks below leave only the CPU, and the GPU backends place layers here when they land.
-  KESTREL_TRY(backend::check_backend(params.backend));
-  KESTREL_TRY(backend::check_gpu_layers(params.backend, params.n_gpu_layers));
-  int threads = params.n_threads;
-  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  m->n_threads_ = threads;
-  m->owned_backends_.push_back(std::make_unique<backend::cpu::CpuBackend>(threads));
-  Backend* cpu = m->owned_backends_.front().get();
-  m->layers_.resize(m->config_.n_layer);
-  for (auto& l : m->layers_) l.backend = cpu;
-  m->head_backend_ = cpu;
+  KESTREL_TRY(m->place(params));
   KESTREL_TRY(m->load_layers());
   return m;
+}
+
+// Placement with llama.cpp's meaning of -ngl: the last N layers on the GPU backend, N > n_layer
+// adds the head; the rest on the CPU. The CPU backend is always created first (it holds the
+// layers below the boundary and embeds when layer 0 is there).
+Status Model::place(const LoadParams& params) {
+  const int n_layer = config_.n_layer;
+  int threads = params.n_threads;
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads_ = threads;
+  std::string name = params.backend;
+  int ngl = params.n_gpu_layers;
+  if (name == "auto") {
+    std::string why;
+    name = backend::first_usable_gpu_backend(&why);
+    if (name.empty()) {
+      name = "cpu";
+      bool any_gpu = false;
+      for (const std::string& b : backend::available_backends())
+        any_gpu = any_gpu || backend::is_gpu_backend(b);
+      // A build without GPU backends refuses -ngl N as before; one with a GPU backend but no
+      // device says so and runs on the CPU, as the user did not force a backend.
+      if (!any_gpu) {
+        KESTREL_TRY(backend::check_gpu_layers("cpu", std::max(ngl, 0)));
+      } else {
+        placement_note_ = why + ": running on the CPU";
+      }
+      ngl = 0;
+    }
+  }
+  KESTREL_TRY(backend::check_backend(name));
+  const bool gpu = backend::is_gpu_backend(name);
+  if (ngl < 0) ngl = gpu ? n_layer + 1 : 0;
+  KESTREL_TRY(backend::check_gpu_layers(name, ngl));
+
+  backend::BackendOptions opts;
+  opts.n_threads = threads;
+  KESTREL_ASSIGN_OR_RETURN(auto cpu, backend::create_backend("cpu", opts));
+  owned_backends_.push_back(std::move(cpu));
+  Backend* where = owned_backends_.front().get();
+  Backend* gpu_be = where;
+  if (gpu) {
+    auto made = backend::create_backend(name, opts);
+    if (!made) return error("--backend %s: %s", name.c_str(), made.message().c_str());
+    owned_backends_.push_back(std::move(*made));
+    gpu_be = owned_backends_.back().get();
+  }
+  layers_.resize(n_layer);
+  const int first_gpu_layer = n_layer - std::min(ngl, n_layer);
+  for (int i = 0; i < n_layer; ++i) layers_[i].backend = i >= first_gpu_layer ? gpu_be : where;
+  head_backend_ = ngl > n_layer ? gpu_be : where;
+  n_gpu_layers_ = std::min(ngl, n_layer + 1);
+  if (gpu && ngl > 0) KESTREL_TRY(check_gpu_memory(*gpu_be));
+  return Status::ok();
+}
+
+// Before any weight is uploaded: the placed weights must fit the GPU's free memory, or the
+// load stops with the numbers and the ways out (nothing half-allocated is left behind).
+Status Model::check_gpu_memory(Backend& gpu) const {
+  const Config& c = config_;
+  const gguf::File& f = *file_;
+  auto bytes_of = [&](const std::string& name) -> double {
+    const gguf::TensorInfo* t = f.tensor(name);
+    return t ? static_cast<double>(t->n_bytes) : 0.0;
+  };
+  double per_layer_max = 0, needed = 0;
+  for (int i = 0; i < c.n_layer; ++i) {
+    double layer = 0;
+    for (const char* w : {"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                          "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"})
+      layer += bytes_of(layer_name(i, w));
+    per_layer_max = std::max(per_layer_max, layer);
+    if (layers_[i].backend == &gpu) needed += layer;
+  }
+  if (head_backend_ == &gpu)
+    needed += bytes_of(c.tied_output ? "token_embd.weight" : "output.weight");
+  const int64_t free = gpu.available_memory();
+  if (free < 0 || needed <= static_cast<double>(free)) return Status::ok();
+  const int fit =
+      per_layer_max > 0 ? static_cast<int>(static_cast<double>(free) / per_layer_max) : 0;
+  return error(
+      "the %d layers placed on %s need %.2f GiB of weights but only %.2f GiB of GPU memory is "
+      "free: lower -ngl (about %d layers fit, leaving room for the KV cache and scratch), or use "
+      "a smaller quantization of the model",
+      n_gpu_layers_, gpu.device_name().c_str(), needed / 1073741824.0, free / 1073741824.0,
+      std::max(0, fit - 1));
 }
 
 Status Model::load_layers() {

@@ -27,9 +27,13 @@ struct LayerWeights {
 };
 
 struct LoadParams {
-  int n_threads = 0;            // 0: all cores
-  std::string backend = "cpu";  // where -ngl layers go (backend/registry.h lists them)
-  int n_gpu_layers = 0;         // llama.cpp's -ngl: the last N layers, N > n_layer adds the head
+  int n_threads = 0;  // 0: all cores
+  // Where -ngl layers go (backend/registry.h lists them). "auto": the first GPU backend with a
+  // usable device, else the CPU (Model::placement_note says why).
+  std::string backend = "auto";
+  // llama.cpp's -ngl: the last N layers, N > n_layer adds the head. -1: all layers and the head
+  // when a GPU backend is used, none on the CPU.
+  int n_gpu_layers = -1;
 };
 
 class Model {
@@ -42,17 +46,24 @@ class Model {
   const backend::HostMatrix& token_embd() const { return token_embd_; }  // [V][E], on the host
   const LayerWeights& layer(int i) const { return layers_[i]; }
   backend::Backend* input_backend() const { return layers_.front().backend; }
+  // The backend that runs most of the model: the GPU's when any layer is there, else the CPU.
+  backend::Backend* primary_backend() const {
+    return (n_gpu_layers_ > 0 ? owned_backends_.back() : owned_backends_.front()).get();
+  }
+  // Why the model runs where it does when that was not asked for ("no CUDA device ...: running
+  // on the CPU"); empty otherwise. The CLI prints it.
+  const std::string& placement_note() const { return placement_note_; }
   backend::Backend* head_backend() const { return head_backend_; }
   const backend::Tensor& output_norm() const { return output_norm_; }  // [E]
   const backend::Weight& output() const { return *output_; }           // [V][E]
-  int n_threads() const { return n_threads_; }
-  int n_gpu_layers() const {
-    return n_gpu_layers_;
-  }  // layers actually placed off the CPU  // CPU threads, after resolving 0 = all cores
+  int n_threads() const { return n_threads_; }        // CPU threads after resolving 0 = all cores
+  int n_gpu_layers() const { return n_gpu_layers_; }  // layers placed off the CPU (+1: the head)
   std::vector<backend::Backend*> backends() const;
 
  private:
   Model() = default;
+  Status place(const LoadParams& params);
+  Status check_gpu_memory(backend::Backend& gpu) const;
   Status load_layers();
 
   Config config_;
@@ -63,6 +74,7 @@ class Model {
   backend::Backend* head_backend_ = nullptr;
   int n_threads_ = 1;
   int n_gpu_layers_ = 0;
+  std::string placement_note_;
   backend::Tensor output_norm_;
   std::unique_ptr<backend::Weight> output_;
 };

@@ -299,8 +299,8 @@ BenchResult describe_result(const Combo& c, const Test& t, const LoadedModel& lm
   r.kestrel_version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
   r.build_commit = KESTREL_GIT_VERSION;
   r.cpu_info = backend::cpu::cpu_model_name();
-  r.backend = c.backend;
-  r.device = lm.model->input_backend()->device_name();
+  r.backend = lm.model->primary_backend()->name();
+  r.device = lm.model->primary_backend()->device_name();
   r.model_filename = c.model;
   r.model_type = lm.info.type;
   r.model_size = lm.info.size;
@@ -310,7 +310,7 @@ BenchResult describe_result(const Combo& c, const Test& t, const LoadedModel& lm
   r.n_threads = lm.model->n_threads();
   r.type_k = c.type_k;
   r.type_v = c.type_v;
-  r.n_gpu_layers = c.n_gpu_layers;
+  r.n_gpu_layers = c.n_gpu_layers < 0 ? lm.model->n_gpu_layers() : c.n_gpu_layers;
   r.chunking = c.chunking;
   r.n_prompt = t.n_prompt;
   r.n_gen = t.n_gen;
@@ -360,7 +360,7 @@ std::string describe_combo(const Combo& c, const BenchResult& r) {
   char buf[512];
   std::snprintf(buf, sizeof(buf), "%s %s, %s, b %d, ub %d, t %d, ngl %d, %s/%s, %s",
                 std::filesystem::path(c.model).filename().string().c_str(), r.test_name().c_str(),
-                c.backend.c_str(), c.n_batch, c.n_ubatch, r.n_threads, c.n_gpu_layers,
+                r.backend.c_str(), c.n_batch, c.n_ubatch, r.n_threads, r.n_gpu_layers,
                 c.type_k.c_str(), c.type_v.c_str(), c.chunking.c_str());
   return buf;
 }

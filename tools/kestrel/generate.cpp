@@ -78,7 +78,10 @@ Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o) {
   lp.n_threads = o.n_threads;
   lp.backend = o.backend;
   lp.n_gpu_layers = o.n_gpu_layers;
-  return model::Model::load(o.model, lp);
+  KESTREL_ASSIGN_OR_RETURN(auto m, model::Model::load(o.model, lp));
+  if (!m->placement_note().empty())
+    std::fprintf(stderr, "kestrel: %s\n", m->placement_note().c_str());
+  return m;
 }
 
 Status create_session(const SessionOptions& o, int n_needed, Loaded* l) {
@@ -169,8 +172,8 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   rep.model_path = o.model;
   rep.model_name = cfg.name;
   rep.arch = cfg.arch;
-  rep.backend = l.model->input_backend()->name();
-  rep.device = l.model->input_backend()->device_name();
+  rep.backend = l.model->primary_backend()->name();
+  rep.device = l.model->primary_backend()->device_name();
   rep.version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
   rep.n_threads = l.model->n_threads();
   rep.n_gpu_layers = l.model->n_gpu_layers();

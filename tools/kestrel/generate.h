@@ -25,8 +25,8 @@ struct SessionOptions {
   int n_batch = 512;
   int n_ubatch = 512;
   int n_threads = 0;
-  int n_gpu_layers = 0;         // -ngl
-  std::string backend = "cpu";  // --backend
+  int n_gpu_layers = -1;         // -ngl (-1: all layers and the head when on a GPU)
+  std::string backend = "auto";  // --backend (auto: a usable GPU, else the CPU)
   std::string type_k = "f16";
   std::string type_v = "f16";
   std::string chunking = "balanced";

@@ -97,7 +97,7 @@ class Tuner {
     lp.n_gpu_layers = p.n_gpu_layers;
     KESTREL_ASSIGN_OR_RETURN(model_, model::Model::load(o_.model, lp));
     loaded_ = p;
-    device_ = model_->input_backend()->device_name();
+    device_ = model_->primary_backend()->device_name();
     if (prompt_.empty()) {  // random ids within the vocabulary: speed does not depend on them
       std::mt19937 rng(1234);
       const int n_vocab = model_->config().n_vocab;
@@ -186,7 +186,7 @@ int tune_command(TuneOptions& o) {
   // placement that does not fit the device's memory fails to load and is skipped.
   std::vector<std::pair<std::string, int>> placements{{"cpu", 0}};
   for (const std::string& b : backend::available_backends()) {
-    if (!backend::is_gpu_backend(b)) continue;
+    if (!backend::is_gpu_backend(b) || !backend::probe_backend(b).is_ok()) continue;
     const int L = tuner.n_layer();
     for (int n : {L + 1, L, L / 2, L / 4})
       if (n > 0) placements.emplace_back(b, n);
