@@ -1,0 +1,254 @@
+// KV store (quantize on write) and causal attention over the cache. Attention runs as two
+// batched tensor-core GEMMs per KV head group through cuBLAS -- scores = Q K^T, then P V --
+// with a causal softmax kernel between them; K/V rows of a quantized cache are expanded to f16
+// first. Token rows are processed in slices so that the score matrix stays within a fixed
+// scratch size, and each slice only multiplies the keys its last token can see.
+#include <algorithm>
+#include <vector>
+
+#include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/quant_device.cuh"
+
+namespace kestrel::backend::cuda {
+
+namespace {
+
+constexpr size_t kScoreBytes = size_t{64} << 20;  // f32 scores per slice of token rows
+
+// One thread per (token, 32-element block): src row t -> cache row pos[t] in `T`'s format,
+// rounding exactly as the scalar quantize_row does.
+template <DType T>
+__global__ void kv_store_kernel(const float* src, int n_tokens, int64_t dim, const int32_t* pos,
+                                uint8_t* cache, int64_t row_bytes) {
+  const int64_t blocks = dim / 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_tokens * blocks) return;
+  const int64_t t = i / blocks, b = i % blocks;
+  const float* x = src + t * dim + 32 * b;
+  uint8_t* row = cache + static_cast<int64_t>(pos[t]) * row_bytes;
+  if constexpr (T == DType::F16) {
+    __half* dst = reinterpret_cast<__half*>(row) + 32 * b;
+    for (int j = 0; j < 32; ++j) dst[j] = __float2half_rn(x[j]);
+  } else if constexpr (T == DType::Q8_0) {
+    uint8_t* blk = row + 34 * b;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
+    const __half dh = __float2half_rn(__fdiv_rn(amax, 127.0f));
+    const float d = __half2float(dh);
+    const uint16_t bits = __half_as_ushort(dh);
+    blk[0] = bits & 255;
+    blk[1] = bits >> 8;
+    for (int j = 0; j < 32; ++j) {
+      const float q = d == 0.0f ? 0.0f : fminf(fmaxf(roundf(__fdiv_rn(x[j], d)), -127.0f), 127.0f);
+      blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
+    }
+  } else if constexpr (T == DType::Q4_0) {
+    uint8_t* blk = row + 18 * b;
+    float amax = 0.0f, m = 0.0f;
+    for (int j = 0; j < 32; ++j)
+      if (fabsf(x[j]) > amax) {
+        amax = fabsf(x[j]);
+        m = x[j];
+      }
+    const __half dh = __float2half_rn(__fdiv_rn(m, -8.0f));
+    const float d = __half2float(dh);
+    const uint16_t bits = __half_as_ushort(dh);
+    blk[0] = bits & 255;
+    blk[1] = bits >> 8;
+    for (int j = 0; j < 16; ++j) {
+      int q[2];
+      for (int h = 0; h < 2; ++h)
+        q[h] =
+            d == 0.0f
+                ? 8
+                : static_cast<int>(fminf(fmaxf(roundf(__fdiv_rn(x[j + 16 * h], d)), -8.0f), 7.0f)) +
+                      8;
+      blk[2 + j] = static_cast<uint8_t>(q[0] | (q[1] << 4));
+    }
+  }
+}
+
+// One thread per (row, 32-element slice): cache rows [0, n_rows) -> f16 [n_rows][dim].
+template <DType T>
+__global__ void cache_to_f16_kernel(const uint8_t* cache, int64_t row_bytes, int64_t dim,
+                                    int64_t n_rows, __half* out) {
+  const int64_t slices = dim / 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_rows * slices) return;
+  const int64_t r = i / slices, s = i % slices;
+  float w[32];
+  decode_slice<T>(cache + r * row_bytes, s, w);
+  __half* dst = out + r * dim + 32 * s;
+#pragma unroll
+  for (int j = 0; j < 32; j += 2)
+    *reinterpret_cast<__half2*>(dst + j) = __floats2half2_rn(w[j], w[j + 1]);
+}
+
+// One block per (head, token) row of scores: p = softmax over keys 0..pos[t], 0 beyond.
+__global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t n_kv,
+                                      const int32_t* pos, __half* p) {
+  const int64_t row = blockIdx.x;  // head * n_tokens + t
+  const int t = static_cast<int>(row % n_tokens);
+  const float* s = scores + row * n_kv;
+  __half* out = p + row * n_kv;
+  const int64_t visible = min(static_cast<int64_t>(pos[t]) + 1, n_kv);
+  __shared__ float red[32];
+  float m = -INFINITY;
+  for (int64_t k = threadIdx.x; k < visible; k += blockDim.x) m = fmaxf(m, s[k]);
+  m = warp_max(m);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : -INFINITY;
+    v = warp_max(v);
+    if (threadIdx.x == 0) red[0] = v;
+  }
+  __syncthreads();
+  m = red[0];
+  __syncthreads();
+  float sum = 0.0f;
+  for (int64_t k = threadIdx.x; k < visible; k += blockDim.x) sum += __expf(s[k] - m);
+  sum = warp_sum(sum);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : 0.0f;
+    v = warp_sum(v);
+    if (threadIdx.x == 0) red[0] = v;
+  }
+  __syncthreads();
+  const float inv = 1.0f / red[0];
+  for (int64_t k = threadIdx.x; k < n_kv; k += blockDim.x)
+    out[k] = __float2half_rn(k < visible ? __expf(s[k] - m) * inv : 0.0f);
+}
+
+}  // namespace
+
+Status launch_kv_store(const float* src, int n_tokens, int64_t dim, const int32_t* pos, DType type,
+                       uint8_t* cache, int64_t row_bytes, cudaStream_t s) {
+  const int64_t n = n_tokens * (dim / 32);
+  if (n == 0) return Status::ok();
+  const int blocks = ceil_div(n, 128);
+  switch (type) {
+    case DType::F16:
+      kv_store_kernel<DType::F16><<<blocks, 128, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+      break;
+    case DType::Q8_0:
+      kv_store_kernel<DType::Q8_0>
+          <<<blocks, 128, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+      break;
+    case DType::Q4_0:
+      kv_store_kernel<DType::Q4_0>
+          <<<blocks, 128, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+      break;
+    default:
+      return error("kv_store: cache type %s is not supported", quant::type_name(type));
+  }
+  LAUNCH_CHECK("kv_store");
+  return Status::ok();
+}
+
+Status launch_cache_to_f16(DType type, const uint8_t* cache, int64_t row_bytes, int64_t dim,
+                           int64_t n_rows, __half* out, cudaStream_t s) {
+  const int64_t n = n_rows * (dim / 32);
+  const int blocks = ceil_div(n, 128);
+  switch (type) {
+    case DType::Q8_0:
+      cache_to_f16_kernel<DType::Q8_0><<<blocks, 128, 0, s>>>(cache, row_bytes, dim, n_rows, out);
+      break;
+    case DType::Q4_0:
+      cache_to_f16_kernel<DType::Q4_0><<<blocks, 128, 0, s>>>(cache, row_bytes, dim, n_rows, out);
+      break;
+    default:
+      return error("attention: cache type %s is not supported", quant::type_name(type));
+  }
+  LAUNCH_CHECK("attention (expand KV cache to f16)");
+  return Status::ok();
+}
+
+Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
+                             const int32_t* pos, __half* p, cudaStream_t s) {
+  softmax_causal_kernel<<<n_heads * n_tokens, 256, 0, s>>>(scores, n_tokens, n_kv, pos, p);
+  LAUNCH_CHECK("attention (softmax)");
+  return Status::ok();
+}
+
+Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
+                              const Tensor& k_cache, const Tensor& v_cache,
+                              const AttentionParams& p, Tensor& out) {
+  const int D = p.head_dim, H = p.n_head, Hkv = p.n_head_kv;
+  if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || D % 32 != 0 || k_cache.cols != int64_t{Hkv} * D)
+    return error("attention: %d heads / %d KV heads of %d do not match the cache rows of %lld", H,
+                 Hkv, D, static_cast<long long>(k_cache.cols));
+  if (n_tokens <= 0) return Status::ok();
+  int max_pos = 0;
+  for (int t = 0; t < n_tokens; ++t) {
+    if (positions[t] < 0 || positions[t] >= k_cache.rows)
+      return error("attention: position %d outside a cache of %lld rows", positions[t],
+                   static_cast<long long>(k_cache.rows));
+    max_pos = std::max(max_pos, positions[t]);
+  }
+  const int group = H / Hkv;
+  const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
+  const int64_t n_kv_all = max_pos + 1;
+
+  // Q, K and V as f16 (an f16 cache is used in place).
+  KESTREL_ASSIGN_OR_RETURN(void* q16v, scratch(kQ16, sizeof(__half) * n_tokens * q_dim));
+  auto* q16 = static_cast<__half*>(q16v);
+  KESTREL_TRY(launch_to_f16(static_cast<const float*>(q.data), n_tokens * q_dim, q16, stream_));
+  const __half* kv16[2];
+  const Tensor* caches[2] = {&k_cache, &v_cache};
+  for (int i = 0; i < 2; ++i) {
+    if (caches[i]->type == DType::F16) {
+      kv16[i] = static_cast<const __half*>(caches[i]->data);
+      continue;
+    }
+    KESTREL_ASSIGN_OR_RETURN(void* buf,
+                             scratch(i == 0 ? kK16 : kV16, sizeof(__half) * n_kv_all * kv_dim));
+    KESTREL_TRY(launch_cache_to_f16(caches[i]->type, static_cast<const uint8_t*>(caches[i]->data),
+                                    static_cast<int64_t>(caches[i]->row_bytes()), kv_dim, n_kv_all,
+                                    static_cast<__half*>(buf), stream_));
+    kv16[i] = static_cast<const __half*>(buf);
+  }
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
+
+  // Token rows in slices whose scores fit kScoreBytes.
+  const int64_t per_row = int64_t{H} * n_kv_all * sizeof(float);
+  const int slice = static_cast<int>(
+      std::clamp<int64_t>(static_cast<int64_t>(kScoreBytes) / per_row, 1, n_tokens));
+  KESTREL_ASSIGN_OR_RETURN(void* sv, scratch(kScores, per_row * slice));
+  KESTREL_ASSIGN_OR_RETURN(void* pv, scratch(kProbs, per_row / 2 * slice));
+  auto* scores = static_cast<float*>(sv);
+  auto* probs = static_cast<__half*>(pv);
+  const float one = 1.0f, zero = 0.0f;
+  for (int t0 = 0; t0 < n_tokens; t0 += slice) {
+    const int nt = std::min(slice, n_tokens - t0);
+    int64_t n_kv = 0;
+    for (int t = t0; t < t0 + nt; ++t) n_kv = std::max<int64_t>(n_kv, positions[t] + 1);
+    // scores[h][t][k] = scale * q[t][h] . k[k][h / group], batched over KV heads, one call per
+    // query head within the group.
+    for (int j = 0; j < group; ++j) {
+      cublasStatus_t st = cublasGemmStridedBatchedEx(
+          cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n_kv, nt, D, &p.scale, kv16[0], CUDA_R_16F, kv_dim, D,
+          q16 + t0 * q_dim + j * D, CUDA_R_16F, q_dim, int64_t{group} * D, &zero,
+          scores + int64_t{j} * nt * n_kv, CUDA_R_32F, n_kv, int64_t{group} * nt * n_kv, Hkv,
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (st != CUBLAS_STATUS_SUCCESS)
+        return error("attention: cuBLAS Q.K GEMM failed (status %d)", st);
+    }
+    KESTREL_TRY(launch_softmax_causal(scores, H, nt, n_kv, pos_dev + t0, probs, stream_));
+    // out[t][h] = sum_k p[h][t][k] v[k][h / group]
+    for (int j = 0; j < group; ++j) {
+      cublasStatus_t st = cublasGemmStridedBatchedEx(
+          cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, nt, n_kv, &one, kv16[1], CUDA_R_16F, kv_dim, D,
+          probs + int64_t{j} * nt * n_kv, CUDA_R_16F, n_kv, int64_t{group} * nt * n_kv, &zero,
+          static_cast<float*>(out.data) + t0 * q_dim + j * D, CUDA_R_32F, q_dim, int64_t{group} * D,
+          Hkv, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (st != CUBLAS_STATUS_SUCCESS)
+        return error("attention: cuBLAS P.V GEMM failed (status %d)", st);
+    }
+  }
+  return Status::ok();
+}
+
+}  // namespace kestrel::backend::cuda

@@ -1,0 +1,364 @@
+// The CUDA backend: device, memory, weights, synchronization and profiling; the ops' kernels
+// are in matmul.cu, attention.cu and elementwise.cu.
+#include <algorithm>
+#include <cstring>
+
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_backend_impl.cuh"
+#include "format/quant/quant.h"
+
+namespace kestrel::backend::cuda {
+
+namespace {
+
+constexpr size_t kRingInts = 1 << 18;  // pinned ring for positions and row lists (1 MiB)
+
+double gib(double bytes) {
+  return bytes / 1073741824.0;
+}
+
+}  // namespace
+
+Status probe() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaErrorNoDevice || (e == cudaSuccess && n == 0)) return error("no CUDA device found");
+  if (e == cudaErrorInsufficientDriver)
+    return error("the CUDA driver is missing or older than this build needs (%s)",
+                 cudaGetErrorString(e));
+  if (e != cudaSuccess) return error("CUDA is not usable: %s", cudaGetErrorString(e));
+  return Status::ok();
+}
+
+Expected<std::unique_ptr<Backend>> create(const BackendOptions& options) {
+  KESTREL_ASSIGN_OR_RETURN(auto be, CudaBackend::create(options.device));
+  return std::unique_ptr<Backend>(std::move(be));
+}
+
+CudaWeight::~CudaWeight() {
+  if (data) cudaFree(data);
+}
+
+Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
+  KESTREL_TRY(probe());
+  int n = 0;
+  CUDA_TRY(cudaGetDeviceCount(&n), "cudaGetDeviceCount");
+  if (device < 0 || device >= n)
+    return error("CUDA device %d does not exist (%d present)", device, n);
+  std::unique_ptr<CudaBackend> be(new CudaBackend());
+  be->device_ = device;
+  CUDA_TRY(cudaSetDevice(device), "cudaSetDevice");
+  cudaDeviceProp prop;
+  CUDA_TRY(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  if (prop.major < 7)
+    return error("CUDA device %s has compute capability %d.%d; Kestrel needs 7.0 or newer",
+                 prop.name, prop.major, prop.minor);
+  be->device_name_ = format("cuda: %s (sm_%d%d, %.0f GiB)", prop.name, prop.major, prop.minor,
+                            gib(static_cast<double>(prop.totalGlobalMem)));
+  CUDA_TRY(cudaStreamCreateWithFlags(&be->stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  if (cublasCreate(&be->cublas_) != CUBLAS_STATUS_SUCCESS)
+    return error("cuBLAS could not be initialized on %s", prop.name);
+  cublasSetStream(be->cublas_, be->stream_);
+  be->scratch_.assign(kSlots, {nullptr, 0});
+  CUDA_TRY(cudaMallocHost(&be->ring_host_, kRingInts * sizeof(int32_t)), "pinned host buffer");
+  KESTREL_ASSIGN_OR_RETURN(void* ring, be->device_alloc(kRingInts * sizeof(int32_t), "positions"));
+  be->ring_dev_ = static_cast<int32_t*>(ring);
+  return Expected<std::unique_ptr<CudaBackend>>(std::move(be));
+}
+
+CudaBackend::~CudaBackend() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  for (auto& p : pending_) {
+    cudaEventDestroy(p.start);
+    cudaEventDestroy(p.stop);
+  }
+  for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
+  for (auto& [ptr, bytes] : scratch_)
+    if (ptr) cudaFree(ptr);
+  for (auto& [host, dev] : tables_) cudaFree(dev);
+  if (ring_dev_) cudaFree(ring_dev_);
+  if (ring_host_) cudaFreeHost(ring_host_);
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+int64_t CudaBackend::available_memory() const {
+  size_t free = 0, total = 0;
+  if (cudaSetDevice(device_) != cudaSuccess || cudaMemGetInfo(&free, &total) != cudaSuccess)
+    return -1;
+  return static_cast<int64_t>(free);
+}
+
+Expected<void*> CudaBackend::device_alloc(size_t bytes, const char* what) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+  if (e == cudaSuccess) return p;
+  cudaGetLastError();  // clear the sticky-free error state of a failed allocation
+  if (e == cudaErrorMemoryAllocation) {
+    const int64_t free = available_memory();
+    return error(
+        "out of GPU memory allocating %.3f GiB for %s on %s (%.3f GiB free): lower -ngl, the "
+        "context (-c) or the micro-batch (-ub), or quantize the KV cache (-ctk/-ctv q8_0, q4_0)",
+        gib(static_cast<double>(bytes)), what, device_name_.c_str(),
+        gib(static_cast<double>(free)));
+  }
+  return cuda_status(e, what);
+}
+
+Expected<void*> CudaBackend::scratch(int slot, size_t bytes) {
+  auto& [ptr, size] = scratch_[slot];
+  if (size >= bytes) return ptr;
+  if (ptr) {
+    CUDA_TRY(cudaStreamSynchronize(stream_), "scratch resize");
+    cudaFree(ptr);
+    ptr = nullptr;
+    size = 0;
+  }
+  KESTREL_ASSIGN_OR_RETURN(ptr, device_alloc(bytes, "scratch"));
+  size = bytes;
+  return ptr;
+}
+
+Expected<Tensor> CudaBackend::alloc(quant::DType type, int64_t rows, int64_t cols,
+                                    const char* what) {
+  const int64_t rb = quant::row_bytes(type, cols);
+  if (rows < 0 || rb < 0)
+    return error("cannot allocate %s: %lld x %lld of %s is not a valid shape", what,
+                 static_cast<long long>(rows), static_cast<long long>(cols),
+                 quant::type_name(type));
+  Tensor t;
+  t.type = type;
+  t.rows = rows;
+  t.cols = cols;
+  t.bytes = static_cast<size_t>(rb) * static_cast<size_t>(rows);
+  KESTREL_ASSIGN_OR_RETURN(t.data, device_alloc(t.bytes, what));
+  t.owner = this;
+  return t;
+}
+
+void CudaBackend::free(Tensor& t) {
+  if (t.data) {
+    cudaStreamSynchronize(stream_);  // a kernel may still read it
+    cudaFree(t.data);
+  }
+  t = Tensor();
+}
+
+Status CudaBackend::upload(Tensor& dst, int64_t row0, int64_t n_rows, const void* src) {
+  if (row0 < 0 || n_rows < 0 || row0 + n_rows > dst.rows)
+    return error("upload of rows %lld..%lld outside a tensor of %lld rows",
+                 static_cast<long long>(row0), static_cast<long long>(row0 + n_rows),
+                 static_cast<long long>(dst.rows));
+  const size_t rb = dst.row_bytes();
+  // The source is ordinary host memory that the caller may reuse on return: a synchronous copy.
+  CUDA_TRY(cudaMemcpyAsync(static_cast<uint8_t*>(dst.data) + rb * row0, src, rb * n_rows,
+                           cudaMemcpyHostToDevice, stream_),
+           "upload to the GPU");
+  CUDA_TRY(cudaStreamSynchronize(stream_), "upload to the GPU");
+  return Status::ok();
+}
+
+Status CudaBackend::download(const Tensor& src, int64_t row0, int64_t n_rows, void* dst) {
+  if (row0 < 0 || n_rows < 0 || row0 + n_rows > src.rows)
+    return error("download of rows %lld..%lld outside a tensor of %lld rows",
+                 static_cast<long long>(row0), static_cast<long long>(row0 + n_rows),
+                 static_cast<long long>(src.rows));
+  const size_t rb = src.row_bytes();
+  CUDA_TRY(cudaMemcpyAsync(dst, static_cast<const uint8_t*>(src.data) + rb * row0, rb * n_rows,
+                           cudaMemcpyDeviceToHost, stream_),
+           "download from the GPU");
+  return synchronize();
+}
+
+Status CudaBackend::synchronize() {
+  const cudaError_t e = cudaStreamSynchronize(stream_);
+  if (e != cudaSuccess)
+    return error("a CUDA kernel failed: %s (%s); rerun with CUDA_LAUNCH_BLOCKING=1 to find the op",
+                 cudaGetErrorString(e), cudaGetErrorName(e));
+  return flush_profile();
+}
+
+Status CudaBackend::profile_op(std::string_view kind, OpProfiler& profiler,
+                               const std::function<Status()>& op) {
+  cudaEvent_t ev[2];
+  for (cudaEvent_t& e : ev) {
+    if (!free_events_.empty()) {
+      e = free_events_.back();
+      free_events_.pop_back();
+    } else {
+      CUDA_TRY(cudaEventCreate(&e), "cudaEventCreate");
+    }
+  }
+  CUDA_TRY(cudaEventRecord(ev[0], stream_), "cudaEventRecord");
+  Status st = op();
+  CUDA_TRY(cudaEventRecord(ev[1], stream_), "cudaEventRecord");
+  pending_.push_back({std::string(kind), &profiler, ev[0], ev[1]});
+  return st;
+}
+
+// Device timers are read once the stream has passed them (synchronize), so profiling adds no
+// host waits between ops.
+Status CudaBackend::flush_profile() {
+  for (Pending& p : pending_) {
+    float ms = 0;
+    CUDA_TRY(cudaEventElapsedTime(&ms, p.start, p.stop), "cudaEventElapsedTime");
+    p.profiler->add(p.kind, ms);
+    free_events_.push_back(p.start);
+    free_events_.push_back(p.stop);
+  }
+  pending_.clear();
+  return Status::ok();
+}
+
+Expected<const int32_t*> CudaBackend::upload_ints(const int32_t* host, int n) {
+  if (n <= 0) return static_cast<const int32_t*>(ring_dev_);
+  if (static_cast<size_t>(n) > kRingInts) return error("%d indices exceed the upload ring", n);
+  if (last_ints_dev_ && last_ints_.size() == static_cast<size_t>(n) &&
+      std::memcmp(last_ints_.data(), host, n * sizeof(int32_t)) == 0)
+    return last_ints_dev_;
+  if (ring_pos_ + n > kRingInts) {
+    // The ring wraps: earlier copies out of it must have happened before it is overwritten.
+    CUDA_TRY(cudaStreamSynchronize(stream_), "index upload");
+    ring_pos_ = 0;
+  }
+  std::memcpy(ring_host_ + ring_pos_, host, n * sizeof(int32_t));
+  int32_t* dev = ring_dev_ + ring_pos_;
+  CUDA_TRY(cudaMemcpyAsync(dev, ring_host_ + ring_pos_, n * sizeof(int32_t), cudaMemcpyHostToDevice,
+                           stream_),
+           "index upload");
+  ring_pos_ += (n + 31) & ~31;
+  last_ints_.assign(host, host + n);
+  last_ints_dev_ = dev;
+  return static_cast<const int32_t*>(dev);
+}
+
+Expected<std::unique_ptr<Weight>> CudaBackend::load_weight(const HostMatrix& m) {
+  if (!quant::is_supported(m.type))
+    return error("%s: type %s is not supported by the CUDA backend", m.name.c_str(),
+                 quant::type_name(m.type));
+  const int64_t rb = quant::row_bytes(m.type, m.n_in);
+  if (m.n_in % 32 != 0)
+    return error("%s: rows of %lld elements: the CUDA backend needs a multiple of 32",
+                 m.name.c_str(), static_cast<long long>(m.n_in));
+  if (rb < 0 || m.n_out <= 0)
+    return error("%s: %lld x %lld is not a valid %s matrix", m.name.c_str(),
+                 static_cast<long long>(m.n_out), static_cast<long long>(m.n_in),
+                 quant::type_name(m.type));
+  auto w = std::make_unique<CudaWeight>();
+  w->type = m.type;
+  w->n_in = m.n_in;
+  w->n_out = m.n_out;
+  w->name = m.name;
+  const size_t total = static_cast<size_t>(rb) * m.n_out;
+  w->bytes = total;
+  KESTREL_ASSIGN_OR_RETURN(w->data, device_alloc(total, m.name.c_str()));
+  w->qs = static_cast<uint8_t*>(w->data);
+  const bool repack = m.type == quant::DType::Q4_0 || m.type == quant::DType::Q8_0;
+  if (!repack) {
+    CUDA_TRY(cudaMemcpy(w->data, m.data, total, cudaMemcpyHostToDevice), "weight upload");
+    return std::unique_ptr<Weight>(std::move(w));
+  }
+  // Repack: quants of all rows first ([n_out][qbytes]), then the fp16 scales ([n_out][nb]).
+  const bool q4 = m.type == quant::DType::Q4_0;
+  const int64_t nb = m.n_in / 32, qb = q4 ? 16 : 32, block = q4 ? 18 : 34;
+  std::vector<uint8_t> packed(total);
+  uint8_t* qs = packed.data();
+  uint8_t* ds = packed.data() + static_cast<size_t>(m.n_out) * nb * qb;
+  const auto* src = static_cast<const uint8_t*>(m.data);
+  for (int64_t r = 0; r < m.n_out; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = src + (r * nb + b) * block;
+      std::memcpy(ds + (r * nb + b) * 2, blk, 2);
+      std::memcpy(qs + (r * nb + b) * qb, blk + 2, qb);
+    }
+  CUDA_TRY(cudaMemcpy(w->data, packed.data(), total, cudaMemcpyHostToDevice), "weight upload");
+  w->d = reinterpret_cast<__half*>(w->qs + static_cast<size_t>(m.n_out) * nb * qb);
+  return std::unique_ptr<Weight>(std::move(w));
+}
+
+Expected<Tensor> CudaBackend::load_vector(const float* data, int64_t n, const char* what) {
+  KESTREL_ASSIGN_OR_RETURN(Tensor t, alloc(quant::DType::F32, 1, n, what));
+  Status st = upload(t, 0, 1, data);
+  if (!st) {
+    free(t);
+    return st;
+  }
+  return t;
+}
+
+Expected<const uint8_t*> CudaBackend::device_table(const HostMatrix& table) {
+  if (auto it = tables_.find(table.data); it != tables_.end())
+    return static_cast<const uint8_t*>(it->second);
+  const size_t bytes = static_cast<size_t>(quant::row_bytes(table.type, table.n_in)) * table.n_out;
+  KESTREL_ASSIGN_OR_RETURN(void* dev, device_alloc(bytes, "token embeddings"));
+  Status st = cuda_status(cudaMemcpy(dev, table.data, bytes, cudaMemcpyHostToDevice),
+                          "token embeddings upload");
+  if (!st) {
+    cudaFree(dev);
+    return st;
+  }
+  tables_[table.data] = dev;
+  return static_cast<const uint8_t*>(dev);
+}
+
+Status CudaBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_tokens,
+                          Tensor& out) {
+  for (int i = 0; i < n_tokens; ++i)
+    if (tokens[i] < 0 || tokens[i] >= table.n_out)
+      return error("token id %d is outside the vocabulary of %lld tokens", tokens[i],
+                   static_cast<long long>(table.n_out));
+  KESTREL_ASSIGN_OR_RETURN(const uint8_t* dev, device_table(table));
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* ids, upload_ints(tokens, n_tokens));
+  return launch_embed(table.type, dev, quant::row_bytes(table.type, table.n_in), table.n_in, ids,
+                      n_tokens, static_cast<float*>(out.data), stream_);
+}
+
+Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
+                             Tensor& out) {
+  return launch_rms_norm(static_cast<const float*>(x.data), n_tokens, x.cols,
+                         static_cast<const float*>(weight.data), eps, static_cast<float*>(out.data),
+                         stream_);
+}
+
+Status CudaBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
+  return launch_rope(static_cast<float*>(x.data), n_tokens, pos, p, stream_);
+}
+
+Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
+  return launch_swiglu(static_cast<const float*>(gate.data), static_cast<const float*>(up.data),
+                       static_cast<int64_t>(n_tokens) * gate.cols, static_cast<float*>(out.data),
+                       stream_);
+}
+
+Status CudaBackend::add(Tensor& x, const Tensor& y, int n_tokens) {
+  return launch_add(static_cast<float*>(x.data), static_cast<const float*>(y.data),
+                    static_cast<int64_t>(n_tokens) * x.cols, stream_);
+}
+
+Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) {
+  for (int i = 0; i < n_rows; ++i)
+    if (rows[i] < 0 || rows[i] >= x.rows)
+      return error("get_rows: row %d outside a tensor of %lld rows", rows[i],
+                   static_cast<long long>(x.rows));
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* dev_rows, upload_ints(rows, n_rows));
+  return launch_get_rows(static_cast<const float*>(x.data), x.cols, dev_rows, n_rows,
+                         static_cast<float*>(out.data), stream_);
+}
+
+Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
+                             const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
+  for (int t = 0; t < n_tokens; ++t)
+    if (positions[t] < 0 || positions[t] >= k_cache.rows)
+      return error("kv_store: position %d outside a cache of %lld rows", positions[t],
+                   static_cast<long long>(k_cache.rows));
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
+  KESTREL_TRY(launch_kv_store(static_cast<const float*>(k.data), n_tokens, k.cols, pos,
+                              k_cache.type, static_cast<uint8_t*>(k_cache.data),
+                              static_cast<int64_t>(k_cache.row_bytes()), stream_));
+  return launch_kv_store(static_cast<const float*>(v.data), n_tokens, v.cols, pos, v_cache.type,
+                         static_cast<uint8_t*>(v_cache.data),
+                         static_cast<int64_t>(v_cache.row_bytes()), stream_);
+}
+
+}  // namespace kestrel::backend::cuda

@@ -1,0 +1,140 @@
+// The CUDA backend: device memory, one stream, cuBLAS for the large products, and the kernels
+// of matmul.cu, attention.cu and elementwise.cu. Ops are enqueued without blocking; the host
+// waits only in synchronize() and download() (once per chunk in the forward pass).
+//
+// Matmul strategy (see bench/NOTES.md for the floors):
+//  - micro-batches of up to kSmallBatch tokens: fused kernels read the weight once, decoding
+//    blocks in registers (decode and small micro-batches are bandwidth-bound);
+//  - larger micro-batches: the weight is dequantized to f16 in row tiles and multiplied on the
+//    tensor cores by cuBLAS (f16 x f16 -> f32), the activations rounded to f16 once.
+#pragma once
+
+#include <cublas_v2.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_common.cuh"
+
+namespace kestrel::backend::cuda {
+
+// Scratch buffers of the backend, one per purpose (CudaBackend::scratch).
+enum ScratchSlot { kX16 = 0, kW16, kQ16, kK16, kV16, kScores, kProbs, kSlots };
+
+// Up to this many tokens a matmul runs on the fused small-batch kernels.
+constexpr int kSmallBatch = 8;
+
+// A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
+// aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
+class CudaWeight final : public Weight {
+ public:
+  ~CudaWeight() override;
+  void* data = nullptr;   // the whole allocation
+  uint8_t* qs = nullptr;  // Q4_0: [n_out][n_in / 2], Q8_0: [n_out][n_in]; else GGUF rows
+  __half* d = nullptr;    // Q4_0 / Q8_0: [n_out][n_in / 32] scales
+};
+
+class CudaBackend final : public Backend {
+ public:
+  static Expected<std::unique_ptr<CudaBackend>> create(int device);
+  ~CudaBackend() override;
+
+  const char* name() const override { return "cuda"; }
+  std::string device_name() const override { return device_name_; }
+  int64_t available_memory() const override;
+
+  Expected<Tensor> alloc(quant::DType type, int64_t rows, int64_t cols, const char* what) override;
+  void free(Tensor& t) override;
+  Status upload(Tensor& dst, int64_t row0, int64_t n_rows, const void* src) override;
+  Status download(const Tensor& src, int64_t row0, int64_t n_rows, void* dst) override;
+  Expected<std::unique_ptr<Weight>> load_weight(const HostMatrix& m) override;
+  Expected<Tensor> load_vector(const float* data, int64_t n, const char* what) override;
+
+  Status embed(const HostMatrix& table, const int32_t* tokens, int n_tokens, Tensor& out) override;
+  Status rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
+                  Tensor& out) override;
+  Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
+                const Tensor* bias) override;
+  Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) override;
+  Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
+                  Tensor& k_cache, Tensor& v_cache) override;
+  Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
+                   const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
+  Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;
+  Status add(Tensor& x, const Tensor& y, int n_tokens) override;
+  Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
+  Status synchronize() override;
+  Status profile_op(std::string_view kind, OpProfiler& profiler,
+                    const std::function<Status()>& op) override;
+
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  CudaBackend() = default;
+  // Device memory with a message that gives the numbers when it fails.
+  Expected<void*> device_alloc(size_t bytes, const char* what);
+  // A scratch buffer of at least `bytes`, grown on demand (slot: one per purpose).
+  Expected<void*> scratch(int slot, size_t bytes);
+  // Small host arrays (positions, row lists) copied to the device through a pinned ring, in
+  // stream order; identical consecutive arrays are uploaded once.
+  Expected<const int32_t*> upload_ints(const int32_t* host, int n);
+  // The rows of a host embedding table, uploaded once per table.
+  Expected<const uint8_t*> device_table(const HostMatrix& table);
+  Status flush_profile();
+
+  Status matmul_small(const CudaWeight& w, const float* x, int n_tokens, float* out,
+                      const float* bias);
+  Status matmul_gemm(const CudaWeight& w, const float* x, int n_tokens, float* out,
+                     const float* bias);
+
+  int device_ = 0;
+  std::string device_name_;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::vector<std::pair<void*, size_t>> scratch_;
+  // Pinned ring for upload_ints.
+  int32_t* ring_host_ = nullptr;
+  int32_t* ring_dev_ = nullptr;
+  size_t ring_pos_ = 0;
+  std::vector<int32_t> last_ints_;
+  const int32_t* last_ints_dev_ = nullptr;
+  std::map<const void*, void*> tables_;
+  struct Pending {
+    std::string kind;
+    OpProfiler* profiler;
+    cudaEvent_t start, stop;
+  };
+  std::vector<Pending> pending_;
+  std::vector<cudaEvent_t> free_events_;
+};
+
+// Kernel launchers (matmul.cu, attention.cu, elementwise.cu). All enqueue on `s` and return the
+// launch status.
+Status launch_dequant_f16(quant::DType t, const uint8_t* rows, const __half* d, int64_t n_in,
+                          int64_t row0, int64_t n_rows, __half* out, cudaStream_t s);
+Status launch_to_f16(const float* x, int64_t n, __half* out, cudaStream_t s);
+Status launch_matmul_small(const CudaWeight& w, const float* x, int n_tokens, float* out,
+                           const float* bias, cudaStream_t s);
+Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
+Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
+                    const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);
+Status launch_rms_norm(const float* x, int n_tokens, int64_t n, const float* w, float eps,
+                       float* out, cudaStream_t s);
+Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams& p, cudaStream_t s);
+Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t s);
+Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s);
+Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int n_rows, float* out,
+                       cudaStream_t s);
+Status launch_kv_store(const float* src, int n_tokens, int64_t dim, const int32_t* pos,
+                       quant::DType type, uint8_t* cache, int64_t row_bytes, cudaStream_t s);
+// Rows [0, n_rows) of a KV cache of `type` as f16 [n_rows][dim].
+Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_bytes, int64_t dim,
+                           int64_t n_rows, __half* out, cudaStream_t s);
+// Causal softmax over scores [n_heads][T][n_kv] (row t may see keys 0..pos[t]) into f16 P.
+Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
+                             const int32_t* pos, float scale, __half* p, cudaStream_t s);
+
+}  // namespace kestrel::backend::cuda

@@ -1,0 +1,140 @@
+// Row-wise and element-wise ops: embedding lookup, RMS norm, RoPE, SwiGLU, add, get_rows.
+// Each is a single pass over its rows; they are small next to the matmuls (see --profile).
+#include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/quant_device.cuh"
+
+namespace kestrel::backend::cuda {
+
+namespace {
+
+// One block per token, one thread per 32-element slice of the table row.
+template <DType T>
+__global__ void embed_kernel(const uint8_t* table, int64_t row_bytes, int64_t n_embd,
+                             const int32_t* tokens, float* out) {
+  const int t = blockIdx.x;
+  const uint8_t* row = table + static_cast<int64_t>(tokens[t]) * row_bytes;
+  for (int64_t s = threadIdx.x; s < n_embd / 32; s += blockDim.x) {
+    float w[32];
+    decode_slice<T>(row, s, w);
+    float4* dst = reinterpret_cast<float4*>(out + t * n_embd + 32 * s);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      dst[j] = make_float4(w[4 * j], w[4 * j + 1], w[4 * j + 2], w[4 * j + 3]);
+  }
+}
+
+// One block per token; the sum of squares in double as the CPU reference does.
+__global__ void rms_norm_kernel(const float* x, int64_t n, const float* w, float eps, float* out) {
+  const float* xr = x + blockIdx.x * n;
+  float* o = out + blockIdx.x * n;
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += static_cast<double>(xr[i]) * xr[i];
+  __shared__ double red[32];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0;
+    for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += red[i];
+    red[0] = total;
+  }
+  __syncthreads();
+  const float inv = static_cast<float>(1.0 / sqrt(red[0] / n + eps));
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+}
+
+// One block per token, one thread per rotated pair index i; the angle in double as on the CPU.
+__global__ void rope_kernel(float* x, int64_t row_len, const int32_t* pos, int n_heads,
+                            int head_dim, float freq_base, bool neox) {
+  const int half = head_dim / 2;
+  float* row = x + blockIdx.x * row_len;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const double inv_freq = pow(static_cast<double>(freq_base), -2.0 * i / head_dim);
+    const double theta = pos[blockIdx.x] * inv_freq;
+    const float c = static_cast<float>(cos(theta)), s = static_cast<float>(sin(theta));
+    const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+    for (int h = 0; h < n_heads; ++h) {
+      float* head = row + h * head_dim;
+      const float a = head[i0], b = head[i1];
+      head[i0] = a * c - b * s;
+      head[i1] = a * s + b * c;
+    }
+  }
+}
+
+__global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, float* out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+__global__ void add_kernel(float* x, const float* y, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] += y[i];
+}
+
+__global__ void get_rows_kernel(const float* x, int64_t n_cols, const int32_t* rows, float* out) {
+  const float* src = x + static_cast<int64_t>(rows[blockIdx.x]) * n_cols;
+  float* dst = out + static_cast<int64_t>(blockIdx.x) * n_cols;
+  for (int64_t i = threadIdx.x; i < n_cols; i += blockDim.x) dst[i] = src[i];
+}
+
+}  // namespace
+
+Status launch_embed(DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
+                    const int32_t* tokens, int n_tokens, float* out, cudaStream_t s) {
+  if (n_tokens <= 0) return Status::ok();
+  if (n_embd % 32 != 0)
+    return error("embed: rows of %lld are not a multiple of 32", static_cast<long long>(n_embd));
+  bool ok;
+  KESTREL_CUDA_FOR_TYPE(
+      t, ok, embed_kernel<K><<<n_tokens, 128, 0, s>>>(table, row_bytes, n_embd, tokens, out));
+  if (!ok) return error("embed: type %s is not supported on CUDA", quant::type_name(t));
+  LAUNCH_CHECK("embed");
+  return Status::ok();
+}
+
+Status launch_rms_norm(const float* x, int n_tokens, int64_t n, const float* w, float eps,
+                       float* out, cudaStream_t s) {
+  if (n_tokens <= 0) return Status::ok();
+  rms_norm_kernel<<<n_tokens, 256, 0, s>>>(x, n, w, eps, out);
+  LAUNCH_CHECK("rms_norm");
+  return Status::ok();
+}
+
+Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams& p,
+                   cudaStream_t s) {
+  if (n_tokens <= 0) return Status::ok();
+  const int64_t row = int64_t{p.n_heads} * p.head_dim;
+  rope_kernel<<<n_tokens, 64, 0, s>>>(x, row, pos, p.n_heads, p.head_dim, p.freq_base,
+                                      p.layout == RopeLayout::NeoX);
+  LAUNCH_CHECK("rope");
+  return Status::ok();
+}
+
+Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t s) {
+  if (n <= 0) return Status::ok();
+  swiglu_kernel<<<ceil_div(n, 256), 256, 0, s>>>(gate, up, n, out);
+  LAUNCH_CHECK("swiglu");
+  return Status::ok();
+}
+
+Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s) {
+  if (n <= 0) return Status::ok();
+  add_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, y, n);
+  LAUNCH_CHECK("add");
+  return Status::ok();
+}
+
+Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int n_rows, float* out,
+                       cudaStream_t s) {
+  if (n_rows <= 0) return Status::ok();
+  get_rows_kernel<<<n_rows, 256, 0, s>>>(x, n_cols, rows, out);
+  LAUNCH_CHECK("get_rows");
+  return Status::ok();
+}
+
+}  // namespace kestrel::backend::cuda

@@ -1,0 +1,227 @@
+// Matmul out[T][n_out] = x[T][n_in] . W[n_out][n_in]^T (+ bias): fused small-batch kernels that
+// decode each weight block once in registers, and, for larger micro-batches, f16 row tiles of
+// the dequantized weight multiplied on the tensor cores by cuBLAS.
+#include <algorithm>
+
+#include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/quant_device.cuh"
+
+namespace kestrel::backend::cuda {
+
+namespace {
+
+// Elements of the f16 weight tile dequantized per GEMM (64 Mi halfs = 128 MiB).
+constexpr int64_t kTileElems = int64_t{1} << 26;
+
+// Slice s (32 elements) of row r of a weight, in whichever layout load_weight gave it.
+template <DType T>
+__device__ __forceinline__ void weight_slice(const uint8_t* qs, const __half* d, int64_t n_in,
+                                             int64_t r, int64_t s, float* w) {
+  if constexpr (T == DType::Q4_0) {
+    const int64_t nb = n_in / 32;
+    const uint4 q = *reinterpret_cast<const uint4*>(qs + (r * nb + s) * 16);
+    const float scale = __half2float(d[r * nb + s]);
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int byte = (words[i / 4] >> (8 * (i % 4))) & 255;
+      w[i] = static_cast<float>((byte & 15) - 8) * scale;
+      w[i + 16] = static_cast<float>((byte >> 4) - 8) * scale;
+    }
+  } else if constexpr (T == DType::Q8_0) {
+    const int64_t nb = n_in / 32;
+    const uint4* p = reinterpret_cast<const uint4*>(qs + (r * nb + s) * 32);
+    const uint4 a = p[0], b = p[1];
+    const uint32_t words[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    const float scale = __half2float(d[r * nb + s]);
+#pragma unroll
+    for (int i = 0; i < 32; ++i)
+      w[i] = static_cast<float>(static_cast<int8_t>((words[i / 4] >> (8 * (i % 4))) & 255)) * scale;
+  } else {
+    constexpr int64_t kElems = BlockOf<T>::elems, kBytes = BlockOf<T>::bytes;
+    decode_slice<T>(qs + r * (n_in / kElems) * kBytes, s, w);
+  }
+}
+
+// One thread per 32-element slice of rows [row0, row0 + n_rows): f16 out[n_rows][n_in].
+template <DType T>
+__global__ void dequant_f16_kernel(const uint8_t* qs, const __half* d, int64_t n_in, int64_t row0,
+                                   int64_t n_rows, __half* out) {
+  const int64_t slices = n_in / 32;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n_rows * slices) return;
+  const int64_t r = i / slices, s = i % slices;
+  float w[32];
+  weight_slice<T>(qs, d, n_in, row0 + r, s, w);
+  __half2 h[16];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) h[j] = __floats2half2_rn(w[2 * j], w[2 * j + 1]);
+  uint4* dst = reinterpret_cast<uint4*>(out + r * n_in + 32 * s);
+  const uint4* src = reinterpret_cast<const uint4*>(h);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) dst[j] = src[j];
+}
+
+__global__ void to_f16_kernel(const float* x, int64_t n, __half* out) {
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (i + 3 < n) {
+    const float4 v = *reinterpret_cast<const float4*>(x + i);
+    reinterpret_cast<__half2*>(out + i)[0] = __floats2half2_rn(v.x, v.y);
+    reinterpret_cast<__half2*>(out + i)[1] = __floats2half2_rn(v.z, v.w);
+  } else {
+    for (int64_t j = i; j < n; ++j) out[j] = __float2half_rn(x[j]);
+  }
+}
+
+__global__ void add_bias_kernel(float* out, const float* bias, int64_t n, int64_t total) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < total) out[i] += bias[i % n];
+}
+
+// Small batches: one warp per output row; each lane decodes whole 32-element slices (strided by
+// the warp) and multiplies them with every token's activations, so the weight is read once.
+template <DType T, int kMaxTokens>
+__global__ void __launch_bounds__(128)
+    matmul_small_kernel(const uint8_t* qs, const __half* d, int64_t n_in, int64_t n_out,
+                        const float* x, int n_tokens, float* out, const float* bias) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= n_out) return;
+  float acc[kMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t) acc[t] = 0.0f;
+  const int64_t slices = n_in / 32;
+  for (int64_t s = lane; s < slices; s += 32) {
+    float w[32];
+    weight_slice<T>(qs, d, n_in, r, s, w);
+#pragma unroll
+    for (int t = 0; t < kMaxTokens; ++t) {
+      if (t < n_tokens) {
+        const float4* xv = reinterpret_cast<const float4*>(x + t * n_in + 32 * s);
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float4 v = __ldg(xv + j);
+          sum += w[4 * j] * v.x + w[4 * j + 1] * v.y + w[4 * j + 2] * v.z + w[4 * j + 3] * v.w;
+        }
+        acc[t] += sum;
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t) {
+    if (t < n_tokens) {
+      const float v = warp_sum(acc[t]);
+      if (lane == 0) out[t * n_out + r] = v + (bias ? bias[r] : 0.0f);
+    }
+  }
+}
+
+}  // namespace
+
+Status launch_dequant_f16(DType t, const uint8_t* qs, const __half* d, int64_t n_in, int64_t row0,
+                          int64_t n_rows, __half* out, cudaStream_t s) {
+  const int64_t n = n_rows * (n_in / 32);
+  const int threads = 256;
+  bool ok;
+  KESTREL_CUDA_FOR_TYPE(t, ok,
+                        dequant_f16_kernel<K>
+                        <<<ceil_div(n, threads), threads, 0, s>>>(qs, d, n_in, row0, n_rows, out));
+  if (!ok) return error("dequantize: type %s is not supported on CUDA", quant::type_name(t));
+  LAUNCH_CHECK("matmul (dequantize weight tile)");
+  return Status::ok();
+}
+
+Status launch_to_f16(const float* x, int64_t n, __half* out, cudaStream_t s) {
+  const int threads = 256;
+  to_f16_kernel<<<ceil_div(ceil_div(n, 4), threads), threads, 0, s>>>(x, n, out);
+  LAUNCH_CHECK("convert activations to f16");
+  return Status::ok();
+}
+
+Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s) {
+  const int64_t total = n * n_tokens;
+  add_bias_kernel<<<ceil_div(total, 256), 256, 0, s>>>(out, bias, n, total);
+  LAUNCH_CHECK("matmul (bias)");
+  return Status::ok();
+}
+
+Status launch_matmul_small(const CudaWeight& w, const float* x, int n_tokens, float* out,
+                           const float* bias, cudaStream_t s) {
+  const int blocks = ceil_div(w.n_out, 4);
+  bool ok;
+  if (n_tokens <= 1)
+    KESTREL_CUDA_FOR_TYPE(w.type, ok,
+                          matmul_small_kernel<K, 1><<<blocks, 128, 0, s>>>(
+                              w.qs, w.d, w.n_in, w.n_out, x, n_tokens, out, bias));
+  else if (n_tokens <= 4)
+    KESTREL_CUDA_FOR_TYPE(w.type, ok,
+                          matmul_small_kernel<K, 4><<<blocks, 128, 0, s>>>(
+                              w.qs, w.d, w.n_in, w.n_out, x, n_tokens, out, bias));
+  else
+    KESTREL_CUDA_FOR_TYPE(w.type, ok,
+                          matmul_small_kernel<K, kSmallBatch><<<blocks, 128, 0, s>>>(
+                              w.qs, w.d, w.n_in, w.n_out, x, n_tokens, out, bias));
+  if (!ok) return error("matmul: type %s is not supported on CUDA", quant::type_name(w.type));
+  LAUNCH_CHECK("matmul (small batch)");
+  return Status::ok();
+}
+
+Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
+                           const Tensor* bias) {
+  const auto& w = static_cast<const CudaWeight&>(weight);
+  if (x.cols != w.n_in || out.cols != w.n_out || n_tokens > x.rows || n_tokens > out.rows)
+    return error("matmul %s: shapes do not match (x %lld x %lld, weight %lld x %lld, out %lld)",
+                 w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
+                 static_cast<long long>(w.n_out), static_cast<long long>(w.n_in),
+                 static_cast<long long>(out.cols));
+  if (n_tokens <= 0) return Status::ok();
+  const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
+  const float* xp = static_cast<const float*>(x.data);
+  float* op = static_cast<float*>(out.data);
+  if (n_tokens <= kSmallBatch) return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
+  return matmul_gemm(w, xp, n_tokens, op, b);
+}
+
+// Row-major out[T][n_out] is column-major out^T (n_out x T); the weight rows [n_out][n_in] are
+// column-major W^T (n_in x n_out), so out^T = op_T(W^T) . x^T with x^T column-major (n_in x T).
+Status CudaBackend::matmul_gemm(const CudaWeight& w, const float* x, int n_tokens, float* out,
+                                const float* bias) {
+  const int64_t n_in = w.n_in, n_out = w.n_out;
+  const float one = 1.0f, zero = 0.0f;
+  cublasStatus_t st;
+  if (w.type == DType::F32) {
+    st = cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tokens, n_in, &one,
+                     reinterpret_cast<const float*>(w.qs), n_in, x, n_in, &zero, out, n_out);
+    if (st != CUBLAS_STATUS_SUCCESS)
+      return error("matmul %s: cuBLAS SGEMM failed (status %d)", w.name.c_str(), st);
+  } else {
+    KESTREL_ASSIGN_OR_RETURN(void* x16v, scratch(kX16, sizeof(__half) * n_tokens * n_in));
+    auto* x16 = static_cast<__half*>(x16v);
+    KESTREL_TRY(launch_to_f16(x, static_cast<int64_t>(n_tokens) * n_in, x16, stream_));
+    const int64_t tile_rows =
+        w.type == DType::F16 ? n_out : std::max<int64_t>(1, std::min(n_out, kTileElems / n_in));
+    __half* tile = nullptr;
+    if (w.type != DType::F16) {
+      KESTREL_ASSIGN_OR_RETURN(void* t, scratch(kW16, sizeof(__half) * tile_rows * n_in));
+      tile = static_cast<__half*>(t);
+    }
+    for (int64_t r0 = 0; r0 < n_out; r0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, n_out - r0);
+      const __half* a = reinterpret_cast<const __half*>(w.qs) + r0 * n_in;
+      if (tile) {
+        KESTREL_TRY(launch_dequant_f16(w.type, w.qs, w.d, n_in, r0, rows, tile, stream_));
+        a = tile;
+      }
+      st = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tokens, n_in, &one, a,
+                        CUDA_R_16F, n_in, x16, CUDA_R_16F, n_in, &zero, out + r0, CUDA_R_32F, n_out,
+                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (st != CUBLAS_STATUS_SUCCESS)
+        return error("matmul %s: cuBLAS GEMM failed (status %d)", w.name.c_str(), st);
+    }
+  }
+  if (bias) KESTREL_TRY(launch_add_bias(out, bias, n_tokens, n_out, stream_));
+  return Status::ok();
+}
+
+}  // namespace kestrel::backend::cuda
