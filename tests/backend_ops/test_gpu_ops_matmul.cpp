@@ -1,0 +1,307 @@
+// GPU backend conformance, matmul: load_weight + matmul for every weight type the CPU backend
+// multiplies, token counts from decode (1) to large prefill micro-batches (512) on either side
+// of the kernel switches a GPU backend makes by T, output widths that are not multiples of
+// common tile sizes, with and without bias, weights with outlier rows, activations with
+// outliers, a 4096 x 4096 weight, shape errors and the profiled path. The reference is
+// the weight decoded by quant::dequantize_row, multiplied in double on the host.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu_ops_common.h"
+
+namespace kestrel::backend::gpu_ops_test {
+namespace {
+
+// 1-3: decode; 8 and 9: either side of a small-batch kernel switch (the CUDA backend's is 8);
+// 16, 17, 33: tile edges; 64 .. 512: the GEMM paths.
+const std::vector<int> kTokenCounts = {1, 2, 3, 8, 9, 16, 17, 33, 64, 100, 256, 512};
+constexpr int kMaxTokens = 512;
+
+bool is_kquant(DType t) {
+  return quant::type_info(t)->block_elems == quant::kSuperBlock;
+}
+
+// A weight matrix in GGUF rows of `type`, kept alive on the host, and the same rows decoded.
+struct HostWeight {
+  DType type;
+  int64_t n_in, n_out;
+  std::vector<uint8_t> data;
+  std::vector<float> deq;  // [n_out][n_in], quant::dequantize_row of data
+  HostMatrix matrix(const char* name = "w") const {
+    return HostMatrix{type, n_in, n_out, data.data(), name};
+  }
+};
+
+// N(0, 0.5^2) weights with outlier rows: every 16th row from row 3 is 16x larger, and every
+// 16th row from row 11 has one +-40 spike per 256 elements, which stretches its block's scale.
+HostWeight random_weight(std::mt19937& rng, DType type, int64_t n_in, int64_t n_out) {
+  std::vector<float> w = randn(rng, static_cast<size_t>(n_in * n_out), 0.5f);
+  std::uniform_int_distribution<int64_t> where(0, 255);
+  for (int64_t r = 0; r < n_out; ++r) {
+    float* row = w.data() + r * n_in;
+    if (r % 16 == 3) {
+      for (int64_t i = 0; i < n_in; ++i) row[i] *= 16.0f;
+    } else if (r % 16 == 11) {
+      for (int64_t c0 = 0; c0 < n_in; c0 += 256) {
+        const int64_t i = c0 + where(rng) % std::min<int64_t>(256, n_in - c0);
+        row[i] = std::copysign(40.0f, row[i]);
+      }
+    }
+  }
+  HostWeight hw{type, n_in, n_out, quantize_rows(type, w, n_out, n_in), {}};
+  hw.deq = dequantize_rows(type, hw.data.data(), n_out, n_in);
+  return hw;
+}
+
+// ref[t][r] = sum_i deq[r][i] * x[t][i] in double, for t < n_tokens (no bias).
+std::vector<double> matmul_reference(const HostWeight& w, const std::vector<float>& x,
+                                     int n_tokens) {
+  std::vector<double> ref(static_cast<size_t>(n_tokens * w.n_out));
+  constexpr int64_t kRows = 16, kToks = 64;  // tiles that keep W rows and x rows in cache
+  const int64_t n_rb = (w.n_out + kRows - 1) / kRows, n_tb = (n_tokens + kToks - 1) / kToks;
+  host_parallel_for(n_rb * n_tb, [&](int64_t task) {
+    const int64_t r0 = task / n_tb * kRows, t0 = task % n_tb * kToks;
+    for (int64_t t = t0; t < std::min<int64_t>(n_tokens, t0 + kToks); ++t)
+      for (int64_t r = r0; r < std::min(w.n_out, r0 + kRows); ++r)
+        ref[t * w.n_out + r] = dot_double(w.deq.data() + r * w.n_in, x.data() + t * w.n_in, w.n_in);
+  });
+  return ref;
+}
+
+// Runs out = x W^T (+ bias) on the first n_tokens rows of x into a poisoned `out` and checks
+// rows [0, n_tokens) against ref (+ bias) and that rows [n_tokens, out.rows) kept the poison.
+void run_and_check(Backend& be, const Weight& w, const DevTensor& x, int n_tokens, DevTensor& out,
+                   const std::vector<double>& ref, const DevTensor* bias,
+                   const std::vector<float>* bias_host, const std::string& bound_name,
+                   const std::string& log_key, const std::string& what) {
+  SCOPED_TRACE(what);
+  const int64_t n_out = w.n_out;
+  fill_poison(be, out);
+  const Status s = be.matmul(w, *x, n_tokens, *out, bias ? &**bias : nullptr);
+  ASSERT_TRUE(s.is_ok()) << s.message();
+  const std::vector<float> got = fetch(be, out);
+  std::vector<double> want(ref.begin(), ref.begin() + n_tokens * n_out);
+  if (bias_host)
+    for (int t = 0; t < n_tokens; ++t)
+      for (int64_t r = 0; r < n_out; ++r) want[t * n_out + r] += (*bias_host)[r];
+  check_err(compare_rows(got.data(), out->cols, want.data(), n_tokens, n_out), bound_name, log_key,
+            what);
+  EXPECT_EQ(count_unpoisoned(got, out->cols, n_tokens, out->rows), 0)
+      << "matmul wrote output rows past n_tokens = " << n_tokens;
+}
+
+std::string shape_str(DType type, int64_t n_in, int64_t n_out, int T, bool bias) {
+  return type_str(type) + " n_in=" + std::to_string(n_in) + " n_out=" + std::to_string(n_out) +
+         " T=" + std::to_string(T) + (bias ? " +bias" : "");
+}
+
+KESTREL_GPU_OPS_SUITE(GpuOpsMatmul);
+KESTREL_GPU_OPS_SUITE(GpuOpsMatmulLarge);
+KESTREL_GPU_OPS_SUITE(GpuOpsMatmulOutliers);
+
+// Widths n_in of one to 40 blocks (3 blocks: a tail for kernels that step 64 or 128 columns),
+// n_out not a multiple of 16/64/128 tiles, every token count, each with and without bias.
+void check_shapes(Backend& be, const std::string& backend, DType type) {
+  std::mt19937 rng = test_rng();
+  const std::vector<int64_t> n_ins =
+      is_kquant(type) ? std::vector<int64_t>{256, 1280} : std::vector<int64_t>{96, 1024};
+  for (int64_t n_in : n_ins) {
+    const std::vector<float> x = randn(rng, static_cast<size_t>(kMaxTokens * n_in));
+    DevTensor xt(be, kMaxTokens, n_in, x);
+    for (int64_t n_out : {37, 96, 200, 1000}) {
+      const HostWeight hw = random_weight(rng, type, n_in, n_out);
+      const std::vector<double> ref = matmul_reference(hw, x, kMaxTokens);
+      const std::vector<float> bias = randn(rng, static_cast<size_t>(n_out), 5.0f);
+      auto w = be.load_weight(hw.matrix());
+      ASSERT_TRUE(w.has_value()) << type_str(type) << ": " << w.message();
+      EXPECT_EQ((*w)->n_in, n_in);
+      EXPECT_EQ((*w)->n_out, n_out);
+      EXPECT_EQ((*w)->type, type);
+      DevTensor bt(be, be.load_vector(bias.data(), n_out, "bias"));
+      DevTensor out(be, DType::F32, kMaxTokens + 3, n_out, "out");
+      for (int T : kTokenCounts) {
+        for (bool with_bias : {false, true}) {
+          run_and_check(be, **w, xt, T, out, ref, with_bias ? &bt : nullptr,
+                        with_bias ? &bias : nullptr, matmul_bound_name(type),
+                        backend + " matmul/" + type_str(type) + "/T=" + std::to_string(T),
+                        shape_str(type, n_in, n_out, T, with_bias));
+          if (::testing::Test::HasFatalFailure()) return;
+        }
+      }
+    }
+  }
+}
+
+// n_in 4096, n_out 4096 (a 7B-class projection) at T 1, 16 (+ bias) and 512; x has exactly
+// 512 rows.
+void check_large(Backend& be, const std::string& backend, DType type) {
+  std::mt19937 rng = test_rng();
+  const int64_t n = 4096;
+  const std::vector<float> x = randn(rng, static_cast<size_t>(kMaxTokens * n));
+  const HostWeight hw = random_weight(rng, type, n, n);
+  const std::vector<double> ref = matmul_reference(hw, x, kMaxTokens);
+  const std::vector<float> bias = randn(rng, static_cast<size_t>(n), 5.0f);
+  auto w = be.load_weight(hw.matrix("blk.0.ffn_up.weight"));
+  ASSERT_TRUE(w.has_value()) << type_str(type) << ": " << w.message();
+  DevTensor xt(be, kMaxTokens, n, x);
+  DevTensor bt(be, be.load_vector(bias.data(), n, "bias"));
+  DevTensor out(be, DType::F32, kMaxTokens, n, "out");
+  for (int T : {1, 16, 512}) {
+    const bool with_bias = T == 16;
+    run_and_check(be, **w, xt, T, out, ref, with_bias ? &bt : nullptr, with_bias ? &bias : nullptr,
+                  matmul_bound_name(type),
+                  backend + " matmul-4096/" + type_str(type) + "/T=" + std::to_string(T),
+                  shape_str(type, n, n, T, with_bias));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+// Activation rows with 1000x outliers: row t % 3 == 0 has one, t % 3 == 1 one in every
+// 32-element block, t % 3 == 2 none (plain rows in the same batch must be unaffected). With
+// the 16x weight rows, outputs reach ~1e5: past f16's 65504.
+void check_activation_outliers(Backend& be, const std::string& backend, DType type) {
+  std::mt19937 rng = test_rng();
+  const int64_t n_in = 2048, n_out = 200;
+  constexpr int kTokens = 100;
+  const HostWeight hw = random_weight(rng, type, n_in, n_out);
+  std::vector<float> x = randn(rng, static_cast<size_t>(kTokens * n_in));
+  std::uniform_int_distribution<int64_t> where(0, n_in - 1);
+  for (int t = 0; t < kTokens; ++t) {
+    float* row = x.data() + t * n_in;
+    if (t % 3 == 0) {
+      const int64_t i = where(rng);
+      row[i] = std::copysign(1000.0f, row[i]);
+    } else if (t % 3 == 1) {
+      for (int64_t b = 0; b < n_in / 32; ++b) {
+        const int64_t i = b * 32 + (b * 7 + t) % 32;
+        row[i] = std::copysign(1000.0f, row[i]);
+      }
+    }
+  }
+  const std::vector<double> ref = matmul_reference(hw, x, kTokens);
+  auto w = be.load_weight(hw.matrix());
+  ASSERT_TRUE(w.has_value()) << w.message();
+  DevTensor xt(be, kTokens, n_in, x);
+  DevTensor out(be, DType::F32, kTokens, n_out, "out");
+  for (int T : {1, 3, 9, 64, 100}) {
+    run_and_check(be, **w, xt, T, out, ref, nullptr, nullptr, "matmul/outliers",
+                  backend + " matmul-outliers/" + type_str(type) + "/T=" + std::to_string(T),
+                  "activation outliers " + shape_str(type, n_in, n_out, T, false));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+#define KESTREL_MATMUL_TESTS(Type)                            \
+  TEST_P(GpuOpsMatmul, Type) {                                \
+    GPU_TRACE_SEED();                                         \
+    check_shapes(be(), GetParam(), DType::Type);              \
+  }                                                           \
+  TEST_P(GpuOpsMatmulLarge, Type) {                           \
+    GPU_TRACE_SEED();                                         \
+    check_large(be(), GetParam(), DType::Type);               \
+  }                                                           \
+  TEST_P(GpuOpsMatmulOutliers, Type) {                        \
+    GPU_TRACE_SEED();                                         \
+    check_activation_outliers(be(), GetParam(), DType::Type); \
+  }
+
+KESTREL_MATMUL_TESTS(F32)
+KESTREL_MATMUL_TESTS(F16)
+KESTREL_MATMUL_TESTS(BF16)
+KESTREL_MATMUL_TESTS(Q4_0)
+KESTREL_MATMUL_TESTS(Q4_1)
+KESTREL_MATMUL_TESTS(Q8_0)
+KESTREL_MATMUL_TESTS(Q5_0)
+KESTREL_MATMUL_TESTS(Q5_1)
+KESTREL_MATMUL_TESTS(Q4_K)
+KESTREL_MATMUL_TESTS(Q5_K)
+KESTREL_MATMUL_TESTS(Q6_K)
+
+// ---- shape errors and the profiled path --------------------------------------------------------
+
+KESTREL_GPU_OPS_SUITE(GpuOpsMatmulBadInput);
+
+// The interface reports a shape mismatch as a Status: the backend must say so (naming the
+// weight) instead of reading or writing out of bounds, and keep working afterwards.
+TEST_P(GpuOpsMatmulBadInput, ShapeMismatchIsAnErrorNamingTheWeight) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  for (DType type : {DType::F32, DType::Q4_0, DType::Q4_K}) {
+    SCOPED_TRACE(type_str(type));
+    const int64_t n_in = is_kquant(type) ? 256 : 64, n_out = 37;
+    const HostWeight hw = random_weight(rng, type, n_in, n_out);
+    auto w = be().load_weight(hw.matrix());
+    ASSERT_TRUE(w.has_value()) << w.message();
+    DevTensor x_narrow(be(), 4, n_in / 2, randn(rng, static_cast<size_t>(4 * n_in / 2)));
+    DevTensor x_wide(be(), 4, n_in * 2, randn(rng, static_cast<size_t>(4 * n_in * 2)));
+    const std::vector<float> x = randn(rng, static_cast<size_t>(4 * n_in));
+    DevTensor x_ok(be(), 4, n_in, x);
+    DevTensor out_ok(be(), DType::F32, 4, n_out);
+    DevTensor out_narrow(be(), DType::F32, 4, n_out - 1);
+    DevTensor out_short(be(), DType::F32, 2, n_out);
+    EXPECT_FALSE(be().matmul(**w, *x_narrow, 4, *out_ok, nullptr).is_ok()) << "x narrower";
+    EXPECT_FALSE(be().matmul(**w, *x_wide, 4, *out_ok, nullptr).is_ok()) << "x wider";
+    EXPECT_FALSE(be().matmul(**w, *x_ok, 4, *out_narrow, nullptr).is_ok()) << "out narrower";
+    EXPECT_FALSE(be().matmul(**w, *x_ok, 4, *out_short, nullptr).is_ok()) << "out has 2 rows";
+    EXPECT_FALSE(be().matmul(**w, *x_ok, 5, *out_ok, nullptr).is_ok()) << "x has 4 rows";
+    const Status s = be().matmul(**w, *x_narrow, 4, *out_ok, nullptr);
+    EXPECT_NE(s.message().find("'w'"), std::string::npos)
+        << "does not name weight 'w': " << s.message();
+    // and it still works
+    const std::vector<double> ref = matmul_reference(hw, x, 4);
+    run_and_check(be(), **w, x_ok, 4, out_ok, ref, nullptr, nullptr, matmul_bound_name(type),
+                  GetParam() + " matmul-after-error/" + type_str(type), "after the errors");
+  }
+}
+
+// profile_op adds the op's time under its kind (after synchronize(): a backend may read device
+// timers late) and changes no result: the profiled product equals the unprofiled one bit for
+// bit (the same kernels on the same inputs). An op that fails inside profile_op fails it.
+TEST_P(GpuOpsMatmulBadInput, ProfiledMatmulAddsItsTimeAndGivesTheSameResult) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  for (int T : {1, 100}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    const int64_t n_in = 1024, n_out = 200;
+    const HostWeight hw = random_weight(rng, DType::Q4_0, n_in, n_out);
+    const std::vector<float> x = randn(rng, static_cast<size_t>(T * n_in));
+    auto w = be().load_weight(hw.matrix());
+    ASSERT_TRUE(w.has_value()) << w.message();
+    DevTensor xt(be(), T, n_in, x);
+    DevTensor plain(be(), DType::F32, T, n_out), profiled(be(), DType::F32, T, n_out);
+    fill_poison(be(), plain);
+    fill_poison(be(), profiled);
+    ASSERT_TRUE(be().matmul(**w, *xt, T, *plain, nullptr).is_ok());
+    OpProfiler prof;
+    for (int i = 0; i < 2; ++i) {
+      const Status s = be().profile_op(
+          "matmul q4_0", prof, [&] { return be().matmul(**w, *xt, T, *profiled, nullptr); });
+      ASSERT_TRUE(s.is_ok()) << s.message();
+    }
+    const std::vector<float> a = fetch(be(), plain), b = fetch(be(), profiled);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+        << "profiled matmul differs from the unprofiled one";
+    const std::vector<double> ref = matmul_reference(hw, x, T);
+    check_err(compare_rows(b.data(), n_out, ref.data(), T, n_out), "matmul/quant",
+              GetParam() + " matmul-profiled/q4_0", "profiled");
+    const std::vector<OpTime> times = prof.sorted();
+    ASSERT_EQ(times.size(), 1u);
+    EXPECT_EQ(times[0].kind, "matmul q4_0");
+    EXPECT_EQ(times[0].calls, 2);
+    EXPECT_TRUE(std::isfinite(times[0].ms) && times[0].ms >= 0) << times[0].ms;
+    // a failing op fails profile_op, and is still counted or not, but never crashes
+    DevTensor x_bad(be(), T, n_in / 2, randn(rng, static_cast<size_t>(T * n_in / 2)));
+    const Status bad = be().profile_op(
+        "matmul q4_0", prof, [&] { return be().matmul(**w, *x_bad, T, *profiled, nullptr); });
+    EXPECT_FALSE(bad.is_ok());
+    EXPECT_TRUE(be().synchronize().is_ok());
+  }
+}
+
+}  // namespace
+}  // namespace kestrel::backend::gpu_ops_test
