@@ -13,6 +13,12 @@ Two ways to make the weights:
   written directly (random nibbles / int8 and random fp16 scales), chunk by chunk, so a 7B
   Q4_0 file takes seconds and little memory. The per-block scales are chosen so the weights
   have about the same std as in the "real" mode.
+* "fast" with --scale-range LO,HI (Q4_0, Q4_1, Q8_0): the test models of ANCHORS.md, whose
+  blocks have random quants and fp16 scales uniform in [LO, HI] (ANCHORS: 0.002,0.02; Q4_1's
+  min is -7.5 times the scale). Random bytes come straight from an SFC64 generator into the
+  file, at about 1 GiB/s: a 3.5 GiB llama2-7b Q4_0 takes a few seconds.
+
+    python3 scripts/synth_gguf.py --out l2.gguf --shape llama2-7b --type q4_0 --scale-range 0.002,0.02
 
 Tensor layout (GGUF dims, ne0 first = the contiguous input dim), per layer i:
   token_embd.weight [n_embd, n_vocab]      blk.i.attn_norm.weight [n_embd] F32
@@ -312,6 +318,30 @@ def random_blocks_ext(rng: np.random.Generator, qtype: QT, n_blocks: int, std: f
     return blocks
 
 
+# Types --scale-range applies to: the scale d is the first fp16 of the block.
+SCALE_RANGE_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
+
+
+def range_blocks(rng: np.random.Generator, qtype: QT, n_blocks: int,
+                 scale_range: tuple[float, float]) -> np.ndarray:
+    """n_blocks Q4_0 / Q4_1 / Q8_0 blocks of random quant bytes whose fp16 scales d are uniform
+    in scale_range (positive, as ANCHORS.md states the test models); Q4_1's min is -7.5 d.
+    Draws raw 64-bit words (no per-byte sampling), so it runs at memory speed."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    nbytes = n_blocks * type_size
+    words = rng.bit_generator.random_raw((nbytes + 7) // 8)
+    blocks = words.view(np.uint8)[:nbytes].reshape(n_blocks, type_size)
+    lo, hi = scale_range
+    d = rng.random(n_blocks, dtype=np.float32)
+    d *= np.float32(hi - lo)
+    d += np.float32(lo)
+    blocks[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(n_blocks, 2)
+    if qtype == QT.Q4_1:
+        d *= np.float32(-7.5)
+        blocks[:, 2:4] = d.astype("<f2").view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
 def random_floats(rng: np.random.Generator, qtype: QT, n: int, std: float) -> np.ndarray:
     """n random normal values with the given std, as F32, F16 or BF16 (uint16 bits)."""
     x = rng.standard_normal(n, dtype=np.float32)
@@ -323,8 +353,10 @@ def random_floats(rng: np.random.Generator, qtype: QT, n: int, std: float) -> np
     return (x.view(np.uint32) >> 16).astype(np.uint16)  # BF16 by truncation
 
 
-def fast_chunks(rng: np.random.Generator, t: TensorSpec):
-    """The tensor's bytes in chunks of whole rows, at most about CHUNK_ELEMENTS elements each."""
+def fast_chunks(rng: np.random.Generator, t: TensorSpec,
+                scale_range: tuple[float, float] | None = None):
+    """The tensor's bytes in chunks of whole rows, at most about CHUNK_ELEMENTS elements each;
+    with scale_range, quantized blocks come from range_blocks."""
     if t.init != "normal":  # norms and biases are small: real values
         yield real_values(rng, t)
         return
@@ -333,7 +365,9 @@ def fast_chunks(rng: np.random.Generator, t: TensorSpec):
     block, _ = gguf.GGML_QUANT_SIZES[t.qtype]
     for r0 in range(0, rows, rows_per_chunk):
         n = min(rows_per_chunk, rows - r0) * ne0
-        if t.qtype in (QT.F32, QT.F16, QT.BF16):
+        if scale_range is not None and t.qtype in SCALE_RANGE_TYPES:
+            yield range_blocks(rng, t.qtype, n // block, scale_range)
+        elif t.qtype in (QT.F32, QT.F16, QT.BF16):
             yield random_floats(rng, t.qtype, n, t.std)
         elif t.qtype in _SCALE_FIELDS:
             yield random_blocks_ext(rng, t.qtype, n // block, t.std)
@@ -348,8 +382,12 @@ def fast_chunks(rng: np.random.Generator, t: TensorSpec):
 def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype: str = "f32",
                 tied: bool = False, seed: int = 0, ctx: int = 4096, rope_base: float | None = None,
                 fast: bool | None = None, overrides: dict | None = None, verbose: bool = True,
-                vocab_from: str | None = None, chat_template: str | None = None) -> dict:
+                vocab_from: str | None = None, chat_template: str | None = None,
+                scale_range: tuple[float, float] | None = None) -> dict:
     """Write one model; returns a summary dict (params, bytes, seconds, hparams).
+
+    scale_range: (lo, hi) for fast mode with Q4_0 / Q4_1 / Q8_0 weights: block scales uniform
+    in [lo, hi] and raw random quants (ANCHORS.md's test models: (0.002, 0.02)).
 
     vocab_from: a GGUF whose tokenizer.* keys are copied (n_vocab follows its vocabulary), so
     a synthetic model tokenizes like a real one; chat_template: text for
@@ -372,7 +410,15 @@ def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype
     if hp.n_embd % block or hp.n_ff % block:
         raise ValueError(f"n_embd and n_ff must be multiples of {block} for {wtype}")
     if fast is None:
-        fast = hp.n_embd >= 2048
+        fast = hp.n_embd >= 2048 or scale_range is not None
+    if scale_range is not None:
+        if not fast:
+            raise ValueError("--scale-range needs fast mode (random blocks), not --real")
+        if wtype not in ("q4_0", "q4_1", "q8_0"):
+            raise ValueError(f"--scale-range applies to q4_0, q4_1 and q8_0, not {wtype}")
+        lo, hi = scale_range
+        if not 0 < lo <= hi < 65504:
+            raise ValueError(f"--scale-range {lo},{hi}: need 0 < LO <= HI < 65504 (fp16)")
     if rope_base is None:
         rope_base = 1e6 if arch == "qwen2" else 1e4
     eps = 1e-6 if arch == "qwen2" else 1e-5
@@ -419,13 +465,16 @@ def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype
 
     # Tensor data, streamed: each tensor starts at an aligned offset (the offsets written in the
     # tensor infos are the running sum of sizes padded to the alignment).
-    rng = np.random.default_rng(seed)
+    if scale_range is None:
+        rng = np.random.default_rng(seed)
+    else:
+        rng = np.random.Generator(np.random.SFC64(seed))   # fast raw words for range_blocks
     fout = w.fout[0]
     w.write_padding(fout, fout.tell())
-    chunks = fast_chunks if fast else real_chunks
     for t in plan:
         written = 0
-        for data in chunks(rng, t):
+        chunks = fast_chunks(rng, t, scale_range) if fast else real_chunks(rng, t)
+        for data in chunks:
             data = np.ascontiguousarray(data)
             fout.write(data.data)
             written += data.nbytes
@@ -438,12 +487,12 @@ def write_model(out: str | Path, arch: str = "llama", shape: str = "tiny", wtype
     n_params = sum(t.n_elements for t in plan)
     summary = {
         "path": str(out), "arch": arch, "shape": shape, "type": wtype, "tied": tied,
-        "fast": fast, "params": n_params, "bytes": out.stat().st_size,
+        "fast": fast, "scale_range": list(scale_range) if scale_range else None, "params": n_params, "bytes": out.stat().st_size,
         "seconds": time.time() - t_start, "hparams": dataclasses.asdict(hp),
     }
     if verbose:
         print(f"wrote {out}: {arch} {shape} {wtype}{' tied' if tied else ''} "
-              f"({'random blocks' if fast else 'quantized floats'}) "
+              f"({'quantized floats' if not fast else 'random blocks' if scale_range is None else f'random blocks, scales in [{scale_range[0]:g}, {scale_range[1]:g}]'}) "
               f"n_embd={hp.n_embd} n_layer={hp.n_layer} n_head={hp.n_head} n_head_kv={hp.n_head_kv} "
               f"n_ff={hp.n_ff} n_vocab={hp.n_vocab}: {n_params / 1e6:.2f} M params, "
               f"{summary['bytes'] / 2**20:.1f} MiB, {summary['seconds']:.1f} s")
@@ -470,12 +519,23 @@ def main(argv: list[str] | None = None) -> int:
                       help="random quant blocks (default when n_embd >= 2048)")
     mode.add_argument("--real", action="store_false", dest="fast",
                       help="quantize real-valued weights (default when n_embd < 2048)")
+    ap.add_argument("--scale-range", metavar="LO,HI",
+                    help="fast mode, q4_0/q4_1/q8_0: block scales uniform in [LO, HI] and raw random "
+                         "quants (ANCHORS.md's test models: 0.002,0.02); implies --fast")
     a = ap.parse_args(argv)
+    scale_range = None
+    if a.scale_range:
+        try:
+            lo, hi = (float(x) for x in a.scale_range.split(","))
+        except ValueError:
+            ap.error(f"--scale-range {a.scale_range!r}: expected LO,HI, e.g. 0.002,0.02")
+        scale_range = (lo, hi)
     overrides = {k: getattr(a, k) for k in ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "n_vocab")}
     try:
         template = Path(a.chat_template).read_text() if a.chat_template else None
         write_model(a.out, a.arch, a.shape, a.wtype, a.tied, a.seed, a.ctx, a.rope_base, a.fast,
-                    overrides, vocab_from=a.vocab_from, chat_template=template)
+                    overrides, vocab_from=a.vocab_from, chat_template=template,
+                    scale_range=scale_range)
     except ValueError as e:
         print(f"synth_gguf: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,12 @@ Bounds and pass criteria (every logits run):
 
     python3 tests/e2e/test_e2e.py --kestrel build/bin/kestrel --workdir build/e2e [--seed N] [--only SUBSTR] [--list]
 
+Options for other placements and time limits (scripts/gpu-check.sh): --kestrel-args "--backend
+cuda -ngl 99" appends flags to every kestrel run of a model (the same bounds then judge the GPU;
+the bad-input case that expects a build without GPU backend is skipped), --skip SUBSTR leaves
+cases out, --jobs N runs N kestrel processes at once, --budget SECONDS starts no run after that
+many seconds (the rest are reported as skipped, not failed).
+
 For every case it synthesizes a small random-weight GGUF model (scripts/synth_gguf.py, cached in
 WORKDIR/models by name), draws a random prompt (seeded: the seed is printed, --seed reproduces a
 run), runs
@@ -38,10 +44,12 @@ reference (cached in WORKDIR/ref per model, prompt and KV type). Exit status 0 =
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -274,6 +282,7 @@ class Result:
     top1: float = float("nan")      # raw top-1 agreement
     seconds: float = float("nan")
     note: str = ""
+    skipped: bool = False           # not run: --budget ran out (neither passed nor failed)
 
 
 def compare(ours: np.ndarray, ref: np.ndarray, bound: float) -> dict:
@@ -288,16 +297,46 @@ def compare(ours: np.ndarray, ref: np.ndarray, bound: float) -> dict:
 # Bad input
 
 
+def selected_name(name: str, args) -> bool:
+    """--only (any substring, when given) and --skip (no substring) select cases by name."""
+    return (not args.only or any(o in name for o in args.only)) and \
+        not any(o in name for o in args.skip)
+
+
+def has_gpu_backend(kestrel: str) -> bool:
+    """Whether this kestrel build lists a GPU backend (`bench --help`: "available: cpu, cuda")."""
+    try:
+        out = subprocess.run([kestrel, "bench", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, timeout=30).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    m = re.search(r"available: ([^)]*)\)", out)
+    return bool(m) and any(b.strip() not in ("cpu", "") for b in m.group(1).split(","))
+
+
+def over_budget(args) -> bool:
+    return args.budget is not None and time.time() - args.t_start > args.budget
+
+
 def bad_input_cases(wd: Workdir, args) -> list[Result]:
     spec = ModelSpec("llama", "tiny", "f32")
     cases = []
+    # The message of -ngl without a GPU backend exists only in builds without one, and extra
+    # flags (a GPU placement) would contradict the case's own -ngl.
+    no_gpu_case = not args.kestrel_args and not has_gpu_backend(args.kestrel)
 
     def want(name: str) -> bool:
-        return not args.only or any(o in name for o in args.only)
+        if name == "bad-input/gpu-layers-without-gpu" and not no_gpu_case:
+            return False
+        return selected_name(name, args)
 
     def check(name: str, model: Path, tokens, extra, must_mention: str | None, pattern_desc: str):
+        if over_budget(args):
+            cases.append(Result(name, ok=False, skipped=True, note="skipped: --budget reached"))
+            return
         out_bin = wd.out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".bin")
-        p = run_kestrel(args.kestrel, model, tokens, extra + ["--dump-logits", str(out_bin)],
+        p = run_kestrel(args.kestrel, model, tokens,
+                        extra + ["--dump-logits", str(out_bin)] + args.kestrel_args,
                         args.timeout, args.verbose)
         r = Result(name, ok=False, seconds=p.seconds)
         last = p.output.strip().splitlines()[-1:] or [""]
@@ -375,7 +414,7 @@ def print_table(results: list[Result]) -> None:
           f"{'time':>6}  note")
     print("-" * (w + 58))
     for r in results:
-        print(f"{r.name:<{w}}  {'ok' if r.ok else 'FAIL':6}  {fmt(r.rel, '9.2e')}  "
+        print(f"{r.name:<{w}}  {'ok' if r.ok else 'skip' if r.skipped else 'FAIL':6}  {fmt(r.rel, '9.2e')}  "
               f"{(str(r.worst_pos) if r.worst_pos >= 0 else '-'):>4}  {fmt(r.bound, '7.0e')}  "
               f"{fmt(r.top1, '6.3f')}  {(fmt(r.seconds, '5.2f') + 's') if r.seconds == r.seconds else '     -'}  {r.note}")
 
@@ -390,14 +429,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per kestrel run")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
+    ap.add_argument("--kestrel-args", default="",
+                    help='flags appended to every kestrel run of a model, e.g. "--backend cuda -ngl 99"')
+    ap.add_argument("--skip", action="append", default=[],
+                    help="leave out cases whose name contains this substring (repeatable)")
+    ap.add_argument("--jobs", type=int, default=1, help="kestrel runs at once (default 1)")
+    ap.add_argument("--budget", type=float,
+                    help="seconds after which no further run starts (those are reported as skipped)")
     args = ap.parse_args(argv)
+    args.kestrel_args = shlex.split(args.kestrel_args)
+    args.t_start = time.time()
 
-    selected = [r for r in plan_runs() if not args.only or any(o in r.name for o in args.only)]
+    selected = [r for r in plan_runs() if selected_name(r.name, args)]
+    if args.budget is not None:
+        # Default batchings first: a run cut short by the budget still covers every model and KV type.
+        selected.sort(key=lambda r: r.batching != "default")
     if args.list:
         for r in selected:
             print(r.name)
         for n in ("bad-input/token-out-of-range", "bad-input/prompt-over-context", "bad-input/missing-model"):
-            if not args.only or any(o in n for o in args.only):
+            if selected_name(n, args):
                 print(n)
         return 0
 
@@ -407,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.kestrel = str(kestrel.resolve())
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    print(f"e2e: seed {seed} (rerun with --seed {seed}); kestrel {args.kestrel}")
+    print(f"e2e: seed {seed} (rerun with --seed {seed}); kestrel {args.kestrel}"
+          + (f" {shlex.join(args.kestrel_args)}" if args.kestrel_args else ""))
     print(f"e2e: {len(selected)} logits runs; rel L2 bounds {WEIGHT_BOUNDS}, raw top-1 >= {TOP1_MIN}; "
           f"KV {'/'.join(ROUNDED_KV)} judged against the KV-rounded reference")
     t_start = time.time()
@@ -415,9 +467,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[Result] = []
     dumps: dict[Run, np.ndarray] = {}
-    for run in selected:
+
+    def one(run: Run) -> tuple[Result, np.ndarray | None, str]:
+        """Runs one case: its result, its logits (None on failure) and its progress line."""
         spec = run.model
         t0 = time.time()
+        if over_budget(args):
+            r = Result(run.name, ok=False, bound=run.bound, skipped=True, note="skipped: --budget reached")
+            return r, None, f"  skip {run.name}: --budget {args.budget:g} s reached"
         model_path = wd.model(spec)
         n_vocab = wd.ref_model(spec).n_vocab
         tokens = prompt_for(spec, n_vocab, seed)
@@ -425,9 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         out_bin = wd.out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name) + ".bin")
         out_bin.unlink(missing_ok=True)
         extra = ["-c", str(N_CTX), "-ctk", run.kv, "-ctv", run.kv] + BATCHINGS[run.batching] + \
-                ["--dump-logits", str(out_bin)]
+                ["--dump-logits", str(out_bin)] + args.kestrel_args
         p = run_kestrel(args.kestrel, model_path, tokens, extra, args.timeout, args.verbose)
         r = Result(run.name, ok=False, bound=run.bound, seconds=p.seconds)
+        ours = None
         if p.rc != 0:
             r.note = describe_failure(p)
         else:
@@ -435,7 +493,6 @@ def main(argv: list[str] | None = None) -> int:
             if ours is None:
                 r.note = err
             else:
-                dumps[run] = ours
                 m = compare(ours, ref, run.bound)
                 r.ok, r.rel, r.worst_pos, r.top1 = m["ok"], m["rel"], m["worst_pos"], m["top1"]
                 notes = [f"{len(tokens)} tok"]
@@ -445,10 +502,31 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"ref with {run.kv} K/V; vs unrounded ref (info): "
                                  f"rel {u['rel']:.2e}, top-1 {u['top1']:.3f}")
                 r.note = ", ".join(notes)
+        return r, ours, (f"  {'ok  ' if r.ok else 'FAIL'} {run.name}: rel {fmt(r.rel, '.2e')} "
+                         f"(bound {run.bound:.0e}), top-1 {fmt(r.top1, '.3f')}  "
+                         f"[{time.time() - t0:.2f}s] {r.note}")
+
+    def record(run: Run, outcome: tuple[Result, np.ndarray | None, str]) -> None:
+        r, ours, line = outcome
         results.append(r)
-        print(f"  {'ok  ' if r.ok else 'FAIL'} {run.name}: rel {fmt(r.rel, '.2e')} (bound {run.bound:.0e}), "
-              f"top-1 {fmt(r.top1, '.3f')}  [{time.time() - t0:.2f}s] {r.note}",
-              flush=True)
+        if ours is not None:
+            dumps[run] = ours
+        print(line, flush=True)
+
+    if args.jobs <= 1:
+        for run in selected:
+            record(run, one(run))
+    else:
+        # Models and references first, one at a time (they are cached files), then the kestrel
+        # runs in parallel; results are kept in plan order.
+        for run in selected:
+            tokens = prompt_for(run.model, wd.ref_model(run.model).n_vocab, seed)
+            wd.reference(run.model, tokens, ref_kv(run.kv))
+            if ref_kv(run.kv) is not None:
+                wd.reference(run.model, tokens, None)
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for run, outcome in zip(selected, pool.map(one, selected)):
+                record(run, outcome)
 
     # Batchings against each other: every non-default batching against the default run.
     for run in selected:
@@ -464,12 +542,17 @@ def main(argv: list[str] | None = None) -> int:
     results += bad_input_cases(wd, args)
 
     print_table(results)
-    n_fail = sum(not r.ok for r in results)
-    print(f"\ne2e: {len(results) - n_fail}/{len(results)} passed, {n_fail} failed, "
-          f"{time.time() - t_start:.1f} s, seed {seed}")
+    n_skip = sum(r.skipped for r in results)
+    n_fail = sum(not r.ok and not r.skipped for r in results)
+    print(f"\ne2e: {len(results) - n_fail - n_skip}/{len(results)} passed, {n_fail} failed, "
+          + (f"{n_skip} skipped (--budget {args.budget:g} s), " if n_skip else "")
+          + f"{time.time() - t_start:.1f} s, seed {seed}")
     if n_fail:
+        more = "".join(f" --only {shlex.quote(o)}" for o in args.only) + \
+            "".join(f" --skip {shlex.quote(o)}" for o in args.skip) + \
+            (f" --kestrel-args {shlex.quote(shlex.join(args.kestrel_args))}" if args.kestrel_args else "")
         print(f"e2e: reproduce with: {sys.executable} {Path(__file__)} --kestrel {args.kestrel} "
-              f"--workdir {args.workdir} --seed {seed}")
+              f"--workdir {args.workdir} --seed {seed}{more}")
     return 0 if n_fail == 0 and results else 1
 
 

@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""GPU benchmark: `kestrel bench` on the ANCHORS.md test models against llama.cpp's H100 figures
+and the issue's targets.
+
+Runs `kestrel bench -o jsonl` once per group of settings (one model load per group; results
+stream out per test, so a crash keeps what finished), prints a markdown table (test, settings,
+Kestrel t/s mean ± sd, llama.cpp t/s, ratio, target, met) and writes every result as JSON.
+A group that fails or times out marks its cases as failed and the rest still run; --budget
+bounds the whole. Missing models are synthesized first (scripts/synth_gguf.py, the shapes of
+ANCHORS.md, Q4_0 with scales uniform in [0.002, 0.02]).
+
+  python3 bench/gpu_bench.py --kestrel build-gpu/bin/kestrel [-r 3] [--budget 240] [--json OUT]
+
+Exit status: 0 when every case produced a result (targets met or not), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR_SCALES = "0.002,0.02"   # ANCHORS.md: Q4_0 scales uniform in [0.002, 0.02]
+
+# llama.cpp (upstream, 2025-11-18), CUDA, H100, llama-bench tokens/s: the table "llama.cpp ...
+# CUDA, H100" of ANCHORS.md (/work/shared/ANCHORS.md). Keep in step with that file.
+#   (model, settings) -> {test: t/s}
+LLAMA_CPP = {
+    ("llama2-7b", "all layers, b2048 ub512"):
+        {"pp128": 6529, "pp327": 8760, "pp512": 9740, "pp2048": 9453, "pp4096": 8642, "tg128": 279},
+    ("llama2-7b", "all layers, b2048 ub512, flash attention"):
+        {"pp512": 11261, "pp2048": 11464, "pp4096": 11080, "tg128": 305},
+    ("llama2-7b", "all layers, b2048 ub512, flash attention, KV q4_0"):
+        {"pp512": 11035, "tg128": 302},
+    ("llama2-7b", "b128 ub16, all layers"): {"pp327": 1761},
+    ("llama2-7b", "b128 ub16, 31 layers on GPU"): {"pp327": 639},
+    ("llama2-7b", "b128 ub128"): {"pp327": 6118},
+    ("llama2-7b", "b128 ub16, flash attention, KV q4_0"): {"pp327": 1740},
+    ("llama3-8b", "all layers, flash attention"): {"pp512": 10473, "pp2048": 10683, "tg128": 288},
+    ("llama3-8b", "b128 ub16, flash attention, KV q4_0"): {"pp327": 1615},
+}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str             # row label
+    group: str            # the kestrel bench call that measures it
+    test: str             # kestrel bench's test name (pp512, tg128)
+    anchor: tuple[str, str] | None   # key of LLAMA_CPP (its test is `test`)
+    target: float | None  # the issue's target, t/s
+    # filled in by the run
+    result: dict | None = None
+    error: str = ""
+
+
+# group -> (model key, kestrel bench flags, what the settings column says)
+GROUPS = {
+    "l2-default": ("llama2-7b", ["-p", "128,327,512,2048", "-n", "128"],
+                   "defaults (b2048 ub512, f16 KV, all layers)"),
+    "l2-kvq4": ("llama2-7b", ["-p", "327,512", "-n", "0", "-ctk", "q4_0", "-ctv", "q4_0"],
+                "defaults, KV q4_0"),
+    "l2-seed": ("llama2-7b", ["-p", "327", "-n", "0", "-b", "128", "-ub", "16",
+                              "-ctk", "q4_0", "-ctv", "q4_0"],
+                "b128 ub16, KV q4_0, all layers (the seed's)"),
+    "l2-ngl31": ("llama2-7b", ["-p", "327", "-n", "0", "-ngl", "31", "-b", "128", "-ub", "16"],
+                 "-ngl 31, b128 ub16, f16 KV"),
+    "l3-default": ("llama3-8b", ["-p", "512", "-n", "128"], "defaults (b2048 ub512, f16 KV, all layers)"),
+}
+
+L2, L2FA = ("llama2-7b", "all layers, b2048 ub512"), ("llama2-7b", "all layers, b2048 ub512, flash attention")
+CASES = [
+    Case("llama2-7b pp128", "l2-default", "pp128", L2, None),
+    Case("llama2-7b pp327", "l2-default", "pp327", L2, None),
+    Case("llama2-7b pp512", "l2-default", "pp512", L2FA, 33000),
+    Case("llama2-7b pp2048", "l2-default", "pp2048", L2FA, 35000),
+    Case("llama2-7b tg128", "l2-default", "tg128", L2FA, 600),
+    Case("llama2-7b pp512 KV q4_0", "l2-kvq4", "pp512",
+         ("llama2-7b", "all layers, b2048 ub512, flash attention, KV q4_0"), None),
+    Case("llama2-7b pp327 seed case, defaults", "l2-kvq4", "pp327", L2, 25000),
+    Case("llama2-7b pp327 seed case, b128 ub16", "l2-seed", "pp327",
+         ("llama2-7b", "b128 ub16, flash attention, KV q4_0"), 8000),
+    Case("llama2-7b pp327 -ngl 31 b128 ub16", "l2-ngl31", "pp327",
+         ("llama2-7b", "b128 ub16, 31 layers on GPU"), 1278),
+    Case("llama3-8b pp512", "l3-default", "pp512", ("llama3-8b", "all layers, flash attention"), 31419),
+    Case("llama3-8b tg128", "l3-default", "tg128", ("llama3-8b", "all layers, flash attention"), None),
+]
+
+
+def log(msg: str) -> None:
+    print(f"gpu_bench: {msg}", flush=True)
+
+
+def synthesize(shape: str, path: Path) -> None:
+    log(f"synthesizing {shape} Q4_0 -> {path}")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "synth_gguf.py"), "--out", str(path),
+                    "--shape", shape, "--type", "q4_0", "--scale-range", ANCHOR_SCALES], check=True)
+
+
+def run_group(kestrel: str, model: Path, flags: list[str], reps: int, timeout: float,
+              extra: list[str]) -> tuple[list[dict], str, float]:
+    """Runs one kestrel bench call; returns (results that came out, error text or "", seconds)."""
+    cmd = [kestrel, "bench", "-m", str(model), "-r", str(reps), "-o", "jsonl", *flags, *extra]
+    log("$ " + shlex.join(cmd))
+    t0 = time.time()
+    err = ""
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+        out, stderr, rc = p.stdout, p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out, stderr, rc = e.stdout or b"", e.stderr or b"", None
+        err = f"timed out after {timeout:.0f} s"
+    seconds = time.time() - t0
+    results = []
+    for line in out.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                results.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    tail = " | ".join(stderr.decode("utf-8", "replace").strip().splitlines()[-3:])[-400:]
+    if rc is not None and rc != 0:
+        err = (f"exit {rc}" if rc > 0 else f"killed by signal {-rc}") + (f": {tail}" if tail else "")
+    elif rc is None and tail:
+        err += f": {tail}"
+    return results, err, seconds
+
+
+def group_flags(flags: list[str], tests: list[str]) -> list[str]:
+    """The group's flags with -p / -n narrowed to the selected tests (pp N -> -p, tg N -> -n)."""
+    rest, i = [], 0
+    while i < len(flags):
+        if flags[i] in ("-p", "-n"):
+            i += 2
+            continue
+        rest.append(flags[i])
+        i += 1
+    pp = [t[2:] for t in tests if t.startswith("pp")]
+    tg = [t[2:] for t in tests if t.startswith("tg")]
+    return ["-p", ",".join(pp) if pp else "0", "-n", ",".join(tg) if tg else "0"] + rest
+
+
+def fmt_ts(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kestrel", default=str(ROOT / "build-gpu" / "bin" / "kestrel"))
+    ap.add_argument("--models", default="/tmp/kestrel-models",
+                    help="folder of llama2-7b-q4_0.gguf and llama3-8b-q4_0.gguf (synthesized if missing)")
+    ap.add_argument("--llama2", help="llama2-7b Q4_0 model (default MODELS/llama2-7b-q4_0.gguf)")
+    ap.add_argument("--llama3", help="llama3-8b Q4_0 model (default MODELS/llama3-8b-q4_0.gguf)")
+    ap.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test")
+    ap.add_argument("--budget", type=float, default=300, help="seconds for all groups together")
+    ap.add_argument("--timeout", type=float, default=150, help="seconds per kestrel bench call")
+    ap.add_argument("--only", action="append", default=[],
+                    help="run only cases whose name contains this substring (repeatable)")
+    ap.add_argument("--kestrel-args", default="", help="flags appended to every kestrel bench call")
+    ap.add_argument("--allow-cpu", action="store_true",
+                    help="accept results that ran on the CPU (for trying the script without a GPU)")
+    ap.add_argument("--json", default="bench-gpu.json", help="write every result here")
+    ap.add_argument("--md", help="also write the markdown table (and its heading) to this file")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    extra = shlex.split(args.kestrel_args)
+
+    models = {"llama2-7b": Path(args.llama2 or Path(args.models) / "llama2-7b-q4_0.gguf"),
+              "llama3-8b": Path(args.llama3 or Path(args.models) / "llama3-8b-q4_0.gguf")}
+    cases = [c for c in CASES if not args.only or any(o in c.name for o in args.only)]
+    groups = list(dict.fromkeys(c.group for c in cases))
+    if not (Path(args.kestrel).is_file() and os.access(args.kestrel, os.X_OK)):
+        for c in cases:
+            c.error = f"no kestrel binary at {args.kestrel}"
+        groups = []
+
+    calls = []
+    if groups and not args.allow_cpu:
+        # A tiny model first: a build or machine where --backend auto falls back to the CPU would
+        # spend the whole budget on 7B models at CPU speed.
+        tiny = Path(args.models) / "tiny-q4_0.gguf"
+        try:
+            if not tiny.exists():
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "synth_gguf.py"), "--out",
+                                str(tiny), "--shape", "tiny", "--type", "q4_0"], check=True,
+                               stdout=subprocess.DEVNULL)
+            results, err, seconds = run_group(args.kestrel, tiny, ["-p", "16", "-n", "0", "--no-warmup"],
+                                              1, 60, extra)
+        except (subprocess.CalledProcessError, OSError) as e:
+            results, err = [], f"cannot synthesize {tiny}: {e}"
+        backends = str(results[0].get("backends", "")) if results else ""
+        if err or backends.strip() in ("", "cpu"):
+            why = err or (f"kestrel bench --backend auto chose the CPU ({results[0].get('device')}), "
+                          f"not a GPU: is the CUDA backend built and a device visible? (or --allow-cpu)")
+            log(f"probe on {tiny.name} failed: {why}")
+            for c in cases:
+                c.error = f"probe on a tiny model: {why}"
+            groups = []
+        else:
+            log(f"probe: {results[0].get('backends')} on {results[0].get('device')}")
+    for g in groups:
+        shape, flags, _ = GROUPS[g]
+        mine = [c for c in cases if c.group == g]
+        left = args.budget - (time.time() - t_start)
+        if left < 10:
+            for c in mine:
+                c.error = f"not run: --budget {args.budget:g} s used up"
+            continue
+        model = models[shape]
+        if not model.exists():
+            try:
+                synthesize(shape, model)
+            except (subprocess.CalledProcessError, OSError) as e:
+                for c in mine:
+                    c.error = f"cannot synthesize {model}: {e}"
+                continue
+        flags = group_flags(flags, [c.test for c in mine])
+        results, err, seconds = run_group(args.kestrel, model, flags, args.repetitions,
+                                          min(args.timeout, left), extra)
+        calls.append({"group": g, "model": str(model), "flags": flags + extra, "seconds": seconds,
+                      "error": err, "n_results": len(results)})
+        by_test = {r.get("test"): r for r in results}
+        for c in mine:
+            r = by_test.get(c.test)
+            if r is None:
+                c.error = err or "no result for this test in kestrel bench's output"
+            elif "cpu" == str(r.get("backends", "")).strip() and not args.allow_cpu:
+                c.result = r
+                c.error = f"ran on the CPU, not a GPU (device: {r.get('device')})"
+            else:
+                c.result = r
+        log(f"{g}: {len(results)} results in {seconds:.1f} s" + (f"; {err}" if err else ""))
+
+    # The table.
+    rows = []
+    for c in cases:
+        r = c.result or {}
+        ours = r.get("avg_ts") if not c.error else None
+        anchor = LLAMA_CPP[c.anchor].get(c.test) if c.anchor else None
+        rows.append({
+            "case": c.name, "model": GROUPS[c.group][0], "test": c.test,
+            "settings": GROUPS[c.group][2], "flags": GROUPS[c.group][1] + extra,
+            "ok": not c.error, "error": c.error,
+            "kestrel_avg_ts": ours, "kestrel_stddev_ts": r.get("stddev_ts") if ours else None,
+            "llama_cpp_ts": anchor, "llama_cpp_settings": c.anchor[1] if c.anchor else None,
+            "ratio": ours / anchor if ours and anchor else None,
+            "target_ts": c.target,
+            "target_met": (ours >= c.target) if ours is not None and c.target else None,
+            "kestrel": r or None,
+        })
+    device = next((r["kestrel"].get("device") for r in rows if r["kestrel"]), "?")
+    version = next((r["kestrel"].get("kestrel_version") for r in rows if r["kestrel"]), "?")
+    table = [f"Kestrel {version} on {device}; {args.repetitions} timed runs per test (t/s: mean ± sd); "
+             f"llama.cpp: ANCHORS.md (H100, llama-bench)", "",
+             "| test | settings | Kestrel t/s | llama.cpp t/s (its settings) | ratio | target | met |",
+             "|---|---|---|---|---|---|---|"]
+    notes: list[str] = []   # the failures' messages, each once, referenced as [n]
+    for row in rows:
+        if row["ok"]:
+            ours = f"{fmt_ts(row['kestrel_avg_ts'])} ± {fmt_ts(row['kestrel_stddev_ts'])}"
+        else:
+            if row["error"] not in notes:
+                notes.append(row["error"])
+            ours = f"FAILED [{notes.index(row['error']) + 1}]"
+        llama = (f"{fmt_ts(row['llama_cpp_ts'])} ({row['llama_cpp_settings']})"
+                 if row["llama_cpp_ts"] else "-")
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+        target = f"≥ {row['target_ts']:,.0f}" if row["target_ts"] else "-"
+        met = "-" if row["target_ts"] is None else ("n/a" if row["target_met"] is None
+                                                    else "met" if row["target_met"] else "not met")
+        table.append(f"| {row['case']} | {row['settings']} | {ours} | {llama} | {ratio} | {target} | {met} |")
+    n_fail = sum(not r["ok"] for r in rows)
+    n_target = sum(r["target_ts"] is not None for r in rows)
+    n_met = sum(bool(r["target_met"]) for r in rows)
+    table += [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)] + ([""] if notes else [])
+    table += [f"gpu_bench: {len(rows) - n_fail}/{len(rows)} cases measured, {n_fail} failed; "
+                  f"targets met {n_met}/{n_target}; {time.time() - t_start:.0f} s"]
+    print("\n" + "\n".join(table))
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text("\n".join(table) + "\n")
+
+    doc = {"kestrel": args.kestrel, "kestrel_version": version, "device": device,
+           "repetitions": args.repetitions, "models": {k: str(v) for k, v in models.items()},
+           "anchors_source": "ANCHORS.md (llama.cpp upstream 2025-11-18, CUDA, H100)",
+           "calls": calls, "cases": rows, "seconds": time.time() - t_start}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 0 if n_fail == 0 and rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# One-command GPU verification, run from the repository root on the GPU machine (a bare
+# Ubuntu with the CUDA toolkit; .gpu-deps/ from scripts/pack-gpu-deps.sh carried along):
+#
+#   1. environment: nvidia-smi, nvcc, the gguf wheel into a temporary site dir (PYTHONPATH),
+#      PKG_CONFIG_PATH=.gpu-deps/lib/pkgconfig (scripts/pkg-config-lite.py without pkg-config)
+#   2. in the background: the ANCHORS.md test models llama2-7b and llama3-8b Q4_0 (random
+#      quants, scales uniform in [0.002, 0.02]) into $GPU_CHECK_WORK/models (kept when present)
+#   3. configure and build build-gpu (-DKESTREL_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a, Release,
+#      Ninja, all cores): kestrel and kestrel_tests
+#   4. the GPU op tests: kestrel_tests --gtest_filter='*Gpu*'
+#   5. the end-to-end logits test on the GPU: all layers (--backend cuda -ngl 99), then split
+#      across CPU and GPU (--backend cuda -ngl 1: the last layer on the GPU, the rest and the
+#      head on the CPU); every weight and KV type, within a time budget
+#   6. the benchmarks (bench/gpu_bench.py): the table against llama.cpp's H100 figures and the
+#      targets, printed last
+#
+# Every stage runs under `timeout`, sized so that the whole stays under $GPU_CHECK_BUDGET
+# seconds (default 540); a failed stage is reported and the run goes on. Output: the PASS/FAIL
+# summary with each stage's time, then the benchmark table. Files (under $OUT when set, else
+# build-gpu/gpu-check/): gpu-check.log (everything), gpu-check.json (stages), gtest-gpu.xml,
+# bench-gpu.json.
+#
+#   bash scripts/gpu-check.sh [--quick (no e2e)] [--bench-only] [--no-bench]
+#
+# Environment: GPU_CHECK_BUDGET (seconds, 540), GPU_CHECK_WORK (models, e2e cache; default
+# /tmp/kestrel-gpu-check), GPU_CHECK_BUILD (build folder, build-gpu), GPU_CHECK_E2E_JOBS
+# (kestrel processes at once in the e2e test; 8 on 16 cores), GPU_CHECK_CUDA (ON; OFF only to
+# try the script on a machine without CUDA).
+#
+# Exit status: 0 all passed; 1 a test stage failed (build, GPU tests, e2e, setup); 2 the tests
+# passed but a benchmark case failed to run (targets not met are not failures).
+set -uo pipefail   # no -e: a failing stage is recorded and the run goes on
+
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+
+QUICK=0 TESTS=1 BENCH=1
+while (($#)); do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --bench-only) TESTS=0 ;;
+    --no-bench) BENCH=0 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "gpu-check: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if ((TESTS == 0 && BENCH == 0)); then
+  echo "gpu-check: --bench-only and --no-bench leave nothing to do" >&2
+  exit 2
+fi
+
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+BUDGET=${GPU_CHECK_BUDGET:-540}
+T0=$(date +%s)
+DEADLINE=$((T0 + BUDGET))
+NPROC=$(nproc)
+WORK=${GPU_CHECK_WORK:-/tmp/kestrel-gpu-check}
+MODELS=$WORK/models
+BUILD=${GPU_CHECK_BUILD:-$ROOT/build-gpu}
+CUDA=${GPU_CHECK_CUDA:-ON}   # OFF only to try this script on a machine without CUDA
+E2E_JOBS=${GPU_CHECK_E2E_JOBS:-$((NPROC >= 16 ? 8 : NPROC / 2 + 1))}   # kestrel processes at once
+OUTDIR=${OUT:-$BUILD/gpu-check}
+mkdir -p "$OUTDIR" "$WORK" "$MODELS"
+LOG=$OUTDIR/gpu-check.log
+: >"$LOG"
+
+now() { date +%s; }
+elapsed() { echo $(($(now) - T0)); }
+say() { printf '%s\n' "$*" | tee -a "$LOG"; }
+# limit MAX RESERVE: seconds for a stage: at most MAX, leaving RESERVE seconds of the budget
+# for the stages after it, at least 15.
+limit() {
+  local l=$((DEADLINE - $(now) - $2))
+  ((l > $1)) && l=$1
+  ((l < 15)) && l=15
+  echo "$l"
+}
+
+# Stage records, for the summary and gpu-check.json.
+NAMES=() STATUS=() SECS=() DETAIL=()
+record() { NAMES+=("$1"); STATUS+=("$2"); SECS+=("$3"); DETAIL+=("$4"); }
+
+# run_stage NAME LIMIT FILTER CMD...: runs CMD under `timeout LIMIT`, its output appended to the
+# log; prints the last 30 lines that match FILTER (ERE), or with an empty FILTER the last 40
+# lines when CMD fails (the console keeps only the essentials; the log has everything). Sets RC
+# (124: timed out) and STAGE_SECS.
+RC=0 STAGE_SECS=0
+run_stage() {
+  local name=$1 lim=$2 filter=$3
+  shift 3
+  say ""
+  say "== $name (limit ${lim}s, at +$(elapsed)s)"
+  printf '$ %s\n' "$*" >>"$LOG"
+  local from start
+  from=$(($(stat -c %s "$LOG") + 1))
+  start=$(now)
+  timeout --kill-after=15 "$lim" "$@" >>"$LOG" 2>&1
+  RC=$?
+  STAGE_SECS=$(($(now) - start))
+  if [[ -n "$filter" ]]; then
+    local n
+    n=$(tail -c +"$from" "$LOG" | grep -cE -- "$filter")
+    ((n > 30)) && echo "   ($((n - 30)) more matching lines in $LOG)"
+    tail -c +"$from" "$LOG" | grep -E -- "$filter" | tail -n 30
+  elif ((RC != 0)); then
+    tail -c +"$from" "$LOG" | tail -n 40
+  fi
+  ((RC == 124 || RC == 137)) && say "-- $name: timed out after ${lim}s"
+  say "-- $name: exit $RC in ${STAGE_SECS}s"
+}
+
+SYNTH_PIDS=()
+# shellcheck disable=SC2317  # called by the trap
+cleanup() {
+  local p
+  for p in "${SYNTH_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+}
+trap cleanup EXIT
+
+say "gpu-check: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), $NPROC cores, budget ${BUDGET}s;" \
+    "tests $([[ $TESTS == 1 ]] && echo on || echo off), e2e $([[ $TESTS == 1 && $QUICK == 0 ]] && echo on || echo off)," \
+    "bench $([[ $BENCH == 1 ]] && echo on || echo off); log $LOG"
+
+# --- 1. environment ------------------------------------------------------------------------------
+t=$(now)
+setup_ok=1 setup_detail=""
+[[ -d /usr/local/cuda/bin ]] && export PATH="/usr/local/cuda/bin:$PATH"
+{
+  echo "== environment"
+  git log -1 --oneline 2>/dev/null || true
+  timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>&1 || true
+  nvcc --version 2>&1 | tail -n 2 || true
+  cmake --version | head -n 1
+  python3 --version
+} >>"$LOG" 2>&1
+gpu_name=$(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+say "gpu: ${gpu_name:-none found by nvidia-smi}; nvcc: $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+
+DEPS=$ROOT/.gpu-deps
+if [[ -d "$DEPS/lib/pkgconfig" ]]; then
+  export PKG_CONFIG_PATH="$DEPS/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+else
+  setup_ok=0 setup_detail="no .gpu-deps (run scripts/pack-gpu-deps.sh and carry .gpu-deps); "
+fi
+if ! command -v pkg-config >/dev/null && ! command -v pkgconf >/dev/null; then
+  export PKG_CONFIG="$ROOT/scripts/pkg-config-lite.py"
+  say "setup: no pkg-config here: CMake uses scripts/pkg-config-lite.py"
+fi
+SITE=$WORK/site
+if ! python3 -c 'import gguf' 2>/dev/null; then
+  wheel=$(find "$DEPS/wheels" -name 'gguf-*.whl' 2>/dev/null | head -n 1)
+  if [[ -n "$wheel" && ! -d "$SITE/gguf" ]]; then
+    python3 -m pip install --quiet --no-index --no-deps --target "$SITE" "$wheel" >>"$LOG" 2>&1 \
+      || python3 -m zipfile -e "$wheel" "$SITE" >>"$LOG" 2>&1
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! python3 -c 'import gguf, numpy' >>"$LOG" 2>&1; then
+  setup_ok=0 setup_detail+="python3 cannot import gguf and numpy; "
+fi
+if ((setup_ok)); then
+  record setup PASS $(($(now) - t)) "gguf $(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))' 2>/dev/null), PKG_CONFIG_PATH=.gpu-deps"
+else
+  record setup FAIL $(($(now) - t)) "$setup_detail"
+  say "setup: FAIL: $setup_detail"
+fi
+
+# --- 2. models, in the background ------------------------------------------------------------
+synth() {   # synth SHAPE: the ANCHORS.md model, kept when present (written atomically)
+  local out=$MODELS/$1-q4_0.gguf
+  if [[ -s "$out" ]]; then
+    echo "synth: $out exists"
+    return 0
+  fi
+  timeout 240 python3 "$ROOT/scripts/synth_gguf.py" --out "$out" --shape "$1" --type q4_0 \
+    --scale-range 0.002,0.02
+}
+if ((BENCH)); then
+  rm -f "$WORK"/synth-*.rc
+  for shape in llama2-7b llama3-8b; do
+    (synth "$shape" >"$WORK/synth-$shape.log" 2>&1; echo $? >"$WORK/synth-$shape.rc") &
+    SYNTH_PIDS+=($!)
+  done
+  say "models: synthesizing llama2-7b and llama3-8b Q4_0 into $MODELS in the background"
+fi
+
+# --- 3. configure and build ----------------------------------------------------------------------
+# Seconds kept for the stages after the build (they take more when the build leaves more).
+reserve=10
+((TESTS)) && reserve=$((reserve + 45))
+((TESTS && !QUICK)) && reserve=$((reserve + 100))
+((BENCH)) && reserve=$((reserve + 120))
+
+cuda_flags=()
+if command -v nvcc >/dev/null; then cuda_flags+=("-DCMAKE_CUDA_COMPILER=$(command -v nvcc)"); fi
+run_stage configure "$(limit 120 "$reserve")" '' \
+  cmake -S "$ROOT" -B "$BUILD" -G Ninja "-DKESTREL_CUDA=$CUDA" -DCMAKE_CUDA_ARCHITECTURES=90a \
+  -DCMAKE_BUILD_TYPE=Release "${cuda_flags[@]}"
+configure_rc=$RC
+if ((RC == 0)); then record configure PASS "$STAGE_SECS" ""; else record configure FAIL "$STAGE_SECS" "exit $RC"; fi
+
+targets=(kestrel)
+((TESTS)) && targets+=(kestrel_tests)
+# built TARGET: after a failed build (-k 0 built what it could), whether TARGET itself is up to
+# date: ninja retries only its failed edges, so this is quick when TARGET does not depend on them.
+built() { timeout 300 cmake --build "$BUILD" -j "$NPROC" --target "$1" >>"$LOG" 2>&1 && [[ -x "$BUILD/bin/$1" ]]; }
+KESTREL_OK=0 TESTS_BIN_OK=0
+if ((configure_rc == 0)); then
+  # -k 0: keep going, so that kestrel is built even when a test source fails to compile.
+  run_stage build "$(limit 420 "$reserve")" '^FAILED|error' \
+    cmake --build "$BUILD" -j "$NPROC" --target "${targets[@]}" -- -k 0
+  build_rc=$RC
+  if ((build_rc == 0)); then
+    [[ -x "$BUILD/bin/kestrel" ]] && KESTREL_OK=1
+    ((TESTS)) && [[ -x "$BUILD/bin/kestrel_tests" ]] && TESTS_BIN_OK=1
+  elif ((build_rc != 124 && build_rc != 137)); then
+    built kestrel && KESTREL_OK=1
+    ((TESTS)) && built kestrel_tests && TESTS_BIN_OK=1
+  fi
+  detail="kestrel $([[ $KESTREL_OK == 1 ]] && echo built || echo FAILED)"
+  ((TESTS)) && detail+=", kestrel_tests $([[ $TESTS_BIN_OK == 1 ]] && echo built || echo FAILED)"
+  ((build_rc == 124 || build_rc == 137)) && detail+=" (timed out)"
+  if ((build_rc == 0 && KESTREL_OK && (TESTS_BIN_OK || !TESTS))); then
+    record build PASS "$STAGE_SECS" "$detail"
+  else
+    record build FAIL "$STAGE_SECS" "$detail"
+  fi
+else
+  record build SKIP 0 "configure failed"
+fi
+
+# --- 4. GPU op tests -----------------------------------------------------------------------------
+if ((TESTS)); then
+  if ((TESTS_BIN_OK)); then
+    rest=0
+    ((!QUICK)) && rest=$((rest + 100))
+    ((BENCH)) && rest=$((rest + 120))
+    run_stage gpu-tests "$(limit 120 $((rest + 10)))" '^\[==========\]|^\[  (PASSED|FAILED|SKIPPED) |Failure|error' \
+      "$BUILD/bin/kestrel_tests" --gtest_filter='*Gpu*' --gtest_output="xml:$OUTDIR/gtest-gpu.xml"
+    tail_log=$(tail -n 400 "$LOG")
+    n_tests=$(sed -n 's/^\[==========\] \([0-9]*\) tests\{0,1\} from .* ran\..*/\1/p' <<<"$tail_log" | tail -n 1)
+    n_passed=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) tests\{0,1\}\..*/\1/p' <<<"$tail_log" | tail -n 1)
+    n_skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' <<<"$tail_log" | tail -n 1)
+    n_failed=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' <<<"$tail_log" | tail -n 1)
+    counts="${n_passed:-0} passed, ${n_failed:-0} failed, ${n_skipped:-0} skipped of ${n_tests:-?}"
+    if ((RC == 124 || RC == 137)); then
+      record gpu-tests FAIL "$STAGE_SECS" "timed out; $counts"
+    elif ((RC != 0)); then
+      record gpu-tests FAIL "$STAGE_SECS" "exit $RC; $counts"
+    elif [[ -z "$n_tests" || "$n_tests" == 0 ]]; then
+      record gpu-tests FAIL "$STAGE_SECS" "no test matched *Gpu*"
+    elif [[ "${n_passed:-0}" == 0 ]]; then
+      record gpu-tests FAIL "$STAGE_SECS" "no GPU test ran on a GPU: $counts"
+    else
+      record gpu-tests PASS "$STAGE_SECS" "$counts"
+    fi
+  else
+    record gpu-tests SKIP 0 "kestrel_tests not built"
+  fi
+fi
+
+# --- 5. end to end on the GPU --------------------------------------------------------------------
+e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE
+  local name=$1 args=$2 lim budget summary
+  lim=$(limit "$3" "$4")
+  budget=$((lim - 25))
+  ((budget < 10)) && budget=10
+  run_stage "$name" "$lim" '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce' \
+    python3 "$ROOT/tests/e2e/test_e2e.py" --kestrel "$BUILD/bin/kestrel" --workdir "$WORK/e2e" \
+    --kestrel-args "$args" --jobs "$E2E_JOBS" --budget "$budget" --timeout 60
+  summary=$(tail -n 30 "$LOG" | sed -n 's/^e2e: \([0-9]*\/[0-9]* passed.*\)/\1/p' | tail -n 1)
+  if ((RC == 0)); then
+    record "$name" PASS "$STAGE_SECS" "$args: $summary"
+  else
+    record "$name" FAIL "$STAGE_SECS" "$args: ${summary:-exit $RC}"
+  fi
+}
+if ((TESTS && !QUICK)); then
+  if ((KESTREL_OK)); then
+    bench_reserve=0
+    ((BENCH)) && bench_reserve=120
+    e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
+    e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
+  else
+    record e2e-gpu SKIP 0 "kestrel not built"
+    record e2e-split SKIP 0 "kestrel not built"
+  fi
+fi
+
+# --- 6. benchmarks -------------------------------------------------------------------------------
+TABLE=$WORK/bench-table.md
+rm -f "$TABLE"
+if ((BENCH)); then
+  t=$(now)
+  for p in "${SYNTH_PIDS[@]}"; do wait "$p"; done
+  SYNTH_PIDS=()
+  synth_detail=""
+  synth_fail=0
+  for shape in llama2-7b llama3-8b; do
+    cat "$WORK/synth-$shape.log" >>"$LOG" 2>/dev/null
+    rc=$(cat "$WORK/synth-$shape.rc" 2>/dev/null || echo 1)
+    secs=$(sed -n 's/.*MiB, \([0-9.]*\) s$/\1/p' "$WORK/synth-$shape.log" 2>/dev/null)
+    if [[ "$rc" == 0 ]]; then
+      synth_detail+="$shape $([[ -n "$secs" ]] && echo "synthesized in ${secs}s" || echo kept); "
+    else
+      synth_fail=1
+      synth_detail+="$shape FAILED (exit $rc); "
+    fi
+  done
+  say "models: $synth_detail(waited $(($(now) - t))s)"
+  if ((synth_fail)); then record models FAIL 0 "$synth_detail"; else record models PASS 0 "$synth_detail"; fi
+
+  if ((KESTREL_OK)); then
+    lim=$(limit 600 5)
+    run_stage bench "$lim" '^gpu_bench: (probe|l[23]-|[0-9])' \
+      python3 "$ROOT/bench/gpu_bench.py" --kestrel "$BUILD/bin/kestrel" --models "$MODELS" -r 3 \
+      --budget $((lim - 20)) --timeout 150 --json "$OUTDIR/bench-gpu.json" --md "$TABLE"
+    summary=$(sed -n 's/^gpu_bench: \([0-9]*\/[0-9]* cases measured.*\)/\1/p' "$TABLE" 2>/dev/null)
+    if ((RC == 0)); then record bench PASS "$STAGE_SECS" "$summary"; else record bench FAIL "$STAGE_SECS" "${summary:-exit $RC}"; fi
+  else
+    record bench SKIP 0 "kestrel not built"
+  fi
+fi
+
+# --- summary -------------------------------------------------------------------------------------
+test_fail=0 bench_fail=0
+for i in "${!NAMES[@]}"; do
+  if [[ "${STATUS[$i]}" == FAIL ]]; then
+    case "${NAMES[$i]}" in bench | models) bench_fail=1 ;; *) test_fail=1 ;; esac
+  fi
+done
+if ((test_fail)); then
+  verdict=FAIL code=1
+elif ((bench_fail)); then
+  verdict="benchmark FAILED" code=2
+  ((TESTS)) && verdict="PASS (tests), benchmark FAILED"
+else
+  verdict=PASS code=0
+fi
+
+{
+  echo
+  echo "================ gpu-check summary: $verdict ($(elapsed)s of ${BUDGET}s) ================"
+  printf '%-10s  %-6s  %6s  %s\n' stage result time detail
+  for i in "${!NAMES[@]}"; do
+    printf '%-10s  %-6s  %5ss  %s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}" "${DETAIL[$i]}"
+  done
+  echo "files: $OUTDIR/{gpu-check.log,gpu-check.json$( [[ -f $OUTDIR/gtest-gpu.xml ]] && echo ,gtest-gpu.xml)$( [[ -f $OUTDIR/bench-gpu.json ]] && echo ,bench-gpu.json)}"
+} | tee -a "$LOG"
+
+# gpu-check.json: the stages (a TSV piped into python3 for the escaping).
+for i in "${!NAMES[@]}"; do
+  printf '%s\t%s\t%s\t%s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}" "${DETAIL[$i]//$'\t'/ }"
+done | python3 -c '
+import json, sys
+stages = [dict(zip(("stage", "result", "seconds", "detail"), l.rstrip("\n").split("\t", 3)))
+          for l in sys.stdin if l.strip()]
+for s in stages:
+    s["seconds"] = int(s["seconds"])
+json.dump({"verdict": sys.argv[1], "exit_code": int(sys.argv[2]), "seconds": int(sys.argv[3]),
+           "gpu": sys.argv[4], "stages": stages}, open(sys.argv[5], "w"), indent=2)
+' "$verdict" "$code" "$(elapsed)" "${gpu_name:-}" "$OUTDIR/gpu-check.json" 2>>"$LOG"
+
+if [[ -f "$TABLE" ]]; then
+  echo | tee -a "$LOG"
+  echo "================ benchmarks ================" | tee -a "$LOG"
+  tee -a "$LOG" <"$TABLE"
+fi
+exit "$code"
