@@ -265,11 +265,11 @@ fi
 e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE
   local name=$1 args=$2 lim budget summary
   lim=$(limit "$3" "$4")
-  budget=$((lim - 25))
+  budget=$((lim - 40))   # a run started just before the budget ends still fits (--timeout 30)
   ((budget < 10)) && budget=10
   run_stage "$name" "$lim" '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce' \
     python3 "$ROOT/tests/e2e/test_e2e.py" --kestrel "$BUILD/bin/kestrel" --workdir "$WORK/e2e" \
-    --kestrel-args "$args" --jobs "$E2E_JOBS" --budget "$budget" --timeout 60
+    --kestrel-args "$args" --jobs "$E2E_JOBS" --budget "$budget" --timeout 30
   summary=$(tail -n 30 "$LOG" | sed -n 's/^e2e: \([0-9]*\/[0-9]* passed.*\)/\1/p' | tail -n 1)
   if ((RC == 0)); then
     record "$name" PASS "$STAGE_SECS" "$args: $summary"
