@@ -69,7 +69,8 @@ int64_t CpuBackend::available_memory() const {
 
 Expected<Tensor> CpuBackend::alloc(DType type, int64_t rows, int64_t cols, const char* what) {
   const int64_t rb = quant::row_bytes(type, cols);
-  if (rows <= 0 || cols <= 0 || rb < 0)
+  // rows * rb must not overflow (a hostile shape would otherwise allocate 0 bytes).
+  if (rows <= 0 || cols <= 0 || rb < 0 || rows > static_cast<int64_t>(SIZE_MAX / 2) / rb)
     return error("cannot allocate %s: %lld x %lld elements of %s", what,
                  static_cast<long long>(rows), static_cast<long long>(cols),
                  quant::type_name(type));

@@ -35,9 +35,7 @@ __global__ void kv_store_kernel(const float* src, int n_tokens, int64_t dim, con
     for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
     const __half dh = __float2half_rn(__fdiv_rn(amax, 127.0f));
     const float d = __half2float(dh);
-    const uint16_t bits = __half_as_ushort(dh);
-    blk[0] = bits & 255;
-    blk[1] = bits >> 8;
+    *reinterpret_cast<__half*>(blk) = dh;  // blocks start at even offsets
     for (int j = 0; j < 32; ++j) {
       const float q = d == 0.0f ? 0.0f : fminf(fmaxf(roundf(__fdiv_rn(x[j], d)), -127.0f), 127.0f);
       blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
@@ -52,9 +50,7 @@ __global__ void kv_store_kernel(const float* src, int n_tokens, int64_t dim, con
       }
     const __half dh = __float2half_rn(__fdiv_rn(m, -8.0f));
     const float d = __half2float(dh);
-    const uint16_t bits = __half_as_ushort(dh);
-    blk[0] = bits & 255;
-    blk[1] = bits >> 8;
+    *reinterpret_cast<__half*>(blk) = dh;
     for (int j = 0; j < 16; ++j) {
       int q[2];
       for (int h = 0; h < 2; ++h)
@@ -177,15 +173,20 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
                               const Tensor& k_cache, const Tensor& v_cache,
                               const AttentionParams& p, Tensor& out) {
   const int D = p.head_dim, H = p.n_head, Hkv = p.n_head_kv;
-  if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || D % 32 != 0 || k_cache.cols != int64_t{Hkv} * D)
-    return error("attention: %d heads / %d KV heads of %d do not match the cache rows of %lld", H,
-                 Hkv, D, static_cast<long long>(k_cache.cols));
+  if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || D % 32 != 0 || k_cache.cols != int64_t{Hkv} * D ||
+      v_cache.cols != k_cache.cols || q.cols != int64_t{H} * D || out.cols != q.cols ||
+      n_tokens > q.rows || n_tokens > out.rows)
+    return error(
+        "attention: %d heads / %d KV heads of %d do not match q rows of %lld, the cache rows of "
+        "%lld / %lld or the output",
+        H, Hkv, D, static_cast<long long>(q.cols), static_cast<long long>(k_cache.cols),
+        static_cast<long long>(v_cache.cols));
   if (n_tokens <= 0) return Status::ok();
   int max_pos = 0;
   for (int t = 0; t < n_tokens; ++t) {
-    if (positions[t] < 0 || positions[t] >= k_cache.rows)
+    if (positions[t] < 0 || positions[t] >= std::min(k_cache.rows, v_cache.rows))
       return error("attention: position %d outside a cache of %lld rows", positions[t],
-                   static_cast<long long>(k_cache.rows));
+                   static_cast<long long>(std::min(k_cache.rows, v_cache.rows)));
     max_pos = std::max(max_pos, positions[t]);
   }
   const int group = H / Hkv;

@@ -1,6 +1,7 @@
 // The CUDA backend: device, memory, weights, synchronization and profiling; the ops' kernels
 // are in matmul.cu, attention.cu and elementwise.cu.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "backend/cuda/cuda_backend.h"
@@ -126,6 +127,9 @@ Expected<Tensor> CudaBackend::alloc(quant::DType type, int64_t rows, int64_t col
     return error("cannot allocate %s: %lld x %lld of %s is not a valid shape", what,
                  static_cast<long long>(rows), static_cast<long long>(cols),
                  quant::type_name(type));
+  if (rb > 0 && rows > INT64_MAX / rb)
+    return error("cannot allocate %s: %lld rows of %lld bytes overflow a 64-bit byte count", what,
+                 static_cast<long long>(rows), static_cast<long long>(rb));
   Tensor t;
   t.type = type;
   t.rows = rows;
@@ -348,10 +352,15 @@ Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, T
 
 Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
                              const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
+  const int64_t cache_rows = std::min(k_cache.rows, v_cache.rows);
+  if (k.cols != k_cache.cols || v.cols != v_cache.cols || n_tokens > k.rows || n_tokens > v.rows)
+    return error("kv_store: rows of %lld/%lld values do not match the caches' %lld/%lld",
+                 static_cast<long long>(k.cols), static_cast<long long>(v.cols),
+                 static_cast<long long>(k_cache.cols), static_cast<long long>(v_cache.cols));
   for (int t = 0; t < n_tokens; ++t)
-    if (positions[t] < 0 || positions[t] >= k_cache.rows)
-      return error("kv_store: position %d outside a cache of %lld rows", positions[t],
-                   static_cast<long long>(k_cache.rows));
+    if (positions[t] < 0 || positions[t] >= cache_rows)
+      return error("kv_store: position %d outside the cache of %lld positions", positions[t],
+                   static_cast<long long>(cache_rows));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
   KESTREL_TRY(launch_kv_store(static_cast<const float*>(k.data), n_tokens, k.cols, pos,
                               k_cache.type, static_cast<uint8_t*>(k_cache.data),

@@ -171,7 +171,7 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
                            const Tensor* bias) {
   const auto& w = static_cast<const CudaWeight&>(weight);
   if (x.cols != w.n_in || out.cols != w.n_out || n_tokens > x.rows || n_tokens > out.rows)
-    return error("matmul %s: shapes do not match (x %lld x %lld, weight %lld x %lld, out %lld)",
+    return error("matmul '%s': shapes do not match (x %lld x %lld, weight %lld x %lld, out %lld)",
                  w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
                  static_cast<long long>(w.n_out), static_cast<long long>(w.n_in),
                  static_cast<long long>(out.cols));
