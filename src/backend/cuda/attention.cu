@@ -3,6 +3,13 @@
 // with a causal softmax kernel between them; K/V rows of a quantized cache are expanded to f16
 // first. Token rows are processed in slices so that the score matrix stays within a fixed
 // scratch size, and each slice only multiplies the keys its last token can see.
+//
+// Precision: every f32 operand (Q, P, and K/V values that f16 cannot hold exactly, such as
+// q8_0's d * q) is split into f16 hi + lo parts and the products of the parts are accumulated in
+// f32 (hi.hi + lo.hi + hi.lo), so attention is as exact as f32 arithmetic (about 2^-22) at two
+// to three tensor-core GEMMs instead of one. A single f16 rounding of Q and P perturbs K and V
+// of the next layer by ~1e-3, which flips q4_0 rounding steps of the cache and moves logits by
+// 1-2% (tests/e2e/test_e2e.py judges quantized caches against the exactly rounded reference).
 #include <algorithm>
 #include <vector>
 
@@ -67,7 +74,7 @@ __global__ void kv_store_kernel(const float* src, int n_tokens, int64_t dim, con
 // One thread per (row, 32-element slice): cache rows [0, n_rows) -> f16 [n_rows][dim].
 template <DType T>
 __global__ void cache_to_f16_kernel(const uint8_t* cache, int64_t row_bytes, int64_t dim,
-                                    int64_t n_rows, __half* out) {
+                                    int64_t n_rows, __half* out, __half* lo) {
   const int64_t slices = dim / 32;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n_rows * slices) return;
@@ -75,18 +82,34 @@ __global__ void cache_to_f16_kernel(const uint8_t* cache, int64_t row_bytes, int
   float w[32];
   decode_slice<T>(cache + r * row_bytes, s, w);
   __half* dst = out + r * dim + 32 * s;
+  __half* dst_lo = lo + r * dim + 32 * s;
 #pragma unroll
-  for (int j = 0; j < 32; j += 2)
-    *reinterpret_cast<__half2*>(dst + j) = __floats2half2_rn(w[j], w[j + 1]);
+  for (int j = 0; j < 32; j += 2) {
+    const __half2 h = __floats2half2_rn(w[j], w[j + 1]);
+    *reinterpret_cast<__half2*>(dst + j) = h;
+    *reinterpret_cast<__half2*>(dst_lo + j) =
+        __floats2half2_rn(w[j] - __low2float(h), w[j + 1] - __high2float(h));
+  }
+}
+
+// x = hi + lo in f16 (lo holds the rounding error of hi).
+__global__ void split_f16_kernel(const float* x, int64_t n, __half* hi, __half* lo) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const __half h = __float2half_rn(x[i]);
+    hi[i] = h;
+    lo[i] = __float2half_rn(x[i] - __half2float(h));
+  }
 }
 
 // One block per (head, token) row of scores: p = softmax over keys 0..pos[t], 0 beyond.
 __global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t n_kv,
-                                      const int32_t* pos, __half* p) {
+                                      const int32_t* pos, __half* p, __half* p_lo) {
   const int64_t row = blockIdx.x;  // head * n_tokens + t
   const int t = static_cast<int>(row % n_tokens);
   const float* s = scores + row * n_kv;
   __half* out = p + row * n_kv;
+  __half* out_lo = p_lo + row * n_kv;
   const int64_t visible = min(static_cast<int64_t>(pos[t]) + 1, n_kv);
   __shared__ float red[32];
   float m = -INFINITY;
@@ -103,7 +126,7 @@ __global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t
   m = red[0];
   __syncthreads();
   float sum = 0.0f;
-  for (int64_t k = threadIdx.x; k < visible; k += blockDim.x) sum += __expf(s[k] - m);
+  for (int64_t k = threadIdx.x; k < visible; k += blockDim.x) sum += expf(s[k] - m);
   sum = warp_sum(sum);
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = sum;
   __syncthreads();
@@ -114,8 +137,12 @@ __global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t
   }
   __syncthreads();
   const float inv = 1.0f / red[0];
-  for (int64_t k = threadIdx.x; k < n_kv; k += blockDim.x)
-    out[k] = __float2half_rn(k < visible ? __expf(s[k] - m) * inv : 0.0f);
+  for (int64_t k = threadIdx.x; k < n_kv; k += blockDim.x) {
+    const float v = k < visible ? expf(s[k] - m) * inv : 0.0f;
+    const __half h = __float2half_rn(v);
+    out[k] = h;
+    out_lo[k] = __float2half_rn(v - __half2float(h));
+  }
 }
 
 }  // namespace
@@ -145,15 +172,17 @@ Status launch_kv_store(const float* src, int n_tokens, int64_t dim, const int32_
 }
 
 Status launch_cache_to_f16(DType type, const uint8_t* cache, int64_t row_bytes, int64_t dim,
-                           int64_t n_rows, __half* out, cudaStream_t s) {
+                           int64_t n_rows, __half* out, __half* lo, cudaStream_t s) {
   const int64_t n = n_rows * (dim / 32);
   const int blocks = ceil_div(n, 128);
   switch (type) {
     case DType::Q8_0:
-      cache_to_f16_kernel<DType::Q8_0><<<blocks, 128, 0, s>>>(cache, row_bytes, dim, n_rows, out);
+      cache_to_f16_kernel<DType::Q8_0>
+          <<<blocks, 128, 0, s>>>(cache, row_bytes, dim, n_rows, out, lo);
       break;
     case DType::Q4_0:
-      cache_to_f16_kernel<DType::Q4_0><<<blocks, 128, 0, s>>>(cache, row_bytes, dim, n_rows, out);
+      cache_to_f16_kernel<DType::Q4_0>
+          <<<blocks, 128, 0, s>>>(cache, row_bytes, dim, n_rows, out, lo);
       break;
     default:
       return error("attention: cache type %s is not supported", quant::type_name(type));
@@ -163,9 +192,16 @@ Status launch_cache_to_f16(DType type, const uint8_t* cache, int64_t row_bytes, 
 }
 
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
-                             const int32_t* pos, __half* p, cudaStream_t s) {
-  softmax_causal_kernel<<<n_heads * n_tokens, 256, 0, s>>>(scores, n_tokens, n_kv, pos, p);
+                             const int32_t* pos, __half* p, __half* p_lo, cudaStream_t s) {
+  softmax_causal_kernel<<<n_heads * n_tokens, 256, 0, s>>>(scores, n_tokens, n_kv, pos, p, p_lo);
   LAUNCH_CHECK("attention (softmax)");
+  return Status::ok();
+}
+
+Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s) {
+  if (n <= 0) return Status::ok();
+  split_f16_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, n, hi, lo);
+  LAUNCH_CHECK("split into f16 parts");
   return Status::ok();
 }
 
@@ -193,23 +229,28 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
 
-  // Q, K and V as f16 (an f16 cache is used in place).
-  KESTREL_ASSIGN_OR_RETURN(void* q16v, scratch(kQ16, sizeof(__half) * n_tokens * q_dim));
-  auto* q16 = static_cast<__half*>(q16v);
-  KESTREL_TRY(launch_to_f16(static_cast<const float*>(q.data), n_tokens * q_dim, q16, stream_));
-  const __half* kv16[2];
+  // Q, K and V as f16 hi + lo parts (an f16 cache is exact in place: no lo part).
+  const int64_t nq = int64_t{n_tokens} * q_dim;
+  KESTREL_ASSIGN_OR_RETURN(void* q16v, scratch(kQ16, 2 * sizeof(__half) * nq));
+  auto* q_hi = static_cast<__half*>(q16v);
+  __half* q_lo = q_hi + nq;
+  KESTREL_TRY(launch_split_f16(static_cast<const float*>(q.data), nq, q_hi, q_lo, stream_));
+  const __half* kv_hi[2];
+  const __half* kv_lo[2] = {nullptr, nullptr};
   const Tensor* caches[2] = {&k_cache, &v_cache};
   for (int i = 0; i < 2; ++i) {
     if (caches[i]->type == DType::F16) {
-      kv16[i] = static_cast<const __half*>(caches[i]->data);
+      kv_hi[i] = static_cast<const __half*>(caches[i]->data);
       continue;
     }
-    KESTREL_ASSIGN_OR_RETURN(void* buf,
-                             scratch(i == 0 ? kK16 : kV16, sizeof(__half) * n_kv_all * kv_dim));
+    const int64_t n = n_kv_all * kv_dim;
+    KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(i == 0 ? kK16 : kV16, 2 * sizeof(__half) * n));
+    auto* hi = static_cast<__half*>(buf);
     KESTREL_TRY(launch_cache_to_f16(caches[i]->type, static_cast<const uint8_t*>(caches[i]->data),
                                     static_cast<int64_t>(caches[i]->row_bytes()), kv_dim, n_kv_all,
-                                    static_cast<__half*>(buf), stream_));
-    kv16[i] = static_cast<const __half*>(buf);
+                                    hi, hi + n, stream_));
+    kv_hi[i] = hi;
+    kv_lo[i] = hi + n;
   }
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
 
@@ -218,35 +259,46 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int slice = static_cast<int>(
       std::clamp<int64_t>(static_cast<int64_t>(kScoreBytes) / per_row, 1, n_tokens));
   KESTREL_ASSIGN_OR_RETURN(void* sv, scratch(kScores, per_row * slice));
-  KESTREL_ASSIGN_OR_RETURN(void* pv, scratch(kProbs, per_row / 2 * slice));
+  KESTREL_ASSIGN_OR_RETURN(void* pv, scratch(kProbs, per_row * slice));  // hi + lo halves
   auto* scores = static_cast<float*>(sv);
-  auto* probs = static_cast<__half*>(pv);
-  const float one = 1.0f, zero = 0.0f;
+  auto* p_hi = static_cast<__half*>(pv);
+  __half* p_lo = p_hi + per_row / 4 * slice;
+  const float one = 1.0f;
   for (int t0 = 0; t0 < n_tokens; t0 += slice) {
     const int nt = std::min(slice, n_tokens - t0);
     int64_t n_kv = 0;
     for (int t = t0; t < t0 + nt; ++t) n_kv = std::max<int64_t>(n_kv, positions[t] + 1);
     // scores[h][t][k] = scale * q[t][h] . k[k][h / group], batched over KV heads, one call per
-    // query head within the group.
-    for (int j = 0; j < group; ++j) {
-      cublasStatus_t st = cublasGemmStridedBatchedEx(
-          cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n_kv, nt, D, &p.scale, kv16[0], CUDA_R_16F, kv_dim, D,
-          q16 + t0 * q_dim + j * D, CUDA_R_16F, q_dim, int64_t{group} * D, &zero,
-          scores + int64_t{j} * nt * n_kv, CUDA_R_32F, n_kv, int64_t{group} * nt * n_kv, Hkv,
-          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-      if (st != CUBLAS_STATUS_SUCCESS)
-        return error("attention: cuBLAS Q.K GEMM failed (status %d)", st);
+    // query head within the group and per product of parts (hi.hi, lo.hi, hi.lo).
+    const __half* q_parts[3] = {q_hi, q_lo, q_hi};
+    const __half* k_parts[3] = {kv_hi[0], kv_hi[0], kv_lo[0]};
+    for (int term = 0; term < 3 && k_parts[term]; ++term) {
+      const float beta = term == 0 ? 0.0f : 1.0f;
+      for (int j = 0; j < group; ++j) {
+        cublasStatus_t st = cublasGemmStridedBatchedEx(
+            cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n_kv, nt, D, &p.scale, k_parts[term], CUDA_R_16F,
+            kv_dim, D, q_parts[term] + t0 * q_dim + j * D, CUDA_R_16F, q_dim, int64_t{group} * D,
+            &beta, scores + int64_t{j} * nt * n_kv, CUDA_R_32F, n_kv, int64_t{group} * nt * n_kv,
+            Hkv, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        if (st != CUBLAS_STATUS_SUCCESS)
+          return error("attention: cuBLAS Q.K GEMM failed (status %d)", st);
+      }
     }
-    KESTREL_TRY(launch_softmax_causal(scores, H, nt, n_kv, pos_dev + t0, probs, stream_));
-    // out[t][h] = sum_k p[h][t][k] v[k][h / group]
-    for (int j = 0; j < group; ++j) {
-      cublasStatus_t st = cublasGemmStridedBatchedEx(
-          cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, nt, n_kv, &one, kv16[1], CUDA_R_16F, kv_dim, D,
-          probs + int64_t{j} * nt * n_kv, CUDA_R_16F, n_kv, int64_t{group} * nt * n_kv, &zero,
-          static_cast<float*>(out.data) + t0 * q_dim + j * D, CUDA_R_32F, q_dim, int64_t{group} * D,
-          Hkv, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-      if (st != CUBLAS_STATUS_SUCCESS)
-        return error("attention: cuBLAS P.V GEMM failed (status %d)", st);
+    KESTREL_TRY(launch_softmax_causal(scores, H, nt, n_kv, pos_dev + t0, p_hi, p_lo, stream_));
+    // out[t][h] = sum_k p[h][t][k] v[k][h / group], by parts as above.
+    const __half* p_parts[3] = {p_hi, p_lo, p_hi};
+    const __half* v_parts[3] = {kv_hi[1], kv_hi[1], kv_lo[1]};
+    for (int term = 0; term < 3 && v_parts[term]; ++term) {
+      const float beta = term == 0 ? 0.0f : 1.0f;
+      for (int j = 0; j < group; ++j) {
+        cublasStatus_t st = cublasGemmStridedBatchedEx(
+            cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, nt, n_kv, &one, v_parts[term], CUDA_R_16F, kv_dim,
+            D, p_parts[term] + int64_t{j} * nt * n_kv, CUDA_R_16F, n_kv, int64_t{group} * nt * n_kv,
+            &beta, static_cast<float*>(out.data) + t0 * q_dim + j * D, CUDA_R_32F, q_dim,
+            int64_t{group} * D, Hkv, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+        if (st != CUBLAS_STATUS_SUCCESS)
+          return error("attention: cuBLAS P.V GEMM failed (status %d)", st);
+      }
     }
   }
   return Status::ok();

@@ -130,11 +130,14 @@ Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int 
                        cudaStream_t s);
 Status launch_kv_store(const float* src, int n_tokens, int64_t dim, const int32_t* pos,
                        quant::DType type, uint8_t* cache, int64_t row_bytes, cudaStream_t s);
-// Rows [0, n_rows) of a KV cache of `type` as f16 [n_rows][dim].
+// Rows [0, n_rows) of a KV cache of `type` as f16 hi + lo parts, each [n_rows][dim].
 Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_bytes, int64_t dim,
-                           int64_t n_rows, __half* out, cudaStream_t s);
-// Causal softmax over scores [n_heads][T][n_kv] (row t may see keys 0..pos[t]) into f16 P.
+                           int64_t n_rows, __half* hi, __half* lo, cudaStream_t s);
+// Causal softmax over scores [n_heads][T][n_kv] (row t may see keys 0..pos[t]) into P as f16
+// hi + lo parts.
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
-                             const int32_t* pos, float scale, __half* p, cudaStream_t s);
+                             const int32_t* pos, __half* p_hi, __half* p_lo, cudaStream_t s);
+// x[n] = hi + lo in f16 (lo: the rounding error of hi).
+Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s);
 
 }  // namespace kestrel::backend::cuda

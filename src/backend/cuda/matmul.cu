@@ -194,30 +194,38 @@ Status CudaBackend::matmul_gemm(const CudaWeight& w, const float* x, int n_token
     st = cublasSgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tokens, n_in, &one,
                      reinterpret_cast<const float*>(w.qs), n_in, x, n_in, &zero, out, n_out);
     if (st != CUBLAS_STATUS_SUCCESS)
-      return error("matmul %s: cuBLAS SGEMM failed (status %d)", w.name.c_str(), st);
+      return error("matmul '%s': cuBLAS SGEMM failed (status %d)", w.name.c_str(), st);
+  } else if (w.type == DType::F16) {
+    // F16 weights are exact in f16; the activations are split into f16 hi + lo parts so that
+    // the product is as exact as f32 (two tensor-core GEMMs): the f16 models are the ones
+    // judged with the tightest bounds (and exact rounding of a quantized KV cache).
+    const int64_t n = static_cast<int64_t>(n_tokens) * n_in;
+    KESTREL_ASSIGN_OR_RETURN(void* x16v, scratch(kX16, 2 * sizeof(__half) * n));
+    auto* x_hi = static_cast<__half*>(x16v);
+    KESTREL_TRY(launch_split_f16(x, n, x_hi, x_hi + n, stream_));
+    for (int part = 0; part < 2; ++part) {
+      const float beta = part == 0 ? 0.0f : 1.0f;
+      st = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n_out, n_tokens, n_in, &one, w.qs,
+                        CUDA_R_16F, n_in, x_hi + part * n, CUDA_R_16F, n_in, &beta, out, CUDA_R_32F,
+                        n_out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      if (st != CUBLAS_STATUS_SUCCESS)
+        return error("matmul '%s': cuBLAS GEMM failed (status %d)", w.name.c_str(), st);
+    }
   } else {
     KESTREL_ASSIGN_OR_RETURN(void* x16v, scratch(kX16, sizeof(__half) * n_tokens * n_in));
     auto* x16 = static_cast<__half*>(x16v);
     KESTREL_TRY(launch_to_f16(x, static_cast<int64_t>(n_tokens) * n_in, x16, stream_));
-    const int64_t tile_rows =
-        w.type == DType::F16 ? n_out : std::max<int64_t>(1, std::min(n_out, kTileElems / n_in));
-    __half* tile = nullptr;
-    if (w.type != DType::F16) {
-      KESTREL_ASSIGN_OR_RETURN(void* t, scratch(kW16, sizeof(__half) * tile_rows * n_in));
-      tile = static_cast<__half*>(t);
-    }
+    const int64_t tile_rows = std::max<int64_t>(1, std::min(n_out, kTileElems / n_in));
+    KESTREL_ASSIGN_OR_RETURN(void* t, scratch(kW16, sizeof(__half) * tile_rows * n_in));
+    auto* tile = static_cast<__half*>(t);
     for (int64_t r0 = 0; r0 < n_out; r0 += tile_rows) {
       const int64_t rows = std::min(tile_rows, n_out - r0);
-      const __half* a = reinterpret_cast<const __half*>(w.qs) + r0 * n_in;
-      if (tile) {
-        KESTREL_TRY(launch_dequant_f16(w.type, w.qs, w.d, n_in, r0, rows, tile, stream_));
-        a = tile;
-      }
-      st = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tokens, n_in, &one, a,
+      KESTREL_TRY(launch_dequant_f16(w.type, w.qs, w.d, n_in, r0, rows, tile, stream_));
+      st = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tokens, n_in, &one, tile,
                         CUDA_R_16F, n_in, x16, CUDA_R_16F, n_in, &zero, out + r0, CUDA_R_32F, n_out,
                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
       if (st != CUBLAS_STATUS_SUCCESS)
-        return error("matmul %s: cuBLAS GEMM failed (status %d)", w.name.c_str(), st);
+        return error("matmul '%s': cuBLAS GEMM failed (status %d)", w.name.c_str(), st);
     }
   }
   if (bias) KESTREL_TRY(launch_add_bias(out, bias, n_tokens, n_out, stream_));
