@@ -22,52 +22,58 @@ namespace {
 
 constexpr size_t kScoreBytes = size_t{64} << 20;  // f32 scores per slice of token rows
 
-// One thread per (token, 32-element block): src row t -> cache row pos[t] in `T`'s format,
-// rounding exactly as the scalar quantize_row does.
-template <DType T>
-__global__ void kv_store_kernel(const float* src, int n_tokens, int64_t dim, const int32_t* pos,
-                                uint8_t* cache, int64_t row_bytes) {
-  const int64_t blocks = dim / 32;
+// f16 caches: one thread per element (coalesced): src row t -> cache row pos[t].
+__global__ void kv_store_f16_kernel(const float* src, int n_tokens, int64_t dim, const int32_t* pos,
+                                    __half* cache) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n_tokens * blocks) return;
-  const int64_t t = i / blocks, b = i % blocks;
-  const float* x = src + t * dim + 32 * b;
+  if (i >= n_tokens * dim) return;
+  const int64_t t = i / dim, e = i % dim;
+  cache[static_cast<int64_t>(pos[t]) * dim + e] = __float2half_rn(src[i]);
+}
+
+// q8_0 / q4_0 caches: one warp per (token, 32-element block), lane j holding element j; the
+// scale rounds exactly as the scalar quantize_row does (q8_0: max|x| / 127; q4_0: the element
+// of largest magnitude with its sign, the first one on ties, over -8).
+template <DType T>
+__global__ void kv_store_quant_kernel(const float* src, int n_tokens, int64_t dim,
+                                      const int32_t* pos, uint8_t* cache, int64_t row_bytes) {
+  const int64_t blocks = dim / 32;
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (w >= n_tokens * blocks) return;  // whole warps leave together
+  const int64_t t = w / blocks, b = w % blocks;
+  const float x = src[t * dim + 32 * b + lane];
   uint8_t* row = cache + static_cast<int64_t>(pos[t]) * row_bytes;
-  if constexpr (T == DType::F16) {
-    __half* dst = reinterpret_cast<__half*>(row) + 32 * b;
-    for (int j = 0; j < 32; ++j) dst[j] = __float2half_rn(x[j]);
-  } else if constexpr (T == DType::Q8_0) {
-    uint8_t* blk = row + 34 * b;
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(x[j]));
+  if constexpr (T == DType::Q8_0) {
+    const float amax = warp_max(fabsf(x));
     const __half dh = __float2half_rn(__fdiv_rn(amax, 127.0f));
     const float d = __half2float(dh);
-    *reinterpret_cast<__half*>(blk) = dh;  // blocks start at even offsets
-    for (int j = 0; j < 32; ++j) {
-      const float q = d == 0.0f ? 0.0f : fminf(fmaxf(roundf(__fdiv_rn(x[j], d)), -127.0f), 127.0f);
-      blk[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
-    }
-  } else if constexpr (T == DType::Q4_0) {
-    uint8_t* blk = row + 18 * b;
-    float amax = 0.0f, m = 0.0f;
-    for (int j = 0; j < 32; ++j)
-      if (fabsf(x[j]) > amax) {
-        amax = fabsf(x[j]);
-        m = x[j];
+    uint8_t* blk = row + 34 * b;
+    if (lane == 0) *reinterpret_cast<__half*>(blk) = dh;  // blocks start at even offsets
+    const float q = d == 0.0f ? 0.0f : fminf(fmaxf(roundf(__fdiv_rn(x, d)), -127.0f), 127.0f);
+    blk[2 + lane] = static_cast<uint8_t>(static_cast<int8_t>(q));
+  } else {
+    // The signed element of largest magnitude, lowest lane on ties.
+    float best = fabsf(x);
+    int at = lane;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, at, o);
+      if (ob > best || (ob == best && oa < at)) {
+        best = ob;
+        at = oa;
       }
+    }
+    const float m = __shfl_sync(0xffffffffu, x, at);
     const __half dh = __float2half_rn(__fdiv_rn(m, -8.0f));
     const float d = __half2float(dh);
-    *reinterpret_cast<__half*>(blk) = dh;
-    for (int j = 0; j < 16; ++j) {
-      int q[2];
-      for (int h = 0; h < 2; ++h)
-        q[h] =
-            d == 0.0f
-                ? 8
-                : static_cast<int>(fminf(fmaxf(roundf(__fdiv_rn(x[j + 16 * h], d)), -8.0f), 7.0f)) +
-                      8;
-      blk[2 + j] = static_cast<uint8_t>(q[0] | (q[1] << 4));
-    }
+    uint8_t* blk = row + 18 * b;
+    if (lane == 0) *reinterpret_cast<__half*>(blk) = dh;
+    const int q =
+        d == 0.0f ? 8 : static_cast<int>(fminf(fmaxf(roundf(__fdiv_rn(x, d)), -8.0f), 7.0f)) + 8;
+    const int hi = __shfl_down_sync(0xffffffffu, q, 16);
+    if (lane < 16) blk[2 + lane] = static_cast<uint8_t>(q | (hi << 4));
   }
 }
 
@@ -145,24 +151,155 @@ __global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t
   }
 }
 
+// K or V element e of cache row r (e within the row), for the decode kernel below.
+template <DType T>
+__device__ __forceinline__ float cache_value(const uint8_t* cache, int64_t row_bytes, int64_t r,
+                                             int64_t e) {
+  const uint8_t* row = cache + r * row_bytes;
+  if constexpr (T == DType::F16) {
+    return __half2float(reinterpret_cast<const __half*>(row)[e]);
+  } else if constexpr (T == DType::Q8_0) {
+    const uint8_t* b = row + 34 * (e / 32);
+    return static_cast<float>(static_cast<int8_t>(b[2 + e % 32])) *
+           __half2float(*reinterpret_cast<const __half*>(b));
+  } else {
+    const uint8_t* b = row + 18 * (e / 32);
+    const int i = static_cast<int>(e % 32);
+    const int nib = i < 16 ? (b[2 + i] & 15) : (b[2 + i - 16] >> 4);
+    return static_cast<float>(nib - 8) * __half2float(*reinterpret_cast<const __half*>(b));
+  }
+}
+
+// Few query tokens (decode): one block per (head, token) computes the whole attention row in
+// f32 -- scores into shared memory, softmax, then P.V with one thread per output element --
+// in a single launch instead of the GEMM path's ten.
+template <DType KT, DType VT>
+__global__ void attention_rows_kernel(const float* q, const int32_t* pos, const uint8_t* kc,
+                                      int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes,
+                                      int n_head, int group, int D, float scale, float* out) {
+  extern __shared__ float smem[];  // q[D], then scores[n_kv]
+  const int h = blockIdx.x, t = blockIdx.y, g = h / group;
+  const int64_t q_dim = int64_t{n_head} * D;
+  const int64_t n_kv = pos[t] + 1;
+  float* qs = smem;
+  float* sc = smem + D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[t * q_dim + int64_t{h} * D + d];
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int64_t k = warp; k < n_kv; k += warps) {
+    float acc = 0.0f;
+    for (int d = lane; d < D; d += 32)
+      acc += qs[d] * cache_value<KT>(kc, k_row_bytes, k, int64_t{g} * D + d);
+    acc = warp_sum(acc);
+    if (lane == 0) sc[k] = acc * scale;
+  }
+  __syncthreads();
+  __shared__ float red[32];
+  float m = -INFINITY;
+  for (int64_t k = threadIdx.x; k < n_kv; k += blockDim.x) m = fmaxf(m, sc[k]);
+  m = warp_max(m);
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  m = red[0];
+  for (int i = 1; i < warps; ++i) m = fmaxf(m, red[i]);
+  __syncthreads();
+  float sum = 0.0f;
+  for (int64_t k = threadIdx.x; k < n_kv; k += blockDim.x) {
+    const float e = expf(sc[k] - m);
+    sc[k] = e;
+    sum += e;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();
+  sum = 0.0f;
+  for (int i = 0; i < warps; ++i) sum += red[i];
+  const float inv = 1.0f / sum;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < n_kv; ++k)
+      acc += sc[k] * cache_value<VT>(vc, v_row_bytes, k, int64_t{g} * D + d);
+    out[t * q_dim + int64_t{h} * D + d] = acc * inv;
+  }
+}
+
 }  // namespace
+
+// Up to this many query tokens, and keys whose scores fit shared memory, attention runs as
+// attention_rows_kernel.
+constexpr int kRowsMaxTokens = 4;
+constexpr int64_t kRowsMaxKeys = 8192;
+
+template <DType KT, DType VT>
+void launch_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos, const Tensor& kc,
+                 const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s) {
+  const dim3 grid(p.n_head, n_tokens);
+  const size_t smem = sizeof(float) * (p.head_dim + n_kv);
+  attention_rows_kernel<KT, VT><<<grid, 128, smem, s>>>(
+      q, pos, static_cast<const uint8_t*>(kc.data), static_cast<int64_t>(kc.row_bytes()),
+      static_cast<const uint8_t*>(vc.data), static_cast<int64_t>(vc.row_bytes()), p.n_head,
+      p.n_head / p.n_head_kv, p.head_dim, p.scale, out);
+}
+
+template <DType KT>
+bool launch_rows_v(DType vt, const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
+                   const Tensor& kc, const Tensor& vc, const AttentionParams& p, float* out,
+                   cudaStream_t s) {
+  switch (vt) {
+    case DType::F16:
+      launch_rows<KT, DType::F16>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      return true;
+    case DType::Q8_0:
+      launch_rows<KT, DType::Q8_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      return true;
+    case DType::Q4_0:
+      launch_rows<KT, DType::Q4_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      return true;
+    default:
+      return false;
+  }
+}
+
+Status launch_attention_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
+                             const Tensor& kc, const Tensor& vc, const AttentionParams& p,
+                             float* out, cudaStream_t s) {
+  bool ok = false;
+  switch (kc.type) {
+    case DType::F16:
+      ok = launch_rows_v<DType::F16>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      break;
+    case DType::Q8_0:
+      ok = launch_rows_v<DType::Q8_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      break;
+    case DType::Q4_0:
+      ok = launch_rows_v<DType::Q4_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      break;
+    default:
+      break;
+  }
+  if (!ok)
+    return error("attention: cache types %s/%s are not supported", quant::type_name(kc.type),
+                 quant::type_name(vc.type));
+  LAUNCH_CHECK("attention (rows)");
+  return Status::ok();
+}
 
 Status launch_kv_store(const float* src, int n_tokens, int64_t dim, const int32_t* pos, DType type,
                        uint8_t* cache, int64_t row_bytes, cudaStream_t s) {
-  const int64_t n = n_tokens * (dim / 32);
-  if (n == 0) return Status::ok();
-  const int blocks = ceil_div(n, 128);
+  if (n_tokens <= 0) return Status::ok();
+  const int64_t warps = n_tokens * (dim / 32);
   switch (type) {
     case DType::F16:
-      kv_store_kernel<DType::F16><<<blocks, 128, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+      kv_store_f16_kernel<<<ceil_div(n_tokens * dim, 256), 256, 0, s>>>(
+          src, n_tokens, dim, pos, reinterpret_cast<__half*>(cache));
       break;
     case DType::Q8_0:
-      kv_store_kernel<DType::Q8_0>
-          <<<blocks, 128, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+      kv_store_quant_kernel<DType::Q8_0>
+          <<<ceil_div(warps * 32, 256), 256, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
       break;
     case DType::Q4_0:
-      kv_store_kernel<DType::Q4_0>
-          <<<blocks, 128, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+      kv_store_quant_kernel<DType::Q4_0>
+          <<<ceil_div(warps * 32, 256), 256, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
       break;
     default:
       return error("kv_store: cache type %s is not supported", quant::type_name(type));
@@ -228,6 +365,11 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
+  if (n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys) {
+    KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
+    return launch_attention_rows(static_cast<const float*>(q.data), n_tokens, n_kv_all, pos_dev,
+                                 k_cache, v_cache, p, static_cast<float*>(out.data), stream_);
+  }
 
   // Q, K and V as f16 hi + lo parts (an f16 cache is exact in place: no lo part).
   const int64_t nq = int64_t{n_tokens} * q_dim;

@@ -37,7 +37,15 @@ Expected<std::unique_ptr<Backend>> create(const BackendOptions& options) {
 }
 
 CudaWeight::~CudaWeight() {
+  if (owner) owner->forget(*this);
   if (data) cudaFree(data);
+}
+
+void CudaBackend::forget(const CudaWeight& w) {
+  cudaStreamSynchronize(aux_);  // a prefetch may be reading it
+  weights_.erase(w.id);
+  for (TileBuffer& t : tiles_)
+    if (t.holds == w.id) t.holds = 0;
 }
 
 Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
@@ -57,6 +65,11 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->device_name_ = format("cuda: %s (sm_%d%d, %.0f GiB)", prop.name, prop.major, prop.minor,
                             gib(static_cast<double>(prop.totalGlobalMem)));
   CUDA_TRY(cudaStreamCreateWithFlags(&be->stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  CUDA_TRY(cudaStreamCreateWithFlags(&be->aux_, cudaStreamNonBlocking), "cudaStreamCreate");
+  for (TileBuffer& t : be->tiles_) {
+    CUDA_TRY(cudaEventCreateWithFlags(&t.ready, cudaEventDisableTiming), "cudaEventCreate");
+    CUDA_TRY(cudaEventCreateWithFlags(&t.free, cudaEventDisableTiming), "cudaEventCreate");
+  }
   if (cublasCreate(&be->cublas_) != CUBLAS_STATUS_SUCCESS)
     return error("cuBLAS could not be initialized on %s", prop.name);
   cublasSetStream(be->cublas_, be->stream_);
@@ -69,6 +82,13 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
 
 CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
+  if (aux_) cudaStreamSynchronize(aux_);
+  for (TileBuffer& t : tiles_) {
+    if (t.ptr) cudaFree(t.ptr);
+    if (t.ready) cudaEventDestroy(t.ready);
+    if (t.free) cudaEventDestroy(t.free);
+  }
+  if (aux_) cudaStreamDestroy(aux_);
   for (auto& p : pending_) {
     cudaEventDestroy(p.start);
     cudaEventDestroy(p.stop);
@@ -249,12 +269,15 @@ Expected<std::unique_ptr<Weight>> CudaBackend::load_weight(const HostMatrix& m) 
                  static_cast<long long>(m.n_out), static_cast<long long>(m.n_in),
                  quant::type_name(m.type));
   auto w = std::make_unique<CudaWeight>();
+  w->owner = this;
+  w->id = next_weight_id_++;
   w->type = m.type;
   w->n_in = m.n_in;
   w->n_out = m.n_out;
   w->name = m.name;
   const size_t total = static_cast<size_t>(rb) * m.n_out;
   w->bytes = total;
+  weights_[w->id] = w.get();
   KESTREL_ASSIGN_OR_RETURN(w->data, device_alloc(total, m.name.c_str()));
   w->qs = static_cast<uint8_t*>(w->data);
   const bool repack = m.type == quant::DType::Q4_0 || m.type == quant::DType::Q8_0;

@@ -22,16 +22,20 @@
 namespace kestrel::backend::cuda {
 
 // Scratch buffers of the backend, one per purpose (CudaBackend::scratch).
-enum ScratchSlot { kX16 = 0, kW16, kQ16, kK16, kV16, kScores, kProbs, kSlots };
+enum ScratchSlot { kX16 = 0, kQ16, kK16, kV16, kScores, kProbs, kSlots };
 
 // Up to this many tokens a matmul runs on the fused small-batch kernels.
 constexpr int kSmallBatch = 8;
 
 // A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
+class CudaBackend;
+
 class CudaWeight final : public Weight {
  public:
   ~CudaWeight() override;
+  CudaBackend* owner = nullptr;
+  uint64_t id = 0;        // unique per backend: what the f16 tile buffers remember holding
   void* data = nullptr;   // the whole allocation
   uint8_t* qs = nullptr;  // Q4_0: [n_out][n_in / 2], Q8_0: [n_out][n_in]; else GGUF rows
   __half* d = nullptr;    // Q4_0 / Q8_0: [n_out][n_in / 32] scales
@@ -71,6 +75,8 @@ class CudaBackend final : public Backend {
                     const std::function<Status()>& op) override;
 
   cudaStream_t stream() const { return stream_; }
+  // A weight is being freed: no prefetch may read it any more.
+  void forget(const CudaWeight& w);
 
  private:
   CudaBackend() = default;
@@ -89,11 +95,30 @@ class CudaBackend final : public Backend {
                       const float* bias);
   Status matmul_gemm(const CudaWeight& w, const float* x, int n_tokens, float* out,
                      const float* bias);
+  // f16 tiles of dequantized weights for the GEMM path: two buffers, so that the weight of the
+  // next matmul (learned from the order of the previous forward pass) is dequantized on the aux
+  // stream while the current GEMM runs on the tensor cores.
+  struct TileBuffer {
+    __half* ptr = nullptr;
+    int64_t elems = 0;
+    uint64_t holds = 0;           // CudaWeight::id whose whole f16 copy it holds (0: none)
+    cudaEvent_t ready = nullptr;  // its dequantization finished
+    cudaEvent_t free = nullptr;   // the GEMM reading it finished
+  };
+  Expected<TileBuffer*> tile_buffer(int i, int64_t elems);
+  Status prefetch_next(uint64_t current);
 
   int device_ = 0;
   std::string device_name_;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
+  TileBuffer tiles_[2];
+  int last_tile_ = 1;
+  uint64_t next_weight_id_ = 1;
+  uint64_t last_gemm_ = 0;                         // id of the previous GEMM-path weight
+  std::map<uint64_t, const CudaWeight*> weights_;  // live GEMM-path weights by id
+  std::map<uint64_t, uint64_t> next_;              // weight id -> the id that followed it last time
   std::vector<std::pair<void*, size_t>> scratch_;
   // Pinned ring for upload_ints.
   int32_t* ring_host_ = nullptr;

@@ -44,22 +44,29 @@ __global__ void rms_norm_kernel(const float* x, int64_t n, const float* w, float
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
-// One block per token, one thread per rotated pair index i; the angle in double as on the CPU.
+// One block per token: the (cos, sin) of each pair index first, in double as on the CPU (the
+// angle reaches thousands of radians), into shared memory; then every thread rotates pairs of
+// all heads, so the double-precision work is done once per (token, pair) and the rows are read
+// and written in parallel.
 __global__ void rope_kernel(float* x, int64_t row_len, const int32_t* pos, int n_heads,
                             int head_dim, float freq_base, bool neox) {
+  extern __shared__ float2 cs[];  // [head_dim / 2]
   const int half = head_dim / 2;
-  float* row = x + blockIdx.x * row_len;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const double inv_freq = pow(static_cast<double>(freq_base), -2.0 * i / head_dim);
-    const double theta = pos[blockIdx.x] * inv_freq;
-    const float c = static_cast<float>(cos(theta)), s = static_cast<float>(sin(theta));
+    const double theta = pos[blockIdx.x] * pow(static_cast<double>(freq_base), -2.0 * i / head_dim);
+    double sn, cn;
+    sincos(theta, &sn, &cn);
+    cs[i] = make_float2(static_cast<float>(cn), static_cast<float>(sn));
+  }
+  __syncthreads();
+  float* row = x + blockIdx.x * row_len;
+  for (int k = threadIdx.x; k < n_heads * half; k += blockDim.x) {
+    const int h = k / half, i = k % half;
+    float* head = row + h * head_dim;
     const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-    for (int h = 0; h < n_heads; ++h) {
-      float* head = row + h * head_dim;
-      const float a = head[i0], b = head[i1];
-      head[i0] = a * c - b * s;
-      head[i1] = a * s + b * c;
-    }
+    const float a = head[i0], b = head[i1];
+    head[i0] = a * cs[i].x - b * cs[i].y;
+    head[i1] = a * cs[i].y + b * cs[i].x;
   }
 }
 
@@ -109,8 +116,8 @@ Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams&
                    cudaStream_t s) {
   if (n_tokens <= 0) return Status::ok();
   const int64_t row = int64_t{p.n_heads} * p.head_dim;
-  rope_kernel<<<n_tokens, 64, 0, s>>>(x, row, pos, p.n_heads, p.head_dim, p.freq_base,
-                                      p.layout == RopeLayout::NeoX);
+  rope_kernel<<<n_tokens, 256, sizeof(float2) * (p.head_dim / 2), s>>>(
+      x, row, pos, p.n_heads, p.head_dim, p.freq_base, p.layout == RopeLayout::NeoX);
   LAUNCH_CHECK("rope");
   return Status::ok();
 }

@@ -91,6 +91,8 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int t = 0; t < kMaxTokens; ++t) acc[t] = 0.0f;
   const int64_t slices = n_in / 32;
+  // Unrolled so that several weight loads are in flight per lane (decode is latency-bound).
+#pragma unroll 4
   for (int64_t s = lane; s < slices; s += 32) {
     float w[32];
     weight_slice<T>(qs, d, n_in, r, s, w);
@@ -215,20 +217,71 @@ Status CudaBackend::matmul_gemm(const CudaWeight& w, const float* x, int n_token
     KESTREL_ASSIGN_OR_RETURN(void* x16v, scratch(kX16, sizeof(__half) * n_tokens * n_in));
     auto* x16 = static_cast<__half*>(x16v);
     KESTREL_TRY(launch_to_f16(x, static_cast<int64_t>(n_tokens) * n_in, x16, stream_));
-    const int64_t tile_rows = std::max<int64_t>(1, std::min(n_out, kTileElems / n_in));
-    KESTREL_ASSIGN_OR_RETURN(void* t, scratch(kW16, sizeof(__half) * tile_rows * n_in));
-    auto* tile = static_cast<__half*>(t);
+    const bool whole = n_out * n_in <= kTileElems;
+    // The order of GEMM-path weights, for the prefetch of the next one.
+    if (whole) {
+      if (last_gemm_) next_[last_gemm_] = w.id;
+      last_gemm_ = w.id;
+    }
+    int b = tiles_[0].holds == w.id ? 0 : tiles_[1].holds == w.id ? 1 : -1;
+    const bool prefetched = whole && b >= 0;
+    if (!prefetched) b = 1 - last_tile_;
+    last_tile_ = b;
+    const int64_t tile_rows = whole ? n_out : std::max<int64_t>(1, kTileElems / n_in);
+    KESTREL_ASSIGN_OR_RETURN(TileBuffer * tb, tile_buffer(b, tile_rows * n_in));
+    // The buffer's last dequantization (a prefetch on the aux stream) must be complete.
+    CUDA_TRY(cudaStreamWaitEvent(stream_, tb->ready, 0), "matmul (wait for the weight tile)");
+    tb->holds = 0;
     for (int64_t r0 = 0; r0 < n_out; r0 += tile_rows) {
       const int64_t rows = std::min(tile_rows, n_out - r0);
-      KESTREL_TRY(launch_dequant_f16(w.type, w.qs, w.d, n_in, r0, rows, tile, stream_));
-      st = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tokens, n_in, &one, tile,
+      if (!prefetched)
+        KESTREL_TRY(launch_dequant_f16(w.type, w.qs, w.d, n_in, r0, rows, tb->ptr, stream_));
+      st = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, rows, n_tokens, n_in, &one, tb->ptr,
                         CUDA_R_16F, n_in, x16, CUDA_R_16F, n_in, &zero, out + r0, CUDA_R_32F, n_out,
                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
       if (st != CUBLAS_STATUS_SUCCESS)
         return error("matmul '%s': cuBLAS GEMM failed (status %d)", w.name.c_str(), st);
     }
+    if (whole) tb->holds = w.id;
+    CUDA_TRY(cudaEventRecord(tb->free, stream_), "matmul (tile release)");
+    if (whole) KESTREL_TRY(prefetch_next(w.id));
   }
   if (bias) KESTREL_TRY(launch_add_bias(out, bias, n_tokens, n_out, stream_));
+  return Status::ok();
+}
+
+// Buffer i with room for `elems` halfs; growing it waits for both streams first.
+Expected<CudaBackend::TileBuffer*> CudaBackend::tile_buffer(int i, int64_t elems) {
+  TileBuffer& t = tiles_[i];
+  if (t.elems >= elems) return &t;
+  CUDA_TRY(cudaStreamSynchronize(stream_), "weight tile resize");
+  CUDA_TRY(cudaStreamSynchronize(aux_), "weight tile resize");
+  if (t.ptr) cudaFree(t.ptr);
+  t.ptr = nullptr;
+  t.elems = 0;
+  t.holds = 0;
+  KESTREL_ASSIGN_OR_RETURN(void* p, device_alloc(sizeof(__half) * elems, "f16 weight tiles"));
+  t.ptr = static_cast<__half*>(p);
+  t.elems = elems;
+  return &t;
+}
+
+// Dequantizes the weight that followed `current` last time into the other tile buffer on the
+// aux stream, once the GEMM that last read that buffer has finished. Memory-bound dequantization
+// then overlaps the compute-bound GEMM of `current`.
+Status CudaBackend::prefetch_next(uint64_t current) {
+  const auto it = next_.find(current);
+  if (it == next_.end()) return Status::ok();
+  const auto wit = weights_.find(it->second);
+  if (wit == weights_.end()) return Status::ok();
+  const CudaWeight& n = *wit->second;
+  const int o = 1 - last_tile_;
+  if (tiles_[o].holds == n.id) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(TileBuffer * tb, tile_buffer(o, n.n_out * n.n_in));
+  CUDA_TRY(cudaStreamWaitEvent(aux_, tb->free, 0), "prefetch (wait for the tile)");
+  KESTREL_TRY(launch_dequant_f16(n.type, n.qs, n.d, n.n_in, 0, n.n_out, tb->ptr, aux_));
+  CUDA_TRY(cudaEventRecord(tb->ready, aux_), "prefetch (tile ready)");
+  tb->holds = n.id;
   return Status::ok();
 }
 
