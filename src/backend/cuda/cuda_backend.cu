@@ -64,8 +64,14 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
                  prop.name, prop.major, prop.minor);
   be->device_name_ = format("cuda: %s (sm_%d%d, %.0f GiB)", prop.name, prop.major, prop.minor,
                             gib(static_cast<double>(prop.totalGlobalMem)));
-  CUDA_TRY(cudaStreamCreateWithFlags(&be->stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-  CUDA_TRY(cudaStreamCreateWithFlags(&be->aux_, cudaStreamNonBlocking), "cudaStreamCreate");
+  // The ops run at the highest priority; the prefetching dequantization of the aux stream only
+  // fills the SMs they leave idle (it is off the critical path).
+  int least = 0, greatest = 0;
+  CUDA_TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
+  CUDA_TRY(cudaStreamCreateWithPriority(&be->stream_, cudaStreamNonBlocking, greatest),
+           "cudaStreamCreate");
+  CUDA_TRY(cudaStreamCreateWithPriority(&be->aux_, cudaStreamNonBlocking, least),
+           "cudaStreamCreate");
   for (TileBuffer& t : be->tiles_) {
     CUDA_TRY(cudaEventCreateWithFlags(&t.ready, cudaEventDisableTiming), "cudaEventCreate");
     CUDA_TRY(cudaEventCreateWithFlags(&t.free, cudaEventDisableTiming), "cudaEventCreate");
