@@ -2,6 +2,7 @@
 // are in matmul.cu, attention.cu and elementwise.cu.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "backend/cuda/cuda_backend.h"
@@ -80,6 +81,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     return error("cuBLAS could not be initialized on %s", prop.name);
   cublasSetStream(be->cublas_, be->stream_);
   be->scratch_.assign(kSlots, {nullptr, 0});
+  const char* no_mma = std::getenv("KESTREL_CUDA_NO_MMA");
+  be->mma_disabled_ = no_mma && std::string(no_mma) == "1";
   CUDA_TRY(cudaMallocHost(&be->ring_host_, kRingInts * sizeof(int32_t)), "pinned host buffer");
   KESTREL_ASSIGN_OR_RETURN(void* ring, be->device_alloc(kRingInts * sizeof(int32_t), "positions"));
   be->ring_dev_ = static_cast<int32_t*>(ring);

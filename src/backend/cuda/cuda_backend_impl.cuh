@@ -22,10 +22,12 @@
 namespace kestrel::backend::cuda {
 
 // Scratch buffers of the backend, one per purpose (CudaBackend::scratch).
-enum ScratchSlot { kX16 = 0, kQ16, kK16, kV16, kScores, kProbs, kSlots };
+enum ScratchSlot { kX16 = 0, kQ16, kK16, kV16, kScores, kProbs, kPartial, kSlots };
 
-// Up to this many tokens a matmul runs on the fused small-batch kernels.
+// Up to this many tokens a matmul runs on the fused small-batch kernels; up to kMmaMaxTokens on
+// the fused tensor-core kernel (Q4_0, Q8_0); beyond, on cuBLAS with f16 weight tiles.
 constexpr int kSmallBatch = 8;
+constexpr int kMmaMaxTokens = 64;
 
 // A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
@@ -110,6 +112,7 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   std::string device_name_;
+  bool mma_disabled_ = false;  // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
@@ -143,6 +146,13 @@ Status launch_dequant_f16(quant::DType t, const uint8_t* rows, const __half* d, 
 Status launch_to_f16(const float* x, int64_t n, __half* out, cudaStream_t s);
 Status launch_matmul_small(const CudaWeight& w, const float* x, int n_tokens, float* out,
                            const float* bias, cudaStream_t s);
+// matmul_mma.cu: whether the fused tensor-core kernel takes this matmul, its split-K factor
+// (partial needs splits * T * n_out floats) and the launch.
+class CudaWeight;
+bool mma_supports(const CudaWeight& w, int n_tokens);
+int mma_splits(const CudaWeight& w);
+Status launch_matmul_mma(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
+                         const float* bias, float* partial, cudaStream_t s);
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);
