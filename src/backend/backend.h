@@ -119,6 +119,15 @@ class Backend {
   virtual Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) = 0;
 
   virtual Status synchronize() = 0;
+
+  // Runs `body`, a sequence of this backend's ops whose kernels and shapes are fixed by `key`, as
+  // one unit. A backend may record it when the key comes again and replay the recording after
+  // that (CUDA graphs: one launch instead of hundreds), calling body only to take in its inputs
+  // (token ids, positions, row lists, host-side checks). The default runs body.
+  virtual Status run_recorded(uint64_t key, const std::function<Status()>& body) {
+    (void)key;
+    return body();
+  }
   // Bytes that can still be allocated on the device (host: MemAvailable), or -1 if unknown.
   // Checked before large allocations so that they fail with numbers, not half-way.
   virtual int64_t available_memory() const { return -1; }

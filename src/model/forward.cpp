@@ -86,7 +86,37 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
       return error("logits requested for row %d of a batch of %d tokens", logit_rows[i], n);
   positions_.resize(n);
   for (int t = 0; t < n; ++t) positions_[t] = pos0 + t;
+  KESTREL_TRY(ensure_head_buffers(n_logit_rows));
 
+  // A pass of a few tokens with every op on one backend may be recorded and replayed (CUDA
+  // graphs): the key names what fixes its kernels -- the shape of the batch, whether attention
+  // stays on its few-token path, and the buffers it works on.
+  Backend* in = model_.input_backend();
+  bool one_backend = model_.head_backend() == in;
+  for (int il = 0; il < c.n_layer; ++il)
+    one_backend = one_backend && model_.layer(il).backend == in;
+  if (!profiler_ && one_backend && n <= kRecordMaxTokens) {
+    const bool short_context = pos0 + n <= kRecordMaxContext;
+    uint64_t key = static_cast<uint64_t>(n) | static_cast<uint64_t>(n_logit_rows) << 16 |
+                   static_cast<uint64_t>(short_context) << 32;
+    key ^= std::hash<const void*>{}(cache.k(0).data) * 31 +
+           std::hash<const void*>{}(scratch_[in].x.data);
+    KESTREL_TRY(
+        in->run_recorded(key, [&] { return enqueue(tokens, n, cache, logit_rows, n_logit_rows); }));
+  } else {
+    KESTREL_TRY(enqueue(tokens, n, cache, logit_rows, n_logit_rows));
+  }
+  Backend& last = n_logit_rows > 0 ? *model_.head_backend() : *model_.layer(c.n_layer - 1).backend;
+  KESTREL_TRY(last.synchronize());
+  if (n_logit_rows > 0)
+    OP(last, "copy logits to host", last.download(logits_, 0, n_logit_rows, logits));
+  return Status::ok();
+}
+
+// The ops of one pass, enqueued without waiting (the caller synchronizes).
+Status Forward::enqueue(const int32_t* tokens, int n, kv::KvCache& cache, const int32_t* logit_rows,
+                        int n_logit_rows) {
+  const Config& c = model_.config();
   Backend* where = model_.input_backend();
   OP(*where, "embed", where->embed(model_.token_embd(), tokens, n, scratch_[where].x));  // x[T][E]
   for (int il = 0; il < c.n_layer; ++il) {
@@ -97,11 +127,22 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
     }
     KESTREL_TRY(run_layer(il, n, positions_.data(), cache));
   }
-  if (n_logit_rows == 0) return where->synchronize();
+  if (n_logit_rows == 0) return Status::ok();
   if (where != model_.head_backend()) {
     KESTREL_TRY(move_residual(where, model_.head_backend(), n));
   }
-  return run_head(n_logit_rows, logit_rows, logits);
+  return run_head(n_logit_rows, logit_rows);
+}
+
+Status Forward::ensure_head_buffers(int n_rows) {
+  if (n_rows == 0 || (logits_ && logits_.rows >= n_rows)) return Status::ok();
+  const Config& c = model_.config();
+  Backend& be = *model_.head_backend();
+  if (head_in_) be.free(head_in_);
+  if (logits_) be.free(logits_);
+  KESTREL_ASSIGN_OR_RETURN(head_in_, be.alloc(DType::F32, n_rows, c.n_embd, "head input"));
+  KESTREL_ASSIGN_OR_RETURN(logits_, be.alloc(DType::F32, n_rows, c.n_vocab, "logits"));
+  return Status::ok();
 }
 
 Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache) {
@@ -140,22 +181,14 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache)
   return Status::ok();
 }
 
-Status Forward::run_head(int n_rows, const int32_t* rows, float* logits) {
+Status Forward::run_head(int n_rows, const int32_t* rows) {
   const Config& c = model_.config();
   Backend& be = *model_.head_backend();
   Scratch& s = scratch_[&be];
-  if (!logits_ || logits_.rows < n_rows) {
-    if (head_in_) be.free(head_in_);
-    if (logits_) be.free(logits_);
-    KESTREL_ASSIGN_OR_RETURN(head_in_, be.alloc(DType::F32, n_rows, c.n_embd, "head input"));
-    KESTREL_ASSIGN_OR_RETURN(logits_, be.alloc(DType::F32, n_rows, c.n_vocab, "logits"));
-  }
   OP(be, "get_rows", be.get_rows(s.x, rows, n_rows, s.h));  // h[R][E]
   OP(be, "rms_norm", be.rms_norm(s.h, n_rows, model_.output_norm(), c.rms_eps, head_in_));
   OP(be, matmul_kind(model_.output(), /*head=*/true),
      be.matmul(model_.output(), head_in_, n_rows, logits_, nullptr));  // [R][V]
-  KESTREL_TRY(be.synchronize());
-  OP(be, "copy logits to host", be.download(logits_, 0, n_rows, logits));
   return Status::ok();
 }
 

@@ -15,6 +15,10 @@ namespace kestrel::model {
 
 class Forward {
  public:
+  // Passes of up to this many tokens, within this context, may be recorded by the backend.
+  static constexpr int kRecordMaxTokens = 16;
+  static constexpr int kRecordMaxContext = 8192;
+
   // Scratch for micro-batches of up to `max_tokens` tokens on every backend the model uses.
   static Expected<std::unique_ptr<Forward>> create(const Model& model, int max_tokens);
   ~Forward();
@@ -53,7 +57,10 @@ class Forward {
   Status alloc_scratch(backend::Backend* be);
   Status move_residual(backend::Backend* from, backend::Backend* to, int n);
   Status run_layer(int il, int n, const int32_t* positions, kv::KvCache& cache);
-  Status run_head(int n_rows, const int32_t* rows, float* logits);
+  Status enqueue(const int32_t* tokens, int n, kv::KvCache& cache, const int32_t* logit_rows,
+                 int n_logit_rows);
+  Status ensure_head_buffers(int n_rows);
+  Status run_head(int n_rows, const int32_t* rows);
 
   const Model& model_;
   int max_tokens_;

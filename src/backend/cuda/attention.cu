@@ -227,7 +227,7 @@ __global__ void attention_rows_kernel(const float* q, const int32_t* pos, const 
 
 // Up to this many query tokens, and keys whose scores fit shared memory, attention runs as
 // attention_rows_kernel.
-constexpr int kRowsMaxTokens = 4;
+constexpr int kRowsMaxTokens = 16;
 constexpr int64_t kRowsMaxKeys = 8192;
 
 template <DType KT, DType VT>
@@ -365,9 +365,16 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
+  // The GEMM path depends on host-side sizes: a recording can only hold the rows kernel.
+  if (mode_ != Mode::Eager && !(n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys))
+    return error("attention of %d tokens over %lld keys cannot be recorded", n_tokens,
+                 static_cast<long long>(n_kv_all));
   if (n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys) {
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
-    return launch_attention_rows(static_cast<const float*>(q.data), n_tokens, n_kv_all, pos_dev,
+    if (mode_ == Mode::Stage) return Status::ok();
+    // A recorded launch must serve every later context length: room for all keys it may see.
+    const int64_t keys = mode_ == Mode::Capture ? kRowsMaxKeys : n_kv_all;
+    return launch_attention_rows(static_cast<const float*>(q.data), n_tokens, keys, pos_dev,
                                  k_cache, v_cache, p, static_cast<float*>(out.data), stream_);
   }
 

@@ -14,6 +14,8 @@ namespace kestrel::backend::cuda {
 namespace {
 
 constexpr size_t kRingInts = 1 << 18;  // pinned ring for positions and row lists (1 MiB)
+// Fixed upload slots of recorded graphs: a slot per upload_ints call of the recorded body.
+constexpr int kGraphSlots = 1024, kSlotInts = 64;
 
 double gib(double bytes) {
   return bytes / 1073741824.0;
@@ -44,6 +46,7 @@ CudaWeight::~CudaWeight() {
 
 void CudaBackend::forget(const CudaWeight& w) {
   cudaStreamSynchronize(aux_);  // a prefetch may be reading it
+  drop_graphs();
   weights_.erase(w.id);
   for (TileBuffer& t : tiles_)
     if (t.holds == w.id) t.holds = 0;
@@ -83,9 +86,16 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->scratch_.assign(kSlots, {nullptr, 0});
   const char* no_mma = std::getenv("KESTREL_CUDA_NO_MMA");
   be->mma_disabled_ = no_mma && std::string(no_mma) == "1";
+  const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
+  be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   CUDA_TRY(cudaMallocHost(&be->ring_host_, kRingInts * sizeof(int32_t)), "pinned host buffer");
   KESTREL_ASSIGN_OR_RETURN(void* ring, be->device_alloc(kRingInts * sizeof(int32_t), "positions"));
   be->ring_dev_ = static_cast<int32_t*>(ring);
+  CUDA_TRY(cudaMallocHost(&be->slots_host_, sizeof(int32_t) * kGraphSlots * kSlotInts),
+           "pinned host buffer");
+  KESTREL_ASSIGN_OR_RETURN(void* slots,
+                           be->device_alloc(sizeof(int32_t) * kGraphSlots * kSlotInts, "graphs"));
+  be->slots_dev_ = static_cast<int32_t*>(slots);
   return Expected<std::unique_ptr<CudaBackend>>(std::move(be));
 }
 
@@ -106,6 +116,9 @@ CudaBackend::~CudaBackend() {
   for (auto& [ptr, bytes] : scratch_)
     if (ptr) cudaFree(ptr);
   for (auto& [host, dev] : tables_) cudaFree(dev);
+  drop_graphs();
+  if (slots_dev_) cudaFree(slots_dev_);
+  if (slots_host_) cudaFreeHost(slots_host_);
   if (ring_dev_) cudaFree(ring_dev_);
   if (ring_host_) cudaFreeHost(ring_host_);
   if (cublas_) cublasDestroy(cublas_);
@@ -138,6 +151,8 @@ Expected<void*> CudaBackend::device_alloc(size_t bytes, const char* what) {
 Expected<void*> CudaBackend::scratch(int slot, size_t bytes) {
   auto& [ptr, size] = scratch_[slot];
   if (size >= bytes) return ptr;
+  if (mode_ != Mode::Eager) return error("scratch must not grow while a graph is recorded");
+  drop_graphs();
   if (ptr) {
     CUDA_TRY(cudaStreamSynchronize(stream_), "scratch resize");
     cudaFree(ptr);
@@ -171,6 +186,7 @@ Expected<Tensor> CudaBackend::alloc(quant::DType type, int64_t rows, int64_t col
 
 void CudaBackend::free(Tensor& t) {
   if (t.data) {
+    drop_graphs();
     cudaStreamSynchronize(stream_);  // a kernel may still read it
     cudaFree(t.data);
   }
@@ -244,6 +260,19 @@ Status CudaBackend::flush_profile() {
 }
 
 Expected<const int32_t*> CudaBackend::upload_ints(const int32_t* host, int n) {
+  if (mode_ != Mode::Eager) {
+    // Recorded bodies read their inputs from fixed slots: the recording copies pinned slot k to
+    // device slot k; a replay refills the pinned slots first.
+    if (graph_slot_ >= kGraphSlots || n > kSlotInts)
+      return error("a recorded forward pass uploads more indices than its slots hold");
+    const size_t off = static_cast<size_t>(graph_slot_++) * kSlotInts;
+    std::memcpy(slots_host_ + off, host, n * sizeof(int32_t));
+    if (mode_ == Mode::Capture)
+      CUDA_TRY(cudaMemcpyAsync(slots_dev_ + off, slots_host_ + off, n * sizeof(int32_t),
+                               cudaMemcpyHostToDevice, stream_),
+               "index upload");
+    return static_cast<const int32_t*>(slots_dev_ + off);
+  }
   if (n <= 0) return static_cast<const int32_t*>(ring_dev_);
   if (static_cast<size_t>(n) > kRingInts) return error("%d indices exceed the upload ring", n);
   if (last_ints_dev_ && last_ints_.size() == static_cast<size_t>(n) &&
@@ -345,12 +374,14 @@ Status CudaBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_
                    static_cast<long long>(table.n_out));
   KESTREL_ASSIGN_OR_RETURN(const uint8_t* dev, device_table(table));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* ids, upload_ints(tokens, n_tokens));
+  if (mode_ == Mode::Stage) return Status::ok();
   return launch_embed(table.type, dev, quant::row_bytes(table.type, table.n_in), table.n_in, ids,
                       n_tokens, static_cast<float*>(out.data), stream_);
 }
 
 Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                              Tensor& out) {
+  if (mode_ == Mode::Stage) return Status::ok();
   return launch_rms_norm(static_cast<const float*>(x.data), n_tokens, x.cols,
                          static_cast<const float*>(weight.data), eps, static_cast<float*>(out.data),
                          stream_);
@@ -358,16 +389,19 @@ Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight
 
 Status CudaBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
+  if (mode_ == Mode::Stage) return Status::ok();
   return launch_rope(static_cast<float*>(x.data), n_tokens, pos, p, stream_);
 }
 
 Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
+  if (mode_ == Mode::Stage) return Status::ok();
   return launch_swiglu(static_cast<const float*>(gate.data), static_cast<const float*>(up.data),
                        static_cast<int64_t>(n_tokens) * gate.cols, static_cast<float*>(out.data),
                        stream_);
 }
 
 Status CudaBackend::add(Tensor& x, const Tensor& y, int n_tokens) {
+  if (mode_ == Mode::Stage) return Status::ok();
   return launch_add(static_cast<float*>(x.data), static_cast<const float*>(y.data),
                     static_cast<int64_t>(n_tokens) * x.cols, stream_);
 }
@@ -378,6 +412,7 @@ Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, T
       return error("get_rows: row %d outside a tensor of %lld rows", rows[i],
                    static_cast<long long>(x.rows));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* dev_rows, upload_ints(rows, n_rows));
+  if (mode_ == Mode::Stage) return Status::ok();
   return launch_get_rows(static_cast<const float*>(x.data), x.cols, dev_rows, n_rows,
                          static_cast<float*>(out.data), stream_);
 }
@@ -394,6 +429,7 @@ Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
       return error("kv_store: position %d outside the cache of %lld positions", positions[t],
                    static_cast<long long>(cache_rows));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
+  if (mode_ == Mode::Stage) return Status::ok();
   KESTREL_TRY(launch_kv_store(static_cast<const float*>(k.data), n_tokens, k.cols, pos,
                               k_cache.type, static_cast<uint8_t*>(k_cache.data),
                               static_cast<int64_t>(k_cache.row_bytes()), stream_));

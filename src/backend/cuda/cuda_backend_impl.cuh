@@ -73,10 +73,15 @@ class CudaBackend final : public Backend {
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;
+  Status run_recorded(uint64_t key, const std::function<Status()>& body) override;
   Status profile_op(std::string_view kind, OpProfiler& profiler,
                     const std::function<Status()>& op) override;
 
   cudaStream_t stream() const { return stream_; }
+  // Recording state of run_recorded: Eager runs ops; Capture records them into a graph; Stage
+  // only takes in host inputs (the ops return before launching) for a replay.
+  enum class Mode { Eager, Capture, Stage };
+  Mode mode() const { return mode_; }
   // A weight is being freed: no prefetch may read it any more.
   void forget(const CudaWeight& w);
 
@@ -112,7 +117,8 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   std::string device_name_;
-  bool mma_disabled_ = false;  // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
+  bool graphs_disabled_ = false;  // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
+  bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
@@ -130,6 +136,18 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> last_ints_;
   const int32_t* last_ints_dev_ = nullptr;
   std::map<const void*, void*> tables_;
+  // run_recorded: graphs by key and the fixed upload slots their inputs go through.
+  struct Recorded {
+    int runs = 0;
+    bool failed = false;
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::map<uint64_t, Recorded> graphs_;
+  Mode mode_ = Mode::Eager;
+  int graph_slot_ = 0;
+  int32_t* slots_host_ = nullptr;
+  int32_t* slots_dev_ = nullptr;
+  void drop_graphs();  // after any buffer a recording may use is freed or moved
   struct Pending {
     std::string kind;
     OpProfiler* profiler;

@@ -306,7 +306,7 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
                  w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
                  static_cast<long long>(w.n_out), static_cast<long long>(w.n_in),
                  static_cast<long long>(out.cols));
-  if (n_tokens <= 0) return Status::ok();
+  if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const float* xp = static_cast<const float*>(x.data);
   float* op = static_cast<float*>(out.data);
