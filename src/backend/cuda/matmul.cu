@@ -102,28 +102,82 @@ __global__ void dequant_octets_kernel(const uint8_t* qs, const __half* d, int64_
   *reinterpret_cast<uint4*>(out + r * n_in + e0) = *reinterpret_cast<const uint4*>(h);
 }
 
-// Small batches, fast types: one warp per output row, each lane an octet of every 256 elements.
+// The raw bytes of an octet, loaded apart from its decoding so that a lane can have several
+// loads in flight: F16 takes all 16 bytes; Q4_0 / Q8_0 keep 8 quant bytes in x, y and the
+// fp16 scale's bits in z.
+template <DType T>
+__device__ __forceinline__ uint4 load_raw_octet(const uint8_t* qs, const __half* d, int64_t n_in,
+                                                int64_t r, int64_t e0) {
+  if constexpr (T == DType::F16) {
+    return *reinterpret_cast<const uint4*>(qs + (r * n_in + e0) * 2);
+  } else {
+    const int64_t nb = n_in / 32, b = e0 / 32;
+    const int o = static_cast<int>(e0 % 32);
+    const uint2 q = T == DType::Q4_0
+                        ? *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 16 + (o % 16))
+                        : *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 32 + o);
+    return make_uint4(q.x, q.y, __half_as_ushort(d[r * nb + b]), 0);
+  }
+}
+
+template <DType T>
+__device__ __forceinline__ void decode_raw_octet(const uint4& raw, int64_t e0, float* w) {
+  if constexpr (T == DType::F16) {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      w[2 * i] = f.x;
+      w[2 * i + 1] = f.y;
+    }
+  } else {
+    const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(raw.z)));
+    const int shift = T == DType::Q4_0 && (e0 % 32) >= 16 ? 4 : 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t word = i < 4 ? raw.x : raw.y;
+      const int byte = static_cast<int>((word >> (8 * (i % 4))) & 255);
+      w[i] = T == DType::Q4_0 ? static_cast<float>(((byte >> shift) & 15) - 8) * scale
+                              : static_cast<float>(static_cast<int8_t>(byte)) * scale;
+    }
+  }
+}
+
+// Small batches, fast types: one warp per output row, each lane an octet of every 256 elements;
+// kAhead octets per lane are loaded before any is used (decode reads each weight once and is
+// bound by how many loads are in flight).
 template <DType T, int kMaxTokens>
 __global__ void __launch_bounds__(128)
     matvec_octets_kernel(const uint8_t* qs, const __half* d, int64_t n_in, int64_t n_out,
                          const float* x, int n_tokens, float* out, const float* bias) {
+  constexpr int kAhead = 8;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= n_out) return;
   float acc[kMaxTokens];
 #pragma unroll
   for (int t = 0; t < kMaxTokens; ++t) acc[t] = 0.0f;
-#pragma unroll 2
-  for (int64_t e0 = 8 * lane; e0 < n_in; e0 += 256) {
-    float w[8];
-    weight_octet<T>(qs, d, n_in, r, e0, w);
+  for (int64_t base = 8 * lane; base < n_in; base += 256 * kAhead) {
+    uint4 raw[kAhead];
 #pragma unroll
-    for (int t = 0; t < kMaxTokens; ++t) {
-      if (t < n_tokens) {
-        const float4* xv = reinterpret_cast<const float4*>(x + t * n_in + e0);
-        const float4 a = __ldg(xv), b = __ldg(xv + 1);
-        acc[t] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y +
-                  w[6] * b.z + w[7] * b.w;
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t e0 = base + 256 * u;
+      raw[u] = e0 < n_in ? load_raw_octet<T>(qs, d, n_in, r, e0) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t e0 = base + 256 * u;
+      if (e0 >= n_in) break;
+      float w[8];
+      decode_raw_octet<T>(raw[u], e0, w);
+#pragma unroll
+      for (int t = 0; t < kMaxTokens; ++t) {
+        if (t < n_tokens) {
+          const float4* xv = reinterpret_cast<const float4*>(x + t * n_in + e0);
+          const float4 a = __ldg(xv), b = __ldg(xv + 1);
+          acc[t] += w[0] * a.x + w[1] * a.y + w[2] * a.z + w[3] * a.w + w[4] * b.x + w[5] * b.y +
+                    w[6] * b.z + w[7] * b.w;
+        }
       }
     }
   }

@@ -214,10 +214,11 @@ bool mma_supports(const CudaWeight& w, int n_tokens) {
 }
 
 int mma_splits(const CudaWeight& w) {
-  // Enough blocks for two per SM on a large GPU; each split keeps whole 64-column tiles.
+  // Enough blocks for eight per SM on a large GPU (each block has few loads in flight, so the
+  // latency is hidden by many blocks); each split keeps whole 64-column tiles.
   const int row_blocks = ceil_div(w.n_out, kBM);
   const int tiles = ceil_div(w.n_in, kBK);
-  return std::clamp(ceil_div(264, row_blocks), 1, std::min(8, tiles));
+  return std::clamp(ceil_div(1056, row_blocks), 1, std::min(16, tiles));
 }
 
 Status launch_matmul_mma(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
