@@ -1,9 +1,17 @@
 // Row-wise and element-wise ops: embedding lookup, RMS norm, RoPE, SwiGLU, add, get_rows.
 // Each is a single pass over its rows; they are small next to the matmuls (see --profile).
+#include <cmath>
+
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/quant_device.cuh"
 
 namespace kestrel::backend::cuda {
+
+// RoPE frequencies base^(-2i/head_dim), passed by value to the kernel.
+constexpr int kRopeMaxPairs = 128;
+struct RopeTable {
+  double inv_freq[kRopeMaxPairs];
+};
 
 namespace {
 
@@ -23,40 +31,42 @@ __global__ void embed_kernel(const uint8_t* table, int64_t row_bytes, int64_t n_
   }
 }
 
-// One block per token; the sum of squares in double as the CPU reference does.
+// One block per token. Sums of squares in f32 per thread and warp (a few hundred terms each,
+// relative error ~1e-7), the block total and the scale in double as the CPU reference.
 __global__ void rms_norm_kernel(const float* x, int64_t n, const float* w, float eps, float* out) {
   const float* xr = x + blockIdx.x * n;
   float* o = out + blockIdx.x * n;
-  double ss = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += static_cast<double>(xr[i]) * xr[i];
-  __shared__ double red[32];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = warp_sum(ss);
+  __shared__ float red[32];
+  __shared__ float inv;
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
   __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0;
     for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += red[i];
-    red[0] = total;
+    inv = static_cast<float>(1.0 / sqrt(total / n + eps));
   }
   __syncthreads();
-  const float inv = static_cast<float>(1.0 / sqrt(red[0] / n + eps));
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
-// One block per token: the (cos, sin) of each pair index first, in double as on the CPU (the
-// angle reaches thousands of radians), into shared memory; then every thread rotates pairs of
-// all heads, so the double-precision work is done once per (token, pair) and the rows are read
-// and written in parallel.
+// One block per token: (cos, sin) of each pair index into shared memory, then every thread
+// rotates pairs of all heads. The angle pos * inv_freq (thousands of radians) is formed and
+// reduced modulo 2 pi in double, with inv_freq from the host (double pow, as on the CPU); the
+// reduced angle's sine and cosine in f32 are then within an ulp or two.
 __global__ void rope_kernel(float* x, int64_t row_len, const int32_t* pos, int n_heads,
-                            int head_dim, float freq_base, bool neox) {
+                            int head_dim, RopeTable table, bool neox) {
   extern __shared__ float2 cs[];  // [head_dim / 2]
   const int half = head_dim / 2;
+  constexpr double kTwoPi = 6.283185307179586476925;
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const double theta = pos[blockIdx.x] * pow(static_cast<double>(freq_base), -2.0 * i / head_dim);
-    double sn, cn;
-    sincos(theta, &sn, &cn);
-    cs[i] = make_float2(static_cast<float>(cn), static_cast<float>(sn));
+    const double theta = pos[blockIdx.x] * table.inv_freq[i];
+    const float r = static_cast<float>(theta - rint(theta * (1.0 / kTwoPi)) * kTwoPi);
+    float sn, cn;
+    sincosf(r, &sn, &cn);
+    cs[i] = make_float2(cn, sn);
   }
   __syncthreads();
   float* row = x + blockIdx.x * row_len;
@@ -116,8 +126,21 @@ Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams&
                    cudaStream_t s) {
   if (n_tokens <= 0) return Status::ok();
   const int64_t row = int64_t{p.n_heads} * p.head_dim;
+  if (p.head_dim > 2 * kRopeMaxPairs || p.head_dim % 2 != 0)
+    return error("rope: head size %d is not supported (even, at most %d)", p.head_dim,
+                 2 * kRopeMaxPairs);
+  // The table of the last (base, head size): a model uses one, so it is computed once.
+  thread_local RopeTable table;
+  thread_local float table_base = 0.0f;
+  thread_local int table_dim = 0;
+  if (table_base != p.freq_base || table_dim != p.head_dim) {
+    for (int i = 0; i < p.head_dim / 2; ++i)
+      table.inv_freq[i] = std::pow(static_cast<double>(p.freq_base), -2.0 * i / p.head_dim);
+    table_base = p.freq_base;
+    table_dim = p.head_dim;
+  }
   rope_kernel<<<n_tokens, 256, sizeof(float2) * (p.head_dim / 2), s>>>(
-      x, row, pos, p.n_heads, p.head_dim, p.freq_base, p.layout == RopeLayout::NeoX);
+      x, row, pos, p.n_heads, p.head_dim, table, p.layout == RopeLayout::NeoX);
   LAUNCH_CHECK("rope");
   return Status::ok();
 }
