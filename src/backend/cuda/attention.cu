@@ -170,41 +170,51 @@ __device__ __forceinline__ float cache_value(const uint8_t* cache, int64_t row_b
   }
 }
 
-// Few query tokens (decode): one block per (head, token) computes the whole attention row in
-// f32 -- scores into shared memory, softmax, then P.V with one thread per output element --
-// in a single launch instead of the GEMM path's ten.
+// Few query tokens (decode, small micro-batches): one block per (head, token) computes the
+// whole attention row in f32 in one launch. Scores: a lane per key, 32 keys per warp at a
+// time, each lane reading its key's row with independent loads; P.V: each warp takes every
+// fourth key with a lane per output element (coalesced), partial sums reduced in shared memory.
+constexpr int kRowsThreads = 128, kRowsMaxDim = 256;
 template <DType KT, DType VT>
-__global__ void attention_rows_kernel(const float* q, const int32_t* pos, const uint8_t* kc,
-                                      int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes,
-                                      int n_head, int group, int D, float scale, float* out) {
-  extern __shared__ float smem[];  // q[D], then scores[n_kv]
+__global__ void __launch_bounds__(kRowsThreads)
+    attention_rows_kernel(const float* q, const int32_t* pos, const uint8_t* kc,
+                          int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes, int n_head,
+                          int group, int D, float scale, float* out) {
+  extern __shared__ float smem[];  // q[D], partial outputs [warps][D], then scores[n_kv]
+  constexpr int kWarps = kRowsThreads / 32;
   const int h = blockIdx.x, t = blockIdx.y, g = h / group;
   const int64_t q_dim = int64_t{n_head} * D;
   const int64_t n_kv = pos[t] + 1;
   float* qs = smem;
-  float* sc = smem + D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) qs[d] = q[t * q_dim + int64_t{h} * D + d];
+  float* part = smem + D;
+  float* sc = part + kWarps * D;
+  for (int d = threadIdx.x; d < D; d += kRowsThreads) qs[d] = q[t * q_dim + int64_t{h} * D + d];
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  for (int64_t k = warp; k < n_kv; k += warps) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t slice0 = int64_t{g} * D / 32;
+  for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
+    const uint8_t* row = kc + k * k_row_bytes;
     float acc = 0.0f;
-    for (int d = lane; d < D; d += 32)
-      acc += qs[d] * cache_value<KT>(kc, k_row_bytes, k, int64_t{g} * D + d);
-    acc = warp_sum(acc);
-    if (lane == 0) sc[k] = acc * scale;
+    for (int b = 0; b < D / 32; ++b) {
+      float w[32];
+      decode_slice<KT>(row, slice0 + b, w);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) acc += qs[32 * b + i] * w[i];
+    }
+    sc[k] = acc * scale;
   }
   __syncthreads();
-  __shared__ float red[32];
+  __shared__ float red[kWarps];
   float m = -INFINITY;
-  for (int64_t k = threadIdx.x; k < n_kv; k += blockDim.x) m = fmaxf(m, sc[k]);
+  for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) m = fmaxf(m, sc[k]);
   m = warp_max(m);
   if (lane == 0) red[warp] = m;
   __syncthreads();
   m = red[0];
-  for (int i = 1; i < warps; ++i) m = fmaxf(m, red[i]);
+  for (int i = 1; i < kWarps; ++i) m = fmaxf(m, red[i]);
   __syncthreads();
   float sum = 0.0f;
-  for (int64_t k = threadIdx.x; k < n_kv; k += blockDim.x) {
+  for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
     const float e = expf(sc[k] - m);
     sc[k] = e;
     sum += e;
@@ -213,13 +223,27 @@ __global__ void attention_rows_kernel(const float* q, const int32_t* pos, const 
   if (lane == 0) red[warp] = sum;
   __syncthreads();
   sum = 0.0f;
-  for (int i = 0; i < warps; ++i) sum += red[i];
+  for (int i = 0; i < kWarps; ++i) sum += red[i];
+  float acc[kRowsMaxDim / 32];
+#pragma unroll
+  for (int j = 0; j < kRowsMaxDim / 32; ++j) acc[j] = 0.0f;
+#pragma unroll 4
+  for (int64_t k = warp; k < n_kv; k += kWarps) {
+    const float p = sc[k];
+#pragma unroll
+    for (int j = 0; j < kRowsMaxDim / 32; ++j)
+      if (32 * j < D)
+        acc[j] += p * cache_value<VT>(vc, v_row_bytes, k, int64_t{g} * D + 32 * j + lane);
+  }
+#pragma unroll
+  for (int j = 0; j < kRowsMaxDim / 32; ++j)
+    if (32 * j < D) part[warp * D + 32 * j + lane] = acc[j];
+  __syncthreads();
   const float inv = 1.0f / sum;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < n_kv; ++k)
-      acc += sc[k] * cache_value<VT>(vc, v_row_bytes, k, int64_t{g} * D + d);
-    out[t * q_dim + int64_t{h} * D + d] = acc * inv;
+  for (int d = threadIdx.x; d < D; d += kRowsThreads) {
+    float o = 0.0f;
+    for (int w = 0; w < kWarps; ++w) o += part[w * D + d];
+    out[t * q_dim + int64_t{h} * D + d] = o * inv;
   }
 }
 
@@ -234,8 +258,8 @@ template <DType KT, DType VT>
 void launch_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos, const Tensor& kc,
                  const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s) {
   const dim3 grid(p.n_head, n_tokens);
-  const size_t smem = sizeof(float) * (p.head_dim + n_kv);
-  attention_rows_kernel<KT, VT><<<grid, 128, smem, s>>>(
+  const size_t smem = sizeof(float) * (p.head_dim * (1 + kRowsThreads / 32) + n_kv);
+  attention_rows_kernel<KT, VT><<<grid, kRowsThreads, smem, s>>>(
       q, pos, static_cast<const uint8_t*>(kc.data), static_cast<int64_t>(kc.row_bytes()),
       static_cast<const uint8_t*>(vc.data), static_cast<int64_t>(vc.row_bytes()), p.n_head,
       p.n_head / p.n_head_kv, p.head_dim, p.scale, out);
@@ -366,10 +390,11 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
   // The GEMM path depends on host-side sizes: a recording can only hold the rows kernel.
-  if (mode_ != Mode::Eager && !(n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys))
+  if (mode_ != Mode::Eager &&
+      !(n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim))
     return error("attention of %d tokens over %lld keys cannot be recorded", n_tokens,
                  static_cast<long long>(n_kv_all));
-  if (n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys) {
+  if (n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim) {
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
     if (mode_ == Mode::Stage) return Status::ok();
     // A recorded launch must serve every later context length: room for all keys it may see.
