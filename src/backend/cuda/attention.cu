@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kRowsThreads)
 
 // Up to this many query tokens, and keys whose scores fit shared memory, attention runs as
 // attention_rows_kernel.
-constexpr int kRowsMaxTokens = 16;
+
 constexpr int64_t kRowsMaxKeys = 8192;
 
 template <DType KT, DType VT>
@@ -391,10 +391,10 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int64_t n_kv_all = max_pos + 1;
   // The GEMM path depends on host-side sizes: a recording can only hold the rows kernel.
   if (mode_ != Mode::Eager &&
-      !(n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim))
+      !(n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim))
     return error("attention of %d tokens over %lld keys cannot be recorded", n_tokens,
                  static_cast<long long>(n_kv_all));
-  if (n_tokens <= kRowsMaxTokens && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim) {
+  if (n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim) {
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
     if (mode_ == Mode::Stage) return Status::ok();
     // A recorded launch must serve every later context length: room for all keys it may see.
@@ -428,6 +428,10 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   }
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
 
+  // The lo parts matter where a perturbation is amplified: a quantized cache re-rounds the next
+  // layer's K/V (a flipped q4_0 step moves a value by 1/8 of its block's range). With an f16
+  // cache, Q and P rounded once to f16 stay within the bounds (one GEMM per product).
+  const int terms = k_cache.type == DType::F16 && v_cache.type == DType::F16 ? 1 : 3;
   // Token rows in slices whose scores fit kScoreBytes.
   const int64_t per_row = int64_t{H} * n_kv_all * sizeof(float);
   const int slice = static_cast<int>(
@@ -446,7 +450,7 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
     // query head within the group and per product of parts (hi.hi, lo.hi, hi.lo).
     const __half* q_parts[3] = {q_hi, q_lo, q_hi};
     const __half* k_parts[3] = {kv_hi[0], kv_hi[0], kv_lo[0]};
-    for (int term = 0; term < 3 && k_parts[term]; ++term) {
+    for (int term = 0; term < terms && k_parts[term]; ++term) {
       const float beta = term == 0 ? 0.0f : 1.0f;
       for (int j = 0; j < group; ++j) {
         cublasStatus_t st = cublasGemmStridedBatchedEx(
@@ -462,7 +466,7 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
     // out[t][h] = sum_k p[h][t][k] v[k][h / group], by parts as above.
     const __half* p_parts[3] = {p_hi, p_lo, p_hi};
     const __half* v_parts[3] = {kv_hi[1], kv_hi[1], kv_lo[1]};
-    for (int term = 0; term < 3 && v_parts[term]; ++term) {
+    for (int term = 0; term < terms && v_parts[term]; ++term) {
       const float beta = term == 0 ? 0.0f : 1.0f;
       for (int j = 0; j < group; ++j) {
         cublasStatus_t st = cublasGemmStridedBatchedEx(

@@ -88,6 +88,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->mma_disabled_ = no_mma && std::string(no_mma) == "1";
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
+  if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
+    be->rows_max_tokens_ = std::clamp(std::atoi(rows), 0, 16);
   CUDA_TRY(cudaMallocHost(&be->ring_host_, kRingInts * sizeof(int32_t)), "pinned host buffer");
   KESTREL_ASSIGN_OR_RETURN(void* ring, be->device_alloc(kRingInts * sizeof(int32_t), "positions"));
   be->ring_dev_ = static_cast<int32_t*>(ring);

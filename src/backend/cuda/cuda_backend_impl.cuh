@@ -119,6 +119,8 @@ class CudaBackend final : public Backend {
   std::string device_name_;
   bool graphs_disabled_ = false;  // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
   bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
+  int rows_max_tokens_ = 16;      // few-token attention kernel up to this many tokens
+                                  // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
