@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/octets.cuh"
 #include "backend/cuda/quant_device.cuh"
 
 namespace kestrel::backend::cuda {
@@ -43,50 +44,6 @@ __device__ __forceinline__ void weight_slice(const uint8_t* qs, const __half* d,
   }
 }
 
-// Elements e0 .. e0 + 7 (e0 a multiple of 8) of row r of a Q4_0 / Q8_0 (repacked) or F16 weight.
-// Consecutive threads take consecutive octets, so that loads of weights and activations and
-// stores of f16 tiles are coalesced across the warp (a thread per 32-element slice strides its
-// warp's accesses by 64-128 bytes and was bound by L1 wavefronts: 7.8 ms per decoded token).
-template <DType T>
-__device__ __forceinline__ void weight_octet(const uint8_t* qs, const __half* d, int64_t n_in,
-                                             int64_t r, int64_t e0, float* w) {
-  if constexpr (T == DType::F16) {
-    const uint4 v = *reinterpret_cast<const uint4*>(qs + (r * n_in + e0) * 2);
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      w[2 * i] = f.x;
-      w[2 * i + 1] = f.y;
-    }
-  } else {
-    const int64_t nb = n_in / 32, b = e0 / 32;
-    const int o = static_cast<int>(e0 % 32);
-    const float scale = __half2float(d[r * nb + b]);
-    if constexpr (T == DType::Q4_0) {
-      const uint2 q = *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 16 + (o % 16));
-      const int shift = o < 16 ? 0 : 4;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t word = i < 4 ? q.x : q.y;
-        w[i] =
-            static_cast<float>(static_cast<int>((word >> (8 * (i % 4) + shift)) & 15) - 8) * scale;
-      }
-    } else {
-      const uint2 q = *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 32 + o);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t word = i < 4 ? q.x : q.y;
-        w[i] = static_cast<float>(static_cast<int8_t>((word >> (8 * (i % 4))) & 255)) * scale;
-      }
-    }
-  }
-}
-
-constexpr bool has_octets(DType t) {
-  return t == DType::Q4_0 || t == DType::Q8_0 || t == DType::F16;
-}
-
 template <DType T>
 __global__ void dequant_octets_kernel(const uint8_t* qs, const __half* d, int64_t n_in,
                                       int64_t row0, int64_t n_rows, __half* out) {
@@ -94,53 +51,8 @@ __global__ void dequant_octets_kernel(const uint8_t* qs, const __half* d, int64_
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n_rows * octets) return;
   const int64_t r = i / octets, e0 = (i % octets) * 8;
-  float w[8];
-  weight_octet<T>(qs, d, n_in, row0 + r, e0, w);
-  __half2 h[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(w[2 * j], w[2 * j + 1]);
-  *reinterpret_cast<uint4*>(out + r * n_in + e0) = *reinterpret_cast<const uint4*>(h);
-}
-
-// The raw bytes of an octet, loaded apart from its decoding so that a lane can have several
-// loads in flight: F16 takes all 16 bytes; Q4_0 / Q8_0 keep 8 quant bytes in x, y and the
-// fp16 scale's bits in z.
-template <DType T>
-__device__ __forceinline__ uint4 load_raw_octet(const uint8_t* qs, const __half* d, int64_t n_in,
-                                                int64_t r, int64_t e0) {
-  if constexpr (T == DType::F16) {
-    return *reinterpret_cast<const uint4*>(qs + (r * n_in + e0) * 2);
-  } else {
-    const int64_t nb = n_in / 32, b = e0 / 32;
-    const int o = static_cast<int>(e0 % 32);
-    const uint2 q = T == DType::Q4_0
-                        ? *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 16 + (o % 16))
-                        : *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 32 + o);
-    return make_uint4(q.x, q.y, __half_as_ushort(d[r * nb + b]), 0);
-  }
-}
-
-template <DType T>
-__device__ __forceinline__ void decode_raw_octet(const uint4& raw, int64_t e0, float* w) {
-  if constexpr (T == DType::F16) {
-    const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __half22float2(h[i]);
-      w[2 * i] = f.x;
-      w[2 * i + 1] = f.y;
-    }
-  } else {
-    const float scale = __half2float(__ushort_as_half(static_cast<unsigned short>(raw.z)));
-    const int shift = T == DType::Q4_0 && (e0 % 32) >= 16 ? 4 : 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t word = i < 4 ? raw.x : raw.y;
-      const int byte = static_cast<int>((word >> (8 * (i % 4))) & 255);
-      w[i] = T == DType::Q4_0 ? static_cast<float>(((byte >> shift) & 15) - 8) * scale
-                              : static_cast<float>(static_cast<int8_t>(byte)) * scale;
-    }
-  }
+  *reinterpret_cast<uint4*>(out + r * n_in + e0) =
+      octet_to_f16<T>(load_raw_octet<T>(qs, d, n_in, row0 + r, e0), e0);
 }
 
 // Small batches, fast types: one warp per output row, each lane an octet of every 256 elements;

@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/octets.cuh"
 
 namespace kestrel::backend::cuda {
 
@@ -21,52 +22,6 @@ using quant::DType;
 namespace {
 
 constexpr int kBM = 32, kBK = 64, kLD = kBK + 8;  // +8 halfs: conflict-free fragment loads
-
-// The raw bytes of one 8-element run (octet) of a repacked Q4_0 / Q8_0 row.
-struct RawOctet {
-  uint2 q = {0, 0};
-  __half d = __float2half(0.0f);
-};
-
-template <DType T>
-__device__ __forceinline__ RawOctet load_octet(const uint8_t* qs, const __half* d, int64_t n_in,
-                                               int64_t r, int64_t e0) {
-  const int64_t nb = n_in / 32, b = e0 / 32;
-  const int o = static_cast<int>(e0 % 32);
-  RawOctet raw;
-  raw.d = d[r * nb + b];
-  if constexpr (T == DType::Q4_0)
-    raw.q = *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 16 + (o % 16));
-  else
-    raw.q = *reinterpret_cast<const uint2*>(qs + (r * nb + b) * 32 + o);
-  return raw;
-}
-
-// Decoded octet as 4 half2 (stored with one 16-byte write).
-template <DType T>
-__device__ __forceinline__ uint4 decode_octet(const RawOctet& raw, int e0) {
-  const float scale = __half2float(raw.d);
-  float w[8];
-  if constexpr (T == DType::Q4_0) {
-    const int shift = (e0 % 32) < 16 ? 0 : 4;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t word = i < 4 ? raw.q.x : raw.q.y;
-      w[i] = static_cast<float>(static_cast<int>((word >> (8 * (i % 4) + shift)) & 15) - 8) * scale;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t word = i < 4 ? raw.q.x : raw.q.y;
-      w[i] = static_cast<float>(static_cast<int8_t>((word >> (8 * (i % 4))) & 255)) * scale;
-    }
-  }
-  uint4 out;
-  __half2* h = reinterpret_cast<__half2*>(&out);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) h[j] = __floats2half2_rn(w[2 * j], w[2 * j + 1]);
-  return out;
-}
 
 __device__ __forceinline__ void mma_16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
                                           uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -95,14 +50,15 @@ __global__ void __launch_bounds__(128)
   const int64_t k_begin = blockIdx.y * k_per_split;
   const int64_t k_end = min(n_in, k_begin + k_per_split);
 
-  RawOctet ra[kA];
+  uint4 ra[kA];
   uint4 rb[kB];
   auto load = [&](int64_t k0) {
 #pragma unroll
     for (int i = 0; i < kA; ++i) {
       const int o = threadIdx.x + 128 * i;
       const int64_t r = row0 + o / 8, e0 = k0 + 8 * (o % 8);
-      ra[i] = (r < n_out && e0 < k_end) ? load_octet<T>(qs, d, n_in, r, e0) : RawOctet();
+      ra[i] = (r < n_out && e0 < k_end) ? load_raw_octet<T>(qs, d, n_in, r, e0)
+                                        : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
@@ -124,7 +80,7 @@ __global__ void __launch_bounds__(128)
     for (int i = 0; i < kA; ++i) {
       const int o = threadIdx.x + 128 * i;
       *reinterpret_cast<uint4*>(As + (o / 8) * kLD + 8 * (o % 8)) =
-          decode_octet<T>(ra[i], static_cast<int>(8 * (o % 8)));
+          octet_to_f16<T>(ra[i], 8 * (o % 8));
     }
 #pragma unroll
     for (int i = 0; i < kB; ++i) {
