@@ -170,80 +170,108 @@ __device__ __forceinline__ float cache_value(const uint8_t* cache, int64_t row_b
   }
 }
 
-// Few query tokens (decode, small micro-batches): one block per (head, token) computes the
-// whole attention row in f32 in one launch. Scores: a lane per key, 32 keys per warp at a
-// time, each lane reading its key's row with independent loads; P.V: each warp takes every
-// fourth key with a lane per output element (coalesced), partial sums reduced in shared memory.
+// Few query tokens (decode, small micro-batches): one block per (head, group of kTB tokens)
+// computes those attention rows in f32 in one launch, each K/V value decoded once for the
+// group. Scores: a thread per key, the key's row decoded slice by slice; P.V: each warp takes
+// every fourth key with a lane per output element (coalesced), partial sums reduced in shared
+// memory. Shared memory: q[kTB][D], partial outputs [warps][kTB][D], scores [kTB][n_kv].
 constexpr int kRowsThreads = 128, kRowsMaxDim = 256;
-template <DType KT, DType VT>
+template <DType KT, DType VT, int kTB>
 __global__ void __launch_bounds__(kRowsThreads)
-    attention_rows_kernel(const float* q, const int32_t* pos, const uint8_t* kc,
+    attention_rows_kernel(const float* q, int n_tokens, const int32_t* pos, const uint8_t* kc,
                           int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes, int n_head,
-                          int group, int D, float scale, float* out) {
-  extern __shared__ float smem[];  // q[D], partial outputs [warps][D], then scores[n_kv]
+                          int group, int D, int64_t kv_stride, float scale, float* out) {
+  extern __shared__ float smem[];
   constexpr int kWarps = kRowsThreads / 32;
-  const int h = blockIdx.x, t = blockIdx.y, g = h / group;
+  const int h = blockIdx.x, t0 = blockIdx.y * kTB, g = h / group;
+  const int nt = min(kTB, n_tokens - t0);
   const int64_t q_dim = int64_t{n_head} * D;
-  const int64_t n_kv = pos[t] + 1;
-  float* qs = smem;
-  float* part = smem + D;
-  float* sc = part + kWarps * D;
-  for (int d = threadIdx.x; d < D; d += kRowsThreads) qs[d] = q[t * q_dim + int64_t{h} * D + d];
+  int64_t n_kv = 0;
+  for (int tb = 0; tb < nt; ++tb) n_kv = max(n_kv, static_cast<int64_t>(pos[t0 + tb]) + 1);
+  float* qs = smem;                     // [kTB][D]
+  float* part = qs + kTB * D;           // [kWarps][kTB][D]
+  float* sc = part + kWarps * kTB * D;  // [kTB][kv_stride]
+  for (int e = threadIdx.x; e < kTB * D; e += kRowsThreads) {
+    const int tb = e / D, d = e % D;
+    qs[e] = tb < nt ? q[(t0 + tb) * q_dim + int64_t{h} * D + d] : 0.0f;
+  }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t slice0 = int64_t{g} * D / 32;
   for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
     const uint8_t* row = kc + k * k_row_bytes;
-    float acc = 0.0f;
+    float acc[kTB];
+#pragma unroll
+    for (int tb = 0; tb < kTB; ++tb) acc[tb] = 0.0f;
     for (int b = 0; b < D / 32; ++b) {
       float w[32];
       decode_slice<KT>(row, slice0 + b, w);
 #pragma unroll
-      for (int i = 0; i < 32; ++i) acc += qs[32 * b + i] * w[i];
-    }
-    sc[k] = acc * scale;
-  }
-  __syncthreads();
-  __shared__ float red[kWarps];
-  float m = -INFINITY;
-  for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) m = fmaxf(m, sc[k]);
-  m = warp_max(m);
-  if (lane == 0) red[warp] = m;
-  __syncthreads();
-  m = red[0];
-  for (int i = 1; i < kWarps; ++i) m = fmaxf(m, red[i]);
-  __syncthreads();
-  float sum = 0.0f;
-  for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
-    const float e = expf(sc[k] - m);
-    sc[k] = e;
-    sum += e;
-  }
-  sum = warp_sum(sum);
-  if (lane == 0) red[warp] = sum;
-  __syncthreads();
-  sum = 0.0f;
-  for (int i = 0; i < kWarps; ++i) sum += red[i];
-  float acc[kRowsMaxDim / 32];
+      for (int tb = 0; tb < kTB; ++tb)
 #pragma unroll
-  for (int j = 0; j < kRowsMaxDim / 32; ++j) acc[j] = 0.0f;
-#pragma unroll 4
+        for (int i = 0; i < 32; ++i) acc[tb] += qs[tb * D + 32 * b + i] * w[i];
+    }
+#pragma unroll
+    for (int tb = 0; tb < kTB; ++tb)
+      sc[tb * kv_stride + k] =
+          tb < nt && k <= pos[t0 + tb] ? acc[tb] * scale : -INFINITY;  // causal mask
+  }
+  __syncthreads();
+  // Softmax of each row: p = exp(s - max), 1 / sum kept for the end.
+  __shared__ float red[kWarps];
+  __shared__ float inv_sum[kTB];
+  for (int tb = 0; tb < nt; ++tb) {
+    float* row = sc + tb * kv_stride;
+    float m = -INFINITY;
+    for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) m = fmaxf(m, row[k]);
+    m = warp_max(m);
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    m = red[0];
+    for (int i = 1; i < kWarps; ++i) m = fmaxf(m, red[i]);
+    __syncthreads();
+    float sum = 0.0f;
+    for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
+      const float e = expf(row[k] - m);  // 0 for masked keys
+      row[k] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) red[warp] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.0f;
+      for (int i = 0; i < kWarps; ++i) total += red[i];
+      inv_sum[tb] = 1.0f / total;
+    }
+    __syncthreads();
+  }
+  float acc[kTB][kRowsMaxDim / 32];
+#pragma unroll
+  for (int tb = 0; tb < kTB; ++tb)
+#pragma unroll
+    for (int j = 0; j < kRowsMaxDim / 32; ++j) acc[tb][j] = 0.0f;
+#pragma unroll 2
   for (int64_t k = warp; k < n_kv; k += kWarps) {
-    const float p = sc[k];
+#pragma unroll
+    for (int j = 0; j < kRowsMaxDim / 32; ++j) {
+      if (32 * j >= D) break;
+      const float v = cache_value<VT>(vc, v_row_bytes, k, int64_t{g} * D + 32 * j + lane);
+#pragma unroll
+      for (int tb = 0; tb < kTB; ++tb) acc[tb][j] += sc[tb * kv_stride + k] * v;
+    }
+  }
+#pragma unroll
+  for (int tb = 0; tb < kTB; ++tb)
 #pragma unroll
     for (int j = 0; j < kRowsMaxDim / 32; ++j)
-      if (32 * j < D)
-        acc[j] += p * cache_value<VT>(vc, v_row_bytes, k, int64_t{g} * D + 32 * j + lane);
-  }
-#pragma unroll
-  for (int j = 0; j < kRowsMaxDim / 32; ++j)
-    if (32 * j < D) part[warp * D + 32 * j + lane] = acc[j];
+      if (32 * j < D) part[(warp * kTB + tb) * D + 32 * j + lane] = acc[tb][j];
   __syncthreads();
-  const float inv = 1.0f / sum;
-  for (int d = threadIdx.x; d < D; d += kRowsThreads) {
+  for (int e = threadIdx.x; e < nt * D; e += kRowsThreads) {
+    const int tb = e / D, d = e % D;
     float o = 0.0f;
-    for (int w = 0; w < kWarps; ++w) o += part[w * D + d];
-    out[t * q_dim + int64_t{h} * D + d] = o * inv;
+    for (int w = 0; w < kWarps; ++w) o += part[(w * kTB + tb) * D + d];
+    out[(t0 + tb) * q_dim + int64_t{h} * D + d] = o * inv_sum[tb];
   }
 }
 
@@ -254,15 +282,32 @@ __global__ void __launch_bounds__(kRowsThreads)
 
 constexpr int64_t kRowsMaxKeys = 8192;
 
+// Tokens per block: one for decode, four for small micro-batches (each K/V value then serves
+// four query tokens; more would leave SMs idle at 32 heads).
+template <DType KT, DType VT, int kTB>
+void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
+                    const Tensor& kc, const Tensor& vc, const AttentionParams& p, float* out,
+                    cudaStream_t s) {
+  const dim3 grid(p.n_head, ceil_div(n_tokens, kTB));
+  const size_t smem =
+      sizeof(float) * (p.head_dim * kTB * (1 + kRowsThreads / 32) + int64_t{kTB} * n_kv);
+  auto kernel = attention_rows_kernel<KT, VT, kTB>;
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(smem));
+  kernel<<<grid, kRowsThreads, smem, s>>>(
+      q, n_tokens, pos, static_cast<const uint8_t*>(kc.data), static_cast<int64_t>(kc.row_bytes()),
+      static_cast<const uint8_t*>(vc.data), static_cast<int64_t>(vc.row_bytes()), p.n_head,
+      p.n_head / p.n_head_kv, p.head_dim, n_kv, p.scale, out);
+}
+
 template <DType KT, DType VT>
 void launch_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos, const Tensor& kc,
                  const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s) {
-  const dim3 grid(p.n_head, n_tokens);
-  const size_t smem = sizeof(float) * (p.head_dim * (1 + kRowsThreads / 32) + n_kv);
-  attention_rows_kernel<KT, VT><<<grid, kRowsThreads, smem, s>>>(
-      q, pos, static_cast<const uint8_t*>(kc.data), static_cast<int64_t>(kc.row_bytes()),
-      static_cast<const uint8_t*>(vc.data), static_cast<int64_t>(vc.row_bytes()), p.n_head,
-      p.n_head / p.n_head_kv, p.head_dim, p.scale, out);
+  if (n_tokens <= 2)
+    launch_rows_tb<KT, VT, 1>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+  else
+    launch_rows_tb<KT, VT, 4>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
 }
 
 template <DType KT>
