@@ -81,19 +81,36 @@ __device__ __forceinline__ void k_scale_min(const uint8_t* s, int j, int* sc, in
 // Elements 32s .. 32s+31 of `row` (row-major GGUF bytes of type T) into out[32].
 template <DType T>
 __device__ __forceinline__ void decode_slice(const uint8_t* row, int64_t s, float* out) {
+  // The float types' slices are 16-byte aligned (rows of a multiple of 32 elements in
+  // cudaMalloc'd buffers): vector loads.
   if constexpr (T == DType::F32) {
-    const float* p = reinterpret_cast<const float*>(row) + 32 * s;
+    const float4* p = reinterpret_cast<const float4*>(row) + 8 * s;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) out[i] = p[i];
-  } else if constexpr (T == DType::F16) {
-    const uint8_t* p = row + 64 * s;
+    for (int i = 0; i < 8; ++i) {
+      const float4 v = p[i];
+      out[4 * i] = v.x;
+      out[4 * i + 1] = v.y;
+      out[4 * i + 2] = v.z;
+      out[4 * i + 3] = v.w;
+    }
+  } else if constexpr (T == DType::F16 || T == DType::BF16) {
+    const uint4* p = reinterpret_cast<const uint4*>(row + 64 * s);
 #pragma unroll
-    for (int i = 0; i < 32; ++i) out[i] = load_half(p + 2 * i);
-  } else if constexpr (T == DType::BF16) {
-    const uint8_t* p = row + 64 * s;
+    for (int i = 0; i < 4; ++i) {
+      const uint4 v = p[i];
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-    for (int i = 0; i < 32; ++i)
-      out[i] = __uint_as_float(static_cast<uint32_t>(load_u16(p + 2 * i)) << 16);
+      for (int j = 0; j < 4; ++j) {
+        const uint16_t lo = words[j] & 0xffff, hi = words[j] >> 16;
+        if constexpr (T == DType::F16) {
+          out[8 * i + 2 * j] = half_bits_to_float(lo);
+          out[8 * i + 2 * j + 1] = half_bits_to_float(hi);
+        } else {
+          out[8 * i + 2 * j] = __uint_as_float(static_cast<uint32_t>(lo) << 16);
+          out[8 * i + 2 * j + 1] = __uint_as_float(static_cast<uint32_t>(hi) << 16);
+        }
+      }
+    }
   } else if constexpr (T == DType::Q4_0) {
     const uint8_t* b = row + 18 * s;
     const float d = load_half(b);
