@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the build and test dependencies (Debian packages, PyPI packages) and builds
-# Kestrel into build/ with warnings as errors. Safe to run again.
+# Kestrel into build/ with warnings as errors. Safe to run again. The CUDA backend is built
+# when the CUDA compiler is installed and a GPU answers nvidia-smi (KESTREL_CUDA=ON or OFF
+# overrides), so that the demo and the tests use the GPU on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""
@@ -18,5 +20,11 @@ if ! python3 -c "import numpy, gguf, tokenizers, sentencepiece, matplotlib, jinj
   python3 -m pip install -q -r requirements.txt 2>/dev/null ||
     python3 -m pip install -q --break-system-packages -r requirements.txt
 fi
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKESTREL_WERROR=ON >/dev/null
+cuda=${KESTREL_CUDA:-OFF}
+if [ -z "${KESTREL_CUDA:-}" ] && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+  command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
+  command -v nvcc >/dev/null && cuda=ON
+fi
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKESTREL_WERROR=ON -DKESTREL_CUDA="$cuda" \
+  >/dev/null
 cmake --build build -j "$(nproc)"
