@@ -36,6 +36,10 @@ std::string_view matmul_kind(const backend::Weight& w, bool head = false) {
 Expected<std::unique_ptr<Forward>> Forward::create(const Model& model, int max_tokens) {
   if (max_tokens <= 0) return error("micro-batch size %d must be positive", max_tokens);
   std::unique_ptr<Forward> f(new Forward(model, max_tokens));
+  // Recorded passes need every op on one backend: placement is fixed, so this is known now.
+  f->one_backend_ = model.head_backend() == model.input_backend();
+  for (int il = 0; il < model.config().n_layer; ++il)
+    f->one_backend_ = f->one_backend_ && model.layer(il).backend == model.input_backend();
   for (Backend* be : model.backends()) KESTREL_TRY(f->alloc_scratch(be));
   return f;
 }
@@ -92,10 +96,7 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
   // graphs): the key names what fixes its kernels -- the shape of the batch, whether attention
   // stays on its few-token path, and the buffers it works on.
   Backend* in = model_.input_backend();
-  bool one_backend = model_.head_backend() == in;
-  for (int il = 0; il < c.n_layer; ++il)
-    one_backend = one_backend && model_.layer(il).backend == in;
-  if (!profiler_ && one_backend && n <= kRecordMaxTokens) {
+  if (!profiler_ && one_backend_ && n <= kRecordMaxTokens) {
     const bool short_context = pos0 + n <= kRecordMaxContext;
     uint64_t key = static_cast<uint64_t>(n) | static_cast<uint64_t>(n_logit_rows) << 16 |
                    static_cast<uint64_t>(short_context) << 32;

@@ -65,6 +65,7 @@ class Forward {
   const Model& model_;
   int max_tokens_;
   OpProfiler* profiler_ = nullptr;
+  bool one_backend_ = false;  // every layer and the head on the input backend
   std::map<backend::Backend*, Scratch> scratch_;
   backend::Tensor head_in_;  // [max_rows][E] rows gathered for the head
   backend::Tensor logits_;   // [max_rows][V]

@@ -55,6 +55,20 @@ __global__ void dequant_octets_kernel(const uint8_t* qs, const __half* d, int64_
       octet_to_f16<T>(load_raw_octet<T>(qs, d, n_in, row0 + r, e0), e0);
 }
 
+// The epilogue of the one-warp-per-row kernels: each token's partial sums reduced over the warp,
+// out[t][r] = sum (+ bias[r]).
+template <int kMaxTokens>
+__device__ __forceinline__ void store_row_sums(const float* acc, int n_tokens, int lane, int64_t r,
+                                               int64_t n_out, const float* bias, float* out) {
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t) {
+    if (t < n_tokens) {
+      const float v = warp_sum(acc[t]);
+      if (lane == 0) out[t * n_out + r] = v + (bias ? bias[r] : 0.0f);
+    }
+  }
+}
+
 // Small batches, fast types: one warp per output row, each lane an octet of every 256 elements;
 // kAhead octets per lane are loaded before any is used (decode reads each weight once and is
 // bound by how many loads are in flight).
@@ -93,13 +107,7 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
-#pragma unroll
-  for (int t = 0; t < kMaxTokens; ++t) {
-    if (t < n_tokens) {
-      const float v = warp_sum(acc[t]);
-      if (lane == 0) out[t * n_out + r] = v + (bias ? bias[r] : 0.0f);
-    }
-  }
+  store_row_sums<kMaxTokens>(acc, n_tokens, lane, r, n_out, bias, out);
 }
 
 // One thread per 32-element slice of rows [row0, row0 + n_rows): f16 out[n_rows][n_in].
@@ -169,13 +177,7 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
-#pragma unroll
-  for (int t = 0; t < kMaxTokens; ++t) {
-    if (t < n_tokens) {
-      const float v = warp_sum(acc[t]);
-      if (lane == 0) out[t * n_out + r] = v + (bias ? bias[r] : 0.0f);
-    }
-  }
+  store_row_sums<kMaxTokens>(acc, n_tokens, lane, r, n_out, bias, out);
 }
 
 template <DType T>
