@@ -86,6 +86,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->scratch_.assign(kSlots, {nullptr, 0});
   const char* no_mma = std::getenv("KESTREL_CUDA_NO_MMA");
   be->mma_disabled_ = no_mma && std::string(no_mma) == "1";
+  const char* no_int8 = std::getenv("KESTREL_CUDA_NO_INT8");
+  be->int8_disabled_ = no_int8 && std::string(no_int8) == "1";
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))

@@ -22,7 +22,7 @@
 namespace kestrel::backend::cuda {
 
 // Scratch buffers of the backend, one per purpose (CudaBackend::scratch).
-enum ScratchSlot { kX16 = 0, kQ16, kK16, kV16, kScores, kProbs, kPartial, kSlots };
+enum ScratchSlot { kX16 = 0, kQ16, kK16, kV16, kScores, kProbs, kPartial, kActs, kSlots };
 
 // Up to this many tokens a matmul runs on the fused small-batch kernels; up to kMmaMaxTokens on
 // the fused tensor-core kernel (Q4_0, Q8_0); beyond, on cuBLAS with f16 weight tiles.
@@ -119,6 +119,7 @@ class CudaBackend final : public Backend {
   std::string device_name_;
   bool graphs_disabled_ = false;  // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
   bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
+  bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
   int rows_max_tokens_ = 16;      // few-token attention kernel up to this many tokens
                                   // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
   cudaStream_t stream_ = nullptr;
@@ -173,6 +174,24 @@ bool mma_supports(const CudaWeight& w, int n_tokens);
 int mma_splits(const CudaWeight& w);
 Status launch_matmul_mma(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
                          const float* bias, float* partial, cudaStream_t s);
+// matvec_int8.cu: activations quantized into two int8 planes per 32-element block,
+// x ~= unit * (128 * q1 + q2), for the dp4a kernels of small batches of Q4_0 / Q8_0 weights.
+struct ActBlock {
+  float unit;
+  int sum;  // sum over the block of 128 * q1 + q2
+};
+struct QuantizedActs {
+  int8_t* q1 = nullptr;      // [T][k]
+  int8_t* q2 = nullptr;      // [T][k]
+  ActBlock* meta = nullptr;  // [T][k / 32]
+  static QuantizedActs in(void* buffer, int n_tokens, int64_t k);
+  static size_t bytes(int n_tokens, int64_t k);
+};
+bool int8_matvec_supports(const CudaWeight& w, int n_tokens);
+Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const QuantizedActs& a,
+                            cudaStream_t s);
+Status launch_matvec_int8(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
+                          const float* bias, cudaStream_t s);
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);

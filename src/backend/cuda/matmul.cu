@@ -278,6 +278,12 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const float* xp = static_cast<const float*>(x.data);
   float* op = static_cast<float*>(out.data);
+  if (int8_matvec_supports(w, n_tokens) && !int8_disabled_) {
+    KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
+    const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);
+    KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
+    return launch_matvec_int8(w, acts, n_tokens, op, b, stream_);
+  }
   if (n_tokens <= kSmallBatch) return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
   if (mma_supports(w, n_tokens) && !mma_disabled_) {
     KESTREL_ASSIGN_OR_RETURN(void* x16, scratch(kX16, sizeof(__half) * n_tokens * w.n_in));

@@ -1,0 +1,205 @@
+// Matmul for decode and small micro-batches (T <= kSmallBatch) of Q4_0 / Q8_0 weights with
+// integer dot products (dp4a): the activations are quantized once per matmul into two int8
+// planes per 32-element block, x ~= unit * (128 * q1 + q2) (the CPU backend's format, see
+// cpu/kernels.h: one plane alone costs ~0.5% per matmul and pushes whole-model logits past the
+// 1e-2 bound; two are ~128x tighter), and each 32-weight block then costs 8 or 16 dp4a per token
+// instead of ~40 float instructions. Decode reads every weight once and must stream it at memory
+// bandwidth; the float kernel it replaces issued so many instructions per byte that it reached
+// only ~22% of DRAM bandwidth (bench/NOTES.md).
+//
+// Layout: a warp owns kRows consecutive output rows; its lanes take the rows' 32-element blocks
+// lane, lane + 32, ... so that a warp's weight loads are 512 contiguous bytes per row (Q4_0), and
+// every block's activations (two planes, 64 bytes per token) serve all kRows rows.
+#include "backend/cuda/cuda_backend_impl.cuh"
+
+namespace kestrel::backend::cuda {
+
+using quant::DType;
+
+namespace {
+
+constexpr int kRows = 2;  // output rows per warp
+constexpr int kWarps = 4;
+
+__device__ __forceinline__ int warp_sum_int(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One thread per element, one warp per 32-element block (n is a multiple of 32, so a warp is
+// wholly inside or outside).
+__global__ void quantize_acts_kernel(const float* x, int64_t n, int8_t* q1, int8_t* q2,
+                                     ActBlock* meta) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float v = x[i];
+  const float amax = warp_max(fabsf(v));
+  const float unit = amax / (127.0f * 128.0f);
+  int a = 0, b = 0;
+  if (amax > 0.0f) {
+    a = __float2int_rn(v * (127.0f / amax));
+    const float residual = v - (amax / 127.0f) * static_cast<float>(a);
+    b = min(127, max(-127, __float2int_rn(residual / unit)));
+  }
+  q1[i] = static_cast<int8_t>(a);
+  q2[i] = static_cast<int8_t>(b);
+  const int sum = warp_sum_int(128 * a + b);
+  if (threadIdx.x % 32 == 0) meta[i / 32] = ActBlock{unit, sum};
+}
+
+// Sum over the block of weight codes (Q4_0: 0..15, offset by 8 outside; Q8_0: signed) times one
+// activation plane (words a[0..7], elements 4i..4i+3 in a[i]).
+template <DType T>
+__device__ __forceinline__ int block_dot(const int* w, const int* a) {
+  int s = 0;
+  if constexpr (T == DType::Q4_0) {
+    // Byte j of the 16 quant bytes holds element j (low nibble) and j + 16 (high nibble).
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      s = __dp4a(w[i] & 0x0F0F0F0F, a[i], s);
+      s = __dp4a((w[i] >> 4) & 0x0F0F0F0F, a[4 + i], s);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s = __dp4a(w[i], a[i], s);
+  }
+  return s;
+}
+
+template <DType T, int NT>
+__global__ void __launch_bounds__(kWarps * 32)
+    matvec_int8_kernel(const uint8_t* qs, const __half* d, int64_t n_in, int64_t n_out,
+                       const int8_t* q1, const int8_t* q2, const ActBlock* meta, int n_tokens,
+                       float* out, const float* bias) {
+  constexpr int kWords = T == DType::Q4_0 ? 4 : 8;  // 32-bit words of quants per block
+  constexpr int kAhead = 4 / kRows;                 // blocks per lane loaded before any is used
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * kRows;
+  const int lane = threadIdx.x % 32;
+  if (r0 >= n_out) return;
+  const int64_t nb = n_in / 32;
+  float acc[kRows][NT];
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr)
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[rr][t] = 0.0f;
+
+  for (int64_t b0 = lane; b0 < nb; b0 += 32 * kAhead) {
+    int w[kAhead][kRows][kWords];
+    float dw[kAhead][kRows];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t b = b0 + 32 * u;
+#pragma unroll
+      for (int rr = 0; rr < kRows; ++rr) {
+        // Rows past the end read the last row (valid memory); their sums are not stored.
+        const int64_t r = min(r0 + rr, n_out - 1);
+        if (b < nb) {
+          const int4* p = reinterpret_cast<const int4*>(qs + (r * nb + b) * (4 * kWords));
+#pragma unroll
+          for (int v = 0; v < kWords / 4; ++v) {
+            const int4 q = p[v];
+            w[u][rr][4 * v] = q.x;
+            w[u][rr][4 * v + 1] = q.y;
+            w[u][rr][4 * v + 2] = q.z;
+            w[u][rr][4 * v + 3] = q.w;
+          }
+          dw[u][rr] = __half2float(d[r * nb + b]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int64_t b = b0 + 32 * u;
+      if (b >= nb) break;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        if (t >= n_tokens) break;
+        int a1[8], a2[8];
+        const int4* p1 = reinterpret_cast<const int4*>(q1 + t * n_in + 32 * b);
+        const int4* p2 = reinterpret_cast<const int4*>(q2 + t * n_in + 32 * b);
+#pragma unroll
+        for (int v = 0; v < 2; ++v) {
+          const int4 x1 = __ldg(p1 + v), x2 = __ldg(p2 + v);
+          a1[4 * v] = x1.x, a1[4 * v + 1] = x1.y, a1[4 * v + 2] = x1.z, a1[4 * v + 3] = x1.w;
+          a2[4 * v] = x2.x, a2[4 * v + 1] = x2.y, a2[4 * v + 2] = x2.z, a2[4 * v + 3] = x2.w;
+        }
+        const ActBlock m = meta[t * nb + b];
+#pragma unroll
+        for (int rr = 0; rr < kRows; ++rr) {
+          int s = 128 * block_dot<T>(w[u][rr], a1) + block_dot<T>(w[u][rr], a2);
+          if constexpr (T == DType::Q4_0) s -= 8 * m.sum;
+          acc[rr][t] += dw[u][rr] * m.unit * static_cast<float>(s);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < kRows; ++rr) {
+    const int64_t r = r0 + rr;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t < n_tokens) {
+        const float v = warp_sum(acc[rr][t]);
+        if (lane == 0 && r < n_out) out[t * n_out + r] = v + (bias ? bias[r] : 0.0f);
+      }
+    }
+  }
+}
+
+template <DType T>
+void launch_matvec(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
+                   const float* bias, cudaStream_t s) {
+  const int blocks = ceil_div(w.n_out, kWarps * kRows);
+  const int threads = kWarps * 32;
+  if (n_tokens <= 1)
+    matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(w.qs, w.d, w.n_in, w.n_out, a.q1, a.q2,
+                                                        a.meta, n_tokens, out, bias);
+  else if (n_tokens <= 4)
+    matvec_int8_kernel<T, 4><<<blocks, threads, 0, s>>>(w.qs, w.d, w.n_in, w.n_out, a.q1, a.q2,
+                                                        a.meta, n_tokens, out, bias);
+  else
+    matvec_int8_kernel<T, kSmallBatch><<<blocks, threads, 0, s>>>(
+        w.qs, w.d, w.n_in, w.n_out, a.q1, a.q2, a.meta, n_tokens, out, bias);
+}
+
+}  // namespace
+
+QuantizedActs QuantizedActs::in(void* buffer, int n_tokens, int64_t k) {
+  QuantizedActs a;
+  const int64_t n = int64_t{n_tokens} * k;
+  a.q1 = static_cast<int8_t*>(buffer);
+  a.q2 = a.q1 + n;
+  a.meta = reinterpret_cast<ActBlock*>(a.q2 + n);
+  return a;
+}
+
+size_t QuantizedActs::bytes(int n_tokens, int64_t k) {
+  const int64_t n = int64_t{n_tokens} * k;
+  return static_cast<size_t>(2 * n + (n / 32) * static_cast<int64_t>(sizeof(ActBlock)));
+}
+
+bool int8_matvec_supports(const CudaWeight& w, int n_tokens) {
+  return (w.type == DType::Q4_0 || w.type == DType::Q8_0) && n_tokens <= kSmallBatch &&
+         w.n_in % 32 == 0;
+}
+
+Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const QuantizedActs& a,
+                            cudaStream_t s) {
+  const int64_t n = int64_t{n_tokens} * k;
+  quantize_acts_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, n, a.q1, a.q2, a.meta);
+  LAUNCH_CHECK("matmul (quantize activations)");
+  return Status::ok();
+}
+
+Status launch_matvec_int8(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
+                          const float* bias, cudaStream_t s) {
+  if (w.type == DType::Q4_0)
+    launch_matvec<DType::Q4_0>(w, a, n_tokens, out, bias, s);
+  else
+    launch_matvec<DType::Q8_0>(w, a, n_tokens, out, bias, s);
+  LAUNCH_CHECK("matmul (small batch, int8)");
+  return Status::ok();
+}
+
+}  // namespace kestrel::backend::cuda
