@@ -4,6 +4,9 @@
 #ifdef KESTREL_CUDA
 #include "backend/cuda/cuda_backend.h"
 #endif
+#ifdef KESTREL_OPENCL
+#include "backend/opencl/opencl_backend.h"
+#endif
 
 namespace kestrel::backend {
 
@@ -13,6 +16,8 @@ struct Entry {
   const char* name;
   bool gpu;  // takes the layers -ngl offloads
   Status (*probe)();
+  // Whether `--backend auto` may pick it here (a GPU device); nullptr: whenever probe is ok.
+  Status (*probe_auto)();
   Expected<std::unique_ptr<Backend>> (*create)(const BackendOptions&);
 };
 
@@ -22,12 +27,12 @@ Expected<std::unique_ptr<Backend>> create_cpu(const BackendOptions& o) {
 
 const std::vector<Entry>& entries() {
   static const std::vector<Entry> table = {
-      {"cpu", false, [] { return Status::ok(); }, create_cpu},
+      {"cpu", false, [] { return Status::ok(); }, nullptr, create_cpu},
 #ifdef KESTREL_CUDA
-      {"cuda", true, cuda::probe, cuda::create},
+      {"cuda", true, cuda::probe, nullptr, cuda::create},
 #endif
 #ifdef KESTREL_OPENCL
-      {"opencl", true, nullptr, nullptr},
+      {"opencl", true, opencl::probe, opencl::probe_gpu, opencl::create},
 #endif
   };
   return table;
@@ -92,6 +97,7 @@ std::string first_usable_gpu_backend(std::string* why) {
   for (const Entry& e : entries()) {
     if (!e.gpu) continue;
     Status s = probe_backend(e.name);
+    if (s.is_ok() && e.probe_auto) s = e.probe_auto();
     if (s.is_ok()) return e.name;
     if (why) *why += (why->empty() ? "" : "; ") + s.message();
   }

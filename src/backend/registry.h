@@ -15,7 +15,8 @@ namespace kestrel::backend {
 
 struct BackendOptions {
   int n_threads = 1;  // CPU threads (the CPU backend; GPU backends ignore it)
-  int device = 0;     // device index within the backend
+  int device = 0;     // device index within the backend (OpenCL: within --cl-platform if given)
+  int platform = -1;  // OpenCL platform index; -1: GPUs of every platform first, then the rest
 };
 
 // Names of the backends compiled in, "cpu" first (it is always there).
@@ -34,9 +35,10 @@ Status check_gpu_layers(const std::string& backend, int n_gpu_layers);
 // Whether the backend can run here: compiled in and, for a GPU backend, a usable device and
 // driver. The error says which is missing ("no CUDA device: ...").
 Status probe_backend(const std::string& name);
-// The first GPU backend of the build that can run here, or "" when none can; `why` (if given)
-// collects each GPU backend's reason for not running, for the message that says Kestrel runs
-// on the CPU instead.
+// The first GPU backend of the build that can run here on a GPU (an OpenCL CPU device such as
+// PoCL's can run `--backend opencl` but is not picked here: the CPU backend is faster), or ""
+// when none can; `why` (if given) collects each GPU backend's reason for not running, for the
+// message that says Kestrel runs on the CPU instead.
 std::string first_usable_gpu_backend(std::string* why = nullptr);
 // Creates a backend by name; errors say what is missing.
 Expected<std::unique_ptr<Backend>> create_backend(const std::string& name,

@@ -119,6 +119,8 @@ Status Model::place(const LoadParams& params) {
 
   backend::BackendOptions opts;
   opts.n_threads = threads;
+  opts.device = params.device;
+  opts.platform = params.platform;
   KESTREL_ASSIGN_OR_RETURN(auto cpu, backend::create_backend("cpu", opts));
   owned_backends_.push_back(std::move(cpu));
   Backend* where = owned_backends_.front().get();

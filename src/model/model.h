@@ -34,6 +34,10 @@ struct LoadParams {
   // llama.cpp's -ngl: the last N layers, N > n_layer adds the head. -1: all layers and the head
   // when a GPU backend is used, none on the CPU.
   int n_gpu_layers = -1;
+  // Which device of the GPU backend (--cl-device), and for OpenCL which platform (--cl-platform;
+  // -1: the GPUs of every platform first). See backend::BackendOptions.
+  int device = 0;
+  int platform = -1;
 };
 
 class Model {

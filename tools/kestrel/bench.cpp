@@ -43,6 +43,7 @@ struct Combo {
   std::string type_k;
   std::string type_v;
   std::string chunking;
+  int cl_platform = -1, cl_device = 0;
 };
 
 struct Plan {
@@ -153,6 +154,8 @@ void expand(std::vector<Combo>* combos, const std::vector<T>& values, Set set) {
 // per backend, -ngl and thread count.
 std::vector<Combo> make_combos(const BenchOptions& o) {
   std::vector<Combo> c(1);
+  c[0].cl_platform = o.cl_platform;
+  c[0].cl_device = o.cl_device;
   expand(&c, o.models, [](Combo& x, const std::string& v) { x.model = v; });
   expand(&c, o.backends, [](Combo& x, const std::string& v) { x.backend = v; });
   expand(&c, o.n_gpu_layers, [](Combo& x, int v) { x.n_gpu_layers = v; });
@@ -273,6 +276,8 @@ Status ensure_loaded(const Combo& c, LoadedModel* lm) {
   lp.n_threads = c.n_threads;
   lp.backend = c.backend;
   lp.n_gpu_layers = c.n_gpu_layers;
+  lp.platform = c.cl_platform;
+  lp.device = c.cl_device;
   std::fprintf(stderr, "kestrel bench: loading %s\n", c.model.c_str());
   KESTREL_ASSIGN_OR_RETURN(lm->model, model::Model::load(c.model, lp));
   lm->info = describe_model(*lm->model);
@@ -438,6 +443,11 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   b->add_option("--backend", o.backends,
                 "backends (available: " + backend::available_backends_text() + ")")
       ->delimiter(',')
+      ->capture_default_str();
+  b->add_option("--cl-platform", o.cl_platform,
+                "OpenCL platform index (-1: the GPUs of every platform first)")
+      ->capture_default_str();
+  b->add_option("--cl-device", o.cl_device, "OpenCL device index (within --cl-platform if given)")
       ->capture_default_str();
   b->add_option("--chunking", o.chunking, "balanced and/or fixed (llama.cpp's split)")
       ->delimiter(',')

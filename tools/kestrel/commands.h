@@ -74,8 +74,9 @@ struct BenchOptions {  // bench.cpp; every list is a comma list, every combinati
   std::vector<int> n_threads{0}, n_gpu_layers{-1};
   // "auto": the first GPU backend with a usable device, else the CPU
   std::vector<std::string> type_k{"f16"}, type_v{"f16"}, backends{"auto"}, chunking{"balanced"};
-  int repetitions = 5;        // -r, after one warm-up run
-  std::string output = "md";  // -o md|json|jsonl|csv
+  int cl_platform = -1, cl_device = 0;  // --cl-platform, --cl-device (the OpenCL device)
+  int repetitions = 5;                  // -r, after one warm-up run
+  std::string output = "md";            // -o md|json|jsonl|csv
   std::string config, history, vs_llama_bench;
   bool profile = false;
   bool no_warmup = false;

@@ -36,6 +36,11 @@ void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict
       ->capture_default_str();
   app->add_option("--backend", o.backend, "backend for -ngl layers (see `kestrel bench --help`)")
       ->capture_default_str();
+  app->add_option("--cl-platform", o.cl_platform,
+                  "OpenCL platform index (-1: the GPUs of every platform first)")
+      ->capture_default_str();
+  app->add_option("--cl-device", o.cl_device, "OpenCL device index (within --cl-platform if given)")
+      ->capture_default_str();
   app->add_option("--cache-type-k", o.type_k, "(-ctk) KV cache type for K: f16, q8_0, q4_0")
       ->capture_default_str();
   app->add_option("--cache-type-v", o.type_v, "(-ctv) KV cache type for V: f16, q8_0, q4_0")
@@ -78,6 +83,8 @@ Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o) {
   lp.n_threads = o.n_threads;
   lp.backend = o.backend;
   lp.n_gpu_layers = o.n_gpu_layers;
+  lp.platform = o.cl_platform;
+  lp.device = o.cl_device;
   KESTREL_ASSIGN_OR_RETURN(auto m, model::Model::load(o.model, lp));
   if (!m->placement_note().empty())
     std::fprintf(stderr, "kestrel: %s\n", m->placement_note().c_str());

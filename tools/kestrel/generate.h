@@ -27,6 +27,8 @@ struct SessionOptions {
   int n_threads = 0;
   int n_gpu_layers = -1;         // -ngl (-1: all layers and the head when on a GPU)
   std::string backend = "auto";  // --backend (auto: a usable GPU, else the CPU)
+  int cl_platform = -1;          // --cl-platform (-1: GPUs of every platform first)
+  int cl_device = 0;             // --cl-device
   std::string type_k = "f16";
   std::string type_v = "f16";
   std::string chunking = "balanced";

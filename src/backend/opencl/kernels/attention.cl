@@ -1,0 +1,129 @@
+// The KV cache: the quantize-on-write store (f16, q8_0, q4_0 rows equal to quant::quantize_row
+// byte for byte) and causal attention reading those rows.
+
+// Quantization must round exactly as the scalar reference: no contraction of a * b + c.
+#pragma OPENCL FP_CONTRACT OFF
+
+// cache[pos[t]] = quantize(src[t]): one work-item per (32-element block, token). src rows are
+// f32 [T][dim]; cache rows are `row_bytes` apart.
+kernel void kv_store(global const float* src, int dim, global const int* ints, int ints_off,
+                     int type, global uchar* cache, long row_bytes) {
+  const int b = get_global_id(0), t = get_global_id(1);
+  if (b >= dim / 32) return;
+  const global float* x = src + (long)t * dim + 32 * b;
+  global uchar* row = cache + (long)ints[ints_off + t] * row_bytes;
+  if (type == T_F16) {
+    for (int j = 0; j < 32; ++j) {
+      const uint h = float_to_half_bits(x[j]);
+      row[2 * (32 * b + j)] = (uchar)(h & 0xffu);
+      row[2 * (32 * b + j) + 1] = (uchar)(h >> 8);
+    }
+    return;
+  }
+  if (type == T_Q8_0) {
+    global uchar* blk = row + 34 * b;
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = fmax(amax, fabs(x[j]));
+    const uint dh = float_to_half_bits(amax / 127.0f);
+    const float d = half_bits_to_float(dh);  // quantize against the scale actually stored
+    blk[0] = (uchar)(dh & 0xffu);
+    blk[1] = (uchar)(dh >> 8);
+    for (int j = 0; j < 32; ++j) {
+      const int q = d == 0.0f ? 0 : (int)fmin(fmax(round(x[j] / d), -127.0f), 127.0f);
+      blk[2 + j] = (uchar)(char)q;
+    }
+    return;
+  }
+  if (type == T_Q4_0) {
+    // d = m / -8, m the element of largest magnitude with its sign (the first one on ties).
+    global uchar* blk = row + 18 * b;
+    float amax = 0.0f, m = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+      if (fabs(x[j]) > amax) {
+        amax = fabs(x[j]);
+        m = x[j];
+      }
+    }
+    const uint dh = float_to_half_bits(m / -8.0f);
+    const float d = half_bits_to_float(dh);
+    blk[0] = (uchar)(dh & 0xffu);
+    blk[1] = (uchar)(dh >> 8);
+    for (int j = 0; j < 16; ++j) {
+      const int lo = d == 0.0f ? 8 : (int)fmin(fmax(round(x[j] / d), -8.0f), 7.0f) + 8;
+      const int hi = d == 0.0f ? 8 : (int)fmin(fmax(round(x[j + 16] / d), -8.0f), 7.0f) + 8;
+      blk[2 + j] = (uchar)(lo | (hi << 4));
+    }
+  }
+}
+
+// One element of a cache row (f16, q8_0 or q4_0 as quantize_row wrote it).
+inline float cache_elem(int type, const global uchar* row, int c) {
+  if (type == T_F16) return load_half_bits(row + 2 * c);
+  const int b = c / 32, e = c % 32;
+  if (type == T_Q8_0) {
+    const global uchar* blk = row + 34 * b;
+    return (float)((char)blk[2 + e]) * load_half_bits(blk);
+  }
+  const global uchar* blk = row + 18 * b;
+  const int q = e < 16 ? (blk[2 + e] & 15) : (blk[2 + e - 16] >> 4);
+  return (float)(q - 8) * load_half_bits(blk);
+}
+
+// Causal attention with GQA: query token t, head h attends to cache rows 0 .. pos[t] of KV
+// head h / group. One work-group of ATT_WG work-items per (head, token); keys are visited in
+// tiles of ATT_WG (one key per work-item for the scores) with an online softmax, and each
+// work-item accumulates head_dim / ATT_WG output dimensions. head_dim <= ATT_MAX_DIM.
+#define ATT_WG 64
+#define ATT_MAX_DIM 256
+kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1))) void attention(
+    global const float* q, global const uchar* k_cache, global const uchar* v_cache, int k_type,
+    int v_type, long k_row_bytes, long v_row_bytes, global const int* ints, int ints_off,
+    int n_head, int group, int head_dim, float scale, global float* out) {
+  local float q_l[ATT_MAX_DIM];
+  local float p_l[ATT_WG];
+  local float scratch[ATT_WG];
+  const int h = get_group_id(0), t = get_group_id(1), lid = get_local_id(0);
+  const int g = h / group;
+  const long q_dim = (long)n_head * head_dim;
+  const global float* qh = q + t * q_dim + (long)h * head_dim;
+  for (int d = lid; d < head_dim; d += ATT_WG) q_l[d] = qh[d];
+  barrier(CLK_LOCAL_MEM_FENCE);
+  const int n_keys = ints[ints_off + t] + 1;
+  const int col0 = g * head_dim;  // first cache column of this KV head
+  const int n_mine = (head_dim + ATT_WG - 1) / ATT_WG;
+  float acc[ATT_MAX_DIM / ATT_WG];
+  for (int i = 0; i < ATT_MAX_DIM / ATT_WG; ++i) acc[i] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  for (int j0 = 0; j0 < n_keys; j0 += ATT_WG) {
+    const int j = j0 + lid;
+    float s = -INFINITY;
+    if (j < n_keys) {
+      const global uchar* kr = k_cache + (long)j * k_row_bytes;
+      float dot = 0.0f;
+      for (int c = 0; c < head_dim; ++c) dot += q_l[c] * cache_elem(k_type, kr, col0 + c);
+      s = dot * scale;
+    }
+    const float tile_max = group_max(s, scratch, lid, ATT_WG);
+    const float m_new = fmax(m, tile_max);
+    const float corr = exp(m - m_new);  // 0 on the first tile (m = -inf)
+    const float p = j < n_keys ? exp(s - m_new) : 0.0f;
+    p_l[lid] = p;
+    l = l * corr + group_sum(p, scratch, lid, ATT_WG);  // group_sum's barriers publish p_l
+    m = m_new;
+    const int n_tile = min(ATT_WG, n_keys - j0);
+    for (int i = 0; i < n_mine; ++i) {
+      const int d = lid + i * ATT_WG;
+      if (d >= head_dim) break;
+      float sum = 0.0f;
+      for (int jj = 0; jj < n_tile; ++jj)
+        sum += p_l[jj] * cache_elem(v_type, v_cache + (long)(j0 + jj) * v_row_bytes, col0 + d);
+      acc[i] = acc[i] * corr + sum;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);  // p_l is rewritten by the next tile
+  }
+  global float* o = out + t * q_dim + (long)h * head_dim;
+  for (int i = 0; i < n_mine; ++i) {
+    const int d = lid + i * ATT_WG;
+    if (d < head_dim) o[d] = acc[i] / l;
+  }
+}

@@ -1,0 +1,73 @@
+// Embedding lookup, RMS norm, RoPE, SwiGLU, add and row gathers. Activations are f32,
+// row-major [tokens][cols]. Small index arrays (token ids, positions, row lists) come through
+// the backend's upload ring: `ints` is the ring, `ints_off` where this call's array starts.
+
+// out[t][:] = dequant(table[ids[t]]): one work-item per (slice of 32 elements, token).
+kernel void embed_rows(global const uchar* table, int type, long row_bytes, int n_slices,
+                       global const int* ints, int ints_off, global float* out) {
+  const int s = get_global_id(0), t = get_global_id(1);
+  if (s >= n_slices) return;
+  const global uchar* row = table + (long)ints[ints_off + t] * row_bytes;
+  global float* dst = out + ((long)t * n_slices + s) * 32;
+  float v[8];
+  for (int part = 0; part < 4; ++part) {
+    decode8(type, row, s, part, v);
+    for (int i = 0; i < 8; ++i) dst[8 * part + i] = v[i];
+  }
+}
+
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w: one work-group of RMS_WG per token.
+#ifndef RMS_WG
+#define RMS_WG 256
+#endif
+kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void rms_norm(
+    global const float* x, int n, global const float* w, float eps, global float* out) {
+  local float scratch[RMS_WG];
+  const int t = get_group_id(0), lid = get_local_id(0);
+  const global float* xr = x + (long)t * n;
+  float ss = 0.0f;
+  for (int i = lid; i < n; i += RMS_WG) ss += xr[i] * xr[i];
+  ss = group_sum(ss, scratch, lid, RMS_WG);
+  const float scale = 1.0f / sqrt(ss / (float)n + eps);
+  global float* o = out + (long)t * n;
+  for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
+}
+
+// In place on x[T][n_heads * head_dim]: one work-item per (pair, head, token). inv_freq[i] =
+// base^(-2i / head_dim) comes from the host (computed there in double). neox: pairs (i, i +
+// head_dim / 2); otherwise adjacent pairs (2i, 2i + 1).
+kernel void rope(global float* x, int n_heads, int head_dim, int neox,
+                 global const float* inv_freq, global const int* ints, int ints_off) {
+  const int i = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
+  const int half_dim = head_dim / 2;
+  if (i >= half_dim) return;
+  const float theta = (float)ints[ints_off + t] * inv_freq[i];
+  const float c = cos(theta), s = sin(theta);
+  global float* v = x + ((long)t * n_heads + h) * head_dim;
+  const int a = neox ? i : 2 * i, b = neox ? i + half_dim : 2 * i + 1;
+  const float x0 = v[a], x1 = v[b];
+  v[a] = x0 * c - x1 * s;
+  v[b] = x0 * s + x1 * c;
+}
+
+// out = silu(gate) * up = gate / (1 + exp(-gate)) * up; out may be gate.
+kernel void swiglu(global const float* gate, global const float* up, long n, global float* out) {
+  const long i = get_global_id(0);
+  if (i >= n) return;
+  const float g = gate[i];
+  out[i] = g / (1.0f + exp(-g)) * up[i];
+}
+
+kernel void add_inplace(global float* x, global const float* y, long n) {
+  const long i = get_global_id(0);
+  if (i < n) x[i] = x[i] + y[i];
+}
+
+// out[r][:] = x[rows[r]][:]: one work-item per (column, output row).
+kernel void get_rows(global const float* x, long n_cols, global const int* ints, int ints_off,
+                     global float* out) {
+  const long c = get_global_id(0);
+  const int r = get_global_id(1);
+  if (c >= n_cols) return;
+  out[(long)r * n_cols + c] = x[(long)ints[ints_off + r] * n_cols + c];
+}

@@ -1,0 +1,82 @@
+// Tiled matmul for micro-batches of more than MV_MAX_T tokens, a template: the host includes
+// this file once per token tile, with MM_TN (tokens per work-group) and MM_KERNEL (the kernel's
+// name) defined before it and undefined after. A work-group of MM_WX x MM_WY work-items
+// computes MM_TM weight rows x MM_TN tokens; per step of 32 input columns it decodes the weight
+// tile once into local memory, where all MM_TN tokens reuse it, and each work-item accumulates
+// MM_TM / MM_WX rows x MM_TN / MM_WY tokens in registers (in f32).
+//
+// Tokens [t0, t0 + n_tokens) of x and out are computed, so that one call can run the full
+// tiles with a large MM_TN and the rest with a small one.
+//
+// Build options from the host: MM_TM, MM_WX, MM_WY (the work-group shape the device allows).
+
+#define MM_RM (MM_TM / MM_WX)
+#define MM_RN (MM_TN / MM_WY)
+
+kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
+    global const uchar* qs, global const ushort* d, int type, long row_bytes, int n_in,
+    int n_out, global const float* x, int t0, int n_tokens, global float* out,
+    global const float* bias) {
+  local float w_tile[32][MM_TM];
+  local float x_tile[32][MM_TN];
+  const int lx = get_local_id(0), ly = get_local_id(1);
+  const int lid = ly * MM_WX + lx;
+  const int row0 = get_group_id(0) * MM_TM;
+  const int tok0 = t0 + get_group_id(1) * MM_TN;
+  const int tok_end = t0 + n_tokens;
+  const int n_blocks = n_in / 32;
+  float acc[MM_RM][MM_RN];
+  for (int i = 0; i < MM_RM; ++i)
+    for (int j = 0; j < MM_RN; ++j) acc[i][j] = 0.0f;
+
+  for (int b = 0; b < n_blocks; ++b) {
+    // Weight tile: MM_TM rows x 4 parts of 8 elements.
+    for (int u = lid; u < MM_TM * 4; u += MM_WX * MM_WY) {
+      const int rr = u >> 2, part = u & 3, r = row0 + rr;
+      float w[8];
+      if (r < n_out) {
+        weight8(type, qs, d, row_bytes, n_out, r, b, part, w);
+      } else {
+        for (int i = 0; i < 8; ++i) w[i] = 0.0f;
+      }
+      for (int i = 0; i < 8; ++i) w_tile[8 * part + i][rr] = w[i];
+    }
+    // Activation tile: MM_TN tokens x 4 parts of 8 floats.
+    for (int u = lid; u < MM_TN * 4; u += MM_WX * MM_WY) {
+      const int tt = u >> 2, part = u & 3, t = tok0 + tt;
+      float8 v = (float8)(0.0f);
+      if (t < tok_end) v = vload8(0, x + (long)t * n_in + 32 * b + 8 * part);
+      x_tile[8 * part + 0][tt] = v.s0;
+      x_tile[8 * part + 1][tt] = v.s1;
+      x_tile[8 * part + 2][tt] = v.s2;
+      x_tile[8 * part + 3][tt] = v.s3;
+      x_tile[8 * part + 4][tt] = v.s4;
+      x_tile[8 * part + 5][tt] = v.s5;
+      x_tile[8 * part + 6][tt] = v.s6;
+      x_tile[8 * part + 7][tt] = v.s7;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int k = 0; k < 32; ++k) {
+      float wr[MM_RM], xr[MM_RN];
+      for (int i = 0; i < MM_RM; ++i) wr[i] = w_tile[k][lx + i * MM_WX];
+      for (int j = 0; j < MM_RN; ++j) xr[j] = x_tile[k][ly + j * MM_WY];
+      for (int i = 0; i < MM_RM; ++i)
+        for (int j = 0; j < MM_RN; ++j) acc[i][j] += wr[i] * xr[j];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  for (int j = 0; j < MM_RN; ++j) {
+    const int t = tok0 + ly + j * MM_WY;
+    if (t >= tok_end) break;
+    for (int i = 0; i < MM_RM; ++i) {
+      const int r = row0 + lx + i * MM_WX;
+      if (r >= n_out) continue;
+      float v = acc[i][j];
+      if (bias) v += bias[r];
+      out[(long)t * n_out + r] = v;
+    }
+  }
+}
+
+#undef MM_RM
+#undef MM_RN

@@ -1,0 +1,145 @@
+// The OpenCL backend: one context, one in-order queue, one program (kernels/*.cl, built through
+// the binary cache of program_cache.h). Ops are enqueued without blocking; the host waits only
+// in synchronize(), download() and upload() (which must have read the caller's buffer).
+//
+// Tensor::data holds the tensor's cl_mem. Small host index arrays (token ids, positions, row
+// lists) travel through an upload ring: a host staging area copied into a device buffer in
+// queue order, reused only after the queue has passed the copies out of it.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/opencl/cl_common.h"
+
+namespace kestrel::backend::opencl {
+
+class OpenclBackend;
+
+// A matmul weight. Q4_0 and Q8_0 are repacked block-major (kernels/matmul.cl): qs holds
+// [n_in / 32][n_out][16 or 32] quant bytes, d [n_in / 32][n_out] fp16 scales. Every other type
+// keeps its GGUF rows in qs (d unused).
+class ClWeight final : public Weight {
+ public:
+  ~ClWeight() override;
+  OpenclBackend* owner = nullptr;
+  cl_mem qs = nullptr;
+  cl_mem d = nullptr;
+  int64_t row_bytes = 0;  // GGUF row bytes (the generic layout)
+  size_t qs_bytes = 0, d_bytes = 0;
+};
+
+// What the backend learned about its device (clGetDeviceInfo), for choosing kernels.
+struct DeviceInfo {
+  std::string name, vendor, version, driver, platform_name;
+  bool gpu = false;
+  cl_ulong global_mem = 0, max_alloc = 0, local_mem = 0;
+  size_t max_work_group = 0;
+  bool fp16 = false;            // cl_khr_fp16: half arithmetic allowed
+  bool subgroups = false;       // cl_khr_subgroups or cl_intel_subgroups
+  bool correct_divide = false;  // CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT
+  cl_uint compute_units = 0;
+};
+
+class OpenclBackend final : public Backend {
+ public:
+  static Expected<std::unique_ptr<OpenclBackend>> create(int platform, int device);
+  ~OpenclBackend() override;
+
+  const char* name() const override { return "opencl"; }
+  std::string device_name() const override { return device_name_; }
+  int64_t available_memory() const override;
+
+  Expected<Tensor> alloc(quant::DType type, int64_t rows, int64_t cols, const char* what) override;
+  void free(Tensor& t) override;
+  Status upload(Tensor& dst, int64_t row0, int64_t n_rows, const void* src) override;
+  Status download(const Tensor& src, int64_t row0, int64_t n_rows, void* dst) override;
+  Expected<std::unique_ptr<Weight>> load_weight(const HostMatrix& m) override;
+  Expected<Tensor> load_vector(const float* data, int64_t n, const char* what) override;
+
+  Status embed(const HostMatrix& table, const int32_t* tokens, int n_tokens, Tensor& out) override;
+  Status rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
+                  Tensor& out) override;
+  Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
+                const Tensor* bias) override;
+  Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) override;
+  Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
+                  Tensor& k_cache, Tensor& v_cache) override;
+  Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
+                   const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
+  Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;
+  Status add(Tensor& x, const Tensor& y, int n_tokens) override;
+  Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
+  Status synchronize() override;
+  Status profile_op(std::string_view kind, OpProfiler& profiler,
+                    const std::function<Status()>& op) override;
+
+  const DeviceInfo& info() const { return info_; }
+  // One-time setup (context, program build or cache load) in ms, and what the cache did.
+  double setup_ms() const { return setup_ms_; }
+  const std::string& setup_note() const { return setup_note_; }
+  // A weight's buffers are released (called by ~ClWeight).
+  void release_weight(ClWeight& w);
+
+ private:
+  OpenclBackend() = default;
+  Status init(int platform, int device);
+  Status build_kernels();
+  // A device buffer of `bytes`, checked against the device's limits first and touched so that
+  // a lazily allocating driver fails here, not in a later kernel. Errors give the numbers.
+  Expected<cl_mem> device_alloc(size_t bytes, const char* what);
+  void device_free(cl_mem m, size_t bytes);
+  // A scratch buffer of at least `bytes` for `slot`, grown on demand.
+  Expected<cl_mem> scratch(int slot, size_t bytes);
+  // Copies n ints to the device through the ring; returns their offset in ring_dev_.
+  Expected<int> upload_ints(const int32_t* host, int n, const char* what);
+  // The rows of a host embedding table, uploaded once per table.
+  Expected<cl_mem> device_table(const HostMatrix& table);
+  // Device table of base^(-2i / head_dim), cached per (base, head_dim).
+  Expected<cl_mem> rope_freqs(float base, int head_dim);
+  // Enqueues `kernel` over `global` (rounded up to `local` multiples when local is given).
+  Status launch(cl_kernel kernel, const char* op, cl_uint dims, const size_t* global,
+                const size_t* local);
+  Status flush_profile();
+
+  cl_kernel kernel(const char* name) const;
+
+  DeviceInfo info_;
+  std::string device_name_;
+  cl_platform_id platform_ = nullptr;
+  cl_device_id device_ = nullptr;
+  cl_context context_ = nullptr;
+  cl_command_queue queue_ = nullptr;
+  bool queue_profiling_ = false;
+  cl_program program_ = nullptr;
+  std::map<std::string, cl_kernel> kernels_;
+  double setup_ms_ = 0;
+  std::string setup_note_;
+  size_t allocated_ = 0;  // bytes of live buffers (available_memory subtracts them)
+
+  std::vector<std::pair<cl_mem, size_t>> scratch_;
+  // Upload ring for small index arrays.
+  std::vector<int32_t> ring_host_;
+  cl_mem ring_dev_ = nullptr;
+  size_t ring_pos_ = 0;
+  std::vector<int32_t> last_ints_;
+  int last_ints_off_ = -1;
+  std::map<const void*, std::pair<cl_mem, size_t>> tables_;
+  std::map<std::pair<float, int>, cl_mem> rope_freqs_;
+
+  // Profiling: while an op runs under profile_op, every launch records an event here; the
+  // events are read in flush_profile, after the queue has passed them.
+  std::vector<cl_event>* capture_ = nullptr;
+  struct Pending {
+    std::string kind;
+    OpProfiler* profiler;
+    std::vector<cl_event> events;
+  };
+  std::vector<Pending> pending_;
+};
+
+}  // namespace kestrel::backend::opencl

@@ -1,0 +1,324 @@
+// The host side of the OpenCL backend's ops: shape and index checks (errors name the op and
+// the weight), kernel arguments and launches. Every launch is enqueued without waiting.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "backend/opencl/opencl_backend_impl.h"
+#include "format/quant/quant.h"
+
+namespace kestrel::backend::opencl {
+
+namespace {
+
+using quant::DType;
+
+// Kernel arguments in order; the first failing clSetKernelArg is reported with the op.
+class Args {
+ public:
+  Args(cl_kernel k, const char* op) : k_(k), op_(op) {}
+  template <typename T>
+  Args& operator()(const T& v) {
+    if (err_ == CL_SUCCESS) {
+      err_ = clSetKernelArg(k_, i_, sizeof(T), &v);
+      if (err_ != CL_SUCCESS) failed_ = i_;
+    }
+    ++i_;
+    return *this;
+  }
+  Args& mem(const void* tensor_data) {
+    return (*this)(static_cast<cl_mem>(const_cast<void*>(tensor_data)));
+  }
+  Args& null_mem() {
+    if (err_ == CL_SUCCESS) {
+      err_ = clSetKernelArg(k_, i_, sizeof(cl_mem), nullptr);
+      if (err_ != CL_SUCCESS) failed_ = i_;
+    }
+    ++i_;
+    return *this;
+  }
+  Status status() const {
+    if (err_ == CL_SUCCESS) return Status::ok();
+    return error("%s: clSetKernelArg(%u) failed: %s", op_, failed_, cl_error_name(err_).c_str());
+  }
+
+ private:
+  cl_kernel k_;
+  const char* op_;
+  cl_uint i_ = 0, failed_ = 0;
+  cl_int err_ = CL_SUCCESS;
+};
+
+bool is_f32(const Tensor& t) {
+  return t.type == DType::F32 && t.data;
+}
+
+constexpr int kSmallBatch = 8;    // MV_MAX_T of kernels/matmul.cl
+constexpr int kMaxHeadDim = 256;  // ATT_MAX_DIM of kernels/attention.cl
+
+}  // namespace
+
+Status OpenclBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_tokens,
+                            Tensor& out) {
+  for (int i = 0; i < n_tokens; ++i)
+    if (tokens[i] < 0 || tokens[i] >= table.n_out)
+      return error("token id %d is outside the vocabulary of %lld tokens", tokens[i],
+                   static_cast<long long>(table.n_out));
+  if (!quant::is_supported(table.type) || table.n_in % 32 != 0)
+    return error("embed: token table of type %s and %lld columns is not supported",
+                 quant::type_name(table.type), static_cast<long long>(table.n_in));
+  if (!is_f32(out) || out.cols != table.n_in || n_tokens > out.rows)
+    return error("embed: output of %lld x %lld cannot hold %d rows of %lld",
+                 static_cast<long long>(out.rows), static_cast<long long>(out.cols), n_tokens,
+                 static_cast<long long>(table.n_in));
+  if (n_tokens <= 0) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(cl_mem dev, device_table(table));
+  KESTREL_ASSIGN_OR_RETURN(int ids, upload_ints(tokens, n_tokens, "embed"));
+  cl_kernel k = kernel("embed_rows");
+  const int n_slices = static_cast<int>(table.n_in / 32);
+  const cl_long rb = quant::row_bytes(table.type, table.n_in);
+  const int type = static_cast<int>(table.type);
+  KESTREL_TRY(Args(k, "embed")(dev)(type)(rb)(n_slices)(ring_dev_)(ids).mem(out.data).status());
+  const size_t global[2] = {static_cast<size_t>(n_slices), static_cast<size_t>(n_tokens)};
+  const size_t local[2] = {32, 1};
+  return launch(k, "embed", 2, global, local);
+}
+
+Status OpenclBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
+                               Tensor& out) {
+  if (!is_f32(x) || !is_f32(out) || weight.cols != x.cols || out.cols != x.cols ||
+      n_tokens > x.rows || n_tokens > out.rows)
+    return error("rms_norm: shapes do not match (x %lld x %lld, weight %lld, out %lld x %lld)",
+                 static_cast<long long>(x.rows), static_cast<long long>(x.cols),
+                 static_cast<long long>(weight.cols), static_cast<long long>(out.rows),
+                 static_cast<long long>(out.cols));
+  if (n_tokens <= 0) return Status::ok();
+  cl_kernel k = kernel("rms_norm");
+  const int n = static_cast<int>(x.cols);
+  KESTREL_TRY(Args(k, "rms_norm").mem(x.data)(n).mem(weight.data)(eps).mem(out.data).status());
+  const size_t wg = info_.max_work_group >= 256 ? 256 : 64;
+  const size_t global[1] = {wg * n_tokens};
+  const size_t local[1] = {wg};
+  return launch(k, "rms_norm", 1, global, local);
+}
+
+Expected<cl_mem> OpenclBackend::rope_freqs(float base, int head_dim) {
+  const auto key = std::make_pair(base, head_dim);
+  if (auto it = rope_freqs_.find(key); it != rope_freqs_.end()) return it->second;
+  const int half = head_dim / 2;
+  std::vector<float> f(static_cast<size_t>(half));
+  for (int i = 0; i < half; ++i)
+    f[i] = static_cast<float>(std::pow(static_cast<double>(base), -2.0 * i / head_dim));
+  KESTREL_ASSIGN_OR_RETURN(cl_mem m, device_alloc(f.size() * sizeof(float), "rope frequencies"));
+  const cl_int err = clEnqueueWriteBuffer(queue_, m, CL_TRUE, 0, f.size() * sizeof(float), f.data(),
+                                          0, nullptr, nullptr);
+  if (err != CL_SUCCESS) {
+    device_free(m, f.size() * sizeof(float));
+    return cl_status(err, "clEnqueueWriteBuffer", "rope");
+  }
+  rope_freqs_[key] = m;
+  return m;
+}
+
+Status OpenclBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
+  if (!is_f32(x) || p.n_heads <= 0 || p.head_dim <= 0 || p.head_dim % 2 != 0 ||
+      x.cols != int64_t{p.n_heads} * p.head_dim || n_tokens > x.rows)
+    return error("rope: %d heads of %d do not match rows of %lld", p.n_heads, p.head_dim,
+                 static_cast<long long>(x.cols));
+  if (n_tokens <= 0) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(cl_mem freqs, rope_freqs(p.freq_base, p.head_dim));
+  KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "rope"));
+  cl_kernel k = kernel("rope");
+  const int neox = p.layout == RopeLayout::NeoX ? 1 : 0;
+  KESTREL_TRY(
+      Args(k, "rope").mem(x.data)(p.n_heads)(p.head_dim)(neox)(freqs)(ring_dev_)(pos).status());
+  const size_t global[3] = {static_cast<size_t>(p.head_dim / 2), static_cast<size_t>(p.n_heads),
+                            static_cast<size_t>(n_tokens)};
+  return launch(k, "rope", 3, global, nullptr);
+}
+
+Status OpenclBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
+  if (!is_f32(gate) || !is_f32(up) || !is_f32(out) || up.cols != gate.cols ||
+      out.cols != gate.cols || n_tokens > gate.rows || n_tokens > up.rows || n_tokens > out.rows)
+    return error("swiglu: shapes do not match (gate %lld, up %lld, out %lld columns)",
+                 static_cast<long long>(gate.cols), static_cast<long long>(up.cols),
+                 static_cast<long long>(out.cols));
+  const cl_long n = static_cast<cl_long>(n_tokens) * gate.cols;
+  if (n <= 0) return Status::ok();
+  cl_kernel k = kernel("swiglu");
+  KESTREL_TRY(Args(k, "swiglu").mem(gate.data).mem(up.data)(n).mem(out.data).status());
+  const size_t global[1] = {static_cast<size_t>(n)};
+  const size_t local[1] = {64};
+  return launch(k, "swiglu", 1, global, local);
+}
+
+Status OpenclBackend::add(Tensor& x, const Tensor& y, int n_tokens) {
+  if (!is_f32(x) || !is_f32(y) || y.cols != x.cols || n_tokens > x.rows || n_tokens > y.rows)
+    return error("add: shapes do not match (%lld and %lld columns)", static_cast<long long>(x.cols),
+                 static_cast<long long>(y.cols));
+  const cl_long n = static_cast<cl_long>(n_tokens) * x.cols;
+  if (n <= 0) return Status::ok();
+  cl_kernel k = kernel("add_inplace");
+  KESTREL_TRY(Args(k, "add").mem(x.data).mem(y.data)(n).status());
+  const size_t global[1] = {static_cast<size_t>(n)};
+  const size_t local[1] = {64};
+  return launch(k, "add", 1, global, local);
+}
+
+Status OpenclBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) {
+  for (int i = 0; i < n_rows; ++i)
+    if (rows[i] < 0 || rows[i] >= x.rows)
+      return error("get_rows: row %d outside a tensor of %lld rows", rows[i],
+                   static_cast<long long>(x.rows));
+  if (!is_f32(x) || !is_f32(out) || out.cols != x.cols || n_rows > out.rows)
+    return error("get_rows: output of %lld x %lld cannot hold %d rows of %lld",
+                 static_cast<long long>(out.rows), static_cast<long long>(out.cols), n_rows,
+                 static_cast<long long>(x.cols));
+  if (n_rows <= 0) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(int off, upload_ints(rows, n_rows, "get_rows"));
+  cl_kernel k = kernel("get_rows");
+  const cl_long cols = x.cols;
+  KESTREL_TRY(Args(k, "get_rows").mem(x.data)(cols)(ring_dev_)(off).mem(out.data).status());
+  const size_t global[2] = {static_cast<size_t>(cols), static_cast<size_t>(n_rows)};
+  const size_t local[2] = {64, 1};
+  return launch(k, "get_rows", 2, global, local);
+}
+
+Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
+                             const Tensor* bias) {
+  const auto& w = static_cast<const ClWeight&>(weight);
+  if (x.cols != w.n_in || out.cols != w.n_out || n_tokens > x.rows || n_tokens > out.rows ||
+      !is_f32(x) || !is_f32(out) || (bias && bias->cols != w.n_out))
+    return error("matmul '%s': shapes do not match (x %lld x %lld, weight %lld x %lld, out %lld)",
+                 w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
+                 static_cast<long long>(w.n_out), static_cast<long long>(w.n_in),
+                 static_cast<long long>(out.cols));
+  if (n_tokens <= 0) return Status::ok();
+  const std::string op = "matmul '" + w.name + "'";
+  const int type = static_cast<int>(w.type);
+  const cl_long rb = w.row_bytes;
+  const int n_in = static_cast<int>(w.n_in), n_out = static_cast<int>(w.n_out);
+  auto set_common = [&](cl_kernel k, Args& a) {
+    (void)k;
+    a(w.qs);
+    if (w.d)
+      a(w.d);
+    else
+      a.null_mem();
+    a(type)(rb)(n_in)(n_out).mem(x.data);
+  };
+  auto set_bias = [&](Args& a) {
+    if (bias)
+      a.mem(bias->data);
+    else
+      a.null_mem();
+  };
+  if (n_tokens <= kSmallBatch) {
+    cl_kernel k = kernel("matmul_small");
+    Args a(k, op.c_str());
+    set_common(k, a);
+    a(n_tokens).mem(out.data);
+    set_bias(a);
+    KESTREL_TRY(a.status());
+    const size_t split = info_.max_work_group >= 256 ? 4 : 1;
+    const size_t global[2] = {static_cast<size_t>(n_out), split};
+    const size_t local[2] = {64, split};
+    return launch(k, op.c_str(), 2, global, local);
+  }
+  // Full tiles of 64 tokens, then the rest in tiles of 16 (a 71-token micro-batch runs 64 + 16
+  // token slots, not 128), unless the rest is nearly a full tile.
+  const bool wide = info_.max_work_group >= 256;
+  const size_t wx = wide ? 16 : 8, wy = wx, tm = wide ? 64 : 32;
+  int t0 = 0;
+  while (t0 < n_tokens) {
+    const int rest = n_tokens - t0;
+    const int tn = rest >= 48 ? 64 : 16;
+    const int count = rest >= 64 ? rest / 64 * 64 : rest;
+    cl_kernel k = kernel(tn == 64 ? "matmul_tiled_64" : "matmul_tiled_16");
+    Args a(k, op.c_str());
+    set_common(k, a);
+    a(t0)(count).mem(out.data);
+    set_bias(a);
+    KESTREL_TRY(a.status());
+    const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
+    const size_t global[2] = {(static_cast<size_t>(n_out) + tm - 1) / tm * wx, groups_t * wy};
+    const size_t local[2] = {wx, wy};
+    KESTREL_TRY(launch(k, op.c_str(), 2, global, local));
+    t0 += count;
+  }
+  return Status::ok();
+}
+
+Status OpenclBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
+                               const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
+  const int64_t cache_rows = std::min(k_cache.rows, v_cache.rows);
+  if (k.cols != k_cache.cols || v.cols != v_cache.cols || n_tokens > k.rows || n_tokens > v.rows ||
+      !is_f32(k) || !is_f32(v))
+    return error("kv_store: rows of %lld/%lld values do not match the caches' %lld/%lld",
+                 static_cast<long long>(k.cols), static_cast<long long>(v.cols),
+                 static_cast<long long>(k_cache.cols), static_cast<long long>(v_cache.cols));
+  for (const Tensor* c : {&k_cache, &v_cache})
+    if (!quant::is_kv_type(c->type) || c->cols % 32 != 0)
+      return error(
+          "kv_store: a cache of type %s and %lld columns is not supported (f16, q8_0 "
+          "or q4_0 rows of a multiple of 32)",
+          quant::type_name(c->type), static_cast<long long>(c->cols));
+  for (int t = 0; t < n_tokens; ++t)
+    if (positions[t] < 0 || positions[t] >= cache_rows)
+      return error("kv_store: position %d outside the cache of %lld positions", positions[t],
+                   static_cast<long long>(cache_rows));
+  if (n_tokens <= 0) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "kv_store"));
+  cl_kernel kern = kernel("kv_store");
+  for (const auto& [src, cache] :
+       {std::pair<const Tensor*, Tensor*>{&k, &k_cache}, {&v, &v_cache}}) {
+    const int dim = static_cast<int>(src->cols), type = static_cast<int>(cache->type);
+    const cl_long rb = static_cast<cl_long>(cache->row_bytes());
+    KESTREL_TRY(Args(kern, "kv_store")
+                    .mem(src->data)(dim)(ring_dev_)(pos)(type)
+                    .mem(cache->data)(rb)
+                    .status());
+    const size_t global[2] = {static_cast<size_t>(dim / 32), static_cast<size_t>(n_tokens)};
+    KESTREL_TRY(launch(kern, "kv_store", 2, global, nullptr));
+  }
+  return Status::ok();
+}
+
+Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
+                                const Tensor& k_cache, const Tensor& v_cache,
+                                const AttentionParams& p, Tensor& out) {
+  const int D = p.head_dim, H = p.n_head, Hkv = p.n_head_kv;
+  if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || D <= 0 || D % 32 != 0 || D > kMaxHeadDim ||
+      k_cache.cols != int64_t{Hkv} * D || v_cache.cols != k_cache.cols ||
+      q.cols != int64_t{H} * D || out.cols != q.cols || n_tokens > q.rows || n_tokens > out.rows ||
+      !is_f32(q) || !is_f32(out) || !quant::is_kv_type(k_cache.type) ||
+      !quant::is_kv_type(v_cache.type))
+    return error(
+        "attention: %d heads / %d KV heads of %d do not match q rows of %lld, the cache rows of "
+        "%lld / %lld or the output (head_dim: a multiple of 32 up to %d)",
+        H, Hkv, D, static_cast<long long>(q.cols), static_cast<long long>(k_cache.cols),
+        static_cast<long long>(v_cache.cols), kMaxHeadDim);
+  for (int t = 0; t < n_tokens; ++t)
+    if (positions[t] < 0 || positions[t] >= std::min(k_cache.rows, v_cache.rows))
+      return error("attention: position %d outside a cache of %lld rows", positions[t],
+                   static_cast<long long>(std::min(k_cache.rows, v_cache.rows)));
+  if (n_tokens <= 0) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "attention"));
+  cl_kernel k = kernel("attention");
+  const int kt = static_cast<int>(k_cache.type), vt = static_cast<int>(v_cache.type);
+  const cl_long krb = static_cast<cl_long>(k_cache.row_bytes()),
+                vrb = static_cast<cl_long>(v_cache.row_bytes());
+  const int group = H / Hkv;
+  KESTREL_TRY(Args(k, "attention")
+                  .mem(q.data)
+                  .mem(k_cache.data)
+                  .mem(v_cache.data)(kt)(vt)(krb)(vrb)(ring_dev_)(pos)(H)(group)(D)(p.scale)
+                  .mem(out.data)
+                  .status());
+  const size_t global[2] = {static_cast<size_t>(H) * 64, static_cast<size_t>(n_tokens)};
+  const size_t local[2] = {64, 1};
+  return launch(k, "attention", 2, global, local);
+}
+
+}  // namespace kestrel::backend::opencl
