@@ -131,6 +131,11 @@ class Backend {
   // Bytes that can still be allocated on the device (host: MemAvailable), or -1 if unknown.
   // Checked before large allocations so that they fail with numbers, not half-way.
   virtual int64_t available_memory() const { return -1; }
+  // One-time setup done when the backend was created (device context, kernel compilation or a
+  // program-cache load), part of the model's load time: its ms and what it did ("kernels loaded
+  // from the program cache ..."), for the report. 0 and "" when there is nothing to say.
+  virtual double setup_ms() const { return 0; }
+  virtual std::string setup_note() const { return {}; }
 
   // Runs `op` for the per-op profile (--profile) and adds its time to `profiler` under
   // `kind`. The default brackets the op with synchronize() and the host clock, which is exact

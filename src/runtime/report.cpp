@@ -134,6 +134,9 @@ std::string render_markdown(const PromptReport& r) {
   o << "| KV cache | K " << quant::type_name(s.type_k) << ", V " << quant::type_name(s.type_v)
     << " |\n";
   o << "| load (before timing) | " << grouped(r.load_ms, 1) << " ms |\n";
+  if (r.backend_setup_ms > 0 || !r.backend_setup_note.empty())
+    o << "| backend setup (in load) | " << grouped(r.backend_setup_ms, 1) << " ms"
+      << (r.backend_setup_note.empty() ? "" : ": " + r.backend_setup_note) << " |\n";
   o << "| version | " << r.version << " |\n";
   if (r.profile)
     o << "\n" << render_profile_markdown(*r.profile, r.total_ms()) << profile_by_chunk(r);
@@ -165,6 +168,8 @@ nlohmann::json to_json(const PromptReport& r) {
             {"ms_per_token", r.ms_per_token()},
             {"tokens_per_s", r.tokens_per_s()},
             {"load_ms", r.load_ms},
+            {"backend_setup_ms", r.backend_setup_ms},
+            {"backend_setup", r.backend_setup_note},
             {"model", {{"path", r.model_path}, {"name", r.model_name}, {"arch", r.arch}}},
             {"backend", r.backend},
             {"device", r.device},

@@ -31,6 +31,10 @@ struct PromptReport {
   int n_gpu_layers = 0;
   SessionParams settings;
   double load_ms = 0;  // model load and weight preparation, before any chunk is timed
+  // Of load_ms: the GPU backend's one-time setup (kernel build or program-cache load), and what
+  // it did (a cold start compiles, a warm one loads cached binaries). 0 / "": none.
+  double backend_setup_ms = 0;
+  std::string backend_setup_note;
   int prompt_tokens = 0;
   std::vector<ChunkStats> chunks;
   int gen_tokens = 0;

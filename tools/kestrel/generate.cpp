@@ -181,6 +181,8 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   rep.arch = cfg.arch;
   rep.backend = l.model->primary_backend()->name();
   rep.device = l.model->primary_backend()->device_name();
+  rep.backend_setup_ms = l.model->primary_backend()->setup_ms();
+  rep.backend_setup_note = l.model->primary_backend()->setup_note();
   rep.version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
   rep.n_threads = l.model->n_threads();
   rep.n_gpu_layers = l.model->n_gpu_layers();

@@ -80,8 +80,8 @@ class OpenclBackend final : public Backend {
 
   const DeviceInfo& info() const { return info_; }
   // One-time setup (context, program build or cache load) in ms, and what the cache did.
-  double setup_ms() const { return setup_ms_; }
-  const std::string& setup_note() const { return setup_note_; }
+  double setup_ms() const override { return setup_ms_; }
+  std::string setup_note() const override { return setup_note_; }
   // A weight's buffers are released (called by ~ClWeight).
   void release_weight(ClWeight& w);
 

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The OpenCL backend on an NVIDIA GPU machine (a bare Ubuntu with the CUDA toolkit and the
+# driver, .gpu-deps/ from scripts/pack-gpu-deps.sh carried along), from the repository root:
+#
+#   1. environment: NVIDIA's OpenCL ICD registered through OCL_ICD_VENDORS (a driver container
+#      often has libnvidia-opencl.so.1 but no /etc/OpenCL/vendors entry), the CUDA toolkit's
+#      OpenCL headers and ICD loader, .gpu-deps for PCRE2 / utf8proc, the gguf wheel
+#   2. build build-ocl-gpu (-DKESTREL_OPENCL=ON, no CUDA): kestrel and kestrel_tests
+#   3. the conformance tests on OpenCL (KESTREL_GPU_BACKEND=opencl, KESTREL_OPS_REPORT=1) and
+#      the program cache tests
+#   4. unless --no-bench: llama2-7b Q4_0 (synthetic, ANCHORS.md scales) pp512 and the seed's case
+#      (327 tokens, -c 512 -b 128 -ub 16 -ctk q4_0 -ctv q4_0), with the cold and warm setup time
+#
+#   bash scripts/check-opencl-gpu.sh [--no-bench] [--no-tests] [--profile (per-op times too)]
+#
+# Environment: OCL_GPU_WORK (models; default /tmp/kestrel-ocl-gpu), OCL_GPU_BUILD (build-ocl-gpu),
+# NVIDIA_OPENCL_LIB (libnvidia-opencl.so.1 when not found by itself). Output goes to stdout and,
+# when $OUT is set, $OUT/opencl-gpu.log.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+BENCH=1 TESTS=1 PROFILE=0
+for a in "$@"; do
+  case "$a" in
+    --no-bench) BENCH=0 ;;
+    --no-tests) TESTS=0 ;;
+    --profile) PROFILE=1 ;;
+    *) echo "check-opencl-gpu: unknown option $a" >&2; exit 2 ;;
+  esac
+done
+WORK=${OCL_GPU_WORK:-/tmp/kestrel-ocl-gpu}
+BUILD=${OCL_GPU_BUILD:-build-ocl-gpu}
+mkdir -p "$WORK/models"
+LOG=${OUT:+$OUT/opencl-gpu.log}
+LOG=${LOG:-$WORK/opencl-gpu.log}
+exec > >(tee -a "$LOG") 2>&1
+
+# --- 1. environment ------------------------------------------------------------------------------
+[[ -d /usr/local/cuda/bin ]] && export PATH="/usr/local/cuda/bin:$PATH"
+lib=${NVIDIA_OPENCL_LIB:-}
+for c in /usr/local/nvidia/lib64/libnvidia-opencl.so.1 /usr/lib/x86_64-linux-gnu/libnvidia-opencl.so.1 \
+  $(ldconfig -p 2>/dev/null | awk '/libnvidia-opencl.so.1/ {print $NF}'); do
+  [[ -z "$lib" && -e "$c" ]] && lib=$c
+done
+if [[ -n "$lib" ]]; then
+  mkdir -p /tmp/icd && echo "$lib" >/tmp/icd/nvidia.icd
+  export OCL_ICD_VENDORS=/tmp/icd
+  echo "icd: $lib (OCL_ICD_VENDORS=/tmp/icd)"
+else
+  echo "icd: libnvidia-opencl.so.1 not found (set NVIDIA_OPENCL_LIB)"
+fi
+cl_flags=()
+for inc in /usr/local/cuda/include /usr/local/cuda/targets/x86_64-linux/include; do
+  [[ -e $inc/CL/cl.h ]] && cl_flags+=("-DOpenCL_INCLUDE_DIR=$inc") && break
+done
+for l in /usr/local/cuda/lib64/libOpenCL.so /usr/local/cuda/targets/x86_64-linux/lib/libOpenCL.so \
+  /usr/local/cuda/lib64/libOpenCL.so.1; do
+  [[ -e $l ]] && cl_flags+=("-DOpenCL_LIBRARY=$l") && break
+done
+echo "opencl: ${cl_flags[*]:-system headers and loader}"
+DEPS=$ROOT/.gpu-deps
+[[ -d $DEPS/lib/pkgconfig ]] && export PKG_CONFIG_PATH="$DEPS/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+command -v pkg-config >/dev/null || command -v pkgconf >/dev/null ||
+  export PKG_CONFIG="$ROOT/scripts/pkg-config-lite.py"
+if ! python3 -c 'import gguf' 2>/dev/null; then
+  wheel=$(find "$DEPS/wheels" -name 'gguf-*.whl' 2>/dev/null | head -n 1)
+  [[ -n "$wheel" && ! -d "$WORK/site/gguf" ]] && python3 -m zipfile -e "$wheel" "$WORK/site"
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1
+
+MODEL=$WORK/models/llama2-7b-q4_0.gguf
+if ((BENCH)) && [[ ! -s $MODEL ]]; then
+  (timeout 300 python3 scripts/synth_gguf.py --out "$MODEL.tmp" --shape llama2-7b --type q4_0 \
+    --scale-range 0.002,0.02 >"$WORK/synth.log" 2>&1 && mv "$MODEL.tmp" "$MODEL") &
+  SYNTH=$!
+fi
+
+# --- 2. build ------------------------------------------------------------------------------------
+t=$(date +%s)
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKESTREL_OPENCL=ON -DKESTREL_CUDA=OFF \
+  "${cl_flags[@]}" >"$WORK/configure.log" 2>&1 || { tail -n 30 "$WORK/configure.log"; exit 1; }
+targets=(kestrel)
+((TESTS)) && targets+=(kestrel_tests)
+cmake --build "$BUILD" -j "$(nproc)" --target "${targets[@]}" >"$WORK/build.log" 2>&1 ||
+  { grep -E -A5 'error|FAILED' "$WORK/build.log" | head -n 60; exit 1; }
+echo "build: $(($(date +%s) - t)) s"
+export KESTREL_CL_CACHE_DIR=$WORK/cl-cache
+rm -rf "$KESTREL_CL_CACHE_DIR"
+
+# --- 3. tests ------------------------------------------------------------------------------------
+rc=0
+if ((TESTS)); then
+  t=$(date +%s)
+  KESTREL_GPU_BACKEND=opencl KESTREL_OPS_REPORT=1 timeout 420 "$BUILD/bin/kestrel_tests" \
+    --gtest_filter='*Gpu*:OpenclCache*' --gtest_brief=1 || rc=1
+  echo "tests: rc $rc, $(($(date +%s) - t)) s"
+fi
+
+# --- 4. bench ------------------------------------------------------------------------------------
+if ((BENCH)); then
+  [[ -n ${SYNTH:-} ]] && wait "$SYNTH"
+  if [[ ! -s $MODEL ]]; then
+    echo "bench: no model ($(tail -n 3 "$WORK/synth.log"))"
+    exit 1
+  fi
+  rm -rf "$KESTREL_CL_CACHE_DIR"
+  for start in cold warm; do
+    "$BUILD/bin/kestrel" run -m "$MODEL" --tokens 1,2,3,4,5,6,7,8 -n 0 --backend opencl -ngl 99 \
+      --report 2>&1 | grep -E 'backend|load|prompt:' | sed "s/^/$start: /"
+  done
+  b="$BUILD/bin/kestrel bench -m $MODEL --backend opencl -ngl 99"
+  seed=(-p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
+  timeout 240 $b -r 3 -p 512 -n 0 || rc=1
+  timeout 240 $b -r 3 "${seed[@]}" || rc=1
+  timeout 120 $b -r 3 -p 0 -n 32 || rc=1
+  if ((PROFILE)); then
+    timeout 200 $b -r 1 -p 512 -n 0 --profile || true
+    timeout 200 $b -r 1 "${seed[@]}" --profile || true
+  fi
+fi
+exit $rc
