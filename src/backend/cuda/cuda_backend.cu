@@ -88,6 +88,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->mma_disabled_ = no_mma && std::string(no_mma) == "1";
   const char* no_int8 = std::getenv("KESTREL_CUDA_NO_INT8");
   be->int8_disabled_ = no_int8 && std::string(no_int8) == "1";
+  const char* no_frag = std::getenv("KESTREL_CUDA_NO_FRAG");
+  be->frag_disabled_ = no_frag && std::string(no_frag) == "1";
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))

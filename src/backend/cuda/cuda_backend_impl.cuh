@@ -28,6 +28,11 @@ enum ScratchSlot { kX16 = 0, kQ16, kK16, kV16, kScores, kProbs, kPartial, kActs,
 // the fused tensor-core kernel (Q4_0, Q8_0); beyond, on cuBLAS with f16 weight tiles.
 constexpr int kSmallBatch = 8;
 constexpr int kMmaMaxTokens = 64;
+// From kFragMinTokens to kFragMaxTokens tokens, Q4_0 / Q8_0 matmuls decode the weights straight
+// into tensor-core fragments (matmul_frag.cu); fewer tokens run on the dp4a kernel
+// (matvec_int8.cu), more on the shared-memory tile kernel (matmul_mma.cu).
+constexpr int kFragMinTokens = 5;
+constexpr int kFragMaxTokens = 16;
 
 // A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
@@ -120,6 +125,7 @@ class CudaBackend final : public Backend {
   bool graphs_disabled_ = false;  // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
   bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
   bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
+  bool frag_disabled_ = false;    // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
   int rows_max_tokens_ = 16;      // few-token attention kernel up to this many tokens
                                   // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
   cudaStream_t stream_ = nullptr;
@@ -192,6 +198,15 @@ Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const Quant
                             cudaStream_t s);
 Status launch_matvec_int8(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
                           const float* bias, cudaStream_t s);
+// Sums partial[splits][T][n_out] in a fixed order into out (+ bias).
+Status launch_reduce_splits(const float* partial, int splits, int n_tokens, int64_t n_out,
+                            float* out, const float* bias, cudaStream_t s);
+// matmul_frag.cu: Q4_0 / Q8_0 weights decoded straight into tensor-core fragments, f16
+// activations; partial needs frag_splits * T * n_out floats.
+bool frag_supports(const CudaWeight& w, int n_tokens);
+int frag_splits(const CudaWeight& w);
+Status launch_matmul_frag(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
+                          const float* bias, float* partial, cudaStream_t s);
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);

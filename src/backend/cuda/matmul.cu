@@ -278,6 +278,18 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const float* xp = static_cast<const float*>(x.data);
   float* op = static_cast<float*>(out.data);
+  if (frag_supports(w, n_tokens) && !frag_disabled_) {
+    KESTREL_ASSIGN_OR_RETURN(void* x16, scratch(kX16, sizeof(__half) * n_tokens * w.n_in));
+    KESTREL_TRY(launch_to_f16(xp, int64_t{n_tokens} * w.n_in, static_cast<__half*>(x16), stream_));
+    float* partial = nullptr;
+    if (const int splits = frag_splits(w); splits > 1) {
+      KESTREL_ASSIGN_OR_RETURN(void* p,
+                               scratch(kPartial, sizeof(float) * splits * n_tokens * w.n_out));
+      partial = static_cast<float*>(p);
+    }
+    return launch_matmul_frag(w, static_cast<const __half*>(x16), n_tokens, op, b, partial,
+                              stream_);
+  }
   if (int8_matvec_supports(w, n_tokens) && !int8_disabled_) {
     KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
     const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);

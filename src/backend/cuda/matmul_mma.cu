@@ -188,12 +188,16 @@ Status launch_matmul_mma(const CudaWeight& w, const __half* x16, int n_tokens, f
   else
     launch_mma_nt<DType::Q8_0>(w, x16, n_tokens, splits, k_per_split, dst, bias, s);
   LAUNCH_CHECK("matmul (tensor cores, mid batch)");
-  if (splits > 1) {
-    const int64_t total = n_tokens * w.n_out;
-    reduce_splits_kernel<<<ceil_div(total, 256), 256, 0, s>>>(partial, splits, n_tokens, w.n_out,
-                                                              out, bias);
-    LAUNCH_CHECK("matmul (split reduction)");
-  }
+  if (splits > 1) return launch_reduce_splits(partial, splits, n_tokens, w.n_out, out, bias, s);
+  return Status::ok();
+}
+
+Status launch_reduce_splits(const float* partial, int splits, int n_tokens, int64_t n_out,
+                            float* out, const float* bias, cudaStream_t s) {
+  const int64_t total = n_tokens * n_out;
+  reduce_splits_kernel<<<ceil_div(total, 256), 256, 0, s>>>(partial, splits, n_tokens, n_out, out,
+                                                            bias);
+  LAUNCH_CHECK("matmul (split reduction)");
   return Status::ok();
 }
 
