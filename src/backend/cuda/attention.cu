@@ -175,7 +175,7 @@ __device__ __forceinline__ float cache_value(const uint8_t* cache, int64_t row_b
 // group. Scores: a thread per key, the key's row decoded slice by slice; P.V: each warp takes
 // every fourth key with a lane per output element (coalesced), partial sums reduced in shared
 // memory. Shared memory: q[kTB][D], partial outputs [warps][kTB][D], scores [kTB][n_kv].
-constexpr int kRowsThreads = 128, kRowsMaxDim = 256;
+constexpr int kRowsThreads = 256, kRowsMaxDim = 256;
 template <DType KT, DType VT, int kTB>
 __global__ void __launch_bounds__(kRowsThreads)
     attention_rows_kernel(const float* q, int n_tokens, const int32_t* pos, const uint8_t* kc,
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kRowsThreads)
   for (int tb = 0; tb < kTB; ++tb)
 #pragma unroll
     for (int j = 0; j < kRowsMaxDim / 32; ++j) acc[tb][j] = 0.0f;
-#pragma unroll 2
+#pragma unroll 4
   for (int64_t k = warp; k < n_kv; k += kWarps) {
 #pragma unroll
     for (int j = 0; j < kRowsMaxDim / 32; ++j) {
