@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "backend/opencl/kernels/attention_cl.h"
@@ -27,15 +28,18 @@ double gib(double bytes) {
 }
 
 const char* const kKernelNames[] = {
-    "embed_rows", "rms_norm",  "rope",         "swiglu",          "add_inplace",     "get_rows",
-    "kv_store",   "attention", "matmul_small", "matmul_tiled_64", "matmul_tiled_16",
+    "embed_rows",    "rms_norm",     "rope",       "swiglu",          "add_inplace",
+    "get_rows",      "kv_store",     "attention",  "attention_block", "matmul_small",
+    "matmul_reduce", "matmul_tiled", "matmul_mid",
 };
 
-// One instance of the matmul_tiled.cl template.
-std::string tiled_instance(int tn) {
-  std::string s = format("#define MM_TN %d\n#define MM_KERNEL matmul_tiled_%d\n", tn, tn);
+// One instance of the matmul_tiled.cl template (which undefines its parameters at the end).
+std::string tiled_instance(const char* name, const TileShape& t) {
+  std::string s = format(
+      "#define MM_TM %d\n#define MM_TN %d\n#define MM_WX %d\n#define MM_WY %d\n"
+      "#define MM_KERNEL %s\n",
+      t.tm, t.tn, t.wx, t.wy, name);
   s.append(sources::matmul_tiled);
-  s.append("\n#undef MM_TN\n#undef MM_KERNEL\n");
   return s;
 }
 
@@ -138,14 +142,18 @@ Status OpenclBackend::init(int platform, int device) {
 // common case; 64 otherwise); half arithmetic and the correctly rounded division (which the KV
 // store's quantization needs to equal quantize_row) only where the device has them.
 Status OpenclBackend::build_kernels() {
-  const bool wide = info_.max_work_group >= 256;
+  wide_ = info_.max_work_group >= 256 && info_.local_mem >= 32 * 1024;
+  // Tiles of 128 rows x 64 tokens, 8 x 4 accumulators per work-item (24 KiB of local memory)
+  // where the device allows, else 32 x 32.
+  tile_ = wide_ ? TileShape{128, 64, 16, 16} : TileShape{32, 32, 8, 8};
+  if (const char* v = std::getenv("KESTREL_CL_MID_MAX_TOKENS")) mid_max_tokens_ = std::atoi(v);
   std::string options = "-cl-std=CL1.2";
-  options += wide ? " -DMM_TM=64 -DMM_WX=16 -DMM_WY=16 -DMV_SPLIT=4 -DRMS_WG=256"
-                  : " -DMM_TM=32 -DMM_WX=8 -DMM_WY=8 -DMV_SPLIT=1 -DRMS_WG=64";
+  options += wide_ ? " -DMV_ROWS=16 -DMV_SPLIT=16 -DMID_ROWS=128 -DMID_SPLIT=2 -DRMS_WG=256"
+                   : " -DMV_ROWS=16 -DMV_SPLIT=4 -DMID_ROWS=64 -DMID_SPLIT=1 -DRMS_WG=64";
   if (info_.fp16) options += " -DKESTREL_HAS_FP16";
   if (info_.correct_divide) options += " -cl-fp32-correctly-rounded-divide-sqrt";
   const std::vector<std::string> srcs = {sources::common, sources::elementwise, sources::attention,
-                                         sources::matmul, tiled_instance(64),   tiled_instance(16)};
+                                         sources::matmul, tiled_instance("matmul_tiled", tile_)};
   KESTREL_ASSIGN_OR_RETURN(ProgramBuild built,
                            build_program(context_, device_, srcs, options, default_cache_dir()));
   program_ = built.program;
@@ -159,10 +167,13 @@ Status OpenclBackend::build_kernels() {
     if (err != CL_SUCCESS)
       return error("OpenCL setup: clCreateKernel(%s) failed: %s", name, cl_error_name(err).c_str());
     kernels_[name] = k;
-    size_t wg = 0;
+    // A kernel with a required work-group size must be able to run it on this device.
+    size_t wg = 0, reqd[3] = {0, 0, 0};
     clGetKernelWorkGroupInfo(k, device_, CL_KERNEL_WORK_GROUP_SIZE, sizeof wg, &wg, nullptr);
-    const size_t need = wide ? 256 : 64;
-    if (wg != 0 && wg < need && std::strcmp(name, "attention") != 0)
+    clGetKernelWorkGroupInfo(k, device_, CL_KERNEL_COMPILE_WORK_GROUP_SIZE, sizeof reqd, reqd,
+                             nullptr);
+    const size_t need = reqd[0] * std::max<size_t>(reqd[1], 1) * std::max<size_t>(reqd[2], 1);
+    if (wg != 0 && wg < need)
       return error(
           "OpenCL kernel %s runs at most %zu work-items per group on %s; it needs %zu (the "
           "device's registers or local memory are too small for it)",

@@ -45,6 +45,12 @@ struct DeviceInfo {
   cl_uint compute_units = 0;
 };
 
+// The shape of one instance of the tiled matmul kernel (kernels/matmul_tiled.cl).
+struct TileShape {
+  int tm, tn;  // weight rows x tokens per work-group
+  int wx, wy;  // work-group
+};
+
 class OpenclBackend final : public Backend {
  public:
   static Expected<std::unique_ptr<OpenclBackend>> create(int platform, int device);
@@ -109,6 +115,13 @@ class OpenclBackend final : public Backend {
   cl_kernel kernel(const char* name) const;
 
   DeviceInfo info_;
+  bool wide_ = false;  // work-groups of 256 and 32 KiB of local memory
+  TileShape tile_{};   // matmul_tiled's shape
+  // Micro-batches of up to this many tokens (and the tails of larger ones, under a tile) run on
+  // matmul_mid; KESTREL_CL_MID_MAX_TOKENS overrides it (to compare the kernels).
+  // (H100 through NVIDIA's OpenCL, llama2-7b: matmul_mid leads at 16 tokens, matmul_tiled from
+  // about 64.)
+  int mid_max_tokens_ = 32;
   std::string device_name_;
   cl_platform_id platform_ = nullptr;
   cl_device_id device_ = nullptr;

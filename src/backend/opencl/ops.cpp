@@ -1,6 +1,7 @@
 // The host side of the OpenCL backend's ops: shape and index checks (errors name the op and
 // the weight), kernel arguments and launches. Every launch is enqueued without waiting.
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -221,30 +222,66 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     a(n_tokens).mem(out.data);
     set_bias(a);
     KESTREL_TRY(a.status());
-    const size_t split = info_.max_work_group >= 256 ? 4 : 1;
+    const size_t rows = 16, split = wide_ ? 16 : 4;  // MV_ROWS, MV_SPLIT
     const size_t global[2] = {static_cast<size_t>(n_out), split};
-    const size_t local[2] = {64, split};
+    const size_t local[2] = {rows, split};
     return launch(k, op.c_str(), 2, global, local);
   }
-  // Full tiles of 64 tokens, then the rest in tiles of 16 (a 71-token micro-batch runs 64 + 16
-  // token slots, not 128), unless the rest is nearly a full tile.
-  const bool wide = info_.max_work_group >= 256;
-  const size_t wx = wide ? 16 : 8, wy = wx, tm = wide ? 64 : 32;
+  // Up to mid_max_tokens_ tokens: matmul_mid; beyond, full tiles of matmul_tiled and the rest
+  // on matmul_mid when it is that short (a 71-token micro-batch costs 64 tiled token slots and 7
+  // mid ones, not 128), else on one more partial tile.
+  const int n_blocks = n_in / 32;
+  constexpr int kMidTokens = 16;          // MID_T of kernels/matmul.cl
+  const int mid_rows = wide_ ? 128 : 64;  // MID_ROWS (build options)
+  const int mid_split = wide_ ? 2 : 1;    // MID_SPLIT
   int t0 = 0;
   while (t0 < n_tokens) {
     const int rest = n_tokens - t0;
-    const int tn = rest >= 48 ? 64 : 16;
-    const int count = rest >= 64 ? rest / 64 * 64 : rest;
-    cl_kernel k = kernel(tn == 64 ? "matmul_tiled_64" : "matmul_tiled_16");
+    const bool tiled = rest > mid_max_tokens_;
+    const int count = tiled && rest >= tile_.tn ? rest / tile_.tn * tile_.tn : rest;
+    assert(count > 0);
+    const int tm = tiled ? tile_.tm : mid_rows, tn = tiled ? tile_.tn : kMidTokens;
+    const size_t groups_r = static_cast<size_t>((n_out + tm - 1) / tm);
+    const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
+    // Split the input columns when the output tiles alone would leave compute units idle
+    // (decode-sized outputs, short micro-batches): about 4 work-groups per unit.
+    const size_t want = (tiled ? 4 : 2) * std::max<size_t>(info_.compute_units, 1);
+    int splits = 1;
+    if (groups_r * groups_t < want)
+      splits = static_cast<int>(
+          std::min<size_t>({(want + groups_r * groups_t - 1) / (groups_r * groups_t), 8,
+                            static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+    const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
+    cl_mem part = nullptr;
+    if (splits > 1) {
+      KESTREL_ASSIGN_OR_RETURN(part, scratch(0, sizeof(float) * splits * stride));
+    }
+    cl_kernel k = kernel(tiled ? "matmul_tiled" : "matmul_mid");
     Args a(k, op.c_str());
     set_common(k, a);
     a(t0)(count).mem(out.data);
     set_bias(a);
+    a(splits);
+    if (part)
+      a(part);
+    else
+      a.null_mem();
+    a(stride);
     KESTREL_TRY(a.status());
-    const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
-    const size_t global[2] = {(static_cast<size_t>(n_out) + tm - 1) / tm * wx, groups_t * wy};
-    const size_t local[2] = {wx, wy};
-    KESTREL_TRY(launch(k, op.c_str(), 2, global, local));
+    const size_t wx = tiled ? tile_.wx : mid_rows, wy = tiled ? tile_.wy : mid_split;
+    const size_t global[3] = {groups_r * wx, groups_t * wy, static_cast<size_t>(splits)};
+    const size_t local[3] = {wx, wy, 1};
+    KESTREL_TRY(launch(k, op.c_str(), 3, global, local));
+    if (splits > 1) {
+      cl_kernel r = kernel("matmul_reduce");
+      Args ra(r, op.c_str());
+      ra(part)(splits)(stride)(n_out)(t0)(count).mem(out.data);
+      set_bias(ra);
+      KESTREL_TRY(ra.status());
+      const size_t rg[2] = {static_cast<size_t>(n_out), static_cast<size_t>(count)};
+      const size_t rl[2] = {64, 1};
+      KESTREL_TRY(launch(r, op.c_str(), 2, rg, rl));
+    }
     t0 += count;
   }
   return Status::ok();
@@ -305,6 +342,28 @@ Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* po
                    static_cast<long long>(std::min(k_cache.rows, v_cache.rows)));
   if (n_tokens <= 0) return Status::ok();
   KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "attention"));
+  // Several queries (and head_dim <= 128): attention_block shares each decoded key tile among
+  // 16 queries, when its (head, 16-query) work-groups are enough to occupy the device; decode-
+  // sized and short micro-batches take the one-query kernel (a work-group per head and query).
+  const size_t blocks = static_cast<size_t>(H) * ((n_tokens + 15) / 16);
+  if (n_tokens >= 4 && D <= 128 && blocks >= 2 * std::max<cl_uint>(info_.compute_units, 1)) {
+    cl_kernel kb = kernel("attention_block");
+    const int kt = static_cast<int>(k_cache.type), vt = static_cast<int>(v_cache.type);
+    const cl_long krb = static_cast<cl_long>(k_cache.row_bytes()),
+                  vrb = static_cast<cl_long>(v_cache.row_bytes());
+    const int group = H / Hkv;
+    KESTREL_TRY(
+        Args(kb, "attention")
+            .mem(q.data)
+            .mem(k_cache.data)
+            .mem(v_cache.data)(kt)(vt)(krb)(vrb)(ring_dev_)(pos)(n_tokens)(H)(group)(D)(p.scale)
+            .mem(out.data)
+            .status());
+    const size_t global[2] = {static_cast<size_t>(H) * 64,
+                              static_cast<size_t>((n_tokens + 15) / 16)};
+    const size_t local[2] = {64, 1};
+    return launch(kb, "attention", 2, global, local);
+  }
   cl_kernel k = kernel("attention");
   const int kt = static_cast<int>(k_cache.type), vt = static_cast<int>(v_cache.type);
   const cl_long krb = static_cast<cl_long>(k_cache.row_bytes()),

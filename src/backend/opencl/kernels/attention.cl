@@ -100,7 +100,11 @@ kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1))) void attention(
     if (j < n_keys) {
       const global uchar* kr = k_cache + (long)j * k_row_bytes;
       float dot = 0.0f;
-      for (int c = 0; c < head_dim; ++c) dot += q_l[c] * cache_elem(k_type, kr, col0 + c);
+      for (int c = 0; c < head_dim; c += 8) {
+        float kv[8];
+        decode8(k_type, kr, (col0 + c) / 32, (c / 8) % 4, kv);
+        for (int i = 0; i < 8; ++i) dot += q_l[c + i] * kv[i];
+      }
       s = dot * scale;
     }
     const float tile_max = group_max(s, scratch, lid, ATT_WG);
@@ -125,5 +129,114 @@ kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1))) void attention(
   for (int i = 0; i < n_mine; ++i) {
     const int d = lid + i * ATT_WG;
     if (d < head_dim) o[d] = acc[i] / l;
+  }
+}
+
+// Causal attention for micro-batches of several tokens: one work-group of ATB_WG work-items per
+// (head, block of ATB_Q consecutive query tokens). Each tile of ATB_K keys is decoded once into
+// local memory and serves all ATB_Q queries (the one-query kernel above reads and decodes every
+// key once per query); scores, the online softmax and the output accumulate in f32. For
+// head_dim <= ATB_MAX_DIM (the host uses the one-query kernel beyond).
+#define ATB_WG 64
+#define ATB_Q 16
+#define ATB_K 32
+#define ATB_MAX_DIM 128
+kernel __attribute__((reqd_work_group_size(ATB_WG, 1, 1))) void attention_block(
+    global const float* q, global const uchar* k_cache, global const uchar* v_cache, int k_type,
+    int v_type, long k_row_bytes, long v_row_bytes, global const int* ints, int ints_off,
+    int n_tokens, int n_head, int group, int head_dim, float scale, global float* out) {
+  local float q_l[ATB_Q][ATB_MAX_DIM];
+  local float kv_l[ATB_K][ATB_MAX_DIM + 1];  // the K tile, then the V tile
+  local float p_l[ATB_Q][ATB_K + 1];         // scores, then probabilities
+  local float corr_l[ATB_Q], m_l[ATB_Q], l_l[ATB_Q];
+  local int limit_l[ATB_Q];
+  const int h = get_group_id(0), tb = get_group_id(1) * ATB_Q, lid = get_local_id(0);
+  const int g = h / group, col0 = g * head_dim;
+  const long q_dim = (long)n_head * head_dim;
+  const int nq = min(ATB_Q, n_tokens - tb);
+  for (int u = lid; u < ATB_Q * head_dim; u += ATB_WG) {
+    const int qi = u / head_dim, c = u % head_dim;
+    q_l[qi][c] = qi < nq ? q[(tb + qi) * q_dim + (long)h * head_dim + c] : 0.0f;
+  }
+  if (lid < ATB_Q) {
+    limit_l[lid] = lid < nq ? ints[ints_off + tb + lid] : -1;  // last key each query sees
+    m_l[lid] = -INFINITY;
+    l_l[lid] = 0.0f;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  int n_keys = 0;
+  for (int qi = 0; qi < ATB_Q; ++qi) n_keys = max(n_keys, limit_l[qi] + 1);
+  const int n_dims = head_dim / ATB_WG + (lid < head_dim % ATB_WG ? 1 : 0);  // d = lid + i*WG
+  float acc[ATB_Q][ATB_MAX_DIM / ATB_WG];
+  for (int qi = 0; qi < ATB_Q; ++qi)
+    for (int i = 0; i < ATB_MAX_DIM / ATB_WG; ++i) acc[qi][i] = 0.0f;
+  const int parts = head_dim / 8;
+  for (int j0 = 0; j0 < n_keys; j0 += ATB_K) {
+    const int nk = min(ATB_K, n_keys - j0);
+    // K tile: nk keys x head_dim, decoded 8 elements per unit.
+    for (int u = lid; u < ATB_K * parts; u += ATB_WG) {
+      const int jj = u / parts, c = (u % parts) * 8;
+      float v[8];
+      if (jj < nk) {
+        decode8(k_type, k_cache + (long)(j0 + jj) * k_row_bytes, (col0 + c) / 32, (c / 8) % 4, v);
+      } else {
+        for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+      }
+      for (int i = 0; i < 8; ++i) kv_l[jj][c + i] = v[i];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    // Scores: work-item lid takes key lid % ATB_K for queries lid / ATB_K + 2i.
+    {
+      const int jj = lid % ATB_K;
+      for (int qi = lid / ATB_K; qi < ATB_Q; qi += ATB_WG / ATB_K) {
+        float dot = 0.0f;
+        for (int c = 0; c < head_dim; ++c) dot += q_l[qi][c] * kv_l[jj][c];
+        p_l[qi][jj] = j0 + jj <= limit_l[qi] ? dot * scale : -INFINITY;
+      }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    // Online softmax, one work-item per query row.
+    if (lid < ATB_Q) {
+      float mx = -INFINITY;
+      for (int jj = 0; jj < nk; ++jj) mx = fmax(mx, p_l[lid][jj]);
+      const float m_old = m_l[lid], m_new = fmax(m_old, mx);
+      float sum = 0.0f;
+      for (int jj = 0; jj < ATB_K; ++jj) {
+        const float s = jj < nk ? p_l[lid][jj] : -INFINITY;
+        const float p = s == -INFINITY ? 0.0f : exp(s - m_new);
+        p_l[lid][jj] = p;
+        sum += p;
+      }
+      const float corr = m_old == -INFINITY ? 0.0f : exp(m_old - m_new);
+      corr_l[lid] = corr;
+      l_l[lid] = l_l[lid] * corr + sum;
+      m_l[lid] = m_new;
+    }
+    // V tile (the K tile is no longer read after the barrier above).
+    for (int u = lid; u < ATB_K * parts; u += ATB_WG) {
+      const int jj = u / parts, c = (u % parts) * 8;
+      float v[8];
+      if (jj < nk) {
+        decode8(v_type, v_cache + (long)(j0 + jj) * v_row_bytes, (col0 + c) / 32, (c / 8) % 4, v);
+      } else {
+        for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+      }
+      for (int i = 0; i < 8; ++i) kv_l[jj][c + i] = v[i];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = 0; i < ATB_MAX_DIM / ATB_WG; ++i) {
+      if (i >= n_dims) break;
+      const int d = lid + i * ATB_WG;
+      for (int qi = 0; qi < ATB_Q; ++qi) {
+        float sum = 0.0f;
+        for (int jj = 0; jj < nk; ++jj) sum += p_l[qi][jj] * kv_l[jj][d];
+        acc[qi][i] = acc[qi][i] * corr_l[qi] + sum;
+      }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);  // kv_l and p_l are rewritten by the next tile
+  }
+  for (int qi = 0; qi < nq; ++qi) {
+    global float* o = out + (tb + qi) * q_dim + (long)h * head_dim;
+    for (int i = 0; i < n_dims; ++i) o[lid + i * ATB_WG] = acc[qi][i] / l_l[qi];
   }
 }

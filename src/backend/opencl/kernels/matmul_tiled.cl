@@ -1,14 +1,15 @@
 // Tiled matmul for micro-batches of more than MV_MAX_T tokens, a template: the host includes
-// this file once per token tile, with MM_TN (tokens per work-group) and MM_KERNEL (the kernel's
-// name) defined before it and undefined after. A work-group of MM_WX x MM_WY work-items
-// computes MM_TM weight rows x MM_TN tokens; per step of 32 input columns it decodes the weight
-// tile once into local memory, where all MM_TN tokens reuse it, and each work-item accumulates
+// this file once per tile shape, with MM_TM (weight rows per work-group), MM_TN (tokens per
+// work-group), MM_WX x MM_WY (the work-group) and MM_KERNEL (the kernel's name) defined before
+// it and undefined after. Per step of 32 input columns a work-group decodes its weight tile once
+// into local memory, where all MM_TN tokens reuse it, and each work-item accumulates
 // MM_TM / MM_WX rows x MM_TN / MM_WY tokens in registers (in f32).
 //
 // Tokens [t0, t0 + n_tokens) of x and out are computed, so that one call can run the full
-// tiles with a large MM_TN and the rest with a small one.
-//
-// Build options from the host: MM_TM, MM_WX, MM_WY (the work-group shape the device allows).
+// tiles with a large MM_TN and the rest with a small one. With splits > 1 the input columns are
+// split over get_group_id(2) (more work-groups when the output alone gives too few to fill the
+// device): split s writes its partial sums, without bias, to part + s * part_stride, and
+// matmul_reduce adds them up.
 
 #define MM_RM (MM_TM / MM_WX)
 #define MM_RN (MM_TN / MM_WY)
@@ -16,7 +17,7 @@
 kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
     global const uchar* qs, global const ushort* d, int type, long row_bytes, int n_in,
     int n_out, global const float* x, int t0, int n_tokens, global float* out,
-    global const float* bias) {
+    global const float* bias, int splits, global float* part, long part_stride) {
   local float w_tile[32][MM_TM];
   local float x_tile[32][MM_TN];
   const int lx = get_local_id(0), ly = get_local_id(1);
@@ -25,21 +26,30 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
   const int tok0 = t0 + get_group_id(1) * MM_TN;
   const int tok_end = t0 + n_tokens;
   const int n_blocks = n_in / 32;
+  const int split = get_group_id(2);
+  const int b_begin = (int)((long)n_blocks * split / splits);
+  const int b_end = (int)((long)n_blocks * (split + 1) / splits);
+  if (splits > 1) {
+    out = part + split * part_stride;
+    bias = 0;
+  }
   float acc[MM_RM][MM_RN];
   for (int i = 0; i < MM_RM; ++i)
     for (int j = 0; j < MM_RN; ++j) acc[i][j] = 0.0f;
 
-  for (int b = 0; b < n_blocks; ++b) {
+  for (int b = b_begin; b < b_end; ++b) {
     // Weight tile: MM_TM rows x 4 parts of 8 elements.
     for (int u = lid; u < MM_TM * 4; u += MM_WX * MM_WY) {
       const int rr = u >> 2, part = u & 3, r = row0 + rr;
-      float w[8];
-      if (r < n_out) {
-        weight8(type, qs, d, row_bytes, n_out, r, b, part, w);
-      } else {
-        for (int i = 0; i < 8; ++i) w[i] = 0.0f;
-      }
-      for (int i = 0; i < 8; ++i) w_tile[8 * part + i][rr] = w[i];
+      const float8 w = r < n_out ? weight8(type, qs, d, row_bytes, n_out, r, b, part) : (float8)(0.0f);
+      w_tile[8 * part + 0][rr] = w.s0;
+      w_tile[8 * part + 1][rr] = w.s1;
+      w_tile[8 * part + 2][rr] = w.s2;
+      w_tile[8 * part + 3][rr] = w.s3;
+      w_tile[8 * part + 4][rr] = w.s4;
+      w_tile[8 * part + 5][rr] = w.s5;
+      w_tile[8 * part + 6][rr] = w.s6;
+      w_tile[8 * part + 7][rr] = w.s7;
     }
     // Activation tile: MM_TN tokens x 4 parts of 8 floats.
     for (int u = lid; u < MM_TN * 4; u += MM_WX * MM_WY) {
@@ -56,6 +66,7 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
       x_tile[8 * part + 7][tt] = v.s7;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
+#pragma unroll 4
     for (int k = 0; k < 32; ++k) {
       float wr[MM_RM], xr[MM_RN];
       for (int i = 0; i < MM_RM; ++i) wr[i] = w_tile[k][lx + i * MM_WX];
@@ -80,3 +91,8 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
 
 #undef MM_RM
 #undef MM_RN
+#undef MM_TM
+#undef MM_TN
+#undef MM_WX
+#undef MM_WY
+#undef MM_KERNEL
