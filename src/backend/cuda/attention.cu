@@ -175,7 +175,8 @@ __device__ __forceinline__ float cache_value(const uint8_t* cache, int64_t row_b
 // group. Scores: a thread per key, the key's row decoded slice by slice; P.V: each of the 16
 // warps takes every 16th key with a lane per output element (coalesced), partial sums reduced in
 // shared memory. Decode has only n_head blocks, so each needs many warps: 4 -> 8 -> 16 warps
-// took tg128 from 219 to 240 to 250 t/s on the H100. Shared memory: q[kTB][D], partial outputs [warps][kTB][D], scores [kTB][n_kv].
+// took tg128 from 219 to 240 to 250 t/s on the H100. Shared memory: q[kTB][D], partial outputs
+// [warps][kTB][D], scores [kTB][n_kv].
 constexpr int kRowsThreads = 512, kRowsMaxDim = 256;
 template <DType KT, DType VT, int kTB>
 __global__ void __launch_bounds__(kRowsThreads)
@@ -415,6 +416,7 @@ Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaS
 Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
                               const Tensor& k_cache, const Tensor& v_cache,
                               const AttentionParams& p, Tensor& out) {
+  acts_.valid = false;
   const int D = p.head_dim, H = p.n_head, Hkv = p.n_head_kv;
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || D % 32 != 0 || k_cache.cols != int64_t{Hkv} * D ||
       v_cache.cols != k_cache.cols || q.cols != int64_t{H} * D || out.cols != q.cols ||

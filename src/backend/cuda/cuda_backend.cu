@@ -200,6 +200,7 @@ void CudaBackend::free(Tensor& t) {
 }
 
 Status CudaBackend::upload(Tensor& dst, int64_t row0, int64_t n_rows, const void* src) {
+  acts_.valid = false;
   if (row0 < 0 || n_rows < 0 || row0 + n_rows > dst.rows)
     return error("upload of rows %lld..%lld outside a tensor of %lld rows",
                  static_cast<long long>(row0), static_cast<long long>(row0 + n_rows),
@@ -374,6 +375,7 @@ Expected<const uint8_t*> CudaBackend::device_table(const HostMatrix& table) {
 
 Status CudaBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_tokens,
                           Tensor& out) {
+  acts_.valid = false;
   for (int i = 0; i < n_tokens; ++i)
     if (tokens[i] < 0 || tokens[i] >= table.n_out)
       return error("token id %d is outside the vocabulary of %lld tokens", tokens[i],
@@ -387,6 +389,7 @@ Status CudaBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_
 
 Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                              Tensor& out) {
+  acts_.valid = false;
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_rms_norm(static_cast<const float*>(x.data), n_tokens, x.cols,
                          static_cast<const float*>(weight.data), eps, static_cast<float*>(out.data),
@@ -394,12 +397,14 @@ Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight
 }
 
 Status CudaBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
+  acts_.valid = false;
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_rope(static_cast<float*>(x.data), n_tokens, pos, p, stream_);
 }
 
 Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
+  acts_.valid = false;
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_swiglu(static_cast<const float*>(gate.data), static_cast<const float*>(up.data),
                        static_cast<int64_t>(n_tokens) * gate.cols, static_cast<float*>(out.data),
@@ -407,12 +412,14 @@ Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, T
 }
 
 Status CudaBackend::add(Tensor& x, const Tensor& y, int n_tokens) {
+  acts_.valid = false;
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_add(static_cast<float*>(x.data), static_cast<const float*>(y.data),
                     static_cast<int64_t>(n_tokens) * x.cols, stream_);
 }
 
 Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) {
+  acts_.valid = false;
   for (int i = 0; i < n_rows; ++i)
     if (rows[i] < 0 || rows[i] >= x.rows)
       return error("get_rows: row %d outside a tensor of %lld rows", rows[i],
@@ -425,6 +432,7 @@ Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, T
 
 Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
                              const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
+  acts_.valid = false;
   const int64_t cache_rows = std::min(k_cache.rows, v_cache.rows);
   if (k.cols != k_cache.cols || v.cols != v_cache.cols || n_tokens > k.rows || n_tokens > v.rows)
     return error("kv_store: rows of %lld/%lld values do not match the caches' %lld/%lld",

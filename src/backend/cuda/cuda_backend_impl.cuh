@@ -126,8 +126,18 @@ class CudaBackend final : public Backend {
   bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
   bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
   bool frag_disabled_ = false;    // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
-  int rows_max_tokens_ = 16;      // few-token attention kernel up to this many tokens
-                                  // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
+  // What the kActs scratch holds: the int8 quantization of these activations (dp4a kernel). Q,
+  // K and V (and gate and up) read the same normed x: quantized once, not three times. Every op
+  // that writes device activations clears it, before its Stage-mode return, so that recorded
+  // and replayed passes make the same choice.
+  struct QuantizedSource {
+    bool valid = false;
+    const float* x = nullptr;
+    int n_tokens = 0;
+    int64_t k = 0;
+  } acts_;
+  int rows_max_tokens_ = 16;  // few-token attention kernel up to this many tokens
+                              // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;

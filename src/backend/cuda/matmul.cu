@@ -274,11 +274,17 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
                  w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
                  static_cast<long long>(w.n_out), static_cast<long long>(w.n_in),
                  static_cast<long long>(out.cols));
-  if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const float* xp = static_cast<const float*>(x.data);
   float* op = static_cast<float*>(out.data);
-  if (frag_supports(w, n_tokens) && !frag_disabled_) {
+  const bool frag = frag_supports(w, n_tokens) && !frag_disabled_;
+  const bool int8 = !frag && int8_matvec_supports(w, n_tokens) && !int8_disabled_;
+  const bool requantize =
+      !(acts_.valid && acts_.x == xp && acts_.n_tokens == n_tokens && acts_.k == w.n_in);
+  if (int8) acts_ = {true, xp, n_tokens, w.n_in};
+  if (op == acts_.x) acts_.valid = false;
+  if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
+  if (frag) {
     KESTREL_ASSIGN_OR_RETURN(void* x16, scratch(kX16, sizeof(__half) * n_tokens * w.n_in));
     KESTREL_TRY(launch_to_f16(xp, int64_t{n_tokens} * w.n_in, static_cast<__half*>(x16), stream_));
     float* partial = nullptr;
@@ -290,10 +296,10 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
     return launch_matmul_frag(w, static_cast<const __half*>(x16), n_tokens, op, b, partial,
                               stream_);
   }
-  if (int8_matvec_supports(w, n_tokens) && !int8_disabled_) {
+  if (int8) {
     KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
     const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);
-    KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
+    if (requantize) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
     return launch_matvec_int8(w, acts, n_tokens, op, b, stream_);
   }
   if (n_tokens <= kSmallBatch) return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
