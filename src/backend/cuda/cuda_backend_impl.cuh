@@ -2,9 +2,13 @@
 // of matmul.cu, attention.cu and elementwise.cu. Ops are enqueued without blocking; the host
 // waits only in synchronize() and download() (once per chunk in the forward pass).
 //
-// Matmul strategy (see bench/NOTES.md for the floors):
-//  - micro-batches of up to kSmallBatch tokens: fused kernels read the weight once, decoding
-//    blocks in registers (decode and small micro-batches are bandwidth-bound);
+// Matmul strategy (see bench/NOTES.md for the floors and measurements), by tokens T:
+//  - Q4_0 / Q8_0, T < kFragMinTokens: dp4a on activations quantized to two int8 planes
+//    (matvec_int8.cu; decode is bandwidth-bound and must issue few instructions per byte);
+//  - Q4_0 / Q8_0, kFragMinTokens <= T <= kFragMaxTokens: weights decoded straight into mma.sync
+//    fragments (matmul_frag.cu); up to kMmaMaxTokens: f16 weight tiles in shared memory and
+//    mma.sync (matmul_mma.cu);
+//  - other types up to kSmallBatch tokens: fused kernels that decode blocks in registers;
 //  - larger micro-batches: the weight is dequantized to f16 in row tiles and multiplied on the
 //    tensor cores by cuBLAS (f16 x f16 -> f32), the activations rounded to f16 once.
 #pragma once
