@@ -147,9 +147,18 @@ Status OpenclBackend::build_kernels() {
   // where the device allows, else 32 x 32.
   tile_ = wide_ ? TileShape{128, 64, 16, 16} : TileShape{32, 32, 8, 8};
   if (const char* v = std::getenv("KESTREL_CL_MID_MAX_TOKENS")) mid_max_tokens_ = std::atoi(v);
+  // matmul_mid's work-group: mid_rows_ rows x (256 / mid_rows_) K-splits (64 x 1 on small
+  // devices); KESTREL_CL_MID_ROWS=32|64|128 overrides it, to compare.
+  mid_rows_ = wide_ ? 128 : 64;
+  if (const char* v = std::getenv("KESTREL_CL_MID_ROWS"); v && wide_) {
+    const int rows = std::atoi(v);
+    if (rows == 32 || rows == 64 || rows == 128) mid_rows_ = rows;
+  }
+  mid_split_ = wide_ ? 256 / mid_rows_ : 1;
   std::string options = "-cl-std=CL1.2";
-  options += wide_ ? " -DMV_ROWS=16 -DMV_SPLIT=16 -DMID_ROWS=128 -DMID_SPLIT=2 -DRMS_WG=256"
-                   : " -DMV_ROWS=16 -DMV_SPLIT=4 -DMID_ROWS=64 -DMID_SPLIT=1 -DRMS_WG=64";
+  options +=
+      wide_ ? " -DMV_ROWS=16 -DMV_SPLIT=16 -DRMS_WG=256" : " -DMV_ROWS=16 -DMV_SPLIT=4 -DRMS_WG=64";
+  options += format(" -DMID_ROWS=%d -DMID_SPLIT=%d", mid_rows_, mid_split_);
   if (info_.fp16) options += " -DKESTREL_HAS_FP16";
   if (info_.correct_divide) options += " -cl-fp32-correctly-rounded-divide-sqrt";
   const std::vector<std::string> srcs = {sources::common, sources::elementwise, sources::attention,

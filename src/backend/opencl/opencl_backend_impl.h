@@ -122,6 +122,7 @@ class OpenclBackend final : public Backend {
   // (H100 through NVIDIA's OpenCL, llama2-7b: matmul_mid leads at 16 tokens, matmul_tiled from
   // about 64.)
   int mid_max_tokens_ = 32;
+  int mid_rows_ = 128, mid_split_ = 2;  // matmul_mid's work-group (MID_ROWS x MID_SPLIT)
   std::string device_name_;
   cl_platform_id platform_ = nullptr;
   cl_device_id device_ = nullptr;

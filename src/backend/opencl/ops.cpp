@@ -231,9 +231,8 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
   // on matmul_mid when it is that short (a 71-token micro-batch costs 64 tiled token slots and 7
   // mid ones, not 128), else on one more partial tile.
   const int n_blocks = n_in / 32;
-  constexpr int kMidTokens = 16;          // MID_T of kernels/matmul.cl
-  const int mid_rows = wide_ ? 128 : 64;  // MID_ROWS (build options)
-  const int mid_split = wide_ ? 2 : 1;    // MID_SPLIT
+  constexpr int kMidTokens = 16;  // MID_T of kernels/matmul.cl
+  const int mid_rows = mid_rows_, mid_split = mid_split_;
   int t0 = 0;
   while (t0 < n_tokens) {
     const int rest = n_tokens - t0;
