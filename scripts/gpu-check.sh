@@ -14,6 +14,8 @@
 #      head on the CPU); every weight and KV type, within a time budget
 #   6. the benchmarks (bench/gpu_bench.py): the table against llama.cpp's H100 figures and the
 #      targets, printed last
+#   7. the OpenCL backend through NVIDIA's OpenCL driver (scripts/check-opencl-gpu.sh, its own
+#      build): the op tests on OpenCL and its benchmarks, printed after the CUDA table
 #
 # Every stage runs under `timeout`, sized so that the whole stays under $GPU_CHECK_BUDGET
 # seconds (default 540); a failed stage is reported and the run goes on. Output: the PASS/FAIL
@@ -21,7 +23,7 @@
 # build-gpu/gpu-check/): gpu-check.log (everything), gpu-check.json (stages), gtest-gpu.xml,
 # bench-gpu.json.
 #
-#   bash scripts/gpu-check.sh [--quick (no e2e)] [--bench-only] [--no-bench]
+#   bash scripts/gpu-check.sh [--quick (no e2e)] [--bench-only] [--no-bench] [--no-opencl]
 #
 # Environment: GPU_CHECK_BUDGET (seconds, 540), GPU_CHECK_WORK (models, e2e cache; default
 # /tmp/kestrel-gpu-check), GPU_CHECK_BUILD (build folder, build-gpu), GPU_CHECK_E2E_JOBS
@@ -34,10 +36,11 @@ set -uo pipefail   # no -e: a failing stage is recorded and the run goes on
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-QUICK=0 TESTS=1 BENCH=1
+QUICK=0 TESTS=1 BENCH=1 OPENCL=1
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
+    --no-opencl) OPENCL=0 ;;
     --bench-only) TESTS=0 ;;
     --no-bench) BENCH=0 ;;
     -h | --help) usage; exit 0 ;;
@@ -324,6 +327,24 @@ if ((BENCH)); then
   fi
 fi
 
+# --- 7. OpenCL through NVIDIA's driver (scripts/check-opencl-gpu.sh: its own build without CUDA,
+# the op tests on OpenCL, llama2-7b pp512 / the seed's case / tg32, cold and warm setup) ---------
+OCL_TABLE=$WORK/opencl-table.txt
+rm -f "$OCL_TABLE" "$WORK/opencl-gpu.log"
+if ((OPENCL)); then
+  ocl_args=()
+  ((TESTS)) || ocl_args+=(--no-tests)
+  ((BENCH)) || ocl_args+=(--no-bench)
+  lim=$(limit 400 5)
+  # Its log in $WORK (OUT emptied), where the table is taken from; gpu-check.log has it too.
+  run_stage opencl "$lim" '^(build|tests|icd|cold|warm):|FAILED' \
+    env OUT= OCL_GPU_WORK="$WORK" OCL_GPU_BUILD="$ROOT/build-ocl-gpu" \
+    bash "$ROOT/scripts/check-opencl-gpu.sh" "${ocl_args[@]}"
+  grep -E '^\| llama|^(cold|warm):' "$WORK/opencl-gpu.log" >"$OCL_TABLE" 2>/dev/null
+  detail="$(grep -c '^| llama' "$OCL_TABLE") benchmark rows; $(grep -E '^tests:' "$WORK/opencl-gpu.log" | tail -n 1)"
+  if ((RC == 0)); then record opencl PASS "$STAGE_SECS" "$detail"; else record opencl FAIL "$STAGE_SECS" "$detail"; fi
+fi
+
 # --- summary -------------------------------------------------------------------------------------
 test_fail=0 bench_fail=0
 for i in "${!NAMES[@]}"; do
@@ -367,5 +388,11 @@ if [[ -f "$TABLE" ]]; then
   echo | tee -a "$LOG"
   echo "================ benchmarks ================" | tee -a "$LOG"
   tee -a "$LOG" <"$TABLE"
+fi
+if [[ -s "$OCL_TABLE" ]]; then
+  echo "" | tee -a "$LOG"
+  echo "================ OpenCL (NVIDIA's driver, same GPU; CUDA figures above) ================" |
+    tee -a "$LOG"
+  tee -a "$LOG" <"$OCL_TABLE"
 fi
 exit "$code"
