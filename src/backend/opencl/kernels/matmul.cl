@@ -55,7 +55,32 @@ kernel __attribute__((reqd_work_group_size(MV_ROWS, MV_SPLIT, 1))) void matmul_s
   float acc[MV_MAX_T];
 #pragma unroll
   for (int t = 0; t < MV_MAX_T; ++t) acc[t] = 0.0f;
-  if (r < n_out) {
+  if (r < n_out && (type == T_Q4_0 || type == T_Q8_0)) {
+    // The repacked types: a whole block per load (16 or 32 bytes, 16-byte aligned), the scale
+    // applied once to each block's dot product.
+    for (int b = ks; b < n_blocks; b += MV_SPLIT) {
+      const long blk = (long)b * n_out + r;
+      const float scale = half_bits_to_float(d[blk]);
+      float16 w_lo, w_hi;  // elements 0..15 and 16..31
+      if (type == T_Q4_0) {
+        const uchar16 q = vload16(0, qs + blk * 16);
+        w_lo = convert_float16(q & (uchar)15) - 8.0f;
+        w_hi = convert_float16(q >> (uchar)4) - 8.0f;
+      } else {
+        const global char* q = (const global char*)(qs + blk * 32);
+        w_lo = convert_float16(vload16(0, q));
+        w_hi = convert_float16(vload16(1, q));
+      }
+      for (int t = 0; t < MV_MAX_T; ++t) {
+        if (t >= n_tokens) break;
+        const global float* xb = x + (long)t * n_in + 32 * b;
+        const float16 p = w_lo * vload16(0, xb) + w_hi * vload16(1, xb);
+        const float8 h = p.lo + p.hi;
+        const float4 f = h.lo + h.hi;
+        acc[t] += scale * ((f.x + f.y) + (f.z + f.w));
+      }
+    }
+  } else if (r < n_out) {
     for (int b = ks; b < n_blocks; b += MV_SPLIT) {
       for (int part = 0; part < 4; ++part) {
         const float8 wv = weight8(type, qs, d, row_bytes, n_out, r, b, part);
