@@ -70,16 +70,9 @@ inline std::vector<float> randn(std::mt19937& rng, size_t n, float sd = 1.0f, fl
 inline std::vector<const KernelTable*> supported_tables() {
   std::vector<const KernelTable*> tables{&generic_kernels()};
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (avx2_kernels() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    tables.push_back(avx2_kernels());
-  }
-  if (avx512_kernels() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vnni")) {
-    tables.push_back(avx512_kernels());
-  }
+  // The CPU first: the first call of avx*_kernels() runs code compiled for that ISA.
+  if (cpu_has("avx2") && avx2_kernels()) tables.push_back(avx2_kernels());
+  if (cpu_has("avx512") && avx512_kernels()) tables.push_back(avx512_kernels());
 #endif
   return tables;
 }

@@ -103,8 +103,13 @@ struct KernelTable {
 };
 
 const KernelTable& generic_kernels();
-const KernelTable* avx2_kernels();    // nullptr when not compiled in
-const KernelTable* avx512_kernels();  // nullptr when not compiled in
+// Whether this CPU runs the kernels of "avx2" (with FMA and F16C) or "avx512" (F, BW, VL, DQ
+// and VNNI).
+bool cpu_has(const char* feature);
+// nullptr when not compiled in. Call only when cpu_has() says the CPU runs the ISA: the first
+// call builds the table with code compiled for it.
+const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();
 // The best table this CPU runs; KESTREL_CPU_ISA=generic|avx2|avx512 overrides (for tests).
 const KernelTable& best_kernels();
 

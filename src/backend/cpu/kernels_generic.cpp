@@ -265,6 +265,8 @@ KernelTable make_generic() {
   return k;
 }
 
+}  // namespace
+
 bool cpu_has(const char* feature) {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
@@ -283,8 +285,6 @@ bool cpu_has(const char* feature) {
 #endif
   return false;
 }
-
-}  // namespace
 
 const KernelTable& generic_kernels() {
   static const KernelTable table = make_generic();
@@ -305,8 +305,10 @@ const KernelTable& best_kernels() {
     const char* want = std::getenv("KESTREL_CPU_ISA");
     const std::string_view w = want ? want : "";
     if (w == "generic") return &generic_kernels();
-    if (w != "avx2" && avx512_kernels() && cpu_has("avx512")) return avx512_kernels();
-    if (avx2_kernels() && cpu_has("avx2")) return avx2_kernels();
+    // The CPU is asked first: building a table runs code compiled for its ISA (an AVX-512
+    // table's initialization uses zmm stores, SIGILL on an AVX2-only CPU).
+    if (w != "avx2" && cpu_has("avx512") && avx512_kernels()) return avx512_kernels();
+    if (cpu_has("avx2") && avx2_kernels()) return avx2_kernels();
     return &generic_kernels();
   }();
   return *chosen;
