@@ -416,7 +416,7 @@ Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaS
 Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
                               const Tensor& k_cache, const Tensor& v_cache,
                               const AttentionParams& p, Tensor& out) {
-  acts_.valid = false;
+  forget_activations();
   const int D = p.head_dim, H = p.n_head, Hkv = p.n_head_kv;
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || D % 32 != 0 || k_cache.cols != int64_t{Hkv} * D ||
       v_cache.cols != k_cache.cols || q.cols != int64_t{H} * D || out.cols != q.cols ||

@@ -90,6 +90,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->int8_disabled_ = no_int8 && std::string(no_int8) == "1";
   const char* no_frag = std::getenv("KESTREL_CUDA_NO_FRAG");
   be->frag_disabled_ = no_frag && std::string(no_frag) == "1";
+  const char* frag_v2 = std::getenv("KESTREL_CUDA_FRAG_V2");
+  be->frag_v2_ = frag_v2 && std::string(frag_v2) == "1";
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
@@ -191,6 +193,7 @@ Expected<Tensor> CudaBackend::alloc(quant::DType type, int64_t rows, int64_t col
 }
 
 void CudaBackend::free(Tensor& t) {
+  forget_activations();  // a later tensor may get the same address
   if (t.data) {
     drop_graphs();
     cudaStreamSynchronize(stream_);  // a kernel may still read it
@@ -200,7 +203,7 @@ void CudaBackend::free(Tensor& t) {
 }
 
 Status CudaBackend::upload(Tensor& dst, int64_t row0, int64_t n_rows, const void* src) {
-  acts_.valid = false;
+  forget_activations();
   if (row0 < 0 || n_rows < 0 || row0 + n_rows > dst.rows)
     return error("upload of rows %lld..%lld outside a tensor of %lld rows",
                  static_cast<long long>(row0), static_cast<long long>(row0 + n_rows),
@@ -375,7 +378,7 @@ Expected<const uint8_t*> CudaBackend::device_table(const HostMatrix& table) {
 
 Status CudaBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_tokens,
                           Tensor& out) {
-  acts_.valid = false;
+  forget_activations();
   for (int i = 0; i < n_tokens; ++i)
     if (tokens[i] < 0 || tokens[i] >= table.n_out)
       return error("token id %d is outside the vocabulary of %lld tokens", tokens[i],
@@ -389,7 +392,7 @@ Status CudaBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_
 
 Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                              Tensor& out) {
-  acts_.valid = false;
+  forget_activations();
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_rms_norm(static_cast<const float*>(x.data), n_tokens, x.cols,
                          static_cast<const float*>(weight.data), eps, static_cast<float*>(out.data),
@@ -397,14 +400,14 @@ Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight
 }
 
 Status CudaBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
-  acts_.valid = false;
+  forget_activations();
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_rope(static_cast<float*>(x.data), n_tokens, pos, p, stream_);
 }
 
 Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
-  acts_.valid = false;
+  forget_activations();
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_swiglu(static_cast<const float*>(gate.data), static_cast<const float*>(up.data),
                        static_cast<int64_t>(n_tokens) * gate.cols, static_cast<float*>(out.data),
@@ -412,14 +415,14 @@ Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, T
 }
 
 Status CudaBackend::add(Tensor& x, const Tensor& y, int n_tokens) {
-  acts_.valid = false;
+  forget_activations();
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_add(static_cast<float*>(x.data), static_cast<const float*>(y.data),
                     static_cast<int64_t>(n_tokens) * x.cols, stream_);
 }
 
 Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) {
-  acts_.valid = false;
+  forget_activations();
   for (int i = 0; i < n_rows; ++i)
     if (rows[i] < 0 || rows[i] >= x.rows)
       return error("get_rows: row %d outside a tensor of %lld rows", rows[i],
@@ -432,7 +435,7 @@ Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, T
 
 Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
                              const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
-  acts_.valid = false;
+  forget_activations();
   const int64_t cache_rows = std::min(k_cache.rows, v_cache.rows);
   if (k.cols != k_cache.cols || v.cols != v_cache.cols || n_tokens > k.rows || n_tokens > v.rows)
     return error("kv_store: rows of %lld/%lld values do not match the caches' %lld/%lld",

@@ -26,7 +26,18 @@
 namespace kestrel::backend::cuda {
 
 // Scratch buffers of the backend, one per purpose (CudaBackend::scratch).
-enum ScratchSlot { kX16 = 0, kQ16, kK16, kV16, kScores, kProbs, kPartial, kActs, kSlots };
+enum ScratchSlot {
+  kX16 = 0,
+  kQ16,
+  kK16,
+  kV16,
+  kScores,
+  kProbs,
+  kPartial,
+  kActs,
+  kArrivals,  // counters of the split-K kernels that reduce in their last block (kept zeroed)
+  kSlots
+};
 
 // Up to this many tokens a matmul runs on the fused small-batch kernels; up to kMmaMaxTokens on
 // the fused tensor-core kernel (Q4_0, Q8_0); beyond, on cuBLAS with f16 weight tiles.
@@ -100,6 +111,14 @@ class CudaBackend final : public Backend {
   Expected<void*> device_alloc(size_t bytes, const char* what);
   // A scratch buffer of at least `bytes`, grown on demand (slot: one per purpose).
   Expected<void*> scratch(int slot, size_t bytes);
+  // x [n_tokens][k] rounded to f16 in the kX16 scratch; converted again unless `held` (the
+  // scratch already holds it: x16_).
+  Expected<const __half*> f16_activations(const float* x, int n_tokens, int64_t k, bool held);
+  // n zeroed counters in the kArrivals scratch (zeroed again when it grows).
+  Expected<unsigned*> arrival_counters(int n);
+  // Every op that writes device activations calls this: the scratch copies of activations
+  // (int8 planes, f16) may no longer match their source.
+  void forget_activations() { acts_.valid = x16_.valid = false; }
   // Small host arrays (positions, row lists) copied to the device through a pinned ring, in
   // stream order; identical consecutive arrays are uploaded once.
   Expected<const int32_t*> upload_ints(const int32_t* host, int n);
@@ -110,7 +129,7 @@ class CudaBackend final : public Backend {
   Status matmul_small(const CudaWeight& w, const float* x, int n_tokens, float* out,
                       const float* bias);
   Status matmul_gemm(const CudaWeight& w, const float* x, int n_tokens, float* out,
-                     const float* bias);
+                     const float* bias, bool x16_held);
   // f16 tiles of dequantized weights for the GEMM path: two buffers, so that the weight of the
   // next matmul (learned from the order of the previous forward pass) is dequantized on the aux
   // stream while the current GEMM runs on the tensor cores.
@@ -130,16 +149,21 @@ class CudaBackend final : public Backend {
   bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
   bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
   bool frag_disabled_ = false;    // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
-  // What the kActs scratch holds: the int8 quantization of these activations (dp4a kernel). Q,
-  // K and V (and gate and up) read the same normed x: quantized once, not three times. Every op
-  // that writes device activations clears it, before its Stage-mode return, so that recorded
-  // and replayed passes make the same choice.
-  struct QuantizedSource {
+  bool frag_v2_ = false;          // KESTREL_CUDA_FRAG_V2=1: matmul_frag_v2.cu for 5-16 tokens
+  // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
+  // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
+  // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
+  // Every op that writes device activations forgets both (forget_activations), before its
+  // Stage-mode return, so that recorded and replayed passes make the same choice.
+  struct ActivationSource {
     bool valid = false;
     const float* x = nullptr;
     int n_tokens = 0;
     int64_t k = 0;
-  } acts_;
+    bool holds(const float* x_, int n, int64_t k_) const {
+      return valid && x == x_ && n_tokens == n && k == k_;
+    }
+  } acts_, x16_;
   int rows_max_tokens_ = 16;  // few-token attention kernel up to this many tokens
                               // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
   cudaStream_t stream_ = nullptr;
@@ -221,6 +245,13 @@ bool frag_supports(const CudaWeight& w, int n_tokens);
 int frag_splits(const CudaWeight& w);
 Status launch_matmul_frag(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
                           const float* bias, float* partial, cudaStream_t s);
+// matmul_frag_v2.cu: the same product with 16-byte weight loads and activations shared by the
+// block (KESTREL_CUDA_FRAG_V2=1); partial needs frag_v2_splits * T * n_out floats.
+// With splits > 1 it also needs frag_v2_row_blocks zeroed counters (arrivals), left zeroed.
+int frag_v2_splits(const CudaWeight& w);
+int frag_v2_row_blocks(const CudaWeight& w);
+Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
+                             const float* bias, float* partial, unsigned* arrivals, cudaStream_t s);
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);

@@ -15,7 +15,7 @@ void CudaBackend::drop_graphs() {
 
 Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& body) {
   // A recorded pass must make the same choices (which activations to re-quantize) every time.
-  acts_.valid = false;
+  forget_activations();
   if (mode_ != Mode::Eager || graphs_disabled_) return body();  // nested, or switched off
   Recorded& g = graphs_[key];
   if (g.failed || g.runs++ == 0) return body();  // the first run allocates what the body needs

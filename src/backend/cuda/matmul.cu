@@ -277,50 +277,87 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const float* xp = static_cast<const float*>(x.data);
   float* op = static_cast<float*>(out.data);
-  const bool frag = frag_supports(w, n_tokens) && !frag_disabled_;
-  const bool int8 = !frag && int8_matvec_supports(w, n_tokens) && !int8_disabled_;
-  const bool requantize =
-      !(acts_.valid && acts_.x == xp && acts_.n_tokens == n_tokens && acts_.k == w.n_in);
-  if (int8) acts_ = {true, xp, n_tokens, w.n_in};
+  enum class Path { kFrag, kInt8, kSmall, kMma, kGemm };
+  const Path path = frag_supports(w, n_tokens) && !frag_disabled_          ? Path::kFrag
+                    : int8_matvec_supports(w, n_tokens) && !int8_disabled_ ? Path::kInt8
+                    : n_tokens <= kSmallBatch                              ? Path::kSmall
+                    : mma_supports(w, n_tokens) && !mma_disabled_          ? Path::kMma
+                                                                           : Path::kGemm;
+  // Which converted copy of x the path reads (the GEMM path: f16 for quantized weights, f16
+  // hi + lo parts written over kX16 for F16 weights, f32 itself for F32), and whether the
+  // scratch already holds it.
+  const bool reads_x16 = path == Path::kFrag || path == Path::kMma ||
+                         (path == Path::kGemm && w.type != DType::F32 && w.type != DType::F16);
+  const bool int8_held = acts_.holds(xp, n_tokens, w.n_in);
+  const bool x16_held = x16_.holds(xp, n_tokens, w.n_in);
+  if (path == Path::kInt8) acts_ = {true, xp, n_tokens, w.n_in};
+  if (reads_x16) x16_ = {true, xp, n_tokens, w.n_in};
+  if (path == Path::kGemm && w.type == DType::F16) x16_.valid = false;
   if (op == acts_.x) acts_.valid = false;
+  if (op == x16_.x) x16_.valid = false;
   if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
-  if (frag) {
-    KESTREL_ASSIGN_OR_RETURN(void* x16, scratch(kX16, sizeof(__half) * n_tokens * w.n_in));
-    KESTREL_TRY(launch_to_f16(xp, int64_t{n_tokens} * w.n_in, static_cast<__half*>(x16), stream_));
-    float* partial = nullptr;
-    if (const int splits = frag_splits(w); splits > 1) {
-      KESTREL_ASSIGN_OR_RETURN(void* p,
-                               scratch(kPartial, sizeof(float) * splits * n_tokens * w.n_out));
-      partial = static_cast<float*>(p);
+  switch (path) {
+    case Path::kFrag: {
+      KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
+      float* partial = nullptr;
+      if (const int splits = frag_v2_ ? frag_v2_splits(w) : frag_splits(w); splits > 1) {
+        KESTREL_ASSIGN_OR_RETURN(void* p,
+                                 scratch(kPartial, sizeof(float) * splits * n_tokens * w.n_out));
+        partial = static_cast<float*>(p);
+      }
+      if (!frag_v2_) return launch_matmul_frag(w, x16, n_tokens, op, b, partial, stream_);
+      unsigned* arrivals = nullptr;
+      if (partial) {
+        KESTREL_ASSIGN_OR_RETURN(arrivals, arrival_counters(frag_v2_row_blocks(w)));
+      }
+      return launch_matmul_frag_v2(w, x16, n_tokens, op, b, partial, arrivals, stream_);
     }
-    return launch_matmul_frag(w, static_cast<const __half*>(x16), n_tokens, op, b, partial,
-                              stream_);
-  }
-  if (int8) {
-    KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
-    const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);
-    if (requantize) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
-    return launch_matvec_int8(w, acts, n_tokens, op, b, stream_);
-  }
-  if (n_tokens <= kSmallBatch) return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
-  if (mma_supports(w, n_tokens) && !mma_disabled_) {
-    KESTREL_ASSIGN_OR_RETURN(void* x16, scratch(kX16, sizeof(__half) * n_tokens * w.n_in));
-    KESTREL_TRY(launch_to_f16(xp, int64_t{n_tokens} * w.n_in, static_cast<__half*>(x16), stream_));
-    float* partial = nullptr;
-    if (const int splits = mma_splits(w); splits > 1) {
-      KESTREL_ASSIGN_OR_RETURN(void* p,
-                               scratch(kPartial, sizeof(float) * splits * n_tokens * w.n_out));
-      partial = static_cast<float*>(p);
+    case Path::kInt8: {
+      KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
+      const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);
+      if (!int8_held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
+      return launch_matvec_int8(w, acts, n_tokens, op, b, stream_);
     }
-    return launch_matmul_mma(w, static_cast<const __half*>(x16), n_tokens, op, b, partial, stream_);
+    case Path::kSmall:
+      return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
+    case Path::kMma: {
+      KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
+      float* partial = nullptr;
+      if (const int splits = mma_splits(w); splits > 1) {
+        KESTREL_ASSIGN_OR_RETURN(void* p,
+                                 scratch(kPartial, sizeof(float) * splits * n_tokens * w.n_out));
+        partial = static_cast<float*>(p);
+      }
+      return launch_matmul_mma(w, x16, n_tokens, op, b, partial, stream_);
+    }
+    case Path::kGemm:
+      break;
   }
-  return matmul_gemm(w, xp, n_tokens, op, b);
+  return matmul_gemm(w, xp, n_tokens, op, b, x16_held);
+}
+
+Expected<const __half*> CudaBackend::f16_activations(const float* x, int n_tokens, int64_t k,
+                                                     bool held) {
+  const size_t bytes = sizeof(__half) * n_tokens * k;
+  const bool grows = scratch_[kX16].second < bytes;  // a new buffer holds nothing yet
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kX16, bytes));
+  auto* x16 = static_cast<__half*>(buf);
+  if (!held || grows) KESTREL_TRY(launch_to_f16(x, int64_t{n_tokens} * k, x16, stream_));
+  return static_cast<const __half*>(x16);
 }
 
 // Row-major out[T][n_out] is column-major out^T (n_out x T); the weight rows [n_out][n_in] are
 // column-major W^T (n_in x n_out), so out^T = op_T(W^T) . x^T with x^T column-major (n_in x T).
+Expected<unsigned*> CudaBackend::arrival_counters(int n) {
+  const size_t bytes = sizeof(unsigned) * n;
+  const bool grows = scratch_[kArrivals].second < bytes;
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kArrivals, bytes));
+  if (grows) CUDA_TRY(cudaMemsetAsync(buf, 0, bytes, stream_), "matmul (split counters)");
+  return static_cast<unsigned*>(buf);
+}
+
 Status CudaBackend::matmul_gemm(const CudaWeight& w, const float* x, int n_tokens, float* out,
-                                const float* bias) {
+                                const float* bias, bool x16_held) {
   const int64_t n_in = w.n_in, n_out = w.n_out;
   const float one = 1.0f, zero = 0.0f;
   cublasStatus_t st;
@@ -346,9 +383,7 @@ Status CudaBackend::matmul_gemm(const CudaWeight& w, const float* x, int n_token
         return error("matmul '%s': cuBLAS GEMM failed (status %d)", w.name.c_str(), st);
     }
   } else {
-    KESTREL_ASSIGN_OR_RETURN(void* x16v, scratch(kX16, sizeof(__half) * n_tokens * n_in));
-    auto* x16 = static_cast<__half*>(x16v);
-    KESTREL_TRY(launch_to_f16(x, static_cast<int64_t>(n_tokens) * n_in, x16, stream_));
+    KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(x, n_tokens, n_in, x16_held));
     const bool whole = n_out * n_in <= kTileElems;
     // The order of GEMM-path weights, for the prefetch of the next one.
     if (whole) {

@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/frag_common.cuh"
 #include "backend/cuda/octets.cuh"
 
 namespace kestrel::backend::cuda {
@@ -22,15 +23,6 @@ using quant::DType;
 namespace {
 
 constexpr int kBM = 32, kBK = 64, kLD = kBK + 8;  // +8 halfs: conflict-free fragment loads
-
-__device__ __forceinline__ void mma_16816(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
-                                          uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // out (or partial[blockIdx.y]) [T][n_out] for rows [32 * blockIdx.x, +32) and columns
 // [k_begin, k_end) of split blockIdx.y.
@@ -93,14 +85,14 @@ __global__ void __launch_bounds__(128)
     for (int s = 0; s < 2; ++s) {
       const int kk = 32 * kh + 16 * s;
       const __half* a = As + (16 * rw + g) * kLD + kk + 2 * c;
-      const uint32_t a0 = *reinterpret_cast<const uint32_t*>(a);
-      const uint32_t a1 = *reinterpret_cast<const uint32_t*>(a + 8 * kLD);
-      const uint32_t a2 = *reinterpret_cast<const uint32_t*>(a + 8);
-      const uint32_t a3 = *reinterpret_cast<const uint32_t*>(a + 8 * kLD + 8);
+      const uint32_t af[4] = {*reinterpret_cast<const uint32_t*>(a),
+                              *reinterpret_cast<const uint32_t*>(a + 8 * kLD),
+                              *reinterpret_cast<const uint32_t*>(a + 8),
+                              *reinterpret_cast<const uint32_t*>(a + 8 * kLD + 8)};
 #pragma unroll
       for (int j = 0; j < NT / 8; ++j) {
         const __half* b = Bs + (8 * j + g) * kLD + kk + 2 * c;
-        mma_16816(acc[j], a0, a1, a2, a3, *reinterpret_cast<const uint32_t*>(b),
+        mma_16816(acc[j], af, *reinterpret_cast<const uint32_t*>(b),
                   *reinterpret_cast<const uint32_t*>(b + 8));
       }
     }

@@ -1,0 +1,294 @@
+// Matmul for micro-batches of 5 to 16 tokens of Q4_0 / Q8_0 weights, on the tensor cores with
+// the weights decoded straight into mma fragments: the second version of matmul_frag.cu, chosen
+// with KESTREL_CUDA_FRAG_V2=1 until a GPU run has tested it and measured it against the first
+// (bench/NOTES.md, v17). Every micro-batch re-reads all weights (the
+// seed's case: micro-batches of 16), so the kernel must stream them at memory bandwidth with few
+// instructions and few L1 wavefronts per byte.
+//
+// The trick: a dot product does not care in which order k runs, as long as A and B agree. So
+// the k-slots that mma.sync m16n8k16 gives lane c = lane % 4 -- (2c, 2c+1) and (2c+8, 2c+9) --
+// mean four consecutive elements of a quant block that lane c holds whole: lane c of each
+// quad owns blocks c (and c + 4 for Q4_0) of the current step, loaded for its two rows with
+// 16-byte loads (a warp's load covers 64 contiguous bytes of each of 8 rows; the first version
+// loads 4 bytes per lane and row and filled the L1 pipe, ncu: memory busy 73%, DRAM 18-23%).
+// Each word of codes becomes two k-steps' A fragments (Q4_0: low nibbles, then high), decoded
+// to f16 by bit placement (octets.cuh) and scaled in f16 (rounded once, as everywhere).
+//
+// A block of kWarps warps owns 16 rows per warp, and its warps walk the same K range in steps,
+// so that one copy of the step's activations in shared memory (cp.async, double-buffered) serves
+// all of them (staged per warp, as in the first version, the activations move ~3.5x the weights'
+// bytes from L2). Each
+// lane's 16-byte shared load gives the B fragments of two k-steps (rows padded so that a quarter
+// warp's loads fall in distinct banks). grid.y splits K so that enough blocks stream at once; the
+// last split of each row block to finish sums the partials in a fixed order (deterministic, and
+// no reduction launch: at 16 tokens a launch costs about what a 4096 x 4096 product does).
+#include <cuda_pipeline_primitives.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/frag_common.cuh"
+
+namespace kestrel::backend::cuda {
+
+using quant::DType;
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kRowsPerBlock = 16 * kWarps;
+
+// Per type: quant blocks a lane owns per step, and the shared-memory layout of a step's
+// activations, xs[token][step block][40 halfs] (32 elements + 8 halfs of padding).
+template <DType T>
+struct FragLayout {
+  static constexpr int kBlocksPerLane = T == DType::Q4_0 ? 2 : 1;
+  static constexpr int kStepBlocks = 4 * kBlocksPerLane;  // quant blocks per step
+  static constexpr int kLoads = 2;  // 16-byte loads per row and step (Q4_0: 2 blocks; Q8_0: 1)
+  static constexpr int kBlockStride = 40;  // halfs
+  // Row stride in 4-byte words: congruent to 16 mod 32, so that the 8 lanes of a quarter warp
+  // (2 tokens x 4 blocks, block stride 20 words) read 16 bytes from 8 distinct bank groups.
+  static constexpr int kRowWords0 = kStepBlocks * kBlockStride / 2;
+  static constexpr int kRowStride = 2 * (kRowWords0 + (48 - kRowWords0 % 32) % 32);  // halfs
+};
+
+// A lane's codes for one step: per row, kLoads 16-byte words (Q4_0: blocks c and c + 4; Q8_0:
+// the two halves of block c) and kBlocksPerLane scales. Blocks past the split's end are zeros.
+template <DType T>
+struct LaneCodes {
+  uint4 raw[2][FragLayout<T>::kLoads];  // [row a / b]
+  __half scale[2][FragLayout<T>::kBlocksPerLane];
+
+  __device__ __forceinline__ void load(const uint8_t* qs, const __half* d, int64_t nb,
+                                       const int64_t (&rows)[2], int64_t cb, int64_t kb1, int c) {
+    constexpr int kBPL = FragLayout<T>::kBlocksPerLane;
+#pragma unroll
+    for (int ab = 0; ab < 2; ++ab) {
+#pragma unroll
+      for (int h = 0; h < kBPL; ++h) {
+        const int64_t b = cb + c + 4 * h;
+        const bool in = b < kb1;
+        const int64_t blk = rows[ab] * nb + b;
+        scale[ab][h] = in ? d[blk] : __ushort_as_half(0);
+        if constexpr (T == DType::Q4_0) {
+          raw[ab][h] = in ? *reinterpret_cast<const uint4*>(qs + blk * 16) : make_uint4(0, 0, 0, 0);
+        } else {
+          const uint4* p = reinterpret_cast<const uint4*>(qs + blk * 32);
+          raw[ab][0] = in ? p[0] : make_uint4(0, 0, 0, 0);
+          raw[ab][1] = in ? p[1] : make_uint4(0, 0, 0, 0);
+        }
+      }
+    }
+  }
+
+  // The word of codes for elements 8q + 4 sub .. + 3 of the lane's block h (Q4_0: high nibbles
+  // for the second half of the block; codes_to_half2 masks them).
+  __device__ __forceinline__ uint32_t word(int ab, int h, int q, int sub) const {
+    if constexpr (T == DType::Q4_0) {
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(&raw[ab][h]);
+      const uint32_t v = w[2 * (q % 2) + sub];
+      return q >= 2 ? v >> 4 : v;
+    } else {
+      const int i = 2 * q + sub;
+      return reinterpret_cast<const uint32_t*>(&raw[ab][i / 4])[i % 4];
+    }
+  }
+};
+
+// Copies the activations of quant blocks [cb, cb + kStepBlocks) of every token into xs (zeros
+// past the split's end and past n_tokens), 16 bytes per cp.async.
+template <DType T, int NT>
+__device__ __forceinline__ void stage_acts(const __half* x16, int64_t n_in, int n_tokens,
+                                           int64_t cb, int64_t kb1, __half* xs) {
+  using L = FragLayout<T>;
+  constexpr int kChunks = NT * L::kStepBlocks * 4;
+  for (int i = threadIdx.x; i < kChunks; i += kWarps * 32) {
+    const int t = i / (L::kStepBlocks * 4), blk = i / 4 % L::kStepBlocks, q = i % 4;
+    const bool in = t < n_tokens && cb + blk < kb1;
+    const __half* src = in ? x16 + t * n_in + 32 * (cb + blk) + 8 * q : x16;
+    __pipeline_memcpy_async(xs + t * L::kRowStride + blk * L::kBlockStride + 8 * q, src, 16,
+                            in ? 0 : 16);
+  }
+  __pipeline_commit();
+}
+
+// The kernel's arguments. With gridDim.y > 1 (split K) each split writes partial[split][T][n_out]
+// and the last split of a row block to finish sums them (arrivals: one zeroed counter per row
+// block, which that split resets).
+struct FragV2Args {
+  const uint8_t* qs;
+  const __half* d;
+  int64_t n_in, n_out;
+  const __half* x16;
+  int n_tokens;
+  int64_t blocks_per_split;
+  float* out;
+  const float* bias;
+  float* partial;
+  unsigned* arrivals;
+};
+
+// The last split of row block blockIdx.x to arrive sums every split's partial, in split order
+// (deterministic), into out (+ bias): no second launch.
+__device__ void reduce_splits_if_last(const FragV2Args& a) {
+  __shared__ unsigned arrived;
+  __threadfence();  // this block's partials are visible to every SM before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) arrived = atomicAdd(&a.arrivals[blockIdx.x], 1u);
+  __syncthreads();
+  if (arrived != gridDim.y - 1) return;
+  __threadfence();
+  const int64_t rb0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  for (int i = threadIdx.x; i < a.n_tokens * kRowsPerBlock; i += blockDim.x) {
+    const int t = i / kRowsPerBlock;
+    const int64_t r = rb0 + i % kRowsPerBlock;
+    if (r >= a.n_out) continue;
+    float v = 0.0f;
+    for (unsigned sp = 0; sp < gridDim.y; ++sp)
+      v += __ldcg(a.partial + (static_cast<int64_t>(sp) * a.n_tokens + t) * a.n_out + r);
+    a.out[t * a.n_out + r] = v + (a.bias ? a.bias[r] : 0.0f);
+  }
+  if (threadIdx.x == 0) a.arrivals[blockIdx.x] = 0;  // ready for the next launch
+}
+
+// out[T][n_out] for rows [64 * blockIdx.x, +64), over quant blocks [blockIdx.y *
+// blocks_per_split, +blocks_per_split).
+template <DType T, int NT>
+__global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV2Args a) {
+  const uint8_t* qs = a.qs;
+  const __half* d = a.d;
+  const int64_t n_in = a.n_in, n_out = a.n_out;
+  const int n_tokens = a.n_tokens;
+  using L = FragLayout<T>;
+  __shared__ __align__(16) __half xs[2][NT * L::kRowStride];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t nb = n_in / 32;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + 16 * warp;
+  const int64_t rows[2] = {min(row0 + g, n_out - 1), min(row0 + g + 8, n_out - 1)};
+  const int64_t kb0 = blockIdx.y * a.blocks_per_split;
+  const int64_t kb1 = min(nb, kb0 + a.blocks_per_split);
+  const int n_tiles = min(NT / 8, (n_tokens + 7) / 8);  // token tiles with any real token
+
+  float acc[NT / 8][4];
+#pragma unroll
+  for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  LaneCodes<T> cur;
+  cur.load(qs, d, nb, rows, kb0, kb1, c);
+  stage_acts<T, NT>(a.x16, n_in, n_tokens, kb0, kb1, xs[0]);
+  int buf = 0;
+  for (int64_t cb = kb0; cb < kb1; cb += L::kStepBlocks) {
+    // The next step's weights and activations are in flight while this step is multiplied.
+    LaneCodes<T> next;
+    next.load(qs, d, nb, rows, cb + L::kStepBlocks, kb1, c);
+    stage_acts<T, NT>(a.x16, n_in, n_tokens, cb + L::kStepBlocks, kb1, xs[buf ^ 1]);
+    __pipeline_wait_prior(1);  // this step's activations have landed
+    __syncthreads();
+    const __half* xb = xs[buf];
+#pragma unroll
+    for (int h = 0; h < L::kBlocksPerLane; ++h) {
+      const __half2 sa = __half2half2(cur.scale[0][h]), sb = __half2half2(cur.scale[1][h]);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        // Elements 8q .. 8q + 7 of the lane's block, for tokens 8j + g: B of two k-steps.
+        uint4 bx[NT / 8];
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j)
+          bx[j] = *reinterpret_cast<const uint4*>(xb + (8 * j + g) * L::kRowStride +
+                                                  (c + 4 * h) * L::kBlockStride + 8 * q);
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+          const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
+          // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
+          // a0 row g, a1 row g+8, a2 / a3 the upper slots.
+          const uint32_t a[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
+                                 codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
+                                 codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
+                                 codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
+#pragma unroll
+          for (int j = 0; j < NT / 8; ++j) {
+            if (j >= n_tiles) break;
+            mma_16816(acc[j], a, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with xs[buf] before the next step refills it
+    cur = next;
+    buf ^= 1;
+  }
+  __pipeline_wait_prior(0);  // the last (empty) step's copies, before the block exits
+  // C fragment: acc[j][0..1] row g, tokens 8j + 2c, +1; acc[j][2..3] row g + 8.
+  const bool split = gridDim.y > 1;
+  float* dst = split ? a.partial + blockIdx.y * n_tokens * n_out : a.out;
+#pragma unroll
+  for (int j = 0; j < NT / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = 8 * j + 2 * c + e % 2;
+      const int64_t r = row0 + g + 8 * (e / 2);
+      if (t < n_tokens && r < n_out)
+        dst[t * n_out + r] = acc[j][e] + (!split && a.bias ? a.bias[r] : 0.0f);
+    }
+  }
+  if (split) reduce_splits_if_last(a);
+}
+
+template <DType T>
+void launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
+  const dim3 grid(ceil_div(a.n_out, kRowsPerBlock), splits);
+  if (a.n_tokens <= 8)
+    matmul_frag_v2_kernel<T, 8><<<grid, kWarps * 32, 0, s>>>(a);
+  else
+    matmul_frag_v2_kernel<T, 16><<<grid, kWarps * 32, 0, s>>>(a);
+}
+
+// Blocks the grid aims for: enough 4-warp blocks on every SM to keep the weight stream's loads
+// in flight (KESTREL_CUDA_FRAG_BLOCKS_PER_SM overrides the 4 per SM, for measurements).
+int target_blocks() {
+  static const int target = [] {
+    int device = 0, sms = 132;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      sms = 132;
+    const char* env = std::getenv("KESTREL_CUDA_FRAG_BLOCKS_PER_SM");
+    const int per_sm = env ? std::clamp(std::atoi(env), 1, 32) : 4;
+    return sms * per_sm;
+  }();
+  return target;
+}
+
+// Quant blocks per split: whole steps of either type (8 blocks).
+constexpr int64_t kSplitQuantum = 8;
+
+}  // namespace
+
+int frag_v2_splits(const CudaWeight& w) {
+  // Each split keeps at least two steps, so that loads of the next step overlap the current one.
+  const int row_blocks = ceil_div(w.n_out, kRowsPerBlock);
+  const int64_t quanta = ceil_div(w.n_in / 32, kSplitQuantum);
+  const int most = static_cast<int>(std::clamp<int64_t>(quanta / 2, 1, 16));
+  return std::clamp(ceil_div(target_blocks(), row_blocks), 1, most);
+}
+
+int frag_v2_row_blocks(const CudaWeight& w) {
+  return ceil_div(w.n_out, kRowsPerBlock);
+}
+
+Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x, int n_tokens, float* out,
+                             const float* bias, float* partial, unsigned* arrivals,
+                             cudaStream_t s) {
+  const int splits = frag_v2_splits(w);
+  const int64_t nb = w.n_in / 32;
+  const int64_t bps = ceil_div(ceil_div(nb, splits), kSplitQuantum) * kSplitQuantum;
+  const FragV2Args a{w.qs, w.d, w.n_in, w.n_out, x, n_tokens, bps, out, bias, partial, arrivals};
+  if (w.type == DType::Q4_0)
+    launch_type<DType::Q4_0>(a, splits, s);
+  else
+    launch_type<DType::Q8_0>(a, splits, s);
+  LAUNCH_CHECK("matmul (tensor cores, weights in fragments, v2)");
+  return Status::ok();
+}
+
+}  // namespace kestrel::backend::cuda
