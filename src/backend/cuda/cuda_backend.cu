@@ -90,6 +90,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->int8_disabled_ = no_int8 && std::string(no_int8) == "1";
   const char* no_frag = std::getenv("KESTREL_CUDA_NO_FRAG");
   be->frag_disabled_ = no_frag && std::string(no_frag) == "1";
+  const char* no_fused = std::getenv("KESTREL_CUDA_NO_FUSED_INPUTS");
+  be->fuse_inputs_ = !(no_fused && std::string(no_fused) == "1");
   const char* frag_v2 = std::getenv("KESTREL_CUDA_FRAG_V2");
   be->frag_v2_ = frag_v2 && std::string(frag_v2) == "1";
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
@@ -393,10 +395,12 @@ Status CudaBackend::embed(const HostMatrix& table, const int32_t* tokens, int n_
 Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                              Tensor& out) {
   forget_activations();
+  KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
+                           fused_matmul_input(static_cast<float*>(out.data), n_tokens, out.cols));
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_rms_norm(static_cast<const float*>(x.data), n_tokens, x.cols,
                          static_cast<const float*>(weight.data), eps, static_cast<float*>(out.data),
-                         stream_);
+                         also, stream_);
 }
 
 Status CudaBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
@@ -408,10 +412,12 @@ Status CudaBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, cons
 
 Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
   forget_activations();
+  KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
+                           fused_matmul_input(static_cast<float*>(out.data), n_tokens, out.cols));
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_swiglu(static_cast<const float*>(gate.data), static_cast<const float*>(up.data),
                        static_cast<int64_t>(n_tokens) * gate.cols, static_cast<float*>(out.data),
-                       stream_);
+                       also, stream_);
 }
 
 Status CudaBackend::add(Tensor& x, const Tensor& y, int n_tokens) {

@@ -49,6 +49,25 @@ constexpr int kMmaMaxTokens = 64;
 constexpr int kFragMinTokens = 5;
 constexpr int kFragMaxTokens = 16;
 
+// A 32-element block of int8 activations (two planes, matvec_int8.cu): x ~= unit * (128 q1 + q2).
+struct ActBlock {
+  float unit;
+  int sum;  // sum over the block of 128 * q1 + q2
+};
+// Where an op also writes its output as the next matmul's input (acts_device.cuh): the int8
+// planes, or f16, or neither (all null).
+struct MatmulInputOut {
+  int8_t* q1 = nullptr;
+  int8_t* q2 = nullptr;
+  ActBlock* meta = nullptr;
+  __half* x16 = nullptr;
+};
+
+// The kernels a matmul runs on (CudaBackend::matmul_path): weights decoded into tensor-core
+// fragments, dp4a on int8 activations, fused small-batch kernels, the shared-memory tile kernel,
+// or f16 weight tiles through cuBLAS.
+enum class MatmulPath { kFrag, kInt8, kSmall, kMma, kGemm };
+
 // A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
 class CudaBackend;
@@ -113,7 +132,13 @@ class CudaBackend final : public Backend {
   Expected<void*> scratch(int slot, size_t bytes);
   // x [n_tokens][k] rounded to f16 in the kX16 scratch; converted again unless `held` (the
   // scratch already holds it: x16_).
+  // Which kernels a matmul of `type` weights, n_in columns and n_tokens tokens runs on.
+  MatmulPath matmul_path(quant::DType type, int64_t n_in, int n_tokens) const;
   Expected<const __half*> f16_activations(const float* x, int n_tokens, int64_t k, bool held);
+  // Where an op writing out [n_tokens][k] also writes it as the input of a Q4_0 matmul of that
+  // size (int8 planes or f16, in their scratch, remembered as held for `out`); nothing when the
+  // matmul would read f32 or KESTREL_CUDA_NO_FUSED_INPUTS=1. Call after forget_activations().
+  Expected<MatmulInputOut> fused_matmul_input(const float* out, int n_tokens, int64_t k);
   // n zeroed counters in the kArrivals scratch (zeroed again when it grows).
   Expected<unsigned*> arrival_counters(int n);
   // Every op that writes device activations calls this: the scratch copies of activations
@@ -150,6 +175,7 @@ class CudaBackend final : public Backend {
   bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
   bool frag_disabled_ = false;    // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
   bool frag_v2_ = false;          // KESTREL_CUDA_FRAG_V2=1: matmul_frag_v2.cu for 5-16 tokens
+  bool fuse_inputs_ = true;       // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
@@ -214,16 +240,12 @@ Status launch_matmul_small(const CudaWeight& w, const float* x, int n_tokens, fl
 // matmul_mma.cu: whether the fused tensor-core kernel takes this matmul, its split-K factor
 // (partial needs splits * T * n_out floats) and the launch.
 class CudaWeight;
-bool mma_supports(const CudaWeight& w, int n_tokens);
+bool mma_supports(quant::DType type, int64_t n_in, int n_tokens);
 int mma_splits(const CudaWeight& w);
 Status launch_matmul_mma(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
                          const float* bias, float* partial, cudaStream_t s);
 // matvec_int8.cu: activations quantized into two int8 planes per 32-element block,
 // x ~= unit * (128 * q1 + q2), for the dp4a kernels of small batches of Q4_0 / Q8_0 weights.
-struct ActBlock {
-  float unit;
-  int sum;  // sum over the block of 128 * q1 + q2
-};
 struct QuantizedActs {
   int8_t* q1 = nullptr;      // [T][k]
   int8_t* q2 = nullptr;      // [T][k]
@@ -231,7 +253,7 @@ struct QuantizedActs {
   static QuantizedActs in(void* buffer, int n_tokens, int64_t k);
   static size_t bytes(int n_tokens, int64_t k);
 };
-bool int8_matvec_supports(const CudaWeight& w, int n_tokens);
+bool int8_matvec_supports(quant::DType type, int64_t n_in, int n_tokens);
 Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const QuantizedActs& a,
                             cudaStream_t s);
 Status launch_matvec_int8(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
@@ -241,7 +263,7 @@ Status launch_reduce_splits(const float* partial, int splits, int n_tokens, int6
                             float* out, const float* bias, cudaStream_t s);
 // matmul_frag.cu: Q4_0 / Q8_0 weights decoded straight into tensor-core fragments, f16
 // activations; partial needs frag_splits * T * n_out floats.
-bool frag_supports(const CudaWeight& w, int n_tokens);
+bool frag_supports(quant::DType type, int64_t n_in, int n_tokens);
 int frag_splits(const CudaWeight& w);
 Status launch_matmul_frag(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
                           const float* bias, float* partial, cudaStream_t s);
@@ -255,10 +277,12 @@ Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x16, int n_token
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);
+// RMS norm (and SwiGLU) also write their output as the next matmul's input `also`.
 Status launch_rms_norm(const float* x, int n_tokens, int64_t n, const float* w, float eps,
-                       float* out, cudaStream_t s);
+                       float* out, const MatmulInputOut& also, cudaStream_t s);
 Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams& p, cudaStream_t s);
-Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t s);
+Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out,
+                     const MatmulInputOut& also, cudaStream_t s);
 Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s);
 Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int n_rows, float* out,
                        cudaStream_t s);

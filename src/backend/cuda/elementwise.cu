@@ -2,6 +2,7 @@
 // Each is a single pass over its rows; they are small next to the matmuls (see --profile).
 #include <cmath>
 
+#include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/quant_device.cuh"
 
@@ -34,11 +35,12 @@ __global__ void embed_kernel(const uint8_t* table, int64_t row_bytes, int64_t n_
 // One block per token. Every load of the row is issued before any is used (float4, unrolled):
 // with one block per token, a loop of dependent loads would cost a memory latency per step
 // (16 us per decode step was measured). Sums of squares in f32 per thread and warp, the block
-// total and the scale in double as the CPU reference.
+// total and the scale in double as the CPU reference. The output is also written as the next
+// matmul's input `also` (n a multiple of 32 for the int8 planes).
 constexpr int kNormThreads = 256, kNormMaxVec = 8;  // rows of up to 8192 floats in registers
 __global__ void __launch_bounds__(kNormThreads)
     rms_norm_kernel(const float* __restrict__ x, int64_t n, const float* __restrict__ w, float eps,
-                    float* __restrict__ out) {
+                    float* __restrict__ out, MatmulInputOut also) {
   const float4* xr = reinterpret_cast<const float4*>(x + blockIdx.x * n);
   const float4* wr = reinterpret_cast<const float4*>(w);
   float4* o = reinterpret_cast<float4*>(out + blockIdx.x * n);
@@ -65,13 +67,19 @@ __global__ void __launch_bounds__(kNormThreads)
   }
   __syncthreads();
   const float f = inv;
+  const bool fused = also.q1 || also.x16;
 #pragma unroll
   for (int k = 0; k < kNormMaxVec; ++k) {
     const int i = threadIdx.x + kNormThreads * k;
+    float4 r = make_float4(0, 0, 0, 0);
     if (i < nv) {
       const float4 g = wr[i];
-      o[i] = make_float4(v[k].x * f * g.x, v[k].y * f * g.y, v[k].z * f * g.z, v[k].w * f * g.w);
+      r = make_float4(v[k].x * f * g.x, v[k].y * f * g.y, v[k].z * f * g.z, v[k].w * f * g.w);
+      o[i] = r;
     }
+    // Every lane of a warp takes part (the int8 planes reduce over 8 lanes), past the row too.
+    if (fused && kNormThreads * k < nv)
+      write_matmul_input4(also, blockIdx.x * n + 4 * i, r, i < nv);
   }
 }
 
@@ -94,11 +102,16 @@ __global__ void rope_kernel(float* x, int64_t row_len, const int32_t* pos, int h
   head[i1] = a * sn + b * cn;
 }
 
-__global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, float* out) {
+// The output is also written as the next matmul's input `also` (n a multiple of 32 for the int8
+// planes: a warp is one block, wholly inside or outside).
+__global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, float* out,
+                              MatmulInputOut also) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) {
     const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
+    const float r = g / (1.0f + expf(-g)) * up[i];
+    out[i] = r;
+    write_matmul_input1(also, i, r);
   }
 }
 
@@ -129,12 +142,15 @@ Status launch_embed(DType t, const uint8_t* table, int64_t row_bytes, int64_t n_
 }
 
 Status launch_rms_norm(const float* x, int n_tokens, int64_t n, const float* w, float eps,
-                       float* out, cudaStream_t s) {
+                       float* out, const MatmulInputOut& also, cudaStream_t s) {
   if (n_tokens <= 0) return Status::ok();
   if (n % 4 != 0 || n > int64_t{4} * kNormThreads * kNormMaxVec)
     return error("rms_norm: rows of %lld are not supported (a multiple of 4, at most %d)",
                  static_cast<long long>(n), 4 * kNormThreads * kNormMaxVec);
-  rms_norm_kernel<<<n_tokens, kNormThreads, 0, s>>>(x, n, w, eps, out);
+  if ((also.q1 || also.x16) && n % 32 != 0)
+    return error("rms_norm: rows of %lld cannot be written as int8 blocks of 32",
+                 static_cast<long long>(n));
+  rms_norm_kernel<<<n_tokens, kNormThreads, 0, s>>>(x, n, w, eps, out, also);
   LAUNCH_CHECK("rms_norm");
   return Status::ok();
 }
@@ -162,9 +178,13 @@ Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams&
   return Status::ok();
 }
 
-Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out, cudaStream_t s) {
+Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out,
+                     const MatmulInputOut& also, cudaStream_t s) {
   if (n <= 0) return Status::ok();
-  swiglu_kernel<<<ceil_div(n, 256), 256, 0, s>>>(gate, up, n, out);
+  if (also.q1 && n % 32 != 0)
+    return error("swiglu: %lld values cannot be written as int8 blocks of 32",
+                 static_cast<long long>(n));
+  swiglu_kernel<<<ceil_div(n, 256), 256, 0, s>>>(gate, up, n, out, also);
   LAUNCH_CHECK("swiglu");
   return Status::ok();
 }

@@ -277,27 +277,23 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const float* xp = static_cast<const float*>(x.data);
   float* op = static_cast<float*>(out.data);
-  enum class Path { kFrag, kInt8, kSmall, kMma, kGemm };
-  const Path path = frag_supports(w, n_tokens) && !frag_disabled_          ? Path::kFrag
-                    : int8_matvec_supports(w, n_tokens) && !int8_disabled_ ? Path::kInt8
-                    : n_tokens <= kSmallBatch                              ? Path::kSmall
-                    : mma_supports(w, n_tokens) && !mma_disabled_          ? Path::kMma
-                                                                           : Path::kGemm;
+  const MatmulPath path = matmul_path(w.type, w.n_in, n_tokens);
   // Which converted copy of x the path reads (the GEMM path: f16 for quantized weights, f16
   // hi + lo parts written over kX16 for F16 weights, f32 itself for F32), and whether the
   // scratch already holds it.
-  const bool reads_x16 = path == Path::kFrag || path == Path::kMma ||
-                         (path == Path::kGemm && w.type != DType::F32 && w.type != DType::F16);
+  const bool reads_x16 =
+      path == MatmulPath::kFrag || path == MatmulPath::kMma ||
+      (path == MatmulPath::kGemm && w.type != DType::F32 && w.type != DType::F16);
   const bool int8_held = acts_.holds(xp, n_tokens, w.n_in);
   const bool x16_held = x16_.holds(xp, n_tokens, w.n_in);
-  if (path == Path::kInt8) acts_ = {true, xp, n_tokens, w.n_in};
+  if (path == MatmulPath::kInt8) acts_ = {true, xp, n_tokens, w.n_in};
   if (reads_x16) x16_ = {true, xp, n_tokens, w.n_in};
-  if (path == Path::kGemm && w.type == DType::F16) x16_.valid = false;
+  if (path == MatmulPath::kGemm && w.type == DType::F16) x16_.valid = false;
   if (op == acts_.x) acts_.valid = false;
   if (op == x16_.x) x16_.valid = false;
   if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
   switch (path) {
-    case Path::kFrag: {
+    case MatmulPath::kFrag: {
       KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
       float* partial = nullptr;
       if (const int splits = frag_v2_ ? frag_v2_splits(w) : frag_splits(w); splits > 1) {
@@ -312,15 +308,15 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
       }
       return launch_matmul_frag_v2(w, x16, n_tokens, op, b, partial, arrivals, stream_);
     }
-    case Path::kInt8: {
+    case MatmulPath::kInt8: {
       KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
       const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);
       if (!int8_held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
       return launch_matvec_int8(w, acts, n_tokens, op, b, stream_);
     }
-    case Path::kSmall:
+    case MatmulPath::kSmall:
       return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
-    case Path::kMma: {
+    case MatmulPath::kMma: {
       KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
       float* partial = nullptr;
       if (const int splits = mma_splits(w); splits > 1) {
@@ -330,10 +326,46 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
       }
       return launch_matmul_mma(w, x16, n_tokens, op, b, partial, stream_);
     }
-    case Path::kGemm:
+    case MatmulPath::kGemm:
       break;
   }
   return matmul_gemm(w, xp, n_tokens, op, b, x16_held);
+}
+
+MatmulPath CudaBackend::matmul_path(DType type, int64_t n_in, int n_tokens) const {
+  if (frag_supports(type, n_in, n_tokens) && !frag_disabled_) return MatmulPath::kFrag;
+  if (int8_matvec_supports(type, n_in, n_tokens) && !int8_disabled_) return MatmulPath::kInt8;
+  if (n_tokens <= kSmallBatch) return MatmulPath::kSmall;
+  if (mma_supports(type, n_in, n_tokens) && !mma_disabled_) return MatmulPath::kMma;
+  return MatmulPath::kGemm;
+}
+
+Expected<MatmulInputOut> CudaBackend::fused_matmul_input(const float* out, int n_tokens,
+                                                         int64_t k) {
+  MatmulInputOut m;
+  if (!fuse_inputs_ || n_tokens <= 0 || k % 32 != 0) return m;
+  switch (matmul_path(DType::Q4_0, k, n_tokens)) {
+    case MatmulPath::kInt8: {
+      KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, k)));
+      const QuantizedActs a = QuantizedActs::in(buf, n_tokens, k);
+      m.q1 = a.q1;
+      m.q2 = a.q2;
+      m.meta = a.meta;
+      acts_ = {true, out, n_tokens, k};
+      return m;
+    }
+    case MatmulPath::kFrag:
+    case MatmulPath::kMma:
+    case MatmulPath::kGemm: {
+      KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kX16, sizeof(__half) * n_tokens * k));
+      m.x16 = static_cast<__half*>(buf);
+      x16_ = {true, out, n_tokens, k};
+      return m;
+    }
+    case MatmulPath::kSmall:
+      break;
+  }
+  return m;
 }
 
 Expected<const __half*> CudaBackend::f16_activations(const float* x, int n_tokens, int64_t k,

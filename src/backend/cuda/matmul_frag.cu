@@ -181,9 +181,9 @@ void launch_type(const CudaWeight& w, const __half* x, int n_tokens, int splits,
 
 }  // namespace
 
-bool frag_supports(const CudaWeight& w, int n_tokens) {
-  return (w.type == DType::Q4_0 || w.type == DType::Q8_0) && n_tokens >= kFragMinTokens &&
-         n_tokens <= kFragMaxTokens && w.n_in % 32 == 0;
+bool frag_supports(DType type, int64_t n_in, int n_tokens) {
+  return (type == DType::Q4_0 || type == DType::Q8_0) && n_tokens >= kFragMinTokens &&
+         n_tokens <= kFragMaxTokens && n_in % 32 == 0;
 }
 
 bool frag_takes_f32(int n_tokens) {

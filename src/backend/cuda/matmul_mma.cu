@@ -156,8 +156,8 @@ void launch_mma_nt(const CudaWeight& w, const __half* x16, int n_tokens, int spl
 
 }  // namespace
 
-bool mma_supports(const CudaWeight& w, int n_tokens) {
-  return (w.type == DType::Q4_0 || w.type == DType::Q8_0) && n_tokens > kSmallBatch &&
+bool mma_supports(DType type, int64_t /*n_in*/, int n_tokens) {
+  return (type == DType::Q4_0 || type == DType::Q8_0) && n_tokens > kSmallBatch &&
          n_tokens <= kMmaMaxTokens;
 }
 

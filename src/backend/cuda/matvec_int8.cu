@@ -10,6 +10,7 @@
 // Layout: a warp owns kRowsFor<NT> consecutive output rows; its lanes take the rows' 32-element
 // blocks lane, lane + 32, ... so that a warp's weight loads are 512 contiguous bytes per row
 // (Q4_0), and every block's activations (two planes, 64 bytes per token) serve all of them.
+#include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 
 namespace kestrel::backend::cuda {
@@ -24,31 +25,12 @@ template <int NT>
 constexpr int kRowsFor = 2;
 constexpr int kWarps = 4;
 
-__device__ __forceinline__ int warp_sum_int(int v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // One thread per element, one warp per 32-element block (n is a multiple of 32, so a warp is
 // wholly inside or outside).
-__global__ void quantize_acts_kernel(const float* x, int64_t n, int8_t* q1, int8_t* q2,
-                                     ActBlock* meta) {
+__global__ void quantize_acts_kernel(const float* x, int64_t n, MatmulInputOut m) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const float v = x[i];
-  const float amax = warp_max(fabsf(v));
-  const float unit = amax / (127.0f * 128.0f);
-  int a = 0, b = 0;
-  if (amax > 0.0f) {
-    a = __float2int_rn(v * (127.0f / amax));
-    const float residual = v - (amax / 127.0f) * static_cast<float>(a);
-    b = min(127, max(-127, __float2int_rn(residual / unit)));
-  }
-  q1[i] = static_cast<int8_t>(a);
-  q2[i] = static_cast<int8_t>(b);
-  const int sum = warp_sum_int(128 * a + b);
-  if (threadIdx.x % 32 == 0) meta[i / 32] = ActBlock{unit, sum};
+  write_matmul_input1(m, i, x[i]);
 }
 
 // Sum over the block of weight codes (Q4_0: 0..15, offset by 8 outside; Q8_0: signed) times one
@@ -183,15 +165,18 @@ size_t QuantizedActs::bytes(int n_tokens, int64_t k) {
   return static_cast<size_t>(2 * n + (n / 32) * static_cast<int64_t>(sizeof(ActBlock)));
 }
 
-bool int8_matvec_supports(const CudaWeight& w, int n_tokens) {
-  return (w.type == DType::Q4_0 || w.type == DType::Q8_0) && n_tokens <= kSmallBatch &&
-         w.n_in % 32 == 0;
+bool int8_matvec_supports(DType type, int64_t n_in, int n_tokens) {
+  return (type == DType::Q4_0 || type == DType::Q8_0) && n_tokens <= kSmallBatch && n_in % 32 == 0;
 }
 
 Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const QuantizedActs& a,
                             cudaStream_t s) {
   const int64_t n = int64_t{n_tokens} * k;
-  quantize_acts_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, n, a.q1, a.q2, a.meta);
+  MatmulInputOut m;
+  m.q1 = a.q1;
+  m.q2 = a.q2;
+  m.meta = a.meta;
+  quantize_acts_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, n, m);
   LAUNCH_CHECK("matmul (quantize activations)");
   return Status::ok();
 }
