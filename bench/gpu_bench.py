@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GPU benchmark: `kestrel bench` on the ANCHORS.md test models against llama.cpp's H100 figures
-and the issue's targets.
+and the issue's targets, and, with --llama-bench, against llama.cpp itself in the same run.
 
 Runs `kestrel bench -o jsonl` once per group of settings (one model load per group; results
 stream out per test, so a crash keeps what finished), prints a markdown table (test, settings,
@@ -10,6 +10,13 @@ bounds the whole. Missing models are synthesized first (scripts/synth_gguf.py, t
 ANCHORS.md, Q4_0 with scales uniform in [0.002, 0.02]).
 
   python3 bench/gpu_bench.py --kestrel build-gpu/bin/kestrel [-r 3] [--budget 240] [--json OUT]
+                             [--llama-bench PATH]
+
+With --llama-bench, each group's tests also run through llama-bench (CUDA build, all layers on
+the GPU unless the group says otherwise, flash attention on: llama.cpp's fastest settings) right
+after Kestrel's, and the table gains the columns "llama.cpp same run" and its ratio: the ANCHORS
+figures were measured on an H100, and the GPU machine may be another card (an H200 has ~1.4x the
+memory bandwidth), so only the same-run ratio compares like with like.
 
 Exit status: 0 when every case produced a result (targets met or not), 1 otherwise.
 """
@@ -57,6 +64,7 @@ class Case:
     # filled in by the run
     result: dict | None = None
     error: str = ""
+    peer: dict | None = None   # llama-bench's result in the same run
 
 
 # group -> (model key, kestrel bench flags, what the settings column says)
@@ -72,6 +80,28 @@ GROUPS = {
                  "-ngl 31, b128 ub16, f16 KV"),
     "l3-default": ("llama3-8b", ["-p", "512", "-n", "128"], "defaults (b2048 ub512, f16 KV, all layers)"),
 }
+# Environment variables a group's kestrel bench call runs with (the variant groups, below).
+GROUP_ENV: dict[str, dict[str, str]] = {}
+
+# A/B variants measured in the same run as the default: (VAR=VALUE, substring of case names).
+# Each matching case runs again with the variable set (its group's flags, one more kestrel bench
+# call), in a row of its own. --ab adds more.
+VARIANTS = [
+    ("KESTREL_CUDA_FRAG_V2=1", "seed case, b128 ub16"),   # matmul_frag_v2.cu, under trial
+    ("KESTREL_CUDA_NO_FUSED_INPUTS=1", "llama2-7b tg128"),  # norm/swiglu write matmul inputs
+]
+
+# group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the
+# group's tests).
+LLAMA_BENCH_FLAGS = {
+    "l2-default": ["-ngl", "99", "-fa", "1"],
+    "l2-kvq4": ["-ngl", "99", "-fa", "1", "-ctk", "q4_0", "-ctv", "q4_0"],
+    "l2-seed": ["-ngl", "99", "-fa", "1", "-b", "128", "-ub", "16", "-ctk", "q4_0", "-ctv", "q4_0"],
+    "l2-ngl31": ["-ngl", "31", "-fa", "1", "-b", "128", "-ub", "16"],
+    "l3-default": ["-ngl", "99", "-fa", "1"],
+}
+# Groups that differ from another only in Kestrel's environment take that group's llama-bench run.
+PEER_OF: dict[str, str] = {}
 
 L2, L2FA = ("llama2-7b", "all layers, b2048 ub512"), ("llama2-7b", "all layers, b2048 ub512, flash attention")
 CASES = [
@@ -92,6 +122,25 @@ CASES = [
 ]
 
 
+def add_variants(cases: list[Case], variants: list[tuple[str, str]]) -> list[Case]:
+    """The cases followed, each, by its variants: the same test in a group of its own that runs
+    with VAR=VALUE (GROUPS, GROUP_ENV and PEER_OF entries are added for it)."""
+    out = []
+    for c in cases:
+        out.append(c)
+        for assign, pattern in variants:
+            if pattern not in c.name:
+                continue
+            var, _, value = assign.partition("=")
+            g = f"{c.group}+{assign}"
+            shape, flags, settings = GROUPS[c.group]
+            GROUPS[g] = (shape, flags, f"{settings}, {assign}")
+            GROUP_ENV[g] = {var: value}
+            PEER_OF[g] = c.group
+            out.append(dataclasses.replace(c, name=f"{c.name} ({assign})", group=g))
+    return out
+
+
 def log(msg: str) -> None:
     print(f"gpu_bench: {msg}", flush=True)
 
@@ -103,14 +152,16 @@ def synthesize(shape: str, path: Path) -> None:
 
 
 def run_group(kestrel: str, model: Path, flags: list[str], reps: int, timeout: float,
-              extra: list[str]) -> tuple[list[dict], str, float]:
+              extra: list[str], env: dict[str, str] | None = None) -> tuple[list[dict], str, float]:
     """Runs one kestrel bench call; returns (results that came out, error text or "", seconds)."""
     cmd = [kestrel, "bench", "-m", str(model), "-r", str(reps), "-o", "jsonl", *flags, *extra]
-    log("$ " + shlex.join(cmd))
+    log("$ " + " ".join(f"{k}={v}" for k, v in (env or {}).items()) + (" " if env else "")
+        + shlex.join(cmd))
     t0 = time.time()
     err = ""
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+                           env={**os.environ, **(env or {})})
         out, stderr, rc = p.stdout, p.stderr, p.returncode
     except subprocess.TimeoutExpired as e:
         out, stderr, rc = e.stdout or b"", e.stderr or b"", None
@@ -130,6 +181,31 @@ def run_group(kestrel: str, model: Path, flags: list[str], reps: int, timeout: f
     elif rc is None and tail:
         err += f": {tail}"
     return results, err, seconds
+
+
+def run_llama_bench(llama_bench: str, model: Path, flags: list[str], reps: int,
+                    timeout: float) -> tuple[dict[str, dict], str]:
+    """llama-bench on the same model and tests: ({test name: result}, error text or "")."""
+    cmd = [llama_bench, "-m", str(model), "-r", str(reps), "-o", "jsonl", *flags]
+    log("$ " + shlex.join(cmd))
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError) as e:
+        return {}, f"llama-bench: {e}"
+    by_test = {}
+    for line in p.stdout.decode("utf-8", "replace").splitlines():
+        try:
+            r = json.loads(line) if line.startswith("{") else None
+        except json.JSONDecodeError:
+            r = None
+        if r:
+            n_p, n_g = int(r.get("n_prompt", 0)), int(r.get("n_gen", 0))
+            by_test[f"pp{n_p}" if n_g == 0 else f"tg{n_g}" if n_p == 0 else f"pg{n_p},{n_g}"] = r
+    err = ""
+    if p.returncode != 0:
+        tail = " | ".join(p.stderr.decode("utf-8", "replace").strip().splitlines()[-3:])[-300:]
+        err = f"llama-bench exit {p.returncode}: {tail}"
+    return by_test, err
 
 
 def group_flags(flags: list[str], tests: list[str]) -> list[str]:
@@ -163,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", action="append", default=[],
                     help="run only cases whose name contains this substring (repeatable)")
     ap.add_argument("--kestrel-args", default="", help="flags appended to every kestrel bench call")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench (CUDA build): race it in the same run")
+    ap.add_argument("--ab", action="append", default=[], metavar="VAR=VALUE:CASES",
+                    help="also run the cases whose name contains CASES with the environment "
+                         "variable VAR=VALUE, in rows of their own (repeatable; adds to the "
+                         "built-in variants)")
+    ap.add_argument("--no-variants", action="store_true", help="skip the built-in A/B variants")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="accept results that ran on the CPU (for trying the script without a GPU)")
     ap.add_argument("--json", default="bench-gpu.json", help="write every result here")
@@ -173,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
 
     models = {"llama2-7b": Path(args.llama2 or Path(args.models) / "llama2-7b-q4_0.gguf"),
               "llama3-8b": Path(args.llama3 or Path(args.models) / "llama3-8b-q4_0.gguf")}
-    cases = [c for c in CASES if not args.only or any(o in c.name for o in args.only)]
+    variants = [] if args.no_variants else list(VARIANTS)
+    for ab in args.ab:
+        assign, sep, pattern = ab.partition(":")
+        if not sep or "=" not in assign:
+            ap.error(f"--ab {ab}: expected VAR=VALUE:CASES")
+        variants.append((assign, pattern))
+    cases = [c for c in add_variants(CASES, variants)
+             if not args.only or any(o in c.name for o in args.only)]
     groups = list(dict.fromkeys(c.group for c in cases))
     if not (Path(args.kestrel).is_file() and os.access(args.kestrel, os.X_OK)):
         for c in cases:
@@ -181,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = []
 
     calls = []
+    peers: dict[str, dict[str, dict]] = {}   # group -> llama-bench's results by test
     if groups and not args.allow_cpu:
         # A tiny model first: a build or machine where --backend auto falls back to the CPU would
         # spend the whole budget on 7B models at CPU speed.
@@ -222,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         flags = group_flags(flags, [c.test for c in mine])
         results, err, seconds = run_group(args.kestrel, model, flags, args.repetitions,
-                                          min(args.timeout, left), extra)
-        calls.append({"group": g, "model": str(model), "flags": flags + extra, "seconds": seconds,
+                                          min(args.timeout, left), extra, GROUP_ENV.get(g))
+        calls.append({"group": g, "model": str(model), "flags": flags + extra,
+                      "env": GROUP_ENV.get(g, {}), "seconds": seconds,
                       "error": err, "n_results": len(results)})
         by_test = {r.get("test"): r for r in results}
         for c in mine:
@@ -236,6 +327,16 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 c.result = r
         log(f"{g}: {len(results)} results in {seconds:.1f} s" + (f"; {err}" if err else ""))
+        left = args.budget - (time.time() - t_start)
+        if args.llama_bench and g in PEER_OF:
+            peers[g] = peers.get(PEER_OF[g], {})
+        elif args.llama_bench and left > 10:
+            lflags = group_flags(flags, [c.test for c in mine])[:4] + LLAMA_BENCH_FLAGS[g]
+            peers[g], perr = run_llama_bench(args.llama_bench, model, lflags, args.repetitions,
+                                             min(args.timeout, left))
+            log(f"{g}: llama-bench {len(peers[g])} results" + (f"; {perr}" if perr else ""))
+        for c in mine:
+            c.peer = peers.get(g, {}).get(c.test)
 
     # The table.
     rows = []
@@ -243,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         r = c.result or {}
         ours = r.get("avg_ts") if not c.error else None
         anchor = LLAMA_CPP[c.anchor].get(c.test) if c.anchor else None
+        peer = (c.peer or {}).get("avg_ts")
         rows.append({
             "case": c.name, "model": GROUPS[c.group][0], "test": c.test,
             "settings": GROUPS[c.group][2], "flags": GROUPS[c.group][1] + extra,
@@ -250,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             "kestrel_avg_ts": ours, "kestrel_stddev_ts": r.get("stddev_ts") if ours else None,
             "llama_cpp_ts": anchor, "llama_cpp_settings": c.anchor[1] if c.anchor else None,
             "ratio": ours / anchor if ours and anchor else None,
+            "llama_cpp_same_run_ts": peer,
+            "llama_cpp_same_run_flags": (LLAMA_BENCH_FLAGS[PEER_OF.get(c.group, c.group)]
+                                         if peer else None),
+            "ratio_same_run": ours / peer if ours and peer else None,
             "target_ts": c.target,
             "target_met": (ours >= c.target) if ours is not None and c.target else None,
             "kestrel": r or None,
@@ -257,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     device = next((r["kestrel"].get("device") for r in rows if r["kestrel"]), "?")
     version = next((r["kestrel"].get("kestrel_version") for r in rows if r["kestrel"]), "?")
     table = [f"Kestrel {version} on {device}; {args.repetitions} timed runs per test (t/s: mean ± sd); "
-             f"llama.cpp: ANCHORS.md (H100, llama-bench)", "",
-             "| test | settings | Kestrel t/s | llama.cpp t/s (its settings) | ratio | target | met |",
-             "|---|---|---|---|---|---|---|"]
+             f"llama.cpp: ANCHORS.md (H100, llama-bench)"
+             + (f"; same run: {args.llama_bench} (-fa 1)" if args.llama_bench else ""), "",
+             "| test | settings | Kestrel t/s | llama.cpp same run | ratio | "
+             "llama.cpp ANCHORS t/s (its settings) | ratio | target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []   # the failures' messages, each once, referenced as [n]
     for row in rows:
         if row["ok"]:
@@ -274,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         target = f"≥ {row['target_ts']:,.0f}" if row["target_ts"] else "-"
         met = "-" if row["target_ts"] is None else ("n/a" if row["target_met"] is None
                                                     else "met" if row["target_met"] else "not met")
-        table.append(f"| {row['case']} | {row['settings']} | {ours} | {llama} | {ratio} | {target} | {met} |")
+        same = fmt_ts(row["llama_cpp_same_run_ts"]) if row["llama_cpp_same_run_ts"] else "-"
+        same_ratio = f"{row['ratio_same_run']:.2f}x" if row["ratio_same_run"] else "-"
+        table.append(f"| {row['case']} | {row['settings']} | {ours} | {same} | {same_ratio} | {llama} "
+                     f"| {ratio} | {target} | {met} |")
     n_fail = sum(not r["ok"] for r in rows)
     n_target = sum(r["target_ts"] is not None for r in rows)
     n_met = sum(bool(r["target_met"]) for r in rows)

@@ -17,15 +17,24 @@
 #   7. the OpenCL backend through NVIDIA's OpenCL driver (scripts/check-opencl-gpu.sh, its own
 #      build): the op tests on OpenCL and its benchmarks, printed after the CUDA table
 #
+# With --peer, llama.cpp's llama-bench is built with CUDA in the background from the sources in
+# .gpu-deps/llama.cpp-src.tar.gz (scripts/pack-gpu-deps.sh) while the rest runs, and the
+# benchmarks race it in the same run (columns "llama.cpp same run": the ANCHORS figures are an
+# H100's, and the machine may hold another card). It adds 40 s to the default budget (580 s, under
+# the GPU machine's 10-minute command limit); the build gets at most the time that leaves 170 s
+# for the benchmarks, and they run without the peer if it is not built by then. With --peer,
+# --no-opencl keeps the run well inside the limit (the OpenCL stage has its own build).
+#
 # Every stage runs under `timeout`, sized so that the whole stays under $GPU_CHECK_BUDGET
 # seconds (default 540); a failed stage is reported and the run goes on. Output: the PASS/FAIL
 # summary with each stage's time, then the benchmark table. Files (under $OUT when set, else
 # build-gpu/gpu-check/): gpu-check.log (everything), gpu-check.json (stages), gtest-gpu.xml,
 # bench-gpu.json.
 #
-#   bash scripts/gpu-check.sh [--quick (no e2e)] [--bench-only] [--no-bench] [--no-opencl]
+#   bash scripts/gpu-check.sh [--quick (no e2e)] [--bench-only] [--no-bench] [--no-opencl] [--peer]
 #
-# Environment: GPU_CHECK_BUDGET (seconds, 540), GPU_CHECK_WORK (models, e2e cache; default
+# Environment: GPU_BENCH_ARGS (more options for bench/gpu_bench.py, e.g. --ab VAR=VALUE:CASES),
+# GPU_CHECK_BUDGET (seconds, 540), GPU_CHECK_WORK (models, e2e cache; default
 # /tmp/kestrel-gpu-check), GPU_CHECK_BUILD (build folder, build-gpu), GPU_CHECK_E2E_JOBS
 # (kestrel processes at once in the e2e test; 8 on 16 cores), GPU_CHECK_CUDA (ON; OFF only to
 # try the script on a machine without CUDA).
@@ -36,10 +45,11 @@ set -uo pipefail   # no -e: a failing stage is recorded and the run goes on
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 
-QUICK=0 TESTS=1 BENCH=1 OPENCL=1
+QUICK=0 TESTS=1 BENCH=1 OPENCL=1 PEER=0
 while (($#)); do
   case "$1" in
     --quick) QUICK=1 ;;
+    --peer) PEER=1 ;;
     --no-opencl) OPENCL=0 ;;
     --bench-only) TESTS=0 ;;
     --no-bench) BENCH=0 ;;
@@ -55,7 +65,7 @@ fi
 
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
-BUDGET=${GPU_CHECK_BUDGET:-540}
+BUDGET=${GPU_CHECK_BUDGET:-$((540 + 40 * PEER))}
 T0=$(date +%s)
 DEADLINE=$((T0 + BUDGET))
 NPROC=$(nproc)
@@ -114,11 +124,11 @@ run_stage() {
   say "-- $name: exit $RC in ${STAGE_SECS}s"
 }
 
-SYNTH_PIDS=()
+SYNTH_PIDS=() PEER_PID=""
 # shellcheck disable=SC2317  # called by the trap
 cleanup() {
   local p
-  for p in "${SYNTH_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${SYNTH_PIDS[@]}" $PEER_PID; do kill "$p" 2>/dev/null; done
 }
 trap cleanup EXIT
 
@@ -172,13 +182,16 @@ fi
 
 # --- 2. models, in the background ------------------------------------------------------------
 synth() {   # synth SHAPE: the ANCHORS.md model, kept when present (written atomically)
-  local out=$MODELS/$1-q4_0.gguf
+  local out=$MODELS/$1-q4_0.gguf vocab=() v
   if [[ -s "$out" ]]; then
     echo "synth: $out exists"
     return 0
   fi
+  # The model's real vocabulary (.gpu-deps/vocab), so that llama.cpp loads it too (--peer).
+  v=$DEPS/vocab/ggml-vocab-llama-$([[ $1 == llama2-* ]] && echo spm || echo bpe).gguf
+  [[ -f "$v" ]] && vocab=(--vocab-from "$v")
   timeout 240 python3 "$ROOT/scripts/synth_gguf.py" --out "$out" --shape "$1" --type q4_0 \
-    --scale-range 0.002,0.02
+    --scale-range 0.002,0.02 "${vocab[@]}"
 }
 if ((BENCH)); then
   rm -f "$WORK"/synth-*.rc
@@ -189,10 +202,38 @@ if ((BENCH)); then
   say "models: synthesizing llama2-7b and llama3-8b Q4_0 into $MODELS in the background"
 fi
 
+# --- 2b. the peer: llama.cpp's llama-bench with CUDA, built in the background --------------------
+PEER_DIR=$WORK/llama.cpp
+PEER_BENCH=$PEER_DIR/build/bin/llama-bench
+peer_build() {
+  if [[ ! -f "$PEER_DIR/CMakeLists.txt" ]]; then
+    mkdir -p "$WORK" && tar -xzf "$DEPS/llama.cpp-src.tar.gz" -C "$WORK" || return 1
+  fi
+  local cuda_arg=()
+  command -v nvcc >/dev/null && cuda_arg=("-DCMAKE_CUDA_COMPILER=$(command -v nvcc)")
+  cmake -S "$PEER_DIR" -B "$PEER_DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES=90 "${cuda_arg[@]}" -DGGML_CUDA_NCCL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF &&
+    cmake --build "$PEER_DIR/build" -j "$NPROC" --target llama-bench
+}
+if ((PEER && BENCH)); then
+  if [[ -f "$DEPS/llama.cpp-src.tar.gz" ]]; then
+    peer_limit=$(limit 420 170)
+    (t=$(now); nice -n 5 timeout "$peer_limit" bash -c "$(declare -f now peer_build); \
+       DEPS='$DEPS' WORK='$WORK' PEER_DIR='$PEER_DIR' NPROC='$NPROC' peer_build" \
+       >"$WORK/peer-build.log" 2>&1
+     echo "$? $(($(now) - t))" >"$WORK/peer-build.rc") &
+    PEER_PID=$!
+    say "peer: building llama.cpp's llama-bench (CUDA) into $PEER_DIR/build in the background"
+  else
+    record peer-build FAIL 0 "no .gpu-deps/llama.cpp-src.tar.gz (scripts/pack-gpu-deps.sh)"
+  fi
+fi
+
 # --- 3. configure and build ----------------------------------------------------------------------
 # Seconds kept for the stages after the build (they take more when the build leaves more).
 reserve=10
-((TESTS)) && reserve=$((reserve + 45))
+((TESTS)) && reserve=$((reserve + 75))   # the GPU op tests, then the trial kernel's
 ((TESTS && !QUICK)) && reserve=$((reserve + 100))
 ((BENCH)) && reserve=$((reserve + 120))
 
@@ -235,30 +276,43 @@ else
 fi
 
 # --- 4. GPU op tests -----------------------------------------------------------------------------
+# gpu_test_stage NAME FILTER XML [VAR=VALUE...]: kestrel_tests --gtest_filter=FILTER on the GPU
+# with the environment VAR=VALUE, recorded as stage NAME.
+gpu_test_stage() {
+  local name=$1 filter=$2 xml=$3
+  shift 3
+  run_stage "$name" "$(limit 120 $((rest + 10)))" '^\[==========\]|^\[  (PASSED|FAILED|SKIPPED) |Failure|error' \
+    env "$@" "$BUILD/bin/kestrel_tests" --gtest_filter="$filter" --gtest_output="xml:$OUTDIR/$xml"
+  local tail_log n_tests n_passed n_skipped n_failed counts
+  tail_log=$(tail -n 400 "$LOG")
+  n_tests=$(sed -n 's/^\[==========\] \([0-9]*\) tests\{0,1\} from .* ran\..*/\1/p' <<<"$tail_log" | tail -n 1)
+  n_passed=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) tests\{0,1\}\..*/\1/p' <<<"$tail_log" | tail -n 1)
+  n_skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' <<<"$tail_log" | tail -n 1)
+  n_failed=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' <<<"$tail_log" | tail -n 1)
+  counts="${n_passed:-0} passed, ${n_failed:-0} failed, ${n_skipped:-0} skipped of ${n_tests:-?}"
+  (($#)) && counts+=" ($*)"
+  if ((RC == 124 || RC == 137)); then
+    record "$name" FAIL "$STAGE_SECS" "timed out; $counts"
+  elif ((RC != 0)); then
+    record "$name" FAIL "$STAGE_SECS" "exit $RC; $counts"
+  elif [[ -z "$n_tests" || "$n_tests" == 0 ]]; then
+    record "$name" FAIL "$STAGE_SECS" "no test matched $filter"
+  elif [[ "${n_passed:-0}" == 0 ]]; then
+    record "$name" FAIL "$STAGE_SECS" "no GPU test ran on a GPU: $counts"
+  else
+    record "$name" PASS "$STAGE_SECS" "$counts"
+  fi
+}
 if ((TESTS)); then
   if ((TESTS_BIN_OK)); then
     rest=0
     ((!QUICK)) && rest=$((rest + 100))
     ((BENCH)) && rest=$((rest + 120))
-    run_stage gpu-tests "$(limit 120 $((rest + 10)))" '^\[==========\]|^\[  (PASSED|FAILED|SKIPPED) |Failure|error' \
-      "$BUILD/bin/kestrel_tests" --gtest_filter='*Gpu*' --gtest_output="xml:$OUTDIR/gtest-gpu.xml"
-    tail_log=$(tail -n 400 "$LOG")
-    n_tests=$(sed -n 's/^\[==========\] \([0-9]*\) tests\{0,1\} from .* ran\..*/\1/p' <<<"$tail_log" | tail -n 1)
-    n_passed=$(sed -n 's/^\[  PASSED  \] \([0-9]*\) tests\{0,1\}\..*/\1/p' <<<"$tail_log" | tail -n 1)
-    n_skipped=$(sed -n 's/^\[  SKIPPED \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' <<<"$tail_log" | tail -n 1)
-    n_failed=$(sed -n 's/^\[  FAILED  \] \([0-9]*\) tests\{0,1\}, listed below.*/\1/p' <<<"$tail_log" | tail -n 1)
-    counts="${n_passed:-0} passed, ${n_failed:-0} failed, ${n_skipped:-0} skipped of ${n_tests:-?}"
-    if ((RC == 124 || RC == 137)); then
-      record gpu-tests FAIL "$STAGE_SECS" "timed out; $counts"
-    elif ((RC != 0)); then
-      record gpu-tests FAIL "$STAGE_SECS" "exit $RC; $counts"
-    elif [[ -z "$n_tests" || "$n_tests" == 0 ]]; then
-      record gpu-tests FAIL "$STAGE_SECS" "no test matched *Gpu*"
-    elif [[ "${n_passed:-0}" == 0 ]]; then
-      record gpu-tests FAIL "$STAGE_SECS" "no GPU test ran on a GPU: $counts"
-    else
-      record gpu-tests PASS "$STAGE_SECS" "$counts"
-    fi
+    gpu_test_stage gpu-tests '*Gpu*' gtest-gpu.xml
+    # The kernel under trial (matmul_frag_v2.cu, for 5-16 tokens of Q4_0 / Q8_0): the matmul
+    # tests of its types again with it; the benchmarks time it beside the default.
+    gpu_test_stage gpu-tests-v2 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*' gtest-gpu-v2.xml \
+      KESTREL_CUDA_FRAG_V2=1
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi
@@ -315,11 +369,25 @@ if ((BENCH)); then
   say "models: $synth_detail(waited $(($(now) - t))s)"
   if ((synth_fail)); then record models FAIL 0 "$synth_detail"; else record models PASS 0 "$synth_detail"; fi
 
+  peer_args=()
+  if [[ -n "$PEER_PID" ]]; then
+    t=$(now)
+    wait "$PEER_PID"
+    read -r prc psecs <"$WORK/peer-build.rc" 2>/dev/null || prc=1
+    cat "$WORK/peer-build.log" >>"$LOG" 2>/dev/null
+    if [[ "$prc" == 0 && -x "$PEER_BENCH" ]]; then
+      peer_args=(--llama-bench "$PEER_BENCH")
+      record peer-build PASS "${psecs:-0}" "llama-bench built (waited $(($(now) - t))s for it)"
+    else
+      record peer-build FAIL "${psecs:-0}" "exit ${prc}: $(grep -m1 -E 'error|Error' "$WORK/peer-build.log" | cut -c1-200)"
+    fi
+  fi
   if ((KESTREL_OK)); then
     lim=$(limit 600 5)
     run_stage bench "$lim" '^gpu_bench: (probe|l[23]-|[0-9])' \
       python3 "$ROOT/bench/gpu_bench.py" --kestrel "$BUILD/bin/kestrel" --models "$MODELS" -r 3 \
-      --budget $((lim - 20)) --timeout 150 --json "$OUTDIR/bench-gpu.json" --md "$TABLE"
+      --budget $((lim - 20)) --timeout 150 --json "$OUTDIR/bench-gpu.json" --md "$TABLE" \
+      "${peer_args[@]}" ${GPU_BENCH_ARGS:-}
     summary=$(sed -n 's/^gpu_bench: \([0-9]*\/[0-9]* cases measured.*\)/\1/p' "$TABLE" 2>/dev/null)
     if ((RC == 0)); then record bench PASS "$STAGE_SECS" "$summary"; else record bench FAIL "$STAGE_SECS" "${summary:-exit $RC}"; fi
   else
@@ -349,7 +417,7 @@ fi
 test_fail=0 bench_fail=0
 for i in "${!NAMES[@]}"; do
   if [[ "${STATUS[$i]}" == FAIL ]]; then
-    case "${NAMES[$i]}" in bench | models) bench_fail=1 ;; *) test_fail=1 ;; esac
+    case "${NAMES[$i]}" in bench | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
   fi
 done
 if ((test_fail)); then

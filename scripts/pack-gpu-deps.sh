@@ -7,19 +7,32 @@
 #   .gpu-deps/lib/pkgconfig/{libpcre2-8.pc,libutf8proc.pc} relocatable (prefix=${pcfiledir}/../..)
 #   .gpu-deps/wheels/gguf-0.19.0-py3-none-any.whl         pure Python; needs numpy, pyyaml,
 #                                                         requests, tqdm (all on the GPU machine)
+#   .gpu-deps/llama.cpp-src.tar.gz                        llama.cpp's sources (the peer that
+#       scripts/gpu-check.sh --peer builds and races), from llama-cpp-python's source distribution
+#       on PyPI (vendor/llama.cpp without models/, docs/, examples/, tests/, media/, tools/ui/);
+#       --no-llama-cpp skips it
+#   .gpu-deps/vocab/ggml-vocab-llama-{spm,bpe}.gguf       Llama 2's and Llama 3's vocabularies
+#       (the same source distribution's models/): the benchmark models are synthesized with them so
+#       that llama.cpp loads them too (it refuses the synthesizer's placeholder vocabulary)
 #
 # The libraries come from Debian's -dev packages (apt-get download + dpkg -x; the installed
 # files when the download fails). Static libraries built on glibc 2.36 link on 2.39.
 #
-#   bash scripts/pack-gpu-deps.sh [--force]
+#   bash scripts/pack-gpu-deps.sh [--force] [--no-llama-cpp]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEST=.gpu-deps
 GGUF_VERSION=0.19.0
-if [[ "${1:-}" == "--force" ]]; then
-  rm -rf "$DEST"
-fi
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP=1
+for a in "$@"; do
+  case "$a" in
+    --force) rm -rf "$DEST" ;;
+    --no-llama-cpp) LLAMA_CPP=0 ;;
+    *) echo "pack: unknown option $a" >&2; exit 2 ;;
+  esac
+done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -97,6 +110,27 @@ fi
 # Its requirements (besides the optional GUI extra) must be on the GPU machine already.
 unzip -p "$wheel" "gguf-$GGUF_VERSION.dist-info/METADATA" | sed -n 's/^Requires-Dist: //p' \
   | grep -v 'extra ==' | sed 's/^/pack: gguf requires /'
+
+# --- llama.cpp's sources, for the same-run race on the GPU machine --------------------------------
+peer="$DEST/llama.cpp-src.tar.gz"
+if ((LLAMA_CPP)) && [[ ! -f "$peer" || ! -f "$DEST/vocab/ggml-vocab-llama-bpe.gguf" ]]; then
+  sdist="$work/sdist"
+  if python3 -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
+       "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$sdist" 2>/dev/null ||
+     python3 -m pip download --quiet --no-deps --no-binary :all: \
+       "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$sdist"; then
+    tar -xzf "$sdist"/llama_cpp_python-*.tar.gz -C "$work"
+    src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
+    mkdir -p "$DEST/vocab"
+    cp "$src/models/ggml-vocab-llama-spm.gguf" "$src/models/ggml-vocab-llama-bpe.gguf" "$DEST/vocab/"
+    tar -czf "$peer" -C "$(dirname "$src")" --exclude=llama.cpp/models --exclude=llama.cpp/docs \
+      --exclude=llama.cpp/examples --exclude=llama.cpp/tests --exclude=llama.cpp/media \
+      --exclude=llama.cpp/tools/ui --exclude=llama.cpp/.git llama.cpp
+    echo "pack: llama.cpp sources from llama-cpp-python $LLAMA_CPP_PYTHON_VERSION: $(du -h "$peer" | cut -f1)"
+  else
+    echo "pack: warning: cannot download llama-cpp-python's sources; gpu-check.sh --peer will not race llama.cpp" >&2
+  fi
+fi
 
 # --- checks ------------------------------------------------------------------------------------
 # The .pc files resolve from any directory, and nothing in .gpu-deps needs a shared library.
