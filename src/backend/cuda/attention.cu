@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/quant_device.cuh"
 
@@ -182,7 +183,8 @@ template <DType KT, DType VT, int kTB>
 __global__ void __launch_bounds__(kRowsThreads)
     attention_rows_kernel(const float* q, int n_tokens, const int32_t* pos, const uint8_t* kc,
                           int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes, int n_head,
-                          int group, int D, int64_t kv_stride, float scale, float* out) {
+                          int group, int D, int64_t kv_stride, float scale, float* out,
+                          MatmulInputOut also) {
   extern __shared__ float smem[];
   constexpr int kWarps = kRowsThreads / 32;
   const int h = blockIdx.x, t0 = blockIdx.y * kTB, g = h / group;
@@ -273,7 +275,11 @@ __global__ void __launch_bounds__(kRowsThreads)
     const int tb = e / D, d = e % D;
     float o = 0.0f;
     for (int w = 0; w < kWarps; ++w) o += part[(w * kTB + tb) * D + d];
-    out[(t0 + tb) * q_dim + int64_t{h} * D + d] = o * inv_sum[tb];
+    const int64_t i = (t0 + tb) * q_dim + int64_t{h} * D + d;
+    const float r = o * inv_sum[tb];
+    out[i] = r;
+    // A warp's 32 values are one block of the output projection's input (D % 32 == 0).
+    write_matmul_input1(also, i, r);
   }
 }
 
@@ -289,7 +295,7 @@ constexpr int64_t kRowsMaxKeys = 8192;
 template <DType KT, DType VT, int kTB>
 void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
                     const Tensor& kc, const Tensor& vc, const AttentionParams& p, float* out,
-                    cudaStream_t s) {
+                    const MatmulInputOut& also, cudaStream_t s) {
   const dim3 grid(p.n_head, ceil_div(n_tokens, kTB));
   const size_t smem =
       sizeof(float) * (p.head_dim * kTB * (1 + kRowsThreads / 32) + int64_t{kTB} * n_kv);
@@ -300,31 +306,32 @@ void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* p
   kernel<<<grid, kRowsThreads, smem, s>>>(
       q, n_tokens, pos, static_cast<const uint8_t*>(kc.data), static_cast<int64_t>(kc.row_bytes()),
       static_cast<const uint8_t*>(vc.data), static_cast<int64_t>(vc.row_bytes()), p.n_head,
-      p.n_head / p.n_head_kv, p.head_dim, n_kv, p.scale, out);
+      p.n_head / p.n_head_kv, p.head_dim, n_kv, p.scale, out, also);
 }
 
 template <DType KT, DType VT>
 void launch_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos, const Tensor& kc,
-                 const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s) {
+                 const Tensor& vc, const AttentionParams& p, float* out, const MatmulInputOut& also,
+                 cudaStream_t s) {
   if (n_tokens <= 2)
-    launch_rows_tb<KT, VT, 1>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+    launch_rows_tb<KT, VT, 1>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
   else
-    launch_rows_tb<KT, VT, 4>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+    launch_rows_tb<KT, VT, 4>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
 }
 
 template <DType KT>
 bool launch_rows_v(DType vt, const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
                    const Tensor& kc, const Tensor& vc, const AttentionParams& p, float* out,
-                   cudaStream_t s) {
+                   const MatmulInputOut& also, cudaStream_t s) {
   switch (vt) {
     case DType::F16:
-      launch_rows<KT, DType::F16>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      launch_rows<KT, DType::F16>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
       return true;
     case DType::Q8_0:
-      launch_rows<KT, DType::Q8_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      launch_rows<KT, DType::Q8_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
       return true;
     case DType::Q4_0:
-      launch_rows<KT, DType::Q4_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      launch_rows<KT, DType::Q4_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
       return true;
     default:
       return false;
@@ -333,17 +340,17 @@ bool launch_rows_v(DType vt, const float* q, int n_tokens, int64_t n_kv, const i
 
 Status launch_attention_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
                              const Tensor& kc, const Tensor& vc, const AttentionParams& p,
-                             float* out, cudaStream_t s) {
+                             float* out, const MatmulInputOut& also, cudaStream_t s) {
   bool ok = false;
   switch (kc.type) {
     case DType::F16:
-      ok = launch_rows_v<DType::F16>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      ok = launch_rows_v<DType::F16>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
       break;
     case DType::Q8_0:
-      ok = launch_rows_v<DType::Q8_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      ok = launch_rows_v<DType::Q8_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
       break;
     case DType::Q4_0:
-      ok = launch_rows_v<DType::Q4_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, s);
+      ok = launch_rows_v<DType::Q4_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
       break;
     default:
       break;
@@ -444,11 +451,15 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
                  static_cast<long long>(n_kv_all));
   if (n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim) {
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
+    // The output projection's input is written with the output (the GEMM path below leaves it
+    // to the matmul).
+    KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
+                             fused_matmul_input(static_cast<float*>(out.data), n_tokens, q_dim));
     if (mode_ == Mode::Stage) return Status::ok();
     // A recorded launch must serve every later context length: room for all keys it may see.
     const int64_t keys = mode_ == Mode::Capture ? kRowsMaxKeys : n_kv_all;
     return launch_attention_rows(static_cast<const float*>(q.data), n_tokens, keys, pos_dev,
-                                 k_cache, v_cache, p, static_cast<float*>(out.data), stream_);
+                                 k_cache, v_cache, p, static_cast<float*>(out.data), also, stream_);
   }
 
   // Q, K and V as f16 hi + lo parts (an f16 cache is exact in place: no lo part).
