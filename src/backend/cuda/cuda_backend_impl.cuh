@@ -130,10 +130,10 @@ class CudaBackend final : public Backend {
   Expected<void*> device_alloc(size_t bytes, const char* what);
   // A scratch buffer of at least `bytes`, grown on demand (slot: one per purpose).
   Expected<void*> scratch(int slot, size_t bytes);
-  // x [n_tokens][k] rounded to f16 in the kX16 scratch; converted again unless `held` (the
-  // scratch already holds it: x16_).
   // Which kernels a matmul of `type` weights, n_in columns and n_tokens tokens runs on.
   MatmulPath matmul_path(quant::DType type, int64_t n_in, int n_tokens) const;
+  // x [n_tokens][k] rounded to f16 in the kX16 scratch; converted again unless `held` (the
+  // scratch already holds it: x16_).
   Expected<const __half*> f16_activations(const float* x, int n_tokens, int64_t k, bool held);
   // Where an op writing out [n_tokens][k] also writes it as the input of a Q4_0 matmul of that
   // size (int8 planes or f16, in their scratch, remembered as held for `out`); nothing when the

@@ -378,8 +378,6 @@ Expected<const __half*> CudaBackend::f16_activations(const float* x, int n_token
   return static_cast<const __half*>(x16);
 }
 
-// Row-major out[T][n_out] is column-major out^T (n_out x T); the weight rows [n_out][n_in] are
-// column-major W^T (n_in x n_out), so out^T = op_T(W^T) . x^T with x^T column-major (n_in x T).
 Expected<unsigned*> CudaBackend::arrival_counters(int n) {
   const size_t bytes = sizeof(unsigned) * n;
   const bool grows = scratch_[kArrivals].second < bytes;
@@ -388,6 +386,8 @@ Expected<unsigned*> CudaBackend::arrival_counters(int n) {
   return static_cast<unsigned*>(buf);
 }
 
+// Row-major out[T][n_out] is column-major out^T (n_out x T); the weight rows [n_out][n_in] are
+// column-major W^T (n_in x n_out), so out^T = op_T(W^T) . x^T with x^T column-major (n_in x T).
 Status CudaBackend::matmul_gemm(const CudaWeight& w, const float* x, int n_tokens, float* out,
                                 const float* bias, bool x16_held) {
   const int64_t n_in = w.n_in, n_out = w.n_out;
