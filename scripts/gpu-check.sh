@@ -313,6 +313,17 @@ if ((TESTS)); then
     # tests of its types again with it; the benchmarks time it beside the default.
     gpu_test_stage gpu-tests-v2 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*' gtest-gpu-v2.xml \
       KESTREL_CUDA_FRAG_V2=1
+    # A failing trial kernel is run once more under compute-sanitizer (memcheck, then racecheck
+    # for shared memory), so that the log says where it went wrong; recorded as DIAG, not a verdict.
+    if [[ "${STATUS[-1]}" == FAIL ]] && command -v compute-sanitizer >/dev/null; then
+      for tool in memcheck racecheck; do
+        run_stage "sanitize-$tool" "$(limit 90 $((rest + 10)))" 'ERROR SUMMARY|Invalid|Race|hazard' \
+          env KESTREL_CUDA_FRAG_V2=1 compute-sanitizer --tool "$tool" --print-limit 20 \
+          "$BUILD/bin/kestrel_tests" --gtest_filter='*GpuOpsMatmul.Q4_0/*'
+        record "sanitize-$tool" DIAG "$STAGE_SECS" \
+          "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG" | tail -n 1)"
+      done
+    fi
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi
