@@ -311,7 +311,7 @@ if ((TESTS)); then
     gpu_test_stage gpu-tests '*Gpu*' gtest-gpu.xml
     # The kernel under trial (matmul_frag_v2.cu, for 5-16 tokens of Q4_0 / Q8_0): the matmul
     # tests of its types again with it; the benchmarks time it beside the default.
-    gpu_test_stage gpu-tests-v2 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*' gtest-gpu-v2.xml \
+    gpu_test_stage gpu-tests-v2 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' gtest-gpu-v2.xml \
       KESTREL_CUDA_FRAG_V2=1
     # A failing trial kernel is run once more under compute-sanitizer (memcheck, then racecheck
     # for shared memory), so that the log says where it went wrong; recorded as DIAG, not a verdict.
