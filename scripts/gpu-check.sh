@@ -21,9 +21,10 @@
 # .gpu-deps/llama.cpp-src.tar.gz (scripts/pack-gpu-deps.sh) while the rest runs, and the
 # benchmarks race it in the same run (columns "llama.cpp same run": the ANCHORS figures are an
 # H100's, and the machine may hold another card). It adds 40 s to the default budget (580 s, under
-# the GPU machine's 10-minute command limit); the build gets at most the time that leaves 170 s
-# for the benchmarks, and they run without the peer if it is not built by then. With --peer,
-# --no-opencl keeps the run well inside the limit (the OpenCL stage has its own build).
+# the GPU machine's 10-minute command limit); the build gets at most the time that leaves the
+# benchmarks their share, and they run without the peer if it is not built by then. --peer implies
+# --quick (no e2e) and wants --no-opencl (the OpenCL stage has its own build): run those in a
+# second call, `gpu-check.sh --no-bench`.
 #
 # Every stage runs under `timeout`, sized so that the whole stays under $GPU_CHECK_BUDGET
 # seconds (default 540); a failed stage is reported and the run goes on. Output: the PASS/FAIL
@@ -58,6 +59,9 @@ while (($#)); do
   esac
   shift
 done
+# The race and the end-to-end tests do not both fit in one 10-minute call: --peer skips e2e (run
+# it in a call of its own: --no-bench).
+((PEER)) && QUICK=1
 if ((TESTS == 0 && BENCH == 0)); then
   echo "gpu-check: --bench-only and --no-bench leave nothing to do" >&2
   exit 2
@@ -202,6 +206,9 @@ if ((BENCH)); then
   say "models: synthesizing llama2-7b and llama3-8b Q4_0 into $MODELS in the background"
 fi
 
+# Seconds the benchmarks need: Kestrel's runs, and llama-bench's beside them with --peer.
+BENCH_SECS=$((120 + 90 * PEER))
+
 # --- 2b. the peer: llama.cpp's llama-bench with CUDA, built in the background --------------------
 PEER_DIR=$WORK/llama.cpp
 PEER_BENCH=$PEER_DIR/build/bin/llama-bench
@@ -218,7 +225,7 @@ peer_build() {
 }
 if ((PEER && BENCH)); then
   if [[ -f "$DEPS/llama.cpp-src.tar.gz" ]]; then
-    peer_limit=$(limit 420 170)
+    peer_limit=$(limit 420 "$BENCH_SECS")
     (t=$(now); nice -n 5 timeout "$peer_limit" bash -c "$(declare -f now peer_build); \
        DEPS='$DEPS' WORK='$WORK' PEER_DIR='$PEER_DIR' NPROC='$NPROC' peer_build" \
        >"$WORK/peer-build.log" 2>&1
@@ -235,7 +242,7 @@ fi
 reserve=10
 ((TESTS)) && reserve=$((reserve + 75))   # the GPU op tests, then the trial kernel's
 ((TESTS && !QUICK)) && reserve=$((reserve + 100))
-((BENCH)) && reserve=$((reserve + 120))
+((BENCH)) && reserve=$((reserve + BENCH_SECS))
 
 cuda_flags=()
 if command -v nvcc >/dev/null; then cuda_flags+=("-DCMAKE_CUDA_COMPILER=$(command -v nvcc)"); fi
@@ -307,7 +314,7 @@ if ((TESTS)); then
   if ((TESTS_BIN_OK)); then
     rest=0
     ((!QUICK)) && rest=$((rest + 100))
-    ((BENCH)) && rest=$((rest + 120))
+    ((BENCH)) && rest=$((rest + BENCH_SECS))
     gpu_test_stage gpu-tests '*Gpu*' gtest-gpu.xml
     # The kernel under trial (matmul_frag_v2.cu, for 5-16 tokens of Q4_0 / Q8_0): the matmul
     # tests of its types again with it; the benchmarks time it beside the default.
@@ -348,7 +355,7 @@ e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE
 if ((TESTS && !QUICK)); then
   if ((KESTREL_OK)); then
     bench_reserve=0
-    ((BENCH)) && bench_reserve=120
+    ((BENCH)) && bench_reserve=$BENCH_SECS
     e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
     e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
   else
