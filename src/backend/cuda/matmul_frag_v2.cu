@@ -1,9 +1,9 @@
 // Matmul for micro-batches of 5 to 16 tokens of Q4_0 / Q8_0 weights, on the tensor cores with
 // the weights decoded straight into mma fragments: the second version of matmul_frag.cu, chosen
 // with KESTREL_CUDA_FRAG_V2=1 until a GPU run has tested it and measured it against the first
-// (bench/NOTES.md, v17). Every micro-batch re-reads all weights (the
-// seed's case: micro-batches of 16), so the kernel must stream them at memory bandwidth with few
-// instructions and few L1 wavefronts per byte.
+// (bench/NOTES.md, v17). Every micro-batch re-reads all weights (the seed's case: micro-batches
+// of 16), so the kernel must stream them at memory bandwidth with few instructions and few L1
+// wavefronts per byte.
 //
 // The trick: a dot product does not care in which order k runs, as long as A and B agree. So
 // the k-slots that mma.sync m16n8k16 gives lane c = lane % 4 -- (2c, 2c+1) and (2c+8, 2c+9) --
@@ -16,12 +16,12 @@
 //
 // A block of kWarps warps owns 16 rows per warp, and its warps walk the same K range in steps,
 // so that one copy of the step's activations in shared memory (cp.async, double-buffered) serves
-// all of them (staged per warp, as in the first version, the activations move ~3.5x the weights'
-// bytes from L2). Each
-// lane's 16-byte shared load gives the B fragments of two k-steps (rows padded so that a quarter
-// warp's loads fall in distinct banks). grid.y splits K so that enough blocks stream at once; the
-// last split of each row block to finish sums the partials in a fixed order (deterministic, and
-// no reduction launch: at 16 tokens a launch costs about what a 4096 x 4096 product does).
+// all of them (staged per warp, as in the first version, the activations move ~3.5x the
+// weights' bytes from L2). Each lane's 16-byte shared load gives the B fragments of two k-steps
+// (rows padded so that a quarter warp's loads fall in distinct banks). grid.y splits K so that
+// enough blocks stream at once; the last split of each row block to finish sums the partials in
+// a fixed order (deterministic, and no reduction launch: at 16 tokens a launch costs about what
+// a 4096 x 4096 product does). bench/lab/emulate_frag_v2.py checks the lane mapping on the CPU.
 #include <cuda_pipeline_primitives.h>
 
 #include <algorithm>
