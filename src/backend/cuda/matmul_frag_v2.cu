@@ -202,14 +202,14 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
           const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
           // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
           // a0 row g, a1 row g+8, a2 / a3 the upper slots.
-          const uint32_t a[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
-                                 codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
-                                 codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
-                                 codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
+          const uint32_t af[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
+                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
+                                  codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
+                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
 #pragma unroll
           for (int j = 0; j < NT / 8; ++j) {
             if (j >= n_tiles) break;
-            mma_16816(acc[j], a, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
+            mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
           }
         }
       }
