@@ -1,7 +1,8 @@
 // Activations in the forms the matmul kernels read, written by the kernel that produces them
 // (RMS norm, SwiGLU) or by a conversion launch of their own: two int8 planes per 32-element
 // block for the dp4a kernel (x ~= unit * (128 q1 + q2), see matvec_int8.cu) and f16 for the
-// tensor-core kernels and cuBLAS. Both writers use these functions, so a fused output is
+// tensor-core kernels and cuBLAS. The int8 conversion kernel (matvec_int8.cu) uses these
+// functions too, and f16 is __float2half_rn everywhere (to_f16_kernel), so a fused output is
 // bit-identical to a converted one.
 #pragma once
 
@@ -15,21 +16,21 @@ __device__ __forceinline__ int warp_sum_int(int v) {
   return v;
 }
 
+// The unit of the second plane of a block whose largest magnitude is amax.
+__device__ __forceinline__ float block_unit(float amax) {
+  return amax / (127.0f * 128.0f);
+}
+
 // The two planes of v in a block whose largest magnitude is amax: a = round(v / (amax / 127)),
-// then the residual in units of amax / (127 * 128).
+// then the residual in units of block_unit(amax).
 __device__ __forceinline__ void quantize_two_planes(float v, float amax, int& a, int& b) {
   a = 0;
   b = 0;
   if (amax > 0.0f) {
-    const float unit = amax / (127.0f * 128.0f);
     a = __float2int_rn(v * (127.0f / amax));
     const float residual = v - (amax / 127.0f) * static_cast<float>(a);
-    b = min(127, max(-127, __float2int_rn(residual / unit)));
+    b = min(127, max(-127, __float2int_rn(residual / block_unit(amax))));
   }
-}
-
-__device__ __forceinline__ float block_unit(float amax) {
-  return amax / (127.0f * 128.0f);
 }
 
 // Four consecutive values e0..e0+3 of a [T][k] activation (e0 = flat index, a multiple of 4)

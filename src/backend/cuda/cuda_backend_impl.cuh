@@ -251,6 +251,7 @@ struct QuantizedActs {
   int8_t* q2 = nullptr;      // [T][k]
   ActBlock* meta = nullptr;  // [T][k / 32]
   static QuantizedActs in(void* buffer, int n_tokens, int64_t k);
+  MatmulInputOut as_output() const { return {q1, q2, meta, nullptr}; }  // for their writers
   static size_t bytes(int n_tokens, int64_t k);
 };
 bool int8_matvec_supports(quant::DType type, int64_t n_in, int n_tokens);

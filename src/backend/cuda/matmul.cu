@@ -347,12 +347,8 @@ Expected<MatmulInputOut> CudaBackend::fused_matmul_input(const float* out, int n
   switch (matmul_path(DType::Q4_0, k, n_tokens)) {
     case MatmulPath::kInt8: {
       KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, k)));
-      const QuantizedActs a = QuantizedActs::in(buf, n_tokens, k);
-      m.q1 = a.q1;
-      m.q2 = a.q2;
-      m.meta = a.meta;
       acts_ = {true, out, n_tokens, k};
-      return m;
+      return QuantizedActs::in(buf, n_tokens, k).as_output();
     }
     case MatmulPath::kFrag:
     case MatmulPath::kMma:

@@ -172,11 +172,7 @@ bool int8_matvec_supports(DType type, int64_t n_in, int n_tokens) {
 Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const QuantizedActs& a,
                             cudaStream_t s) {
   const int64_t n = int64_t{n_tokens} * k;
-  MatmulInputOut m;
-  m.q1 = a.q1;
-  m.q2 = a.q2;
-  m.meta = a.meta;
-  quantize_acts_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, n, m);
+  quantize_acts_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, n, a.as_output());
   LAUNCH_CHECK("matmul (quantize activations)");
   return Status::ok();
 }
