@@ -87,8 +87,16 @@ GROUP_ENV: dict[str, dict[str, str]] = {}
 # Each matching case runs again with the variable set (its group's flags, one more kestrel bench
 # call), in a row of its own. --ab adds more.
 VARIANTS = [
-    ("KESTREL_CUDA_FRAG_V2=1", "seed case, b128 ub16"),   # matmul_frag_v2.cu, under trial
-    ("KESTREL_CUDA_NO_FUSED_INPUTS=1", "llama2-7b tg128"),  # norm/swiglu write matmul inputs
+    # The default measured the way the variant rows are: in a kestrel process of its own, not
+    # after the group's prefill tests (the default tg128 row measured ~10 t/s below an
+    # unchanged variant row on the H200). Compare the variants with this row.
+    ("KESTREL_AB_BASELINE=1", "llama2-7b tg128"),
+    ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_NO_FUSED_INPUTS=1", "llama2-7b tg128"),  # norm etc. write matmul inputs
+    ("KESTREL_CUDA_NO_FUSED_INPUTS=1", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_NO_GROUP=1", "llama2-7b tg128"),  # Q/K/V and gate/up one launch each
+    ("KESTREL_CUDA_NO_FUSED_ADD=1", "llama2-7b tg128"),  # residual add apart from the norm
+    ("KESTREL_CUDA_ROPE_QK=1", "llama2-7b tg128"),  # RoPE of Q and K in one launch (trial)
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

@@ -316,21 +316,25 @@ if ((TESTS)); then
     ((!QUICK)) && rest=$((rest + 100))
     ((BENCH)) && rest=$((rest + BENCH_SECS))
     gpu_test_stage gpu-tests '*Gpu*' gtest-gpu.xml
-    # The kernel under trial (matmul_frag_v2.cu, for 5-16 tokens of Q4_0 / Q8_0): the matmul
-    # tests of its types again with it; the benchmarks time it beside the default.
-    gpu_test_stage gpu-tests-v2 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' gtest-gpu-v2.xml \
-      KESTREL_CUDA_FRAG_V2=1
-    # A failing trial kernel is run once more under compute-sanitizer (memcheck, then racecheck
-    # for shared memory), so that the log says where it went wrong; recorded as DIAG, not a verdict.
+    # A failing GPU test is run once more under compute-sanitizer (memcheck, then racecheck for
+    # shared memory), so that the log says where it went wrong; recorded as DIAG, not a verdict.
     if [[ "${STATUS[-1]}" == FAIL ]] && command -v compute-sanitizer >/dev/null; then
       for tool in memcheck racecheck; do
         run_stage "sanitize-$tool" "$(limit 90 $((rest + 10)))" 'ERROR SUMMARY|Invalid|Race|hazard' \
-          env KESTREL_CUDA_FRAG_V2=1 compute-sanitizer --tool "$tool" --print-limit 20 \
-          "$BUILD/bin/kestrel_tests" --gtest_filter='*GpuOpsMatmul.Q4_0/*'
+          compute-sanitizer --tool "$tool" --print-limit 20 \
+          "$BUILD/bin/kestrel_tests" --gtest_filter='*GpuOpsMatmul.Q4_0/*:*GpuOpsChain*'
         record "sanitize-$tool" DIAG "$STAGE_SECS" \
           "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG" | tail -n 1)"
       done
     fi
+    # The path switched off by KESTREL_CUDA_NO_FUSED_INPUTS=1 (each matmul converts its own
+    # input): the matmul and chain tests again, so that the A/B rows compare two tested paths.
+    gpu_test_stage gpu-tests-unfused '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-unfused.xml KESTREL_CUDA_NO_FUSED_INPUTS=1
+    # Under trial (default off until this stage and the bench's A/B row have run once): RoPE of
+    # Q and K in one launch.
+    gpu_test_stage gpu-tests-rope-qk '*GpuOpsElementwise*Rope*' gtest-gpu-rope-qk.xml \
+      KESTREL_CUDA_ROPE_QK=1
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi

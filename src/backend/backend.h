@@ -72,6 +72,13 @@ struct AttentionParams {
   float scale = 1.0f;  // usually 1/sqrt(head_dim)
 };
 
+// One product of a matmul_group: out = x . w^T (+ bias).
+struct MatmulOut {
+  const Weight* w = nullptr;
+  Tensor* out = nullptr;
+  const Tensor* bias = nullptr;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -97,11 +104,23 @@ class Backend {
   // out[T][E] = x / rms(x) * weight[E]
   virtual Status rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                           Tensor& out) = 0;
+  // x[T][E] += y[T][E], then out = rms_norm(x): the residual add and the next block's norm.
+  // The default runs add and rms_norm; a backend may do both in one pass (decode spends more
+  // on launching these small kernels than on running them).
+  virtual Status add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight,
+                              float eps, Tensor& out);
   // out[T][n_out] = x[T][n_in] . W[n_out][n_in]^T (+ bias[n_out])
   virtual Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
                         const Tensor* bias) = 0;
+  // Several matmuls of one input (Q, K and V; gate and up): outs[0..n_outs), in order. The
+  // default runs matmul for each; a backend may run them as one launch. (A pointer and a count,
+  // not std::span: the CUDA sources are compiled as C++17.)
+  virtual Status matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs);
   // In place on x[T][n_heads * head_dim], token t at position positions[t].
   virtual Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) = 0;
+  // rope of q with pq, then of k with pk; a backend may do both in one launch.
+  virtual Status rope_qk(Tensor& q, Tensor& k, int n_tokens, const int32_t* positions,
+                         const RopeParams& pq, const RopeParams& pk);
   // Writes k[T][kv_dim], v[T][kv_dim] into rows positions[t] of the caches, converting to
   // the cache type (quantize on write).
   virtual Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,

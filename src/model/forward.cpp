@@ -120,19 +120,46 @@ Status Forward::enqueue(const int32_t* tokens, int n, kv::KvCache& cache, const 
   const Config& c = model_.config();
   Backend* where = model_.input_backend();
   OP(*where, "embed", where->embed(model_.token_embd(), tokens, n, scratch_[where].x));  // x[T][E]
+  bool pending_add = false;  // x += proj of the last layer, not yet run
   for (int il = 0; il < c.n_layer; ++il) {
     Backend* be = model_.layer(il).backend;
     if (be != where) {
+      KESTREL_TRY(flush_add(where, n, pending_add));
       KESTREL_TRY(move_residual(where, be, n));
       where = be;
     }
-    KESTREL_TRY(run_layer(il, n, positions_.data(), cache));
+    KESTREL_TRY(run_layer(il, n, positions_.data(), cache, pending_add));
   }
+  KESTREL_TRY(flush_add(where, n, pending_add));
   if (n_logit_rows == 0) return Status::ok();
   if (where != model_.head_backend()) {
     KESTREL_TRY(move_residual(where, model_.head_backend(), n));
   }
   return run_head(n_logit_rows, logit_rows);
+}
+
+// Matmuls of one input: one group when the weights share a type (so that the profile's kind,
+// which names the type, stays true), else one matmul each.
+Status Forward::matmul_group(Backend& be, const backend::Tensor& x, int n,
+                             std::span<const backend::MatmulOut> outs) {
+  bool same = true;
+  for (const backend::MatmulOut& m : outs) same = same && m.w->type == outs[0].w->type;
+  if (same) {
+    OP(be, matmul_kind(*outs[0].w),
+       be.matmul_group(x, n, outs.data(), static_cast<int>(outs.size())));
+    return Status::ok();
+  }
+  for (const backend::MatmulOut& m : outs)
+    OP(be, matmul_kind(*m.w), be.matmul(*m.w, x, n, *m.out, m.bias));
+  return Status::ok();
+}
+
+Status Forward::flush_add(Backend* be, int n, bool& pending_add) {
+  if (!pending_add) return Status::ok();
+  pending_add = false;
+  Scratch& s = scratch_[be];
+  OP(*be, "add", be->add(s.x, s.proj, n));  // x += proj
+  return Status::ok();
 }
 
 Status Forward::ensure_head_buffers(int n_rows) {
@@ -146,7 +173,8 @@ Status Forward::ensure_head_buffers(int n_rows) {
   return Status::ok();
 }
 
-Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache) {
+Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
+                          bool& pending_add) {
   const Config& c = model_.config();
   const LayerWeights& L = model_.layer(il);
   Backend& be = *L.backend;
@@ -158,27 +186,29 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache)
   const bool bias = c.qkv_bias;
 
   // Attention block.
-  OP(be, "rms_norm", be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));               // h[T][E]
-  OP(be, matmul_kind(*L.wq), be.matmul(*L.wq, s.h, n, s.q, bias ? &L.bq : nullptr));  // q[T][q_dim]
-  OP(be, matmul_kind(*L.wk),
-     be.matmul(*L.wk, s.h, n, s.k, bias ? &L.bk : nullptr));  // k[T][kv_dim]
-  OP(be, matmul_kind(*L.wv),
-     be.matmul(*L.wv, s.h, n, s.v, bias ? &L.bv : nullptr));  // v[T][kv_dim]
-  OP(be, "rope", be.rope(s.q, n, pos, rope_q));
-  OP(be, "rope", be.rope(s.k, n, pos, rope_k));
+  if (pending_add)  // x += proj of the previous layer, then h = norm(x)
+    OP(be, "add_rms_norm", be.add_rms_norm(s.x, s.proj, n, L.attn_norm, c.rms_eps, s.h));
+  else
+    OP(be, "rms_norm", be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));  // h[T][E]
+  pending_add = false;
+  const backend::MatmulOut qkv[] = {{L.wq.get(), &s.q, bias ? &L.bq : nullptr},   // q[T][q_dim]
+                                    {L.wk.get(), &s.k, bias ? &L.bk : nullptr},   // k[T][kv_dim]
+                                    {L.wv.get(), &s.v, bias ? &L.bv : nullptr}};  // v[T][kv_dim]
+  KESTREL_TRY(matmul_group(be, s.h, n, qkv));
+  OP(be, "rope", be.rope_qk(s.q, s.k, n, pos, rope_q, rope_k));
   OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
   OP(be, "attention",
      be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));     // att[T][q_dim]
   OP(be, matmul_kind(*L.wo), be.matmul(*L.wo, s.att, n, s.proj, nullptr));  // proj[T][E]
-  OP(be, "add", be.add(s.x, s.proj, n));                                    // x += proj
 
-  // Feed-forward block (SwiGLU).
-  OP(be, "rms_norm", be.rms_norm(s.x, n, L.ffn_norm, c.rms_eps, s.h));            // h[T][E]
-  OP(be, matmul_kind(*L.w_gate), be.matmul(*L.w_gate, s.h, n, s.gate, nullptr));  // gate[T][F]
-  OP(be, matmul_kind(*L.w_up), be.matmul(*L.w_up, s.h, n, s.up, nullptr));        // up[T][F]
+  // Feed-forward block (SwiGLU). x += proj, then h = norm(x).
+  OP(be, "add_rms_norm", be.add_rms_norm(s.x, s.proj, n, L.ffn_norm, c.rms_eps, s.h));  // h[T][E]
+  const backend::MatmulOut gate_up[] = {{L.w_gate.get(), &s.gate, nullptr},  // gate[T][F]
+                                        {L.w_up.get(), &s.up, nullptr}};     // up[T][F]
+  KESTREL_TRY(matmul_group(be, s.h, n, gate_up));
   OP(be, "swiglu", be.swiglu(s.gate, s.up, n, s.gate));  // gate = silu(gate)*up
   OP(be, matmul_kind(*L.w_down), be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
-  OP(be, "add", be.add(s.x, s.proj, n));                                             // x += proj
+  pending_add = true;  // x += proj: in the next layer's first norm, or flush_add
   return Status::ok();
 }
 

@@ -4,6 +4,7 @@
 
 #include <map>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "backend/backend.h"
@@ -56,7 +57,13 @@ class Forward {
   Forward(const Model& model, int max_tokens) : model_(model), max_tokens_(max_tokens) {}
   Status alloc_scratch(backend::Backend* be);
   Status move_residual(backend::Backend* from, backend::Backend* to, int n);
-  Status run_layer(int il, int n, const int32_t* positions, kv::KvCache& cache);
+  // One layer. Its last residual add (x += proj) is left pending (`pending_add` set on return)
+  // so that the next layer on the same backend can fuse it into its first norm; a pending add
+  // of the previous layer is taken in the same way. flush_add runs one that has no next norm.
+  Status run_layer(int il, int n, const int32_t* positions, kv::KvCache& cache, bool& pending_add);
+  Status flush_add(backend::Backend* be, int n, bool& pending_add);
+  Status matmul_group(backend::Backend& be, const backend::Tensor& x, int n,
+                      std::span<const backend::MatmulOut> outs);
   Status enqueue(const int32_t* tokens, int n, kv::KvCache& cache, const int32_t* logit_rows,
                  int n_logit_rows);
   Status ensure_head_buffers(int n_rows);

@@ -249,7 +249,7 @@ TEST_P(GpuOpsElementwise, RmsNormMatchesReference) {
   std::mt19937 rng = test_rng();
   // per-token scales: at 0.01 (mean(x^2) = 1e-4), eps = 1e-5 moves the result by ~5%
   const float scales[] = {1.0f, 0.01f, 100.0f, 0.003f, 1.0f, 7.0f, 0.5f};
-  for (int64_t dim : {576, 1000, 4096}) {
+  for (int64_t dim : {576, 1000, 4096, 8192}) {
     for (float eps : {1e-5f, 1e-6f}) {
       for (int T : {1, 7, 100}) {
         SCOPED_TRACE("dim=" + std::to_string(dim) + " eps=" + std::to_string(eps) +
@@ -277,6 +277,33 @@ TEST_P(GpuOpsElementwise, RmsNormMatchesReference) {
         EXPECT_EQ(count_unpoisoned(got, dim, T, T + 1), 0) << "wrote rows past T";
         EXPECT_EQ(fetch(be(), xt), x) << "rms_norm changed its input";
       }
+    }
+  }
+}
+
+// rope_qk (Q and K in one call, as the forward pass runs them) is exactly rope of Q and rope
+// of K; the rope test below checks rope itself against the reference.
+TEST_P(GpuOpsElementwise, RopeQkIsTwoRopes) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  const int T = 19;
+  std::vector<int32_t> pos(T);
+  for (int t = 0; t < T; ++t) pos[t] = static_cast<int32_t>(rng() % 5000);
+  for (RopeLayout layout : {RopeLayout::Normal, RopeLayout::NeoX}) {
+    for (int n_kv : {2, 8}) {
+      const int n_head = 8, hd = 64;
+      SCOPED_TRACE("n_kv=" + std::to_string(n_kv));
+      const RopeParams pq{n_head, hd, 10000.0f, layout}, pk{n_kv, hd, 10000.0f, layout};
+      const std::vector<float> q = randn(rng, static_cast<size_t>(T * n_head * hd));
+      const std::vector<float> k = randn(rng, static_cast<size_t>(T * n_kv * hd));
+      DevTensor q1(be(), T, n_head * hd, q), k1(be(), T, n_kv * hd, k);
+      DevTensor q2(be(), T, n_head * hd, q), k2(be(), T, n_kv * hd, k);
+      ASSERT_TRUE(be().rope_qk(*q1, *k1, T, pos.data(), pq, pk).is_ok());
+      ASSERT_TRUE(be().rope(*q2, T, pos.data(), pq).is_ok());
+      ASSERT_TRUE(be().rope(*k2, T, pos.data(), pk).is_ok());
+      EXPECT_EQ(fetch(be(), q1), fetch(be(), q2)) << "q";
+      EXPECT_EQ(fetch(be(), k1), fetch(be(), k2)) << "k";
+      EXPECT_NE(fetch(be(), k1), k) << "k was not rotated";
     }
   }
 }
@@ -390,6 +417,46 @@ TEST_P(GpuOpsElementwise, AddMatchesReference) {
       EXPECT_TRUE(std::equal(got.begin() + T * dim, got.end(), x.begin() + T * dim))
           << "add changed rows past T";
       EXPECT_EQ(fetch(be(), yt), y) << "add changed y";
+    }
+  }
+}
+
+// The residual add and the next norm in one op: x must hold exactly x + y (f32) afterwards,
+// rows past T untouched, and out the norm of the new x. Widths on each side of the CUDA kernel's
+// per-thread vector counts (1, 2, 5 float4 per thread at 1024 threads) and of its int8 fusion
+// (multiples of 32 or not).
+TEST_P(GpuOpsElementwise, AddRmsNormMatchesReference) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  const float eps = 1e-5f;
+  for (int64_t dim : {576, 1000, 4096, 8192, 20000}) {
+    for (int T : {1, 7, 33}) {
+      if (dim > 4096 && T > 7) continue;
+      SCOPED_TRACE("dim=" + std::to_string(dim) + " T=" + std::to_string(T));
+      const std::vector<float> x = randn(rng, static_cast<size_t>((T + 1) * dim));
+      const std::vector<float> y = randn(rng, static_cast<size_t>((T + 1) * dim), 0.5f);
+      const std::vector<float> w = randn(rng, static_cast<size_t>(dim), 1.0f, 1.0f);
+      std::vector<float> sum(x);
+      for (size_t i = 0; i < static_cast<size_t>(T * dim); ++i) sum[i] = x[i] + y[i];
+      std::vector<double> ref(static_cast<size_t>(T * dim));
+      for (int t = 0; t < T; ++t) {
+        double ss = 0;
+        for (int64_t i = 0; i < dim; ++i)
+          ss += static_cast<double>(sum[t * dim + i]) * sum[t * dim + i];
+        const double inv = 1.0 / std::sqrt(ss / static_cast<double>(dim) + eps);
+        for (int64_t i = 0; i < dim; ++i) ref[t * dim + i] = sum[t * dim + i] * inv * w[i];
+      }
+      DevTensor xt(be(), T + 1, dim, x), yt(be(), T + 1, dim, y);
+      DevTensor wt(be(), be().load_vector(w.data(), dim, "ffn_norm"));
+      DevTensor out(be(), DType::F32, T + 1, dim);
+      fill_poison(be(), out);
+      ASSERT_TRUE(be().add_rms_norm(*xt, *yt, T, *wt, eps, *out).is_ok());
+      const std::vector<float> got = fetch(be(), out);
+      check_err(compare_rows(got.data(), dim, ref.data(), T, dim), "rms_norm",
+                key("add_rms_norm/f32"), "add_rms_norm");
+      EXPECT_EQ(count_unpoisoned(got, dim, T, T + 1), 0) << "wrote rows past T";
+      EXPECT_EQ(fetch(be(), xt), sum) << "x is not x + y (rows < T) and x (rows past T)";
+      EXPECT_EQ(fetch(be(), yt), y) << "add_rms_norm changed y";
     }
   }
 }

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -61,6 +62,32 @@ void matmul_and_check(Backend& be, const ChainWeight& cw, const DevTensor& x, in
             key, what);
 }
 
+// matmul_group of x into several weights, each output checked as in matmul_and_check.
+void group_and_check(Backend& be, std::span<const ChainWeight* const> ws, const DevTensor& x, int T,
+                     std::span<DevTensor* const> outs, DType type, const std::string& key,
+                     const std::string& what) {
+  SCOPED_TRACE(what);
+  const std::vector<float> xh = fetch(be, x);
+  std::vector<MatmulOut> group;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    fill_poison(be, *outs[i]);
+    group.push_back({ws[i]->w.get(), &**outs[i], nullptr});
+  }
+  const Status s = be.matmul_group(*x, T, group.data(), static_cast<int>(group.size()));
+  ASSERT_TRUE(s.is_ok()) << s.message();
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const ChainWeight& cw = *ws[i];
+    const std::vector<float> got = fetch(be, *outs[i]);
+    std::vector<double> ref(static_cast<size_t>(T * cw.n_out));
+    for (int t = 0; t < T; ++t)
+      for (int64_t r = 0; r < cw.n_out; ++r)
+        ref[t * cw.n_out + r] =
+            dot_double(cw.deq.data() + r * cw.n_in, xh.data() + t * cw.n_in, cw.n_in);
+    check_err(compare_rows(got.data(), (*outs[i])->cols, ref.data(), T, cw.n_out),
+              matmul_bound_name(type), key, what + ", output " + std::to_string(i));
+  }
+}
+
 KESTREL_GPU_OPS_SUITE(GpuOpsChain);
 
 // rms_norm -> Q, K, V (one input, three weights) -> add into the input -> the same matmul again;
@@ -79,6 +106,7 @@ void check_norm_chain(Backend& be, const std::string& backend, DType type) {
   DevTensor h2(be, DType::F32, kMaxChainTokens, E, "h2");
   DevTensor q(be, DType::F32, kMaxChainTokens, E, "q");
   DevTensor k(be, DType::F32, kMaxChainTokens, kv, "k");
+  DevTensor v(be, DType::F32, kMaxChainTokens, kv, "v");
   const ChainWeight wq = chain_weight(be, rng, type, E, E, "wq");
   const ChainWeight wk = chain_weight(be, rng, type, E, kv, "wk");
   const ChainWeight wv = chain_weight(be, rng, type, E, kv, "wv");
@@ -101,6 +129,17 @@ void check_norm_chain(Backend& be, const std::string& backend, DType type) {
     const std::vector<float> fresh = randn(rng, static_cast<size_t>(kMaxChainTokens * E));
     ASSERT_TRUE(be.upload(*h, 0, kMaxChainTokens, fresh.data()).is_ok());
     matmul_and_check(be, wk, h, T, k, type, key, "upload into h -> k, " + at);
+    // The forward pass's order: x += y and norm in one op, then Q, K and V as one group, then
+    // the group again after another norm wrote a different tensor.
+    ASSERT_TRUE(be.add_rms_norm(*xt, *x2, T, *wt, 1e-5f, *h).is_ok());
+    const ChainWeight* qkv[] = {&wq, &wk, &wv};
+    DevTensor* qkv_out[] = {&q, &k, &v};
+    group_and_check(be, qkv, h, T, qkv_out, type, key, "add_rms_norm -> group q, k, v, " + at);
+    ASSERT_TRUE(be.rms_norm(*x2, T, *wt, 1e-5f, *h2).is_ok());
+    group_and_check(be, qkv, h, T, qkv_out, type, key, "norm h2 -> group q, k, v of h, " + at);
+    const ChainWeight* kv_pair[] = {&wk, &wv};
+    DevTensor* kv_out[] = {&k, &v};
+    group_and_check(be, kv_pair, h2, T, kv_out, type, key, "group k, v of h2, " + at);
     if (::testing::Test::HasFatalFailure()) return;
   }
 }

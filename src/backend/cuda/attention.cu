@@ -23,9 +23,21 @@ namespace {
 
 constexpr size_t kScoreBytes = size_t{64} << 20;  // f32 scores per slice of token rows
 
+// K and V of one kv_store, written by one launch when their caches share a type (blockIdx.y
+// picks the side): decode stores one token per layer, and each launch costs ~2 us of ramp.
+struct KvSides {
+  const float* src[2];
+  int64_t dim[2];
+  uint8_t* cache[2];
+  int64_t row_bytes[2];
+};
+
 // f16 caches: one thread per element (coalesced): src row t -> cache row pos[t].
-__global__ void kv_store_f16_kernel(const float* src, int n_tokens, int64_t dim, const int32_t* pos,
-                                    __half* cache) {
+__global__ void kv_store_f16_kernel(const KvSides sides, int n_tokens, const int32_t* pos) {
+  const int side = blockIdx.y;
+  const float* src = side ? sides.src[1] : sides.src[0];
+  const int64_t dim = side ? sides.dim[1] : sides.dim[0];
+  __half* cache = reinterpret_cast<__half*>(side ? sides.cache[1] : sides.cache[0]);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n_tokens * dim) return;
   const int64_t t = i / dim, e = i % dim;
@@ -36,8 +48,12 @@ __global__ void kv_store_f16_kernel(const float* src, int n_tokens, int64_t dim,
 // scale rounds exactly as the scalar quantize_row does (q8_0: max|x| / 127; q4_0: the element
 // of largest magnitude with its sign, the first one on ties, over -8).
 template <DType T>
-__global__ void kv_store_quant_kernel(const float* src, int n_tokens, int64_t dim,
-                                      const int32_t* pos, uint8_t* cache, int64_t row_bytes) {
+__global__ void kv_store_quant_kernel(const KvSides sides, int n_tokens, const int32_t* pos) {
+  const int side = blockIdx.y;
+  const float* src = side ? sides.src[1] : sides.src[0];
+  const int64_t dim = side ? sides.dim[1] : sides.dim[0];
+  uint8_t* cache = side ? sides.cache[1] : sides.cache[0];
+  const int64_t row_bytes = side ? sides.row_bytes[1] : sides.row_bytes[0];
   const int64_t blocks = dim / 32;
   const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -362,25 +378,36 @@ Status launch_attention_rows(const float* q, int n_tokens, int64_t n_kv, const i
   return Status::ok();
 }
 
-Status launch_kv_store(const float* src, int n_tokens, int64_t dim, const int32_t* pos, DType type,
-                       uint8_t* cache, int64_t row_bytes, cudaStream_t s) {
+Status launch_kv_store(const KvStoreSide* sides, int n_sides, int n_tokens, const int32_t* pos,
+                       cudaStream_t s) {
   if (n_tokens <= 0) return Status::ok();
-  const int64_t warps = n_tokens * (dim / 32);
-  switch (type) {
+  if (n_sides < 1 || n_sides > 2 || (n_sides == 2 && sides[0].type != sides[1].type))
+    return error("kv_store: %d caches in one launch (1, or 2 of one type)", n_sides);
+  KvSides a{};
+  int64_t max_dim = 0;
+  for (int i = 0; i < n_sides; ++i) {
+    a.src[i] = sides[i].src;
+    a.dim[i] = sides[i].dim;
+    a.cache[i] = sides[i].cache;
+    a.row_bytes[i] = sides[i].row_bytes;
+    max_dim = std::max(max_dim, sides[i].dim);
+  }
+  const int64_t warps = n_tokens * (max_dim / 32);
+  switch (sides[0].type) {
     case DType::F16:
-      kv_store_f16_kernel<<<ceil_div(n_tokens * dim, 256), 256, 0, s>>>(
-          src, n_tokens, dim, pos, reinterpret_cast<__half*>(cache));
+      kv_store_f16_kernel<<<dim3(ceil_div(n_tokens * max_dim, 256), n_sides), 256, 0, s>>>(
+          a, n_tokens, pos);
       break;
     case DType::Q8_0:
       kv_store_quant_kernel<DType::Q8_0>
-          <<<ceil_div(warps * 32, 256), 256, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+          <<<dim3(ceil_div(warps * 32, 256), n_sides), 256, 0, s>>>(a, n_tokens, pos);
       break;
     case DType::Q4_0:
       kv_store_quant_kernel<DType::Q4_0>
-          <<<ceil_div(warps * 32, 256), 256, 0, s>>>(src, n_tokens, dim, pos, cache, row_bytes);
+          <<<dim3(ceil_div(warps * 32, 256), n_sides), 256, 0, s>>>(a, n_tokens, pos);
       break;
     default:
-      return error("kv_store: cache type %s is not supported", quant::type_name(type));
+      return error("kv_store: cache type %s is not supported", quant::type_name(sides[0].type));
   }
   LAUNCH_CHECK("kv_store");
   return Status::ok();

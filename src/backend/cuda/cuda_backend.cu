@@ -92,8 +92,12 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->frag_disabled_ = no_frag && std::string(no_frag) == "1";
   const char* no_fused = std::getenv("KESTREL_CUDA_NO_FUSED_INPUTS");
   be->fuse_inputs_ = !(no_fused && std::string(no_fused) == "1");
-  const char* frag_v2 = std::getenv("KESTREL_CUDA_FRAG_V2");
-  be->frag_v2_ = frag_v2 && std::string(frag_v2) == "1";
+  const char* no_fused_add = std::getenv("KESTREL_CUDA_NO_FUSED_ADD");
+  be->fuse_add_ = !(no_fused_add && std::string(no_fused_add) == "1");
+  const char* rope_qk = std::getenv("KESTREL_CUDA_ROPE_QK");
+  be->rope_qk_one_launch_ = rope_qk && std::string(rope_qk) == "1";
+  const char* no_group = std::getenv("KESTREL_CUDA_NO_GROUP");
+  be->group_matmuls_ = !(no_group && std::string(no_group) == "1");
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
@@ -398,16 +402,42 @@ Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight
   KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
                            fused_matmul_input(static_cast<float*>(out.data), n_tokens, out.cols));
   if (mode_ == Mode::Stage) return Status::ok();
-  return launch_rms_norm(static_cast<const float*>(x.data), n_tokens, x.cols,
+  return launch_rms_norm(static_cast<float*>(x.data), nullptr, n_tokens, x.cols,
                          static_cast<const float*>(weight.data), eps, static_cast<float*>(out.data),
                          also, stream_);
+}
+
+Status CudaBackend::add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight,
+                                 float eps, Tensor& out) {
+  if (!fuse_add_) return Backend::add_rms_norm(x, y, n_tokens, weight, eps, out);
+  forget_activations();
+  KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
+                           fused_matmul_input(static_cast<float*>(out.data), n_tokens, out.cols));
+  if (mode_ == Mode::Stage) return Status::ok();
+  return launch_rms_norm(static_cast<float*>(x.data), static_cast<const float*>(y.data), n_tokens,
+                         x.cols, static_cast<const float*>(weight.data), eps,
+                         static_cast<float*>(out.data), also, stream_);
 }
 
 Status CudaBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
   forget_activations();
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
   if (mode_ == Mode::Stage) return Status::ok();
-  return launch_rope(static_cast<float*>(x.data), n_tokens, pos, p, stream_);
+  return launch_rope(static_cast<float*>(x.data), nullptr, 0, n_tokens, pos, p, stream_);
+}
+
+Status CudaBackend::rope_qk(Tensor& q, Tensor& k, int n_tokens, const int32_t* positions,
+                            const RopeParams& pq, const RopeParams& pk) {
+  // One launch only with KESTREL_CUDA_ROPE_QK=1 until a GPU run has tested and timed it (the
+  // device time of the session that wrote it ran out first).
+  if (!rope_qk_one_launch_ || pq.head_dim != pk.head_dim || pq.freq_base != pk.freq_base ||
+      pq.layout != pk.layout)
+    return Backend::rope_qk(q, k, n_tokens, positions, pq, pk);
+  forget_activations();
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
+  if (mode_ == Mode::Stage) return Status::ok();
+  return launch_rope(static_cast<float*>(q.data), static_cast<float*>(k.data), pk.n_heads, n_tokens,
+                     pos, pq, stream_);
 }
 
 Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) {
@@ -453,12 +483,14 @@ Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
                    static_cast<long long>(cache_rows));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
   if (mode_ == Mode::Stage) return Status::ok();
-  KESTREL_TRY(launch_kv_store(static_cast<const float*>(k.data), n_tokens, k.cols, pos,
-                              k_cache.type, static_cast<uint8_t*>(k_cache.data),
-                              static_cast<int64_t>(k_cache.row_bytes()), stream_));
-  return launch_kv_store(static_cast<const float*>(v.data), n_tokens, v.cols, pos, v_cache.type,
-                         static_cast<uint8_t*>(v_cache.data),
-                         static_cast<int64_t>(v_cache.row_bytes()), stream_);
+  const KvStoreSide sides[2] = {
+      {static_cast<const float*>(k.data), k.cols, k_cache.type, static_cast<uint8_t*>(k_cache.data),
+       static_cast<int64_t>(k_cache.row_bytes())},
+      {static_cast<const float*>(v.data), v.cols, v_cache.type, static_cast<uint8_t*>(v_cache.data),
+       static_cast<int64_t>(v_cache.row_bytes())}};
+  if (k_cache.type == v_cache.type) return launch_kv_store(sides, 2, n_tokens, pos, stream_);
+  KESTREL_TRY(launch_kv_store(&sides[0], 1, n_tokens, pos, stream_));
+  return launch_kv_store(&sides[1], 1, n_tokens, pos, stream_);
 }
 
 }  // namespace kestrel::backend::cuda

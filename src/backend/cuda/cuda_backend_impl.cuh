@@ -6,7 +6,7 @@
 //  - Q4_0 / Q8_0, T < kFragMinTokens: dp4a on activations quantized to two int8 planes
 //    (matvec_int8.cu; decode is bandwidth-bound and must issue few instructions per byte);
 //  - Q4_0 / Q8_0, kFragMinTokens <= T <= kFragMaxTokens: weights decoded straight into mma.sync
-//    fragments (matmul_frag.cu); up to kMmaMaxTokens: f16 weight tiles in shared memory and
+//    fragments (matmul_frag_v2.cu); up to kMmaMaxTokens: f16 weight tiles in shared memory and
 //    mma.sync (matmul_mma.cu);
 //  - other types up to kSmallBatch tokens: fused kernels that decode blocks in registers;
 //  - larger micro-batches: the weight is dequantized to f16 in row tiles and multiplied on the
@@ -44,7 +44,7 @@ enum ScratchSlot {
 constexpr int kSmallBatch = 8;
 constexpr int kMmaMaxTokens = 64;
 // From kFragMinTokens to kFragMaxTokens tokens, Q4_0 / Q8_0 matmuls decode the weights straight
-// into tensor-core fragments (matmul_frag.cu); fewer tokens run on the dp4a kernel
+// into tensor-core fragments (matmul_frag_v2.cu); fewer tokens run on the dp4a kernel
 // (matvec_int8.cu), more on the shared-memory tile kernel (matmul_mma.cu).
 constexpr int kFragMinTokens = 5;
 constexpr int kFragMaxTokens = 16;
@@ -101,9 +101,14 @@ class CudaBackend final : public Backend {
   Status embed(const HostMatrix& table, const int32_t* tokens, int n_tokens, Tensor& out) override;
   Status rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                   Tensor& out) override;
+  Status add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight, float eps,
+                      Tensor& out) override;
+  Status matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) override;
   Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
                 const Tensor* bias) override;
   Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) override;
+  Status rope_qk(Tensor& q, Tensor& k, int n_tokens, const int32_t* positions, const RopeParams& pq,
+                 const RopeParams& pk) override;
   Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
                   Tensor& k_cache, Tensor& v_cache) override;
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
@@ -170,12 +175,14 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   std::string device_name_;
-  bool graphs_disabled_ = false;  // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
-  bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
-  bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
-  bool frag_disabled_ = false;    // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
-  bool frag_v2_ = false;          // KESTREL_CUDA_FRAG_V2=1: matmul_frag_v2.cu for 5-16 tokens
-  bool fuse_inputs_ = true;       // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
+  bool graphs_disabled_ = false;     // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
+  bool mma_disabled_ = false;        // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
+  bool int8_disabled_ = false;       // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
+  bool frag_disabled_ = false;       // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
+  bool fuse_inputs_ = true;          // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
+  bool fuse_add_ = true;             // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
+  bool rope_qk_one_launch_ = false;  // KESTREL_CUDA_ROPE_QK=1: RoPE of Q and K in one launch
+  bool group_matmuls_ = true;        // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
@@ -257,19 +264,23 @@ struct QuantizedActs {
 bool int8_matvec_supports(quant::DType type, int64_t n_in, int n_tokens);
 Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const QuantizedActs& a,
                             cudaStream_t s);
-Status launch_matvec_int8(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
-                          const float* bias, cudaStream_t s);
+// One launch computes up to kMatvecMaxParts products of the same activations (one weight type
+// and width): out = x . w^T (+ bias) for each part.
+constexpr int kMatvecMaxParts = 3;
+struct MatvecPart {
+  const CudaWeight* w = nullptr;
+  float* out = nullptr;
+  const float* bias = nullptr;
+};
+Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
+                          int n_tokens, cudaStream_t s);
 // Sums partial[splits][T][n_out] in a fixed order into out (+ bias).
 Status launch_reduce_splits(const float* partial, int splits, int n_tokens, int64_t n_out,
                             float* out, const float* bias, cudaStream_t s);
-// matmul_frag.cu: Q4_0 / Q8_0 weights decoded straight into tensor-core fragments, f16
-// activations; partial needs frag_splits * T * n_out floats.
+// matmul_frag_v2.cu: Q4_0 / Q8_0 weights decoded straight into tensor-core fragments (16-byte
+// weight loads, activations shared by the block), f16 activations; partial needs
+// frag_v2_splits * T * n_out floats.
 bool frag_supports(quant::DType type, int64_t n_in, int n_tokens);
-int frag_splits(const CudaWeight& w);
-Status launch_matmul_frag(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
-                          const float* bias, float* partial, cudaStream_t s);
-// matmul_frag_v2.cu: the same product with 16-byte weight loads and activations shared by the
-// block (KESTREL_CUDA_FRAG_V2=1); partial needs frag_v2_splits * T * n_out floats.
 // With splits > 1 it also needs frag_v2_row_blocks zeroed counters (arrivals), left zeroed.
 int frag_v2_splits(const CudaWeight& w);
 int frag_v2_row_blocks(const CudaWeight& w);
@@ -278,17 +289,29 @@ Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x16, int n_token
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);
-// RMS norm (and SwiGLU) also write their output as the next matmul's input `also`.
-Status launch_rms_norm(const float* x, int n_tokens, int64_t n, const float* w, float eps,
+// RMS norm (and SwiGLU) also write their output as the next matmul's input `also`. With y,
+// x += y first (add_rms_norm); without, x is only read.
+Status launch_rms_norm(float* x, const float* y, int n_tokens, int64_t n, const float* w, float eps,
                        float* out, const MatmulInputOut& also, cudaStream_t s);
-Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams& p, cudaStream_t s);
+// RoPE in place on x (p.n_heads heads) and, if x1, on x1's heads1 heads of the same size.
+Status launch_rope(float* x, float* x1, int heads1, int n_tokens, const int32_t* pos,
+                   const RopeParams& p, cudaStream_t s);
 Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out,
                      const MatmulInputOut& also, cudaStream_t s);
 Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s);
 Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int n_rows, float* out,
                        cudaStream_t s);
-Status launch_kv_store(const float* src, int n_tokens, int64_t dim, const int32_t* pos,
-                       quant::DType type, uint8_t* cache, int64_t row_bytes, cudaStream_t s);
+// K and V (or one of them) into their caches, quantizing on write: one launch when both caches
+// have one type.
+struct KvStoreSide {
+  const float* src = nullptr;  // [T][dim]
+  int64_t dim = 0;
+  quant::DType type = quant::DType::F16;
+  uint8_t* cache = nullptr;
+  int64_t row_bytes = 0;
+};
+Status launch_kv_store(const KvStoreSide* sides, int n_sides, int n_tokens, const int32_t* pos,
+                       cudaStream_t s);
 // Rows [0, n_rows) of a KV cache of `type` as f16 hi + lo parts, each [n_rows][dim].
 Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_bytes, int64_t dim,
                            int64_t n_rows, __half* hi, __half* lo, cudaStream_t s);

@@ -1,5 +1,6 @@
 // Row-wise and element-wise ops: embedding lookup, RMS norm, RoPE, SwiGLU, add, get_rows.
 // Each is a single pass over its rows; they are small next to the matmuls (see --profile).
+#include <algorithm>
 #include <cmath>
 
 #include "backend/cuda/acts_device.cuh"
@@ -32,62 +33,86 @@ __global__ void embed_kernel(const uint8_t* table, int64_t row_bytes, int64_t n_
   }
 }
 
-// One block per token. Every load of the row is issued before any is used (float4, unrolled):
-// with one block per token, a loop of dependent loads would cost a memory latency per step
-// (16 us per decode step was measured). Sums of squares in f32 per thread and warp, the block
-// total and the scale in double as the CPU reference. The output is also written as the next
-// matmul's input `also` (n a multiple of 32 for the int8 planes).
-constexpr int kNormThreads = 256, kNormMaxVec = 8;  // rows of up to 8192 floats in registers
-__global__ void __launch_bounds__(kNormThreads)
-    rms_norm_kernel(const float* __restrict__ x, int64_t n, const float* __restrict__ w, float eps,
-                    float* __restrict__ out, MatmulInputOut also) {
-  const float4* xr = reinterpret_cast<const float4*>(x + blockIdx.x * n);
+// One block per token, up to 1024 threads, each with kVec float4 of the row (one for rows of up
+// to 4096): in decode there is one block in all, so the row is spread over as many threads as
+// it has float4 and every load (x, y, the weight) is issued before any is used -- with 256
+// threads and the weight loaded after the reduction, a 4096-wide row took 4.4 us, and 7.7 us
+// once it also wrote the int8 planes (ncu, H200: one SM running four dependent rounds).
+// With y, the residual add comes first: x += y is stored (the block owns its row) and normed.
+// Sums of squares in f32 per thread and warp, the block total and the scale in double as the CPU
+// reference. The output is also written as the next matmul's input `also` (n a multiple of 32
+// for the int8 planes).
+constexpr int kNormMaxThreads = 1024, kNormMaxVec = 8;  // rows of up to 32768 floats
+template <int kVec>
+__global__ void __launch_bounds__(kNormMaxThreads)
+    rms_norm_kernel(float* x, const float* y, int64_t n, const float* __restrict__ w, float eps,
+                    float* out, MatmulInputOut also) {
+  float4* xr = reinterpret_cast<float4*>(x + blockIdx.x * n);
   const float4* wr = reinterpret_cast<const float4*>(w);
   float4* o = reinterpret_cast<float4*>(out + blockIdx.x * n);
   const int nv = static_cast<int>(n / 4);
-  float4 v[kNormMaxVec];
+  float4 v[kVec], g[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    const int i = threadIdx.x + blockDim.x * k;
+    v[k] = make_float4(0, 0, 0, 0);
+    if (i < nv) {
+      v[k] = xr[i];
+      g[k] = wr[i];
+    }
+  }
+  if (y) {
+    const float4* yr = reinterpret_cast<const float4*>(y + blockIdx.x * n);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const int i = threadIdx.x + blockDim.x * k;
+      if (i < nv) {
+        const float4 a = yr[i];
+        v[k] = make_float4(v[k].x + a.x, v[k].y + a.y, v[k].z + a.z, v[k].w + a.w);
+        xr[i] = v[k];
+      }
+    }
+  }
   float ss = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kNormMaxVec; ++k) {
-    const int i = threadIdx.x + kNormThreads * k;
-    v[k] = i < nv ? xr[i] : make_float4(0, 0, 0, 0);
-  }
-#pragma unroll
-  for (int k = 0; k < kNormMaxVec; ++k)
+  for (int k = 0; k < kVec; ++k)
     ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
   ss = warp_sum(ss);
-  __shared__ float red[kNormThreads / 32];
+  __shared__ float red[kNormMaxThreads / 32];
   __shared__ float inv;
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) red[warp] = ss;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    double total = 0;
-    for (int i = 0; i < kNormThreads / 32; ++i) total += red[i];
-    inv = static_cast<float>(1.0 / sqrt(total / n + eps));
+  if (warp == 0) {
+    double total = lane < static_cast<int>(blockDim.x / 32) ? red[lane] : 0.0;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+    if (lane == 0) inv = static_cast<float>(1.0 / sqrt(total / n + eps));
   }
   __syncthreads();
   const float f = inv;
   const bool fused = also.q1 || also.x16;
 #pragma unroll
-  for (int k = 0; k < kNormMaxVec; ++k) {
-    const int i = threadIdx.x + kNormThreads * k;
+  for (int k = 0; k < kVec; ++k) {
+    const int i = threadIdx.x + blockDim.x * k;
     float4 r = make_float4(0, 0, 0, 0);
     if (i < nv) {
-      const float4 g = wr[i];
-      r = make_float4(v[k].x * f * g.x, v[k].y * f * g.y, v[k].z * f * g.z, v[k].w * f * g.w);
+      r = make_float4(v[k].x * f * g[k].x, v[k].y * f * g[k].y, v[k].z * f * g[k].z,
+                      v[k].w * f * g[k].w);
       o[i] = r;
     }
     // Every lane of a warp takes part (the int8 planes reduce over 8 lanes), past the row too.
-    if (fused && kNormThreads * k < nv)
+    if (fused && static_cast<int>(blockDim.x) * k < nv)
       write_matmul_input4(also, blockIdx.x * n + 4 * i, r, i < nv);
   }
 }
 
-// A block per (token, head), a thread per rotated pair. The angle pos * inv_freq (thousands of
-// radians) is formed and reduced modulo 2 pi in double, with inv_freq from the host (double
-// pow, as on the CPU); the reduced angle's sine and cosine in f32 are within an ulp or two.
-__global__ void rope_kernel(float* x, int64_t row_len, const int32_t* pos, int head_dim,
-                            RopeTable table, bool neox) {
+// A block per (token, head), a thread per rotated pair; heads [0, heads0) of x0, then those of
+// x1 (Q and K in one launch). The angle pos * inv_freq (thousands of radians) is formed and
+// reduced modulo 2 pi in double, with inv_freq from the host (double pow, as on the CPU); the
+// reduced angle's sine and cosine in f32 are within an ulp or two.
+__global__ void rope_kernel(float* x0, int heads0, float* x1, int heads1, const int32_t* pos,
+                            int head_dim, RopeTable table, bool neox) {
   const int half = head_dim / 2, i = threadIdx.x;
   if (i >= half) return;
   constexpr double kTwoPi = 6.283185307179586476925;
@@ -95,7 +120,10 @@ __global__ void rope_kernel(float* x, int64_t row_len, const int32_t* pos, int h
   const float r = static_cast<float>(theta - rint(theta * (1.0 / kTwoPi)) * kTwoPi);
   float sn, cn;
   sincosf(r, &sn, &cn);
-  float* head = x + blockIdx.x * row_len + static_cast<int64_t>(blockIdx.y) * head_dim;
+  const bool first = static_cast<int>(blockIdx.y) < heads0;
+  const int h = first ? blockIdx.y : blockIdx.y - heads0;
+  const int64_t row_len = int64_t{first ? heads0 : heads1} * head_dim;
+  float* head = (first ? x0 : x1) + blockIdx.x * row_len + int64_t{h} * head_dim;
   const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
   const float a = head[i0], b = head[i1];
   head[i0] = a * cn - b * sn;
@@ -141,24 +169,33 @@ Status launch_embed(DType t, const uint8_t* table, int64_t row_bytes, int64_t n_
   return Status::ok();
 }
 
-Status launch_rms_norm(const float* x, int n_tokens, int64_t n, const float* w, float eps,
+Status launch_rms_norm(float* x, const float* y, int n_tokens, int64_t n, const float* w, float eps,
                        float* out, const MatmulInputOut& also, cudaStream_t s) {
   if (n_tokens <= 0) return Status::ok();
-  if (n % 4 != 0 || n > int64_t{4} * kNormThreads * kNormMaxVec)
+  if (n % 4 != 0 || n > int64_t{4} * kNormMaxThreads * kNormMaxVec)
     return error("rms_norm: rows of %lld are not supported (a multiple of 4, at most %d)",
-                 static_cast<long long>(n), 4 * kNormThreads * kNormMaxVec);
+                 static_cast<long long>(n), 4 * kNormMaxThreads * kNormMaxVec);
   if ((also.q1 || also.x16) && n % 32 != 0)
     return error("rms_norm: rows of %lld cannot be written as int8 blocks of 32",
                  static_cast<long long>(n));
-  rms_norm_kernel<<<n_tokens, kNormThreads, 0, s>>>(x, n, w, eps, out, also);
-  LAUNCH_CHECK("rms_norm");
+  const int nv = static_cast<int>(n / 4);
+  const int threads = std::min(kNormMaxThreads, static_cast<int>(ceil_div(nv, 32)) * 32);
+  const int vec = static_cast<int>(ceil_div(nv, threads));
+  if (vec <= 1)
+    rms_norm_kernel<1><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
+  else if (vec <= 2)
+    rms_norm_kernel<2><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
+  else if (vec <= 4)
+    rms_norm_kernel<4><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
+  else
+    rms_norm_kernel<kNormMaxVec><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
+  LAUNCH_CHECK(y ? "add_rms_norm" : "rms_norm");
   return Status::ok();
 }
 
-Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams& p,
-                   cudaStream_t s) {
+Status launch_rope(float* x, float* x1, int heads1, int n_tokens, const int32_t* pos,
+                   const RopeParams& p, cudaStream_t s) {
   if (n_tokens <= 0) return Status::ok();
-  const int64_t row = int64_t{p.n_heads} * p.head_dim;
   if (p.head_dim > 2 * kRopeMaxPairs || p.head_dim % 2 != 0)
     return error("rope: head size %d is not supported (even, at most %d)", p.head_dim,
                  2 * kRopeMaxPairs);
@@ -172,8 +209,8 @@ Status launch_rope(float* x, int n_tokens, const int32_t* pos, const RopeParams&
     table_base = p.freq_base;
     table_dim = p.head_dim;
   }
-  rope_kernel<<<dim3(n_tokens, p.n_heads), p.head_dim / 2, 0, s>>>(x, row, pos, p.head_dim, table,
-                                                                   p.layout == RopeLayout::NeoX);
+  rope_kernel<<<dim3(n_tokens, p.n_heads + (x1 ? heads1 : 0)), p.head_dim / 2, 0, s>>>(
+      x, p.n_heads, x1, heads1, pos, p.head_dim, table, p.layout == RopeLayout::NeoX);
   LAUNCH_CHECK("rope");
   return Status::ok();
 }

@@ -1,5 +1,5 @@
 // Shared by the kernels that decode Q4_0 / Q8_0 weights straight into mma.sync fragments
-// (matmul_frag.cu, matmul_frag_v2.cu): the m16n8k16 f16 product and the code-to-f16 decoding.
+// (matmul_frag_v2.cu, matmul_mma.cu): the m16n8k16 f16 product and the code-to-f16 decoding.
 #pragma once
 
 #include "backend/cuda/cuda_common.cuh"

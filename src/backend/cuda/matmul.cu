@@ -266,14 +266,56 @@ Status launch_matmul_small(const CudaWeight& w, const float* x, int n_tokens, fl
   return Status::ok();
 }
 
-Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
-                           const Tensor* bias) {
-  const auto& w = static_cast<const CudaWeight&>(weight);
+namespace {
+
+Status check_matmul_shapes(const CudaWeight& w, const Tensor& x, int n_tokens, const Tensor& out) {
   if (x.cols != w.n_in || out.cols != w.n_out || n_tokens > x.rows || n_tokens > out.rows)
     return error("matmul '%s': shapes do not match (x %lld x %lld, weight %lld x %lld, out %lld)",
                  w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
                  static_cast<long long>(w.n_out), static_cast<long long>(w.n_in),
                  static_cast<long long>(out.cols));
+  return Status::ok();
+}
+
+}  // namespace
+
+// Q, K and V (or gate and up) in one dp4a launch when all of them take that path with one weight
+// type: decode's seven matmuls per layer become four launches.
+Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
+  bool one_launch = group_matmuls_ && n_outs >= 2 && n_outs <= kMatvecMaxParts;
+  for (int i = 0; i < n_outs && one_launch; ++i) {
+    const MatmulOut& m = outs[i];
+    const auto& w = static_cast<const CudaWeight&>(*m.w);
+    const auto& w0 = static_cast<const CudaWeight&>(*outs[0].w);
+    one_launch = w.type == w0.type && w.n_in == w0.n_in &&
+                 matmul_path(w.type, w.n_in, n_tokens) == MatmulPath::kInt8 &&
+                 m.out->data != x.data;
+  }
+  if (!one_launch) return Backend::matmul_group(x, n_tokens, outs, n_outs);
+  MatvecPart parts[kMatvecMaxParts];
+  const float* xp = static_cast<const float*>(x.data);
+  const int64_t n_in = static_cast<const CudaWeight&>(*outs[0].w).n_in;
+  for (int i = 0; i < n_outs; ++i) {
+    const auto& w = static_cast<const CudaWeight&>(*outs[i].w);
+    KESTREL_TRY(check_matmul_shapes(w, x, n_tokens, *outs[i].out));
+    parts[i] = {&w, static_cast<float*>(outs[i].out->data),
+                outs[i].bias ? static_cast<const float*>(outs[i].bias->data) : nullptr};
+  }
+  const bool int8_held = acts_.holds(xp, n_tokens, n_in);
+  acts_ = {true, xp, n_tokens, n_in};
+  for (int i = 0; i < n_outs; ++i)
+    if (parts[i].out == x16_.x) x16_.valid = false;
+  if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, n_in)));
+  const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
+  if (!int8_held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, n_in, acts, stream_));
+  return launch_matvec_int8(parts, n_outs, acts, n_tokens, stream_);
+}
+
+Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
+                           const Tensor* bias) {
+  const auto& w = static_cast<const CudaWeight&>(weight);
+  KESTREL_TRY(check_matmul_shapes(w, x, n_tokens, out));
   const float* b = bias ? static_cast<const float*>(bias->data) : nullptr;
   const float* xp = static_cast<const float*>(x.data);
   float* op = static_cast<float*>(out.data);
@@ -296,12 +338,11 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
     case MatmulPath::kFrag: {
       KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
       float* partial = nullptr;
-      if (const int splits = frag_v2_ ? frag_v2_splits(w) : frag_splits(w); splits > 1) {
+      if (const int splits = frag_v2_splits(w); splits > 1) {
         KESTREL_ASSIGN_OR_RETURN(void* p,
                                  scratch(kPartial, sizeof(float) * splits * n_tokens * w.n_out));
         partial = static_cast<float*>(p);
       }
-      if (!frag_v2_) return launch_matmul_frag(w, x16, n_tokens, op, b, partial, stream_);
       unsigned* arrivals = nullptr;
       if (partial) {
         KESTREL_ASSIGN_OR_RETURN(arrivals, arrival_counters(frag_v2_row_blocks(w)));
@@ -312,7 +353,8 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
       KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
       const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);
       if (!int8_held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
-      return launch_matvec_int8(w, acts, n_tokens, op, b, stream_);
+      const MatvecPart part{&w, op, b};
+      return launch_matvec_int8(&part, 1, acts, n_tokens, stream_);
     }
     case MatmulPath::kSmall:
       return launch_matmul_small(w, xp, n_tokens, op, b, stream_);

@@ -1,9 +1,9 @@
 // Matmul for micro-batches of 5 to 16 tokens of Q4_0 / Q8_0 weights, on the tensor cores with
-// the weights decoded straight into mma fragments: the second version of matmul_frag.cu, chosen
-// with KESTREL_CUDA_FRAG_V2=1 until a GPU run has tested it and measured it against the first
-// (bench/NOTES.md, v17). Every micro-batch re-reads all weights (the seed's case: micro-batches
-// of 16), so the kernel must stream them at memory bandwidth with few instructions and few L1
-// wavefronts per byte.
+// the weights decoded straight into mma fragments: the second version of the v13 kernel
+// (matmul_frag.cu, removed once this one measured faster: seed case 2,685 against 2,484 t/s on
+// the H200; bench/NOTES.md, v17). Every micro-batch re-reads all weights (the seed's case:
+// micro-batches of 16), so the kernel must stream them at memory bandwidth with few instructions
+// and few L1 wavefronts per byte.
 //
 // The trick: a dot product does not care in which order k runs, as long as A and B agree. So
 // the k-slots that mma.sync m16n8k16 gives lane c = lane % 4 -- (2c, 2c+1) and (2c+8, 2c+9) --
@@ -263,6 +263,11 @@ int target_blocks() {
 constexpr int64_t kSplitQuantum = 8;
 
 }  // namespace
+
+bool frag_supports(DType type, int64_t n_in, int n_tokens) {
+  return (type == DType::Q4_0 || type == DType::Q8_0) && n_tokens >= kFragMinTokens &&
+         n_tokens <= kFragMaxTokens && n_in % 32 == 0;
+}
 
 int frag_v2_splits(const CudaWeight& w) {
   // Each split keeps at least two steps, so that loads of the next step overlap the current one.

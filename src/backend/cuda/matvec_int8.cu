@@ -19,8 +19,9 @@ using quant::DType;
 
 namespace {
 
-// Output rows per warp. Two: each block's activations serve both. (One row per warp, for twice
-// the warps in flight in decode, measured slower: tg128 219 -> 193 t/s on the H100.)
+// Output rows per warp. Two: each block's activations serve both. Measured against it in decode:
+// one row per warp, for twice the warps in flight (tg128 219 -> 193 t/s on the H100; 289 against
+// ~340 on the H200), four rows (289), and registers capped for 8 blocks per SM (278).
 template <int NT>
 constexpr int kRowsFor = 2;
 constexpr int kWarps = 4;
@@ -52,15 +53,59 @@ __device__ __forceinline__ int block_dot(const int* w, const int* a) {
   return s;
 }
 
+// The products of one launch: weights of one type and width read the same activations, and
+// blocks [first_block[p], first_block[p + 1]) compute part p (decode: Q, K and V in one launch,
+// gate and up in another -- each launch costs ~3 us of ramp and tail at this size, ncu on an
+// H200, against ~2 us of streaming for a 4096 x 4096 Q4_0 matrix).
+struct MatvecArgs {
+  const uint8_t* qs[kMatvecMaxParts];
+  const __half* d[kMatvecMaxParts];
+  int64_t n_out[kMatvecMaxParts];
+  float* out[kMatvecMaxParts];
+  const float* bias[kMatvecMaxParts];
+  int first_block[kMatvecMaxParts];
+  int n_parts;
+  int64_t n_in;
+  const int8_t* q1;
+  const int8_t* q2;
+  const ActBlock* meta;
+  int n_tokens;
+};
+
 template <DType T, int NT>
-__global__ void __launch_bounds__(kWarps * 32)
-    matvec_int8_kernel(const uint8_t* qs, const __half* d, int64_t n_in, int64_t n_out,
-                       const int8_t* q1, const int8_t* q2, const ActBlock* meta, int n_tokens,
-                       float* out, const float* bias) {
+__global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecArgs args) {
+  // This block's part, its fields picked without indexing the parameter arrays by a runtime
+  // value (which would copy them to local memory).
+  int part = 0;
+#pragma unroll
+  for (int p = 1; p < kMatvecMaxParts; ++p)
+    if (p < args.n_parts && static_cast<int>(blockIdx.x) >= args.first_block[p]) part = p;
+  const uint8_t* qs = args.qs[0];
+  const __half* d = args.d[0];
+  int64_t n_out = args.n_out[0];
+  float* out = args.out[0];
+  const float* bias = args.bias[0];
+  int first_block = 0;
+#pragma unroll
+  for (int p = 1; p < kMatvecMaxParts; ++p)
+    if (part == p) {
+      qs = args.qs[p];
+      d = args.d[p];
+      n_out = args.n_out[p];
+      out = args.out[p];
+      bias = args.bias[p];
+      first_block = args.first_block[p];
+    }
+  const int64_t n_in = args.n_in;
+  const int8_t* q1 = args.q1;
+  const int8_t* q2 = args.q2;
+  const ActBlock* meta = args.meta;
+  const int n_tokens = args.n_tokens;
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;  // 32-bit words of quants per block
   constexpr int kRows = kRowsFor<NT>;
   constexpr int kAhead = 8 / kRows;  // blocks per lane loaded before any is used
-  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32) * kRows;
+  const int64_t r0 =
+      (static_cast<int64_t>(blockIdx.x - first_block) * kWarps + threadIdx.x / 32) * kRows;
   const int lane = threadIdx.x % 32;
   if (r0 >= n_out) return;
   const int64_t nb = n_in / 32;
@@ -134,19 +179,22 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 template <DType T>
-void launch_matvec(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
-                   const float* bias, cudaStream_t s) {
+void launch_matvec(MatvecArgs args, int blocks, cudaStream_t s) {
   const int threads = kWarps * 32;
-  if (n_tokens <= 1)
-    matvec_int8_kernel<T, 1><<<ceil_div(w.n_out, kWarps * kRowsFor<1>), threads, 0, s>>>(
-        w.qs, w.d, w.n_in, w.n_out, a.q1, a.q2, a.meta, n_tokens, out, bias);
-  else if (n_tokens <= 4)
-    matvec_int8_kernel<T, 4><<<ceil_div(w.n_out, kWarps * kRowsFor<4>), threads, 0, s>>>(
-        w.qs, w.d, w.n_in, w.n_out, a.q1, a.q2, a.meta, n_tokens, out, bias);
+  if (args.n_tokens <= 1)
+    matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
+  else if (args.n_tokens <= 4)
+    matvec_int8_kernel<T, 4><<<blocks, threads, 0, s>>>(args);
   else
-    matvec_int8_kernel<T, kSmallBatch>
-        <<<ceil_div(w.n_out, kWarps * kRowsFor<kSmallBatch>), threads, 0, s>>>(
-            w.qs, w.d, w.n_in, w.n_out, a.q1, a.q2, a.meta, n_tokens, out, bias);
+    matvec_int8_kernel<T, kSmallBatch><<<blocks, threads, 0, s>>>(args);
+}
+
+// Blocks of a product of n_out rows with NT tokens.
+int matvec_blocks(int64_t n_out, int n_tokens) {
+  const int rows = n_tokens <= 1   ? kRowsFor<1>
+                   : n_tokens <= 4 ? kRowsFor<4>
+                                   : kRowsFor<kSmallBatch>;
+  return ceil_div(n_out, kWarps * rows);
 }
 
 }  // namespace
@@ -177,12 +225,37 @@ Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const Quant
   return Status::ok();
 }
 
-Status launch_matvec_int8(const CudaWeight& w, const QuantizedActs& a, int n_tokens, float* out,
-                          const float* bias, cudaStream_t s) {
-  if (w.type == DType::Q4_0)
-    launch_matvec<DType::Q4_0>(w, a, n_tokens, out, bias, s);
+Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
+                          int n_tokens, cudaStream_t s) {
+  if (n_parts < 1 || n_parts > kMatvecMaxParts)
+    return error("matmul (small batch, int8): %d products in one launch (1 to %d)", n_parts,
+                 kMatvecMaxParts);
+  const CudaWeight& w0 = *parts[0].w;
+  MatvecArgs args{};
+  int blocks = 0;
+  for (int p = 0; p < n_parts; ++p) {
+    const CudaWeight& w = *parts[p].w;
+    if (w.type != w0.type || w.n_in != w0.n_in)
+      return error("matmul (small batch, int8): '%s' and '%s' differ in type or width",
+                   w0.name.c_str(), w.name.c_str());
+    args.qs[p] = w.qs;
+    args.d[p] = w.d;
+    args.n_out[p] = w.n_out;
+    args.out[p] = parts[p].out;
+    args.bias[p] = parts[p].bias;
+    args.first_block[p] = blocks;
+    blocks += matvec_blocks(w.n_out, n_tokens);
+  }
+  args.n_parts = n_parts;
+  args.n_in = w0.n_in;
+  args.q1 = a.q1;
+  args.q2 = a.q2;
+  args.meta = a.meta;
+  args.n_tokens = n_tokens;
+  if (w0.type == DType::Q4_0)
+    launch_matvec<DType::Q4_0>(args, blocks, s);
   else
-    launch_matvec<DType::Q8_0>(w, a, n_tokens, out, bias, s);
+    launch_matvec<DType::Q8_0>(args, blocks, s);
   LAUNCH_CHECK("matmul (small batch, int8)");
   return Status::ok();
 }
