@@ -72,7 +72,11 @@ class OpenclBackend final : public Backend {
                   Tensor& out) override;
   Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
                 const Tensor* bias) override;
+  Status add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight, float eps,
+                      Tensor& out) override;
   Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) override;
+  Status rope_qk(Tensor& q, Tensor& k, int n_tokens, const int32_t* positions, const RopeParams& pq,
+                 const RopeParams& pk) override;
   Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
                   Tensor& k_cache, Tensor& v_cache) override;
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
@@ -107,6 +111,10 @@ class OpenclBackend final : public Backend {
   Expected<cl_mem> device_table(const HostMatrix& table);
   // Device table of base^(-2i / head_dim), cached per (base, head_dim).
   Expected<cl_mem> rope_freqs(float base, int head_dim);
+  Status norm_rows(Tensor& x, const Tensor* y, int n_tokens, const Tensor& weight, float eps,
+                   Tensor& out);
+  Status rope_rows(Tensor& x, const RopeParams& p, Tensor* x1, int heads1, int n_tokens,
+                   const int32_t* positions);
   // Enqueues `kernel` over `global` (rounded up to `local` multiples when local is given).
   Status launch(cl_kernel kernel, const char* op, cl_uint dims, const size_t* global,
                 const size_t* local);

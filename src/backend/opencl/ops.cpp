@@ -88,20 +88,38 @@ Status OpenclBackend::embed(const HostMatrix& table, const int32_t* tokens, int 
 
 Status OpenclBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                                Tensor& out) {
+  return norm_rows(const_cast<Tensor&>(x), nullptr, n_tokens, weight, eps, out);
+}
+
+Status OpenclBackend::add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight,
+                                   float eps, Tensor& out) {
+  if (!is_f32(y) || y.cols != x.cols || n_tokens > y.rows)
+    return error("add_rms_norm: shapes do not match (%lld and %lld columns)",
+                 static_cast<long long>(x.cols), static_cast<long long>(y.cols));
+  return norm_rows(x, &y, n_tokens, weight, eps, out);
+}
+
+// rms_norm, or with y add_rms_norm (x += y first, stored).
+Status OpenclBackend::norm_rows(Tensor& x, const Tensor* y, int n_tokens, const Tensor& weight,
+                                float eps, Tensor& out) {
+  const char* what = y ? "add_rms_norm" : "rms_norm";
   if (!is_f32(x) || !is_f32(out) || weight.cols != x.cols || out.cols != x.cols ||
       n_tokens > x.rows || n_tokens > out.rows)
-    return error("rms_norm: shapes do not match (x %lld x %lld, weight %lld, out %lld x %lld)",
+    return error("%s: shapes do not match (x %lld x %lld, weight %lld, out %lld x %lld)", what,
                  static_cast<long long>(x.rows), static_cast<long long>(x.cols),
                  static_cast<long long>(weight.cols), static_cast<long long>(out.rows),
                  static_cast<long long>(out.cols));
   if (n_tokens <= 0) return Status::ok();
-  cl_kernel k = kernel("rms_norm");
+  cl_kernel k = kernel(what);
   const int n = static_cast<int>(x.cols);
-  KESTREL_TRY(Args(k, "rms_norm").mem(x.data)(n).mem(weight.data)(eps).mem(out.data).status());
+  Args args(k, what);
+  args.mem(x.data);
+  if (y) args.mem(y->data);
+  KESTREL_TRY(args(n).mem(weight.data)(eps).mem(out.data).status());
   const size_t wg = info_.max_work_group >= 256 ? 256 : 64;
   const size_t global[1] = {wg * n_tokens};
   const size_t local[1] = {wg};
-  return launch(k, "rms_norm", 1, global, local);
+  return launch(k, what, 1, global, local);
 }
 
 Expected<cl_mem> OpenclBackend::rope_freqs(float base, int head_dim) {
@@ -123,6 +141,23 @@ Expected<cl_mem> OpenclBackend::rope_freqs(float base, int head_dim) {
 }
 
 Status OpenclBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) {
+  return rope_rows(x, p, nullptr, 0, n_tokens, positions);
+}
+
+Status OpenclBackend::rope_qk(Tensor& q, Tensor& k, int n_tokens, const int32_t* positions,
+                              const RopeParams& pq, const RopeParams& pk) {
+  if (pq.head_dim != pk.head_dim || pq.freq_base != pk.freq_base || pq.layout != pk.layout)
+    return Backend::rope_qk(q, k, n_tokens, positions, pq, pk);
+  if (!is_f32(k) || pk.n_heads <= 0 || k.cols != int64_t{pk.n_heads} * pk.head_dim ||
+      n_tokens > k.rows)
+    return error("rope: %d heads of %d do not match rows of %lld", pk.n_heads, pk.head_dim,
+                 static_cast<long long>(k.cols));
+  return rope_rows(q, pq, &k, pk.n_heads, n_tokens, positions);
+}
+
+// RoPE in place on x (p.n_heads heads) and, in the same launch, on x1's heads1 heads.
+Status OpenclBackend::rope_rows(Tensor& x, const RopeParams& p, Tensor* x1, int heads1,
+                                int n_tokens, const int32_t* positions) {
   if (!is_f32(x) || p.n_heads <= 0 || p.head_dim <= 0 || p.head_dim % 2 != 0 ||
       x.cols != int64_t{p.n_heads} * p.head_dim || n_tokens > x.rows)
     return error("rope: %d heads of %d do not match rows of %lld", p.n_heads, p.head_dim,
@@ -132,10 +167,12 @@ Status OpenclBackend::rope(Tensor& x, int n_tokens, const int32_t* positions, co
   KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "rope"));
   cl_kernel k = kernel("rope");
   const int neox = p.layout == RopeLayout::NeoX ? 1 : 0;
-  KESTREL_TRY(
-      Args(k, "rope").mem(x.data)(p.n_heads)(p.head_dim)(neox)(freqs)(ring_dev_)(pos).status());
-  const size_t global[3] = {static_cast<size_t>(p.head_dim / 2), static_cast<size_t>(p.n_heads),
-                            static_cast<size_t>(n_tokens)};
+  KESTREL_TRY(Args(k, "rope")
+                  .mem(x.data)(p.n_heads)
+                  .mem(x1 ? x1->data : x.data)(heads1)(p.head_dim)(neox)(freqs)(ring_dev_)(pos)
+                  .status());
+  const size_t global[3] = {static_cast<size_t>(p.head_dim / 2),
+                            static_cast<size_t>(p.n_heads + heads1), static_cast<size_t>(n_tokens)};
   return launch(k, "rope", 3, global, nullptr);
 }
 

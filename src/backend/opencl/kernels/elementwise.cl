@@ -33,17 +33,41 @@ kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void rms_norm(
   for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
 }
 
-// In place on x[T][n_heads * head_dim]: one work-item per (pair, head, token). inv_freq[i] =
+// x += y, then out = rms_norm(x): the residual add and the next norm in one launch (a
+// work-group owns its row, so the sum it stores is read back by the same work-items).
+kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void add_rms_norm(
+    global float* x, global const float* y, int n, global const float* w, float eps,
+    global float* out) {
+  local float scratch[RMS_WG];
+  const int t = get_group_id(0), lid = get_local_id(0);
+  global float* xr = x + (long)t * n;
+  const global float* yr = y + (long)t * n;
+  float ss = 0.0f;
+  for (int i = lid; i < n; i += RMS_WG) {
+    const float v = xr[i] + yr[i];
+    xr[i] = v;
+    ss += v * v;
+  }
+  ss = group_sum(ss, scratch, lid, RMS_WG);
+  const float scale = 1.0f / sqrt(ss / (float)n + eps);
+  global float* o = out + (long)t * n;
+  for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
+}
+
+// In place on xa[T][heads_a * head_dim] and xb[T][heads_b * head_dim] (Q and K in one launch;
+// heads_b 0 for one tensor): one work-item per (pair, head, token). inv_freq[i] =
 // base^(-2i / head_dim) comes from the host (computed there in double). neox: pairs (i, i +
 // head_dim / 2); otherwise adjacent pairs (2i, 2i + 1).
-kernel void rope(global float* x, int n_heads, int head_dim, int neox,
-                 global const float* inv_freq, global const int* ints, int ints_off) {
-  const int i = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
+kernel void rope(global float* xa, int heads_a, global float* xb, int heads_b, int head_dim,
+                 int neox, global const float* inv_freq, global const int* ints, int ints_off) {
+  const int i = get_global_id(0), hh = get_global_id(1), t = get_global_id(2);
   const int half_dim = head_dim / 2;
   if (i >= half_dim) return;
   const float theta = (float)ints[ints_off + t] * inv_freq[i];
   const float c = cos(theta), s = sin(theta);
-  global float* v = x + ((long)t * n_heads + h) * head_dim;
+  const int first = hh < heads_a;
+  const int n_heads = first ? heads_a : heads_b, h = first ? hh : hh - heads_a;
+  global float* v = (first ? xa : xb) + ((long)t * n_heads + h) * head_dim;
   const int a = neox ? i : 2 * i, b = neox ? i + half_dim : 2 * i + 1;
   const float x0 = v[a], x1 = v[b];
   v[a] = x0 * c - x1 * s;
