@@ -335,6 +335,11 @@ if ((TESTS)); then
     # Q and K in one launch.
     gpu_test_stage gpu-tests-rope-qk '*GpuOpsElementwise*Rope*' gtest-gpu-rope-qk.xml \
       KESTREL_CUDA_ROPE_QK=1
+    # Under trial likewise: decode's matvec with the block's warps splitting K.
+    gpu_test_stage gpu-tests-ksplit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-ksplit.xml KESTREL_CUDA_MATVEC_KSPLIT=1
+    gpu_test_stage gpu-tests-one-wave '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-one-wave.xml KESTREL_CUDA_FRAG_ONE_WAVE=1
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/frag_common.cuh"
@@ -262,6 +263,35 @@ int target_blocks() {
 // Quant blocks per split: whole steps of either type (8 blocks).
 constexpr int64_t kSplitQuantum = 8;
 
+// Blocks of the 16-token Q4_0 kernel that are resident at once on the whole GPU (registers and
+// shared memory allow 5 per SM on sm_90, ncu).
+int resident_blocks() {
+  static const int n = [] {
+    int device = 0, sms = 132, per_sm = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      sms = 132;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0) != cudaSuccess ||
+        per_sm <= 0)
+      per_sm = 4;
+    return sms * per_sm;
+  }();
+  return n;
+}
+
+// KESTREL_CUDA_FRAG_ONE_WAVE=1 (under trial): as many splits as fit one wave of resident
+// blocks, never more. The default aims at 4 blocks per SM with a rounded-up split count, which
+// for 11008-row matrices gives 688 blocks against 660 resident: one full wave and a tail of 28
+// blocks that run alone (ncu: 27.9 us for 25 MB, ~0.9 TB/s).
+bool one_wave() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_FRAG_ONE_WAVE");
+    return e && std::string(e) == "1";
+  }();
+  return on;
+}
+
 }  // namespace
 
 bool frag_supports(DType type, int64_t n_in, int n_tokens) {
@@ -274,6 +304,7 @@ int frag_v2_splits(const CudaWeight& w) {
   const int row_blocks = ceil_div(w.n_out, kRowsPerBlock);
   const int64_t quanta = ceil_div(w.n_in / 32, kSplitQuantum);
   const int most = static_cast<int>(std::clamp<int64_t>(quanta / 2, 1, 16));
+  if (one_wave()) return std::clamp(resident_blocks() / row_blocks, 1, most);
   return std::clamp(ceil_div(target_blocks(), row_blocks), 1, most);
 }
 

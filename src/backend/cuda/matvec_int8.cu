@@ -10,6 +10,9 @@
 // Layout: a warp owns kRowsFor<NT> consecutive output rows; its lanes take the rows' 32-element
 // blocks lane, lane + 32, ... so that a warp's weight loads are 512 contiguous bytes per row
 // (Q4_0), and every block's activations (two planes, 64 bytes per token) serve all of them.
+#include <cstdlib>
+#include <string>
+
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 
@@ -72,43 +75,77 @@ struct MatvecArgs {
   int n_tokens;
 };
 
-template <DType T, int NT>
-__global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecArgs args) {
-  // This block's part, its fields picked without indexing the parameter arrays by a runtime
-  // value (which would copy them to local memory).
+// The product this block computes, its fields picked without indexing the parameter arrays by a
+// runtime value (which would copy them to local memory).
+struct MatvecTarget {
+  const uint8_t* qs;
+  const __half* d;
+  int64_t n_out;
+  float* out;
+  const float* bias;
+  int first_block;
+};
+
+__device__ __forceinline__ MatvecTarget block_target(const MatvecArgs& args) {
   int part = 0;
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
     if (p < args.n_parts && static_cast<int>(blockIdx.x) >= args.first_block[p]) part = p;
-  const uint8_t* qs = args.qs[0];
-  const __half* d = args.d[0];
-  int64_t n_out = args.n_out[0];
-  float* out = args.out[0];
-  const float* bias = args.bias[0];
-  int first_block = 0;
+  MatvecTarget m{args.qs[0], args.d[0], args.n_out[0], args.out[0], args.bias[0], 0};
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
-    if (part == p) {
-      qs = args.qs[p];
-      d = args.d[p];
-      n_out = args.n_out[p];
-      out = args.out[p];
-      bias = args.bias[p];
-      first_block = args.first_block[p];
-    }
-  const int64_t n_in = args.n_in;
-  const int8_t* q1 = args.q1;
-  const int8_t* q2 = args.q2;
-  const ActBlock* meta = args.meta;
-  const int n_tokens = args.n_tokens;
+    if (part == p)
+      m = {args.qs[p], args.d[p], args.n_out[p], args.out[p], args.bias[p], args.first_block[p]};
+  return m;
+}
+
+// The two activation planes of block b of token t (words a1[i], a2[i] hold elements 4i..4i+3).
+__device__ __forceinline__ void load_act_block(const MatvecArgs& args, int t, int64_t b, int* a1,
+                                               int* a2) {
+  const int4* p1 = reinterpret_cast<const int4*>(args.q1 + t * args.n_in + 32 * b);
+  const int4* p2 = reinterpret_cast<const int4*>(args.q2 + t * args.n_in + 32 * b);
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+    const int4 x1 = __ldg(p1 + v), x2 = __ldg(p2 + v);
+    a1[4 * v] = x1.x, a1[4 * v + 1] = x1.y, a1[4 * v + 2] = x1.z, a1[4 * v + 3] = x1.w;
+    a2[4 * v] = x2.x, a2[4 * v + 1] = x2.y, a2[4 * v + 2] = x2.z, a2[4 * v + 3] = x2.w;
+  }
+}
+
+// The quant words (kWords) and the scale of block b of row r.
+template <DType T>
+__device__ __forceinline__ float load_weight_block(const MatvecTarget& m, int64_t nb, int64_t r,
+                                                   int64_t b, int* w) {
+  constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
+  const int4* p = reinterpret_cast<const int4*>(m.qs + (r * nb + b) * (4 * kWords));
+#pragma unroll
+  for (int v = 0; v < kWords / 4; ++v) {
+    const int4 q = p[v];
+    w[4 * v] = q.x, w[4 * v + 1] = q.y, w[4 * v + 2] = q.z, w[4 * v + 3] = q.w;
+  }
+  return __half2float(m.d[r * nb + b]);
+}
+
+// Block b's contribution to one row and token: dw * unit * (128 q1.w + q2.w - 8 sum for Q4_0).
+template <DType T>
+__device__ __forceinline__ float block_term(const int* w, float dw, const int* a1, const int* a2,
+                                            const ActBlock& m) {
+  int s = 128 * block_dot<T>(w, a1) + block_dot<T>(w, a2);
+  if constexpr (T == DType::Q4_0) s -= 8 * m.sum;
+  return dw * m.unit * static_cast<float>(s);
+}
+
+template <DType T, int NT>
+__global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecArgs args) {
+  const MatvecTarget m = block_target(args);
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;  // 32-bit words of quants per block
   constexpr int kRows = kRowsFor<NT>;
   constexpr int kAhead = 8 / kRows;  // blocks per lane loaded before any is used
   const int64_t r0 =
-      (static_cast<int64_t>(blockIdx.x - first_block) * kWarps + threadIdx.x / 32) * kRows;
+      (static_cast<int64_t>(blockIdx.x - m.first_block) * kWarps + threadIdx.x / 32) * kRows;
   const int lane = threadIdx.x % 32;
-  if (r0 >= n_out) return;
-  const int64_t nb = n_in / 32;
+  if (r0 >= m.n_out) return;
+  const int64_t nb = args.n_in / 32;
   float acc[kRows][NT];
 #pragma unroll
   for (int rr = 0; rr < kRows; ++rr)
@@ -122,22 +159,8 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecAr
     for (int u = 0; u < kAhead; ++u) {
       const int64_t b = b0 + 32 * u;
 #pragma unroll
-      for (int rr = 0; rr < kRows; ++rr) {
-        // Rows past the end read the last row (valid memory); their sums are not stored.
-        const int64_t r = min(r0 + rr, n_out - 1);
-        if (b < nb) {
-          const int4* p = reinterpret_cast<const int4*>(qs + (r * nb + b) * (4 * kWords));
-#pragma unroll
-          for (int v = 0; v < kWords / 4; ++v) {
-            const int4 q = p[v];
-            w[u][rr][4 * v] = q.x;
-            w[u][rr][4 * v + 1] = q.y;
-            w[u][rr][4 * v + 2] = q.z;
-            w[u][rr][4 * v + 3] = q.w;
-          }
-          dw[u][rr] = __half2float(d[r * nb + b]);
-        }
-      }
+      for (int rr = 0; rr < kRows; ++rr)  // rows past the end read the last row (valid memory)
+        if (b < nb) dw[u][rr] = load_weight_block<T>(m, nb, min(r0 + rr, m.n_out - 1), b, w[u][rr]);
     }
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) {
@@ -145,23 +168,13 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecAr
       if (b >= nb) break;
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        if (t >= n_tokens) break;
+        if (t >= args.n_tokens) break;
         int a1[8], a2[8];
-        const int4* p1 = reinterpret_cast<const int4*>(q1 + t * n_in + 32 * b);
-        const int4* p2 = reinterpret_cast<const int4*>(q2 + t * n_in + 32 * b);
+        load_act_block(args, t, b, a1, a2);
+        const ActBlock am = args.meta[t * nb + b];
 #pragma unroll
-        for (int v = 0; v < 2; ++v) {
-          const int4 x1 = __ldg(p1 + v), x2 = __ldg(p2 + v);
-          a1[4 * v] = x1.x, a1[4 * v + 1] = x1.y, a1[4 * v + 2] = x1.z, a1[4 * v + 3] = x1.w;
-          a2[4 * v] = x2.x, a2[4 * v + 1] = x2.y, a2[4 * v + 2] = x2.z, a2[4 * v + 3] = x2.w;
-        }
-        const ActBlock m = meta[t * nb + b];
-#pragma unroll
-        for (int rr = 0; rr < kRows; ++rr) {
-          int s = 128 * block_dot<T>(w[u][rr], a1) + block_dot<T>(w[u][rr], a2);
-          if constexpr (T == DType::Q4_0) s -= 8 * m.sum;
-          acc[rr][t] += dw[u][rr] * m.unit * static_cast<float>(s);
-        }
+        for (int rr = 0; rr < kRows; ++rr)
+          acc[rr][t] += block_term<T>(w[u][rr], dw[u][rr], a1, a2, am);
       }
     }
   }
@@ -170,18 +183,66 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecAr
     const int64_t r = r0 + rr;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      if (t < n_tokens) {
+      if (t < args.n_tokens) {
         const float v = warp_sum(acc[rr][t]);
-        if (lane == 0 && r < n_out) out[t * n_out + r] = v + (bias ? bias[r] : 0.0f);
+        if (lane == 0 && r < m.n_out) m.out[t * m.n_out + r] = v + (m.bias ? m.bias[r] : 0.0f);
       }
     }
   }
 }
 
+// Decode (one token) with the block's warps splitting K, as llama.cpp's matvec does: a block owns
+// kKSplitRows rows and thread j takes quant blocks j, j + 128, ... of each (a 4096-wide row is
+// one quant block per thread and row), the sums meeting in shared memory in a fixed order. The
+// warp-per-row kernel above runs a 4096-row matrix as 512 blocks, 0.78 waves at the 5 blocks per
+// SM its registers allow, each warp one round of loads: ncu put it at ~1.6 TB/s of 4.8 for
+// 4096 x 4096. Under trial (KESTREL_CUDA_MATVEC_KSPLIT=1) until a GPU run has timed it.
+constexpr int kKSplitRows = 4;
 template <DType T>
-void launch_matvec(MatvecArgs args, int blocks, cudaStream_t s) {
+__global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const MatvecArgs args) {
+  const MatvecTarget m = block_target(args);
+  constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
+  constexpr int kThreads = kWarps * 32;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x - m.first_block) * kKSplitRows;
+  if (r0 >= m.n_out) return;  // the whole block
+  const int64_t nb = args.n_in / 32;
+  float acc[kKSplitRows] = {};
+#pragma unroll 2
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
+    int w[kKSplitRows][kWords];
+    float dw[kKSplitRows];
+#pragma unroll
+    for (int rr = 0; rr < kKSplitRows; ++rr)
+      dw[rr] = load_weight_block<T>(m, nb, min(r0 + rr, m.n_out - 1), b, w[rr]);
+    int a1[8], a2[8];
+    load_act_block(args, 0, b, a1, a2);
+    const ActBlock am = args.meta[b];
+#pragma unroll
+    for (int rr = 0; rr < kKSplitRows; ++rr) acc[rr] += block_term<T>(w[rr], dw[rr], a1, a2, am);
+  }
+  __shared__ float partial[kWarps][kKSplitRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int rr = 0; rr < kKSplitRows; ++rr) {
+    const float v = warp_sum(acc[rr]);
+    if (lane == 0) partial[warp][rr] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < kKSplitRows) {
+    const int64_t r = r0 + threadIdx.x;
+    float v = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) v += partial[i][threadIdx.x];
+    if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
+  }
+}
+
+template <DType T>
+void launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
   const int threads = kWarps * 32;
-  if (args.n_tokens <= 1)
+  if (ksplit)
+    matvec_ksplit_kernel<T><<<blocks, threads, 0, s>>>(args);
+  else if (args.n_tokens <= 1)
     matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
   else if (args.n_tokens <= 4)
     matvec_int8_kernel<T, 4><<<blocks, threads, 0, s>>>(args);
@@ -190,11 +251,21 @@ void launch_matvec(MatvecArgs args, int blocks, cudaStream_t s) {
 }
 
 // Blocks of a product of n_out rows with NT tokens.
-int matvec_blocks(int64_t n_out, int n_tokens) {
+int matvec_blocks(int64_t n_out, int n_tokens, bool ksplit) {
+  if (ksplit) return ceil_div(n_out, kKSplitRows);
   const int rows = n_tokens <= 1   ? kRowsFor<1>
                    : n_tokens <= 4 ? kRowsFor<4>
                                    : kRowsFor<kSmallBatch>;
   return ceil_div(n_out, kWarps * rows);
+}
+
+// KESTREL_CUDA_MATVEC_KSPLIT=1: decode on matvec_ksplit_kernel (under trial).
+bool ksplit_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_MATVEC_KSPLIT");
+    return e && std::string(e) == "1";
+  }();
+  return on;
 }
 
 }  // namespace
@@ -232,6 +303,7 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
                  kMatvecMaxParts);
   const CudaWeight& w0 = *parts[0].w;
   MatvecArgs args{};
+  const bool ksplit = n_tokens == 1 && ksplit_enabled();
   int blocks = 0;
   for (int p = 0; p < n_parts; ++p) {
     const CudaWeight& w = *parts[p].w;
@@ -244,7 +316,7 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
     args.out[p] = parts[p].out;
     args.bias[p] = parts[p].bias;
     args.first_block[p] = blocks;
-    blocks += matvec_blocks(w.n_out, n_tokens);
+    blocks += matvec_blocks(w.n_out, n_tokens, ksplit);
   }
   args.n_parts = n_parts;
   args.n_in = w0.n_in;
@@ -253,9 +325,9 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
   args.meta = a.meta;
   args.n_tokens = n_tokens;
   if (w0.type == DType::Q4_0)
-    launch_matvec<DType::Q4_0>(args, blocks, s);
+    launch_matvec<DType::Q4_0>(args, blocks, ksplit, s);
   else
-    launch_matvec<DType::Q8_0>(args, blocks, s);
+    launch_matvec<DType::Q8_0>(args, blocks, ksplit, s);
   LAUNCH_CHECK("matmul (small batch, int8)");
   return Status::ok();
 }
