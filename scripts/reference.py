@@ -125,6 +125,7 @@ class Model:
         cos, sin = self.rope_tables(T)                                   # [T, D/2] each
         future = np.triu(np.ones((T, T), dtype=bool), k=1)               # [T, T] True where key pos > query pos
 
+        self.near_ties = 0  # K/V values within NEAR_TIE of a rounding midpoint (round_trip)
         x = self.weight("token_embd.weight")[tokens]                     # [T, E]
         for il in range(self.n_layer):
             p = f"blk.{il}."
@@ -141,8 +142,10 @@ class Model:
             k = rope(k.reshape(T, Hkv, D), cos, sin, self.neox)                # [T, Hkv, D]
             v = v.reshape(T, Hkv, D)                                           # [T, Hkv, D]
             if kv_type is not None:
-                k = round_trip(k, kv_type)                                     # [T, Hkv, D]
-                v = round_trip(v, kv_type)                                     # [T, Hkv, D]
+                ties: list[int] = []
+                k = round_trip(k, kv_type, ties)                               # [T, Hkv, D]
+                v = round_trip(v, kv_type, ties)                               # [T, Hkv, D]
+                self.near_ties += sum(ties)
             out = np.empty((T, H, D))                                          # [T, H, D]
             for hh in range(H):
                 kv = hh // group                                               # grouped-query attention
@@ -161,7 +164,16 @@ class Model:
         return h @ self.weight(head).T                                         # [T, V]
 
 
-def round_trip(x: np.ndarray, kv_type: str) -> np.ndarray:
+# A q4_0 value whose x / d lies this close (in steps) to a rounding midpoint has no well-defined
+# stored code at f32 precision: an engine whose K/V differ from this float64 pass by ~1e-6 of a
+# value (f32 matmuls in another order; up to ~8e-6 of a step for the largest values) can store
+# the other one, one step (1/8 of the block's largest value), and one such flip moves the
+# logits of a small model by ~1e-2. round_trip counts them (near_ties) so that a test can avoid
+# prompts that have any.
+NEAR_TIE = 2e-5
+
+
+def round_trip(x: np.ndarray, kv_type: str, near_ties: list[int] | None = None) -> np.ndarray:
     """x stored in a KV cache of kv_type and read back, as float64 of the same shape.
 
     x: [T, ...] (K after RoPE or V, [T, Hkv, D]). Like the engine's cache, every token is one row
@@ -195,6 +207,10 @@ def round_trip(x: np.ndarray, kv_type: str) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             r = np.where(d == 0, 0.0, b / d)
         q = np.clip(np.sign(r) * np.floor(np.abs(r) + 0.5), qmin, qmax)         # round half away
+        if near_ties is not None and kv_type == "q4_0":
+            frac = np.abs(r) - np.floor(np.abs(r))
+            inside = (r > qmin - 0.5) & (r < qmax + 0.5)                         # not clipped
+            near_ties.append(int(np.count_nonzero((np.abs(frac - 0.5) < NEAR_TIE) & inside)))
         out = (q * d).reshape(rows.shape)
     else:
         raise ValueError(f"unsupported KV type {kv_type!r}")

@@ -15,7 +15,8 @@ Bounds and pass criteria (every logits run):
   through X the way the cache stores them (reference.round_trip: one row of n_head_kv*head_dim
   values per token, blocks of 32), judged with the same weight-type bound and top-1 criterion.
   The error against the unrounded reference, i.e. the cost of the KV format, is printed in the
-  note column for information only and is not judged.
+  note column for information only and is not judged. A q4_0 case's prompt has no K/V value
+  within reference.NEAR_TIE of a rounding midpoint (run_prompt draws again until it has none).
 
   Batching consistency: every run with a non-default batching, against the default-batching run
   of the same model and KV type (in place of ref), with the same bound and top-1 criterion.
@@ -207,16 +208,59 @@ class Workdir:
         path = self.refs / f"{spec.name}-kv{kv_name}-{key}.npy"
         if path.exists():
             return np.load(path)
-        logits = self.ref_model(spec).logits(tokens, kv_type=kv_type)
+        model = self.ref_model(spec)
+        logits = model.logits(tokens, kv_type=kv_type)
         np.save(path, logits)
+        path.with_suffix(".ties").write_text(str(model.near_ties))
         return logits
 
+    def near_ties(self, spec: ModelSpec, tokens: list[int], kv_type: str) -> int:
+        """K/V values of the rounded reference within reference.NEAR_TIE of a rounding midpoint."""
+        self.reference(spec, tokens, kv_type)
+        kv_name = kv_type or "none"
+        key = hashlib.sha1(f"{self.ref_hash} {spec.name} {kv_name} {tokens}".encode()).hexdigest()[:16]
+        ties = self.refs / f"{spec.name}-kv{kv_name}-{key}.ties"
+        if not ties.exists():  # a reference cached before the count was kept
+            (self.refs / f"{spec.name}-kv{kv_name}-{key}.npy").unlink(missing_ok=True)
+            self.reference(spec, tokens, kv_type)
+        return int(ties.read_text())
 
-def prompt_for(spec: ModelSpec, n_vocab: int, seed: int) -> list[int]:
-    """The random prompt of one model in this run: depends only on the seed and the model name."""
-    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode())])
+
+def prompt_for(spec: ModelSpec, n_vocab: int, seed: int, draw: int = 0) -> list[int]:
+    """The random prompt of one model in this run: depends only on the seed, the model name and
+    the draw (see run_prompt)."""
+    key = [seed, zlib.crc32(spec.name.encode())] + ([draw] if draw else [])
+    rng = np.random.default_rng(key)
     n = int(rng.integers(*PROMPT_LEN))
     return [int(t) for t in rng.integers(0, n_vocab, size=n)]
+
+
+# Prompts drawn at most for a q4_0-KV case before giving up on one without near-ties.
+MAX_PROMPT_DRAWS = 40
+
+
+def run_prompt(wd: "Workdir", run: "Run", seed: int, chosen: dict) -> list[int]:
+    """The prompt of a case: the model's prompt of this seed, except for a q4_0 KV cache, whose
+    reference must have no K/V value within reference.NEAR_TIE of a rounding midpoint: there the
+    stored code is decided by f32 noise (~1e-6 of a value), not by the engine's correctness, and
+    one flipped code moves a small model's logits by ~1e-2, past the 5e-3 bound (this failed ~5%
+    of seeds on the CPU and on OpenCL alike). Such a prompt is replaced by the next draw; the
+    comparison and its bound stay as they are. All batchings of a (model, KV type) share the
+    prompt, so that they can be compared with each other."""
+    key = (run.model.name, run.kv)
+    if key not in chosen:
+        n_vocab = wd.ref_model(run.model).n_vocab
+        tokens = prompt_for(run.model, n_vocab, seed)
+        if ref_kv(run.kv) == "q4_0":
+            for draw in range(1, MAX_PROMPT_DRAWS + 1):
+                if wd.near_ties(run.model, tokens, "q4_0") == 0:
+                    break
+                tokens = prompt_for(run.model, n_vocab, seed, draw)
+                print(f"e2e: {run.model.name} kv={run.kv}: prompt draw {draw} (the earlier one has "
+                      f"K/V values within {reference.NEAR_TIE:g} step of a q4_0 rounding midpoint)",
+                      flush=True)
+        chosen[key] = tokens
+    return chosen[key]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -467,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[Result] = []
     dumps: dict[Run, np.ndarray] = {}
+    prompts: dict = {}  # (model, KV type) -> its prompt (run_prompt)
 
     def one(run: Run) -> tuple[Result, np.ndarray | None, str]:
         """Runs one case: its result, its logits (None on failure) and its progress line."""
@@ -477,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             return r, None, f"  skip {run.name}: --budget {args.budget:g} s reached"
         model_path = wd.model(spec)
         n_vocab = wd.ref_model(spec).n_vocab
-        tokens = prompt_for(spec, n_vocab, seed)
+        tokens = run_prompt(wd, run, seed, prompts)
         ref = wd.reference(spec, tokens, ref_kv(run.kv))
         out_bin = wd.out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name) + ".bin")
         out_bin.unlink(missing_ok=True)
@@ -520,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         # Models and references first, one at a time (they are cached files), then the kestrel
         # runs in parallel; results are kept in plan order.
         for run in selected:
-            tokens = prompt_for(run.model, wd.ref_model(run.model).n_vocab, seed)
+            tokens = run_prompt(wd, run, seed, prompts)
             wd.reference(run.model, tokens, ref_kv(run.kv))
             if ref_kv(run.kv) is not None:
                 wd.reference(run.model, tokens, None)
