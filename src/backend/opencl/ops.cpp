@@ -125,10 +125,14 @@ Status OpenclBackend::norm_rows(Tensor& x, const Tensor* y, int n_tokens, const 
 Expected<cl_mem> OpenclBackend::rope_freqs(float base, int head_dim) {
   const auto key = std::make_pair(base, head_dim);
   if (auto it = rope_freqs_.find(key); it != rope_freqs_.end()) return it->second;
+  // Each frequency as two floats, hi and lo (the kernel forms pos * inv_freq to ~2^-48).
   const int half = head_dim / 2;
-  std::vector<float> f(static_cast<size_t>(half));
-  for (int i = 0; i < half; ++i)
-    f[i] = static_cast<float>(std::pow(static_cast<double>(base), -2.0 * i / head_dim));
+  std::vector<float> f(static_cast<size_t>(2 * half));
+  for (int i = 0; i < half; ++i) {
+    const double v = std::pow(static_cast<double>(base), -2.0 * i / head_dim);
+    f[2 * i] = static_cast<float>(v);
+    f[2 * i + 1] = static_cast<float>(v - static_cast<double>(f[2 * i]));
+  }
   KESTREL_ASSIGN_OR_RETURN(cl_mem m, device_alloc(f.size() * sizeof(float), "rope frequencies"));
   const cl_int err = clEnqueueWriteBuffer(queue_, m, CL_TRUE, 0, f.size() * sizeof(float), f.data(),
                                           0, nullptr, nullptr);
