@@ -204,6 +204,26 @@ Status CpuBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight,
   return Status::ok();
 }
 
+// x += y and the norm of the new row in one pass per token (one dispatch instead of two).
+Status CpuBackend::add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight,
+                                float eps, Tensor& out) {
+  const int64_t n = x.cols;
+  const auto* w = static_cast<const float*>(weight.data);
+  pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+    float* xr = static_cast<float*>(x.data) + t * x.cols;
+    const float* yr = static_cast<const float*>(y.data) + t * y.cols;
+    float* o = static_cast<float*>(out.data) + t * out.cols;
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      xr[i] += yr[i];
+      ss += static_cast<double>(xr[i]) * xr[i];
+    }
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+    for (int64_t i = 0; i < n; ++i) o[i] = xr[i] * inv * w[i];
+  });
+  return Status::ok();
+}
+
 Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Tensor& out,
                           const Tensor* bias) {
   const auto& w = static_cast<const CpuWeight&>(wbase);
@@ -227,35 +247,9 @@ Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Te
                       xf, x.cols, n_tokens, w.n_in, of + g * kPanelRows, ld_out);
     });
   } else {
-    // Quantize the activations once, then stream the weight panels.
-    const int64_t stride = QuantActs::row_stride(w.n_in);
-    uint8_t* qbuf = scratch_bytes(stride * n_tokens, 0);
-    const bool half_sums = panel_format(w.type) == PanelFormat::Q6;
-    pool_.parallel_for(n_tokens, [&](int64_t t, int) {
-      kernels_->quantize_acts(xf + t * x.cols, w.n_in, qbuf + t * stride);
-      if (half_sums) quantize_acts_half_sums(w.n_in, qbuf + t * stride);
-    });
-    QuantActs acts{qbuf, stride, w.n_in};
-    const PanelKernel kernel = panel_kernel(*kernels_, w.type);
-    const int64_t bb = packed_block_bytes(w.type) * w.n_blocks;
-    // Tasks of a few panels each, so both threads stay busy to the end; inside a task a
-    // strip of tokens is reused across its panels while it sits in L1/L2.
-    constexpr int64_t kPanelsPerTask = 4;
-    constexpr int kTokenStrip = 32;
-    const int64_t n_tasks = (w.n_panels + kPanelsPerTask - 1) / kPanelsPerTask;
-    pool_.parallel_for(n_tasks, [&](int64_t task, int) {
-      const int64_t p0 = task * kPanelsPerTask;
-      const int64_t p1 = std::min(w.n_panels, p0 + kPanelsPerTask);
-      for (int t0 = 0; t0 < n_tokens; t0 += kTokenStrip) {
-        const int nt = std::min(kTokenStrip, n_tokens - t0);
-        for (int64_t p = p0; p < p1; ++p) {
-          const int valid =
-              static_cast<int>(std::min<int64_t>(kPanelRows, w.n_out - p * kPanelRows));
-          kernel(w.packed.data() + p * bb, w.n_blocks, acts, t0, nt, of + p * kPanelRows, ld_out,
-                 valid);
-        }
-      }
-    });
+    const QuantActs acts = quantize_input(w.type, w.n_in, xf, x.cols, n_tokens);
+    const MatmulPart part{&w, of, ld_out};
+    run_panels(&part, 1, acts, n_tokens);
   }
   if (bias) {
     const auto* b = static_cast<const float*>(bias->data);
@@ -263,6 +257,80 @@ Status CpuBackend::matmul(const Weight& wbase, const Tensor& x, int n_tokens, Te
       for (int64_t i = 0; i < w.n_out; ++i) of[t * ld_out + i] += b[i];
     });
   }
+  return Status::ok();
+}
+
+// The activations quantized once for the panel kernels of w's type.
+QuantActs CpuBackend::quantize_input(DType type, int64_t n_in, const float* xf, int64_t ld_x,
+                                     int n_tokens) {
+  const int64_t stride = QuantActs::row_stride(n_in);
+  uint8_t* qbuf = scratch_bytes(stride * n_tokens, 0);
+  const bool half_sums = panel_format(type) == PanelFormat::Q6;
+  pool_.parallel_for(n_tokens, [&](int64_t t, int) {
+    kernels_->quantize_acts(xf + t * ld_x, n_in, qbuf + t * stride);
+    if (half_sums) quantize_acts_half_sums(n_in, qbuf + t * stride);
+  });
+  return QuantActs{qbuf, stride, n_in};
+}
+
+// The weight panels of one or more products of the same quantized activations, as one
+// parallel_for: tasks of a few panels each, so both threads stay busy to the end; inside a task
+// a strip of tokens is reused across its panels while it sits in L1/L2.
+void CpuBackend::run_panels(const MatmulPart* parts, int n_parts, const QuantActs& acts,
+                            int n_tokens) {
+  constexpr int64_t kPanelsPerTask = 4;
+  constexpr int kTokenStrip = 32;
+  int64_t first_task[kMaxMatmulParts + 1] = {0};
+  for (int i = 0; i < n_parts; ++i)
+    first_task[i + 1] =
+        first_task[i] +
+        (static_cast<const CpuWeight&>(*parts[i].w).n_panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  pool_.parallel_for(first_task[n_parts], [&](int64_t task, int) {
+    int i = 0;
+    while (task >= first_task[i + 1]) ++i;
+    const auto& w = static_cast<const CpuWeight&>(*parts[i].w);
+    const PanelKernel kernel = panel_kernel(*kernels_, w.type);
+    const int64_t bb = packed_block_bytes(w.type) * w.n_blocks;
+    const int64_t p0 = (task - first_task[i]) * kPanelsPerTask;
+    const int64_t p1 = std::min(w.n_panels, p0 + kPanelsPerTask);
+    for (int t0 = 0; t0 < n_tokens; t0 += kTokenStrip) {
+      const int nt = std::min(kTokenStrip, n_tokens - t0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int valid = static_cast<int>(std::min<int64_t>(kPanelRows, w.n_out - p * kPanelRows));
+        kernel(w.packed.data() + p * bb, w.n_blocks, acts, t0, nt, parts[i].out + p * kPanelRows,
+               parts[i].ld_out, valid);
+      }
+    }
+  });
+}
+
+// Q, K and V (gate and up) of one input: the activations quantized once and every panel in one
+// parallel_for, when the weights are packed with one panel format (decode on two threads pays
+// ~2 parallel_for dispatches per matmul otherwise).
+Status CpuBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
+  bool together = n_tokens > 0 && n_outs >= 2 && n_outs <= kMaxMatmulParts;
+  for (int i = 0; i < n_outs && together; ++i) {
+    const auto& w = static_cast<const CpuWeight&>(*outs[i].w);
+    const auto& w0 = static_cast<const CpuWeight&>(*outs[0].w);
+    together = !w.dense && !outs[i].bias && w.n_in == w0.n_in && x.cols == w.n_in &&
+               panel_format(w.type) == panel_format(w0.type) && outs[i].out->data != x.data;
+  }
+  if (!together) return Backend::matmul_group(x, n_tokens, outs, n_outs);
+  MatmulPart parts[kMaxMatmulParts];
+  for (int i = 0; i < n_outs; ++i) {
+    const auto& w = static_cast<const CpuWeight&>(*outs[i].w);
+    const Tensor& out = *outs[i].out;
+    if (x.type != DType::F32 || out.type != DType::F32 || out.cols < w.n_out || x.rows < n_tokens ||
+        out.rows < n_tokens)
+      return error("matmul '%s': input [%lld x %lld] does not fit weight [%lld x %lld]",
+                   w.name.c_str(), static_cast<long long>(n_tokens), static_cast<long long>(x.cols),
+                   static_cast<long long>(w.n_out), static_cast<long long>(w.n_in));
+    parts[i] = {&w, static_cast<float*>(out.data), out.cols};
+  }
+  const auto& w0 = static_cast<const CpuWeight&>(*parts[0].w);
+  const QuantActs acts =
+      quantize_input(w0.type, w0.n_in, static_cast<const float*>(x.data), x.cols, n_tokens);
+  run_panels(parts, n_outs, acts, n_tokens);
   return Status::ok();
 }
 

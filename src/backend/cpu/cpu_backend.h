@@ -35,6 +35,9 @@ class CpuBackend final : public Backend {
   Status embed(const HostMatrix& table, const int32_t* tokens, int n_tokens, Tensor& out) override;
   Status rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                   Tensor& out) override;
+  Status add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight, float eps,
+                      Tensor& out) override;
+  Status matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) override;
   Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
                 const Tensor* bias) override;
   Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) override;
@@ -53,6 +56,17 @@ class CpuBackend final : public Backend {
                        Tensor& out);
   float* scratch_floats(size_t n, int slot);  // grows a per-purpose scratch buffer
   uint8_t* scratch_bytes(size_t n, int slot);
+  // One product of run_panels: w's panels (a packed weight of this backend) into out (rows of
+  // ld_out floats).
+  static constexpr int kMaxMatmulParts = 3;
+  struct MatmulPart {
+    const Weight* w = nullptr;
+    float* out = nullptr;
+    int64_t ld_out = 0;
+  };
+  QuantActs quantize_input(quant::DType type, int64_t n_in, const float* xf, int64_t ld_x,
+                           int n_tokens);
+  void run_panels(const MatmulPart* parts, int n_parts, const QuantActs& acts, int n_tokens);
   void dequantize_rows(const Tensor& t, int64_t n_rows, float* out);
 
   ThreadPool pool_;
