@@ -244,6 +244,19 @@ TEST_P(GpuOpsEmbed, OutOfRangeTokenIsAnErrorNamingTheId) {
 
 KESTREL_GPU_OPS_SUITE(GpuOpsElementwise);
 
+// The double-precision RMS norm of the first T rows of x[.][dim] with weight w.
+std::vector<double> rms_norm_ref(const std::vector<float>& x, int T, int64_t dim,
+                                 const std::vector<float>& w, float eps) {
+  std::vector<double> ref(static_cast<size_t>(T * dim));
+  for (int t = 0; t < T; ++t) {
+    double ss = 0;
+    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(x[t * dim + i]) * x[t * dim + i];
+    const double inv = 1.0 / std::sqrt(ss / static_cast<double>(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) ref[t * dim + i] = x[t * dim + i] * inv * w[i];
+  }
+  return ref;
+}
+
 TEST_P(GpuOpsElementwise, RmsNormMatchesReference) {
   GPU_TRACE_SEED();
   std::mt19937 rng = test_rng();
@@ -258,14 +271,7 @@ TEST_P(GpuOpsElementwise, RmsNormMatchesReference) {
         for (int t = 0; t < T; ++t)
           for (int64_t i = 0; i < dim; ++i) x[t * dim + i] *= scales[t % 7];
         const std::vector<float> w = randn(rng, static_cast<size_t>(dim), 1.0f, 1.0f);
-        std::vector<double> ref(x.size());
-        for (int t = 0; t < T; ++t) {
-          double ss = 0;
-          for (int64_t i = 0; i < dim; ++i)
-            ss += static_cast<double>(x[t * dim + i]) * x[t * dim + i];
-          const double inv = 1.0 / std::sqrt(ss / static_cast<double>(dim) + eps);
-          for (int64_t i = 0; i < dim; ++i) ref[t * dim + i] = x[t * dim + i] * inv * w[i];
-        }
+        const std::vector<double> ref = rms_norm_ref(x, T, dim, w, eps);
         DevTensor xt(be(), T, dim, x);
         DevTensor wt(be(), be().load_vector(w.data(), dim, "attn_norm"));
         DevTensor out(be(), DType::F32, T + 1, dim);
@@ -438,14 +444,7 @@ TEST_P(GpuOpsElementwise, AddRmsNormMatchesReference) {
       const std::vector<float> w = randn(rng, static_cast<size_t>(dim), 1.0f, 1.0f);
       std::vector<float> sum(x);
       for (size_t i = 0; i < static_cast<size_t>(T * dim); ++i) sum[i] = x[i] + y[i];
-      std::vector<double> ref(static_cast<size_t>(T * dim));
-      for (int t = 0; t < T; ++t) {
-        double ss = 0;
-        for (int64_t i = 0; i < dim; ++i)
-          ss += static_cast<double>(sum[t * dim + i]) * sum[t * dim + i];
-        const double inv = 1.0 / std::sqrt(ss / static_cast<double>(dim) + eps);
-        for (int64_t i = 0; i < dim; ++i) ref[t * dim + i] = sum[t * dim + i] * inv * w[i];
-      }
+      const std::vector<double> ref = rms_norm_ref(sum, T, dim, w, eps);
       DevTensor xt(be(), T + 1, dim, x), yt(be(), T + 1, dim, y);
       DevTensor wt(be(), be().load_vector(w.data(), dim, "ffn_norm"));
       DevTensor out(be(), DType::F32, T + 1, dim);

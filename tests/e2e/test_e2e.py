@@ -201,11 +201,15 @@ class Workdir:
             self._ref_models[spec.name] = reference.Model(str(self.model(spec)))
         return self._ref_models[spec.name]
 
-    def reference(self, spec: ModelSpec, tokens: list[int], kv_type: str | None) -> np.ndarray:
-        """Reference logits [T, V]; kv_type None: unrounded K/V, else rounded through kv_type."""
+    def ref_path(self, spec: ModelSpec, tokens: list[int], kv_type: str | None) -> Path:
+        """Where the reference logits of this model, prompt and KV rounding are cached (.npy)."""
         kv_name = kv_type or "none"
         key = hashlib.sha1(f"{self.ref_hash} {spec.name} {kv_name} {tokens}".encode()).hexdigest()[:16]
-        path = self.refs / f"{spec.name}-kv{kv_name}-{key}.npy"
+        return self.refs / f"{spec.name}-kv{kv_name}-{key}.npy"
+
+    def reference(self, spec: ModelSpec, tokens: list[int], kv_type: str | None) -> np.ndarray:
+        """Reference logits [T, V]; kv_type None: unrounded K/V, else rounded through kv_type."""
+        path = self.ref_path(spec, tokens, kv_type)
         if path.exists():
             return np.load(path)
         model = self.ref_model(spec)
@@ -217,8 +221,7 @@ class Workdir:
     def near_ties(self, spec: ModelSpec, tokens: list[int], kv_type: str) -> int:
         """K/V values of the rounded reference within reference.NEAR_TIE of a rounding midpoint
         (cached; the logits are kept only for a prompt without any, the one a test uses)."""
-        key = hashlib.sha1(f"{self.ref_hash} {spec.name} {kv_type} {tokens}".encode()).hexdigest()[:16]
-        npy = self.refs / f"{spec.name}-kv{kv_type}-{key}.npy"
+        npy = self.ref_path(spec, tokens, kv_type)
         ties = npy.with_suffix(".ties")
         if not ties.exists():
             model = self.ref_model(spec)

@@ -71,6 +71,7 @@ enum class MatmulPath { kFrag, kInt8, kSmall, kMma, kGemm };
 // A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
 class CudaBackend;
+struct MatvecPart;
 
 class CudaWeight final : public Weight {
  public:
@@ -140,6 +141,9 @@ class CudaBackend final : public Backend {
   // x [n_tokens][k] rounded to f16 in the kX16 scratch; converted again unless `held` (the
   // scratch already holds it: x16_).
   Expected<const __half*> f16_activations(const float* x, int n_tokens, int64_t k, bool held);
+  // The dp4a products `parts` of x (its int8 planes converted unless `held`), one launch.
+  Status matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
+                     int n_parts);
   // Where an op writing out [n_tokens][k] also writes it as the input of a Q4_0 matmul of that
   // size (int8 planes or f16, in their scratch, remembered as held for `out`); nothing when the
   // matmul would read f32 or KESTREL_CUDA_NO_FUSED_INPUTS=1. Call after forget_activations().

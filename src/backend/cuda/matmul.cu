@@ -306,10 +306,15 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
   for (int i = 0; i < n_outs; ++i)
     if (parts[i].out == x16_.x) x16_.valid = false;
   if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
+  return matvec_int8(xp, n_tokens, n_in, int8_held, parts, n_outs);
+}
+
+Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held,
+                                const MatvecPart* parts, int n_parts) {
   KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, n_in)));
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
-  if (!int8_held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, n_in, acts, stream_));
-  return launch_matvec_int8(parts, n_outs, acts, n_tokens, stream_);
+  if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
+  return launch_matvec_int8(parts, n_parts, acts, n_tokens, stream_);
 }
 
 Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
@@ -350,11 +355,8 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
       return launch_matmul_frag_v2(w, x16, n_tokens, op, b, partial, arrivals, stream_);
     }
     case MatmulPath::kInt8: {
-      KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, w.n_in)));
-      const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, w.n_in);
-      if (!int8_held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, w.n_in, acts, stream_));
       const MatvecPart part{&w, op, b};
-      return launch_matvec_int8(&part, 1, acts, n_tokens, stream_);
+      return matvec_int8(xp, n_tokens, w.n_in, int8_held, &part, 1);
     }
     case MatmulPath::kSmall:
       return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
