@@ -99,6 +99,9 @@ VARIANTS = [
     ("KESTREL_CUDA_ROPE_QK=1", "llama2-7b tg128"),  # RoPE of Q and K in one launch (trial)
     ("KESTREL_CUDA_MATVEC_KSPLIT=1", "tg128"),  # decode matvec, warps splitting K (trial)
     ("KESTREL_CUDA_FRAG_ONE_WAVE=1", "b128 ub16"),  # 5-16 tokens: splits within one wave (trial)
+    ("KESTREL_CUDA_FRAG_V3=1", "b128 ub16"),  # 5-16 tokens: v3, cp.async ring w4s4 (trial)
+    ("KESTREL_CUDA_FRAG_V3=w4s3", "seed case, b128 ub16"),  # v3 ring shapes (trial)
+    ("KESTREL_CUDA_FRAG_V3=w8s3", "seed case, b128 ub16"),
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

@@ -340,6 +340,12 @@ if ((TESTS)); then
       gtest-gpu-ksplit.xml KESTREL_CUDA_MATVEC_KSPLIT=1
     gpu_test_stage gpu-tests-one-wave '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-one-wave.xml KESTREL_CUDA_FRAG_ONE_WAVE=1
+    # Under trial: the 5-16-token kernel's third version (cp.async ring, f32 block scales), in
+    # its default ring shape and in the 8-warp one.
+    gpu_test_stage gpu-tests-frag-v3 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-frag-v3.xml KESTREL_CUDA_FRAG_V3=1
+    gpu_test_stage gpu-tests-frag-v3-w8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*' \
+      gtest-gpu-frag-v3-w8.xml KESTREL_CUDA_FRAG_V3=w8s3
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi

@@ -290,6 +290,14 @@ int frag_v2_splits(const CudaWeight& w);
 int frag_v2_row_blocks(const CudaWeight& w);
 Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
                              const float* bias, float* partial, unsigned* arrivals, cudaStream_t s);
+// matmul_frag_v3.cu, under trial (KESTREL_CUDA_FRAG_V3=1): the same products through a
+// cp.async ring of whole steps, scales applied in f32. The v2 entry points above hand over to it
+// when frag_v3_used(w) (the trial is on and n_in is a multiple of 256).
+bool frag_v3_used(const CudaWeight& w);
+int frag_v3_splits(const CudaWeight& w);
+int frag_v3_row_blocks(const CudaWeight& w);
+Status launch_matmul_frag_v3(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
+                             const float* bias, float* partial, unsigned* arrivals, cudaStream_t s);
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);

@@ -300,6 +300,7 @@ bool frag_supports(DType type, int64_t n_in, int n_tokens) {
 }
 
 int frag_v2_splits(const CudaWeight& w) {
+  if (frag_v3_used(w)) return frag_v3_splits(w);
   // Each split keeps at least two steps, so that loads of the next step overlap the current one.
   const int row_blocks = ceil_div(w.n_out, kRowsPerBlock);
   const int64_t quanta = ceil_div(w.n_in / 32, kSplitQuantum);
@@ -309,12 +310,15 @@ int frag_v2_splits(const CudaWeight& w) {
 }
 
 int frag_v2_row_blocks(const CudaWeight& w) {
+  if (frag_v3_used(w)) return frag_v3_row_blocks(w);
   return ceil_div(w.n_out, kRowsPerBlock);
 }
 
 Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x, int n_tokens, float* out,
                              const float* bias, float* partial, unsigned* arrivals,
                              cudaStream_t s) {
+  if (frag_v3_used(w))
+    return launch_matmul_frag_v3(w, x, n_tokens, out, bias, partial, arrivals, s);
   const int splits = frag_v2_splits(w);
   const int64_t nb = w.n_in / 32;
   const int64_t bps = ceil_div(ceil_div(nb, splits), kSplitQuantum) * kSplitQuantum;
