@@ -1,13 +1,14 @@
 // The KV cache: the quantize-on-write store (f16, q8_0, q4_0 rows equal to quant::quantize_row
 // byte for byte) and causal attention reading those rows.
 
-// Quantization must round exactly as the scalar reference: no contraction of a * b + c.
-#pragma OPENCL FP_CONTRACT OFF
-
 // cache[pos[t]] = quantize(src[t]): one work-item per (32-element block, token). src rows are
 // f32 [T][dim]; cache rows are `row_bytes` apart.
 kernel void kv_store(global const float* src, int dim, global const int* ints, int ints_off,
                      int type, global uchar* cache, long row_bytes) {
+  // Quantization must round exactly as the scalar reference: no contraction of a * b + c. Only
+  // in this kernel: the program is one translation unit, and a file-scope pragma would also
+  // forbid the fused multiply-adds of every kernel after it (the matmuls, attention).
+#pragma OPENCL FP_CONTRACT OFF
   const int b = get_global_id(0), t = get_global_id(1);
   if (b >= dim / 32) return;
   const global float* x = src + (long)t * dim + 32 * b;
