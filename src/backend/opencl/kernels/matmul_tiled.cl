@@ -66,14 +66,21 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
       x_tile[8 * part + 7][tt] = v.s7;
     }
     barrier(CLK_LOCAL_MEM_FENCE);
+    // The block's 32 products in fresh sums, added to acc once: one chain of n_in additions
+    // erred ~3x more than the other kernels (and flipped q4_0 K/V codes in the e2e test).
+    float blk[MM_RM][MM_RN];
+    for (int i = 0; i < MM_RM; ++i)
+      for (int j = 0; j < MM_RN; ++j) blk[i][j] = 0.0f;
 #pragma unroll 4
     for (int k = 0; k < 32; ++k) {
       float wr[MM_RM], xr[MM_RN];
       for (int i = 0; i < MM_RM; ++i) wr[i] = w_tile[k][lx + i * MM_WX];
       for (int j = 0; j < MM_RN; ++j) xr[j] = x_tile[k][ly + j * MM_WY];
       for (int i = 0; i < MM_RM; ++i)
-        for (int j = 0; j < MM_RN; ++j) acc[i][j] += wr[i] * xr[j];
+        for (int j = 0; j < MM_RN; ++j) blk[i][j] += wr[i] * xr[j];
     }
+    for (int i = 0; i < MM_RM; ++i)
+      for (int j = 0; j < MM_RN; ++j) acc[i][j] += blk[i][j];
     barrier(CLK_LOCAL_MEM_FENCE);
   }
   for (int j = 0; j < MM_RN; ++j) {
