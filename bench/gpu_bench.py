@@ -96,12 +96,8 @@ VARIANTS = [
     ("KESTREL_CUDA_NO_FUSED_INPUTS=1", "seed case, b128 ub16"),
     ("KESTREL_CUDA_NO_GROUP=1", "llama2-7b tg128"),  # Q/K/V and gate/up one launch each
     ("KESTREL_CUDA_NO_FUSED_ADD=1", "llama2-7b tg128"),  # residual add apart from the norm
-    ("KESTREL_CUDA_ROPE_QK=1", "llama2-7b tg128"),  # RoPE of Q and K in one launch (trial)
-    ("KESTREL_CUDA_MATVEC_KSPLIT=1", "tg128"),  # decode matvec, warps splitting K (trial)
-    ("KESTREL_CUDA_FRAG_ONE_WAVE=1", "b128 ub16"),  # 5-16 tokens: splits within one wave (trial)
-    ("KESTREL_CUDA_FRAG_V3=1", "b128 ub16"),  # 5-16 tokens: v3, cp.async ring w4s4 (trial)
-    ("KESTREL_CUDA_FRAG_V3=w4s3", "seed case, b128 ub16"),  # v3 ring shapes (trial)
-    ("KESTREL_CUDA_FRAG_V3=w8s3", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_NO_ROPE_QK=1", "llama2-7b tg128"),  # RoPE of Q and K in two launches
+    ("KESTREL_CUDA_NO_MATVEC_KSPLIT=1", "llama2-7b tg128"),  # decode matvec, warp per row
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

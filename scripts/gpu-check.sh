@@ -331,21 +331,13 @@ if ((TESTS)); then
     # input): the matmul and chain tests again, so that the A/B rows compare two tested paths.
     gpu_test_stage gpu-tests-unfused '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-unfused.xml KESTREL_CUDA_NO_FUSED_INPUTS=1
-    # Under trial (default off until this stage and the bench's A/B row have run once): RoPE of
-    # Q and K in one launch.
-    gpu_test_stage gpu-tests-rope-qk '*GpuOpsElementwise*Rope*' gtest-gpu-rope-qk.xml \
-      KESTREL_CUDA_ROPE_QK=1
-    # Under trial likewise: decode's matvec with the block's warps splitting K.
-    gpu_test_stage gpu-tests-ksplit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-ksplit.xml KESTREL_CUDA_MATVEC_KSPLIT=1
-    gpu_test_stage gpu-tests-one-wave '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-one-wave.xml KESTREL_CUDA_FRAG_ONE_WAVE=1
-    # Under trial: the 5-16-token kernel's third version (cp.async ring, f32 block scales), in
-    # its default ring shape and in the 8-warp one.
-    gpu_test_stage gpu-tests-frag-v3 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-frag-v3.xml KESTREL_CUDA_FRAG_V3=1
-    gpu_test_stage gpu-tests-frag-v3-w8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*' \
-      gtest-gpu-frag-v3-w8.xml KESTREL_CUDA_FRAG_V3=w8s3
+    # The paths switched off by the A/B variables of the former trials, tested like the default
+    # so that their bench rows compare two tested paths: two RoPE launches, the warp-per-row
+    # decode matvec, and the 5-16-token kernel's older split choice.
+    gpu_test_stage gpu-tests-no-rope-qk '*GpuOpsElementwise*Rope*' gtest-gpu-no-rope-qk.xml \
+      KESTREL_CUDA_NO_ROPE_QK=1
+    gpu_test_stage gpu-tests-no-ksplit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-no-ksplit.xml KESTREL_CUDA_NO_MATVEC_KSPLIT=1 KESTREL_CUDA_NO_FRAG_ONE_WAVE=1
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi

@@ -179,14 +179,15 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   std::string device_name_;
-  bool graphs_disabled_ = false;     // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
-  bool mma_disabled_ = false;        // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
-  bool int8_disabled_ = false;       // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
-  bool frag_disabled_ = false;       // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
-  bool fuse_inputs_ = true;          // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
-  bool fuse_add_ = true;             // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
-  bool rope_qk_one_launch_ = false;  // KESTREL_CUDA_ROPE_QK=1: RoPE of Q and K in one launch
-  bool group_matmuls_ = true;        // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
+  bool graphs_disabled_ = false;  // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
+  bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
+  bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
+  bool frag_disabled_ = false;    // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
+  bool fuse_inputs_ = true;       // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
+  bool fuse_add_ = true;          // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
+  bool rope_qk_one_launch_ =
+      true;                    // RoPE of Q and K in one launch (KESTREL_CUDA_NO_ROPE_QK=1: two)
+  bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
@@ -289,14 +290,6 @@ bool frag_supports(quant::DType type, int64_t n_in, int n_tokens);
 int frag_v2_splits(const CudaWeight& w);
 int frag_v2_row_blocks(const CudaWeight& w);
 Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
-                             const float* bias, float* partial, unsigned* arrivals, cudaStream_t s);
-// matmul_frag_v3.cu, under trial (KESTREL_CUDA_FRAG_V3=1): the same products through a
-// cp.async ring of whole steps, scales applied in f32. The v2 entry points above hand over to it
-// when frag_v3_used(w) (the trial is on and n_in is a multiple of 256).
-bool frag_v3_used(const CudaWeight& w);
-int frag_v3_splits(const CudaWeight& w);
-int frag_v3_row_blocks(const CudaWeight& w);
-Status launch_matmul_frag_v3(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
                              const float* bias, float* partial, unsigned* arrivals, cudaStream_t s);
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,

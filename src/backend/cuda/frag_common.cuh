@@ -31,19 +31,4 @@ __device__ __forceinline__ uint32_t codes_to_half2(uint32_t pair, __half2 d) {
   return out;
 }
 
-// Two codes (bits 0-7 and 16-23 of `pair`) as the half2 q - offset, unscaled: exact in f16
-// (|q - offset| <= 128), for kernels that apply the block's scale to the f32 product instead.
-template <quant::DType T>
-__device__ __forceinline__ uint32_t codes_to_half2_unscaled(uint32_t pair) {
-  const uint32_t bits = T == quant::DType::Q4_0 ? (pair & 0x000F000Fu) | 0x64006400u
-                                                : (pair ^ 0x00800080u) | 0x64006400u;
-  const __half2 offset = __half2half2(__ushort_as_half(T == quant::DType::Q4_0 ? 0x6408 : 0x6480));
-  __half2 h;
-  memcpy(&h, &bits, 4);
-  h = __hsub2(h, offset);
-  uint32_t out;
-  memcpy(&out, &h, 4);
-  return out;
-}
-
 }  // namespace kestrel::backend::cuda
