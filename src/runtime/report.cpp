@@ -137,6 +137,9 @@ std::string render_markdown(const PromptReport& r) {
   if (r.backend_setup_ms > 0 || !r.backend_setup_note.empty())
     o << "| backend setup (in load) | " << grouped(r.backend_setup_ms, 1) << " ms"
       << (r.backend_setup_note.empty() ? "" : ": " + r.backend_setup_note) << " |\n";
+  if (r.warmup_ms > 0)
+    o << "| warm-up (before timing) | " << grouped(r.warmup_ms, 1) << " ms: " << r.warmup_note
+      << " |\n";
   o << "| version | " << r.version << " |\n";
   if (r.profile)
     o << "\n" << render_profile_markdown(*r.profile, r.total_ms()) << profile_by_chunk(r);
@@ -170,6 +173,8 @@ nlohmann::json to_json(const PromptReport& r) {
             {"load_ms", r.load_ms},
             {"backend_setup_ms", r.backend_setup_ms},
             {"backend_setup", r.backend_setup_note},
+            {"warmup_ms", r.warmup_ms},
+            {"warmup", r.warmup_note},
             {"model", {{"path", r.model_path}, {"name", r.model_name}, {"arch", r.arch}}},
             {"backend", r.backend},
             {"device", r.device},

@@ -35,6 +35,9 @@ struct PromptReport {
   // it did (a cold start compiles, a warm one loads cached binaries). 0 / "": none.
   double backend_setup_ms = 0;
   std::string backend_setup_note;
+  // Untimed warm-up passes between load and the first chunk (GPU layers; 0 / "": none).
+  double warmup_ms = 0;
+  std::string warmup_note;
   int prompt_tokens = 0;
   std::vector<ChunkStats> chunks;
   int gen_tokens = 0;

@@ -81,6 +81,19 @@ Status Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* 
   return Status::ok();
 }
 
+Status Session::warm_up(int n_tokens, bool decode) {
+  const int n = std::min(std::min(n_tokens, params_.n_ubatch), params_.n_ctx - n_past_);
+  if (n <= 0) return Status::ok();
+  std::vector<float> logits(last_logits_.size());  // an output row: the pass ends synchronized
+  const std::vector<int32_t> tokens(n, 0);
+  const int32_t last = n - 1, first = 0;
+  KESTREL_TRY(forward_->run(tokens.data(), n, n_past_, *cache_, &last, 1, logits.data()));
+  if (decode && n > 1)
+    KESTREL_TRY(forward_->run(tokens.data(), 1, n_past_, *cache_, &first, 1, logits.data()));
+  chunk_profile_.reset();  // n_past_ stays: the rows written are overwritten by what comes next
+  return Status::ok();
+}
+
 Status Session::decode(int32_t token) {
   const std::vector<int32_t> one{token};
   KESTREL_TRY(check_tokens(one));

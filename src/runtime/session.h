@@ -43,6 +43,12 @@ class Session {
   Status prefill(const std::vector<int32_t>& tokens, std::vector<float>* all_logits);
   // One generation step: feeds `token` at the next position.
   Status decode(int32_t token);
+  // Runs one untimed pass of n_tokens throwaway tokens (and one of a single token, the decode
+  // shape, when `decode`) after what the session holds, then forgets them: a GPU backend's first
+  // passes load its kernel modules and libraries, fill its memory pools and raise the clocks,
+  // which would otherwise land in the first timed chunk. Neither the chunk stats nor the profile
+  // see it; last_logits() is kept.
+  Status warm_up(int n_tokens, bool decode);
 
   // Forgets every position from `n_past` on (a chat re-rendered with different tokens there);
   // their cache rows are overwritten by what is evaluated next.

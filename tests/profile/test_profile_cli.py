@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """`--profile`: per-op times by op kind, in the markdown report and the JSON report, overall
 and per chunk; profiling changes no result (logits bit-identical) and, off, leaves no trace.
+The warm-up pass of GPU backends (OpenCL when built): reported, outside the profile, no logit
+changed.
 No timing bounds: only that the numbers are consistent (shares within the wall time)."""
 import argparse
 import json
@@ -15,6 +17,29 @@ def check(ok, what):
     print(("ok   " if ok else "FAIL ") + what, flush=True)
     if not ok:
         failures.append(what)
+
+
+def check_warm_up(run):
+    """A GPU backend (OpenCL here, PoCL in CI) runs one untimed pass before the prompt: the report
+    says so, and neither the logits nor the profile's op counts change."""
+    gpu = ["--backend", "opencl", "-ngl", "99"]
+    try:
+        warm, warm_logits, p = run(gpu + ["--profile", "--report"], "warm")
+        cold, cold_logits, _ = run(gpu + ["--profile", "--no-warmup"], "cold")
+    except RuntimeError as e:
+        if "OpenCL" in str(e):
+            print(f"skip warm-up checks (no OpenCL backend: {str(e).strip()[:200]})")
+            return
+        raise
+    check(warm.get("warmup_ms", 0) > 0 and "one pass of 16 tokens, not timed" ==
+          warm.get("warmup", "") and "| warm-up (before timing) |" in p.stdout,
+          f"OpenCL: the warm-up pass is reported ({warm.get('warmup_ms')} ms, {warm.get('warmup')!r})")
+    check(cold.get("warmup_ms", 0) == 0, "--no-warmup runs none")
+    check(warm_logits == cold_logits, "the warm-up changes no logit (bit-identical)")
+    calls = lambda r: {o["op"]: o["calls"] for o in r["profile"]["ops"]}
+    check(calls(warm) == calls(cold), "the warm-up pass is not in the profile")
+    check(calls(cold).get("copy logits to host") == 6,
+          f"OpenCL: every micro-batch's logits copy is timed ({calls(cold)})")
 
 
 def main():
@@ -63,6 +88,9 @@ def main():
           f"every chunk has its own profile (shares of the chunk {[round(s, 3) for s in shares]})")
     check("## Per-op profile" in p.stdout and "| matmul q4_0 |" in p.stdout and
           "largest ops (share of the chunk)" in p.stdout, "markdown report shows the profile")
+    check("warmup_ms" not in plain or plain["warmup_ms"] == 0,
+          "the CPU backend runs no warm-up pass")
+    check_warm_up(run)
     print(f"{len(failures)} failures")
     return 1 if failures else 0
 

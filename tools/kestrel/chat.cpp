@@ -179,6 +179,10 @@ int chat_command(ChatOptions& o) {
   if (!st) return fail(st.message());
   l.load_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_load).count();
+  // The first turn's prompt length is not known yet: warm up the micro-batch size a long one
+  // uses, so that the first reply does not pay the GPU's first-pass costs.
+  st = warm_up(so, so.n_ubatch, &l);
+  if (!st) return fail(st.message());
   Conversation c(o, l, *tmpl);
   if (o.prompt.empty() && o.file.empty()) return interactive(c);
   auto text = read_prompt(o.prompt, o.file);

@@ -58,6 +58,9 @@ void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict
   app->add_option("--report-json", o.report_json, "write the report as JSON");
   app->add_option("--target-ms", o.target_ms, "target ms/token range, e.g. 20-50");
   app->add_flag("--profile", o.profile, "time every op kind and print the top ones per chunk");
+  app->add_flag("--no-warmup", o.no_warmup,
+                "no untimed warm-up pass before the prompt (GPU backends: their first pass loads "
+                "kernels and raises clocks inside the first chunk)");
   app->add_option("--history", o.history, "append this run's report to a JSON-lines file");
   app->add_option("--config", o.config, "settings file written by `kestrel tune`");
   o.command = app;
@@ -125,6 +128,20 @@ Status create_session(const SessionOptions& o, int n_needed, Loaded* l) {
   return Status::ok();
 }
 
+Status warm_up(const SessionOptions& o, int n_prompt, Loaded* l) {
+  // The CPU backend has nothing to warm that a pass would not also cost (its weights are read
+  // at load), so only GPU layers get the pass.
+  if (o.no_warmup || l->model->n_gpu_layers() == 0) return Status::ok();
+  const int n = std::min(n_prompt, l->session->params().n_ubatch);
+  const bool decode = o.n_predict > 0 && n > 1;
+  const auto t0 = std::chrono::steady_clock::now();
+  KESTREL_TRY(l->session->warm_up(n, decode));
+  l->warmup_ms = ms_since(t0);
+  l->warmup_note = "one pass of " + std::to_string(n) + (n == 1 ? " token" : " tokens") +
+                   (decode ? " and one of 1 token" : "") + ", not timed";
+  return Status::ok();
+}
+
 runtime::SamplerParams sampler_params(const SessionOptions& o) {
   runtime::SamplerParams p;
   p.temperature = o.temp;
@@ -188,6 +205,8 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   rep.n_gpu_layers = l.model->n_gpu_layers();
   rep.settings = l.session->params();
   rep.load_ms = l.load_ms;
+  rep.warmup_ms = l.warmup_ms;
+  rep.warmup_note = l.warmup_note;
   rep.prompt_tokens = prompt_tokens;
   rep.chunks = l.session->chunk_stats();
   if (l.profile) rep.profile = *l.profile;

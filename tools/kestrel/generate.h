@@ -42,6 +42,7 @@ struct SessionOptions {
   std::string report_json;
   std::string target_ms;
   bool profile = false;         // per-op times (--profile)
+  bool no_warmup = false;       // --no-warmup: no untimed pass before the prompt on a GPU
   std::string history;          // append the report as a JSON line (--history FILE)
   std::string config;           // settings file from `kestrel tune` (--config FILE)
   CLI::App* command = nullptr;  // to tell flags given on the command line from defaults
@@ -57,10 +58,15 @@ struct Loaded {
   std::unique_ptr<tok::Tokenizer> tokenizer;  // null when the GGUF has no vocabulary
   std::unique_ptr<runtime::Session> session;
   double load_ms = 0;
+  double warmup_ms = 0;  // the untimed warm-up passes (warm_up), 0 when none ran
+  std::string warmup_note;
   std::unique_ptr<OpProfiler> profile;  // with --profile: attached while the prompt is evaluated
 };
 Expected<std::unique_ptr<model::Model>> load_model(const SessionOptions& o);
 Status create_session(const SessionOptions& o, int n_needed, Loaded* out);
+// The untimed warm-up passes before a prompt of n_prompt tokens (Session::warm_up) when layers
+// run on a GPU backend and --no-warmup is not given; their time goes to l->warmup_ms.
+Status warm_up(const SessionOptions& o, int n_prompt, Loaded* l);
 runtime::SamplerParams sampler_params(const SessionOptions& o);
 
 struct Generation {

@@ -87,6 +87,8 @@ int run_command(RunOptions& o) {
   if (!st) return fail(st.message());
   l.load_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_load).count();
+  st = warm_up(so, n_prompt, &l);
+  if (!st) return fail(st.message());
 
   std::vector<float> all_logits;
   st = l.session->prefill(*tokens, o.dump_logits.empty() ? nullptr : &all_logits);

@@ -319,11 +319,18 @@ Status OpenclBackend::download(const Tensor& src, int64_t row0, int64_t n_rows, 
                  static_cast<long long>(src.rows));
   if (n_rows == 0) return synchronize();
   const size_t rb = src.row_bytes();
-  // In queue order: the read sees every op enqueued before it.
+  // In queue order: the read sees every op enqueued before it. Under profile_op the read is
+  // timed like a launch; the queue is then idle and profile_op reads the times (synchronize()
+  // here would read them before this op's entry exists, leaving it to a later pass).
+  cl_event ev = nullptr;
   KESTREL_CL_TRY(clEnqueueReadBuffer(queue_, static_cast<cl_mem>(src.data), CL_TRUE, rb * row0,
-                                     rb * n_rows, dst, 0, nullptr, nullptr),
+                                     rb * n_rows, dst, 0, nullptr, capture_ ? &ev : nullptr),
                  "download from the OpenCL device");
-  return synchronize();
+  if (!ev) return synchronize();
+  capture_->push_back(ev);
+  op_finished_queue_ = true;
+  KESTREL_CL_TRY(clFinish(queue_), "download from the OpenCL device");
+  return Status::ok();
 }
 
 Expected<std::unique_ptr<Weight>> OpenclBackend::load_weight(const HostMatrix& m) {
@@ -472,6 +479,11 @@ Status OpenclBackend::profile_op(std::string_view kind, OpProfiler& profiler,
   Status st = op();
   capture_ = nullptr;
   pending_.push_back(std::move(p));
+  if (op_finished_queue_) {
+    op_finished_queue_ = false;
+    const Status flushed = flush_profile();
+    if (st) st = flushed;
+  }
   return st;
 }
 

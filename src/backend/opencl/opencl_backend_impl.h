@@ -162,6 +162,9 @@ class OpenclBackend final : public Backend {
     std::vector<cl_event> events;
   };
   std::vector<Pending> pending_;
+  // Set by an op that waited for the queue itself (a download): profile_op reads its times at
+  // once, since no later synchronize() may come (the last pass's logits).
+  bool op_finished_queue_ = false;
 };
 
 }  // namespace kestrel::backend::opencl
