@@ -4,7 +4,7 @@
 #   bench-*.txt: `kestrel bench --profile` (after its warm-up run: the steady state);
 #   run-*.txt:   `kestrel run --profile --report` as a user runs it, with the warm-up pass, and
 #                run-*-nowarm.txt with --no-warmup (the first pass's costs inside the first chunk).
-#   bash bench/lab/op_profiles.sh KESTREL MODEL OUTDIR BACKEND (cuda or opencl: gpu-check builds
+#   [RUNS=0] bash bench/lab/op_profiles.sh KESTREL MODEL OUTDIR BACKEND (cuda or opencl: gpu-check builds
 #   them apart, build-gpu/bin/kestrel and build-ocl-gpu/bin/kestrel)
 set -uo pipefail
 kestrel=$1 model=$2 out=$3 b=$4
@@ -12,9 +12,10 @@ mkdir -p "$out"
 # Prompt token ids: random ids of the Llama 2 vocabulary (speed does not depend on them).
 ids() { python3 -c "import random; random.seed($1); N = ${VOCAB:-32000}; print(','.join(str(random.randrange(3, N)) for _ in range($1)))"; }
 p512=$(ids 512) p327=$(ids 327)
-run_case() {  # NAME TOKENS ARGS...
+run_case() {  # NAME TOKENS ARGS... (skipped with RUNS=0)
   local name=$1 tokens=$2
   shift 2
+  [[ ${RUNS:-1} == 0 ]] && return 0
   for warm in "" --no-warmup; do
     timeout 120 "$kestrel" run -m "$model" --backend "$b" -ngl 99 --tokens "$tokens" -n 16 \
       --temp 0 --ignore-eos --profile --report $warm "$@" \

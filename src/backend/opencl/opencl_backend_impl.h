@@ -131,6 +131,9 @@ class OpenclBackend final : public Backend {
   // about 64.)
   int mid_max_tokens_ = 32;
   int mid_rows_ = 128, mid_split_ = 2;  // matmul_mid's work-group (MID_ROWS x MID_SPLIT)
+  // Work-groups per compute unit that split-K aims at for matmul_mid (KESTREL_CL_MID_GROUPS_PER_CU
+  // overrides it, 1-16, to compare); matmul_tiled aims at 4.
+  int mid_groups_per_cu_ = 2;
   std::string device_name_;
   cl_platform_id platform_ = nullptr;
   cl_device_id device_ = nullptr;

@@ -285,7 +285,8 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
     // Split the input columns when the output tiles alone would leave compute units idle
     // (decode-sized outputs, short micro-batches): about 4 work-groups per unit.
-    const size_t want = (tiled ? 4 : 2) * std::max<size_t>(info_.compute_units, 1);
+    const size_t want = static_cast<size_t>(tiled ? 4 : mid_groups_per_cu_) *
+                        std::max<size_t>(info_.compute_units, 1);
     int splits = 1;
     if (groups_r * groups_t < want)
       splits = static_cast<int>(
