@@ -125,15 +125,14 @@ __global__ void split_f16_kernel(const float* x, int64_t n, __half* hi, __half* 
   }
 }
 
-// One block per (head, token) row of scores (rows ld apart): p = softmax over keys 0..pos[t],
-// 0 beyond.
-__global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t n_kv, int64_t ld,
+// One block per (head, token) row of scores: p = softmax over keys 0..pos[t], 0 beyond.
+__global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t n_kv,
                                       const int32_t* pos, __half* p, __half* p_lo) {
   const int64_t row = blockIdx.x;  // head * n_tokens + t
   const int t = static_cast<int>(row % n_tokens);
-  const float* s = scores + row * ld;
-  __half* out = p + row * ld;
-  __half* out_lo = p_lo + row * ld;
+  const float* s = scores + row * n_kv;
+  __half* out = p + row * n_kv;
+  __half* out_lo = p_lo + row * n_kv;
   const int64_t visible = min(static_cast<int64_t>(pos[t]) + 1, n_kv);
   __shared__ float red[32];
   float m = -INFINITY;
@@ -435,10 +434,8 @@ Status launch_cache_to_f16(DType type, const uint8_t* cache, int64_t row_bytes, 
 }
 
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
-                             int64_t ld, const int32_t* pos, __half* p, __half* p_lo,
-                             cudaStream_t s) {
-  softmax_causal_kernel<<<n_heads * n_tokens, 256, 0, s>>>(scores, n_tokens, n_kv, ld, pos, p,
-                                                           p_lo);
+                             const int32_t* pos, __half* p, __half* p_lo, cudaStream_t s) {
+  softmax_causal_kernel<<<n_heads * n_tokens, 256, 0, s>>>(scores, n_tokens, n_kv, pos, p, p_lo);
   LAUNCH_CHECK("attention (softmax)");
   return Status::ok();
 }
@@ -521,12 +518,8 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   // layer's K/V (a flipped q4_0 step moves a value by 1/8 of its block's range). With an f16
   // cache, Q and P rounded once to f16 stay within the bounds (one GEMM per product).
   const int terms = k_cache.type == DType::F16 && v_cache.type == DType::F16 ? 1 : 3;
-  // Score and probability rows are padded to a multiple of 8 keys: cuBLAS picks slow kernels
-  // for leading dimensions that are not 16-byte multiples (H200, the seed's 327-token prompt
-  // with the defaults: attention 0.25 ms per layer, more than 512 tokens' 0.21).
-  auto padded = [](int64_t n) { return (n + 7) / 8 * 8; };
   // Token rows in slices whose scores fit kScoreBytes.
-  const int64_t per_row = int64_t{H} * padded(n_kv_all) * sizeof(float);
+  const int64_t per_row = int64_t{H} * n_kv_all * sizeof(float);
   const int slice = static_cast<int>(
       std::clamp<int64_t>(static_cast<int64_t>(kScoreBytes) / per_row, 1, n_tokens));
   KESTREL_ASSIGN_OR_RETURN(void* sv, scratch(kScores, per_row * slice));
@@ -539,7 +532,6 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
     const int nt = std::min(slice, n_tokens - t0);
     int64_t n_kv = 0;
     for (int t = t0; t < t0 + nt; ++t) n_kv = std::max<int64_t>(n_kv, positions[t] + 1);
-    const int64_t ld = padded(n_kv);
     // scores[h][t][k] = scale * q[t][h] . k[k][h / group], batched over KV heads, one call per
     // query head within the group and per product of parts (hi.hi, lo.hi, hi.lo).
     const __half* q_parts[3] = {q_hi, q_lo, q_hi};
@@ -550,13 +542,13 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
         cublasStatus_t st = cublasGemmStridedBatchedEx(
             cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n_kv, nt, D, &p.scale, k_parts[term], CUDA_R_16F,
             kv_dim, D, q_parts[term] + t0 * q_dim + j * D, CUDA_R_16F, q_dim, int64_t{group} * D,
-            &beta, scores + int64_t{j} * nt * ld, CUDA_R_32F, ld, int64_t{group} * nt * ld, Hkv,
-            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            &beta, scores + int64_t{j} * nt * n_kv, CUDA_R_32F, n_kv, int64_t{group} * nt * n_kv,
+            Hkv, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         if (st != CUBLAS_STATUS_SUCCESS)
           return error("attention: cuBLAS Q.K GEMM failed (status %d)", st);
       }
     }
-    KESTREL_TRY(launch_softmax_causal(scores, H, nt, n_kv, ld, pos_dev + t0, p_hi, p_lo, stream_));
+    KESTREL_TRY(launch_softmax_causal(scores, H, nt, n_kv, pos_dev + t0, p_hi, p_lo, stream_));
     // out[t][h] = sum_k p[h][t][k] v[k][h / group], by parts as above.
     const __half* p_parts[3] = {p_hi, p_lo, p_hi};
     const __half* v_parts[3] = {kv_hi[1], kv_hi[1], kv_lo[1]};
@@ -565,7 +557,7 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
       for (int j = 0; j < group; ++j) {
         cublasStatus_t st = cublasGemmStridedBatchedEx(
             cublas_, CUBLAS_OP_N, CUBLAS_OP_N, D, nt, n_kv, &one, v_parts[term], CUDA_R_16F, kv_dim,
-            D, p_parts[term] + int64_t{j} * nt * ld, CUDA_R_16F, ld, int64_t{group} * nt * ld,
+            D, p_parts[term] + int64_t{j} * nt * n_kv, CUDA_R_16F, n_kv, int64_t{group} * nt * n_kv,
             &beta, static_cast<float*>(out.data) + t0 * q_dim + j * D, CUDA_R_32F, q_dim,
             int64_t{group} * D, Hkv, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
         if (st != CUBLAS_STATUS_SUCCESS)

@@ -321,10 +321,9 @@ Status launch_kv_store(const KvStoreSide* sides, int n_sides, int n_tokens, cons
 Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_bytes, int64_t dim,
                            int64_t n_rows, __half* hi, __half* lo, cudaStream_t s);
 // Causal softmax over scores [n_heads][T][n_kv] (row t may see keys 0..pos[t]) into P as f16
-// hi + lo parts; rows of scores and P are ld >= n_kv apart.
+// hi + lo parts.
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
-                             int64_t ld, const int32_t* pos, __half* p, __half* p_lo,
-                             cudaStream_t s);
+                             const int32_t* pos, __half* p_hi, __half* p_lo, cudaStream_t s);
 // x[n] = hi + lo in f16 (lo: the rounding error of hi).
 Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s);
 
