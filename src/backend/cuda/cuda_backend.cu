@@ -232,6 +232,7 @@ Status CudaBackend::download(const Tensor& src, int64_t row0, int64_t n_rows, vo
   CUDA_TRY(cudaMemcpyAsync(dst, static_cast<const uint8_t*>(src.data) + rb * row0, rb * n_rows,
                            cudaMemcpyDeviceToHost, stream_),
            "download from the GPU");
+  op_synchronized_ = true;
   return synchronize();
 }
 
@@ -254,10 +255,15 @@ Status CudaBackend::profile_op(std::string_view kind, OpProfiler& profiler,
       CUDA_TRY(cudaEventCreate(&e), "cudaEventCreate");
     }
   }
+  op_synchronized_ = false;
   CUDA_TRY(cudaEventRecord(ev[0], stream_), "cudaEventRecord");
   Status st = op();
   CUDA_TRY(cudaEventRecord(ev[1], stream_), "cudaEventRecord");
   pending_.push_back({std::string(kind), &profiler, ev[0], ev[1]});
+  // An op that waited for the stream itself (a download) read the pending times before its own
+  // entry existed: read it now, as no later synchronize() may come (the last pass's logits; the
+  // H200 profiles counted 383 logits copies of 384).
+  if (op_synchronized_ && st) st = synchronize();
   return st;
 }
 

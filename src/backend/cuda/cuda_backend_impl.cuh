@@ -240,6 +240,7 @@ class CudaBackend final : public Backend {
   };
   std::vector<Pending> pending_;
   std::vector<cudaEvent_t> free_events_;
+  bool op_synchronized_ = false;  // set by download(): see profile_op
 };
 
 // Kernel launchers (matmul.cu, attention.cu, elementwise.cu). All enqueue on `s` and return the
