@@ -259,8 +259,12 @@ targets=(kestrel)
 built() { timeout 300 cmake --build "$BUILD" -j "$NPROC" --target "$1" >>"$LOG" 2>&1 && [[ -x "$BUILD/bin/$1" ]]; }
 KESTREL_OK=0 TESTS_BIN_OK=0
 if ((configure_rc == 0)); then
-  # -k 0: keep going, so that kestrel is built even when a test source fails to compile.
-  run_stage build "$(limit 420 "$reserve")" '^FAILED|error' \
+  # -k 0: keep going, so that kestrel is built even when a test source fails to compile. At least
+  # 90 s whatever the budget keeps for later stages (a fresh build takes ~30 s on 16 cores): a
+  # small GPU_CHECK_BUDGET once left it 15 s, and without a build no later stage runs at all.
+  build_lim=$(limit 420 "$reserve")
+  ((build_lim < 90)) && build_lim=90
+  run_stage build "$build_lim" '^FAILED|error' \
     cmake --build "$BUILD" -j "$NPROC" --target "${targets[@]}" -- -k 0
   build_rc=$RC
   if ((build_rc == 0)); then
