@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "format/quant/fp16.h"
@@ -328,6 +330,24 @@ TEST_P(GpuOpsAttention, CacheQ4_0) {
 TEST_P(GpuOpsAttention, CacheKQ8_0VQ4_0) {
   GPU_TRACE_SEED();
   check_cache_types(be(), GetParam(), DType::Q8_0, DType::Q4_0);
+}
+
+// The OpenCL backend divides the keys of a micro-batch among work-groups when its (head, 16-query)
+// work-groups are too few for the device (32 heads x 1 for micro-batches of 16 on a 132-unit GPU),
+// merging the partial softmaxes in a second kernel. PoCL's few units never ask for it, so
+// KESTREL_CL_ATT_SPLITS forces it here (the other backends ignore the variable).
+TEST_P(GpuOpsAttention, KeysSplitAmongWorkGroups) {
+  GPU_TRACE_SEED();
+  struct Unset {
+    ~Unset() { unsetenv("KESTREL_CL_ATT_SPLITS"); }
+  } unset;
+  const std::pair<const char*, DType> runs[] = {
+      {"3", DType::Q4_0}, {"16", DType::Q4_0}, {"3", DType::F16}};
+  for (const auto& [n, type] : runs) {
+    setenv("KESTREL_CL_ATT_SPLITS", n, 1);
+    check_cache_types(be(), GetParam() + " (" + n + " key splits)", type, type);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
 }
 
 // A scale other than 1/sqrt(head_dim) must be the one used; sharp softmaxes (q sd 6: scores

@@ -28,9 +28,9 @@ double gib(double bytes) {
 }
 
 const char* const kKernelNames[] = {
-    "embed_rows",   "rms_norm",      "add_rms_norm", "rope",       "swiglu",
-    "add_inplace",  "get_rows",      "kv_store",     "attention",  "attention_block",
-    "matmul_small", "matmul_reduce", "matmul_tiled", "matmul_mid",
+    "embed_rows",        "rms_norm",     "add_rms_norm",  "rope",         "swiglu",
+    "add_inplace",       "get_rows",     "kv_store",      "attention",    "attention_block",
+    "attention_combine", "matmul_small", "matmul_reduce", "matmul_tiled", "matmul_mid",
 };
 
 // One instance of the matmul_tiled.cl template (which undefines its parameters at the end).

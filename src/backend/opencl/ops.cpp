@@ -384,26 +384,62 @@ Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* po
   if (n_tokens <= 0) return Status::ok();
   KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "attention"));
   // Several queries (and head_dim <= 128): attention_block shares each decoded key tile among
-  // 16 queries, when its (head, 16-query) work-groups are enough to occupy the device; decode-
-  // sized and short micro-batches take the one-query kernel (a work-group per head and query).
+  // 16 queries, when its (head, 16-query, key split) work-groups are enough to occupy the device;
+  // decode-sized and short micro-batches take the one-query kernel (a work-group per head and
+  // query, each decoding every key again). Keys are split (in tiles of 32, up to 16 ways) only
+  // when the (head, 16-query) work-groups alone are too few: 32 heads x 1 for the seed's
+  // micro-batches of 16 on the H200's 132 units. KESTREL_CL_ATT_SPLITS=N forces N (to compare,
+  // and to test the split path on devices of few units); 0 turns splitting off (the choice
+  // before it existed: those micro-batches on the one-query kernel).
+  int n_kv = 0;
+  for (int t = 0; t < n_tokens; ++t) n_kv = std::max(n_kv, positions[t] + 1);
+  const int tiles = (n_kv + 31) / 32;  // ATB_K of kernels/attention.cl
   const size_t blocks = static_cast<size_t>(H) * ((n_tokens + 15) / 16);
-  if (n_tokens >= 4 && D <= 128 && blocks >= 2 * std::max<cl_uint>(info_.compute_units, 1)) {
+  const size_t want = 2 * static_cast<size_t>(std::max<cl_uint>(info_.compute_units, 1));
+  int splits = 1;
+  if (blocks < want)
+    splits = static_cast<int>(
+        std::min<size_t>({(want + blocks - 1) / blocks, 16, static_cast<size_t>(tiles)}));
+  const char* forced = std::getenv("KESTREL_CL_ATT_SPLITS");
+  if (forced && std::atoi(forced) <= 0) {
+    forced = nullptr;
+    splits = 1;
+  } else if (forced) {
+    splits = std::clamp(std::atoi(forced), 1, std::max(tiles, 1));
+  }
+  if (n_tokens >= 4 && D <= 128 && (forced || blocks * splits >= want)) {
     cl_kernel kb = kernel("attention_block");
     const int kt = static_cast<int>(k_cache.type), vt = static_cast<int>(v_cache.type);
     const cl_long krb = static_cast<cl_long>(k_cache.row_bytes()),
                   vrb = static_cast<cl_long>(v_cache.row_bytes());
     const int group = H / Hkv;
+    // Partial results of the splits: [splits][n_tokens][H][D + 2] floats (scratch slot 1; the
+    // matmuls' split-K partials use slot 0).
+    cl_mem part = nullptr;
+    if (splits > 1) {
+      KESTREL_ASSIGN_OR_RETURN(
+          part, scratch(1, sizeof(float) * static_cast<size_t>(splits) * n_tokens * H * (D + 2)));
+    }
     KESTREL_TRY(
         Args(kb, "attention")
             .mem(q.data)
             .mem(k_cache.data)
             .mem(v_cache.data)(kt)(vt)(krb)(vrb)(ring_dev_)(pos)(n_tokens)(H)(group)(D)(p.scale)
-            .mem(out.data)
+            .mem(out.data)(splits)
+            .mem(part)
             .status());
-    const size_t global[2] = {static_cast<size_t>(H) * 64,
-                              static_cast<size_t>((n_tokens + 15) / 16)};
-    const size_t local[2] = {64, 1};
-    return launch(kb, "attention", 2, global, local);
+    const size_t global[3] = {static_cast<size_t>(H) * 64,
+                              static_cast<size_t>((n_tokens + 15) / 16),
+                              static_cast<size_t>(splits)};
+    const size_t local[3] = {64, 1, 1};
+    KESTREL_TRY(launch(kb, "attention", 3, global, local));
+    if (splits == 1) return Status::ok();
+    cl_kernel kc = kernel("attention_combine");
+    KESTREL_TRY(Args(kc, "attention").mem(part)(splits)(n_tokens)(H)(D).mem(out.data).status());
+    const size_t cg[3] = {static_cast<size_t>(D), static_cast<size_t>(H),
+                          static_cast<size_t>(n_tokens)};
+    const size_t cl[3] = {32, 1, 1};  // D is a multiple of 32
+    return launch(kc, "attention", 3, cg, cl);
   }
   cl_kernel k = kernel("attention");
   const int kt = static_cast<int>(k_cache.type), vt = static_cast<int>(v_cache.type);

@@ -138,6 +138,10 @@ kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1))) void attention(
 // local memory and serves all ATB_Q queries (the one-query kernel above reads and decodes every
 // key once per query); scores, the online softmax and the output accumulate in f32. For
 // head_dim <= ATB_MAX_DIM (the host uses the one-query kernel beyond).
+// With n_splits > 1 the keys are divided among get_group_id(2) in whole tiles (flash-decoding
+// style), so that a micro-batch of 16 tokens runs n_head x n_splits work-groups instead of
+// n_head: each writes its unnormalized output with its running maximum and sum to `part`, and
+// attention_combine merges them.
 #define ATB_WG 64
 #define ATB_Q 16
 #define ATB_K 32
@@ -145,7 +149,8 @@ kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1))) void attention(
 kernel __attribute__((reqd_work_group_size(ATB_WG, 1, 1))) void attention_block(
     global const float* q, global const uchar* k_cache, global const uchar* v_cache, int k_type,
     int v_type, long k_row_bytes, long v_row_bytes, global const int* ints, int ints_off,
-    int n_tokens, int n_head, int group, int head_dim, float scale, global float* out) {
+    int n_tokens, int n_head, int group, int head_dim, float scale, global float* out,
+    int n_splits, global float* part) {
   local float q_l[ATB_Q][ATB_MAX_DIM];
   local float kv_l[ATB_K][ATB_MAX_DIM + 1];  // the K tile, then the V tile
   local float p_l[ATB_Q][ATB_K + 1];         // scores, then probabilities
@@ -172,8 +177,13 @@ kernel __attribute__((reqd_work_group_size(ATB_WG, 1, 1))) void attention_block(
   for (int qi = 0; qi < ATB_Q; ++qi)
     for (int i = 0; i < ATB_MAX_DIM / ATB_WG; ++i) acc[qi][i] = 0.0f;
   const int parts = head_dim / 8;
-  for (int j0 = 0; j0 < n_keys; j0 += ATB_K) {
-    const int nk = min(ATB_K, n_keys - j0);
+  // This work-group's keys: split get_group_id(2) of n_splits runs of whole tiles.
+  const int tiles = (n_keys + ATB_K - 1) / ATB_K;
+  const int per_split = (tiles + n_splits - 1) / n_splits, split = get_group_id(2);
+  const int j_begin = min(n_keys, split * per_split * ATB_K);
+  const int j_end = min(n_keys, (split + 1) * per_split * ATB_K);
+  for (int j0 = j_begin; j0 < j_end; j0 += ATB_K) {
+    const int nk = min(ATB_K, j_end - j0);
     // K tile: nk keys x head_dim, decoded 8 elements per unit.
     for (int u = lid; u < ATB_K * parts; u += ATB_WG) {
       const int jj = u / parts, c = (u % parts) * 8;
@@ -236,8 +246,42 @@ kernel __attribute__((reqd_work_group_size(ATB_WG, 1, 1))) void attention_block(
     }
     barrier(CLK_LOCAL_MEM_FENCE);  // kv_l and p_l are rewritten by the next tile
   }
-  for (int qi = 0; qi < nq; ++qi) {
-    global float* o = out + (tb + qi) * q_dim + (long)h * head_dim;
-    for (int i = 0; i < n_dims; ++i) o[lid + i * ATB_WG] = acc[qi][i] / l_l[qi];
+  if (n_splits == 1) {
+    for (int qi = 0; qi < nq; ++qi) {
+      global float* o = out + (tb + qi) * q_dim + (long)h * head_dim;
+      for (int i = 0; i < n_dims; ++i) o[lid + i * ATB_WG] = acc[qi][i] / l_l[qi];
+    }
+    return;
   }
+  // A split whose keys no query sees leaves m = -inf, l = 0 and a zero output.
+  for (int qi = 0; qi < nq; ++qi) {
+    global float* r = part + (((long)split * n_tokens + tb + qi) * n_head + h) * (head_dim + 2);
+    for (int i = 0; i < n_dims; ++i) r[lid + i * ATB_WG] = acc[qi][i];
+    if (lid == 0) {
+      r[head_dim] = m_l[qi];
+      r[head_dim + 1] = l_l[qi];
+    }
+  }
+}
+
+// out[t][h][d] from the n_splits partial results of attention_block: each split's output and
+// sum weighted by exp(its maximum - the overall maximum). Split 0 holds key 0, which every
+// query sees, so the overall maximum is finite.
+kernel void attention_combine(global const float* part, int n_splits, int n_tokens, int n_head,
+                              int head_dim, global float* out) {
+  const int d = get_global_id(0), h = get_global_id(1), t = get_global_id(2);
+  if (d >= head_dim) return;
+  const long rec = head_dim + 2, split_stride = (long)n_tokens * n_head * rec;
+  const global float* r0 = part + ((long)t * n_head + h) * rec;
+  float m = -INFINITY;
+  for (int s = 0; s < n_splits; ++s) m = fmax(m, r0[s * split_stride + head_dim]);
+  float num = 0.0f, den = 0.0f;
+  for (int s = 0; s < n_splits; ++s) {
+    const global float* r = r0 + s * split_stride;
+    if (r[head_dim] == -INFINITY) continue;
+    const float w = exp(r[head_dim] - m);
+    num += w * r[d];
+    den += w * r[head_dim + 1];
+  }
+  out[((long)t * n_head + h) * head_dim + d] = num / den;
 }
