@@ -335,7 +335,8 @@ TEST_P(GpuOpsAttention, CacheKQ8_0VQ4_0) {
 // The OpenCL backend divides the keys of a micro-batch among work-groups when its (head, 16-query)
 // work-groups are too few for the device (32 heads x 1 for micro-batches of 16 on a 132-unit GPU),
 // merging the partial softmaxes in a second kernel. PoCL's few units never ask for it, so
-// KESTREL_CL_ATT_SPLITS forces it here (the other backends ignore the variable).
+// KESTREL_CL_ATT_SPLITS (read when a backend is created) forces it here, in a backend of its own
+// per count (the other backends ignore the variable).
 TEST_P(GpuOpsAttention, KeysSplitAmongWorkGroups) {
   GPU_TRACE_SEED();
   struct Unset {
@@ -345,7 +346,9 @@ TEST_P(GpuOpsAttention, KeysSplitAmongWorkGroups) {
       {"3", DType::Q4_0}, {"16", DType::Q4_0}, {"3", DType::F16}};
   for (const auto& [n, type] : runs) {
     setenv("KESTREL_CL_ATT_SPLITS", n, 1);
-    check_cache_types(be(), GetParam() + " (" + n + " key splits)", type, type);
+    auto split_be = create_backend(GetParam(), BackendOptions{});
+    ASSERT_TRUE(split_be.has_value()) << split_be.message();
+    check_cache_types(**split_be, GetParam() + " (" + n + " key splits)", type, type);
     if (::testing::Test::HasFatalFailure()) return;
   }
 }

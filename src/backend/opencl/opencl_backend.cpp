@@ -157,6 +157,8 @@ Status OpenclBackend::build_kernels() {
   mid_split_ = wide_ ? 256 / mid_rows_ : 1;
   if (const char* v = std::getenv("KESTREL_CL_MID_GROUPS_PER_CU"))
     mid_groups_per_cu_ = std::clamp(std::atoi(v), 1, 16);
+  if (const char* v = std::getenv("KESTREL_CL_ATT_SPLITS"))
+    att_splits_forced_ = std::max(std::atoi(v), 0);
   std::string options = "-cl-std=CL1.2";
   options +=
       wide_ ? " -DMV_ROWS=16 -DMV_SPLIT=16 -DRMS_WG=256" : " -DMV_ROWS=16 -DMV_SPLIT=4 -DRMS_WG=64";

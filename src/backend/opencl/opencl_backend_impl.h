@@ -135,6 +135,9 @@ class OpenclBackend final : public Backend {
   // overrides it, 1-16, to compare); matmul_tiled aims at 4. H200 through NVIDIA's OpenCL, seed
   // b128 ub16: 1 -> 396 t/s, 2 -> 530, 4 -> 540 (splits are capped at 8).
   int mid_groups_per_cu_ = 4;
+  // KESTREL_CL_ATT_SPLITS: attention_block's key splits forced to N (to compare, and to test the
+  // split path on devices of few units); 0: no splitting; -1 (unset): chosen per call.
+  int att_splits_forced_ = -1;
   std::string device_name_;
   cl_platform_id platform_ = nullptr;
   cl_device_id device_ = nullptr;

@@ -388,9 +388,9 @@ Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* po
   // decode-sized and short micro-batches take the one-query kernel (a work-group per head and
   // query, each decoding every key again). Keys are split (in tiles of 32, up to 16 ways) only
   // when the (head, 16-query) work-groups alone are too few: 32 heads x 1 for the seed's
-  // micro-batches of 16 on the H200's 132 units. KESTREL_CL_ATT_SPLITS=N forces N (to compare,
-  // and to test the split path on devices of few units); 0 turns splitting off (the choice
-  // before it existed: those micro-batches on the one-query kernel).
+  // micro-batches of 16 on the H200's 132 units. att_splits_forced_ (KESTREL_CL_ATT_SPLITS)
+  // overrides the count; 0 turns splitting off (the choice before it existed: those
+  // micro-batches on the one-query kernel).
   int n_kv = 0;
   for (int t = 0; t < n_tokens; ++t) n_kv = std::max(n_kv, positions[t] + 1);
   const int tiles = (n_kv + 31) / 32;  // ATB_K of kernels/attention.cl
@@ -400,13 +400,9 @@ Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* po
   if (blocks < want)
     splits = static_cast<int>(
         std::min<size_t>({(want + blocks - 1) / blocks, 16, static_cast<size_t>(tiles)}));
-  const char* forced = std::getenv("KESTREL_CL_ATT_SPLITS");
-  if (forced && std::atoi(forced) <= 0) {
-    forced = nullptr;
-    splits = 1;
-  } else if (forced) {
-    splits = std::clamp(std::atoi(forced), 1, std::max(tiles, 1));
-  }
+  const bool forced = att_splits_forced_ > 0;
+  if (att_splits_forced_ == 0) splits = 1;
+  if (forced) splits = std::min(att_splits_forced_, std::max(tiles, 1));
   // The split work-groups need only reach one per unit: each decodes a key once for 16 queries,
   // where the one-query kernel decodes it 16 times (~6x the work at head_dim 128).
   if (n_tokens >= 4 && D <= 128 && (forced || blocks * splits >= want / 2)) {
