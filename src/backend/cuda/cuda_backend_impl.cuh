@@ -179,15 +179,14 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   std::string device_name_;
-  bool graphs_disabled_ = false;  // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
-  bool mma_disabled_ = false;     // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
-  bool int8_disabled_ = false;    // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
-  bool frag_disabled_ = false;    // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
-  bool fuse_inputs_ = true;       // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
-  bool fuse_add_ = true;          // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
-  bool rope_qk_one_launch_ =
-      true;                    // RoPE of Q and K in one launch (KESTREL_CUDA_NO_ROPE_QK=1: two)
-  bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
+  bool graphs_disabled_ = false;    // KESTREL_CUDA_NO_GRAPHS=1: every pass runs eagerly
+  bool mma_disabled_ = false;       // KESTREL_CUDA_NO_MMA=1: mid batches on the GEMM path instead
+  bool int8_disabled_ = false;      // KESTREL_CUDA_NO_INT8=1: small batches on the float kernels
+  bool frag_disabled_ = false;      // KESTREL_CUDA_NO_FRAG=1: up to 64 tokens on the older kernels
+  bool fuse_inputs_ = true;         // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
+  bool fuse_add_ = true;            // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
+  bool rope_qk_one_launch_ = true;  // KESTREL_CUDA_NO_ROPE_QK=1: RoPE of Q and K apart
+  bool group_matmuls_ = true;       // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
