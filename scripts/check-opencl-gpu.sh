@@ -112,6 +112,8 @@ if ((BENCH)); then
   b="$BUILD/bin/kestrel bench -m $MODEL --backend opencl -ngl 99"
   seed=(-p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
   timeout 240 $b -r 3 -p 512 -n 0 || rc=1
+  # A/B: the tiled kernel with scalar local-memory reads (its form before the float4 runs).
+  KESTREL_CL_TILED_SCALAR=1 timeout 240 $b -r 3 -p 512 -n 0 | sed 's/^| llama/| llama (KESTREL_CL_TILED_SCALAR=1)/' || rc=1
   timeout 240 $b -r 3 "${seed[@]}" || rc=1
   # A/B: the seed's micro-batches without the key split of attention_block (its work-groups are
   # 32 heads x 1 there: the one-query kernel ran them before the split existed).

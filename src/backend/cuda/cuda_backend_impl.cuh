@@ -187,6 +187,7 @@ class CudaBackend final : public Backend {
   bool fuse_add_ = true;            // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
   bool rope_qk_one_launch_ = true;  // KESTREL_CUDA_NO_ROPE_QK=1: RoPE of Q and K apart
   bool group_matmuls_ = true;       // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
+  bool flash_attention_ = false;    // KESTREL_CUDA_FLASH=1: prompt attention fused (trial)
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
@@ -324,6 +325,11 @@ Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_
 // hi + lo parts.
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
                              const int32_t* pos, __half* p_hi, __half* p_lo, cudaStream_t s);
+// Fused causal attention in f32 (attention_flash.cu): head sizes 64 and 128, any cache type.
+bool flash_attention_fits(const AttentionParams& p);
+Status launch_attention_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
+                              const Tensor& vc, const AttentionParams& p, float* out,
+                              cudaStream_t s);
 // x[n] = hi + lo in f16 (lo: the rounding error of hi).
 Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s);
 

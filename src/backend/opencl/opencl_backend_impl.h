@@ -49,6 +49,7 @@ struct DeviceInfo {
 struct TileShape {
   int tm, tn;  // weight rows x tokens per work-group
   int wx, wy;  // work-group
+  bool vec4;   // float4 reads of runs of four rows and tokens (KESTREL_CL_TILED_SCALAR=1: off)
 };
 
 class OpenclBackend final : public Backend {
