@@ -342,8 +342,8 @@ if ((TESTS)); then
       KESTREL_CUDA_NO_ROPE_QK=1
     gpu_test_stage gpu-tests-no-ksplit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-ksplit.xml KESTREL_CUDA_NO_MATVEC_KSPLIT=1 KESTREL_CUDA_NO_FRAG_ONE_WAVE=1
-    # The fused f32 attention for prompt chunks (trial, KESTREL_CUDA_FLASH=1): the attention
-    # tests of more than 16 tokens take it.
+    # The fused f32 attention for prompt chunks forced for every cache type and length
+    # (KESTREL_CUDA_FLASH=1; by default only quantized caches up to 512 keys take it).
     gpu_test_stage gpu-tests-flash '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash.xml \
       KESTREL_CUDA_FLASH=1
   else

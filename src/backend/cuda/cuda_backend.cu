@@ -99,7 +99,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   const char* no_group = std::getenv("KESTREL_CUDA_NO_GROUP");
   be->group_matmuls_ = !(no_group && std::string(no_group) == "1");
   const char* flash = std::getenv("KESTREL_CUDA_FLASH");
-  be->flash_attention_ = flash && std::string(flash) == "1";
+  if (flash && (std::string(flash) == "0" || std::string(flash) == "1"))
+    be->flash_attention_ = std::atoi(flash);
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))

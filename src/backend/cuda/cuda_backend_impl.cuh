@@ -187,7 +187,9 @@ class CudaBackend final : public Backend {
   bool fuse_add_ = true;            // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
   bool rope_qk_one_launch_ = true;  // KESTREL_CUDA_NO_ROPE_QK=1: RoPE of Q and K apart
   bool group_matmuls_ = true;       // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
-  bool flash_attention_ = false;    // KESTREL_CUDA_FLASH=1: prompt attention fused (trial)
+  // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
+  // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
+  int flash_attention_ = -1;
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
