@@ -168,25 +168,6 @@ __global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t
   }
 }
 
-// K or V element e of cache row r (e within the row), for the decode kernel below.
-template <DType T>
-__device__ __forceinline__ float cache_value(const uint8_t* cache, int64_t row_bytes, int64_t r,
-                                             int64_t e) {
-  const uint8_t* row = cache + r * row_bytes;
-  if constexpr (T == DType::F16) {
-    return __half2float(reinterpret_cast<const __half*>(row)[e]);
-  } else if constexpr (T == DType::Q8_0) {
-    const uint8_t* b = row + 34 * (e / 32);
-    return static_cast<float>(static_cast<int8_t>(b[2 + e % 32])) *
-           __half2float(*reinterpret_cast<const __half*>(b));
-  } else {
-    const uint8_t* b = row + 18 * (e / 32);
-    const int i = static_cast<int>(e % 32);
-    const int nib = i < 16 ? (b[2 + i] & 15) : (b[2 + i - 16] >> 4);
-    return static_cast<float>(nib - 8) * __half2float(*reinterpret_cast<const __half*>(b));
-  }
-}
-
 // Few query tokens (decode, small micro-batches): one block per (head, group of kTB tokens)
 // computes those attention rows in f32 in one launch, each K/V value decoded once for the
 // group. Scores: a thread per key, the key's row decoded slice by slice; P.V: each of the 16

@@ -8,10 +8,10 @@
 // per head, 2.1 MFLOP each: 45 GFLOP, 0.7 ms at the H100/H200 FP32 rate (~67 TFLOP/s).
 //
 // Block: 256 threads on a tile of 64 queries of one head, as a 16 x 16 grid (ty, tx). Scores:
-// thread (ty, tx) holds queries 4ty..4ty+3 x keys 4tx..4tx+3 of the tile. P.V: thread (ty, tx)
-// holds the same queries x head dims 4tx + 64h + (0..3). The 16 threads of one ty (a half warp)
-// hold the same four query rows in both, so the running max, the sum and the rescale factor of a
-// row stay in their registers (reduced over the half warp with shuffles).
+// thread (ty, tx) holds queries 4ty..4ty+3 x keys tx + 16j (j < 4) of the tile. P.V: thread
+// (ty, tx) holds the same queries x head dims 4tx + 64c + (0..3). The 16 threads of one ty (a half
+// warp) hold the same four query rows in both, so the running max, the sum and the rescale factor
+// of a row stay in their registers (reduced over the half warp with shuffles).
 #include <algorithm>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
@@ -22,40 +22,28 @@ namespace kestrel::backend::cuda {
 namespace {
 
 constexpr int kFlashQ = 64, kFlashK = 64, kFlashThreads = 256;
+constexpr int kPStride = kFlashQ + 4;  // pT rows, padded: float4 stores of 8 lanes in 8 bank groups
 
-// Shared memory: qT[D][64], kT[D][64] (transposed: float4 reads along queries / keys),
-// v[64][D + 4] (padded: the (key, slice) writes of one warp spread over the banks),
-// pT[64 keys][64 queries].
+// Shared memory: qs[64][D + 4], kv[64][D + 4] (K of the tile, then V: one buffer, so that two
+// blocks fit an SM), pT[64 keys][kPStride]. Rows of D + 4 floats: the float4 reads of the keys
+// tx + 16j that 8 lanes make at once fall in 8 distinct bank groups ((D + 4) / 4 is odd).
 template <int D>
 constexpr size_t flash_smem_bytes() {
-  return sizeof(float) * (2 * D * kFlashQ + kFlashK * (D + 4) + kFlashK * kFlashQ);
+  return sizeof(float) * (2 * kFlashQ * (D + 4) + kFlashK * kPStride);
 }
 
-// One (row, 32-element slice) per thread: rows at or past n_valid (beyond the keys any query of
-// the tile may see, possibly past the cache's end) are zeros, so that masked P entries (exact
-// zeros) never meet a NaN.
-template <DType T, int D, bool kTransposed>
-__device__ __forceinline__ void load_tile(const uint8_t* base, int64_t row_bytes, int64_t slice0,
+// Rows r0 .. r0 + 63 of a K or V cache (the head's D elements from `first`) into dst[64][D + 4],
+// consecutive threads on consecutive elements (coalesced). Rows at or past n_valid (beyond the
+// keys any query of the tile may see, perhaps past the cache's end) are zeros, so that masked
+// P entries (exact zeros) never meet a NaN.
+template <DType T, int D>
+__device__ __forceinline__ void load_rows(const uint8_t* cache, int64_t row_bytes, int64_t first,
                                           int64_t r0, int64_t n_valid, float* dst) {
-  constexpr int kSlices = D / 32;
-  for (int job = threadIdx.x; job < 64 * kSlices; job += kFlashThreads) {
-    const int r = job % 64, s = job / 64;
-    float w[32];
-    if (r0 + r < n_valid) {
-      decode_slice<T>(base + (r0 + r) * row_bytes, slice0 + s, w);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 32; ++i) w[i] = 0.0f;
-    }
-    if constexpr (kTransposed) {
-#pragma unroll
-      for (int i = 0; i < 32; ++i) dst[(32 * s + i) * 64 + r] = w[i];  // [D][64]
-    } else {
-      float4* row = reinterpret_cast<float4*>(dst + r * (D + 4) + 32 * s);  // [64][D + 4]
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        row[i] = make_float4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
-    }
+#pragma unroll 4
+  for (int job = threadIdx.x; job < kFlashK * D; job += kFlashThreads) {
+    const int r = job / D, e = job % D;
+    dst[r * (D + 4) + e] =
+        r0 + r < n_valid ? cache_value<T>(cache, row_bytes, r0 + r, first + e) : 0.0f;
   }
 }
 
@@ -77,11 +65,11 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
                            int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes, int n_head,
                            int group, float scale, float* out) {
   constexpr int kDH = D / 64;  // float4 column groups per thread in P.V (1 or 2)
+  constexpr int kRow = D + 4;
   extern __shared__ float4 smem4[];
-  float* qT = reinterpret_cast<float*>(smem4);  // [D][64]
-  float* kT = qT + D * kFlashQ;                 // [D][64]
-  float* vs = kT + D * kFlashK;                 // [64][D + 4]
-  float* pT = vs + kFlashK * (D + 4);           // [64 keys][64 queries]
+  float* qs = reinterpret_cast<float*>(smem4);  // [64][D + 4]
+  float* kv = qs + kFlashQ * kRow;              // [64][D + 4]: K, then V
+  float* pT = kv + kFlashK * kRow;              // [64 keys][kPStride]
   // Heaviest tiles (the last queries see the most keys) first, across all heads.
   const int n_qtiles = (n_tokens + kFlashQ - 1) / kFlashQ;
   const int h = blockIdx.x % n_head, qt = n_qtiles - 1 - blockIdx.x / n_head;
@@ -100,16 +88,13 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
   for (int t = q0; t < min(q0 + kFlashQ, n_tokens); ++t)
     n_kv = max(n_kv, static_cast<int64_t>(pos[t]) + 1);
 
-  // Q tile, transposed; rows past the chunk are zeros.
+  // Q tile (coalesced float4 reads); rows past the chunk are zeros.
   for (int job = threadIdx.x; job < kFlashQ * (D / 4); job += kFlashThreads) {
-    const int r = job % kFlashQ, c = job / kFlashQ;  // query, float4 column
+    const int r = job / (D / 4), c = job % (D / 4);
     float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (q0 + r < n_tokens)
       v = reinterpret_cast<const float4*>(q + (q0 + r) * q_dim + int64_t{h} * D)[c];
-    qT[(4 * c) * kFlashQ + r] = v.x;
-    qT[(4 * c + 1) * kFlashQ + r] = v.y;
-    qT[(4 * c + 2) * kFlashQ + r] = v.z;
-    qT[(4 * c + 3) * kFlashQ + r] = v.w;
+    reinterpret_cast<float4*>(qs + r * kRow)[c] = v;
   }
 
   float o[4][4 * kDH], m[4], l[4];
@@ -120,23 +105,31 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
 #pragma unroll
     for (int j = 0; j < 4 * kDH; ++j) o[i][j] = 0.0f;
   }
-  const int64_t slice0 = int64_t{g} * D / 32;
+  const int64_t first = int64_t{g} * D;
   for (int64_t k0 = 0; k0 < n_kv; k0 += kFlashK) {
-    load_tile<KT, D, true>(kc, k_row_bytes, slice0, k0, n_kv, kT);
-    load_tile<VT, D, false>(vc, v_row_bytes, slice0, k0, n_kv, vs);
+    load_rows<KT, D>(kc, k_row_bytes, first, k0, n_kv, kv);
     __syncthreads();
 
-    // s = scale * Q K^T over the 4 x 4 sub-tile.
+    // s = scale * Q K^T for queries 4ty + i and keys tx + 16j, four dims per step.
     float s[4][4] = {};
-#pragma unroll 8
-    for (int d = 0; d < D; ++d) {
-      const float4 a = reinterpret_cast<const float4*>(qT + d * kFlashQ)[ty];
-      const float4 b = reinterpret_cast<const float4*>(kT + d * kFlashK)[tx];
-      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll 1
+    for (int d = 0; d < D; d += 4) {
+      float4 a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        a[i] = *reinterpret_cast<const float4*>(qs + (4 * ty + i) * kRow + d);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        b[j] = *reinterpret_cast<const float4*>(kv + (tx + 16 * j) * kRow + d);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) s[i][j] += av[i] * bv[j];
+        for (int j = 0; j < 4; ++j) {
+          s[i][j] += a[i].x * b[j].x;
+          s[i][j] += a[i].y * b[j].y;
+          s[i][j] += a[i].z * b[j].z;
+          s[i][j] += a[i].w * b[j].w;
+        }
     }
 
     // Online softmax: masked scores are -inf (p exactly 0); rows that see no key (past the
@@ -146,7 +139,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
       float mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int64_t key = k0 + 4 * tx + j;
+        const int64_t key = k0 + tx + 16 * j;
         s[i][j] = key <= last[i] ? s[i][j] * scale : -INFINITY;
         mx = fmaxf(mx, s[i][j]);
       }
@@ -166,18 +159,20 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      reinterpret_cast<float4*>(pT + (4 * tx + j) * kFlashQ)[ty] =
+      reinterpret_cast<float4*>(pT + (tx + 16 * j) * kPStride)[ty] =
           make_float4(s[0][j], s[1][j], s[2][j], s[3][j]);
-    __syncthreads();
+    __syncthreads();  // pT written, K read: V may replace it
 
+    load_rows<VT, D>(vc, v_row_bytes, first, k0, n_kv, kv);
+    __syncthreads();
     // o += P V over the tile's keys (those past n_kv have p = 0 and v = 0).
 #pragma unroll 4
     for (int k = 0; k < kFlashK; ++k) {
-      const float4 p = reinterpret_cast<const float4*>(pT + k * kFlashQ)[ty];
+      const float4 p = reinterpret_cast<const float4*>(pT + k * kPStride)[ty];
       const float pv[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
       for (int c = 0; c < kDH; ++c) {
-        const float4 v = reinterpret_cast<const float4*>(vs + k * (D + 4) + 64 * c)[tx];
+        const float4 v = reinterpret_cast<const float4*>(kv + k * kRow + 64 * c)[tx];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           o[i][4 * c] += pv[i] * v.x;
@@ -187,7 +182,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
         }
       }
     }
-    __syncthreads();  // the next tile overwrites kT, vs and pT
+    __syncthreads();  // the next tile overwrites kv and pT
   }
 
 #pragma unroll

@@ -212,4 +212,23 @@ __device__ __forceinline__ void decode_slice(const uint8_t* row, int64_t s, floa
     break;                                \
   }
 
+// Element e of row r of a KV cache (f16, q8_0 or q4_0 rows), as the scalar dequantization gives it.
+template <DType T>
+__device__ __forceinline__ float cache_value(const uint8_t* cache, int64_t row_bytes, int64_t r,
+                                             int64_t e) {
+  const uint8_t* row = cache + r * row_bytes;
+  if constexpr (T == DType::F16) {
+    return __half2float(reinterpret_cast<const __half*>(row)[e]);
+  } else if constexpr (T == DType::Q8_0) {
+    const uint8_t* b = row + 34 * (e / 32);
+    return static_cast<float>(static_cast<int8_t>(b[2 + e % 32])) *
+           __half2float(*reinterpret_cast<const __half*>(b));
+  } else {
+    const uint8_t* b = row + 18 * (e / 32);
+    const int i = static_cast<int>(e % 32);
+    const int nib = i < 16 ? (b[2 + i] & 15) : (b[2 + i - 16] >> 4);
+    return static_cast<float>(nib - 8) * __half2float(*reinterpret_cast<const __half*>(b));
+  }
+}
+
 }  // namespace kestrel::backend::cuda

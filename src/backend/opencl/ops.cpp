@@ -280,7 +280,7 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const bool tiled = rest > mid_max_tokens_;
     const int count = tiled && rest >= tile_.tn ? rest / tile_.tn * tile_.tn : rest;
     assert(count > 0);
-    const int tm = tiled ? tile_.tm : mid_rows, tn = tiled ? tile_.tn : kMidTokens;
+    const int tm = tiled ? tile_.tm : mid_rows * mid_rpw_, tn = tiled ? tile_.tn : kMidTokens;
     const size_t groups_r = static_cast<size_t>((n_out + tm - 1) / tm);
     const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
     // Split the input columns when the output tiles alone would leave compute units idle
