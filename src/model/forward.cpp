@@ -78,7 +78,7 @@ Status Forward::move_residual(Backend* from, Backend* to, int n) {
 }
 
 Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cache,
-                    const int32_t* logit_rows, int n_logit_rows, float* logits) {
+                    const int32_t* logit_rows, int n_logit_rows, float* logits, bool overlap) {
   const Config& c = model_.config();
   if (n <= 0 || n > max_tokens_)
     return error("batch of %d tokens does not fit the micro-batch size %d", n, max_tokens_);
@@ -107,6 +107,7 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
   } else {
     KESTREL_TRY(enqueue(tokens, n, cache, logit_rows, n_logit_rows));
   }
+  if (overlap && n_logit_rows == 0 && !one_backend_ && !profiler_) return Status::ok();
   Backend& last = n_logit_rows > 0 ? *model_.head_backend() : *model_.layer(c.n_layer - 1).backend;
   KESTREL_TRY(last.synchronize());
   if (n_logit_rows > 0)

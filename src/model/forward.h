@@ -29,8 +29,15 @@ class Forward {
   // Runs tokens[0..n) at positions pos0..pos0+n-1, storing their K/V in `cache`, and writes
   // the logits of the rows listed in logit_rows (indices into the batch) to
   // logits[n_logit_rows][n_vocab]. n_logit_rows may be 0 (no head is computed).
+  //
+  // `overlap`: a pass without logits over a split placement (CPU layers, then GPU layers) may
+  // return once its device work is enqueued, so that the next pass's CPU layers run while the
+  // device finishes this one (-ngl 31: layer 0 of micro-batch i + 1 on the CPU beside layers
+  // 1-31 of micro-batch i). The next pass's upload to the device waits for it; the caller ends
+  // with a pass that does not overlap (the last of a chunk), which synchronizes. Never with a
+  // profiler attached (the upload would carry the wait) or on one backend (nothing to overlap).
   Status run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cache,
-             const int32_t* logit_rows, int n_logit_rows, float* logits);
+             const int32_t* logit_rows, int n_logit_rows, float* logits, bool overlap = false);
 
   // Per-op times go to `p` while it is set (nullptr: off, the default).
   void set_profiler(OpProfiler* p) { profiler_ = p; }

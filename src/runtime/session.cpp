@@ -57,8 +57,11 @@ Status Session::prefill(const std::vector<int32_t>& tokens, std::vector<float>* 
         rows.push_back(n - 1);
         out = last_logits_.data();
       }
+      // Micro-batches overlap within a chunk (Forward::run); its last one synchronizes, so that
+      // the chunk's time holds all of its work.
+      const bool last_of_chunk = first + n == chunk.first_token + chunk.n_tokens;
       KESTREL_TRY(forward_->run(tokens.data() + first, n, n_past_ + first, *cache_, rows.data(),
-                                static_cast<int>(rows.size()), out));
+                                static_cast<int>(rows.size()), out, !last_of_chunk));
       first += n;
     }
     const double ms =

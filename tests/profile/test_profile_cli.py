@@ -2,11 +2,12 @@
 """`--profile`: per-op times by op kind, in the markdown report and the JSON report, overall
 and per chunk; profiling changes no result (logits bit-identical) and, off, leaves no trace.
 The warm-up pass of GPU backends (OpenCL when built): reported, outside the profile, no logit
-changed.
+changed. Micro-batches overlapping across a CPU/OpenCL split: the same logits as run serially.
 No timing bounds: only that the numbers are consistent (shares within the wall time)."""
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -40,6 +41,39 @@ def check_warm_up(run):
     check(calls(warm) == calls(cold), "the warm-up pass is not in the profile")
     check(calls(cold).get("copy logits to host") == 6,
           f"OpenCL: every micro-batch's logits copy is timed ({calls(cold)})")
+
+
+def check_overlap(kestrel, model, tokens, workdir):
+    """A split placement (layer 0 on the CPU, layer 1 on OpenCL, the head on the CPU) lets the CPU
+    layers of one micro-batch run while the device finishes the previous one: the last logits must
+    be bit-identical to the same micro-batches run one after the other (--profile turns the
+    overlap off) and agree with the CPU backend."""
+    def last_logits(extra, name):
+        out = os.path.join(workdir, f"overlap-{name}.f32")
+        p = subprocess.run([kestrel, "run", "-m", model, "--tokens", tokens, "-n", "0", "-b", "64",
+                            "-ub", "8", "--dump-last-logits", out] + extra,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr)
+        with open(out, "rb") as f:
+            return f.read()
+    split = ["--backend", "opencl", "-ngl", "1"]
+    try:
+        overlapped = last_logits(split, "overlapped")
+    except RuntimeError as e:
+        if "OpenCL" in str(e):
+            print(f"skip overlap checks (no OpenCL backend: {str(e).strip()[:200]})")
+            return
+        raise
+    serial = last_logits(split + ["--profile"], "serial")
+    cpu = last_logits(["--backend", "cpu"], "cpu")
+    check(len(overlapped) > 0 and overlapped == serial,
+          "-ngl 1: overlapped micro-batches give the serial run's last logits (bit-identical)")
+    a = struct.unpack(f"{len(overlapped) // 4}f", overlapped)
+    b = struct.unpack(f"{len(cpu) // 4}f", cpu)
+    err = max(abs(x - y) for x, y in zip(a, b)) / max(max(abs(y) for y in b), 1e-30)
+    check(len(a) == len(b) and err < 1e-3,
+          f"-ngl 1 overlapped: last logits within 1e-3 of the CPU backend's (max rel. {err:.2e})")
 
 
 def main():
@@ -91,6 +125,7 @@ def main():
     check("warmup_ms" not in plain or plain["warmup_ms"] == 0,
           "the CPU backend runs no warm-up pass")
     check_warm_up(run)
+    check_overlap(args.kestrel, model, tokens, args.workdir)
     print(f"{len(failures)} failures")
     return 1 if failures else 0
 

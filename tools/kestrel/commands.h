@@ -21,6 +21,7 @@ struct RunOptions {
   std::string file;    // -f
   std::string tokens;  // "1,2,3"
   std::string dump_logits;
+  std::string dump_last_logits;
 };
 void add_run_command(CLI::App& app, RunOptions& o);
 int run_command(RunOptions& o);

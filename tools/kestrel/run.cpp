@@ -62,6 +62,9 @@ void add_run_command(CLI::App& app, RunOptions& o) {
   run->add_option("--tokens", o.tokens, "prompt as token ids, e.g. 1,2,3");
   run->add_option("--dump-logits", o.dump_logits,
                   "write float32 logits of every prompt position, [n_prompt][n_vocab]");
+  run->add_option("--dump-last-logits", o.dump_last_logits,
+                  "write float32 logits of the last prompt position, [n_vocab], computed as "
+                  "without --dump-logits (the head runs for that row only)");
 }
 
 int run_command(RunOptions& o) {
@@ -97,6 +100,13 @@ int run_command(RunOptions& o) {
     st = runtime::write_file_atomic(
         o.dump_logits, std::string_view(reinterpret_cast<const char*>(all_logits.data()),
                                         all_logits.size() * sizeof(float)));
+    if (!st) return fail(st.message());
+  }
+  if (!o.dump_last_logits.empty()) {
+    const std::vector<float>& last = l.session->last_logits();
+    st = runtime::write_file_atomic(
+        o.dump_last_logits,
+        std::string_view(reinterpret_cast<const char*>(last.data()), last.size() * sizeof(float)));
     if (!st) return fail(st.message());
   }
 
