@@ -373,6 +373,13 @@ if ((TESTS && !QUICK)); then
     ((BENCH)) && bench_reserve=$BENCH_SECS
     e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
     e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
+    # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
+    # same last logits as run one after the other (bit-identical), near the CPU's.
+    run_stage overlap-cuda "$(limit 60 $((bench_reserve + 5)))" '^ok|^FAIL|^skip|failures' \
+      python3 "$ROOT/tests/profile/test_profile_cli.py" --kestrel "$BUILD/bin/kestrel" \
+      --workdir "$WORK/profile" --gpu-backend cuda
+    record overlap-cuda "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
+      "$(tail -n 40 "$LOG" | grep -E '^[0-9]+ failures' | tail -n 1)"
   else
     record e2e-gpu SKIP 0 "kestrel not built"
     record e2e-split SKIP 0 "kestrel not built"

@@ -20,31 +20,32 @@ def check(ok, what):
         failures.append(what)
 
 
-def check_warm_up(run):
-    """A GPU backend (OpenCL here, PoCL in CI) runs one untimed pass before the prompt: the report
-    says so, and neither the logits nor the profile's op counts change."""
-    gpu = ["--backend", "opencl", "-ngl", "99"]
+def check_warm_up(run, backend):
+    """A GPU backend (OpenCL on PoCL in CI; --gpu-backend cuda on the GPU machine) runs one untimed
+    pass before the prompt: the report says so, and neither the logits nor the profile's op counts
+    change."""
+    gpu = ["--backend", backend, "-ngl", "99"]
     try:
         warm, warm_logits, p = run(gpu + ["--profile", "--report"], "warm")
         cold, cold_logits, _ = run(gpu + ["--profile", "--no-warmup"], "cold")
     except RuntimeError as e:
-        if "OpenCL" in str(e):
-            print(f"skip warm-up checks (no OpenCL backend: {str(e).strip()[:200]})")
+        if backend.lower() in str(e).lower():
+            print(f"skip warm-up checks (no {backend} backend: {str(e).strip()[:200]})")
             return
         raise
     check(warm.get("warmup_ms", 0) > 0 and "one pass of 16 tokens, not timed" ==
           warm.get("warmup", "") and "| warm-up (before timing) |" in p.stdout,
-          f"OpenCL: the warm-up pass is reported ({warm.get('warmup_ms')} ms, {warm.get('warmup')!r})")
+          f"{backend}: the warm-up pass is reported ({warm.get('warmup_ms')} ms, {warm.get('warmup')!r})")
     check(cold.get("warmup_ms", 0) == 0, "--no-warmup runs none")
     check(warm_logits == cold_logits, "the warm-up changes no logit (bit-identical)")
     calls = lambda r: {o["op"]: o["calls"] for o in r["profile"]["ops"]}
     check(calls(warm) == calls(cold), "the warm-up pass is not in the profile")
     check(calls(cold).get("copy logits to host") == 6,
-          f"OpenCL: every micro-batch's logits copy is timed ({calls(cold)})")
+          f"{backend}: every micro-batch's logits copy is timed ({calls(cold)})")
 
 
-def check_overlap(kestrel, model, tokens, workdir):
-    """A split placement (layer 0 on the CPU, layer 1 on OpenCL, the head on the CPU) lets the CPU
+def check_overlap(kestrel, model, tokens, workdir, backend):
+    """A split placement (layer 0 on the CPU, layer 1 on the GPU, the head on the CPU) lets the CPU
     layers of one micro-batch run while the device finishes the previous one: the last logits must
     be bit-identical to the same micro-batches run one after the other (--profile turns the
     overlap off) and agree with the CPU backend."""
@@ -57,29 +58,30 @@ def check_overlap(kestrel, model, tokens, workdir):
             raise RuntimeError(p.stderr)
         with open(out, "rb") as f:
             return f.read()
-    split = ["--backend", "opencl", "-ngl", "1"]
+    split = ["--backend", backend, "-ngl", "1"]
     try:
         overlapped = last_logits(split, "overlapped")
     except RuntimeError as e:
-        if "OpenCL" in str(e):
-            print(f"skip overlap checks (no OpenCL backend: {str(e).strip()[:200]})")
+        if backend.lower() in str(e).lower():
+            print(f"skip overlap checks (no {backend} backend: {str(e).strip()[:200]})")
             return
         raise
     serial = last_logits(split + ["--profile"], "serial")
     cpu = last_logits(["--backend", "cpu"], "cpu")
     check(len(overlapped) > 0 and overlapped == serial,
-          "-ngl 1: overlapped micro-batches give the serial run's last logits (bit-identical)")
+          f"{backend} -ngl 1: overlapped micro-batches give the serial run's last logits (bit-identical)")
     a = struct.unpack(f"{len(overlapped) // 4}f", overlapped)
     b = struct.unpack(f"{len(cpu) // 4}f", cpu)
     err = max(abs(x - y) for x, y in zip(a, b)) / max(max(abs(y) for y in b), 1e-30)
     check(len(a) == len(b) and err < 1e-3,
-          f"-ngl 1 overlapped: last logits within 1e-3 of the CPU backend's (max rel. {err:.2e})")
+          f"{backend} -ngl 1 overlapped: last logits within 1e-3 of the CPU backend's (max rel. {err:.2e})")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kestrel", required=True)
     ap.add_argument("--workdir", required=True)
+    ap.add_argument("--gpu-backend", default="opencl", help="the GPU backend to check (opencl, cuda)")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
@@ -124,8 +126,8 @@ def main():
           "largest ops (share of the chunk)" in p.stdout, "markdown report shows the profile")
     check("warmup_ms" not in plain or plain["warmup_ms"] == 0,
           "the CPU backend runs no warm-up pass")
-    check_warm_up(run)
-    check_overlap(args.kestrel, model, tokens, args.workdir)
+    check_warm_up(run, args.gpu_backend)
+    check_overlap(args.kestrel, model, tokens, args.workdir, args.gpu_backend)
     print(f"{len(failures)} failures")
     return 1 if failures else 0
 
