@@ -99,6 +99,7 @@ VARIANTS = [
     ("KESTREL_CUDA_NO_ROPE_QK=1", "llama2-7b tg128"),  # RoPE of Q and K in two launches
     ("KESTREL_CUDA_NO_MATVEC_KSPLIT=1", "llama2-7b tg128"),  # decode matvec, warp per row
     ("KESTREL_CUDA_FLASH=0", "seed case, defaults"),  # attention on the tensor-core GEMMs
+    ("KESTREL_CUDA_FLASH_V2=1", "seed case, defaults"),  # the fused kernel's coalesced trial
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

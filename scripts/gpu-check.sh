@@ -346,6 +346,8 @@ if ((TESTS)); then
     # (KESTREL_CUDA_FLASH=1; by default only quantized caches up to 512 keys take it).
     gpu_test_stage gpu-tests-flash '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash.xml \
       KESTREL_CUDA_FLASH=1
+    gpu_test_stage gpu-tests-flash-v2 '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash-v2.xml \
+      KESTREL_CUDA_FLASH=1 KESTREL_CUDA_FLASH_V2=1
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi

@@ -190,6 +190,7 @@ class CudaBackend final : public Backend {
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
+  bool flash_v2_ = false;  // KESTREL_CUDA_FLASH_V2=1: its coalesced-load version (trial)
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
@@ -330,7 +331,7 @@ Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int
 // Fused causal attention in f32 (attention_flash.cu): head sizes 64 and 128, any cache type.
 bool flash_attention_fits(const AttentionParams& p);
 Status launch_attention_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-                              const Tensor& vc, const AttentionParams& p, float* out,
+                              const Tensor& vc, const AttentionParams& p, float* out, bool v2,
                               cudaStream_t s);
 // x[n] = hi + lo in f16 (lo: the rounding error of hi).
 Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s);

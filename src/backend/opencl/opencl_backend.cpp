@@ -157,7 +157,7 @@ Status OpenclBackend::build_kernels() {
     if (rows == 32 || rows == 64 || rows == 128) mid_rows_ = rows;
   }
   mid_split_ = wide_ ? 256 / mid_rows_ : 1;
-  if (const char* v = std::getenv("KESTREL_CL_MID_RPW"); v && std::atoi(v) == 1) mid_rpw_ = 1;
+  if (const char* v = std::getenv("KESTREL_CL_MID_RPW"); v && std::atoi(v) == 2) mid_rpw_ = 2;
   if (const char* v = std::getenv("KESTREL_CL_MID_GROUPS_PER_CU"))
     mid_groups_per_cu_ = std::clamp(std::atoi(v), 1, 16);
   if (const char* v = std::getenv("KESTREL_CL_ATT_SPLITS"))

@@ -287,13 +287,14 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     // (decode-sized outputs, short micro-batches): about 4 work-groups per unit.
     const size_t want = static_cast<size_t>(tiled ? 4 : mid_groups_per_cu_) *
                         std::max<size_t>(info_.compute_units, 1);
-    // At most 8 splits for the tiled kernel, 16 for matmul_mid: with two rows per work-item its
-    // 4096-row outputs are 16 work-groups, 8 splits of them one per compute unit on the H200.
+    // At most 8 splits, 16 for matmul_mid with two rows per work-item: its 4096-row outputs are
+    // then 16 work-groups, 8 splits of them only one per compute unit on the H200.
+    const size_t max_splits = !tiled && mid_rpw_ == 2 ? 16 : 8;
     int splits = 1;
     if (groups_r * groups_t < want)
-      splits = static_cast<int>(std::min<size_t>(
-          {(want + groups_r * groups_t - 1) / (groups_r * groups_t), size_t{tiled ? 8u : 16u},
-           static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+      splits = static_cast<int>(
+          std::min<size_t>({(want + groups_r * groups_t - 1) / (groups_r * groups_t), max_splits,
+                            static_cast<size_t>(std::max(n_blocks / 4, 1))}));
     const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
     cl_mem part = nullptr;
     if (splits > 1) {

@@ -135,7 +135,7 @@ kernel void matmul_reduce(global const float* part, int splits, long part_stride
 #define MID_ROWS 128
 #endif
 #ifndef MID_RPW
-#define MID_RPW 2
+#define MID_RPW 1
 #endif
 #define MID_T 16
 #define MID_CHUNK 8
