@@ -208,6 +208,14 @@ fi
 
 # Seconds the benchmarks need: Kestrel's runs, and llama-bench's beside them with --peer.
 BENCH_SECS=$((120 + 90 * PEER))
+# What the chosen stages take on the H200 (2026-12-03): build ~40 s, GPU op tests ~110 s, e2e and
+# the overlap check ~100 s, benchmarks BENCH_SECS, OpenCL ~150 s. A smaller budget starves the
+# later stages (a 165 s budget gave the op tests 16 s and the benchmarks 14 s): say so up front.
+need=$((60 + 110 * TESTS + 100 * (TESTS && !QUICK) + BENCH_SECS * BENCH + 150 * OPENCL))
+if ((BUDGET < need)); then
+  say "gpu-check: warning: a budget of ${BUDGET}s is below the ~${need}s these stages take; the" \
+    "later ones will be cut short (fewer stages: --no-opencl, --quick, --no-bench, --bench-only)"
+fi
 
 # --- 2b. the peer: llama.cpp's llama-bench with CUDA, built in the background --------------------
 PEER_DIR=$WORK/llama.cpp
