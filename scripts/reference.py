@@ -210,7 +210,20 @@ def round_trip(x: np.ndarray, kv_type: str, near_ties: list[int] | None = None) 
         if near_ties is not None and kv_type == "q4_0":
             frac = np.abs(r) - np.floor(np.abs(r))
             inside = (r > qmin - 0.5) & (r < qmax + 0.5)                         # not clipped
-            near_ties.append(int(np.count_nonzero((np.abs(frac - 0.5) < NEAR_TIE) & inside)))
+            ties = int(np.count_nonzero((np.abs(frac - 0.5) < NEAR_TIE) & inside))
+            # A whole block moves when its scale is near-tied: m / -8 near the midpoint of two
+            # fp16 values, or the two largest magnitudes near-equal with opposite signs (m's sign).
+            d32 = np.asarray(m / np.float32(-8), dtype=np.float32).ravel()
+            d16 = d32.astype(np.float16)
+            ulp = np.spacing(np.abs(d16)).astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                off = np.where(ulp > 0, np.abs(d32.astype(np.float64) - d16) / ulp, 0.0)
+            ties += int(np.count_nonzero(np.abs(off - 0.5) < NEAR_TIE))
+            order = np.argsort(-np.abs(b), axis=1)[:, :2]
+            top = np.take_along_axis(b, order, axis=1)                           # [blocks, 2]
+            close = np.abs(np.abs(top[:, 0]) - np.abs(top[:, 1])) <= NEAR_TIE * np.abs(top[:, 0])
+            ties += int(np.count_nonzero(close & (np.sign(top[:, 0]) != np.sign(top[:, 1]))))
+            near_ties.append(ties)
         out = (q * d).reshape(rows.shape)
     else:
         raise ValueError(f"unsupported KV type {kv_type!r}")

@@ -252,7 +252,9 @@ def run_prompt(wd: "Workdir", run: "Run", seed: int, chosen: dict) -> list[int]:
     reference must have no K/V value within reference.NEAR_TIE of a rounding midpoint: there the
     stored code is decided by f32 noise (~1e-6 of a value), not by the engine's correctness, and
     one flipped code moves a small model's logits by ~1e-2, past the 5e-3 bound (this failed ~5%
-    of seeds on the CPU and on OpenCL alike). Such a prompt is replaced by the next draw; the
+    of seeds on the CPU and on OpenCL alike). A block's scale counts too (reference.round_trip):
+    near an fp16 midpoint, or its sign near-tied, it moves every code of the block (CPU, seed
+    4034900281, before it was counted). Such a prompt is replaced by the next draw; the
     comparison and its bound stay as they are. All batchings of a (model, KV type) share the
     prompt, so that they can be compared with each other."""
     key = (run.model.name, run.kv)
