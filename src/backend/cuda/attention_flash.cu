@@ -40,6 +40,74 @@ __device__ __forceinline__ float half_warp_sum(float v) {
   return v;
 }
 
+// This thread's query rows (4ty + i of the tile at q0): their last visible key in last[] (-1 for
+// rows past the chunk). Returns the keys any query of the tile sees.
+__device__ __forceinline__ int64_t tile_keys(const int32_t* pos, int n_tokens, int q0, int ty,
+                                             int (&last)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int t = q0 + 4 * ty + i;
+    last[i] = t < n_tokens ? pos[t] : -1;
+  }
+  int64_t n_kv = 0;
+  for (int t = q0; t < min(q0 + kFlashQ, n_tokens); ++t)
+    n_kv = max(n_kv, static_cast<int64_t>(pos[t]) + 1);
+  return n_kv;
+}
+
+// One tile's step of the online softmax over scores s[i][j] of keys key0 + step * j: masked
+// scores are -inf (p exactly 0); rows that see no key (past the chunk) keep a max of 0 so that no
+// inf - inf appears. s becomes p; the running max m, sum l and the outputs o are rescaled.
+template <int kDH>
+__device__ __forceinline__ void online_softmax(float (&s)[4][4], int64_t key0, int step,
+                                               const int (&last)[4], float scale, float (&m)[4],
+                                               float (&l)[4], float (&o)[4][4 * kDH]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t key = key0 + step * j;
+      s[i][j] = key <= last[i] ? s[i][j] * scale : -INFINITY;
+      mx = fmaxf(mx, s[i][j]);
+    }
+    const float m_new = fmaxf(m[i], half_warp_max(mx));
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    const float alpha = expf(m[i] - m_use);  // 0 on the first tile (m = -inf)
+    m[i] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      s[i][j] = expf(s[i][j] - m_use);
+      sum += s[i][j];
+    }
+    l[i] = l[i] * alpha + sum;  // this thread's keys only: reduced at the end
+#pragma unroll
+    for (int j = 0; j < 4 * kDH; ++j) o[i][j] *= alpha;
+  }
+}
+
+// The thread's rows of the output, o / l (l summed over the half warp), into out (the head's
+// first column) with rows q_dim apart.
+template <int D>
+__device__ __forceinline__ void write_rows(const float (&o)[4][4 * (D / 64)], const float (&l)[4],
+                                           int q0, int ty, int tx, int n_tokens, float* out,
+                                           int64_t q_dim) {
+  constexpr int kDH = D / 64;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float total = half_warp_sum(l[i]);
+    const int t = q0 + 4 * ty + i;
+    if (t >= n_tokens) continue;
+    const float inv = 1.0f / total;
+    float* dst = out + t * q_dim;
+#pragma unroll
+    for (int c = 0; c < kDH; ++c)
+      reinterpret_cast<float4*>(dst + 64 * c)[tx] = make_float4(
+          o[i][4 * c] * inv, o[i][4 * c + 1] * inv, o[i][4 * c + 2] * inv, o[i][4 * c + 3] * inv);
+  }
+}
+
 // v1 (the default): K transposed in shared memory, a thread per (key row, 32-element slice).
 // Shared memory: qT[D][64], kT[D][64] (transposed: float4 reads along queries / keys),
 // v[64][D + 4] (padded: the (key, slice) writes of one warp spread over the banks),
@@ -95,16 +163,8 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
   const int64_t q_dim = int64_t{n_head} * D;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 
-  // This thread's query rows: their last visible key (-1 for rows past the chunk).
   int last[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int t = q0 + 4 * ty + i;
-    last[i] = t < n_tokens ? pos[t] : -1;
-  }
-  int64_t n_kv = 0;  // keys the tile's queries see
-  for (int t = q0; t < min(q0 + kFlashQ, n_tokens); ++t)
-    n_kv = max(n_kv, static_cast<int64_t>(pos[t]) + 1);
+  const int64_t n_kv = tile_keys(pos, n_tokens, q0, ty, last);
 
   // Q tile, transposed; rows past the chunk are zeros.
   for (int job = threadIdx.x; job < kFlashQ * (D / 4); job += kFlashThreads) {
@@ -145,31 +205,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
         for (int j = 0; j < 4; ++j) s[i][j] += av[i] * bv[j];
     }
 
-    // Online softmax: masked scores are -inf (p exactly 0); rows that see no key (past the
-    // chunk) keep a max of 0 so that no inf - inf appears.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t key = k0 + 4 * tx + j;
-        s[i][j] = key <= last[i] ? s[i][j] * scale : -INFINITY;
-        mx = fmaxf(mx, s[i][j]);
-      }
-      const float m_new = fmaxf(m[i], half_warp_max(mx));
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = expf(m[i] - m_use);  // 0 on the first tile (m = -inf)
-      m[i] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[i][j] = expf(s[i][j] - m_use);
-        sum += s[i][j];
-      }
-      l[i] = l[i] * alpha + sum;  // this thread's keys only: reduced at the end
-#pragma unroll
-      for (int j = 0; j < 4 * kDH; ++j) o[i][j] *= alpha;
-    }
+    online_softmax<kDH>(s, k0 + 4 * tx, 1, last, scale, m, l, o);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       reinterpret_cast<float4*>(pT + (4 * tx + j) * kFlashQ)[ty] =
@@ -196,18 +232,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
     __syncthreads();  // the next tile overwrites kT, vs and pT
   }
 
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float total = half_warp_sum(l[i]);
-    const int t = q0 + 4 * ty + i;
-    if (t >= n_tokens) continue;
-    const float inv = 1.0f / total;
-    float* dst = out + t * q_dim + int64_t{h} * D;
-#pragma unroll
-    for (int c = 0; c < kDH; ++c)
-      reinterpret_cast<float4*>(dst + 64 * c)[tx] = make_float4(
-          o[i][4 * c] * inv, o[i][4 * c + 1] * inv, o[i][4 * c + 2] * inv, o[i][4 * c + 3] * inv);
-  }
+  write_rows<D>(o, l, q0, ty, tx, n_tokens, out + int64_t{h} * D, q_dim);
 }
 
 // v2 (trial, KESTREL_CUDA_FLASH_V2=1): K and V rows read coalesced, one buffer for both.
@@ -254,16 +279,8 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
   const int64_t q_dim = int64_t{n_head} * D;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
 
-  // This thread's query rows: their last visible key (-1 for rows past the chunk).
   int last[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int t = q0 + 4 * ty + i;
-    last[i] = t < n_tokens ? pos[t] : -1;
-  }
-  int64_t n_kv = 0;  // keys the tile's queries see
-  for (int t = q0; t < min(q0 + kFlashQ, n_tokens); ++t)
-    n_kv = max(n_kv, static_cast<int64_t>(pos[t]) + 1);
+  const int64_t n_kv = tile_keys(pos, n_tokens, q0, ty, last);
 
   // Q tile (coalesced float4 reads); rows past the chunk are zeros.
   for (int job = threadIdx.x; job < kFlashQ * (D / 4); job += kFlashThreads) {
@@ -309,31 +326,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
         }
     }
 
-    // Online softmax: masked scores are -inf (p exactly 0); rows that see no key (past the
-    // chunk) keep a max of 0 so that no inf - inf appears.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t key = k0 + tx + 16 * j;
-        s[i][j] = key <= last[i] ? s[i][j] * scale : -INFINITY;
-        mx = fmaxf(mx, s[i][j]);
-      }
-      const float m_new = fmaxf(m[i], half_warp_max(mx));
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = expf(m[i] - m_use);  // 0 on the first tile (m = -inf)
-      m[i] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[i][j] = expf(s[i][j] - m_use);
-        sum += s[i][j];
-      }
-      l[i] = l[i] * alpha + sum;  // this thread's keys only: reduced at the end
-#pragma unroll
-      for (int j = 0; j < 4 * kDH; ++j) o[i][j] *= alpha;
-    }
+    online_softmax<kDH>(s, k0 + tx, 16, last, scale, m, l, o);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       reinterpret_cast<float4*>(pT + (tx + 16 * j) * kPStride)[ty] =
@@ -362,18 +355,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
     __syncthreads();  // the next tile overwrites kv and pT
   }
 
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float total = half_warp_sum(l[i]);
-    const int t = q0 + 4 * ty + i;
-    if (t >= n_tokens) continue;
-    const float inv = 1.0f / total;
-    float* dst = out + t * q_dim + int64_t{h} * D;
-#pragma unroll
-    for (int c = 0; c < kDH; ++c)
-      reinterpret_cast<float4*>(dst + 64 * c)[tx] = make_float4(
-          o[i][4 * c] * inv, o[i][4 * c + 1] * inv, o[i][4 * c + 2] * inv, o[i][4 * c + 3] * inv);
-  }
+  write_rows<D>(o, l, q0, ty, tx, n_tokens, out + int64_t{h} * D, q_dim);
 }
 
 template <DType KT, DType VT, int D>
