@@ -262,6 +262,7 @@ if ((RC == 0)); then record configure PASS "$STAGE_SECS" ""; else record configu
 
 targets=(kestrel)
 ((TESTS)) && targets+=(kestrel_tests)
+((BENCH)) && targets+=(kestrel_gpu_matmul_bench)
 # built TARGET: after a failed build (-k 0 built what it could), whether TARGET itself is up to
 # date: ninja retries only its failed edges, so this is quick when TARGET does not depend on them.
 built() { timeout 300 cmake --build "$BUILD" -j "$NPROC" --target "$1" >>"$LOG" 2>&1 && [[ -x "$BUILD/bin/$1" ]]; }
@@ -356,6 +357,9 @@ if ((TESTS)); then
       KESTREL_CUDA_FLASH=1
     gpu_test_stage gpu-tests-flash-v2 '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash-v2.xml \
       KESTREL_CUDA_FLASH=1 KESTREL_CUDA_FLASH_V2=1
+    # The 5-16-token kernel with 3 steps in flight (KESTREL_CUDA_FRAG_DEPTH; default 1).
+    gpu_test_stage gpu-tests-frag-depth '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-frag-depth.xml KESTREL_CUDA_FRAG_DEPTH=3
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi
@@ -431,6 +435,17 @@ if ((BENCH)); then
     else
       record peer-build FAIL "${psecs:-0}" "exit ${prc}: $(grep -m1 -E 'error|Error' "$WORK/peer-build.log" | cut -c1-200)"
     fi
+  fi
+  # The matmul kernels alone (bench/gpu_matmul_bench.cpp): one llama2-7b layer's shapes against
+  # 1, 16 and 512 tokens, under each setting of $GPU_MATMUL_VARIANTS (';'-separated env
+  # assignments, "-" for the defaults): how far each kernel is from the bandwidth floor.
+  MM_BIN=$BUILD/bin/kestrel_gpu_matmul_bench
+  if [[ -x "$MM_BIN" ]]; then
+    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_FRAG_DEPTH=2;KESTREL_CUDA_FRAG_DEPTH=3;KESTREL_CUDA_FRAG_DEPTH=2 KESTREL_CUDA_FRAG_SPLITS=4;KESTREL_CUDA_FRAG_DEPTH=3 KESTREL_CUDA_FRAG_SPLITS=2}"
+    run_stage matmul-bench "$(limit 90 $((BENCH_SECS + 5)))" '^## |^\| [a-z]|failed' \
+      env OUTDIR="$OUTDIR" bash "$ROOT/bench/lab/matmul_sweep.sh" "$MM_BIN" "${mm_variants[@]}"
+    record matmul-bench "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
+      "${#mm_variants[@]} settings; table in gpu-check.log"
   fi
   if ((KESTREL_OK)); then
     lim=$(limit 600 5)

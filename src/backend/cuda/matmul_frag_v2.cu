@@ -153,16 +153,57 @@ __device__ void reduce_splits_if_last(const FragV2Args& a) {
   if (threadIdx.x == 0) a.arrivals[blockIdx.x] = 0;  // ready for the next launch
 }
 
-// out[T][n_out] for rows [64 * blockIdx.x, +64), over quant blocks [blockIdx.y *
-// blocks_per_split, +blocks_per_split).
+// The product of one step: the lane's codes `cur` against the step's activations xb.
 template <DType T, int NT>
+__device__ __forceinline__ void multiply_step(const LaneCodes<T>& cur, const __half* xb, int g,
+                                              int c, int n_tiles, float (&acc)[NT / 8][4]) {
+  using L = FragLayout<T>;
+#pragma unroll
+  for (int h = 0; h < L::kBlocksPerLane; ++h) {
+    const __half2 sa = __half2half2(cur.scale[0][h]), sb = __half2half2(cur.scale[1][h]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      // Elements 8q .. 8q + 7 of the lane's block, for tokens 8j + g: B of two k-steps.
+      uint4 bx[NT / 8];
+#pragma unroll
+      for (int j = 0; j < NT / 8; ++j)
+        bx[j] = *reinterpret_cast<const uint4*>(xb + (8 * j + g) * L::kRowStride +
+                                                (c + 4 * h) * L::kBlockStride + 8 * q);
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub) {
+        const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
+        // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
+        // a0 row g, a1 row g+8, a2 / a3 the upper slots.
+        const uint32_t af[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
+                                codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
+                                codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
+                                codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j) {
+          if (j >= n_tiles) break;
+          mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
+        }
+      }
+    }
+  }
+}
+
+// out[T][n_out] for rows [64 * blockIdx.x, +64), over quant blocks [blockIdx.y *
+// blocks_per_split, +blocks_per_split). D steps are in flight while one is multiplied: the
+// weights in a ring of D + 1 register sets, the activations in D + 1 shared buffers (the loop
+// is unrolled by D + 1 so that every ring index is a constant). A block streams only a few
+// steps (the seed's 4096 x 4096 products: 2 to 6), so with D = 1 each step waited about one
+// memory latency; a deeper ring puts more of the block's bytes in flight at once.
+template <DType T, int NT, int D>
 __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV2Args a) {
   const uint8_t* qs = a.qs;
   const __half* d = a.d;
   const int64_t n_in = a.n_in, n_out = a.n_out;
   const int n_tokens = a.n_tokens;
   using L = FragLayout<T>;
-  __shared__ __align__(16) __half xs[2][NT * L::kRowStride];
+  constexpr int kRing = D + 1;
+  constexpr int64_t kStep = L::kStepBlocks;
+  __shared__ __align__(16) __half xs[kRing][NT * L::kRowStride];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t nb = n_in / 32;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + 16 * warp;
@@ -175,51 +216,27 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
 #pragma unroll
   for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-  LaneCodes<T> cur;
-  cur.load(qs, d, nb, rows, kb0, kb1, c);
-  stage_acts<T, NT>(a.x16, n_in, n_tokens, kb0, kb1, xs[0]);
-  int buf = 0;
-  for (int64_t cb = kb0; cb < kb1; cb += L::kStepBlocks) {
-    // The next step's weights and activations are in flight while this step is multiplied.
-    LaneCodes<T> next;
-    next.load(qs, d, nb, rows, cb + L::kStepBlocks, kb1, c);
-    stage_acts<T, NT>(a.x16, n_in, n_tokens, cb + L::kStepBlocks, kb1, xs[buf ^ 1]);
-    __pipeline_wait_prior(1);  // this step's activations have landed
-    __syncthreads();
-    const __half* xb = xs[buf];
+  LaneCodes<T> ring[kRing];
 #pragma unroll
-    for (int h = 0; h < L::kBlocksPerLane; ++h) {
-      const __half2 sa = __half2half2(cur.scale[0][h]), sb = __half2half2(cur.scale[1][h]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // Elements 8q .. 8q + 7 of the lane's block, for tokens 8j + g: B of two k-steps.
-        uint4 bx[NT / 8];
-#pragma unroll
-        for (int j = 0; j < NT / 8; ++j)
-          bx[j] = *reinterpret_cast<const uint4*>(xb + (8 * j + g) * L::kRowStride +
-                                                  (c + 4 * h) * L::kBlockStride + 8 * q);
-#pragma unroll
-        for (int sub = 0; sub < 2; ++sub) {
-          const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
-          // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
-          // a0 row g, a1 row g+8, a2 / a3 the upper slots.
-          const uint32_t af[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
-                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
-                                  codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
-                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
-#pragma unroll
-          for (int j = 0; j < NT / 8; ++j) {
-            if (j >= n_tiles) break;
-            mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
-          }
-        }
-      }
-    }
-    __syncthreads();  // every warp is done with xs[buf] before the next step refills it
-    cur = next;
-    buf ^= 1;
+  for (int i = 0; i < D; ++i) {
+    ring[i].load(qs, d, nb, rows, kb0 + i * kStep, kb1, c);
+    stage_acts<T, NT>(a.x16, n_in, n_tokens, kb0 + i * kStep, kb1, xs[i]);
   }
-  __pipeline_wait_prior(0);  // the last (empty) step's copies, before the block exits
+  for (int64_t cb = kb0; cb < kb1; cb += kRing * kStep) {
+#pragma unroll
+    for (int i = 0; i < kRing; ++i) {
+      const int64_t step = cb + i * kStep;
+      if (step >= kb1) break;
+      // Step + D's weights and activations go in flight before this step is multiplied.
+      ring[(i + D) % kRing].load(qs, d, nb, rows, step + D * kStep, kb1, c);
+      stage_acts<T, NT>(a.x16, n_in, n_tokens, step + D * kStep, kb1, xs[(i + D) % kRing]);
+      __pipeline_wait_prior(D);  // this step's activations have landed
+      __syncthreads();
+      multiply_step<T, NT>(ring[i], xs[i], g, c, n_tiles, acc);
+      __syncthreads();  // every warp is done with xs[i] before a later step refills it
+    }
+  }
+  __pipeline_wait_prior(0);  // the last (empty) steps' copies, before the block exits
   // C fragment: acc[j][0..1] row g, tokens 8j + 2c, +1; acc[j][2..3] row g + 8.
   const bool split = gridDim.y > 1;
   float* dst = split ? a.partial + blockIdx.y * n_tokens * n_out : a.out;
@@ -236,13 +253,34 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
   if (split) reduce_splits_if_last(a);
 }
 
-template <DType T>
-void launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
+// The prefetch depth (KESTREL_CUDA_FRAG_DEPTH=1..3; default 1, the kernel as measured so far).
+int frag_depth() {
+  static const int depth = [] {
+    const char* e = std::getenv("KESTREL_CUDA_FRAG_DEPTH");
+    return e ? std::clamp(std::atoi(e), 1, 3) : 1;
+  }();
+  return depth;
+}
+
+template <DType T, int D>
+void launch_depth(const FragV2Args& a, int splits, cudaStream_t s) {
   const dim3 grid(ceil_div(a.n_out, kRowsPerBlock), splits);
   if (a.n_tokens <= 8)
-    matmul_frag_v2_kernel<T, 8><<<grid, kWarps * 32, 0, s>>>(a);
+    matmul_frag_v2_kernel<T, 8, D><<<grid, kWarps * 32, 0, s>>>(a);
   else
-    matmul_frag_v2_kernel<T, 16><<<grid, kWarps * 32, 0, s>>>(a);
+    matmul_frag_v2_kernel<T, 16, D><<<grid, kWarps * 32, 0, s>>>(a);
+}
+
+template <DType T>
+void launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
+  switch (frag_depth()) {
+    case 3:
+      return launch_depth<T, 3>(a, splits, s);
+    case 2:
+      return launch_depth<T, 2>(a, splits, s);
+    default:
+      return launch_depth<T, 1>(a, splits, s);
+  }
 }
 
 // Blocks the grid aims for: enough 4-warp blocks on every SM to keep the weight stream's loads
@@ -263,18 +301,28 @@ int target_blocks() {
 // Quant blocks per split: whole steps of either type (8 blocks).
 constexpr int64_t kSplitQuantum = 8;
 
+template <int D>
+int blocks_per_sm() {
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16, D>, kWarps * 32, 0) != cudaSuccess ||
+      per_sm <= 0)
+    per_sm = 4;
+  return per_sm;
+}
+
 // Blocks of the 16-token Q4_0 kernel that are resident at once on the whole GPU (registers and
-// shared memory allow 5 per SM on sm_90, ncu).
+// shared memory allow 5 per SM on sm_90 with depth 1, ncu).
 int resident_blocks() {
   static const int n = [] {
-    int device = 0, sms = 132, per_sm = 0;
+    int device = 0, sms = 132;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
       sms = 132;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0) != cudaSuccess ||
-        per_sm <= 0)
-      per_sm = 4;
+    const int depth = frag_depth();
+    const int per_sm = depth == 3   ? blocks_per_sm<3>()
+                       : depth == 2 ? blocks_per_sm<2>()
+                                    : blocks_per_sm<1>();
     return sms * per_sm;
   }();
   return n;
@@ -299,10 +347,22 @@ bool frag_supports(DType type, int64_t n_in, int n_tokens) {
          n_tokens <= kFragMaxTokens && n_in % 32 == 0;
 }
 
+// KESTREL_CUDA_FRAG_SPLITS=N forces N splits of K (at most 16, and at most one per step), for
+// measurements; 0 or unset: the rule below.
+int forced_splits() {
+  static const int n = [] {
+    const char* e = std::getenv("KESTREL_CUDA_FRAG_SPLITS");
+    return e ? std::clamp(std::atoi(e), 0, 16) : 0;
+  }();
+  return n;
+}
+
 int frag_v2_splits(const CudaWeight& w) {
-  // Each split keeps at least two steps, so that loads of the next step overlap the current one.
   const int row_blocks = ceil_div(w.n_out, kRowsPerBlock);
   const int64_t quanta = ceil_div(w.n_in / 32, kSplitQuantum);
+  if (forced_splits() > 0)
+    return static_cast<int>(std::clamp<int64_t>(forced_splits(), 1, std::min<int64_t>(quanta, 16)));
+  // Each split keeps at least two steps, so that loads of the next step overlap the current one.
   const int most = static_cast<int>(std::clamp<int64_t>(quanta / 2, 1, 16));
   if (one_wave()) return std::clamp(resident_blocks() / row_blocks, 1, most);
   return std::clamp(ceil_div(target_blocks(), row_blocks), 1, most);
