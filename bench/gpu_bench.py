@@ -94,10 +94,8 @@ VARIANTS = [
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
-    ("KESTREL_CUDA_FRAG_DEPTH=2", "seed case, b128 ub16"),  # 5-16-token kernel, 2 steps ahead
-    ("KESTREL_CUDA_FRAG_DEPTH=3", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_NO_GROUP=1", "seed case, b128 ub16"),  # Q/K/V, gate/up: a launch each
     ("KESTREL_CUDA_FLASH=0", "seed case, defaults"),  # attention on the tensor-core GEMMs
-    ("KESTREL_CUDA_FLASH_V2=1", "seed case, defaults"),  # the fused kernel's coalesced trial
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

@@ -355,11 +355,10 @@ if ((TESTS)); then
     # (KESTREL_CUDA_FLASH=1; by default only quantized caches up to 512 keys take it).
     gpu_test_stage gpu-tests-flash '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash.xml \
       KESTREL_CUDA_FLASH=1
-    gpu_test_stage gpu-tests-flash-v2 '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash-v2.xml \
-      KESTREL_CUDA_FLASH=1 KESTREL_CUDA_FLASH_V2=1
-    # The 5-16-token kernel with 3 steps in flight (KESTREL_CUDA_FRAG_DEPTH; default 1).
-    gpu_test_stage gpu-tests-frag-depth '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-frag-depth.xml KESTREL_CUDA_FRAG_DEPTH=3
+    # The 5-16-token kernel with K split 16 ways wherever it can be (the most partial sums per
+    # output that its last-arriving block adds up), alone and grouped.
+    gpu_test_stage gpu-tests-frag-splits '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-frag-splits.xml KESTREL_CUDA_FRAG_SPLITS=16
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi
@@ -441,7 +440,7 @@ if ((BENCH)); then
   # assignments, "-" for the defaults): how far each kernel is from the bandwidth floor.
   MM_BIN=$BUILD/bin/kestrel_gpu_matmul_bench
   if [[ -x "$MM_BIN" ]]; then
-    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_FRAG_DEPTH=2;KESTREL_CUDA_FRAG_DEPTH=3;KESTREL_CUDA_FRAG_DEPTH=2 KESTREL_CUDA_FRAG_SPLITS=4;KESTREL_CUDA_FRAG_DEPTH=3 KESTREL_CUDA_FRAG_SPLITS=2}"
+    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_NO_GROUP=1;KESTREL_CUDA_FRAG_SPLITS=2;KESTREL_CUDA_NO_FRAG_ONE_WAVE=1;KESTREL_CUDA_NO_FRAG_ONE_WAVE=1 KESTREL_CUDA_FRAG_BLOCKS_PER_SM=8}"
     run_stage matmul-bench "$(limit 90 $((BENCH_SECS + 5)))" '^## |^\| [a-z]|failed' \
       env OUTDIR="$OUTDIR" bash "$ROOT/bench/lab/matmul_sweep.sh" "$MM_BIN" "${mm_variants[@]}"
     record matmul-bench "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \

@@ -190,6 +190,42 @@ void check_attention_chain(Backend& be, const std::string& backend, DType type, 
   }
 }
 
+// One input into three weights of uneven widths, wide enough (2048) that the GPU kernels split
+// K: a grouped launch must give each product its own rows, partial sums and bias-free output.
+// Token counts around the small-batch switches; the group, then each weight alone again.
+void check_wide_group(Backend& be, const std::string& backend, DType type) {
+  std::mt19937 rng = test_rng();
+  const int64_t E = 2048;
+  DevTensor x(be, kMaxChainTokens, E, randn(rng, static_cast<size_t>(kMaxChainTokens * E)));
+  const ChainWeight w0 = chain_weight(be, rng, type, E, 320, "w0");
+  const ChainWeight w1 = chain_weight(be, rng, type, E, 136, "w1");
+  const ChainWeight w2 = chain_weight(be, rng, type, E, 200, "w2");
+  DevTensor o0(be, DType::F32, kMaxChainTokens, 320, "out0");
+  DevTensor o1(be, DType::F32, kMaxChainTokens, 136, "out1");
+  DevTensor o2(be, DType::F32, kMaxChainTokens, 200, "out2");
+  const std::string key = backend + " chain/wide-group/" + type_str(type);
+  for (int T : {1, 5, 8, 9, 16, 33}) {
+    const std::string at = type_str(type) + " T=" + std::to_string(T);
+    const ChainWeight* three[] = {&w0, &w1, &w2};
+    DevTensor* three_out[] = {&o0, &o1, &o2};
+    group_and_check(be, three, x, T, three_out, type, key, "group of 3, " + at);
+    const ChainWeight* two[] = {&w2, &w0};
+    DevTensor* two_out[] = {&o2, &o0};
+    group_and_check(be, two, x, T, two_out, type, key, "group of 2, " + at);
+    matmul_and_check(be, w1, x, T, o1, type, key, "alone after the groups, " + at);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+TEST_P(GpuOpsChain, WideGroupQ4_0) {
+  GPU_TRACE_SEED();
+  check_wide_group(be(), GetParam(), DType::Q4_0);
+}
+TEST_P(GpuOpsChain, WideGroupQ8_0) {
+  GPU_TRACE_SEED();
+  check_wide_group(be(), GetParam(), DType::Q8_0);
+}
+
 // Q4_0 and Q8_0 (the kernels with fused inputs), Q4_K (f32 small batches, f16 GEMM) and F16
 // (its GEMM path writes hi + lo parts over the f16 scratch).
 #define KESTREL_CHAIN_TESTS(Type)                                                              \

@@ -101,8 +101,10 @@ def main():
         with open(js) as f, open(logits, "rb") as g:
             return json.load(f), g.read(), p
 
-    plain, plain_logits, _ = run([], "plain")
-    prof, prof_logits, p = run(["--profile", "--report"], "profiled")
+    # The CPU backend by name: on a machine with a GPU the default would pick it.
+    cpu = ["--backend", "cpu"]
+    plain, plain_logits, _ = run(cpu, "plain")
+    prof, prof_logits, p = run(cpu + ["--profile", "--report"], "profiled")
     check("profile" not in plain and all("profile" not in c for c in plain["chunks"]),
           "without --profile the report carries no profile")
     check(plain_logits == prof_logits, "profiling changes no logit (bit-identical)")

@@ -481,7 +481,7 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   if (flash && flash_attention_fits(p)) {
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
     return launch_attention_flash(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
-                                  v_cache, p, static_cast<float*>(out.data), flash_v2_, stream_);
+                                  v_cache, p, static_cast<float*>(out.data), stream_);
   }
 
   // Q, K and V as f16 hi + lo parts (an f16 cache is exact in place: no lo part).

@@ -8,15 +8,15 @@
 // per head, 2.1 MFLOP each: 45 GFLOP, 0.7 ms at the H100/H200 FP32 rate (~67 TFLOP/s).
 //
 // Block: 256 threads on a tile of 64 queries of one head, as a 16 x 16 grid (ty, tx). Scores:
-// thread (ty, tx) holds queries 4ty..4ty+3 x four keys of the tile (v1: 4tx..4tx+3; v2:
-// tx + 16j). P.V: thread (ty, tx) holds the same queries x head dims 4tx + 64c + (0..3). The 16
-// threads of one ty (a half warp) hold the same four query rows in both, so the running max, the
-// sum and the rescale factor of a row stay in their registers (reduced over the half warp with
-// shuffles).
+// thread (ty, tx) holds queries 4ty..4ty+3 x keys 4tx..4tx+3 of the tile. P.V: thread (ty, tx)
+// holds the same queries x head dims 4tx + 64c + (0..3). The 16 threads of one ty (a half warp)
+// hold the same four query rows in both, so the running max, the sum and the rescale factor of a
+// row stay in their registers (reduced over the half warp with shuffles).
 //
-// v1, the default, measured: each thread decodes a 32-element slice of one key row, so a warp's
-// loads touch 32 rows at once. v2 (KESTREL_CUDA_FLASH_V2=1, a trial written after the first
-// measurement and not yet run on a GPU) reads K and V rows coalesced, a thread per element.
+// Each thread decodes a 32-element slice of one key row, so a warp's loads touch 32 rows at
+// once. A version reading K and V rows coalesced (a thread per element, one buffer for K then V,
+// keys tx + 16j over padded rows) measured slower on the H200: the seed's defaults 16,528 t/s
+// against 19,013 (bench/NOTES.md, 2026-12-03 fourth session), and was removed.
 #include <algorithm>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
@@ -235,135 +235,11 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
   write_rows<D>(o, l, q0, ty, tx, n_tokens, out + int64_t{h} * D, q_dim);
 }
 
-// v2 (trial, KESTREL_CUDA_FLASH_V2=1): K and V rows read coalesced, one buffer for both.
-constexpr int kPStride = kFlashQ + 4;  // pT rows, padded: float4 stores of 8 lanes in 8 bank groups
-
-// Shared memory: qs[64][D + 4], kv[64][D + 4] (K of the tile, then V: one buffer, so that two
-// blocks fit an SM), pT[64 keys][kPStride]. Rows of D + 4 floats: the float4 reads of the keys
-// tx + 16j that 8 lanes make at once fall in 8 distinct bank groups ((D + 4) / 4 is odd).
-template <int D>
-constexpr size_t flash_v2_smem_bytes() {
-  return sizeof(float) * (2 * kFlashQ * (D + 4) + kFlashK * kPStride);
-}
-
-// Rows r0 .. r0 + 63 of a K or V cache (the head's D elements from `first`) into dst[64][D + 4],
-// consecutive threads on consecutive elements (coalesced). Rows at or past n_valid (beyond the
-// keys any query of the tile may see, perhaps past the cache's end) are zeros, so that masked
-// P entries (exact zeros) never meet a NaN.
-template <DType T, int D>
-__device__ __forceinline__ void load_rows(const uint8_t* cache, int64_t row_bytes, int64_t first,
-                                          int64_t r0, int64_t n_valid, float* dst) {
-#pragma unroll 4
-  for (int job = threadIdx.x; job < kFlashK * D; job += kFlashThreads) {
-    const int r = job / D, e = job % D;
-    dst[r * (D + 4) + e] =
-        r0 + r < n_valid ? cache_value<T>(cache, row_bytes, r0 + r, first + e) : 0.0f;
-  }
-}
-
-template <DType KT, DType VT, int D>
-__global__ void __launch_bounds__(kFlashThreads, 2)
-    attention_flash_v2_kernel(const float* q, int n_tokens, const int32_t* pos, const uint8_t* kc,
-                              int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes,
-                              int n_head, int group, float scale, float* out) {
-  constexpr int kDH = D / 64;  // float4 column groups per thread in P.V (1 or 2)
-  constexpr int kRow = D + 4;
-  extern __shared__ float4 smem4[];
-  float* qs = reinterpret_cast<float*>(smem4);  // [64][D + 4]
-  float* kv = qs + kFlashQ * kRow;              // [64][D + 4]: K, then V
-  float* pT = kv + kFlashK * kRow;              // [64 keys][kPStride]
-  // Heaviest tiles (the last queries see the most keys) first, across all heads.
-  const int n_qtiles = (n_tokens + kFlashQ - 1) / kFlashQ;
-  const int h = blockIdx.x % n_head, qt = n_qtiles - 1 - blockIdx.x / n_head;
-  const int q0 = qt * kFlashQ, g = h / group;
-  const int64_t q_dim = int64_t{n_head} * D;
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-
-  int last[4];
-  const int64_t n_kv = tile_keys(pos, n_tokens, q0, ty, last);
-
-  // Q tile (coalesced float4 reads); rows past the chunk are zeros.
-  for (int job = threadIdx.x; job < kFlashQ * (D / 4); job += kFlashThreads) {
-    const int r = job / (D / 4), c = job % (D / 4);
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (q0 + r < n_tokens)
-      v = reinterpret_cast<const float4*>(q + (q0 + r) * q_dim + int64_t{h} * D)[c];
-    reinterpret_cast<float4*>(qs + r * kRow)[c] = v;
-  }
-
-  float o[4][4 * kDH], m[4], l[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 4 * kDH; ++j) o[i][j] = 0.0f;
-  }
-  const int64_t first = int64_t{g} * D;
-  for (int64_t k0 = 0; k0 < n_kv; k0 += kFlashK) {
-    load_rows<KT, D>(kc, k_row_bytes, first, k0, n_kv, kv);
-    __syncthreads();
-
-    // s = scale * Q K^T for queries 4ty + i and keys tx + 16j, four dims per step.
-    float s[4][4] = {};
-#pragma unroll 1
-    for (int d = 0; d < D; d += 4) {
-      float4 a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        a[i] = *reinterpret_cast<const float4*>(qs + (4 * ty + i) * kRow + d);
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-        b[j] = *reinterpret_cast<const float4*>(kv + (tx + 16 * j) * kRow + d);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          s[i][j] += a[i].x * b[j].x;
-          s[i][j] += a[i].y * b[j].y;
-          s[i][j] += a[i].z * b[j].z;
-          s[i][j] += a[i].w * b[j].w;
-        }
-    }
-
-    online_softmax<kDH>(s, k0 + tx, 16, last, scale, m, l, o);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      reinterpret_cast<float4*>(pT + (tx + 16 * j) * kPStride)[ty] =
-          make_float4(s[0][j], s[1][j], s[2][j], s[3][j]);
-    __syncthreads();  // pT written, K read: V may replace it
-
-    load_rows<VT, D>(vc, v_row_bytes, first, k0, n_kv, kv);
-    __syncthreads();
-    // o += P V over the tile's keys (those past n_kv have p = 0 and v = 0).
-#pragma unroll 4
-    for (int k = 0; k < kFlashK; ++k) {
-      const float4 p = reinterpret_cast<const float4*>(pT + k * kPStride)[ty];
-      const float pv[4] = {p.x, p.y, p.z, p.w};
-#pragma unroll
-      for (int c = 0; c < kDH; ++c) {
-        const float4 v = reinterpret_cast<const float4*>(kv + k * kRow + 64 * c)[tx];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          o[i][4 * c] += pv[i] * v.x;
-          o[i][4 * c + 1] += pv[i] * v.y;
-          o[i][4 * c + 2] += pv[i] * v.z;
-          o[i][4 * c + 3] += pv[i] * v.w;
-        }
-      }
-    }
-    __syncthreads();  // the next tile overwrites kv and pT
-  }
-
-  write_rows<D>(o, l, q0, ty, tx, n_tokens, out + int64_t{h} * D, q_dim);
-}
-
 template <DType KT, DType VT, int D>
 Status launch_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-                    const Tensor& vc, const AttentionParams& p, float* out, bool v2,
-                    cudaStream_t s) {
-  const size_t smem = v2 ? flash_v2_smem_bytes<D>() : flash_v1_smem_bytes<D>();
-  auto kernel = v2 ? attention_flash_v2_kernel<KT, VT, D> : attention_flash_kernel<KT, VT, D>;
+                    const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s) {
+  const size_t smem = flash_v1_smem_bytes<D>();
+  auto kernel = attention_flash_kernel<KT, VT, D>;
   CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(smem)),
            "attention (flash): shared memory size");
@@ -378,23 +254,21 @@ Status launch_flash(const float* q, int n_tokens, const int32_t* pos, const Tens
 
 template <DType KT, DType VT>
 Status launch_flash_d(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-                      const Tensor& vc, const AttentionParams& p, float* out, bool v2,
-                      cudaStream_t s) {
-  if (p.head_dim == 64) return launch_flash<KT, VT, 64>(q, n_tokens, pos, kc, vc, p, out, v2, s);
-  return launch_flash<KT, VT, 128>(q, n_tokens, pos, kc, vc, p, out, v2, s);
+                      const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s) {
+  if (p.head_dim == 64) return launch_flash<KT, VT, 64>(q, n_tokens, pos, kc, vc, p, out, s);
+  return launch_flash<KT, VT, 128>(q, n_tokens, pos, kc, vc, p, out, s);
 }
 
 template <DType KT>
 Status launch_flash_v(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-                      const Tensor& vc, const AttentionParams& p, float* out, bool v2,
-                      cudaStream_t s) {
+                      const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s) {
   switch (vc.type) {
     case DType::F16:
-      return launch_flash_d<KT, DType::F16>(q, n_tokens, pos, kc, vc, p, out, v2, s);
+      return launch_flash_d<KT, DType::F16>(q, n_tokens, pos, kc, vc, p, out, s);
     case DType::Q8_0:
-      return launch_flash_d<KT, DType::Q8_0>(q, n_tokens, pos, kc, vc, p, out, v2, s);
+      return launch_flash_d<KT, DType::Q8_0>(q, n_tokens, pos, kc, vc, p, out, s);
     case DType::Q4_0:
-      return launch_flash_d<KT, DType::Q4_0>(q, n_tokens, pos, kc, vc, p, out, v2, s);
+      return launch_flash_d<KT, DType::Q4_0>(q, n_tokens, pos, kc, vc, p, out, s);
     default:
       return error("attention: V cache type %s is not supported", quant::type_name(vc.type));
   }
@@ -407,17 +281,17 @@ bool flash_attention_fits(const AttentionParams& p) {
 }
 
 Status launch_attention_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-                              const Tensor& vc, const AttentionParams& p, float* out, bool v2,
+                              const Tensor& vc, const AttentionParams& p, float* out,
                               cudaStream_t s) {
   if (!flash_attention_fits(p))
     return error("attention (flash): head size %d (64 or 128 only)", p.head_dim);
   switch (kc.type) {
     case DType::F16:
-      return launch_flash_v<DType::F16>(q, n_tokens, pos, kc, vc, p, out, v2, s);
+      return launch_flash_v<DType::F16>(q, n_tokens, pos, kc, vc, p, out, s);
     case DType::Q8_0:
-      return launch_flash_v<DType::Q8_0>(q, n_tokens, pos, kc, vc, p, out, v2, s);
+      return launch_flash_v<DType::Q8_0>(q, n_tokens, pos, kc, vc, p, out, s);
     case DType::Q4_0:
-      return launch_flash_v<DType::Q4_0>(q, n_tokens, pos, kc, vc, p, out, v2, s);
+      return launch_flash_v<DType::Q4_0>(q, n_tokens, pos, kc, vc, p, out, s);
     default:
       return error("attention: K cache type %s is not supported", quant::type_name(kc.type));
   }

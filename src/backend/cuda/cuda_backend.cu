@@ -101,8 +101,6 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   const char* flash = std::getenv("KESTREL_CUDA_FLASH");
   if (flash && (std::string(flash) == "0" || std::string(flash) == "1"))
     be->flash_attention_ = std::atoi(flash);
-  const char* flash_v2 = std::getenv("KESTREL_CUDA_FLASH_V2");
-  be->flash_v2_ = flash_v2 && std::string(flash_v2) == "1";
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))

@@ -144,6 +144,10 @@ class CudaBackend final : public Backend {
   // The dp4a products `parts` of x (its int8 planes converted unless `held`), one launch.
   Status matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
                      int n_parts);
+  // The 5-16-token tensor-core products `parts` of x (its f16 copy converted unless `held`), one
+  // launch.
+  Status matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
+                     int n_parts);
   // Where an op writing out [n_tokens][k] also writes it as the input of a Q4_0 matmul of that
   // size (int8 planes or f16, in their scratch, remembered as held for `out`); nothing when the
   // matmul would read f32 or KESTREL_CUDA_NO_FUSED_INPUTS=1. Call after forget_activations().
@@ -190,7 +194,6 @@ class CudaBackend final : public Backend {
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
-  bool flash_v2_ = false;  // KESTREL_CUDA_FLASH_V2=1: its coalesced-load version (trial)
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
@@ -287,14 +290,15 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
 Status launch_reduce_splits(const float* partial, int splits, int n_tokens, int64_t n_out,
                             float* out, const float* bias, cudaStream_t s);
 // matmul_frag_v2.cu: Q4_0 / Q8_0 weights decoded straight into tensor-core fragments (16-byte
-// weight loads, activations shared by the block), f16 activations; partial needs
-// frag_v2_splits * T * n_out floats.
+// weight loads, activations shared by the block), f16 activations; up to kMatvecMaxParts
+// products of one type and width in one launch. With frag_v2_splits(n_in, row blocks) > 1 it
+// needs splits * T * (sum of n_out) floats of partial and frag_v2_row_blocks zeroed counters
+// (arrivals), which it leaves zeroed.
 bool frag_supports(quant::DType type, int64_t n_in, int n_tokens);
-// With splits > 1 it also needs frag_v2_row_blocks zeroed counters (arrivals), left zeroed.
-int frag_v2_splits(const CudaWeight& w);
-int frag_v2_row_blocks(const CudaWeight& w);
-Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
-                             const float* bias, float* partial, unsigned* arrivals, cudaStream_t s);
+int frag_v2_row_blocks(const MatvecPart* parts, int n_parts);
+int frag_v2_splits(int64_t n_in, int row_blocks);
+Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half* x16, int n_tokens,
+                             float* partial, unsigned* arrivals, cudaStream_t s);
 Status launch_add_bias(float* out, const float* bias, int n_tokens, int64_t n, cudaStream_t s);
 Status launch_embed(quant::DType t, const uint8_t* table, int64_t row_bytes, int64_t n_embd,
                     const int32_t* tokens, int n_tokens, float* out, cudaStream_t s);
@@ -331,7 +335,7 @@ Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int
 // Fused causal attention in f32 (attention_flash.cu): head sizes 64 and 128, any cache type.
 bool flash_attention_fits(const AttentionParams& p);
 Status launch_attention_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-                              const Tensor& vc, const AttentionParams& p, float* out, bool v2,
+                              const Tensor& vc, const AttentionParams& p, float* out,
                               cudaStream_t s);
 // x[n] = hi + lo in f16 (lo: the rounding error of hi).
 Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s);

@@ -279,17 +279,18 @@ Status check_matmul_shapes(const CudaWeight& w, const Tensor& x, int n_tokens, c
 
 }  // namespace
 
-// Q, K and V (or gate and up) in one dp4a launch when all of them take that path with one weight
-// type: decode's seven matmuls per layer become four launches.
+// Q, K and V (or gate and up) in one launch when all of them take the dp4a path (decode) or the
+// fragment path (5-16 tokens) with one weight type: seven matmuls per layer become four
+// launches, and the split-K kernel's grid fills the GPU with one wave and one tail.
 Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
-  bool one_launch = group_matmuls_ && n_outs >= 2 && n_outs <= kMatvecMaxParts;
+  const auto& w0 = static_cast<const CudaWeight&>(*outs[0].w);
+  const MatmulPath path = matmul_path(w0.type, w0.n_in, n_tokens);
+  bool one_launch = group_matmuls_ && n_outs >= 2 && n_outs <= kMatvecMaxParts &&
+                    (path == MatmulPath::kInt8 || path == MatmulPath::kFrag);
   for (int i = 0; i < n_outs && one_launch; ++i) {
     const MatmulOut& m = outs[i];
     const auto& w = static_cast<const CudaWeight&>(*m.w);
-    const auto& w0 = static_cast<const CudaWeight&>(*outs[0].w);
-    one_launch = w.type == w0.type && w.n_in == w0.n_in &&
-                 matmul_path(w.type, w.n_in, n_tokens) == MatmulPath::kInt8 &&
-                 m.out->data != x.data;
+    one_launch = w.type == w0.type && w.n_in == w0.n_in && m.out->data != x.data;
   }
   if (!one_launch) return Backend::matmul_group(x, n_tokens, outs, n_outs);
   MatvecPart parts[kMatvecMaxParts];
@@ -301,12 +302,38 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
     parts[i] = {&w, static_cast<float*>(outs[i].out->data),
                 outs[i].bias ? static_cast<const float*>(outs[i].bias->data) : nullptr};
   }
+  if (path == MatmulPath::kFrag) {
+    const bool x16_held = x16_.holds(xp, n_tokens, n_in);
+    x16_ = {true, xp, n_tokens, n_in};
+    for (int i = 0; i < n_outs; ++i) {
+      if (parts[i].out == acts_.x) acts_.valid = false;
+      if (parts[i].out == x16_.x) x16_.valid = false;
+    }
+    if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
+    return matmul_frag(xp, n_tokens, n_in, x16_held, parts, n_outs);
+  }
   const bool int8_held = acts_.holds(xp, n_tokens, n_in);
   acts_ = {true, xp, n_tokens, n_in};
   for (int i = 0; i < n_outs; ++i)
     if (parts[i].out == x16_.x) x16_.valid = false;
   if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
   return matvec_int8(xp, n_tokens, n_in, int8_held, parts, n_outs);
+}
+
+Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held,
+                                const MatvecPart* parts, int n_parts) {
+  KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(x, n_tokens, n_in, held));
+  const int row_blocks = frag_v2_row_blocks(parts, n_parts);
+  float* partial = nullptr;
+  unsigned* arrivals = nullptr;
+  if (const int splits = frag_v2_splits(n_in, row_blocks); splits > 1) {
+    int64_t n_out = 0;
+    for (int i = 0; i < n_parts; ++i) n_out += parts[i].w->n_out;
+    KESTREL_ASSIGN_OR_RETURN(void* p, scratch(kPartial, sizeof(float) * splits * n_tokens * n_out));
+    partial = static_cast<float*>(p);
+    KESTREL_ASSIGN_OR_RETURN(arrivals, arrival_counters(row_blocks));
+  }
+  return launch_matmul_frag_v2(parts, n_parts, x16, n_tokens, partial, arrivals, stream_);
 }
 
 Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held,
@@ -341,18 +368,8 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
   if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
   switch (path) {
     case MatmulPath::kFrag: {
-      KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
-      float* partial = nullptr;
-      if (const int splits = frag_v2_splits(w); splits > 1) {
-        KESTREL_ASSIGN_OR_RETURN(void* p,
-                                 scratch(kPartial, sizeof(float) * splits * n_tokens * w.n_out));
-        partial = static_cast<float*>(p);
-      }
-      unsigned* arrivals = nullptr;
-      if (partial) {
-        KESTREL_ASSIGN_OR_RETURN(arrivals, arrival_counters(frag_v2_row_blocks(w)));
-      }
-      return launch_matmul_frag_v2(w, x16, n_tokens, op, b, partial, arrivals, stream_);
+      const MatvecPart part{&w, op, b};
+      return matmul_frag(xp, n_tokens, w.n_in, x16_held, &part, 1);
     }
     case MatmulPath::kInt8: {
       const MatvecPart part{&w, op, b};

@@ -114,99 +114,103 @@ __device__ __forceinline__ void stage_acts(const __half* x16, int64_t n_in, int 
   __pipeline_commit();
 }
 
-// The kernel's arguments. With gridDim.y > 1 (split K) each split writes partial[split][T][n_out]
-// and the last split of a row block to finish sums them (arrivals: one zeroed counter per row
-// block, which that split resets).
-struct FragV2Args {
+// One product of a launch: out = x . W^T (+ bias) for a weight of n_out rows. With gridDim.y > 1
+// (split K) each split writes partial[split][T][n_out] and the last split of a row block to
+// finish sums them.
+struct FragPart {
   const uint8_t* qs;
   const __half* d;
-  int64_t n_in, n_out;
-  const __half* x16;
-  int n_tokens;
-  int64_t blocks_per_split;
+  int64_t n_out;
   float* out;
   const float* bias;
   float* partial;
+  int row_block_end;  // row blocks of this part and the ones before it (blockIdx.x range)
+};
+
+// The kernel's arguments: up to kMatvecMaxParts products of the same activations (Q, K and V, or
+// gate and up: one launch, one wave, one split-K tail). arrivals: one zeroed counter per row
+// block of the grid, which the last split to arrive resets.
+struct FragV2Args {
+  FragPart parts[kMatvecMaxParts];
+  int n_parts;
+  int64_t n_in;
+  const __half* x16;
+  int n_tokens;
+  int64_t blocks_per_split;
   unsigned* arrivals;
 };
 
+// The part that row block blockIdx.x belongs to, and the row block within it (constant indices
+// only, so that the parameters are read in place).
+__device__ __forceinline__ FragPart part_of_block(const FragV2Args& a, int& row_block) {
+  FragPart part = a.parts[0];
+  int begin = 0;
+#pragma unroll
+  for (int i = 1; i < kMatvecMaxParts; ++i) {
+    if (i < a.n_parts && static_cast<int>(blockIdx.x) >= a.parts[i - 1].row_block_end) {
+      begin = a.parts[i - 1].row_block_end;
+      part = a.parts[i];
+    }
+  }
+  row_block = static_cast<int>(blockIdx.x) - begin;
+  return part;
+}
+
 // The last split of row block blockIdx.x to arrive sums every split's partial, in split order
-// (deterministic), into out (+ bias): no second launch.
-__device__ void reduce_splits_if_last(const FragV2Args& a) {
+// (deterministic), into out (+ bias): no second launch. Each thread owns NT * 64 / 128 outputs
+// and reads one split of all of them at a time, so that a split's loads are in flight together
+// (one loop per output, as before, chained ~splits x outputs / 4 L2 round trips: with 10
+// splits, about the 8 us that every 16-token product took on top of its bytes, bench/NOTES.md).
+template <int NT>
+__device__ void reduce_splits_if_last(const FragPart& part, int row_block, int n_tokens,
+                                      unsigned* arrivals) {
   __shared__ unsigned arrived;
   __threadfence();  // this block's partials are visible to every SM before it is counted
   __syncthreads();
-  if (threadIdx.x == 0) arrived = atomicAdd(&a.arrivals[blockIdx.x], 1u);
+  if (threadIdx.x == 0) arrived = atomicAdd(&arrivals[blockIdx.x], 1u);
   __syncthreads();
   if (arrived != gridDim.y - 1) return;
   __threadfence();
-  const int64_t rb0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
-  for (int i = threadIdx.x; i < a.n_tokens * kRowsPerBlock; i += blockDim.x) {
+  constexpr int kPer = NT * kRowsPerBlock / (kWarps * 32);
+  const int64_t rb0 = static_cast<int64_t>(row_block) * kRowsPerBlock;
+  int64_t at[kPer];  // offset of output e in out (and in each split's partial); -1: none
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) {
+    const int i = threadIdx.x + e * kWarps * 32;
     const int t = i / kRowsPerBlock;
     const int64_t r = rb0 + i % kRowsPerBlock;
-    if (r >= a.n_out) continue;
-    float v = 0.0f;
-    for (unsigned sp = 0; sp < gridDim.y; ++sp)
-      v += __ldcg(a.partial + (static_cast<int64_t>(sp) * a.n_tokens + t) * a.n_out + r);
-    a.out[t * a.n_out + r] = v + (a.bias ? a.bias[r] : 0.0f);
+    at[e] = t < n_tokens && r < part.n_out ? t * part.n_out + r : -1;
   }
-  if (threadIdx.x == 0) a.arrivals[blockIdx.x] = 0;  // ready for the next launch
+  float v[kPer] = {};
+  const int64_t split_stride = static_cast<int64_t>(n_tokens) * part.n_out;
+#pragma unroll 4
+  for (unsigned sp = 0; sp < gridDim.y; ++sp) {
+    const float* p = part.partial + sp * split_stride;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e)
+      if (at[e] >= 0) v[e] += __ldcg(p + at[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < kPer; ++e)
+    if (at[e] >= 0) part.out[at[e]] = v[e] + (part.bias ? part.bias[at[e] % part.n_out] : 0.0f);
+  if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;  // ready for the next launch
 }
 
-// The product of one step: the lane's codes `cur` against the step's activations xb.
+// out[T][n_out] of blockIdx.x's part for its rows [64 * row block, +64), over quant blocks
+// [blockIdx.y * blocks_per_split, +blocks_per_split).
 template <DType T, int NT>
-__device__ __forceinline__ void multiply_step(const LaneCodes<T>& cur, const __half* xb, int g,
-                                              int c, int n_tiles, float (&acc)[NT / 8][4]) {
-  using L = FragLayout<T>;
-#pragma unroll
-  for (int h = 0; h < L::kBlocksPerLane; ++h) {
-    const __half2 sa = __half2half2(cur.scale[0][h]), sb = __half2half2(cur.scale[1][h]);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      // Elements 8q .. 8q + 7 of the lane's block, for tokens 8j + g: B of two k-steps.
-      uint4 bx[NT / 8];
-#pragma unroll
-      for (int j = 0; j < NT / 8; ++j)
-        bx[j] = *reinterpret_cast<const uint4*>(xb + (8 * j + g) * L::kRowStride +
-                                                (c + 4 * h) * L::kBlockStride + 8 * q);
-#pragma unroll
-      for (int sub = 0; sub < 2; ++sub) {
-        const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
-        // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
-        // a0 row g, a1 row g+8, a2 / a3 the upper slots.
-        const uint32_t af[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
-                                codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
-                                codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
-                                codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
-#pragma unroll
-        for (int j = 0; j < NT / 8; ++j) {
-          if (j >= n_tiles) break;
-          mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
-        }
-      }
-    }
-  }
-}
-
-// out[T][n_out] for rows [64 * blockIdx.x, +64), over quant blocks [blockIdx.y *
-// blocks_per_split, +blocks_per_split). D steps are in flight while one is multiplied: the
-// weights in a ring of D + 1 register sets, the activations in D + 1 shared buffers (the loop
-// is unrolled by D + 1 so that every ring index is a constant). A block streams only a few
-// steps (the seed's 4096 x 4096 products: 2 to 6), so with D = 1 each step waited about one
-// memory latency; a deeper ring puts more of the block's bytes in flight at once.
-template <DType T, int NT, int D>
 __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV2Args a) {
-  const uint8_t* qs = a.qs;
-  const __half* d = a.d;
-  const int64_t n_in = a.n_in, n_out = a.n_out;
+  int row_block = 0;
+  const FragPart part = part_of_block(a, row_block);
+  const uint8_t* qs = part.qs;
+  const __half* d = part.d;
+  const int64_t n_in = a.n_in, n_out = part.n_out;
   const int n_tokens = a.n_tokens;
   using L = FragLayout<T>;
-  constexpr int kRing = D + 1;
-  constexpr int64_t kStep = L::kStepBlocks;
-  __shared__ __align__(16) __half xs[kRing][NT * L::kRowStride];
+  __shared__ __align__(16) __half xs[2][NT * L::kRowStride];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t nb = n_in / 32;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + 16 * warp;
+  const int64_t row0 = static_cast<int64_t>(row_block) * kRowsPerBlock + 16 * warp;
   const int64_t rows[2] = {min(row0 + g, n_out - 1), min(row0 + g + 8, n_out - 1)};
   const int64_t kb0 = blockIdx.y * a.blocks_per_split;
   const int64_t kb1 = min(nb, kb0 + a.blocks_per_split);
@@ -216,30 +220,54 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
 #pragma unroll
   for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-  LaneCodes<T> ring[kRing];
+  LaneCodes<T> cur;
+  cur.load(qs, d, nb, rows, kb0, kb1, c);
+  stage_acts<T, NT>(a.x16, n_in, n_tokens, kb0, kb1, xs[0]);
+  int buf = 0;
+  for (int64_t cb = kb0; cb < kb1; cb += L::kStepBlocks) {
+    // The next step's weights and activations are in flight while this step is multiplied.
+    LaneCodes<T> next;
+    next.load(qs, d, nb, rows, cb + L::kStepBlocks, kb1, c);
+    stage_acts<T, NT>(a.x16, n_in, n_tokens, cb + L::kStepBlocks, kb1, xs[buf ^ 1]);
+    __pipeline_wait_prior(1);  // this step's activations have landed
+    __syncthreads();
+    const __half* xb = xs[buf];
 #pragma unroll
-  for (int i = 0; i < D; ++i) {
-    ring[i].load(qs, d, nb, rows, kb0 + i * kStep, kb1, c);
-    stage_acts<T, NT>(a.x16, n_in, n_tokens, kb0 + i * kStep, kb1, xs[i]);
-  }
-  for (int64_t cb = kb0; cb < kb1; cb += kRing * kStep) {
+    for (int h = 0; h < L::kBlocksPerLane; ++h) {
+      const __half2 sa = __half2half2(cur.scale[0][h]), sb = __half2half2(cur.scale[1][h]);
 #pragma unroll
-    for (int i = 0; i < kRing; ++i) {
-      const int64_t step = cb + i * kStep;
-      if (step >= kb1) break;
-      // Step + D's weights and activations go in flight before this step is multiplied.
-      ring[(i + D) % kRing].load(qs, d, nb, rows, step + D * kStep, kb1, c);
-      stage_acts<T, NT>(a.x16, n_in, n_tokens, step + D * kStep, kb1, xs[(i + D) % kRing]);
-      __pipeline_wait_prior(D);  // this step's activations have landed
-      __syncthreads();
-      multiply_step<T, NT>(ring[i], xs[i], g, c, n_tiles, acc);
-      __syncthreads();  // every warp is done with xs[i] before a later step refills it
+      for (int q = 0; q < 4; ++q) {
+        // Elements 8q .. 8q + 7 of the lane's block, for tokens 8j + g: B of two k-steps.
+        uint4 bx[NT / 8];
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j)
+          bx[j] = *reinterpret_cast<const uint4*>(xb + (8 * j + g) * L::kRowStride +
+                                                  (c + 4 * h) * L::kBlockStride + 8 * q);
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub) {
+          const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
+          // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
+          // a0 row g, a1 row g+8, a2 / a3 the upper slots.
+          const uint32_t af[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
+                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
+                                  codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
+                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
+#pragma unroll
+          for (int j = 0; j < NT / 8; ++j) {
+            if (j >= n_tiles) break;
+            mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
+          }
+        }
+      }
     }
+    __syncthreads();  // every warp is done with xs[buf] before the next step refills it
+    cur = next;
+    buf ^= 1;
   }
-  __pipeline_wait_prior(0);  // the last (empty) steps' copies, before the block exits
+  __pipeline_wait_prior(0);  // the last (empty) step's copies, before the block exits
   // C fragment: acc[j][0..1] row g, tokens 8j + 2c, +1; acc[j][2..3] row g + 8.
   const bool split = gridDim.y > 1;
-  float* dst = split ? a.partial + blockIdx.y * n_tokens * n_out : a.out;
+  float* dst = split ? part.partial + blockIdx.y * n_tokens * n_out : part.out;
 #pragma unroll
   for (int j = 0; j < NT / 8; ++j) {
 #pragma unroll
@@ -247,40 +275,19 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
       const int t = 8 * j + 2 * c + e % 2;
       const int64_t r = row0 + g + 8 * (e / 2);
       if (t < n_tokens && r < n_out)
-        dst[t * n_out + r] = acc[j][e] + (!split && a.bias ? a.bias[r] : 0.0f);
+        dst[t * n_out + r] = acc[j][e] + (!split && part.bias ? part.bias[r] : 0.0f);
     }
   }
-  if (split) reduce_splits_if_last(a);
-}
-
-// The prefetch depth (KESTREL_CUDA_FRAG_DEPTH=1..3; default 1, the kernel as measured so far).
-int frag_depth() {
-  static const int depth = [] {
-    const char* e = std::getenv("KESTREL_CUDA_FRAG_DEPTH");
-    return e ? std::clamp(std::atoi(e), 1, 3) : 1;
-  }();
-  return depth;
-}
-
-template <DType T, int D>
-void launch_depth(const FragV2Args& a, int splits, cudaStream_t s) {
-  const dim3 grid(ceil_div(a.n_out, kRowsPerBlock), splits);
-  if (a.n_tokens <= 8)
-    matmul_frag_v2_kernel<T, 8, D><<<grid, kWarps * 32, 0, s>>>(a);
-  else
-    matmul_frag_v2_kernel<T, 16, D><<<grid, kWarps * 32, 0, s>>>(a);
+  if (split) reduce_splits_if_last<NT>(part, row_block, n_tokens, a.arrivals);
 }
 
 template <DType T>
 void launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
-  switch (frag_depth()) {
-    case 3:
-      return launch_depth<T, 3>(a, splits, s);
-    case 2:
-      return launch_depth<T, 2>(a, splits, s);
-    default:
-      return launch_depth<T, 1>(a, splits, s);
-  }
+  const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits);
+  if (a.n_tokens <= 8)
+    matmul_frag_v2_kernel<T, 8><<<grid, kWarps * 32, 0, s>>>(a);
+  else
+    matmul_frag_v2_kernel<T, 16><<<grid, kWarps * 32, 0, s>>>(a);
 }
 
 // Blocks the grid aims for: enough 4-warp blocks on every SM to keep the weight stream's loads
@@ -301,28 +308,18 @@ int target_blocks() {
 // Quant blocks per split: whole steps of either type (8 blocks).
 constexpr int64_t kSplitQuantum = 8;
 
-template <int D>
-int blocks_per_sm() {
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16, D>, kWarps * 32, 0) != cudaSuccess ||
-      per_sm <= 0)
-    per_sm = 4;
-  return per_sm;
-}
-
 // Blocks of the 16-token Q4_0 kernel that are resident at once on the whole GPU (registers and
-// shared memory allow 5 per SM on sm_90 with depth 1, ncu).
+// shared memory allow 5 per SM on sm_90, ncu).
 int resident_blocks() {
   static const int n = [] {
-    int device = 0, sms = 132;
+    int device = 0, sms = 132, per_sm = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
       sms = 132;
-    const int depth = frag_depth();
-    const int per_sm = depth == 3   ? blocks_per_sm<3>()
-                       : depth == 2 ? blocks_per_sm<2>()
-                                    : blocks_per_sm<1>();
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0) != cudaSuccess ||
+        per_sm <= 0)
+      per_sm = 4;
     return sms * per_sm;
   }();
   return n;
@@ -357,29 +354,56 @@ int forced_splits() {
   return n;
 }
 
-int frag_v2_splits(const CudaWeight& w) {
-  const int row_blocks = ceil_div(w.n_out, kRowsPerBlock);
-  const int64_t quanta = ceil_div(w.n_in / 32, kSplitQuantum);
-  if (forced_splits() > 0)
-    return static_cast<int>(std::clamp<int64_t>(forced_splits(), 1, std::min<int64_t>(quanta, 16)));
-  // Each split keeps at least two steps, so that loads of the next step overlap the current one.
-  const int most = static_cast<int>(std::clamp<int64_t>(quanta / 2, 1, 16));
-  if (one_wave()) return std::clamp(resident_blocks() / row_blocks, 1, most);
-  return std::clamp(ceil_div(target_blocks(), row_blocks), 1, most);
+int frag_v2_row_blocks(const MatvecPart* parts, int n_parts) {
+  int n = 0;
+  for (int i = 0; i < n_parts; ++i) n += ceil_div(parts[i].w->n_out, kRowsPerBlock);
+  return n;
 }
 
-int frag_v2_row_blocks(const CudaWeight& w) {
-  return ceil_div(w.n_out, kRowsPerBlock);
+int frag_v2_splits(int64_t n_in, int row_blocks) {
+  const int64_t quanta = ceil_div(n_in / 32, kSplitQuantum);
+  int splits = 0;
+  if (forced_splits() > 0) {
+    splits =
+        static_cast<int>(std::clamp<int64_t>(forced_splits(), 1, std::min<int64_t>(quanta, 16)));
+  } else {
+    // Each split keeps at least two steps, so that loads of the next step overlap the current
+    // one.
+    const int most = static_cast<int>(std::clamp<int64_t>(quanta / 2, 1, 16));
+    splits = one_wave() ? std::clamp(resident_blocks() / row_blocks, 1, most)
+                        : std::clamp(ceil_div(target_blocks(), row_blocks), 1, most);
+  }
+  // Splits are whole quanta: drop the ones that rounding up left empty.
+  const int64_t per_split = ceil_div(ceil_div(n_in / 32, splits), kSplitQuantum) * kSplitQuantum;
+  return static_cast<int>(ceil_div(n_in / 32, per_split));
 }
 
-Status launch_matmul_frag_v2(const CudaWeight& w, const __half* x, int n_tokens, float* out,
-                             const float* bias, float* partial, unsigned* arrivals,
-                             cudaStream_t s) {
-  const int splits = frag_v2_splits(w);
-  const int64_t nb = w.n_in / 32;
-  const int64_t bps = ceil_div(ceil_div(nb, splits), kSplitQuantum) * kSplitQuantum;
-  const FragV2Args a{w.qs, w.d, w.n_in, w.n_out, x, n_tokens, bps, out, bias, partial, arrivals};
-  if (w.type == DType::Q4_0)
+Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half* x, int n_tokens,
+                             float* partial, unsigned* arrivals, cudaStream_t s) {
+  if (n_parts < 1 || n_parts > kMatvecMaxParts)
+    return error("matmul (fragments): %d products in one launch (1 to %d)", n_parts,
+                 kMatvecMaxParts);
+  const CudaWeight& w0 = *parts[0].w;
+  const int splits = frag_v2_splits(w0.n_in, frag_v2_row_blocks(parts, n_parts));
+  const int64_t nb = w0.n_in / 32;
+  FragV2Args a{};
+  a.n_parts = n_parts;
+  a.n_in = w0.n_in;
+  a.x16 = x;
+  a.n_tokens = n_tokens;
+  a.blocks_per_split = ceil_div(ceil_div(nb, splits), kSplitQuantum) * kSplitQuantum;
+  a.arrivals = arrivals;
+  int row_blocks = 0;
+  int64_t partial_at = 0;
+  for (int i = 0; i < n_parts; ++i) {
+    const CudaWeight& w = *parts[i].w;
+    row_blocks += ceil_div(w.n_out, kRowsPerBlock);
+    a.parts[i] = {w.qs,         w.d,           w.n_out,
+                  parts[i].out, parts[i].bias, splits > 1 ? partial + partial_at : nullptr,
+                  row_blocks};
+    partial_at += int64_t{splits} * n_tokens * w.n_out;
+  }
+  if (w0.type == DType::Q4_0)
     launch_type<DType::Q4_0>(a, splits, s);
   else
     launch_type<DType::Q8_0>(a, splits, s);
