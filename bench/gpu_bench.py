@@ -96,6 +96,8 @@ VARIANTS = [
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
     ("KESTREL_CUDA_NO_GROUP=1", "seed case, b128 ub16"),  # Q/K/V, gate/up: a launch each
     ("KESTREL_CUDA_FLASH=0", "seed case, defaults"),  # attention on the tensor-core GEMMs
+    ("KESTREL_CUDA_FLASH_MMA=0", "pp2048"),  # f16 caches: cuBLAS path, not attention_mma.cu
+    ("KESTREL_CUDA_FLASH_MMA=0", "llama3-8b pp512"),
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

@@ -476,6 +476,11 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   // 19,014 against 15,389 t/s at 327 tokens and 23,179 against 22,451 at 512; with an f16 cache
   // (one GEMM term, not three) 25,433 against 27,099 at 512 and 19,213 against 22,926 at 2048.
   const bool quantized_cache = k_cache.type != DType::F16 || v_cache.type != DType::F16;
+  if (mma_attention_ && flash_attention_ != 1 && mma_attention_fits(p, k_cache, v_cache)) {
+    KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
+    return launch_attention_mma(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
+                                v_cache, p, static_cast<float*>(out.data), stream_);
+  }
   const bool flash = flash_attention_ == 1 ||
                      (flash_attention_ == -1 && quantized_cache && n_kv_all <= kFlashAutoMaxKeys);
   if (flash && flash_attention_fits(p)) {

@@ -101,6 +101,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   const char* flash = std::getenv("KESTREL_CUDA_FLASH");
   if (flash && (std::string(flash) == "0" || std::string(flash) == "1"))
     be->flash_attention_ = std::atoi(flash);
+  const char* flash_mma = std::getenv("KESTREL_CUDA_FLASH_MMA");
+  be->mma_attention_ = !(flash_mma && std::string(flash_mma) == "0");
   const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
   be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))

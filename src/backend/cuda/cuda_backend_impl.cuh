@@ -194,6 +194,9 @@ class CudaBackend final : public Backend {
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
+  // Prompt attention over f16 caches on the tensor cores (attention_mma.cu) unless
+  // KESTREL_CUDA_FLASH_MMA=0 (the cuBLAS path) or KESTREL_CUDA_FLASH=1 (the f32 kernel).
+  bool mma_attention_ = true;
   // What the kActs scratch holds (the int8 quantization of these activations, for the dp4a
   // kernel) and what the kX16 scratch holds (their f16 rounding, for the tensor-core kernels and
   // cuBLAS). Q, K and V (and gate and up) read the same normed x: converted once, not three times.
@@ -332,6 +335,11 @@ Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_
 // hi + lo parts.
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
                              const int32_t* pos, __half* p_hi, __half* p_lo, cudaStream_t s);
+// Fused causal attention on the tensor cores (attention_mma.cu): f16 caches, head sizes 64 and
+// 128.
+bool mma_attention_fits(const AttentionParams& p, const Tensor& kc, const Tensor& vc);
+Status launch_attention_mma(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
+                            const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s);
 // Fused causal attention in f32 (attention_flash.cu): head sizes 64 and 128, any cache type.
 bool flash_attention_fits(const AttentionParams& p);
 Status launch_attention_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
