@@ -118,8 +118,6 @@ if ((BENCH)); then
   # A/B: the seed's micro-batches without the key split of attention_block (its work-groups are
   # 32 heads x 1 there: the one-query kernel ran them before the split existed).
   KESTREL_CL_ATT_SPLITS=0 timeout 240 $b -r 3 "${seed[@]}" | sed 's/^| llama/| llama (KESTREL_CL_ATT_SPLITS=0)/' || rc=1
-  # A/B: matmul_mid with two weight rows per work-item (a trial; one by default).
-  KESTREL_CL_MID_RPW=2 timeout 240 $b -r 3 "${seed[@]}" | sed 's/^| llama/| llama (KESTREL_CL_MID_RPW=2)/' || rc=1
   timeout 120 $b -r 3 -p 0 -n 32 || rc=1
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true

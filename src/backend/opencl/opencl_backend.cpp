@@ -157,7 +157,6 @@ Status OpenclBackend::build_kernels() {
     if (rows == 32 || rows == 64 || rows == 128) mid_rows_ = rows;
   }
   mid_split_ = wide_ ? 256 / mid_rows_ : 1;
-  if (const char* v = std::getenv("KESTREL_CL_MID_RPW"); v && std::atoi(v) == 2) mid_rpw_ = 2;
   if (const char* v = std::getenv("KESTREL_CL_MID_GROUPS_PER_CU"))
     mid_groups_per_cu_ = std::clamp(std::atoi(v), 1, 16);
   if (const char* v = std::getenv("KESTREL_CL_ATT_SPLITS"))
@@ -165,7 +164,7 @@ Status OpenclBackend::build_kernels() {
   std::string options = "-cl-std=CL1.2";
   options +=
       wide_ ? " -DMV_ROWS=16 -DMV_SPLIT=16 -DRMS_WG=256" : " -DMV_ROWS=16 -DMV_SPLIT=4 -DRMS_WG=64";
-  options += format(" -DMID_ROWS=%d -DMID_SPLIT=%d -DMID_RPW=%d", mid_rows_, mid_split_, mid_rpw_);
+  options += format(" -DMID_ROWS=%d -DMID_SPLIT=%d", mid_rows_, mid_split_);
   if (info_.fp16) options += " -DKESTREL_HAS_FP16";
   if (info_.correct_divide) options += " -cl-fp32-correctly-rounded-divide-sqrt";
   const std::vector<std::string> srcs = {sources::common, sources::elementwise, sources::attention,

@@ -132,7 +132,6 @@ class OpenclBackend final : public Backend {
   // about 64.)
   int mid_max_tokens_ = 32;
   int mid_rows_ = 128, mid_split_ = 2;  // matmul_mid's work-group (MID_ROWS x MID_SPLIT)
-  int mid_rpw_ = 1;  // rows per work-item in matmul_mid (KESTREL_CL_MID_RPW=2: two, a trial)
   // Work-groups per compute unit that split-K aims at for matmul_mid (KESTREL_CL_MID_GROUPS_PER_CU
   // overrides it, 1-16, to compare); matmul_tiled aims at 4. H200 through NVIDIA's OpenCL, seed
   // b128 ub16: 1 -> 396 t/s, 2 -> 530, 4 -> 540 (splits are capped at 8).

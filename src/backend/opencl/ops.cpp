@@ -280,20 +280,17 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const bool tiled = rest > mid_max_tokens_;
     const int count = tiled && rest >= tile_.tn ? rest / tile_.tn * tile_.tn : rest;
     assert(count > 0);
-    const int tm = tiled ? tile_.tm : mid_rows * mid_rpw_, tn = tiled ? tile_.tn : kMidTokens;
+    const int tm = tiled ? tile_.tm : mid_rows, tn = tiled ? tile_.tn : kMidTokens;
     const size_t groups_r = static_cast<size_t>((n_out + tm - 1) / tm);
     const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
     // Split the input columns when the output tiles alone would leave compute units idle
     // (decode-sized outputs, short micro-batches): about 4 work-groups per unit.
     const size_t want = static_cast<size_t>(tiled ? 4 : mid_groups_per_cu_) *
                         std::max<size_t>(info_.compute_units, 1);
-    // At most 8 splits, 16 for matmul_mid with two rows per work-item: its 4096-row outputs are
-    // then 16 work-groups, 8 splits of them only one per compute unit on the H200.
-    const size_t max_splits = !tiled && mid_rpw_ == 2 ? 16 : 8;
     int splits = 1;
     if (groups_r * groups_t < want)
       splits = static_cast<int>(
-          std::min<size_t>({(want + groups_r * groups_t - 1) / (groups_r * groups_t), max_splits,
+          std::min<size_t>({(want + groups_r * groups_t - 1) / (groups_r * groups_t), 8,
                             static_cast<size_t>(std::max(n_blocks / 4, 1))}));
     const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
     cl_mem part = nullptr;

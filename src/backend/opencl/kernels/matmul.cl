@@ -120,22 +120,17 @@ kernel void matmul_reduce(global const float* part, int splits, long part_stride
 }
 
 // Mid-sized micro-batches (the seed's -ub 16 and the tails of larger ones): weight-stationary.
-// A work-group of MID_ROWS x MID_SPLIT work-items owns MID_ROWS * MID_RPW weight rows and MID_T
-// tokens; each work-item decodes 32-element blocks of its rows (r + MID_ROWS * i, i < MID_RPW)
-// straight into registers, half a block at a time (no weight tile in local memory: every weight
-// is decoded once per MID_T tokens, by one work-item) and multiplies them with the activations of
-// all MID_T tokens, staged in local memory MID_CHUNK blocks at a time and read as float8
-// broadcasts that serve MID_RPW rows (with one row per work-item, local reads and FMAs were one
-// to one). The MID_SPLIT work-items of a row share its blocks; split-K over get_group_id(2) as
-// in the tiled kernels.
+// A work-group of MID_ROWS x MID_SPLIT work-items owns MID_ROWS weight rows and MID_T tokens;
+// each work-item decodes 32-element blocks of its own row straight into registers (no weight
+// tile in local memory: every weight is decoded once per MID_T tokens, by one work-item) and
+// multiplies them with the activations of all MID_T tokens, staged in local memory MID_CHUNK
+// blocks at a time and read as float4 broadcasts. The MID_SPLIT work-items of a row share its
+// blocks; split-K over get_group_id(2) as in the tiled kernels.
 #ifndef MID_SPLIT
 #define MID_SPLIT 2
 #endif
 #ifndef MID_ROWS
 #define MID_ROWS 128
-#endif
-#ifndef MID_RPW
-#define MID_RPW 1
 #endif
 #define MID_T 16
 #define MID_CHUNK 8
@@ -147,11 +142,11 @@ kernel __attribute__((reqd_work_group_size(MID_ROWS, MID_SPLIT, 1))) void matmul
     int n_out, global const float* x, int t0, int n_tokens, global float* out,
     global const float* bias, int splits, global float* part, long part_stride) {
   // Activations [MID_T][MID_CHUNK * 32], then (reused) the partial sums
-  // [MID_SPLIT][MID_T][MID_ROWS] of the final reduction, one row set at a time.
+  // [MID_SPLIT][MID_T][MID_ROWS] of the final reduction: MID_SPLIT * MID_ROWS <= MID_CHUNK * 32.
   local float x_l[MID_T * MID_CHUNK * 32];
   const int lr = get_local_id(0), ks = get_local_id(1);
   const int lid = ks * MID_ROWS + lr;
-  const int r = get_group_id(0) * MID_ROWS * MID_RPW + lr;
+  const int r = get_group_id(0) * MID_ROWS + lr;
   const int tok0 = t0 + get_group_id(1) * MID_T;
   const int nt = min(MID_T, t0 + n_tokens - tok0);
   const int n_blocks = n_in / 32;
@@ -162,11 +157,9 @@ kernel __attribute__((reqd_work_group_size(MID_ROWS, MID_SPLIT, 1))) void matmul
     out = part + split * part_stride;
     bias = 0;
   }
-  float acc[MID_RPW][MID_T];
+  float acc[MID_T];
 #pragma unroll
-  for (int i = 0; i < MID_RPW; ++i)
-#pragma unroll
-    for (int t = 0; t < MID_T; ++t) acc[i][t] = 0.0f;
+  for (int t = 0; t < MID_T; ++t) acc[t] = 0.0f;
   for (int c0 = b_begin; c0 < b_end; c0 += MID_CHUNK) {
     const int n_chunk = min(MID_CHUNK, b_end - c0);
     for (int u = lid; u < MID_T * MID_CHUNK * 8; u += MID_ROWS * MID_SPLIT) {
@@ -178,42 +171,28 @@ kernel __attribute__((reqd_work_group_size(MID_ROWS, MID_SPLIT, 1))) void matmul
     barrier(CLK_LOCAL_MEM_FENCE);
     if (r < n_out) {
       for (int b = ks; b < n_chunk; b += MID_SPLIT) {
+        const float8 w0 = weight8(type, qs, d, row_bytes, n_out, r, c0 + b, 0);
+        const float8 w1 = weight8(type, qs, d, row_bytes, n_out, r, c0 + b, 1);
+        const float8 w2 = weight8(type, qs, d, row_bytes, n_out, r, c0 + b, 2);
+        const float8 w3 = weight8(type, qs, d, row_bytes, n_out, r, c0 + b, 3);
 #pragma unroll
-        for (int hb = 0; hb < 2; ++hb) {  // elements 16 hb .. 16 hb + 15 of the block
-          float8 w0[MID_RPW], w1[MID_RPW];  // their first and second 8
-#pragma unroll
-          for (int i = 0; i < MID_RPW; ++i) {
-            const int ri = r + MID_ROWS * i;
-            w0[i] = ri < n_out ? weight8(type, qs, d, row_bytes, n_out, ri, c0 + b, 2 * hb)
-                               : (float8)(0.0f);
-            w1[i] = ri < n_out ? weight8(type, qs, d, row_bytes, n_out, ri, c0 + b, 2 * hb + 1)
-                               : (float8)(0.0f);
-          }
-#pragma unroll
-          for (int t = 0; t < MID_T; ++t) {
-            const local float* xp = x_l + t * MID_CHUNK * 32 + b * 32 + 16 * hb;
-            const float8 x0 = vload8(0, xp), x1 = vload8(1, xp);
-#pragma unroll
-            for (int i = 0; i < MID_RPW; ++i) acc[i][t] += dot8(w0[i], x0) + dot8(w1[i], x1);
-          }
+        for (int t = 0; t < MID_T; ++t) {
+          const local float* xp = x_l + t * MID_CHUNK * 32 + b * 32;
+          acc[t] += (dot8(w0, vload8(0, xp)) + dot8(w1, vload8(1, xp))) +
+                    (dot8(w2, vload8(2, xp)) + dot8(w3, vload8(3, xp)));
         }
       }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
   }
 #pragma unroll
-  for (int i = 0; i < MID_RPW; ++i) {
-    if (i > 0) barrier(CLK_LOCAL_MEM_FENCE);  // the previous row set's sums are read
-#pragma unroll
-    for (int t = 0; t < MID_T; ++t) x_l[(ks * MID_T + t) * MID_ROWS + lr] = acc[i][t];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    const int ri = r + MID_ROWS * i;
-    if (ri >= n_out) continue;
-    for (int t = ks; t < nt; t += MID_SPLIT) {
-      float sum = 0.0f;
-      for (int k = 0; k < MID_SPLIT; ++k) sum += x_l[(k * MID_T + t) * MID_ROWS + lr];
-      if (bias) sum += bias[ri];
-      out[(long)(tok0 + t) * n_out + ri] = sum;
-    }
+  for (int t = 0; t < MID_T; ++t) x_l[(ks * MID_T + t) * MID_ROWS + lr] = acc[t];
+  barrier(CLK_LOCAL_MEM_FENCE);
+  if (r >= n_out) return;
+  for (int t = ks; t < nt; t += MID_SPLIT) {
+    float sum = 0.0f;
+    for (int k = 0; k < MID_SPLIT; ++k) sum += x_l[(k * MID_T + t) * MID_ROWS + lr];
+    if (bias) sum += bias[r];
+    out[(long)(tok0 + t) * n_out + r] = sum;
   }
 }
