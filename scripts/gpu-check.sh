@@ -38,7 +38,9 @@
 # GPU_CHECK_BUDGET (seconds, 540), GPU_CHECK_WORK (models, e2e cache; default
 # /tmp/kestrel-gpu-check), GPU_CHECK_BUILD (build folder, build-gpu), GPU_CHECK_E2E_JOBS
 # (kestrel processes at once in the e2e test; 8 on 16 cores), GPU_CHECK_CUDA (ON; OFF only to
-# try the script on a machine without CUDA).
+# try the script on a machine without CUDA), GPU_CHECK_SKIP (names of test and e2e stages to
+# leave out, space-separated, when device time is short), GPU_MATMUL_VARIANTS (the matmul
+# micro-benchmark's settings, ';'-separated).
 #
 # Exit status: 0 all passed; 1 a test stage failed (build, GPU tests, e2e, setup); 2 the tests
 # passed but a benchmark case failed to run (targets not met are not failures).
@@ -98,6 +100,11 @@ limit() {
 # Stage records, for the summary and gpu-check.json.
 NAMES=() STATUS=() SECS=() DETAIL=()
 record() { NAMES+=("$1"); STATUS+=("$2"); SECS+=("$3"); DETAIL+=("$4"); }
+# skipped NAME: whether GPU_CHECK_SKIP names the stage (recorded as SKIP).
+skipped() {
+  [[ " ${GPU_CHECK_SKIP:-} " == *" $1 "* ]] || return 1
+  record "$1" SKIP 0 "GPU_CHECK_SKIP"
+}
 
 # run_stage NAME LIMIT FILTER CMD...: runs CMD under `timeout LIMIT`, its output appended to the
 # log; prints the last 30 lines that match FILTER (ERE), or with an empty FILTER the last 40
@@ -301,6 +308,7 @@ fi
 gpu_test_stage() {
   local name=$1 filter=$2 xml=$3
   shift 3
+  if skipped "$name"; then return; fi
   run_stage "$name" "$(limit 120 $((rest + 10)))" '^\[==========\]|^\[  (PASSED|FAILED|SKIPPED) |Failure|error' \
     env "$@" "$BUILD/bin/kestrel_tests" --gtest_filter="$filter" --gtest_output="xml:$OUTDIR/$xml"
   local tail_log n_tests n_passed n_skipped n_failed counts
@@ -371,6 +379,7 @@ fi
 # --- 5. end to end on the GPU --------------------------------------------------------------------
 e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE
   local name=$1 args=$2 lim budget summary
+  if skipped "$name"; then return; fi
   lim=$(limit "$3" "$4")
   budget=$((lim - 40))   # a run started just before the budget ends still fits (--timeout 30)
   ((budget < 10)) && budget=10
