@@ -363,8 +363,8 @@ if ((TESTS)); then
     # (KESTREL_CUDA_FLASH=1; by default only quantized caches up to 512 keys take it).
     gpu_test_stage gpu-tests-flash '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash.xml \
       KESTREL_CUDA_FLASH=1
-    # Attention without the tensor-core kernel of attention_mma.cu (KESTREL_CUDA_FLASH_MMA=0: the
-    # cuBLAS path, and the f32 fused kernel for quantized caches up to 512 keys).
+    # Attention over f16 caches on the cuBLAS path (KESTREL_CUDA_FLASH_MMA=0; by default the
+    # tensor-core kernel of attention_mma.cu takes prompt chunks).
     gpu_test_stage gpu-tests-no-flash-mma '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-no-flash-mma.xml KESTREL_CUDA_FLASH_MMA=0
     # The 5-16-token kernel with K split 16 ways wherever it can be (the most partial sums per
