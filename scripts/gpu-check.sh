@@ -494,7 +494,7 @@ fi
 test_fail=0 bench_fail=0
 for i in "${!NAMES[@]}"; do
   if [[ "${STATUS[$i]}" == FAIL ]]; then
-    case "${NAMES[$i]}" in bench | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
+    case "${NAMES[$i]}" in bench | matmul-bench | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
   fi
 done
 if ((test_fail)); then
