@@ -360,6 +360,15 @@ int frag_v2_row_blocks(const MatvecPart* parts, int n_parts) {
   return n;
 }
 
+namespace {
+
+// Quant blocks per split when nb blocks are split `splits` ways: whole quanta.
+int64_t blocks_per_split(int64_t nb, int splits) {
+  return ceil_div(ceil_div(nb, splits), kSplitQuantum) * kSplitQuantum;
+}
+
+}  // namespace
+
 int frag_v2_splits(int64_t n_in, int row_blocks) {
   const int64_t quanta = ceil_div(n_in / 32, kSplitQuantum);
   int splits = 0;
@@ -374,8 +383,7 @@ int frag_v2_splits(int64_t n_in, int row_blocks) {
                         : std::clamp(ceil_div(target_blocks(), row_blocks), 1, most);
   }
   // Splits are whole quanta: drop the ones that rounding up left empty.
-  const int64_t per_split = ceil_div(ceil_div(n_in / 32, splits), kSplitQuantum) * kSplitQuantum;
-  return static_cast<int>(ceil_div(n_in / 32, per_split));
+  return static_cast<int>(ceil_div(n_in / 32, blocks_per_split(n_in / 32, splits)));
 }
 
 Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half* x, int n_tokens,
@@ -391,7 +399,7 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
   a.n_in = w0.n_in;
   a.x16 = x;
   a.n_tokens = n_tokens;
-  a.blocks_per_split = ceil_div(ceil_div(nb, splits), kSplitQuantum) * kSplitQuantum;
+  a.blocks_per_split = blocks_per_split(nb, splits);
   a.arrivals = arrivals;
   int row_blocks = 0;
   int64_t partial_at = 0;
