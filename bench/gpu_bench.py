@@ -94,11 +94,8 @@ VARIANTS = [
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
-    ("KESTREL_CUDA_NO_GROUP=1", "seed case, b128 ub16"),  # Q/K/V, gate/up: a launch each
-    ("KESTREL_CUDA_FLASH=0", "seed case, defaults"),  # attention on the tensor-core GEMMs
-    ("KESTREL_CUDA_ROWS_MAX_TOKENS=8", "seed case, b128 ub16"),  # 16 tokens: f32 fused, not rows
-    ("KESTREL_CUDA_FLASH_MMA=0", "pp2048"),  # f16 caches: cuBLAS path, not attention_mma.cu
-    ("KESTREL_CUDA_FLASH_MMA=0", "llama3-8b pp512"),
+    ("KESTREL_CUDA_PDL=1", "seed case, b128 ub16"),  # fragment kernel: dependent launches
+    ("KESTREL_CUDA_FLASH_MMA=0", "seed case, defaults"),  # q4_0 cache: the f32 fused kernel
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

@@ -40,7 +40,7 @@
 # (kestrel processes at once in the e2e test; 8 on 16 cores), GPU_CHECK_CUDA (ON; OFF only to
 # try the script on a machine without CUDA), GPU_CHECK_SKIP (names of test and e2e stages to
 # leave out, space-separated, when device time is short), GPU_MATMUL_VARIANTS (the matmul
-# micro-benchmark's settings, ';'-separated).
+# micro-benchmark's settings, ';'-separated), GPU_CHECK_NCU=1 (ncu on one 16-token matmul launch).
 #
 # Exit status: 0 all passed; 1 a test stage failed (build, GPU tests, e2e, setup); 2 the tests
 # passed but a benchmark case failed to run (targets not met are not failures).
@@ -363,14 +363,18 @@ if ((TESTS)); then
     # (KESTREL_CUDA_FLASH=1; by default only quantized caches up to 512 keys take it).
     gpu_test_stage gpu-tests-flash '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash.xml \
       KESTREL_CUDA_FLASH=1
-    # Attention over f16 caches on the cuBLAS path (KESTREL_CUDA_FLASH_MMA=0; by default the
-    # tensor-core kernel of attention_mma.cu takes prompt chunks).
+    # Attention without the tensor-core kernel of attention_mma.cu (KESTREL_CUDA_FLASH_MMA=0: the
+    # cuBLAS path, and the f32 fused kernel for quantized caches up to 512 keys).
     gpu_test_stage gpu-tests-no-flash-mma '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-no-flash-mma.xml KESTREL_CUDA_FLASH_MMA=0
     # The 5-16-token kernel with K split 16 ways wherever it can be (the most partial sums per
     # output that its last-arriving block adds up), alone and grouped.
     gpu_test_stage gpu-tests-frag-splits '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-frag-splits.xml KESTREL_CUDA_FRAG_SPLITS=16
+    # The 5-16-token kernel as a programmatic dependent launch (KESTREL_CUDA_PDL=1): its weight
+    # loads start before the previous kernel ends, its activation reads must not.
+    gpu_test_stage gpu-tests-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-pdl.xml KESTREL_CUDA_PDL=1
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi
@@ -453,11 +457,19 @@ if ((BENCH)); then
   # assignments, "-" for the defaults): how far each kernel is from the bandwidth floor.
   MM_BIN=$BUILD/bin/kestrel_gpu_matmul_bench
   if [[ -x "$MM_BIN" ]]; then
-    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_NO_GROUP=1;KESTREL_CUDA_FRAG_SPLITS=2;KESTREL_CUDA_NO_FRAG_ONE_WAVE=1;KESTREL_CUDA_NO_FRAG_ONE_WAVE=1 KESTREL_CUDA_FRAG_BLOCKS_PER_SM=8}"
+    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_PDL=1}"
     run_stage matmul-bench "$(limit 90 $((BENCH_SECS + 5)))" '^## |^\| [a-z]|failed' \
       env OUTDIR="$OUTDIR" bash "$ROOT/bench/lab/matmul_sweep.sh" "$MM_BIN" "${mm_variants[@]}"
     record matmul-bench "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
       "${#mm_variants[@]} settings; table in gpu-check.log"
+    # GPU_CHECK_NCU=1: Nsight Compute's full section set on one grouped 16-token launch (its
+    # report goes to ncu-frag.txt): where the 5-16-token kernel's time goes.
+    if [[ "${GPU_CHECK_NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
+      run_stage ncu-frag "$(limit 120 $((BENCH_SECS + 5)))" '^  [A-Z].*(Throughput|Busy|Occupancy|Warp Cycles|Issue)' \
+        bash -c "ncu --clock-control none --set full -k regex:frag --launch-skip 3 --launch-count 2 \
+          '$MM_BIN' --tokens 16 --ms 1 >'$OUTDIR/ncu-frag.txt' 2>&1; rc=\$?; cat '$OUTDIR/ncu-frag.txt'; exit \$rc"
+      record ncu-frag "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "report in ncu-frag.txt"
+    fi
   fi
   if ((KESTREL_OK)); then
     lim=$(limit 600 5)
@@ -494,7 +506,7 @@ fi
 test_fail=0 bench_fail=0
 for i in "${!NAMES[@]}"; do
   if [[ "${STATUS[$i]}" == FAIL ]]; then
-    case "${NAMES[$i]}" in bench | matmul-bench | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
+    case "${NAMES[$i]}" in bench | matmul-bench | ncu-frag | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
   fi
 done
 if ((test_fail)); then

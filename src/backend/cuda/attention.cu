@@ -475,26 +475,20 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   // The fused f32 kernel against the tensor-core GEMMs (H200, llama2-7b): with a q4_0 cache
   // 19,014 against 15,389 t/s at 327 tokens and 23,179 against 22,451 at 512; with an f16 cache
   // (one GEMM term, not three) 25,433 against 27,099 at 512 and 19,213 against 22,926 at 2048.
+  // The fused tensor-core kernel (attention_mma.cu) against them (same call): with an f16 cache
+  // pp2048 27,191 against 22,894 (cuBLAS), llama3-8b pp512 28,609 against 25,145.
   const bool quantized_cache = k_cache.type != DType::F16 || v_cache.type != DType::F16;
-  if (mma_attention_ && flash_attention_ != 1 && mma_attention_fits(p, k_cache, v_cache)) {
-    KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
-    return launch_attention_mma(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
-                                v_cache, p, static_cast<float*>(out.data), stream_);
-  }
+  const bool mma = mma_attention_ && flash_attention_ != 1 && mma_attention_fits(p, kv_dim) &&
+                   (k_cache.type == DType::F16) == (v_cache.type == DType::F16);
   const bool flash = flash_attention_ == 1 ||
                      (flash_attention_ == -1 && quantized_cache && n_kv_all <= kFlashAutoMaxKeys);
-  if (flash && flash_attention_fits(p)) {
+  if (!mma && flash && flash_attention_fits(p)) {
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
     return launch_attention_flash(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
                                   v_cache, p, static_cast<float*>(out.data), stream_);
   }
 
-  // Q, K and V as f16 hi + lo parts (an f16 cache is exact in place: no lo part).
-  const int64_t nq = int64_t{n_tokens} * q_dim;
-  KESTREL_ASSIGN_OR_RETURN(void* q16v, scratch(kQ16, 2 * sizeof(__half) * nq));
-  auto* q_hi = static_cast<__half*>(q16v);
-  __half* q_lo = q_hi + nq;
-  KESTREL_TRY(launch_split_f16(static_cast<const float*>(q.data), nq, q_hi, q_lo, stream_));
+  // K and V as f16 hi + lo parts (an f16 cache is exact in place: no lo part).
   const __half* kv_hi[2];
   const __half* kv_lo[2] = {nullptr, nullptr};
   const Tensor* caches[2] = {&k_cache, &v_cache};
@@ -512,6 +506,18 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
     kv_hi[i] = hi;
     kv_lo[i] = hi + n;
   }
+  if (mma) {
+    KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
+    return launch_attention_mma(static_cast<const float*>(q.data), n_tokens, pos_dev, kv_hi[0],
+                                kv_lo[0], kv_hi[1], kv_lo[1], kv_dim, p,
+                                static_cast<float*>(out.data), stream_);
+  }
+  // Q as f16 hi + lo parts.
+  const int64_t nq = int64_t{n_tokens} * q_dim;
+  KESTREL_ASSIGN_OR_RETURN(void* q16v, scratch(kQ16, 2 * sizeof(__half) * nq));
+  auto* q_hi = static_cast<__half*>(q16v);
+  __half* q_lo = q_hi + nq;
+  KESTREL_TRY(launch_split_f16(static_cast<const float*>(q.data), nq, q_hi, q_lo, stream_));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
 
   // The lo parts matter where a perturbation is amplified: a quantized cache re-rounds the next

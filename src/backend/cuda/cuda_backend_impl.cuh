@@ -335,11 +335,12 @@ Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_
 // hi + lo parts.
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
                              const int32_t* pos, __half* p_hi, __half* p_lo, cudaStream_t s);
-// Fused causal attention on the tensor cores (attention_mma.cu): f16 caches, head sizes 64 and
-// 128.
-bool mma_attention_fits(const AttentionParams& p, const Tensor& kc, const Tensor& vc);
-Status launch_attention_mma(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-                            const Tensor& vc, const AttentionParams& p, float* out, cudaStream_t s);
+// Fused causal attention on the tensor cores (attention_mma.cu): K and V as f16 [rows][kv_dim]
+// (an f16 cache), or as hi + lo parts (a quantized cache expanded); head sizes 64 and 128.
+bool mma_attention_fits(const AttentionParams& p, int64_t kv_dim);
+Status launch_attention_mma(const float* q, int n_tokens, const int32_t* pos, const __half* k_hi,
+                            const __half* k_lo, const __half* v_hi, const __half* v_lo,
+                            int64_t kv_dim, const AttentionParams& p, float* out, cudaStream_t s);
 // Fused causal attention in f32 (attention_flash.cu): head sizes 64 and 128, any cache type.
 bool flash_attention_fits(const AttentionParams& p);
 Status launch_attention_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "core/status.h"
 
@@ -36,6 +37,35 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
+}
+
+// Programmatic dependent launch (sm_90): a kernel launched with launch_dependent() may start
+// while the kernel before it in the stream is still running, and must call this before it reads
+// anything that kernel writes (or writes anything a later kernel's early part reads). Without
+// the launch attribute, or before sm_90, it returns at once.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Launches kernel<<<grid, block, 0, s>>>(args...), as a programmatic dependent launch when
+// `early` is set: the kernel must call grid_dependency_wait() before it touches the previous
+// kernel's outputs.
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(bool early, void (*kernel)(Params...), dim3 grid, dim3 block,
+                             cudaStream_t s, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = early ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) {

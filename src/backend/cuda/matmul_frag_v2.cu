@@ -61,8 +61,11 @@ struct LaneCodes {
   uint4 raw[2][FragLayout<T>::kLoads];  // [row a / b]
   __half scale[2][FragLayout<T>::kBlocksPerLane];
 
-  __device__ __forceinline__ void load(const uint8_t* qs, const __half* d, int64_t nb,
-                                       const int64_t (&rows)[2], int64_t cb, int64_t kb1, int c) {
+  // Loads the step at quant block cb. qrow / drow: the lane's two rows (codes and scales), so
+  // that a step costs the loop no 64-bit index arithmetic.
+  __device__ __forceinline__ void load(const uint8_t* const (&qrow)[2],
+                                       const __half* const (&drow)[2], int64_t cb, int64_t kb1,
+                                       int c) {
     constexpr int kBPL = FragLayout<T>::kBlocksPerLane;
 #pragma unroll
     for (int ab = 0; ab < 2; ++ab) {
@@ -70,12 +73,12 @@ struct LaneCodes {
       for (int h = 0; h < kBPL; ++h) {
         const int64_t b = cb + c + 4 * h;
         const bool in = b < kb1;
-        const int64_t blk = rows[ab] * nb + b;
-        scale[ab][h] = in ? d[blk] : __ushort_as_half(0);
+        scale[ab][h] = in ? drow[ab][b] : __ushort_as_half(0);
         if constexpr (T == DType::Q4_0) {
-          raw[ab][h] = in ? *reinterpret_cast<const uint4*>(qs + blk * 16) : make_uint4(0, 0, 0, 0);
+          raw[ab][h] =
+              in ? *reinterpret_cast<const uint4*>(qrow[ab] + b * 16) : make_uint4(0, 0, 0, 0);
         } else {
-          const uint4* p = reinterpret_cast<const uint4*>(qs + blk * 32);
+          const uint4* p = reinterpret_cast<const uint4*>(qrow[ab] + b * 32);
           raw[ab][0] = in ? p[0] : make_uint4(0, 0, 0, 0);
           raw[ab][1] = in ? p[1] : make_uint4(0, 0, 0, 0);
         }
@@ -97,22 +100,45 @@ struct LaneCodes {
   }
 };
 
-// Copies the activations of quant blocks [cb, cb + kStepBlocks) of every token into xs (zeros
-// past the split's end and past n_tokens), 16 bytes per cp.async.
+// Which 16-byte chunks of a step's activations a thread copies: the same block and quarter of a
+// block every step, for tokens t0, t0 + kTokensPerPass, ... (a loop over all chunks with a
+// stride of the block size compiled to ~200 instructions a step, bench/NOTES.md).
 template <DType T, int NT>
-__device__ __forceinline__ void stage_acts(const __half* x16, int64_t n_in, int n_tokens,
-                                           int64_t cb, int64_t kb1, __half* xs) {
+struct ActChunks {
   using L = FragLayout<T>;
-  constexpr int kChunks = NT * L::kStepBlocks * 4;
-  for (int i = threadIdx.x; i < kChunks; i += kWarps * 32) {
-    const int t = i / (L::kStepBlocks * 4), blk = i / 4 % L::kStepBlocks, q = i % 4;
-    const bool in = t < n_tokens && cb + blk < kb1;
-    const __half* src = in ? x16 + t * n_in + 32 * (cb + blk) + 8 * q : x16;
-    __pipeline_memcpy_async(xs + t * L::kRowStride + blk * L::kBlockStride + 8 * q, src, 16,
-                            in ? 0 : 16);
+  static constexpr int kChunksPerToken = L::kStepBlocks * 4;
+  static constexpr int kTokensPerPass = kWarps * 32 / kChunksPerToken;
+  static constexpr int kPasses = NT / kTokensPerPass;
+  static_assert(kWarps * 32 % kChunksPerToken == 0 && NT % kTokensPerPass == 0);
+  int blk;          // quant block within the step
+  int t0;           // first token
+  const __half* x;  // token t0's element 32 blk + 8 q, at quant block 0
+  int xs_at;        // its place in a step's buffer, in halfs
+
+  __device__ __forceinline__ ActChunks(const __half* x16, int64_t n_in) {
+    const int tid = static_cast<int>(threadIdx.x), q = tid % 4;
+    blk = tid / 4 % L::kStepBlocks;
+    t0 = tid / kChunksPerToken;
+    x = x16 + t0 * n_in + 32 * blk + 8 * q;
+    xs_at = t0 * L::kRowStride + blk * L::kBlockStride + 8 * q;
   }
-  __pipeline_commit();
-}
+
+  // Copies quant blocks [cb, cb + kStepBlocks) of every token into xs (zeros past the split's
+  // end and past n_tokens) and commits them as one cp.async group.
+  __device__ __forceinline__ void stage(int64_t n_in, int n_tokens, int64_t cb, int64_t kb1,
+                                        __half* xs) const {
+    const bool block_in = cb + blk < kb1;
+#pragma unroll
+    for (int e = 0; e < kPasses; ++e) {
+      const int t = t0 + e * kTokensPerPass;
+      const bool in = block_in && t < n_tokens;
+      const __half* src = in ? x + e * kTokensPerPass * n_in + 32 * cb : x;
+      __pipeline_memcpy_async(xs + xs_at + e * kTokensPerPass * L::kRowStride, src, 16,
+                              in ? 0 : 16);
+    }
+    __pipeline_commit();
+  }
+};
 
 // One product of a launch: out = x . W^T (+ bias) for a weight of n_out rows. With gridDim.y > 1
 // (split K) each split writes partial[split][T][n_out] and the last split of a row block to
@@ -207,28 +233,39 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
   const int64_t n_in = a.n_in, n_out = part.n_out;
   const int n_tokens = a.n_tokens;
   using L = FragLayout<T>;
-  __shared__ __align__(16) __half xs[2][NT * L::kRowStride];
+  // Three step buffers, so that one barrier a step suffices: the buffer a step refills was last
+  // read two steps before, and every warp has passed the previous step's barrier since.
+  __shared__ __align__(16) __half xs[3][NT * L::kRowStride];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t nb = n_in / 32;
   const int64_t row0 = static_cast<int64_t>(row_block) * kRowsPerBlock + 16 * warp;
   const int64_t rows[2] = {min(row0 + g, n_out - 1), min(row0 + g + 8, n_out - 1)};
+  const uint8_t* const qrow[2] = {qs + rows[0] * nb * (T == DType::Q4_0 ? 16 : 32),
+                                  qs + rows[1] * nb * (T == DType::Q4_0 ? 16 : 32)};
+  const __half* const drow[2] = {d + rows[0] * nb, d + rows[1] * nb};
   const int64_t kb0 = blockIdx.y * a.blocks_per_split;
   const int64_t kb1 = min(nb, kb0 + a.blocks_per_split);
-  const int n_tiles = min(NT / 8, (n_tokens + 7) / 8);  // token tiles with any real token
+  // Launches are 8-token kernels for 5-8 tokens and 16-token ones for 9-16 (launch_type), so
+  // every token tile of 8 holds a real token.
 
   float acc[NT / 8][4];
 #pragma unroll
   for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   LaneCodes<T> cur;
-  cur.load(qs, d, nb, rows, kb0, kb1, c);
-  stage_acts<T, NT>(a.x16, n_in, n_tokens, kb0, kb1, xs[0]);
+  cur.load(qrow, drow, kb0, kb1, c);
+  // With programmatic dependent launch the grid may start before the kernel that writes x16
+  // has finished: the weights do not depend on it, the activations do (a no-op otherwise).
+  grid_dependency_wait();
+  const ActChunks<T, NT> chunks(a.x16, n_in);
+  chunks.stage(n_in, n_tokens, kb0, kb1, xs[0]);
   int buf = 0;
   for (int64_t cb = kb0; cb < kb1; cb += L::kStepBlocks) {
     // The next step's weights and activations are in flight while this step is multiplied.
     LaneCodes<T> next;
-    next.load(qs, d, nb, rows, cb + L::kStepBlocks, kb1, c);
-    stage_acts<T, NT>(a.x16, n_in, n_tokens, cb + L::kStepBlocks, kb1, xs[buf ^ 1]);
+    next.load(qrow, drow, cb + L::kStepBlocks, kb1, c);
+    const int next_buf = buf == 2 ? 0 : buf + 1;
+    chunks.stage(n_in, n_tokens, cb + L::kStepBlocks, kb1, xs[next_buf]);
     __pipeline_wait_prior(1);  // this step's activations have landed
     __syncthreads();
     const __half* xb = xs[buf];
@@ -253,16 +290,13 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
                                   codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
                                   codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
 #pragma unroll
-          for (int j = 0; j < NT / 8; ++j) {
-            if (j >= n_tiles) break;
+          for (int j = 0; j < NT / 8; ++j)
             mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
-          }
         }
       }
     }
-    __syncthreads();  // every warp is done with xs[buf] before the next step refills it
     cur = next;
-    buf ^= 1;
+    buf = next_buf;
   }
   __pipeline_wait_prior(0);  // the last (empty) step's copies, before the block exits
   // C fragment: acc[j][0..1] row g, tokens 8j + 2c, +1; acc[j][2..3] row g + 8.
@@ -281,13 +315,22 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
   if (split) reduce_splits_if_last<NT>(part, row_block, n_tokens, a.arrivals);
 }
 
+// KESTREL_CUDA_PDL=1: the fragment kernel is a programmatic dependent launch (its first weight
+// loads overlap the end of the kernel before it). Off by default until measured.
+bool dependent_launch() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_PDL");
+    return e && std::string(e) == "1";
+  }();
+  return on;
+}
+
 template <DType T>
-void launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
-  const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits);
+cudaError_t launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
+  const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits), block(kWarps * 32);
   if (a.n_tokens <= 8)
-    matmul_frag_v2_kernel<T, 8><<<grid, kWarps * 32, 0, s>>>(a);
-  else
-    matmul_frag_v2_kernel<T, 16><<<grid, kWarps * 32, 0, s>>>(a);
+    return launch_dependent(dependent_launch(), matmul_frag_v2_kernel<T, 8>, grid, block, s, a);
+  return launch_dependent(dependent_launch(), matmul_frag_v2_kernel<T, 16>, grid, block, s, a);
 }
 
 // Blocks the grid aims for: enough 4-warp blocks on every SM to keep the weight stream's loads
@@ -411,10 +454,9 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
                   row_blocks};
     partial_at += int64_t{splits} * n_tokens * w.n_out;
   }
-  if (w0.type == DType::Q4_0)
-    launch_type<DType::Q4_0>(a, splits, s);
-  else
-    launch_type<DType::Q8_0>(a, splits, s);
+  const cudaError_t launched = w0.type == DType::Q4_0 ? launch_type<DType::Q4_0>(a, splits, s)
+                                                      : launch_type<DType::Q8_0>(a, splits, s);
+  CUDA_TRY(launched, "matmul (tensor cores, weights in fragments, v2)");
   LAUNCH_CHECK("matmul (tensor cores, weights in fragments, v2)");
   return Status::ok();
 }
