@@ -94,8 +94,11 @@ VARIANTS = [
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
-    ("KESTREL_CUDA_PDL=1", "seed case, b128 ub16"),  # fragment kernel: dependent launches
-    ("KESTREL_CUDA_FLASH_MMA=0", "seed case, defaults"),  # q4_0 cache: the f32 fused kernel
+    # Matmuls as programmatic dependent launches, weights asked of L2 while the kernel before
+    # them runs; and the fragment kernel's L2 prefetch alone.
+    ("KESTREL_CUDA_PDL=1", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_PDL=1", "llama2-7b tg128"),
+    ("KESTREL_CUDA_FRAG_PREFETCH=1", "seed case, b128 ub16"),
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

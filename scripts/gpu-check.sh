@@ -381,20 +381,21 @@ if ((TESTS)); then
 fi
 
 # --- 5. end to end on the GPU --------------------------------------------------------------------
-e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE
+e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE [VAR=VALUE...]
   local name=$1 args=$2 lim budget summary
+  local vars=("${@:5}")
   if skipped "$name"; then return; fi
   lim=$(limit "$3" "$4")
   budget=$((lim - 40))   # a run started just before the budget ends still fits (--timeout 30)
   ((budget < 10)) && budget=10
   run_stage "$name" "$lim" '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce' \
-    python3 "$ROOT/tests/e2e/test_e2e.py" --kestrel "$BUILD/bin/kestrel" --workdir "$WORK/e2e" \
+    env "${vars[@]}" python3 "$ROOT/tests/e2e/test_e2e.py" --kestrel "$BUILD/bin/kestrel" --workdir "$WORK/e2e" \
     --kestrel-args "$args" --jobs "$E2E_JOBS" --budget "$budget" --timeout 30
   summary=$(tail -n 30 "$LOG" | sed -n 's/^e2e: \([0-9]*\/[0-9]* passed.*\)/\1/p' | tail -n 1)
   if ((RC == 0)); then
-    record "$name" PASS "$STAGE_SECS" "$args: $summary"
+    record "$name" PASS "$STAGE_SECS" "$args ${vars[*]}: $summary"
   else
-    record "$name" FAIL "$STAGE_SECS" "$args: ${summary:-exit $RC}"
+    record "$name" FAIL "$STAGE_SECS" "$args ${vars[*]}: ${summary:-exit $RC}"
   fi
 }
 if ((TESTS && !QUICK)); then
@@ -403,6 +404,8 @@ if ((TESTS && !QUICK)); then
     ((BENCH)) && bench_reserve=$BENCH_SECS
     e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
     e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
+    # Matmuls as programmatic dependent launches (weights streamed before the inputs are ready).
+    e2e e2e-pdl "--backend cuda -ngl 99" 120 $((bench_reserve + 10)) KESTREL_CUDA_PDL=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     run_stage overlap-cuda "$(limit 60 $((bench_reserve + 5)))" '^ok|^FAIL|^skip|failures' \
@@ -457,7 +460,7 @@ if ((BENCH)); then
   # assignments, "-" for the defaults): how far each kernel is from the bandwidth floor.
   MM_BIN=$BUILD/bin/kestrel_gpu_matmul_bench
   if [[ -x "$MM_BIN" ]]; then
-    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_PDL=1}"
+    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_PDL=1;KESTREL_CUDA_FRAG_PREFETCH=1}"
     run_stage matmul-bench "$(limit 90 $((BENCH_SECS + 5)))" '^## |^\| [a-z]|failed' \
       env OUTDIR="$OUTDIR" bash "$ROOT/bench/lab/matmul_sweep.sh" "$MM_BIN" "${mm_variants[@]}"
     record matmul-bench "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \

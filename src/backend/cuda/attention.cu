@@ -182,6 +182,7 @@ __global__ void __launch_bounds__(kRowsThreads)
                           int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes, int n_head,
                           int group, int D, int64_t kv_stride, float scale, float* out,
                           MatmulInputOut also) {
+  grid_dependents_launch();  // the output projection may start streaming its weights
   extern __shared__ float smem[];
   constexpr int kWarps = kRowsThreads / 32;
   const int h = blockIdx.x, t0 = blockIdx.y * kTB, g = h / group;

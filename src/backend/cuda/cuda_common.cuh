@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <utility>
 
 #include "core/status.h"
@@ -47,6 +48,30 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// Lets the next kernel in the stream, when it is a programmatic dependent launch, start now (its
+// blocks run up to their grid_dependency_wait(), e.g. streaming weights, while this one works).
+// Called at the start of the kernels that precede matmuls; a no-op otherwise.
+__device__ __forceinline__ void grid_dependents_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the 128-byte line holding p (weights a kernel will read once its inputs are ready).
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Whether the matmul kernels that stream weights before their inputs are ready go as
+// programmatic dependent launches (KESTREL_CUDA_PDL=1; off by default until measured).
+inline bool dependent_launches() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_PDL");
+    return e && e[0] == '1' && e[1] == '\0';
+  }();
+  return on;
 }
 
 // Launches kernel<<<grid, block, 0, s>>>(args...), as a programmatic dependent launch when

@@ -47,6 +47,7 @@ template <int kVec>
 __global__ void __launch_bounds__(kNormMaxThreads)
     rms_norm_kernel(float* x, const float* y, int64_t n, const float* __restrict__ w, float eps,
                     float* out, MatmulInputOut also) {
+  grid_dependents_launch();  // the next matmul may start streaming its weights
   float4* xr = reinterpret_cast<float4*>(x + blockIdx.x * n);
   const float4* wr = reinterpret_cast<const float4*>(w);
   float4* o = reinterpret_cast<float4*>(out + blockIdx.x * n);
@@ -134,6 +135,7 @@ __global__ void rope_kernel(float* x0, int heads0, float* x1, int heads1, const 
 // planes: a warp is one block, wholly inside or outside).
 __global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, float* out,
                               MatmulInputOut also) {
+  grid_dependents_launch();  // the down projection may start streaming its weights
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) {
     const float g = gate[i];

@@ -164,7 +164,27 @@ struct FragV2Args {
   int n_tokens;
   int64_t blocks_per_split;
   unsigned* arrivals;
+  bool dependent;  // launched as a programmatic dependent launch
+  bool prefetch;   // the split's weights asked of L2 before the first step
 };
+
+// Asks L2 for a lane's share of the rows' codes and scales in quant blocks [kb0, kb1): lane c of
+// each quad takes every fourth 128-byte line of its two rows.
+template <DType T>
+__device__ __forceinline__ void prefetch_split(const uint8_t* const (&qrow)[2],
+                                               const __half* const (&drow)[2], int64_t kb0,
+                                               int64_t kb1, int c) {
+  constexpr int kBlockBytes = T == DType::Q4_0 ? 16 : 32;
+#pragma unroll
+  for (int ab = 0; ab < 2; ++ab) {
+    const uint8_t* q0 = qrow[ab] + kb0 * kBlockBytes;
+    const int64_t bytes = (kb1 - kb0) * kBlockBytes;
+    for (int64_t off = 128 * c; off < bytes; off += 4 * 128) prefetch_l2(q0 + off);
+    if (c == 0)
+      for (int64_t off = 0; off < (kb1 - kb0) * 2; off += 128)
+        prefetch_l2(reinterpret_cast<const uint8_t*>(drow[ab] + kb0) + off);
+  }
+}
 
 // The part that row block blockIdx.x belongs to, and the row block within it (constant indices
 // only, so that the parameters are read in place).
@@ -252,10 +272,13 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
 #pragma unroll
   for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
+  // With programmatic dependent launch the grid may start before the kernel that writes x16
+  // has finished: the weights do not depend on it, the activations do. So the split's weights
+  // are asked of L2 first and the first step's loaded, then the block waits (a no-op when not
+  // launched that way).
+  if (a.prefetch) prefetch_split<T>(qrow, drow, kb0, kb1, c);
   LaneCodes<T> cur;
   cur.load(qrow, drow, kb0, kb1, c);
-  // With programmatic dependent launch the grid may start before the kernel that writes x16
-  // has finished: the weights do not depend on it, the activations do (a no-op otherwise).
   grid_dependency_wait();
   const ActChunks<T, NT> chunks(a.x16, n_in);
   chunks.stage(n_in, n_tokens, kb0, kb1, xs[0]);
@@ -315,11 +338,11 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
   if (split) reduce_splits_if_last<NT>(part, row_block, n_tokens, a.arrivals);
 }
 
-// KESTREL_CUDA_PDL=1: the fragment kernel is a programmatic dependent launch (its first weight
-// loads overlap the end of the kernel before it). Off by default until measured.
-bool dependent_launch() {
+// KESTREL_CUDA_FRAG_PREFETCH=1: the L2 prefetch of a split's weights without the dependent
+// launch (does a deeper prefetch help the kernel alone?).
+bool prefetch_forced() {
   static const bool on = [] {
-    const char* e = std::getenv("KESTREL_CUDA_PDL");
+    const char* e = std::getenv("KESTREL_CUDA_FRAG_PREFETCH");
     return e && std::string(e) == "1";
   }();
   return on;
@@ -329,8 +352,8 @@ template <DType T>
 cudaError_t launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
   const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits), block(kWarps * 32);
   if (a.n_tokens <= 8)
-    return launch_dependent(dependent_launch(), matmul_frag_v2_kernel<T, 8>, grid, block, s, a);
-  return launch_dependent(dependent_launch(), matmul_frag_v2_kernel<T, 16>, grid, block, s, a);
+    return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 8>, grid, block, s, a);
+  return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 16>, grid, block, s, a);
 }
 
 // Blocks the grid aims for: enough 4-warp blocks on every SM to keep the weight stream's loads
@@ -444,6 +467,8 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
   a.n_tokens = n_tokens;
   a.blocks_per_split = blocks_per_split(nb, splits);
   a.arrivals = arrivals;
+  a.dependent = dependent_launches();
+  a.prefetch = a.dependent || prefetch_forced();
   int row_blocks = 0;
   int64_t partial_at = 0;
   for (int i = 0; i < n_parts; ++i) {

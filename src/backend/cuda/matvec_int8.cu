@@ -73,6 +73,7 @@ struct MatvecArgs {
   const int8_t* q2;
   const ActBlock* meta;
   int n_tokens;
+  bool dependent;  // matvec_ksplit_kernel as a programmatic dependent launch
 };
 
 // The product this block computes, its fields picked without indexing the parameter arrays by a
@@ -205,8 +206,22 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
   constexpr int kThreads = kWarps * 32;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x - m.first_block) * kKSplitRows;
-  if (r0 >= m.n_out) return;  // the whole block
   const int64_t nb = args.n_in / 32;
+  if (args.dependent) {
+    // A programmatic dependent launch: the block's rows (contiguous) are asked of L2 while the
+    // kernel that writes the activations still runs, then the block waits for it.
+    if (r0 < m.n_out) {
+      const int64_t rows = min(static_cast<int64_t>(kKSplitRows), m.n_out - r0);
+      const uint8_t* q0 = m.qs + r0 * nb * (4 * kWords);
+      for (int64_t off = 128 * threadIdx.x; off < rows * nb * 4 * kWords; off += 128 * kThreads)
+        prefetch_l2(q0 + off);
+      const int64_t scale_bytes = rows * nb * 2;
+      if (128 * threadIdx.x < scale_bytes)
+        prefetch_l2(reinterpret_cast<const uint8_t*>(m.d + r0 * nb) + 128 * threadIdx.x);
+    }
+    grid_dependency_wait();
+  }
+  if (r0 >= m.n_out) return;  // the whole block
   float acc[kKSplitRows] = {};
 #pragma unroll 2
   for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
@@ -242,7 +257,7 @@ template <DType T>
 void launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
   const int threads = kWarps * 32;
   if (ksplit)
-    matvec_ksplit_kernel<T><<<blocks, threads, 0, s>>>(args);
+    launch_dependent(args.dependent, matvec_ksplit_kernel<T>, dim3(blocks), dim3(threads), s, args);
   else if (args.n_tokens <= 1)
     matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
   else if (args.n_tokens <= 4)
@@ -325,6 +340,7 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
   args.q2 = a.q2;
   args.meta = a.meta;
   args.n_tokens = n_tokens;
+  args.dependent = ksplit && dependent_launches();
   if (w0.type == DType::Q4_0)
     launch_matvec<DType::Q4_0>(args, blocks, ksplit, s);
   else
