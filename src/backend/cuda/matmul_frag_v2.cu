@@ -165,26 +165,7 @@ struct FragV2Args {
   int64_t blocks_per_split;
   unsigned* arrivals;
   bool dependent;  // launched as a programmatic dependent launch
-  bool prefetch;   // the split's weights asked of L2 before the first step
 };
-
-// Asks L2 for a lane's share of the rows' codes and scales in quant blocks [kb0, kb1): lane c of
-// each quad takes every fourth 128-byte line of its two rows.
-template <DType T>
-__device__ __forceinline__ void prefetch_split(const uint8_t* const (&qrow)[2],
-                                               const __half* const (&drow)[2], int64_t kb0,
-                                               int64_t kb1, int c) {
-  constexpr int kBlockBytes = T == DType::Q4_0 ? 16 : 32;
-#pragma unroll
-  for (int ab = 0; ab < 2; ++ab) {
-    const uint8_t* q0 = qrow[ab] + kb0 * kBlockBytes;
-    const int64_t bytes = (kb1 - kb0) * kBlockBytes;
-    for (int64_t off = 128 * c; off < bytes; off += 4 * 128) prefetch_l2(q0 + off);
-    if (c == 0)
-      for (int64_t off = 0; off < (kb1 - kb0) * 2; off += 128)
-        prefetch_l2(reinterpret_cast<const uint8_t*>(drow[ab] + kb0) + off);
-  }
-}
 
 // The part that row block blockIdx.x belongs to, and the row block within it (constant indices
 // only, so that the parameters are read in place).
@@ -244,8 +225,11 @@ __device__ void reduce_splits_if_last(const FragPart& part, int row_block, int n
 
 // out[T][n_out] of blockIdx.x's part for its rows [64 * row block, +64), over quant blocks
 // [blockIdx.y * blocks_per_split, +blocks_per_split).
-template <DType T, int NT>
-__global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV2Args a) {
+// kMinBlocks: resident blocks per SM the registers must allow (5: the 96 the 16-token kernel
+// takes; with the bound left out ptxas gives it 104-106 and only 4 fit).
+template <DType T, int NT, int kMinBlocks = 5>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
+    matmul_frag_v2_kernel(const FragV2Args a) {
   int row_block = 0;
   const FragPart part = part_of_block(a, row_block);
   const uint8_t* qs = part.qs;
@@ -273,10 +257,10 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
   for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   // With programmatic dependent launch the grid may start before the kernel that writes x16
-  // has finished: the weights do not depend on it, the activations do. So the split's weights
-  // are asked of L2 first and the first step's loaded, then the block waits (a no-op when not
-  // launched that way).
-  if (a.prefetch) prefetch_split<T>(qrow, drow, kb0, kb1, c);
+  // has finished: the weights do not depend on it, the activations do. So the first step's
+  // weights are loaded, then the block waits (a no-op when not launched that way). Asking L2 for
+  // the whole split's weights first made the seed's micro-batches slower (3,402 against 3,613
+  // t/s without the dependent launch, 3,501 with it; H200, bench/NOTES.md).
   LaneCodes<T> cur;
   cur.load(qrow, drow, kb0, kb1, c);
   grid_dependency_wait();
@@ -338,12 +322,23 @@ __global__ void __launch_bounds__(kWarps * 32) matmul_frag_v2_kernel(const FragV
   if (split) reduce_splits_if_last<NT>(part, row_block, n_tokens, a.arrivals);
 }
 
-// KESTREL_CUDA_FRAG_PREFETCH=1: the L2 prefetch of a split's weights without the dependent
-// launch (does a deeper prefetch help the kernel alone?).
-bool prefetch_forced() {
+// KESTREL_CUDA_FRAG_PDL=1: the fragment kernel as a programmatic dependent launch. Without the
+// kernels before it letting it start early it measured the same as without (3,648 against 3,653
+// t/s, seed b128 ub16); off until measured with them.
+bool frag_dependent() {
   static const bool on = [] {
-    const char* e = std::getenv("KESTREL_CUDA_FRAG_PREFETCH");
+    const char* e = std::getenv("KESTREL_CUDA_FRAG_PDL");
     return e && std::string(e) == "1";
+  }();
+  return on;
+}
+
+// KESTREL_CUDA_FRAG_MIN_BLOCKS=6: the 16-token kernel compiled for 6 resident blocks per SM
+// (registers capped at 80 instead of the 96 it takes, which allow 5), for more warps in flight.
+bool six_blocks() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_FRAG_MIN_BLOCKS");
+    return e && std::string(e) == "6";
   }();
   return on;
 }
@@ -353,6 +348,8 @@ cudaError_t launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
   const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits), block(kWarps * 32);
   if (a.n_tokens <= 8)
     return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 8>, grid, block, s, a);
+  if (six_blocks())
+    return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 16, 6>, grid, block, s, a);
   return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 16>, grid, block, s, a);
 }
 
@@ -382,8 +379,12 @@ int resident_blocks() {
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
       sms = 132;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0) != cudaSuccess ||
+    const cudaError_t e =
+        six_blocks() ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                           &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16, 6>, kWarps * 32, 0)
+                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                           &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0);
+    if (e != cudaSuccess ||
         per_sm <= 0)
       per_sm = 4;
     return sms * per_sm;
@@ -467,8 +468,7 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
   a.n_tokens = n_tokens;
   a.blocks_per_split = blocks_per_split(nb, splits);
   a.arrivals = arrivals;
-  a.dependent = dependent_launches();
-  a.prefetch = a.dependent || prefetch_forced();
+  a.dependent = frag_dependent();
   int row_blocks = 0;
   int64_t partial_at = 0;
   for (int i = 0; i < n_parts; ++i) {
