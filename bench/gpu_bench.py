@@ -95,11 +95,6 @@ VARIANTS = [
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
     ("KESTREL_CUDA_PDL=0", "llama2-7b tg128"),  # decode matvec: no dependent launch
-    # Trials: the fragment kernel as a dependent launch, for 6 blocks per SM, few-token
-    # attention with a block per token.
-    ("KESTREL_CUDA_FRAG_PDL=1", "seed case, b128 ub16"),
-    ("KESTREL_CUDA_FRAG_MIN_BLOCKS=6", "seed case, b128 ub16"),
-    ("KESTREL_CUDA_ROWS_TB=1", "seed case, b128 ub16"),
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

@@ -371,11 +371,10 @@ if ((TESTS)); then
     # output that its last-arriving block adds up), alone and grouped.
     gpu_test_stage gpu-tests-frag-splits '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-frag-splits.xml KESTREL_CUDA_FRAG_SPLITS=16
-    # Trials under measurement: the 5-16-token kernel as a programmatic dependent launch (its
-    # first weight loads before the previous kernel ends, its activation reads not) and with
-    # registers capped for 6 blocks per SM; few-token attention with a block per token.
-    gpu_test_stage gpu-tests-trials '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*:*GpuOpsAttention*' \
-      gtest-gpu-trials.xml KESTREL_CUDA_FRAG_PDL=1 KESTREL_CUDA_FRAG_MIN_BLOCKS=6 KESTREL_CUDA_ROWS_TB=1
+    # The decode matvec as a plain launch (KESTREL_CUDA_PDL=0; by default a programmatic
+    # dependent launch whose weights are asked of L2 while the kernel before it runs).
+    gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
   else
     record gpu-tests SKIP 0 "kestrel_tests not built"
   fi
@@ -405,9 +404,6 @@ if ((TESTS && !QUICK)); then
     ((BENCH)) && bench_reserve=$BENCH_SECS
     e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
     e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
-    # The trials above, end to end.
-    e2e e2e-trials "--backend cuda -ngl 99" 120 $((bench_reserve + 10)) KESTREL_CUDA_FRAG_PDL=1 \
-      KESTREL_CUDA_FRAG_MIN_BLOCKS=6 KESTREL_CUDA_ROWS_TB=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     run_stage overlap-cuda "$(limit 60 $((bench_reserve + 5)))" '^ok|^FAIL|^skip|failures' \
@@ -462,7 +458,7 @@ if ((BENCH)); then
   # assignments, "-" for the defaults): how far each kernel is from the bandwidth floor.
   MM_BIN=$BUILD/bin/kestrel_gpu_matmul_bench
   if [[ -x "$MM_BIN" ]]; then
-    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--;KESTREL_CUDA_FRAG_MIN_BLOCKS=6}"
+    IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--}"
     run_stage matmul-bench "$(limit 90 $((BENCH_SECS + 5)))" '^## |^\| [a-z]|failed' \
       env OUTDIR="$OUTDIR" bash "$ROOT/bench/lab/matmul_sweep.sh" "$MM_BIN" "${mm_variants[@]}"
     record matmul-bench "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \

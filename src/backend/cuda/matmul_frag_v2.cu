@@ -164,7 +164,6 @@ struct FragV2Args {
   int n_tokens;
   int64_t blocks_per_split;
   unsigned* arrivals;
-  bool dependent;  // launched as a programmatic dependent launch
 };
 
 // The part that row block blockIdx.x belongs to, and the row block within it (constant indices
@@ -225,11 +224,11 @@ __device__ void reduce_splits_if_last(const FragPart& part, int row_block, int n
 
 // out[T][n_out] of blockIdx.x's part for its rows [64 * row block, +64), over quant blocks
 // [blockIdx.y * blocks_per_split, +blocks_per_split).
-// kMinBlocks: resident blocks per SM the registers must allow (5: the 96 the 16-token kernel
-// takes; with the bound left out ptxas gives it 104-106 and only 4 fit).
-template <DType T, int NT, int kMinBlocks = 5>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
-    matmul_frag_v2_kernel(const FragV2Args a) {
+// Five resident blocks per SM: the 96 registers the 16-token kernel takes (with the bound left
+// out ptxas gives it 104-106 and only 4 fit; capped at 80 for 6 blocks it measured slower, seed
+// b128 ub16 3,090 against 3,539 t/s, H200).
+template <DType T, int NT>
+__global__ void __launch_bounds__(kWarps * 32, 5) matmul_frag_v2_kernel(const FragV2Args a) {
   int row_block = 0;
   const FragPart part = part_of_block(a, row_block);
   const uint8_t* qs = part.qs;
@@ -256,14 +255,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
 #pragma unroll
   for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-  // With programmatic dependent launch the grid may start before the kernel that writes x16
-  // has finished: the weights do not depend on it, the activations do. So the first step's
-  // weights are loaded, then the block waits (a no-op when not launched that way). Asking L2 for
-  // the whole split's weights first made the seed's micro-batches slower (3,402 against 3,613
-  // t/s without the dependent launch, 3,501 with it; H200, bench/NOTES.md).
   LaneCodes<T> cur;
   cur.load(qrow, drow, kb0, kb1, c);
-  grid_dependency_wait();
   const ActChunks<T, NT> chunks(a.x16, n_in);
   chunks.stage(n_in, n_tokens, kb0, kb1, xs[0]);
   int buf = 0;
@@ -322,35 +315,15 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
   if (split) reduce_splits_if_last<NT>(part, row_block, n_tokens, a.arrivals);
 }
 
-// KESTREL_CUDA_FRAG_PDL=1: the fragment kernel as a programmatic dependent launch. Without the
-// kernels before it letting it start early it measured the same as without (3,648 against 3,653
-// t/s, seed b128 ub16); off until measured with them.
-bool frag_dependent() {
-  static const bool on = [] {
-    const char* e = std::getenv("KESTREL_CUDA_FRAG_PDL");
-    return e && std::string(e) == "1";
-  }();
-  return on;
-}
-
-// KESTREL_CUDA_FRAG_MIN_BLOCKS=6: the 16-token kernel compiled for 6 resident blocks per SM
-// (registers capped at 80 instead of the 96 it takes, which allow 5), for more warps in flight.
-bool six_blocks() {
-  static const bool on = [] {
-    const char* e = std::getenv("KESTREL_CUDA_FRAG_MIN_BLOCKS");
-    return e && std::string(e) == "6";
-  }();
-  return on;
-}
-
+// (As a programmatic dependent launch, with its first step's weights loaded before the kernel
+// before it ends, it measured the same: 3,582 against 3,539 t/s, seed b128 ub16, H200.)
 template <DType T>
-cudaError_t launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
-  const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits), block(kWarps * 32);
+void launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
+  const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits);
   if (a.n_tokens <= 8)
-    return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 8>, grid, block, s, a);
-  if (six_blocks())
-    return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 16, 6>, grid, block, s, a);
-  return launch_dependent(a.dependent, matmul_frag_v2_kernel<T, 16>, grid, block, s, a);
+    matmul_frag_v2_kernel<T, 8><<<grid, kWarps * 32, 0, s>>>(a);
+  else
+    matmul_frag_v2_kernel<T, 16><<<grid, kWarps * 32, 0, s>>>(a);
 }
 
 // Blocks the grid aims for: enough 4-warp blocks on every SM to keep the weight stream's loads
@@ -379,12 +352,8 @@ int resident_blocks() {
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
       sms = 132;
-    const cudaError_t e =
-        six_blocks() ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                           &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16, 6>, kWarps * 32, 0)
-                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                           &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0);
-    if (e != cudaSuccess ||
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0) != cudaSuccess ||
         per_sm <= 0)
       per_sm = 4;
     return sms * per_sm;
@@ -468,7 +437,6 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
   a.n_tokens = n_tokens;
   a.blocks_per_split = blocks_per_split(nb, splits);
   a.arrivals = arrivals;
-  a.dependent = frag_dependent();
   int row_blocks = 0;
   int64_t partial_at = 0;
   for (int i = 0; i < n_parts; ++i) {
@@ -479,9 +447,10 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
                   row_blocks};
     partial_at += int64_t{splits} * n_tokens * w.n_out;
   }
-  const cudaError_t launched = w0.type == DType::Q4_0 ? launch_type<DType::Q4_0>(a, splits, s)
-                                                      : launch_type<DType::Q8_0>(a, splits, s);
-  CUDA_TRY(launched, "matmul (tensor cores, weights in fragments, v2)");
+  if (w0.type == DType::Q4_0)
+    launch_type<DType::Q4_0>(a, splits, s);
+  else
+    launch_type<DType::Q8_0>(a, splits, s);
   LAUNCH_CHECK("matmul (tensor cores, weights in fragments, v2)");
   return Status::ok();
 }
