@@ -112,12 +112,11 @@ if ((BENCH)); then
   b="$BUILD/bin/kestrel bench -m $MODEL --backend opencl -ngl 99"
   seed=(-p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
   timeout 240 $b -r 3 -p 512 -n 0 || rc=1
-  # A/B: the tiled kernel with scalar local-memory reads (its form before the float4 runs).
-  KESTREL_CL_TILED_SCALAR=1 timeout 240 $b -r 3 -p 512 -n 0 | sed 's/^| llama/| llama (KESTREL_CL_TILED_SCALAR=1)/' || rc=1
+  # A/B: the tiled kernel without loading the next step during the products (its form before).
+  # (Earlier A/B rows, now defaults: float4 local reads, KESTREL_CL_TILED_SCALAR=1, and the key
+  # split of attention_block, KESTREL_CL_ATT_SPLITS=0; src/backend/opencl/NOTES.md.)
+  KESTREL_CL_TILED_PREFETCH=0 timeout 240 $b -r 3 -p 512 -n 0 | sed 's/^| llama/| llama (KESTREL_CL_TILED_PREFETCH=0)/' || rc=1
   timeout 240 $b -r 3 "${seed[@]}" || rc=1
-  # A/B: the seed's micro-batches without the key split of attention_block (its work-groups are
-  # 32 heads x 1 there: the one-query kernel ran them before the split existed).
-  KESTREL_CL_ATT_SPLITS=0 timeout 240 $b -r 3 "${seed[@]}" | sed 's/^| llama/| llama (KESTREL_CL_ATT_SPLITS=0)/' || rc=1
   timeout 120 $b -r 3 -p 0 -n 32 || rc=1
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true

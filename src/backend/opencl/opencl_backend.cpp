@@ -37,8 +37,8 @@ const char* const kKernelNames[] = {
 std::string tiled_instance(const char* name, const TileShape& t) {
   std::string s = format(
       "#define MM_TM %d\n#define MM_TN %d\n#define MM_WX %d\n#define MM_WY %d\n"
-      "#define MM_VEC4 %d\n#define MM_KERNEL %s\n",
-      t.tm, t.tn, t.wx, t.wy, t.vec4 ? 1 : 0, name);
+      "#define MM_VEC4 %d\n#define MM_PREFETCH %d\n#define MM_KERNEL %s\n",
+      t.tm, t.tn, t.wx, t.wy, t.vec4 ? 1 : 0, t.prefetch ? 1 : 0, name);
   s.append(sources::matmul_tiled);
   return s;
 }
@@ -145,9 +145,11 @@ Status OpenclBackend::build_kernels() {
   wide_ = info_.max_work_group >= 256 && info_.local_mem >= 32 * 1024;
   // Tiles of 128 rows x 64 tokens, 8 x 4 accumulators per work-item (24 KiB of local memory)
   // where the device allows, else 32 x 32.
-  tile_ = wide_ ? TileShape{128, 64, 16, 16, true} : TileShape{32, 32, 8, 8, true};
+  tile_ = wide_ ? TileShape{128, 64, 16, 16, true, true} : TileShape{32, 32, 8, 8, true, true};
   if (const char* v = std::getenv("KESTREL_CL_TILED_SCALAR"); v && std::string(v) == "1")
     tile_.vec4 = false;
+  if (const char* v = std::getenv("KESTREL_CL_TILED_PREFETCH"); v && std::string(v) == "0")
+    tile_.prefetch = false;
   if (const char* v = std::getenv("KESTREL_CL_MID_MAX_TOKENS")) mid_max_tokens_ = std::atoi(v);
   // matmul_mid's work-group: mid_rows_ rows x (256 / mid_rows_) K-splits (64 x 1 on small
   // devices); KESTREL_CL_MID_ROWS=32|64|128 overrides it, to compare.

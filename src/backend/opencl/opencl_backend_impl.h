@@ -47,9 +47,11 @@ struct DeviceInfo {
 
 // The shape of one instance of the tiled matmul kernel (kernels/matmul_tiled.cl).
 struct TileShape {
-  int tm, tn;  // weight rows x tokens per work-group
-  int wx, wy;  // work-group
-  bool vec4;   // float4 reads of runs of four rows and tokens (KESTREL_CL_TILED_SCALAR=1: off)
+  int tm, tn;     // weight rows x tokens per work-group
+  int wx, wy;     // work-group
+  bool vec4;      // float4 reads of runs of four rows and tokens (KESTREL_CL_TILED_SCALAR=1: off)
+  bool prefetch;  // Q4_0 / Q8_0: the next step's loads during this one's products
+                  // (KESTREL_CL_TILED_PREFETCH=0: off)
 };
 
 class OpenclBackend final : public Backend {

@@ -1,7 +1,7 @@
 // Tiled matmul for micro-batches of more than MV_MAX_T tokens, a template: the host includes
 // this file once per tile shape, with MM_TM (weight rows per work-group), MM_TN (tokens per
-// work-group), MM_WX x MM_WY (the work-group), MM_VEC4 (0 or 1, below) and MM_KERNEL (the
-// kernel's name) defined before it and undefined after. Per step of 32 input columns a work-group decodes its weight tile once
+// work-group), MM_WX x MM_WY (the work-group), MM_VEC4 (0 or 1, below), MM_PREFETCH (0 or 1,
+// below) and MM_KERNEL (the kernel's name) defined before it and undefined after. Per step of 32 input columns a work-group decodes its weight tile once
 // into local memory, where all MM_TN tokens reuse it, and each work-item accumulates
 // MM_TM / MM_WX rows x MM_TN / MM_WY tokens in registers (in f32).
 //
@@ -13,6 +13,10 @@
 
 #define MM_RM (MM_TM / MM_WX)
 #define MM_RN (MM_TN / MM_WY)
+#define MM_WG (MM_WX * MM_WY)
+// Units of 8 values a work-item stages per step: weight rows x 4 parts, tokens x 4 parts.
+#define MM_WUNITS ((MM_TM * 4 + MM_WG - 1) / MM_WG)
+#define MM_XUNITS ((MM_TN * 4 + MM_WG - 1) / MM_WG)
 // Which rows and tokens of the tile work-item (lx, ly) accumulates. MM_VEC4: runs of four,
 // 4 * lx + 4 * MM_WX * (i / 4) + i % 4 (and the same for tokens), read from local memory as
 // float4s: per step of k, 8 rows and 4 tokens cost 3 vector loads instead of 12 scalar ones,
@@ -24,6 +28,46 @@
 #else
 #define MM_ROW(i) (lx + (i) * MM_WX)
 #define MM_TOK(j) (ly + (j) * MM_WY)
+#endif
+
+#ifndef MM_TILED_HELPERS
+#define MM_TILED_HELPERS
+// MM_PREFETCH: for Q4_0 / Q8_0 the next step's weight bytes and activations are loaded into
+// registers before the current step is multiplied, so that their global-memory latency overlaps
+// the products (without it, every step waits for its loads behind the barrier). The raw bytes
+// of weight8's unit: 8 quant bytes in x, y and the scale's bits in z.
+inline uint4 weight_raw8(int type, const global uchar* qs, const global ushort* d, int n_out,
+                         int r, int b, int part) {
+  const long blk = (long)b * n_out + r;
+  const global uchar* p =
+      type == T_Q4_0 ? qs + blk * 16 + 8 * (part & 1) : qs + blk * 32 + 8 * part;
+  const uint2 q = as_uint2(vload8(0, p));
+  return (uint4)(q.x, q.y, d[blk], 0);
+}
+
+// weight8's arithmetic on raw bytes (the same values, bit for bit).
+inline float8 decode_raw8(int type, uint4 raw, int part) {
+  const float scale = half_bits_to_float((ushort)raw.z);
+  const uchar8 q = as_uchar8((uint2)(raw.x, raw.y));
+  if (type == T_Q4_0) {
+    const uchar8 nib = part < 2 ? (q & (uchar)15) : (q >> (uchar)4);
+    return (convert_float8(nib) - 8.0f) * scale;
+  }
+  return convert_float8(as_char8(q)) * scale;
+}
+
+// Writes 8 values as column `col` of rows 8 * part .. + 7 of a [32][width] tile.
+#define MM_STORE8(tile, part, col, v)  \
+  do {                                 \
+    tile[8 * (part) + 0][col] = (v).s0; \
+    tile[8 * (part) + 1][col] = (v).s1; \
+    tile[8 * (part) + 2][col] = (v).s2; \
+    tile[8 * (part) + 3][col] = (v).s3; \
+    tile[8 * (part) + 4][col] = (v).s4; \
+    tile[8 * (part) + 5][col] = (v).s5; \
+    tile[8 * (part) + 6][col] = (v).s6; \
+    tile[8 * (part) + 7][col] = (v).s7; \
+  } while (0)
 #endif
 
 kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
@@ -49,35 +93,57 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
   for (int i = 0; i < MM_RM; ++i)
     for (int j = 0; j < MM_RN; ++j) acc[i][j] = 0.0f;
 
+  const bool raw = MM_PREFETCH && (type == T_Q4_0 || type == T_Q8_0);
+  uint4 wraw[MM_WUNITS];
+  float8 xraw[MM_XUNITS];
+  // Loads step b's units into wraw / xraw (zeros past the rows and tokens).
+#define MM_LOAD_STEP(b)                                                                   \
+  do {                                                                                    \
+    for (int k = 0; k < MM_WUNITS; ++k) {                                                 \
+      const int u = lid + k * MM_WG, rr = u >> 2, r = row0 + rr;                         \
+      wraw[k] = u < MM_TM * 4 && r < n_out ? weight_raw8(type, qs, d, n_out, r, (b), u & 3) \
+                                           : (uint4)(0);                                  \
+    }                                                                                     \
+    for (int k = 0; k < MM_XUNITS; ++k) {                                                 \
+      const int u = lid + k * MM_WG, t = tok0 + (u >> 2);                                 \
+      xraw[k] = u < MM_TN * 4 && t < tok_end                                              \
+                    ? vload8(0, x + (long)t * n_in + 32 * (b) + 8 * (u & 3))              \
+                    : (float8)(0.0f);                                                     \
+    }                                                                                     \
+  } while (0)
+  if (raw && b_begin < b_end) MM_LOAD_STEP(b_begin);
+
   for (int b = b_begin; b < b_end; ++b) {
-    // Weight tile: MM_TM rows x 4 parts of 8 elements.
-    for (int u = lid; u < MM_TM * 4; u += MM_WX * MM_WY) {
-      const int rr = u >> 2, part = u & 3, r = row0 + rr;
-      const float8 w = r < n_out ? weight8(type, qs, d, row_bytes, n_out, r, b, part) : (float8)(0.0f);
-      w_tile[8 * part + 0][rr] = w.s0;
-      w_tile[8 * part + 1][rr] = w.s1;
-      w_tile[8 * part + 2][rr] = w.s2;
-      w_tile[8 * part + 3][rr] = w.s3;
-      w_tile[8 * part + 4][rr] = w.s4;
-      w_tile[8 * part + 5][rr] = w.s5;
-      w_tile[8 * part + 6][rr] = w.s6;
-      w_tile[8 * part + 7][rr] = w.s7;
-    }
-    // Activation tile: MM_TN tokens x 4 parts of 8 floats.
-    for (int u = lid; u < MM_TN * 4; u += MM_WX * MM_WY) {
-      const int tt = u >> 2, part = u & 3, t = tok0 + tt;
-      float8 v = (float8)(0.0f);
-      if (t < tok_end) v = vload8(0, x + (long)t * n_in + 32 * b + 8 * part);
-      x_tile[8 * part + 0][tt] = v.s0;
-      x_tile[8 * part + 1][tt] = v.s1;
-      x_tile[8 * part + 2][tt] = v.s2;
-      x_tile[8 * part + 3][tt] = v.s3;
-      x_tile[8 * part + 4][tt] = v.s4;
-      x_tile[8 * part + 5][tt] = v.s5;
-      x_tile[8 * part + 6][tt] = v.s6;
-      x_tile[8 * part + 7][tt] = v.s7;
+    if (raw) {
+      for (int k = 0; k < MM_WUNITS; ++k) {
+        const int u = lid + k * MM_WG;
+        if (u < MM_TM * 4) {
+          const float8 w = decode_raw8(type, wraw[k], u & 3);
+          MM_STORE8(w_tile, u & 3, u >> 2, w);
+        }
+      }
+      for (int k = 0; k < MM_XUNITS; ++k) {
+        const int u = lid + k * MM_WG;
+        if (u < MM_TN * 4) MM_STORE8(x_tile, u & 3, u >> 2, xraw[k]);
+      }
+    } else {
+      // Weight tile: MM_TM rows x 4 parts of 8 elements.
+      for (int u = lid; u < MM_TM * 4; u += MM_WG) {
+        const int rr = u >> 2, part = u & 3, r = row0 + rr;
+        const float8 w =
+            r < n_out ? weight8(type, qs, d, row_bytes, n_out, r, b, part) : (float8)(0.0f);
+        MM_STORE8(w_tile, part, rr, w);
+      }
+      // Activation tile: MM_TN tokens x 4 parts of 8 floats.
+      for (int u = lid; u < MM_TN * 4; u += MM_WG) {
+        const int tt = u >> 2, part = u & 3, t = tok0 + tt;
+        float8 v = (float8)(0.0f);
+        if (t < tok_end) v = vload8(0, x + (long)t * n_in + 32 * b + 8 * part);
+        MM_STORE8(x_tile, part, tt, v);
+      }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
+    if (raw && b + 1 < b_end) MM_LOAD_STEP(b + 1);  // in flight during the products below
     // The block's 32 products in fresh sums, added to acc once: one chain of n_in additions
     // erred ~3x more than the other kernels (and flipped q4_0 K/V codes in the e2e test).
     float blk[MM_RM][MM_RN];
@@ -119,8 +185,13 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
   }
 }
 
+#undef MM_LOAD_STEP
 #undef MM_RM
 #undef MM_RN
+#undef MM_WG
+#undef MM_WUNITS
+#undef MM_XUNITS
+#undef MM_PREFETCH
 #undef MM_ROW
 #undef MM_TOK
 #undef MM_VEC4
