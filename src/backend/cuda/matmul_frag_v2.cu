@@ -55,7 +55,8 @@ struct FragLayout {
 };
 
 // A lane's codes for one step: per row, kLoads 16-byte words (Q4_0: blocks c and c + 4; Q8_0:
-// the two halves of block c) and kBlocksPerLane scales. Blocks past the split's end are zeros.
+// the two halves of block c) and kBlocksPerLane scales. Blocks past the split's end have zero
+// scales.
 template <DType T>
 struct LaneCodes {
   uint4 raw[2][FragLayout<T>::kLoads];  // [row a / b]
@@ -64,23 +65,23 @@ struct LaneCodes {
   // Loads the step at quant block cb. qrow / drow: the lane's two rows (codes and scales), so
   // that a step costs the loop no 64-bit index arithmetic.
   __device__ __forceinline__ void load(const uint8_t* const (&qrow)[2],
-                                       const __half* const (&drow)[2], int64_t cb, int64_t kb1,
-                                       int c) {
+                                       const __half* const (&drow)[2], int cb, int kb1, int c) {
     constexpr int kBPL = FragLayout<T>::kBlocksPerLane;
 #pragma unroll
     for (int ab = 0; ab < 2; ++ab) {
 #pragma unroll
       for (int h = 0; h < kBPL; ++h) {
-        const int64_t b = cb + c + 4 * h;
-        const bool in = b < kb1;
+        // Past the split's end: the last block's codes again (valid memory, no zeroing of
+        // the words) with a zero scale, so that they decode to zeros.
+        const int b = min(cb + c + 4 * h, kb1 - 1);
+        const bool in = cb + c + 4 * h < kb1;
         scale[ab][h] = in ? drow[ab][b] : __ushort_as_half(0);
         if constexpr (T == DType::Q4_0) {
-          raw[ab][h] =
-              in ? *reinterpret_cast<const uint4*>(qrow[ab] + b * 16) : make_uint4(0, 0, 0, 0);
+          raw[ab][h] = *reinterpret_cast<const uint4*>(qrow[ab] + b * 16);
         } else {
           const uint4* p = reinterpret_cast<const uint4*>(qrow[ab] + b * 32);
-          raw[ab][0] = in ? p[0] : make_uint4(0, 0, 0, 0);
-          raw[ab][1] = in ? p[1] : make_uint4(0, 0, 0, 0);
+          raw[ab][0] = p[0];
+          raw[ab][1] = p[1];
         }
       }
     }
@@ -113,6 +114,7 @@ struct ActChunks {
   int blk;          // quant block within the step
   int t0;           // first token
   const __half* x;  // token t0's element 32 blk + 8 q, at quant block 0
+  int pass_stride;  // halfs from a pass's token to the next pass's (n_in: a few thousand)
   int xs_at;        // its place in a step's buffer, in halfs
 
   __device__ __forceinline__ ActChunks(const __half* x16, int64_t n_in) {
@@ -120,19 +122,19 @@ struct ActChunks {
     blk = tid / 4 % L::kStepBlocks;
     t0 = tid / kChunksPerToken;
     x = x16 + t0 * n_in + 32 * blk + 8 * q;
+    pass_stride = kTokensPerPass * static_cast<int>(n_in);
     xs_at = t0 * L::kRowStride + blk * L::kBlockStride + 8 * q;
   }
 
   // Copies quant blocks [cb, cb + kStepBlocks) of every token into xs (zeros past the split's
   // end and past n_tokens) and commits them as one cp.async group.
-  __device__ __forceinline__ void stage(int64_t n_in, int n_tokens, int64_t cb, int64_t kb1,
-                                        __half* xs) const {
+  __device__ __forceinline__ void stage(int n_tokens, int cb, int kb1, __half* xs) const {
     const bool block_in = cb + blk < kb1;
 #pragma unroll
     for (int e = 0; e < kPasses; ++e) {
       const int t = t0 + e * kTokensPerPass;
       const bool in = block_in && t < n_tokens;
-      const __half* src = in ? x + e * kTokensPerPass * n_in + 32 * cb : x;
+      const __half* src = in ? x + (e * pass_stride + 32 * cb) : x;
       __pipeline_memcpy_async(xs + xs_at + e * kTokensPerPass * L::kRowStride, src, 16,
                               in ? 0 : 16);
     }
@@ -164,6 +166,7 @@ struct FragV2Args {
   int n_tokens;
   int64_t blocks_per_split;
   unsigned* arrivals;
+  uint32_t half2_magic;
 };
 
 // The part that row block blockIdx.x belongs to, and the row block within it (constant indices
@@ -222,6 +225,40 @@ __device__ void reduce_splits_if_last(const FragPart& part, int row_block, int n
   if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;  // ready for the next launch
 }
 
+// acc += this step's products: the lane's codes `cur` (rows g, g + 8 of its warp) against the
+// step's activations xb in shared memory.
+template <DType T, int NT>
+__device__ __forceinline__ void multiply_step(const LaneCodes<T>& cur, const __half* xb,
+                                              uint32_t magic, int g, int c,
+                                              float (&acc)[NT / 8][4]) {
+  using L = FragLayout<T>;
+#pragma unroll
+  for (int h = 0; h < L::kBlocksPerLane; ++h) {
+    const __half2 sa = __half2half2(cur.scale[0][h]), sb = __half2half2(cur.scale[1][h]);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      // Elements 8q .. 8q + 7 of the lane's block, for tokens 8j + g: B of two k-steps.
+      uint4 bx[NT / 8];
+#pragma unroll
+      for (int j = 0; j < NT / 8; ++j)
+        bx[j] = *reinterpret_cast<const uint4*>(xb + (8 * j + g) * L::kRowStride +
+                                                (c + 4 * h) * L::kBlockStride + 8 * q);
+#pragma unroll
+      for (int sub = 0; sub < 2; ++sub) {
+        const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
+        // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
+        // a0 row g, a1 row g+8, a2 / a3 the upper slots.
+        const uint32_t af[4] = {
+            codes_to_half2<T, 0x5150>(qa, magic, sa), codes_to_half2<T, 0x5150>(qb, magic, sb),
+            codes_to_half2<T, 0x5352>(qa, magic, sa), codes_to_half2<T, 0x5352>(qb, magic, sb)};
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j)
+          mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
+      }
+    }
+  }
+}
+
 // out[T][n_out] of blockIdx.x's part for its rows [64 * row block, +64), over quant blocks
 // [blockIdx.y * blocks_per_split, +blocks_per_split).
 // Five resident blocks per SM: the 96 registers the 16-token kernel takes (with the bound left
@@ -246,8 +283,9 @@ __global__ void __launch_bounds__(kWarps * 32, 5) matmul_frag_v2_kernel(const Fr
   const uint8_t* const qrow[2] = {qs + rows[0] * nb * (T == DType::Q4_0 ? 16 : 32),
                                   qs + rows[1] * nb * (T == DType::Q4_0 ? 16 : 32)};
   const __half* const drow[2] = {d + rows[0] * nb, d + rows[1] * nb};
-  const int64_t kb0 = blockIdx.y * a.blocks_per_split;
-  const int64_t kb1 = min(nb, kb0 + a.blocks_per_split);
+  // Quant block indices fit an int (n_in / 32): 32-bit index arithmetic in the step loop.
+  const int kb0 = static_cast<int>(blockIdx.y * a.blocks_per_split);
+  const int kb1 = static_cast<int>(min(nb, kb0 + a.blocks_per_split));
   // Launches are 8-token kernels for 5-8 tokens and 16-token ones for 9-16 (launch_type), so
   // every token tile of 8 holds a real token.
 
@@ -255,48 +293,29 @@ __global__ void __launch_bounds__(kWarps * 32, 5) matmul_frag_v2_kernel(const Fr
 #pragma unroll
   for (int j = 0; j < NT / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-  LaneCodes<T> cur;
-  cur.load(qrow, drow, kb0, kb1, c);
+  const uint32_t magic = a.half2_magic;
   const ActChunks<T, NT> chunks(a.x16, n_in);
-  chunks.stage(n_in, n_tokens, kb0, kb1, xs[0]);
   int buf = 0;
-  for (int64_t cb = kb0; cb < kb1; cb += L::kStepBlocks) {
-    // The next step's weights and activations are in flight while this step is multiplied.
-    LaneCodes<T> next;
-    next.load(qrow, drow, cb + L::kStepBlocks, kb1, c);
+  // One step: multiplies `use` (quant blocks [cb, cb + kStepBlocks)) while the next step's
+  // weights load into `fill` and its activations into the next buffer.
+  auto step = [&](const LaneCodes<T>& use, LaneCodes<T>& fill, int cb) {
+    fill.load(qrow, drow, cb + L::kStepBlocks, kb1, c);
     const int next_buf = buf == 2 ? 0 : buf + 1;
-    chunks.stage(n_in, n_tokens, cb + L::kStepBlocks, kb1, xs[next_buf]);
+    chunks.stage(n_tokens, cb + L::kStepBlocks, kb1, xs[next_buf]);
     __pipeline_wait_prior(1);  // this step's activations have landed
     __syncthreads();
-    const __half* xb = xs[buf];
-#pragma unroll
-    for (int h = 0; h < L::kBlocksPerLane; ++h) {
-      const __half2 sa = __half2half2(cur.scale[0][h]), sb = __half2half2(cur.scale[1][h]);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // Elements 8q .. 8q + 7 of the lane's block, for tokens 8j + g: B of two k-steps.
-        uint4 bx[NT / 8];
-#pragma unroll
-        for (int j = 0; j < NT / 8; ++j)
-          bx[j] = *reinterpret_cast<const uint4*>(xb + (8 * j + g) * L::kRowStride +
-                                                  (c + 4 * h) * L::kBlockStride + 8 * q);
-#pragma unroll
-        for (int sub = 0; sub < 2; ++sub) {
-          const uint32_t qa = cur.word(0, h, q, sub), qb = cur.word(1, h, q, sub);
-          // Bytes 0,1 of a word are k-slots 2c, 2c+1; bytes 2,3 are 2c+8, 2c+9. Fragment order:
-          // a0 row g, a1 row g+8, a2 / a3 the upper slots.
-          const uint32_t af[4] = {codes_to_half2<T>(__byte_perm(qa, 0, 0x4140), sa),
-                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4140), sb),
-                                  codes_to_half2<T>(__byte_perm(qa, 0, 0x4342), sa),
-                                  codes_to_half2<T>(__byte_perm(qb, 0, 0x4342), sb)};
-#pragma unroll
-          for (int j = 0; j < NT / 8; ++j)
-            mma_16816(acc[j], af, sub ? bx[j].z : bx[j].x, sub ? bx[j].w : bx[j].y);
-        }
-      }
-    }
-    cur = next;
+    multiply_step<T, NT>(use, xs[buf], magic, g, c, acc);
     buf = next_buf;
+  };
+  // Two code buffers taking turns (a copy of the next step's codes into the current one cost
+  // ~20 moves a step).
+  LaneCodes<T> codes0, codes1;
+  codes0.load(qrow, drow, kb0, kb1, c);
+  chunks.stage(n_tokens, kb0, kb1, xs[0]);
+  for (int cb = kb0; cb < kb1; cb += 2 * L::kStepBlocks) {
+    step(codes0, codes1, cb);
+    if (cb + L::kStepBlocks >= kb1) break;
+    step(codes1, codes0, cb + L::kStepBlocks);
   }
   __pipeline_wait_prior(0);  // the last (empty) step's copies, before the block exits
   // C fragment: acc[j][0..1] row g, tokens 8j + 2c, +1; acc[j][2..3] row g + 8.
@@ -437,6 +456,7 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
   a.n_tokens = n_tokens;
   a.blocks_per_split = blocks_per_split(nb, splits);
   a.arrivals = arrivals;
+  a.half2_magic = 0x64006400u;
   int row_blocks = 0;
   int64_t partial_at = 0;
   for (int i = 0; i < n_parts; ++i) {
