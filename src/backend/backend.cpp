@@ -16,6 +16,13 @@ Status Backend::rope_qk(Tensor& q, Tensor& k, int n_tokens, const int32_t* posit
   return rope(k, n_tokens, positions, pk);
 }
 
+Status Backend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                              const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
+                              Tensor& k_cache, Tensor& v_cache) {
+  KESTREL_TRY(rope_qk(q, k, n_tokens, positions, pq, pk));
+  return kv_store(k, v, n_tokens, positions, k_cache, v_cache);
+}
+
 Status Backend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
   for (int i = 0; i < n_outs; ++i)
     KESTREL_TRY(matmul(*outs[i].w, x, n_tokens, *outs[i].out, outs[i].bias));

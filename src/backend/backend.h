@@ -125,6 +125,17 @@ class Backend {
   // the cache type (quantize on write).
   virtual Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
                           Tensor& k_cache, Tensor& v_cache) = 0;
+  // rope_qk, then kv_store of the rotated k and v. A backend that runs both as one op says so
+  // in fuses_rope_kv_store (the forward pass then times them as one op, "rope+kv_store"); the
+  // default runs the two.
+  virtual Status rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                               const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
+                               Tensor& k_cache, Tensor& v_cache);
+  virtual bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const {
+    (void)k_cache;
+    (void)v_cache;
+    return false;
+  }
   // Causal attention: token t attends to cache rows [0, positions[t]].
   // q[T][n_head*head_dim] -> out[T][n_head*head_dim].
   virtual Status attention(const Tensor& q, int n_tokens, const int32_t* positions,

@@ -15,6 +15,7 @@
 
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/kv_store_device.cuh"
 #include "backend/cuda/quant_device.cuh"
 
 namespace kestrel::backend::cuda {
@@ -44,9 +45,8 @@ __global__ void kv_store_f16_kernel(const KvSides sides, int n_tokens, const int
   cache[static_cast<int64_t>(pos[t]) * dim + e] = __float2half_rn(src[i]);
 }
 
-// q8_0 / q4_0 caches: one warp per (token, 32-element block), lane j holding element j; the
-// scale rounds exactly as the scalar quantize_row does (q8_0: max|x| / 127; q4_0: the element
-// of largest magnitude with its sign, the first one on ties, over -8).
+// q8_0 / q4_0 caches: one warp per (token, 32-element block), lane j holding element j
+// (store_kv_block).
 template <DType T>
 __global__ void kv_store_quant_kernel(const KvSides sides, int n_tokens, const int32_t* pos) {
   const int side = blockIdx.y;
@@ -60,38 +60,7 @@ __global__ void kv_store_quant_kernel(const KvSides sides, int n_tokens, const i
   if (w >= n_tokens * blocks) return;  // whole warps leave together
   const int64_t t = w / blocks, b = w % blocks;
   const float x = src[t * dim + 32 * b + lane];
-  uint8_t* row = cache + static_cast<int64_t>(pos[t]) * row_bytes;
-  if constexpr (T == DType::Q8_0) {
-    const float amax = warp_max(fabsf(x));
-    const __half dh = __float2half_rn(__fdiv_rn(amax, 127.0f));
-    const float d = __half2float(dh);
-    uint8_t* blk = row + 34 * b;
-    if (lane == 0) *reinterpret_cast<__half*>(blk) = dh;  // blocks start at even offsets
-    const float q = d == 0.0f ? 0.0f : fminf(fmaxf(roundf(__fdiv_rn(x, d)), -127.0f), 127.0f);
-    blk[2 + lane] = static_cast<uint8_t>(static_cast<int8_t>(q));
-  } else {
-    // The signed element of largest magnitude, lowest lane on ties.
-    float best = fabsf(x);
-    int at = lane;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oa = __shfl_xor_sync(0xffffffffu, at, o);
-      if (ob > best || (ob == best && oa < at)) {
-        best = ob;
-        at = oa;
-      }
-    }
-    const float m = __shfl_sync(0xffffffffu, x, at);
-    const __half dh = __float2half_rn(__fdiv_rn(m, -8.0f));
-    const float d = __half2float(dh);
-    uint8_t* blk = row + 18 * b;
-    if (lane == 0) *reinterpret_cast<__half*>(blk) = dh;
-    const int q =
-        d == 0.0f ? 8 : static_cast<int>(fminf(fmaxf(roundf(__fdiv_rn(x, d)), -8.0f), 7.0f)) + 8;
-    const int hi = __shfl_down_sync(0xffffffffu, q, 16);
-    if (lane < 16) blk[2 + lane] = static_cast<uint8_t>(q | (hi << 4));
-  }
+  store_kv_block<T>(x, lane, cache + static_cast<int64_t>(pos[t]) * row_bytes, b);
 }
 
 // One thread per (row, 32-element slice): cache rows [0, n_rows) -> f16 [n_rows][dim].

@@ -96,6 +96,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->fuse_add_ = !(no_fused_add && std::string(no_fused_add) == "1");
   const char* no_rope_qk = std::getenv("KESTREL_CUDA_NO_ROPE_QK");
   be->rope_qk_one_launch_ = !(no_rope_qk && std::string(no_rope_qk) == "1");
+  const char* no_fused_rope_kv = std::getenv("KESTREL_CUDA_NO_FUSED_ROPE_KV");
+  be->fused_rope_kv_ = !(no_fused_rope_kv && std::string(no_fused_rope_kv) == "1");
   const char* no_group = std::getenv("KESTREL_CUDA_NO_GROUP");
   be->group_matmuls_ = !(no_group && std::string(no_group) == "1");
   const char* flash = std::getenv("KESTREL_CUDA_FLASH");

@@ -112,6 +112,11 @@ class CudaBackend final : public Backend {
                  const RopeParams& pk) override;
   Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
                   Tensor& k_cache, Tensor& v_cache) override;
+  // rope_kv_store.cu: RoPE of Q and K and the KV store in one launch.
+  Status rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                       const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
+                       Tensor& k_cache, Tensor& v_cache) override;
+  bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const override;
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
                    const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
   Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;
@@ -190,6 +195,7 @@ class CudaBackend final : public Backend {
   bool fuse_inputs_ = true;         // KESTREL_CUDA_NO_FUSED_INPUTS=1: norm/swiglu write f32 only
   bool fuse_add_ = true;            // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
   bool rope_qk_one_launch_ = true;  // KESTREL_CUDA_NO_ROPE_QK=1: RoPE of Q and K apart
+  bool fused_rope_kv_ = true;       // KESTREL_CUDA_NO_FUSED_ROPE_KV=1: RoPE, then the KV store
   bool group_matmuls_ = true;       // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).

@@ -6,14 +6,9 @@
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/quant_device.cuh"
+#include "backend/cuda/rope_device.cuh"
 
 namespace kestrel::backend::cuda {
-
-// RoPE frequencies base^(-2i/head_dim), passed by value to the kernel.
-constexpr int kRopeMaxPairs = 128;
-struct RopeTable {
-  double inv_freq[kRopeMaxPairs];
-};
 
 namespace {
 
@@ -109,26 +104,21 @@ __global__ void __launch_bounds__(kNormMaxThreads)
 }
 
 // A block per (token, head), a thread per rotated pair; heads [0, heads0) of x0, then those of
-// x1 (Q and K in one launch). The angle pos * inv_freq (thousands of radians) is formed and
-// reduced modulo 2 pi in double, with inv_freq from the host (double pow, as on the CPU); the
-// reduced angle's sine and cosine in f32 are within an ulp or two.
+// x1 (Q and K in one launch); the angles as rope_sincos forms them.
 __global__ void rope_kernel(float* x0, int heads0, float* x1, int heads1, const int32_t* pos,
                             int head_dim, RopeTable table, bool neox) {
   const int half = head_dim / 2, i = threadIdx.x;
   if (i >= half) return;
-  constexpr double kTwoPi = 6.283185307179586476925;
-  const double theta = pos[blockIdx.x] * table.inv_freq[i];
-  const float r = static_cast<float>(theta - rint(theta * (1.0 / kTwoPi)) * kTwoPi);
   float sn, cn;
-  sincosf(r, &sn, &cn);
+  rope_sincos(pos[blockIdx.x], table.inv_freq[i], sn, cn);
   const bool first = static_cast<int>(blockIdx.y) < heads0;
   const int h = first ? blockIdx.y : blockIdx.y - heads0;
   const int64_t row_len = int64_t{first ? heads0 : heads1} * head_dim;
   float* head = (first ? x0 : x1) + blockIdx.x * row_len + int64_t{h} * head_dim;
   const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
   const float a = head[i0], b = head[i1];
-  head[i0] = a * cn - b * sn;
-  head[i1] = a * sn + b * cn;
+  head[i0] = rope_rotate(a, b, sn, cn, true);
+  head[i1] = rope_rotate(a, b, sn, cn, false);
 }
 
 // The output is also written as the next matmul's input `also` (n a multiple of 32 for the int8
@@ -201,16 +191,7 @@ Status launch_rope(float* x, float* x1, int heads1, int n_tokens, const int32_t*
   if (p.head_dim > 2 * kRopeMaxPairs || p.head_dim % 2 != 0)
     return error("rope: head size %d is not supported (even, at most %d)", p.head_dim,
                  2 * kRopeMaxPairs);
-  // The table of the last (base, head size): a model uses one, so it is computed once.
-  thread_local RopeTable table;
-  thread_local float table_base = 0.0f;
-  thread_local int table_dim = 0;
-  if (table_base != p.freq_base || table_dim != p.head_dim) {
-    for (int i = 0; i < p.head_dim / 2; ++i)
-      table.inv_freq[i] = std::pow(static_cast<double>(p.freq_base), -2.0 * i / p.head_dim);
-    table_base = p.freq_base;
-    table_dim = p.head_dim;
-  }
+  const RopeTable& table = rope_table(p.freq_base, p.head_dim);
   rope_kernel<<<dim3(n_tokens, p.n_heads + (x1 ? heads1 : 0)), p.head_dim / 2, 0, s>>>(
       x, p.n_heads, x1, heads1, pos, p.head_dim, table, p.layout == RopeLayout::NeoX);
   LAUNCH_CHECK("rope");
