@@ -51,7 +51,7 @@ struct TileShape {
   int wx, wy;     // work-group
   bool vec4;      // float4 reads of runs of four rows and tokens (KESTREL_CL_TILED_SCALAR=1: off)
   bool prefetch;  // Q4_0 / Q8_0: the next step's loads during this one's products
-                  // (KESTREL_CL_TILED_PREFETCH=0: off)
+                  // (KESTREL_CL_TILED_PREFETCH=1: on; unmeasured on a GPU, off by default)
 };
 
 class OpenclBackend final : public Backend {

@@ -1,9 +1,10 @@
 // Tiled matmul for micro-batches of more than MV_MAX_T tokens, a template: the host includes
 // this file once per tile shape, with MM_TM (weight rows per work-group), MM_TN (tokens per
 // work-group), MM_WX x MM_WY (the work-group), MM_VEC4 (0 or 1, below), MM_PREFETCH (0 or 1,
-// below) and MM_KERNEL (the kernel's name) defined before it and undefined after. Per step of 32 input columns a work-group decodes its weight tile once
-// into local memory, where all MM_TN tokens reuse it, and each work-item accumulates
-// MM_TM / MM_WX rows x MM_TN / MM_WY tokens in registers (in f32).
+// below) and MM_KERNEL (the kernel's name) defined before it and undefined after. Per step of 32
+// input columns a work-group decodes its weight tile once into local memory, where all MM_TN
+// tokens reuse it, and each work-item accumulates MM_TM / MM_WX rows x MM_TN / MM_WY tokens in
+// registers (in f32).
 //
 // Tokens [t0, t0 + n_tokens) of x and out are computed, so that one call can run the full
 // tiles with a large MM_TN and the rest with a small one. With splits > 1 the input columns are
