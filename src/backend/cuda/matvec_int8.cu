@@ -253,17 +253,21 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
   }
 }
 
+// The launch's own error (cudaLaunchKernelEx returns it); the <<<>>> launches leave theirs to
+// the caller's LAUNCH_CHECK.
 template <DType T>
-void launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
+cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
   const int threads = kWarps * 32;
   if (ksplit)
-    launch_dependent(args.dependent, matvec_ksplit_kernel<T>, dim3(blocks), dim3(threads), s, args);
-  else if (args.n_tokens <= 1)
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T>, dim3(blocks), dim3(threads), s,
+                            args);
+  if (args.n_tokens <= 1)
     matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
   else if (args.n_tokens <= 4)
     matvec_int8_kernel<T, 4><<<blocks, threads, 0, s>>>(args);
   else
     matvec_int8_kernel<T, kSmallBatch><<<blocks, threads, 0, s>>>(args);
+  return cudaSuccess;
 }
 
 // Blocks of a product of n_out rows with NT tokens.
@@ -341,10 +345,9 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
   args.meta = a.meta;
   args.n_tokens = n_tokens;
   args.dependent = ksplit && dependent_launches();
-  if (w0.type == DType::Q4_0)
-    launch_matvec<DType::Q4_0>(args, blocks, ksplit, s);
-  else
-    launch_matvec<DType::Q8_0>(args, blocks, ksplit, s);
+  CUDA_TRY(w0.type == DType::Q4_0 ? launch_matvec<DType::Q4_0>(args, blocks, ksplit, s)
+                                  : launch_matvec<DType::Q8_0>(args, blocks, ksplit, s),
+           "matmul (small batch, int8)");
   LAUNCH_CHECK("matmul (small batch, int8)");
   return Status::ok();
 }
