@@ -131,9 +131,7 @@ class Backend {
   virtual Status rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
                                const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
                                Tensor& k_cache, Tensor& v_cache);
-  virtual bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const {
-    (void)k_cache;
-    (void)v_cache;
+  virtual bool fuses_rope_kv_store(const Tensor& /*k_cache*/, const Tensor& /*v_cache*/) const {
     return false;
   }
   // Causal attention: token t attends to cache rows [0, positions[t]].

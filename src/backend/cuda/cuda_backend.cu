@@ -482,6 +482,15 @@ Status CudaBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows, T
                          static_cast<float*>(out.data), stream_);
 }
 
+Status CudaBackend::check_cache_positions(const int32_t* positions, int n_tokens,
+                                          int64_t cache_rows) {
+  for (int t = 0; t < n_tokens; ++t)
+    if (positions[t] < 0 || positions[t] >= cache_rows)
+      return error("kv_store: position %d outside the cache of %lld positions", positions[t],
+                   static_cast<long long>(cache_rows));
+  return Status::ok();
+}
+
 Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
                              const int32_t* positions, Tensor& k_cache, Tensor& v_cache) {
   forget_activations();
@@ -490,10 +499,7 @@ Status CudaBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
     return error("kv_store: rows of %lld/%lld values do not match the caches' %lld/%lld",
                  static_cast<long long>(k.cols), static_cast<long long>(v.cols),
                  static_cast<long long>(k_cache.cols), static_cast<long long>(v_cache.cols));
-  for (int t = 0; t < n_tokens; ++t)
-    if (positions[t] < 0 || positions[t] >= cache_rows)
-      return error("kv_store: position %d outside the cache of %lld positions", positions[t],
-                   static_cast<long long>(cache_rows));
+  KESTREL_TRY(check_cache_positions(positions, n_tokens, cache_rows));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
   if (mode_ == Mode::Stage) return Status::ok();
   const KvStoreSide sides[2] = {

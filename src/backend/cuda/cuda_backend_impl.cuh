@@ -117,6 +117,8 @@ class CudaBackend final : public Backend {
                        const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
                        Tensor& k_cache, Tensor& v_cache) override;
   bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const override;
+  // An error naming the first of positions[0, n_tokens) outside a cache of cache_rows rows.
+  static Status check_cache_positions(const int32_t* positions, int n_tokens, int64_t cache_rows);
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
                    const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
   Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;

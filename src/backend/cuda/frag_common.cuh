@@ -22,7 +22,8 @@ __device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t 
 // m), so that one more logic op (Q4_0: mask the low nibble; Q8_0: bias the signed code) gives
 // the bits: one LOP3 takes one immediate, and "(pair & mask) | 0x64006400" on a zero-extended
 // pair compiled to two (64 more instructions a step in the 16-token kernel, cuobjdump).
-// magic: 0x64006400 in a register (see half2_magic).
+// magic: 0x64006400 passed in by the caller from a kernel argument (FragV2Args::half2_magic): as a
+// literal, ptxas kept it in a uniform register and copied it before every permute.
 template <quant::DType T, uint32_t kSel>
 __device__ __forceinline__ uint32_t codes_to_half2(uint32_t word, uint32_t magic, __half2 d) {
   const uint32_t placed = __byte_perm(word, magic, kSel);

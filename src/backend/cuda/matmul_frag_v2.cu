@@ -166,7 +166,7 @@ struct FragV2Args {
   int n_tokens;
   int64_t blocks_per_split;
   unsigned* arrivals;
-  uint32_t half2_magic;
+  uint32_t half2_magic;  // 0x64006400 for codes_to_half2, which needs it in a register
 };
 
 // The part that row block blockIdx.x belongs to, and the row block within it (constant indices

@@ -78,11 +78,7 @@ Status CudaBackend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_t
   if (!fits) return Backend::rope_kv_store(q, k, v, n_tokens, positions, pq, pk, k_cache, v_cache);
   forget_activations();
   if (n_tokens <= 0) return Status::ok();
-  const int64_t cache_rows = std::min(k_cache.rows, v_cache.rows);
-  for (int t = 0; t < n_tokens; ++t)
-    if (positions[t] < 0 || positions[t] >= cache_rows)
-      return error("kv_store: position %d outside the cache of %lld positions", positions[t],
-                   static_cast<long long>(cache_rows));
+  KESTREL_TRY(check_cache_positions(positions, n_tokens, std::min(k_cache.rows, v_cache.rows)));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
   if (mode_ == Mode::Stage) return Status::ok();
   const dim3 grid(n_tokens, pq.n_heads + 2 * pk.n_heads);
