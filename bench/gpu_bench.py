@@ -94,11 +94,9 @@ VARIANTS = [
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
-    ("KESTREL_CUDA_PDL=0", "llama2-7b tg128"),  # decode matvec: no dependent launch
-    # RoPE and the KV store as two launches (one by default).
-    ("KESTREL_CUDA_NO_FUSED_ROPE_KV=1", "llama2-7b tg128"),
-    ("KESTREL_CUDA_NO_FUSED_ROPE_KV=1", "seed case, b128 ub16"),
-    ("KESTREL_CUDA_NO_FUSED_ROPE_KV=1", "llama2-7b pp512"),
+    # Few-token attention's scores with a thread per key (a few lanes per key by default).
+    ("KESTREL_CUDA_ROWS_KEY_PER_THREAD=1", "llama2-7b tg128"),
+    ("KESTREL_CUDA_ROWS_KEY_PER_THREAD=1", "seed case, b128 ub16"),
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

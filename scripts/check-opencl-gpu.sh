@@ -112,12 +112,16 @@ if ((BENCH)); then
   b="$BUILD/bin/kestrel bench -m $MODEL --backend opencl -ngl 99"
   seed=(-p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
   timeout 240 $b -r 3 -p 512 -n 0 || rc=1
-  # A/B: the tiled kernel loading the next step during the products (off by default until this
-  # row has measured it).
-  # (Earlier A/B rows, now defaults: float4 local reads, KESTREL_CL_TILED_SCALAR=1, and the key
-  # split of attention_block, KESTREL_CL_ATT_SPLITS=0; src/backend/opencl/NOTES.md.)
-  KESTREL_CL_TILED_PREFETCH=1 timeout 240 $b -r 3 -p 512 -n 0 | sed 's/^| llama/| llama (KESTREL_CL_TILED_PREFETCH=1)/' || rc=1
+  # (Earlier A/B rows, now defaults: float4 local reads, KESTREL_CL_TILED_SCALAR=1, the key
+  # split of attention_block, KESTREL_CL_ATT_SPLITS=0, and the tiled kernel's step-ahead loads,
+  # KESTREL_CL_TILED_PREFETCH=0; src/backend/opencl/NOTES.md.)
   timeout 240 $b -r 3 "${seed[@]}" || rc=1
+  # A/B: the seed's micro-batches on the tiled template's 16-token instance instead of
+  # matmul_mid, at 128 rows a work-group (its default) and at 256 and 64.
+  for ab in "KESTREL_CL_MID_KERNEL=tiled" "KESTREL_CL_MID_KERNEL=tiled KESTREL_CL_MID_TILE_ROWS=256" \
+    "KESTREL_CL_MID_KERNEL=tiled KESTREL_CL_MID_TILE_ROWS=64"; do
+    env $ab timeout 240 $b -r 3 "${seed[@]}" | sed "s/^| llama/| llama ($ab)/" || rc=1
+  done
   timeout 120 $b -r 3 -p 0 -n 32 || rc=1
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true

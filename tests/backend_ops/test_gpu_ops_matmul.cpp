@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -222,19 +223,46 @@ KESTREL_MATMUL_TESTS(Q4_K)
 KESTREL_MATMUL_TESTS(Q5_K)
 KESTREL_MATMUL_TESTS(Q6_K)
 
-// The OpenCL tiled kernel can load Q4_0 / Q8_0 steps ahead of their products
-// (KESTREL_CL_TILED_PREFETCH=1, read when a backend is created; off by default until measured on
-// a GPU). Both forms must give the reference's results (the other backends ignore the variable).
-TEST_P(GpuOpsMatmulOutliers, TiledWithPrefetch) {
+// Sets an environment variable for one scope (the OpenCL backend reads its kernel switches when
+// it is created; the other backends ignore them).
+struct ScopedEnv {
+  const char* name;
+  ScopedEnv(const char* n, const char* value) : name(n) { setenv(n, value, 1); }
+  ~ScopedEnv() { unsetenv(name); }
+};
+
+// The OpenCL tiled kernel loads Q4_0 / Q8_0 steps ahead of their products by default;
+// KESTREL_CL_TILED_PREFETCH=0 keeps the plain loop. Both forms must give the reference's results.
+TEST_P(GpuOpsMatmulOutliers, TiledWithoutPrefetch) {
   GPU_TRACE_SEED();
-  struct Unset {
-    ~Unset() { unsetenv("KESTREL_CL_TILED_PREFETCH"); }
-  } unset;
-  setenv("KESTREL_CL_TILED_PREFETCH", "1", 1);
-  auto ahead = create_backend(GetParam(), BackendOptions{});
-  ASSERT_TRUE(ahead.has_value()) << ahead.message();
+  ScopedEnv env("KESTREL_CL_TILED_PREFETCH", "0");
+  auto plain = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(plain.has_value()) << plain.message();
   for (DType type : {DType::Q4_0, DType::Q8_0}) {
-    check_activation_outliers(**ahead, GetParam() + " (prefetch)", type);
+    check_activation_outliers(**plain, GetParam() + " (no prefetch)", type);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
+// KESTREL_CL_MID_KERNEL=tiled runs OpenCL's mid-sized micro-batches (9-32 tokens, and the
+// tails of larger ones) on the tiled template's 16-token instance instead of matmul_mid: every
+// shape and token count, the repacked types (with and without step-ahead loads) and a generic
+// one.
+TEST_P(GpuOpsMatmul, MidBatchesOnTiledKernel) {
+  GPU_TRACE_SEED();
+  if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
+  ScopedEnv env("KESTREL_CL_MID_KERNEL", "tiled");
+  for (const char* prefetch : {"1", "0"}) {
+    ScopedEnv ahead("KESTREL_CL_TILED_PREFETCH", prefetch);
+    auto be16 = create_backend(GetParam(), BackendOptions{});
+    ASSERT_TRUE(be16.has_value()) << be16.message();
+    const std::string name = GetParam() + " (mid on tiled, prefetch " + prefetch + ")";
+    for (DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K}) {
+      if (prefetch[0] == '0' && type == DType::Q4_K) continue;  // no step-ahead loads for it
+      check_shapes(**be16, name, type);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+    check_activation_outliers(**be16, name, DType::Q4_0);
     if (::testing::Test::HasFatalFailure()) return;
   }
 }

@@ -11,6 +11,8 @@
 // of the next layer by ~1e-3, which flips q4_0 rounding steps of the cache and moves logits by
 // 1-2% (tests/e2e/test_e2e.py judges quantized caches against the exactly rounded reference).
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/acts_device.cuh"
@@ -139,13 +141,13 @@ __global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t
 
 // Few query tokens (decode, small micro-batches): one block per (head, group of kTB tokens)
 // computes those attention rows in f32 in one launch, each K/V value decoded once for the
-// group. Scores: a thread per key, the key's row decoded slice by slice; P.V: each of the 16
+// group. Scores: a few lanes per key, a 32-element slice each (below); P.V: each of the 16
 // warps takes every 16th key with a lane per output element (coalesced), partial sums reduced in
 // shared memory. Decode has only n_head blocks, so each needs many warps: 4 -> 8 -> 16 warps
 // took tg128 from 219 to 240 to 250 t/s on the H100. Shared memory: q[kTB][D], partial outputs
 // [warps][kTB][D], scores [kTB][n_kv].
 constexpr int kRowsThreads = 512, kRowsMaxDim = 256;
-template <DType KT, DType VT, int kTB>
+template <DType KT, DType VT, int kTB, bool kLanesPerKey>
 __global__ void __launch_bounds__(kRowsThreads)
     attention_rows_kernel(const float* q, int n_tokens, const int32_t* pos, const uint8_t* kc,
                           int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes, int n_head,
@@ -162,30 +164,74 @@ __global__ void __launch_bounds__(kRowsThreads)
   float* qs = smem;                     // [kTB][D]
   float* part = qs + kTB * D;           // [kWarps][kTB][D]
   float* sc = part + kWarps * kTB * D;  // [kTB][kv_stride]
+  // q is stored swizzled: float4 j of slice s (32 elements) at float4 8 s + (j ^ s % 8), so that
+  // the lanes of one key below, which read the same j of different slices, hit different banks.
   for (int e = threadIdx.x; e < kTB * D; e += kRowsThreads) {
-    const int tb = e / D, d = e % D;
-    qs[e] = tb < nt ? q[(t0 + tb) * q_dim + int64_t{h} * D + d] : 0.0f;
+    const int tb = e / D, d = e % D, sl = d / 32, j = d % 32 / 4;
+    const int at = kLanesPerKey ? tb * D + 32 * sl + 4 * (j ^ (sl % 8)) + d % 4 : e;
+    qs[at] = tb < nt ? q[(t0 + tb) * q_dim + int64_t{h} * D + d] : 0.0f;
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t slice0 = int64_t{g} * D / 32;
-  for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
-    const uint8_t* row = kc + k * k_row_bytes;
+  // Scores: a group of G lanes per key (G: D / 32 rounded up to a power of two), one 32-element
+  // slice each, so that a key's row is read by neighbouring lanes at once and its sum met by
+  // shuffles. (A thread per key decoded its D / 32 slices one after another: that many dependent
+  // rounds of memory latency, and only n_kv of the 512 threads busy in decode.) The loop runs
+  // while any key of the warp is left, so that every lane takes part in the shuffles.
+  if constexpr (!kLanesPerKey) {
+    // The previous form, to compare (KESTREL_CUDA_ROWS_KEY_PER_THREAD=1): a thread per key.
+    for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
+      const uint8_t* row = kc + k * k_row_bytes;
+      float acc[kTB];
+#pragma unroll
+      for (int tb = 0; tb < kTB; ++tb) acc[tb] = 0.0f;
+      for (int b = 0; b < D / 32; ++b) {
+        float w[32];
+        decode_slice<KT>(row, slice0 + b, w);
+#pragma unroll
+        for (int tb = 0; tb < kTB; ++tb)
+#pragma unroll
+          for (int i = 0; i < 32; ++i) acc[tb] += qs[tb * D + 32 * b + i] * w[i];
+      }
+#pragma unroll
+      for (int tb = 0; tb < kTB; ++tb)
+        sc[tb * kv_stride + k] = tb < nt && k <= pos[t0 + tb] ? acc[tb] * scale : -INFINITY;
+    }
+  }
+  const int n_sl = D / 32;
+  int G = 1;
+  while (G < n_sl) G *= 2;
+  const int sub = lane % G;
+  const int keys_per_pass = kRowsThreads / G, warp_first = warp * (32 / G);
+  for (int64_t base = 0; kLanesPerKey && base + warp_first < n_kv; base += keys_per_pass) {
+    const int64_t k = base + threadIdx.x / G;
     float acc[kTB];
 #pragma unroll
     for (int tb = 0; tb < kTB; ++tb) acc[tb] = 0.0f;
-    for (int b = 0; b < D / 32; ++b) {
+    if (sub < n_sl) {
       float w[32];
-      decode_slice<KT>(row, slice0 + b, w);
+      decode_slice<KT>(kc + min(k, n_kv - 1) * k_row_bytes, slice0 + sub, w);
 #pragma unroll
-      for (int tb = 0; tb < kTB; ++tb)
+      for (int tb = 0; tb < kTB; ++tb) {
+        const float4* qv = reinterpret_cast<const float4*>(qs + tb * D + 32 * sub);
 #pragma unroll
-        for (int i = 0; i < 32; ++i) acc[tb] += qs[tb * D + 32 * b + i] * w[i];
+        for (int j = 0; j < 8; ++j) {
+          const float4 v = qv[j ^ (sub % 8)];
+          acc[tb] += v.x * w[4 * j] + v.y * w[4 * j + 1] + v.z * w[4 * j + 2] + v.w * w[4 * j + 3];
+        }
+      }
     }
 #pragma unroll
     for (int tb = 0; tb < kTB; ++tb)
-      sc[tb * kv_stride + k] =
-          tb < nt && k <= pos[t0 + tb] ? acc[tb] * scale : -INFINITY;  // causal mask
+      for (int off = G / 2; off > 0; off /= 2)
+        acc[tb] += __shfl_xor_sync(0xffffffffu, acc[tb], off);
+    if (sub == 0 && k < n_kv) {
+#pragma unroll
+      for (int tb = 0; tb < kTB; ++tb)
+        sc[tb * kv_stride + k] =
+            tb < nt && k <= pos[t0 + tb] ? acc[tb] * scale : -INFINITY;  // causal mask
+    }
   }
   __syncthreads();
   // Softmax of each row: p = exp(s - max), 1 / sum kept for the end.
@@ -261,6 +307,16 @@ constexpr int64_t kFlashAutoMaxKeys = 512;
 
 // Tokens per block: one for decode, four for small micro-batches (each K/V value then serves
 // four query tokens; more would leave SMs idle at 32 heads).
+// Scores with a few lanes per key (the default) or a thread per key
+// (KESTREL_CUDA_ROWS_KEY_PER_THREAD=1, the previous form, to compare).
+bool lanes_per_key() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_ROWS_KEY_PER_THREAD");
+    return !(e && std::string(e) == "1");
+  }();
+  return on;
+}
+
 template <DType KT, DType VT, int kTB>
 void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
                     const Tensor& kc, const Tensor& vc, const AttentionParams& p, float* out,
@@ -268,7 +324,8 @@ void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* p
   const dim3 grid(p.n_head, ceil_div(n_tokens, kTB));
   const size_t smem =
       sizeof(float) * (p.head_dim * kTB * (1 + kRowsThreads / 32) + int64_t{kTB} * n_kv);
-  auto kernel = attention_rows_kernel<KT, VT, kTB>;
+  auto kernel = lanes_per_key() ? attention_rows_kernel<KT, VT, kTB, true>
+                                : attention_rows_kernel<KT, VT, kTB, false>;
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(smem));

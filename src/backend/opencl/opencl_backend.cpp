@@ -31,6 +31,7 @@ const char* const kKernelNames[] = {
     "embed_rows",        "rms_norm",     "add_rms_norm",  "rope",         "swiglu",
     "add_inplace",       "get_rows",     "kv_store",      "attention",    "attention_block",
     "attention_combine", "matmul_small", "matmul_reduce", "matmul_tiled", "matmul_mid",
+    "matmul_tiled16",
 };
 
 // One instance of the matmul_tiled.cl template (which undefines its parameters at the end).
@@ -148,10 +149,11 @@ Status OpenclBackend::build_kernels() {
   tile_ = wide_ ? TileShape{128, 64, 16, 16, true, false} : TileShape{32, 32, 8, 8, true, false};
   if (const char* v = std::getenv("KESTREL_CL_TILED_SCALAR"); v && std::string(v) == "1")
     tile_.vec4 = false;
-  // Loading the next step during the products: tested on PoCL, not yet measured on a GPU, so
-  // off unless asked for (KESTREL_CL_TILED_PREFETCH=1).
-  if (const char* v = std::getenv("KESTREL_CL_TILED_PREFETCH"); v && std::string(v) == "1")
-    tile_.prefetch = true;
+  // Loading the next step during the products: pp512 1,749 against 1,494 t/s on the H200
+  // through NVIDIA's driver (bench/NOTES.md); KESTREL_CL_TILED_PREFETCH=0 turns it off.
+  tile_.prefetch = true;
+  if (const char* v = std::getenv("KESTREL_CL_TILED_PREFETCH"); v && std::string(v) == "0")
+    tile_.prefetch = false;
   if (const char* v = std::getenv("KESTREL_CL_MID_MAX_TOKENS")) mid_max_tokens_ = std::atoi(v);
   // matmul_mid's work-group: mid_rows_ rows x (256 / mid_rows_) K-splits (64 x 1 on small
   // devices); KESTREL_CL_MID_ROWS=32|64|128 overrides it, to compare.
@@ -161,6 +163,18 @@ Status OpenclBackend::build_kernels() {
     if (rows == 32 || rows == 64 || rows == 128) mid_rows_ = rows;
   }
   mid_split_ = wide_ ? 256 / mid_rows_ : 1;
+  // The tiled template at 16 tokens: 4 rows x 4 tokens per work-item (float4 local reads), a
+  // work-group of rows / 4 x 4; KESTREL_CL_MID_TILE_ROWS=64|128|256 picks its rows (256 needs
+  // 34 KiB of local memory).
+  mid_tile_ = wide_ ? TileShape{128, 16, 32, 4, true, tile_.prefetch}
+                    : TileShape{32, 16, 8, 4, true, tile_.prefetch};
+  if (const char* v = std::getenv("KESTREL_CL_MID_TILE_ROWS"); v && wide_) {
+    const int rows = std::atoi(v);
+    if (rows == 64 || rows == 128 || (rows == 256 && info_.local_mem >= 40 * 1024))
+      mid_tile_.tm = rows, mid_tile_.wx = rows / 4;
+  }
+  if (const char* v = std::getenv("KESTREL_CL_MID_KERNEL"); v && std::string(v) == "tiled")
+    mid_tiled_ = true;
   if (const char* v = std::getenv("KESTREL_CL_MID_GROUPS_PER_CU"))
     mid_groups_per_cu_ = std::clamp(std::atoi(v), 1, 16);
   if (const char* v = std::getenv("KESTREL_CL_ATT_SPLITS"))
@@ -172,7 +186,8 @@ Status OpenclBackend::build_kernels() {
   if (info_.fp16) options += " -DKESTREL_HAS_FP16";
   if (info_.correct_divide) options += " -cl-fp32-correctly-rounded-divide-sqrt";
   const std::vector<std::string> srcs = {sources::common, sources::elementwise, sources::attention,
-                                         sources::matmul, tiled_instance("matmul_tiled", tile_)};
+                                         sources::matmul, tiled_instance("matmul_tiled", tile_),
+                                         tiled_instance("matmul_tiled16", mid_tile_)};
   KESTREL_ASSIGN_OR_RETURN(ProgramBuild built,
                            build_program(context_, device_, srcs, options, default_cache_dir()));
   program_ = built.program;

@@ -51,7 +51,7 @@ struct TileShape {
   int wx, wy;     // work-group
   bool vec4;      // float4 reads of runs of four rows and tokens (KESTREL_CL_TILED_SCALAR=1: off)
   bool prefetch;  // Q4_0 / Q8_0: the next step's loads during this one's products
-                  // (KESTREL_CL_TILED_PREFETCH=1: on; unmeasured on a GPU, off by default)
+                  // (default; KESTREL_CL_TILED_PREFETCH=0: off)
 };
 
 class OpenclBackend final : public Backend {
@@ -134,6 +134,10 @@ class OpenclBackend final : public Backend {
   // about 64.)
   int mid_max_tokens_ = 32;
   int mid_rows_ = 128, mid_split_ = 2;  // matmul_mid's work-group (MID_ROWS x MID_SPLIT)
+  // Mid-sized micro-batches on matmul_tiled16 (the tiled template at 16 tokens, weights decoded
+  // once per step into local memory) instead of matmul_mid: KESTREL_CL_MID_KERNEL=tiled.
+  TileShape mid_tile_{};
+  bool mid_tiled_ = false;
   // Work-groups per compute unit that split-K aims at for matmul_mid (KESTREL_CL_MID_GROUPS_PER_CU
   // overrides it, 1-16, to compare); matmul_tiled aims at 4. H200 through NVIDIA's OpenCL, seed
   // b128 ub16: 1 -> 396 t/s, 2 -> 530, 4 -> 540 (splits are capped at 8).

@@ -280,7 +280,9 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const bool tiled = rest > mid_max_tokens_;
     const int count = tiled && rest >= tile_.tn ? rest / tile_.tn * tile_.tn : rest;
     assert(count > 0);
-    const int tm = tiled ? tile_.tm : mid_rows, tn = tiled ? tile_.tn : kMidTokens;
+    const TileShape& tile = tiled ? tile_ : mid_tile_;  // a tiled instance
+    const bool on_tile = tiled || mid_tiled_;
+    const int tm = on_tile ? tile.tm : mid_rows, tn = tiled ? tile_.tn : kMidTokens;
     const size_t groups_r = static_cast<size_t>((n_out + tm - 1) / tm);
     const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
     // Split the input columns when the output tiles alone would leave compute units idle
@@ -297,7 +299,7 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     if (splits > 1) {
       KESTREL_ASSIGN_OR_RETURN(part, scratch(0, sizeof(float) * splits * stride));
     }
-    cl_kernel k = kernel(tiled ? "matmul_tiled" : "matmul_mid");
+    cl_kernel k = kernel(tiled ? "matmul_tiled" : mid_tiled_ ? "matmul_tiled16" : "matmul_mid");
     Args a(k, op.c_str());
     set_common(k, a);
     a(t0)(count).mem(out.data);
@@ -309,7 +311,7 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
       a.null_mem();
     a(stride);
     KESTREL_TRY(a.status());
-    const size_t wx = tiled ? tile_.wx : mid_rows, wy = tiled ? tile_.wy : mid_split;
+    const size_t wx = on_tile ? tile.wx : mid_rows, wy = on_tile ? tile.wy : mid_split;
     const size_t global[3] = {groups_r * wx, groups_t * wy, static_cast<size_t>(splits)};
     const size_t local[3] = {wx, wy, 1};
     KESTREL_TRY(launch(k, op.c_str(), 3, global, local));
