@@ -244,27 +244,20 @@ TEST_P(GpuOpsMatmulOutliers, TiledWithoutPrefetch) {
   }
 }
 
-// KESTREL_CL_MID_KERNEL=tiled runs OpenCL's mid-sized micro-batches (9-32 tokens, and the
-// tails of larger ones) on the tiled template's 16-token instance instead of matmul_mid: every
-// shape and token count, the repacked types (with and without step-ahead loads) and a generic
-// one.
-TEST_P(GpuOpsMatmul, MidBatchesOnTiledKernel) {
+// OpenCL runs mid-sized micro-batches (9-32 tokens, and the tails of larger ones) on the tiled
+// template's 16-token instance; KESTREL_CL_MID_KERNEL=mid keeps them on matmul_mid. Every shape
+// and token count on matmul_mid, for the repacked types and a generic one.
+TEST_P(GpuOpsMatmul, MidBatchesOnMatmulMid) {
   GPU_TRACE_SEED();
   if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
-  ScopedEnv env("KESTREL_CL_MID_KERNEL", "tiled");
-  for (const char* prefetch : {"1", "0"}) {
-    ScopedEnv ahead("KESTREL_CL_TILED_PREFETCH", prefetch);
-    auto be16 = create_backend(GetParam(), BackendOptions{});
-    ASSERT_TRUE(be16.has_value()) << be16.message();
-    const std::string name = GetParam() + " (mid on tiled, prefetch " + prefetch + ")";
-    for (DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K}) {
-      if (prefetch[0] == '0' && type == DType::Q4_K) continue;  // no step-ahead loads for it
-      check_shapes(**be16, name, type);
-      if (::testing::Test::HasFatalFailure()) return;
-    }
-    check_activation_outliers(**be16, name, DType::Q4_0);
+  ScopedEnv env("KESTREL_CL_MID_KERNEL", "mid");
+  auto mid = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(mid.has_value()) << mid.message();
+  for (DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K}) {
+    check_shapes(**mid, GetParam() + " (matmul_mid)", type);
     if (::testing::Test::HasFatalFailure()) return;
   }
+  check_activation_outliers(**mid, GetParam() + " (matmul_mid)", DType::Q4_0);
 }
 
 // ---- shape errors and the profiled path --------------------------------------------------------

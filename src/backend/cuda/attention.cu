@@ -11,8 +11,6 @@
 // of the next layer by ~1e-3, which flips q4_0 rounding steps of the cache and moves logits by
 // 1-2% (tests/e2e/test_e2e.py judges quantized caches against the exactly rounded reference).
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "backend/cuda/acts_device.cuh"
@@ -147,7 +145,7 @@ __global__ void softmax_causal_kernel(const float* scores, int n_tokens, int64_t
 // took tg128 from 219 to 240 to 250 t/s on the H100. Shared memory: q[kTB][D], partial outputs
 // [warps][kTB][D], scores [kTB][n_kv].
 constexpr int kRowsThreads = 512, kRowsMaxDim = 256;
-template <DType KT, DType VT, int kTB, bool kLanesPerKey>
+template <DType KT, DType VT, int kTB>
 __global__ void __launch_bounds__(kRowsThreads)
     attention_rows_kernel(const float* q, int n_tokens, const int32_t* pos, const uint8_t* kc,
                           int64_t k_row_bytes, const uint8_t* vc, int64_t v_row_bytes, int n_head,
@@ -168,8 +166,8 @@ __global__ void __launch_bounds__(kRowsThreads)
   // the lanes of one key below, which read the same j of different slices, hit different banks.
   for (int e = threadIdx.x; e < kTB * D; e += kRowsThreads) {
     const int tb = e / D, d = e % D, sl = d / 32, j = d % 32 / 4;
-    const int at = kLanesPerKey ? tb * D + 32 * sl + 4 * (j ^ (sl % 8)) + d % 4 : e;
-    qs[at] = tb < nt ? q[(t0 + tb) * q_dim + int64_t{h} * D + d] : 0.0f;
+    qs[tb * D + 32 * sl + 4 * (j ^ (sl % 8)) + d % 4] =
+        tb < nt ? q[(t0 + tb) * q_dim + int64_t{h} * D + d] : 0.0f;
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -177,34 +175,15 @@ __global__ void __launch_bounds__(kRowsThreads)
   // Scores: a group of G lanes per key (G: D / 32 rounded up to a power of two), one 32-element
   // slice each, so that a key's row is read by neighbouring lanes at once and its sum met by
   // shuffles. (A thread per key decoded its D / 32 slices one after another: that many dependent
-  // rounds of memory latency, and only n_kv of the 512 threads busy in decode.) The loop runs
+  // rounds of memory latency, and only n_kv of the 512 threads busy in decode; H200, same run:
+  // tg128 423 -> 434 t/s, the seed's b128 ub16 3,887 -> 4,020.) The loop runs
   // while any key of the warp is left, so that every lane takes part in the shuffles.
-  if constexpr (!kLanesPerKey) {
-    // The previous form, to compare (KESTREL_CUDA_ROWS_KEY_PER_THREAD=1): a thread per key.
-    for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
-      const uint8_t* row = kc + k * k_row_bytes;
-      float acc[kTB];
-#pragma unroll
-      for (int tb = 0; tb < kTB; ++tb) acc[tb] = 0.0f;
-      for (int b = 0; b < D / 32; ++b) {
-        float w[32];
-        decode_slice<KT>(row, slice0 + b, w);
-#pragma unroll
-        for (int tb = 0; tb < kTB; ++tb)
-#pragma unroll
-          for (int i = 0; i < 32; ++i) acc[tb] += qs[tb * D + 32 * b + i] * w[i];
-      }
-#pragma unroll
-      for (int tb = 0; tb < kTB; ++tb)
-        sc[tb * kv_stride + k] = tb < nt && k <= pos[t0 + tb] ? acc[tb] * scale : -INFINITY;
-    }
-  }
   const int n_sl = D / 32;
   int G = 1;
   while (G < n_sl) G *= 2;
   const int sub = lane % G;
   const int keys_per_pass = kRowsThreads / G, warp_first = warp * (32 / G);
-  for (int64_t base = 0; kLanesPerKey && base + warp_first < n_kv; base += keys_per_pass) {
+  for (int64_t base = 0; base + warp_first < n_kv; base += keys_per_pass) {
     const int64_t k = base + threadIdx.x / G;
     float acc[kTB];
 #pragma unroll
@@ -307,16 +286,6 @@ constexpr int64_t kFlashAutoMaxKeys = 512;
 
 // Tokens per block: one for decode, four for small micro-batches (each K/V value then serves
 // four query tokens; more would leave SMs idle at 32 heads).
-// Scores with a few lanes per key (the default) or a thread per key
-// (KESTREL_CUDA_ROWS_KEY_PER_THREAD=1, the previous form, to compare).
-bool lanes_per_key() {
-  static const bool on = [] {
-    const char* e = std::getenv("KESTREL_CUDA_ROWS_KEY_PER_THREAD");
-    return !(e && std::string(e) == "1");
-  }();
-  return on;
-}
-
 template <DType KT, DType VT, int kTB>
 void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
                     const Tensor& kc, const Tensor& vc, const AttentionParams& p, float* out,
@@ -324,8 +293,7 @@ void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* p
   const dim3 grid(p.n_head, ceil_div(n_tokens, kTB));
   const size_t smem =
       sizeof(float) * (p.head_dim * kTB * (1 + kRowsThreads / 32) + int64_t{kTB} * n_kv);
-  auto kernel = lanes_per_key() ? attention_rows_kernel<KT, VT, kTB, true>
-                                : attention_rows_kernel<KT, VT, kTB, false>;
+  auto kernel = attention_rows_kernel<KT, VT, kTB>;
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(smem));

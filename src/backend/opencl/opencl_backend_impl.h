@@ -135,12 +135,14 @@ class OpenclBackend final : public Backend {
   int mid_max_tokens_ = 32;
   int mid_rows_ = 128, mid_split_ = 2;  // matmul_mid's work-group (MID_ROWS x MID_SPLIT)
   // Mid-sized micro-batches on matmul_tiled16 (the tiled template at 16 tokens, weights decoded
-  // once per step into local memory) instead of matmul_mid: KESTREL_CL_MID_KERNEL=tiled.
+  // once per step into local memory); KESTREL_CL_MID_KERNEL=mid: on matmul_mid instead.
   TileShape mid_tile_{};
-  bool mid_tiled_ = false;
-  // Work-groups per compute unit that split-K aims at for matmul_mid (KESTREL_CL_MID_GROUPS_PER_CU
-  // overrides it, 1-16, to compare); matmul_tiled aims at 4. H200 through NVIDIA's OpenCL, seed
-  // b128 ub16: 1 -> 396 t/s, 2 -> 530, 4 -> 540 (splits are capped at 8).
+  bool mid_tiled_ = true;
+  int max_splits_ = 8;  // split-K slices at most (KESTREL_CL_MAX_SPLITS)
+  // Work-groups per compute unit that split-K aims at for mid-sized batches
+  // (KESTREL_CL_MID_GROUPS_PER_CU overrides it, 1-16, to compare); matmul_tiled aims at 4. H200
+  // through NVIDIA's OpenCL, seed b128 ub16 on matmul_mid: 1 -> 396 t/s, 2 -> 530, 4 -> 540
+  // (splits capped at 8).
   int mid_groups_per_cu_ = 4;
   // KESTREL_CL_ATT_SPLITS: attention_block's key splits forced to N (to compare, and to test the
   // split path on devices of few units); 0: no splitting; -1 (unset): chosen per call.

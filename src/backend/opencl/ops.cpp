@@ -291,9 +291,9 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
                         std::max<size_t>(info_.compute_units, 1);
     int splits = 1;
     if (groups_r * groups_t < want)
-      splits = static_cast<int>(
-          std::min<size_t>({(want + groups_r * groups_t - 1) / (groups_r * groups_t), 8,
-                            static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+      splits = static_cast<int>(std::min<size_t>(
+          {(want + groups_r * groups_t - 1) / (groups_r * groups_t),
+           static_cast<size_t>(max_splits_), static_cast<size_t>(std::max(n_blocks / 4, 1))}));
     const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
     cl_mem part = nullptr;
     if (splits > 1) {
