@@ -94,9 +94,6 @@ VARIANTS = [
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
-    # The decode matvec with eight rows a block (four by default).
-    ("KESTREL_CUDA_MATVEC_ROWS=8", "llama2-7b tg128"),
-    ("KESTREL_CUDA_MATVEC_ROWS=8", "llama3-8b tg128"),
 ]
 
 # group -> llama-bench flags for the same settings (with -fa 1: its fastest; -p / -n come from the

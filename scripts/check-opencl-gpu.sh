@@ -114,15 +114,10 @@ if ((BENCH)); then
   timeout 240 $b -r 3 -p 512 -n 0 || rc=1
   # (Earlier A/B rows, now defaults: float4 local reads, KESTREL_CL_TILED_SCALAR=1, the key
   # split of attention_block, KESTREL_CL_ATT_SPLITS=0, the tiled kernel's step-ahead loads,
-  # KESTREL_CL_TILED_PREFETCH=0, and mid-sized batches on the tiled template,
-  # KESTREL_CL_MID_KERNEL=mid; src/backend/opencl/NOTES.md.)
+  # KESTREL_CL_TILED_PREFETCH=0, mid-sized batches on the tiled template,
+  # KESTREL_CL_MID_KERNEL=mid, and their split-K target, KESTREL_CL_MID_GROUPS_PER_CU=4
+  # KESTREL_CL_MID_MAX_SPLITS=8; src/backend/opencl/NOTES.md.)
   timeout 240 $b -r 3 "${seed[@]}" || rc=1
-  # A/B: the seed's micro-batches with more split-K work-groups (4 per compute unit and at most
-  # 8 slices by default).
-  for ab in "KESTREL_CL_MID_GROUPS_PER_CU=8 KESTREL_CL_MAX_SPLITS=16" \
-    "KESTREL_CL_MID_GROUPS_PER_CU=16 KESTREL_CL_MAX_SPLITS=32"; do
-    env $ab timeout 240 $b -r 3 "${seed[@]}" | sed "s/^| llama/| llama ($ab)/" || rc=1
-  done
   timeout 120 $b -r 3 -p 0 -n 32 || rc=1
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true

@@ -375,9 +375,6 @@ if ((TESTS)); then
     # dependent launch whose weights are asked of L2 while the kernel before it runs).
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
-    # The decode matvec with eight rows a block (KESTREL_CUDA_MATVEC_ROWS=8; four by default).
-    gpu_test_stage gpu-tests-matvec-rows8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-matvec-rows8.xml KESTREL_CUDA_MATVEC_ROWS=8
     # RoPE and the KV store as two launches (KESTREL_CUDA_NO_FUSED_ROPE_KV=1; by default one).
     gpu_test_stage gpu-tests-no-fused-rope-kv '*GpuOpsAttention*:*GpuOpsChain*:*GpuOpsElementwise*Rope*' \
       gtest-gpu-no-fused-rope-kv.xml KESTREL_CUDA_NO_FUSED_ROPE_KV=1

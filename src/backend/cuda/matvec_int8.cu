@@ -199,28 +199,19 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecAr
 // SM its registers allow, each warp one round of loads: ncu put it at ~1.6 TB/s of 4.8 for
 // 4096 x 4096. The default for decode (KESTREL_CUDA_NO_MATVEC_KSPLIT=1: the warp-per-row
 // kernel); H200 tg128 366 t/s against 354 for the unchanged baseline row of the same run.
-// KESTREL_CUDA_MATVEC_ROWS=8: eight rows a block (half the blocks, twice the loads in flight per
-// thread), to compare.
 constexpr int kKSplitRows = 4;
-int ksplit_rows() {
-  static const int rows = [] {
-    const char* e = std::getenv("KESTREL_CUDA_MATVEC_ROWS");
-    return e && std::string(e) == "8" ? 8 : kKSplitRows;
-  }();
-  return rows;
-}
-template <DType T, int kRows>
+template <DType T>
 __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const MatvecArgs args) {
   const MatvecTarget m = block_target(args);
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
   constexpr int kThreads = kWarps * 32;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x - m.first_block) * kRows;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x - m.first_block) * kKSplitRows;
   const int64_t nb = args.n_in / 32;
   if (args.dependent) {
     // A programmatic dependent launch: the block's rows (contiguous) are asked of L2 while the
     // kernel that writes the activations still runs, then the block waits for it.
     if (r0 < m.n_out) {
-      const int64_t rows = min(static_cast<int64_t>(kRows), m.n_out - r0);
+      const int64_t rows = min(static_cast<int64_t>(kKSplitRows), m.n_out - r0);
       const uint8_t* q0 = m.qs + r0 * nb * (4 * kWords);
       for (int64_t off = 128 * threadIdx.x; off < rows * nb * 4 * kWords; off += 128 * kThreads)
         prefetch_l2(q0 + off);
@@ -231,29 +222,29 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
     grid_dependency_wait();
   }
   if (r0 >= m.n_out) return;  // the whole block
-  float acc[kRows] = {};
+  float acc[kKSplitRows] = {};
 #pragma unroll 2
   for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
-    int w[kRows][kWords];
-    float dw[kRows];
+    int w[kKSplitRows][kWords];
+    float dw[kKSplitRows];
 #pragma unroll
-    for (int rr = 0; rr < kRows; ++rr)
+    for (int rr = 0; rr < kKSplitRows; ++rr)
       dw[rr] = load_weight_block<T>(m, nb, min(r0 + rr, m.n_out - 1), b, w[rr]);
     int a1[8], a2[8];
     load_act_block(args, 0, b, a1, a2);
     const ActBlock am = args.meta[b];
 #pragma unroll
-    for (int rr = 0; rr < kRows; ++rr) acc[rr] += block_term<T>(w[rr], dw[rr], a1, a2, am);
+    for (int rr = 0; rr < kKSplitRows; ++rr) acc[rr] += block_term<T>(w[rr], dw[rr], a1, a2, am);
   }
-  __shared__ float partial[kWarps][kRows];
+  __shared__ float partial[kWarps][kKSplitRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int rr = 0; rr < kRows; ++rr) {
+  for (int rr = 0; rr < kKSplitRows; ++rr) {
     const float v = warp_sum(acc[rr]);
     if (lane == 0) partial[warp][rr] = v;
   }
   __syncthreads();
-  if (threadIdx.x < kRows) {
+  if (threadIdx.x < kKSplitRows) {
     const int64_t r = r0 + threadIdx.x;
     float v = 0.0f;
 #pragma unroll
@@ -267,12 +258,9 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
 template <DType T>
 cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
   const int threads = kWarps * 32;
-  if (ksplit && ksplit_rows() == 8)
-    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, 8>, dim3(blocks), dim3(threads),
-                            s, args);
   if (ksplit)
-    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, kKSplitRows>, dim3(blocks),
-                            dim3(threads), s, args);
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T>, dim3(blocks), dim3(threads), s,
+                            args);
   if (args.n_tokens <= 1)
     matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
   else if (args.n_tokens <= 4)
@@ -284,7 +272,7 @@ cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t
 
 // Blocks of a product of n_out rows with NT tokens.
 int matvec_blocks(int64_t n_out, int n_tokens, bool ksplit) {
-  if (ksplit) return ceil_div(n_out, ksplit_rows());
+  if (ksplit) return ceil_div(n_out, kKSplitRows);
   const int rows = n_tokens <= 1   ? kRowsFor<1>
                    : n_tokens <= 4 ? kRowsFor<4>
                                    : kRowsFor<kSmallBatch>;

@@ -177,9 +177,10 @@ Status OpenclBackend::build_kernels() {
   // against 601 on matmul_mid, 548 at 256 rows, 593 at 64. KESTREL_CL_MID_KERNEL=mid: matmul_mid.
   if (const char* v = std::getenv("KESTREL_CL_MID_KERNEL"); v && std::string(v) == "mid")
     mid_tiled_ = false;
-  // Split-K: at most this many slices of the input columns (KESTREL_CL_MAX_SPLITS, 2 to 64).
-  if (const char* v = std::getenv("KESTREL_CL_MAX_SPLITS"))
-    max_splits_ = std::clamp(std::atoi(v), 2, 64);
+  // Split-K of mid-sized batches: at most this many slices of the input columns
+  // (KESTREL_CL_MID_MAX_SPLITS, 2 to 64).
+  if (const char* v = std::getenv("KESTREL_CL_MID_MAX_SPLITS"))
+    mid_max_splits_ = std::clamp(std::atoi(v), 2, 64);
   if (const char* v = std::getenv("KESTREL_CL_MID_GROUPS_PER_CU"))
     mid_groups_per_cu_ = std::clamp(std::atoi(v), 1, 16);
   if (const char* v = std::getenv("KESTREL_CL_ATT_SPLITS"))

@@ -138,12 +138,13 @@ class OpenclBackend final : public Backend {
   // once per step into local memory); KESTREL_CL_MID_KERNEL=mid: on matmul_mid instead.
   TileShape mid_tile_{};
   bool mid_tiled_ = true;
-  int max_splits_ = 8;  // split-K slices at most (KESTREL_CL_MAX_SPLITS)
-  // Work-groups per compute unit that split-K aims at for mid-sized batches
-  // (KESTREL_CL_MID_GROUPS_PER_CU overrides it, 1-16, to compare); matmul_tiled aims at 4. H200
-  // through NVIDIA's OpenCL, seed b128 ub16 on matmul_mid: 1 -> 396 t/s, 2 -> 530, 4 -> 540
-  // (splits capped at 8).
-  int mid_groups_per_cu_ = 4;
+  // Work-groups per compute unit that split-K aims at for mid-sized batches, and the most slices
+  // (KESTREL_CL_MID_GROUPS_PER_CU, 1-16, and KESTREL_CL_MID_MAX_SPLITS override them, to
+  // compare); matmul_tiled aims at 4 with at most 8. H200 through NVIDIA's OpenCL, seed b128 ub16:
+  // on matmul_mid (8 slices at most) 1 -> 396 t/s, 2 -> 530, 4 -> 540; on matmul_tiled16 4 / 8
+  // -> 641, 8 / 16 -> 754, 16 / 32 -> 724.
+  int mid_groups_per_cu_ = 8;
+  int mid_max_splits_ = 16;
   // KESTREL_CL_ATT_SPLITS: attention_block's key splits forced to N (to compare, and to test the
   // split path on devices of few units); 0: no splitting; -1 (unset): chosen per call.
   int att_splits_forced_ = -1;

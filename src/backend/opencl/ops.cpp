@@ -286,14 +286,16 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const size_t groups_r = static_cast<size_t>((n_out + tm - 1) / tm);
     const size_t groups_t = static_cast<size_t>((count + tn - 1) / tn);
     // Split the input columns when the output tiles alone would leave compute units idle
-    // (decode-sized outputs, short micro-batches): about 4 work-groups per unit.
+    // (decode-sized outputs, short micro-batches): about 4 work-groups per unit for the tiled
+    // kernel, mid_groups_per_cu_ for mid-sized batches.
     const size_t want = static_cast<size_t>(tiled ? 4 : mid_groups_per_cu_) *
                         std::max<size_t>(info_.compute_units, 1);
     int splits = 1;
     if (groups_r * groups_t < want)
-      splits = static_cast<int>(std::min<size_t>(
-          {(want + groups_r * groups_t - 1) / (groups_r * groups_t),
-           static_cast<size_t>(max_splits_), static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+      splits = static_cast<int>(
+          std::min<size_t>({(want + groups_r * groups_t - 1) / (groups_r * groups_t),
+                            static_cast<size_t>(tiled ? 8 : mid_max_splits_),
+                            static_cast<size_t>(std::max(n_blocks / 4, 1))}));
     const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
     cl_mem part = nullptr;
     if (splits > 1) {
