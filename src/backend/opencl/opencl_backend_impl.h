@@ -50,7 +50,7 @@ struct TileShape {
   int tm, tn;     // weight rows x tokens per work-group
   int wx, wy;     // work-group
   bool vec4;      // float4 reads of runs of four rows and tokens (KESTREL_CL_TILED_SCALAR=1: off)
-  bool prefetch;  // Q4_0: the next step's loads during this one's products
+  bool prefetch;  // Q4_0 / Q8_0: the next step's loads during this one's products
                   // (default; KESTREL_CL_TILED_PREFETCH=0: off)
 };
 

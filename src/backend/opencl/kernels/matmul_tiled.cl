@@ -33,7 +33,7 @@
 
 #ifndef MM_TILED_HELPERS
 #define MM_TILED_HELPERS
-// MM_PREFETCH: for Q4_0 (see below) the next step's weight bytes and activations are loaded into
+// MM_PREFETCH: for Q4_0 / Q8_0 the next step's weight bytes and activations are loaded into
 // registers before the current step is multiplied, so that their global-memory latency overlaps
 // the products (without it, every step waits for its loads behind the barrier). The raw bytes
 // of weight8's unit: 8 quant bytes in x, y and the scale's bits in z.
@@ -94,24 +94,24 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
   for (int i = 0; i < MM_RM; ++i)
     for (int j = 0; j < MM_RN; ++j) acc[i][j] = 0.0f;
 
-  // Q4_0 only: with Q8_0 the step-ahead path crashed PoCL (a segfault inside the kernel, every
-  // run of the Q8_0 outlier test; not yet understood), so Q8_0 takes the plain loop.
-  const bool raw = MM_PREFETCH && type == T_Q4_0;
+  const bool raw = MM_PREFETCH && (type == T_Q4_0 || type == T_Q8_0);
   uint4 wraw[MM_WUNITS];
   float8 xraw[MM_XUNITS];
-  // Loads step b's units into wraw / xraw (zeros past the rows and tokens).
+  // Loads step b's units into wraw / xraw, zeros past the rows and tokens. The loads read the
+  // last row or token there instead, so that they stay in bounds even when a compiler issues
+  // them before the condition (PoCL did: a guarded load past the last row of a Q8_0 weight
+  // segfaulted its outlier test).
 #define MM_LOAD_STEP(b)                                                                   \
   do {                                                                                    \
     for (int k = 0; k < MM_WUNITS; ++k) {                                                 \
-      const int u = lid + k * MM_WG, rr = u >> 2, r = row0 + rr;                         \
-      wraw[k] = u < MM_TM * 4 && r < n_out ? weight_raw8(type, qs, d, n_out, r, (b), u & 3) \
-                                           : (uint4)(0);                                  \
+      const int u = lid + k * MM_WG, r = row0 + (u >> 2);                                 \
+      const uint4 w = weight_raw8(type, qs, d, n_out, min(r, n_out - 1), (b), u & 3);     \
+      wraw[k] = u < MM_TM * 4 && r < n_out ? w : (uint4)(0);                              \
     }                                                                                     \
     for (int k = 0; k < MM_XUNITS; ++k) {                                                 \
       const int u = lid + k * MM_WG, t = tok0 + (u >> 2);                                 \
-      xraw[k] = u < MM_TN * 4 && t < tok_end                                              \
-                    ? vload8(0, x + (long)t * n_in + 32 * (b) + 8 * (u & 3))              \
-                    : (float8)(0.0f);                                                     \
+      const float8 v = vload8(0, x + (long)min(t, tok_end - 1) * n_in + 32 * (b) + 8 * (u & 3)); \
+      xraw[k] = u < MM_TN * 4 && t < tok_end ? v : (float8)(0.0f);                        \
     }                                                                                     \
   } while (0)
   if (raw && b_begin < b_end) MM_LOAD_STEP(b_begin);
