@@ -14,7 +14,10 @@
 #   bash scripts/check-opencl-gpu.sh [--no-bench] [--no-tests] [--profile (per-op times too)]
 #
 # Environment: OCL_GPU_WORK (models; default /tmp/kestrel-ocl-gpu), OCL_GPU_BUILD (build-ocl-gpu),
-# NVIDIA_OPENCL_LIB (libnvidia-opencl.so.1 when not found by itself). Output goes to stdout and,
+# NVIDIA_OPENCL_LIB (libnvidia-opencl.so.1 when not found by itself), OCL_SWEEP_PP and
+# OCL_SWEEP_SEED (settings to measure beside the defaults, ';'-separated, each a space-separated
+# list of VAR=VALUE: pp512, resp. the seed's case, once per setting, in rows "| sweep ..."),
+# OCL_SAVE_BINARY=1 (the program cache's file to $OUT: on NVIDIA's driver it holds the PTX). Output goes to stdout and,
 # when $OUT is set, $OUT/opencl-gpu.log.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -119,9 +122,25 @@ if ((BENCH)); then
   # KESTREL_CL_MID_MAX_SPLITS=8; src/backend/opencl/NOTES.md.)
   timeout 240 $b -r 3 "${seed[@]}" || rc=1
   timeout 120 $b -r 3 -p 0 -n 32 || rc=1
+  # sweep NAME FLAGS...: the case once per setting of OCL_SWEEP_<NAME>, its rows relabelled.
+  sweep() {
+    local list=$1 setting
+    shift
+    IFS=';' read -ra settings <<<"$list"
+    for setting in "${settings[@]}"; do
+      [[ -z "${setting// /}" ]] && continue
+      # shellcheck disable=SC2086  # the setting is a list of words
+      env $setting timeout 120 $b -r 2 "$@" 2>&1 | sed "/^| llama/s/^| /| sweep [$setting] /" || true
+    done
+  }
+  sweep "${OCL_SWEEP_PP:-}" -p 512 -n 0
+  sweep "${OCL_SWEEP_SEED:-}" "${seed[@]}"
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true
     timeout 200 $b -r 1 "${seed[@]}" --profile || true
   fi
+fi
+if [[ ${OCL_SAVE_BINARY:-0} == 1 && -n ${OUT:-} ]]; then
+  cp "$KESTREL_CL_CACHE_DIR"/*.bin "$OUT/" 2>/dev/null || echo "no program binary to save"
 fi
 exit $rc

@@ -501,7 +501,7 @@ if ((OPENCL)); then
   run_stage opencl "$lim" '^(build|tests|icd|cold|warm):|FAILED' \
     env OUT= OCL_GPU_WORK="$WORK" OCL_GPU_BUILD="$ROOT/build-ocl-gpu" \
     bash "$ROOT/scripts/check-opencl-gpu.sh" "${ocl_args[@]}"
-  grep -E '^\| llama|^(cold|warm):' "$WORK/opencl-gpu.log" >"$OCL_TABLE" 2>/dev/null
+  grep -E '^\| (llama|sweep)|^(cold|warm):' "$WORK/opencl-gpu.log" >"$OCL_TABLE" 2>/dev/null
   detail="$(grep -c '^| llama' "$OCL_TABLE") benchmark rows; $(grep -E '^tests:' "$WORK/opencl-gpu.log" | tail -n 1)"
   if ((RC == 0)); then record opencl PASS "$STAGE_SECS" "$detail"; else record opencl FAIL "$STAGE_SECS" "$detail"; fi
 fi

@@ -44,6 +44,33 @@ std::string tiled_instance(const char* name, const TileShape& t) {
   return s;
 }
 
+// A tile shape from the environment variable `var` ("TM,TN,WX,WY": rows and tokens per
+// work-group, the work-group), for measuring other shapes than the defaults; unset: `t` as it
+// is. The shape must suit the template (float4 reads of runs of four rows and tokens per
+// work-item, at most 16 x 16 accumulators) and the device (work-group size, local memory).
+Status tile_from_env(const char* var, const DeviceInfo& info, TileShape& t) {
+  const char* v = std::getenv(var);
+  if (!v || !*v) return Status::ok();
+  TileShape s = t;
+  if (std::sscanf(v, "%d,%d,%d,%d", &s.tm, &s.tn, &s.wx, &s.wy) != 4)
+    return error("%s=%s: expected TM,TN,WX,WY (for example 128,64,16,16)", var, v);
+  const int step = s.vec4 ? 4 : 1;
+  const bool fits =
+      s.tm > 0 && s.tn > 0 && s.wx > 0 && s.wy > 0 && s.tm % (step * s.wx) == 0 &&
+      s.tn % (step * s.wy) == 0 && s.tm / s.wx <= 16 && s.tn / s.wy <= 16 &&
+      static_cast<size_t>(s.wx) * s.wy <= info.max_work_group &&
+      sizeof(float) * 32 * static_cast<cl_ulong>(s.tm + s.tn) + 1024 <= info.local_mem;
+  if (!fits)
+    return error(
+        "%s=%s: not a usable tile here (TM a multiple of %d * WX, TN of %d * WY, at most 16 rows "
+        "and tokens per work-item, WX * WY <= %zu work-items, 128 * (TM + TN) bytes of local "
+        "memory <= %llu)",
+        var, v, step, step, info.max_work_group,
+        static_cast<unsigned long long>(info.local_mem) - 1024);
+  t = s;
+  return Status::ok();
+}
+
 }  // namespace
 
 Status probe() {
@@ -185,6 +212,16 @@ Status OpenclBackend::build_kernels() {
     mid_groups_per_cu_ = std::clamp(std::atoi(v), 1, 16);
   if (const char* v = std::getenv("KESTREL_CL_ATT_SPLITS"))
     att_splits_forced_ = std::max(std::atoi(v), 0);
+  // Other tile shapes, to measure: KESTREL_CL_TILE (more than 16 tokens) and KESTREL_CL_MID_TILE
+  // (9-16 tokens, whose TN must stay 16), "TM,TN,WX,WY". On the H200 (NVIDIA's driver) every
+  // shape tried measured within 3% of the defaults at pp512 (128,128,16,16: 1,722 t/s against
+  // 1,745; 64,128,16,16: 1,700; 256,64,32,8: 1,735) and the seed's case (64,16,16,4: 833 against
+  // 840; 128,16,16,2: 659), so the local-memory reads per product are not what bounds it.
+  KESTREL_TRY(tile_from_env("KESTREL_CL_TILE", info_, tile_));
+  KESTREL_TRY(tile_from_env("KESTREL_CL_MID_TILE", info_, mid_tile_));
+  if (mid_tile_.tn != 16)
+    return error("KESTREL_CL_MID_TILE: the mid-sized tile must have TN = 16 tokens, not %d",
+                 mid_tile_.tn);
   std::string options = "-cl-std=CL1.2";
   options +=
       wide_ ? " -DMV_ROWS=16 -DMV_SPLIT=16 -DRMS_WG=256" : " -DMV_ROWS=16 -DMV_SPLIT=4 -DRMS_WG=64";
