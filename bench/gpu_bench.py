@@ -70,7 +70,7 @@ class Case:
 # group -> (model key, kestrel bench flags, what the settings column says)
 GROUPS = {
     "l2-default": ("llama2-7b", ["-p", "128,327,512,2048", "-n", "128"],
-                   "defaults (b2048 ub512, f16 KV, all layers)"),
+                   "defaults (b2048, ub Kestrel's: 2048 on CUDA; f16 KV, all layers)"),
     "l2-kvq4": ("llama2-7b", ["-p", "327,512", "-n", "0", "-ctk", "q4_0", "-ctv", "q4_0"],
                 "defaults, KV q4_0"),
     "l2-seed": ("llama2-7b", ["-p", "327", "-n", "0", "-b", "128", "-ub", "16",
@@ -78,7 +78,8 @@ GROUPS = {
                 "b128 ub16, KV q4_0, all layers (the seed's)"),
     "l2-ngl31": ("llama2-7b", ["-p", "327", "-n", "0", "-ngl", "31", "-b", "128", "-ub", "16"],
                  "-ngl 31, b128 ub16, f16 KV"),
-    "l3-default": ("llama3-8b", ["-p", "512", "-n", "128"], "defaults (b2048 ub512, f16 KV, all layers)"),
+    "l3-default": ("llama3-8b", ["-p", "512", "-n", "128"],
+                   "defaults (b2048, ub Kestrel's; f16 KV, all layers)"),
 }
 # Environment variables a group's kestrel bench call runs with (the variant groups, below).
 GROUP_ENV: dict[str, dict[str, str]] = {}
@@ -92,6 +93,9 @@ VARIANTS = [
     # unchanged variant row on the H200). Compare the variants with this row.
     ("KESTREL_AB_BASELINE=1", "llama2-7b tg128"),
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
+    # Prompt chunks' RoPE + KV store on the block-per-(token, head) kernel (before the rows
+    # kernel of rope_kv_store.cu).
+    ("KESTREL_CUDA_NO_ROWS_ROPE_KV=1", "seed case, defaults"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
 ]
@@ -395,6 +399,18 @@ def main(argv: list[str] | None = None) -> int:
     n_target = sum(r["target_ts"] is not None for r in rows)
     n_met = sum(bool(r["target_met"]) for r in rows)
     table += [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)] + ([""] if notes else [])
+    # Scratch (activations, staging, weight tiles: device memory beyond the weights and the KV
+    # cache) at most, per kestrel bench call; issue 5 allows 1 GiB.
+    peaks: dict[str, int] = {}
+    for c in cases:
+        mem = (c.result or {}).get("device_memory") or {}
+        if "scratch_peak_bytes" in mem:
+            peaks[c.group] = max(peaks.get(c.group, 0), mem["scratch_peak_bytes"])
+    if peaks:
+        worst = max(peaks.values())
+        table += ["scratch held at most (beyond weights and KV cache; at most 1 GiB allowed): "
+                  + ", ".join(f"{g} {b / 2**30:.2f} GiB" for g, b in peaks.items())
+                  + (" -- over 1 GiB" if worst > 2**30 else ""), ""]
     table += [f"gpu_bench: {len(rows) - n_fail}/{len(rows)} cases measured, {n_fail} failed; "
                   f"targets met {n_met}/{n_target}; {time.time() - t_start:.0f} s"]
     print("\n" + "\n".join(table))

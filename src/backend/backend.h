@@ -159,6 +159,18 @@ class Backend {
   // Bytes that can still be allocated on the device (host: MemAvailable), or -1 if unknown.
   // Checked before large allocations so that they fail with numbers, not half-way.
   virtual int64_t available_memory() const { return -1; }
+  // The micro-batch (-ub) this backend runs best at when none is given: larger ones let a GPU
+  // dequantize each weight once for more tokens (CUDA: pp2048 35,339 t/s at 2048 against 26,841
+  // at 512 on the H200, bench/NOTES.md), at the price of more activation memory.
+  virtual int preferred_ubatch() const { return 512; }
+  // Device memory held by purpose, for the report (known = false: not counted, host memory).
+  // Tensors whose alloc() `what` starts with "KV cache" count as the KV cache.
+  struct MemoryUse {
+    bool known = false;
+    int64_t weights = 0, kv_cache = 0, scratch = 0;  // bytes held now
+    int64_t scratch_peak = 0;  // the most scratch (activations, staging, tiles) held at once
+  };
+  virtual MemoryUse memory_use() const { return {}; }
   // One-time setup done when the backend was created (device context, kernel compilation or a
   // program-cache load), part of the model's load time: its ms and what it did ("kernels loaded
   // from the program cache ..."), for the report. 0 and "" when there is nothing to say.

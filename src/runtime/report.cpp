@@ -33,6 +33,10 @@ double PromptReport::tokens_per_s() const {
 
 namespace {
 
+double gib(int64_t bytes) {
+  return static_cast<double>(bytes) / (1 << 30);
+}
+
 // 12345.6 -> "12,345.6": the seed's tables group thousands.
 std::string grouped(double v, int decimals) {
   const std::string s = format(decimals == 0 ? "%.0f" : decimals == 1 ? "%.1f" : "%.2f", v);
@@ -137,6 +141,11 @@ std::string render_markdown(const PromptReport& r) {
   if (r.backend_setup_ms > 0 || !r.backend_setup_note.empty())
     o << "| backend setup (in load) | " << grouped(r.backend_setup_ms, 1) << " ms"
       << (r.backend_setup_note.empty() ? "" : ": " + r.backend_setup_note) << " |\n";
+  if (r.memory.known)
+    o << "| device memory | weights " << format("%.2f", gib(r.memory.weights)) << " GiB, KV cache "
+      << format("%.2f", gib(r.memory.kv_cache)) << " GiB, scratch "
+      << format("%.2f", gib(r.memory.scratch)) << " GiB (at most "
+      << format("%.2f", gib(r.memory.scratch_peak)) << ") |\n";
   if (r.warmup_ms > 0)
     o << "| warm-up (before timing) | " << grouped(r.warmup_ms, 1) << " ms: " << r.warmup_note
       << " |\n";
@@ -173,6 +182,11 @@ nlohmann::json to_json(const PromptReport& r) {
             {"load_ms", r.load_ms},
             {"backend_setup_ms", r.backend_setup_ms},
             {"backend_setup", r.backend_setup_note},
+            {"device_memory", r.memory.known ? json{{"weights_bytes", r.memory.weights},
+                                                    {"kv_cache_bytes", r.memory.kv_cache},
+                                                    {"scratch_bytes", r.memory.scratch},
+                                                    {"scratch_peak_bytes", r.memory.scratch_peak}}
+                                             : json(nullptr)},
             {"warmup_ms", r.warmup_ms},
             {"warmup", r.warmup_note},
             {"model", {{"path", r.model_path}, {"name", r.model_name}, {"arch", r.arch}}},

@@ -35,6 +35,8 @@ struct PromptReport {
   // it did (a cold start compiles, a warm one loads cached binaries). 0 / "": none.
   double backend_setup_ms = 0;
   std::string backend_setup_note;
+  // The primary backend's device memory after the run (known = false: not counted).
+  backend::Backend::MemoryUse memory;
   // Untimed warm-up passes between load and the first chunk (GPU layers; 0 / "": none).
   double warmup_ms = 0;
   std::string warmup_note;

@@ -8,13 +8,16 @@ namespace kestrel::runtime {
 
 Expected<std::unique_ptr<Session>> Session::create(const model::Model& model,
                                                    const SessionParams& params) {
-  if (params.n_batch <= 0 || params.n_ubatch <= 0)
+  if (params.n_batch <= 0 || params.n_ubatch < 0)
     return error("batch sizes must be positive (got -b %d -ub %d)", params.n_batch,
                  params.n_ubatch);
   std::unique_ptr<Session> s(new Session(model, params));
-  s->params_.n_ubatch = std::min(params.n_ubatch, params.n_batch);
   KESTREL_ASSIGN_OR_RETURN(s->cache_,
                            kv::KvCache::create(model, params.n_ctx, params.type_k, params.type_v));
+  // -ub 0: the primary backend's choice, asked once the cache holds its memory.
+  const int ub =
+      params.n_ubatch > 0 ? params.n_ubatch : model.primary_backend()->preferred_ubatch();
+  s->params_.n_ubatch = std::min(ub, params.n_batch);
   KESTREL_ASSIGN_OR_RETURN(s->forward_, model::Forward::create(model, s->params_.n_ubatch));
   s->last_logits_.resize(model.config().n_vocab);
   return s;

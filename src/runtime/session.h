@@ -17,7 +17,7 @@ namespace kestrel::runtime {
 struct SessionParams {
   int n_ctx = 4096;
   int n_batch = 512;
-  int n_ubatch = 512;
+  int n_ubatch = 0;  // 0: the primary backend's preferred_ubatch()
   Chunking chunking = Chunking::Balanced;
   quant::DType type_k = quant::DType::F16;
   quant::DType type_v = quant::DType::F16;

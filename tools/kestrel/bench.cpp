@@ -114,7 +114,7 @@ Status check_settings(const BenchOptions& o) {
     return error("-o %s: the output format must be md, json, jsonl or csv", o.output.c_str());
   if (o.repetitions < 1) return error("-r %d: give at least one repetition", o.repetitions);
   KESTREL_TRY(check_positive(o.n_batch, "-b", 1));
-  KESTREL_TRY(check_positive(o.n_ubatch, "-ub", 1));
+  KESTREL_TRY(check_positive(o.n_ubatch, "-ub", 0));  // 0: the backend's choice
   KESTREL_TRY(check_positive(o.n_threads, "-t", 0));
   KESTREL_TRY(check_kv_types(o.type_k, "-ctk"));
   KESTREL_TRY(check_kv_types(o.type_v, "-ctv"));
@@ -333,6 +333,7 @@ struct Progress {
 Status measure(const BenchOptions& o, const Combo& c, const Test& t, LoadedModel& lm,
                const Progress& p, BenchResult* r) {
   KESTREL_ASSIGN_OR_RETURN(auto session, runtime::Session::create(*lm.model, session_params(c, t)));
+  if (c.n_ubatch == 0) r->n_ubatch = session->params().n_ubatch;  // the backend's choice
   TokenSource tokens(*lm.model, o.seed);
   auto say = [&](const std::string& step) {
     std::fprintf(stderr, "kestrel bench: %zu/%zu %s: %s\n", p.index, p.total, p.what.c_str(),
@@ -351,6 +352,11 @@ Status measure(const BenchOptions& o, const Combo& c, const Test& t, LoadedModel
     r->samples_ns.push_back(ns);
     wall_ms += static_cast<double>(ns) / 1e6;
   }
+  if (const backend::Backend::MemoryUse m = lm.model->primary_backend()->memory_use(); m.known)
+    r->device_memory = {{"weights_bytes", m.weights},
+                        {"kv_cache_bytes", m.kv_cache},
+                        {"scratch_bytes", m.scratch},
+                        {"scratch_peak_bytes", m.scratch_peak}};
   if (o.profile) {
     session->set_profiler(nullptr);
     r->profile = runtime::profile_to_json(profile, wall_ms);
@@ -425,7 +431,8 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   b->add_option("-r,--repetitions", o.repetitions, "timed runs per test, after one warm-up")
       ->capture_default_str();
   b->add_option("-b,--batch-size", o.n_batch, "chunk sizes")->delimiter(',')->capture_default_str();
-  b->add_option("--ubatch-size", o.n_ubatch, "(-ub) micro-batch sizes")
+  b->add_option("--ubatch-size", o.n_ubatch,
+                "(-ub) micro-batch sizes (0: the backend's choice, 2048 on CUDA, 512 elsewhere)")
       ->delimiter(',')
       ->capture_default_str();
   b->add_option("-t,--threads", o.n_threads, "CPU threads (0: all cores)")

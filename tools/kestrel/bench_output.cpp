@@ -93,6 +93,7 @@ nlohmann::ordered_json bench_result_json(const BenchResult& r) {
   j["model_n_params"] = r.model_n_params;
   j["n_batch"] = r.n_batch;
   j["n_ubatch"] = r.n_ubatch;
+  if (!r.device_memory.is_null()) j["device_memory"] = r.device_memory;
   j["n_threads"] = r.n_threads;
   j["type_k"] = r.type_k;
   j["type_v"] = r.type_v;

@@ -40,7 +40,10 @@ struct BenchResult {
   bool compared = false;                 // --vs-llama-bench was given
   std::optional<double> llama_bench_ts;  // llama-bench's avg_ts of the same test, if found
   nlohmann::json profile;                // per-op times (--profile); null when not profiled
-  std::string profile_markdown;          // the same, the top entries as a markdown table
+  // The primary backend's device memory after the test (Backend::MemoryUse; the scratch peak is
+  // the process's so far); null where it is not counted.
+  nlohmann::json device_memory;
+  std::string profile_markdown;  // the same, the top entries as a markdown table
 
   std::string test_name() const;  // pp512, tg128, pp512+tg128
   std::vector<double> samples_ts() const;

@@ -66,11 +66,11 @@ void add_report_command(CLI::App& app, ReportOptions& o);
 int report_command(const ReportOptions& o);
 
 struct BenchOptions {  // bench.cpp; every list is a comma list, every combination is measured
-  std::vector<std::string> models;                // -m
-  std::vector<int> n_prompt{512};                 // -p
-  std::vector<int> n_gen{128};                    // -n
-  std::vector<std::string> prompt_gen;            // -pg N,M (repeatable)
-  std::vector<int> n_batch{2048}, n_ubatch{512};  // -b, -ub
+  std::vector<std::string> models;              // -m
+  std::vector<int> n_prompt{512};               // -p
+  std::vector<int> n_gen{128};                  // -n
+  std::vector<std::string> prompt_gen;          // -pg N,M (repeatable)
+  std::vector<int> n_batch{2048}, n_ubatch{0};  // -b, -ub (0: the backend's choice)
   // -t, -ngl (-1: all layers and the head when on a GPU, as llama-bench's 99)
   std::vector<int> n_threads{0}, n_gpu_layers{-1};
   // "auto": the first GPU backend with a usable device, else the CPU

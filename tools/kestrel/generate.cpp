@@ -28,7 +28,9 @@ void add_session_options(CLI::App* app, SessionOptions& o, int default_n_predict
       ->capture_default_str();
   app->add_option("-b,--batch-size", o.n_batch, "chunk size: tokens per timed chunk")
       ->capture_default_str();
-  app->add_option("--ubatch-size", o.n_ubatch, "(-ub) micro-batch size: tokens per forward pass")
+  app->add_option("--ubatch-size", o.n_ubatch,
+                  "(-ub) micro-batch size: tokens per forward pass (0: the backend's choice, "
+                  "2048 on CUDA, 512 elsewhere)")
       ->capture_default_str();
   app->add_option("-t,--threads", o.n_threads, "CPU threads (0: all cores)")->capture_default_str();
   app->add_option("--n-gpu-layers", o.n_gpu_layers,
@@ -100,7 +102,8 @@ Status create_session(const SessionOptions& o, int n_needed, Loaded* l) {
     return error("-ctk %s: the KV cache type must be f16, q8_0 or q4_0", o.type_k.c_str());
   if (!quant::parse_type(o.type_v.c_str(), &sp.type_v) || !quant::is_kv_type(sp.type_v))
     return error("-ctv %s: the KV cache type must be f16, q8_0 or q4_0", o.type_v.c_str());
-  if (o.n_batch <= 0 || o.n_ubatch <= 0) return error("-b and -ub must be positive");
+  if (o.n_batch <= 0 || o.n_ubatch < 0)
+    return error("-b must be positive and -ub positive or 0 (the backend's choice)");
   sp.n_batch = o.n_batch;
   sp.n_ubatch = o.n_ubatch;
   runtime::parse_chunking(o.chunking, &sp.chunking);
@@ -200,6 +203,7 @@ Status finish_report(const SessionOptions& o, const Loaded& l, int prompt_tokens
   rep.device = l.model->primary_backend()->device_name();
   rep.backend_setup_ms = l.model->primary_backend()->setup_ms();
   rep.backend_setup_note = l.model->primary_backend()->setup_note();
+  rep.memory = l.model->primary_backend()->memory_use();
   rep.version = std::string(KESTREL_VERSION) + " (" + KESTREL_GIT_VERSION + ")";
   rep.n_threads = l.model->n_threads();
   rep.n_gpu_layers = l.model->n_gpu_layers();

@@ -23,7 +23,7 @@ struct SessionOptions {
   int n_predict = 32;
   int n_ctx = 0;  // 0: fit the job, at least min(training context, 4096)
   int n_batch = 512;
-  int n_ubatch = 512;
+  int n_ubatch = 0;  // 0: the backend's choice (Backend::preferred_ubatch)
   int n_threads = 0;
   int n_gpu_layers = -1;         // -ngl (-1: all layers and the head when on a GPU)
   std::string backend = "auto";  // --backend (auto: a usable GPU, else the CPU)

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_backend_impl.cuh"
@@ -48,6 +49,7 @@ void CudaBackend::forget(const CudaWeight& w) {
   cudaStreamSynchronize(aux_);  // a prefetch may be reading it
   drop_graphs();
   weights_.erase(w.id);
+  uncount(w.data);
   for (TileBuffer& t : tiles_)
     if (t.holds == w.id) t.holds = 0;
 }
@@ -98,6 +100,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->rope_qk_one_launch_ = !(no_rope_qk && std::string(no_rope_qk) == "1");
   const char* no_fused_rope_kv = std::getenv("KESTREL_CUDA_NO_FUSED_ROPE_KV");
   be->fused_rope_kv_ = !(no_fused_rope_kv && std::string(no_fused_rope_kv) == "1");
+  const char* no_rows_rope_kv = std::getenv("KESTREL_CUDA_NO_ROWS_ROPE_KV");
+  be->rows_rope_kv_ = !(no_rows_rope_kv && std::string(no_rows_rope_kv) == "1");
   const char* no_group = std::getenv("KESTREL_CUDA_NO_GROUP");
   be->group_matmuls_ = !(no_group && std::string(no_group) == "1");
   const char* flash = std::getenv("KESTREL_CUDA_FLASH");
@@ -124,7 +128,7 @@ CudaBackend::~CudaBackend() {
   if (stream_) cudaStreamSynchronize(stream_);
   if (aux_) cudaStreamSynchronize(aux_);
   for (TileBuffer& t : tiles_) {
-    if (t.ptr) cudaFree(t.ptr);
+    if (t.ptr) device_free(t.ptr);
     if (t.ready) cudaEventDestroy(t.ready);
     if (t.free) cudaEventDestroy(t.free);
   }
@@ -135,12 +139,12 @@ CudaBackend::~CudaBackend() {
   }
   for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
   for (auto& [ptr, bytes] : scratch_)
-    if (ptr) cudaFree(ptr);
-  for (auto& [host, dev] : tables_) cudaFree(dev);
+    if (ptr) device_free(ptr);
+  for (auto& [host, dev] : tables_) device_free(dev);
   drop_graphs();
-  if (slots_dev_) cudaFree(slots_dev_);
+  if (slots_dev_) device_free(slots_dev_);
   if (slots_host_) cudaFreeHost(slots_host_);
-  if (ring_dev_) cudaFree(ring_dev_);
+  if (ring_dev_) device_free(ring_dev_);
   if (ring_host_) cudaFreeHost(ring_host_);
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -153,10 +157,45 @@ int64_t CudaBackend::available_memory() const {
   return static_cast<int64_t>(free);
 }
 
-Expected<void*> CudaBackend::device_alloc(size_t bytes, const char* what) {
+// 2048-token micro-batches where the memory allows their activations (~0.75 GiB of scratch for
+// llama2-7b, against ~0.4 GiB at 512), else llama.cpp's 512.
+int CudaBackend::preferred_ubatch() const {
+  constexpr int64_t kRoomFor2048 = int64_t{4} << 30;
+  return available_memory() >= kRoomFor2048 ? 2048 : 512;
+}
+
+Backend::MemoryUse CudaBackend::memory_use() const {
+  MemoryUse m;
+  m.known = true;
+  m.weights = held_[static_cast<int>(MemKind::kWeights)];
+  m.kv_cache = held_[static_cast<int>(MemKind::kKvCache)];
+  m.scratch = held_[static_cast<int>(MemKind::kScratch)];
+  m.scratch_peak = peak_[static_cast<int>(MemKind::kScratch)];
+  return m;
+}
+
+void CudaBackend::uncount(void* p) {
+  const auto it = live_.find(p);
+  if (it == live_.end()) return;
+  held_[static_cast<int>(it->second.second)] -= static_cast<int64_t>(it->second.first);
+  live_.erase(it);
+}
+
+void CudaBackend::device_free(void* p) {
+  uncount(p);
+  cudaFree(p);
+}
+
+Expected<void*> CudaBackend::device_alloc(size_t bytes, const char* what, MemKind kind) {
   void* p = nullptr;
   const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
-  if (e == cudaSuccess) return p;
+  if (e == cudaSuccess) {
+    const int k = static_cast<int>(kind);
+    live_[p] = {bytes, kind};
+    held_[k] += static_cast<int64_t>(bytes);
+    peak_[k] = std::max(peak_[k], held_[k]);
+    return p;
+  }
   cudaGetLastError();  // clear the sticky-free error state of a failed allocation
   if (e == cudaErrorMemoryAllocation) {
     const int64_t free = available_memory();
@@ -176,7 +215,7 @@ Expected<void*> CudaBackend::scratch(int slot, size_t bytes) {
   drop_graphs();
   if (ptr) {
     CUDA_TRY(cudaStreamSynchronize(stream_), "scratch resize");
-    cudaFree(ptr);
+    device_free(ptr);
     ptr = nullptr;
     size = 0;
   }
@@ -187,6 +226,12 @@ Expected<void*> CudaBackend::scratch(int slot, size_t bytes) {
 
 Expected<Tensor> CudaBackend::alloc(quant::DType type, int64_t rows, int64_t cols,
                                     const char* what) {
+  const bool kv = std::string_view(what).rfind("KV cache", 0) == 0;
+  return alloc_as(type, rows, cols, what, kv ? MemKind::kKvCache : MemKind::kScratch);
+}
+
+Expected<Tensor> CudaBackend::alloc_as(quant::DType type, int64_t rows, int64_t cols,
+                                       const char* what, MemKind kind) {
   const int64_t rb = quant::row_bytes(type, cols);
   if (rows < 0 || rb < 0)
     return error("cannot allocate %s: %lld x %lld of %s is not a valid shape", what,
@@ -200,7 +245,7 @@ Expected<Tensor> CudaBackend::alloc(quant::DType type, int64_t rows, int64_t col
   t.rows = rows;
   t.cols = cols;
   t.bytes = static_cast<size_t>(rb) * static_cast<size_t>(rows);
-  KESTREL_ASSIGN_OR_RETURN(t.data, device_alloc(t.bytes, what));
+  KESTREL_ASSIGN_OR_RETURN(t.data, device_alloc(t.bytes, what, kind));
   t.owner = this;
   return t;
 }
@@ -210,7 +255,7 @@ void CudaBackend::free(Tensor& t) {
   if (t.data) {
     drop_graphs();
     cudaStreamSynchronize(stream_);  // a kernel may still read it
-    cudaFree(t.data);
+    device_free(t.data);
   }
   t = Tensor();
 }
@@ -345,7 +390,7 @@ Expected<std::unique_ptr<Weight>> CudaBackend::load_weight(const HostMatrix& m) 
   const size_t total = static_cast<size_t>(rb) * m.n_out;
   w->bytes = total;
   weights_[w->id] = w.get();
-  KESTREL_ASSIGN_OR_RETURN(w->data, device_alloc(total, m.name.c_str()));
+  KESTREL_ASSIGN_OR_RETURN(w->data, device_alloc(total, m.name.c_str(), MemKind::kWeights));
   w->qs = static_cast<uint8_t*>(w->data);
   const bool repack = m.type == quant::DType::Q4_0 || m.type == quant::DType::Q8_0;
   if (!repack) {
@@ -371,7 +416,7 @@ Expected<std::unique_ptr<Weight>> CudaBackend::load_weight(const HostMatrix& m) 
 }
 
 Expected<Tensor> CudaBackend::load_vector(const float* data, int64_t n, const char* what) {
-  KESTREL_ASSIGN_OR_RETURN(Tensor t, alloc(quant::DType::F32, 1, n, what));
+  KESTREL_ASSIGN_OR_RETURN(Tensor t, alloc_as(quant::DType::F32, 1, n, what, MemKind::kWeights));
   Status st = upload(t, 0, 1, data);
   if (!st) {
     free(t);
@@ -384,11 +429,11 @@ Expected<const uint8_t*> CudaBackend::device_table(const HostMatrix& table) {
   if (auto it = tables_.find(table.data); it != tables_.end())
     return static_cast<const uint8_t*>(it->second);
   const size_t bytes = static_cast<size_t>(quant::row_bytes(table.type, table.n_in)) * table.n_out;
-  KESTREL_ASSIGN_OR_RETURN(void* dev, device_alloc(bytes, "token embeddings"));
+  KESTREL_ASSIGN_OR_RETURN(void* dev, device_alloc(bytes, "token embeddings", MemKind::kWeights));
   Status st = cuda_status(cudaMemcpy(dev, table.data, bytes, cudaMemcpyHostToDevice),
                           "token embeddings upload");
   if (!st) {
-    cudaFree(dev);
+    device_free(dev);
     return st;
   }
   tables_[table.data] = dev;

@@ -91,6 +91,8 @@ class CudaBackend final : public Backend {
   const char* name() const override { return "cuda"; }
   std::string device_name() const override { return device_name_; }
   int64_t available_memory() const override;
+  int preferred_ubatch() const override;
+  MemoryUse memory_use() const override;
 
   Expected<Tensor> alloc(quant::DType type, int64_t rows, int64_t cols, const char* what) override;
   void free(Tensor& t) override;
@@ -139,8 +141,15 @@ class CudaBackend final : public Backend {
 
  private:
   CudaBackend() = default;
-  // Device memory with a message that gives the numbers when it fails.
-  Expected<void*> device_alloc(size_t bytes, const char* what);
+  // Device memory with a message that gives the numbers when it fails, counted under `kind`
+  // for memory_use() until device_free (or uncount, for memory freed elsewhere).
+  enum class MemKind { kWeights, kKvCache, kScratch };
+  Expected<void*> device_alloc(size_t bytes, const char* what, MemKind kind = MemKind::kScratch);
+  void device_free(void* p);
+  void uncount(void* p);
+  // alloc() counted as `kind` (load_vector: weights).
+  Expected<Tensor> alloc_as(quant::DType type, int64_t rows, int64_t cols, const char* what,
+                            MemKind kind);
   // A scratch buffer of at least `bytes`, grown on demand (slot: one per purpose).
   Expected<void*> scratch(int slot, size_t bytes);
   // Which kernels a matmul of `type` weights, n_in columns and n_tokens tokens runs on.
@@ -198,7 +207,9 @@ class CudaBackend final : public Backend {
   bool fuse_add_ = true;            // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
   bool rope_qk_one_launch_ = true;  // KESTREL_CUDA_NO_ROPE_QK=1: RoPE of Q and K apart
   bool fused_rope_kv_ = true;       // KESTREL_CUDA_NO_FUSED_ROPE_KV=1: RoPE, then the KV store
-  bool group_matmuls_ = true;       // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
+  bool rows_rope_kv_ = true;   // KESTREL_CUDA_NO_ROWS_ROPE_KV=1: prompt chunks' fused RoPE + KV
+                               // store on the block-per-head kernel too
+  bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
@@ -231,6 +242,9 @@ class CudaBackend final : public Backend {
   std::map<uint64_t, const CudaWeight*> weights_;  // live GEMM-path weights by id
   std::map<uint64_t, uint64_t> next_;              // weight id -> the id that followed it last time
   std::vector<std::pair<void*, size_t>> scratch_;
+  // Live device allocations (bytes, kind) and the bytes held per kind, now and at most.
+  std::map<void*, std::pair<size_t, MemKind>> live_;
+  int64_t held_[3] = {}, peak_[3] = {};
   // Pinned ring for upload_ints.
   int32_t* ring_host_ = nullptr;
   int32_t* ring_dev_ = nullptr;

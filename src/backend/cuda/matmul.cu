@@ -512,7 +512,7 @@ Expected<CudaBackend::TileBuffer*> CudaBackend::tile_buffer(int i, int64_t elems
   if (t.elems >= elems) return &t;
   CUDA_TRY(cudaStreamSynchronize(stream_), "weight tile resize");
   CUDA_TRY(cudaStreamSynchronize(aux_), "weight tile resize");
-  if (t.ptr) cudaFree(t.ptr);
+  if (t.ptr) device_free(t.ptr);
   t.ptr = nullptr;
   t.elems = 0;
   t.holds = 0;
