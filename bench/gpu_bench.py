@@ -94,8 +94,9 @@ VARIANTS = [
     ("KESTREL_AB_BASELINE=1", "llama2-7b tg128"),
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
     # Prompt chunks' RoPE + KV store on the block-per-(token, head) kernel (before the rows
-    # kernel of rope_kv_store.cu).
-    ("KESTREL_CUDA_NO_ROWS_ROPE_KV=1", "seed case, defaults"),
+    # kernel of rope_kv_store.cu), and SwiGLU one value a thread.
+    ("KESTREL_CUDA_NO_ROWS_ROPE_KV=1", "llama2-7b pp512"),
+    ("KESTREL_CUDA_NO_SWIGLU4=1", "llama2-7b pp512"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
 ]

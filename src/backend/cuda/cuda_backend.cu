@@ -100,6 +100,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->rope_qk_one_launch_ = !(no_rope_qk && std::string(no_rope_qk) == "1");
   const char* no_fused_rope_kv = std::getenv("KESTREL_CUDA_NO_FUSED_ROPE_KV");
   be->fused_rope_kv_ = !(no_fused_rope_kv && std::string(no_fused_rope_kv) == "1");
+  const char* no_swiglu4 = std::getenv("KESTREL_CUDA_NO_SWIGLU4");
+  be->swiglu4_ = !(no_swiglu4 && std::string(no_swiglu4) == "1");
   const char* no_rows_rope_kv = std::getenv("KESTREL_CUDA_NO_ROWS_ROPE_KV");
   be->rows_rope_kv_ = !(no_rows_rope_kv && std::string(no_rows_rope_kv) == "1");
   const char* no_group = std::getenv("KESTREL_CUDA_NO_GROUP");
@@ -505,7 +507,7 @@ Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, T
   if (mode_ == Mode::Stage) return Status::ok();
   return launch_swiglu(static_cast<const float*>(gate.data), static_cast<const float*>(up.data),
                        static_cast<int64_t>(n_tokens) * gate.cols, static_cast<float*>(out.data),
-                       also, stream_);
+                       also, swiglu4_, stream_);
 }
 
 Status CudaBackend::add(Tensor& x, const Tensor& y, int n_tokens) {

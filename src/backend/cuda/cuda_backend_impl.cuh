@@ -207,6 +207,7 @@ class CudaBackend final : public Backend {
   bool fuse_add_ = true;            // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
   bool rope_qk_one_launch_ = true;  // KESTREL_CUDA_NO_ROPE_QK=1: RoPE of Q and K apart
   bool fused_rope_kv_ = true;       // KESTREL_CUDA_NO_FUSED_ROPE_KV=1: RoPE, then the KV store
+  bool swiglu4_ = true;             // KESTREL_CUDA_NO_SWIGLU4=1: SwiGLU one value a thread
   bool rows_rope_kv_ = true;   // KESTREL_CUDA_NO_ROWS_ROPE_KV=1: prompt chunks' fused RoPE + KV
                                // store on the block-per-head kernel too
   bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
@@ -334,8 +335,9 @@ Status launch_rms_norm(float* x, const float* y, int n_tokens, int64_t n, const 
 // RoPE in place on x (p.n_heads heads) and, if x1, on x1's heads1 heads of the same size.
 Status launch_rope(float* x, float* x1, int heads1, int n_tokens, const int32_t* pos,
                    const RopeParams& p, cudaStream_t s);
+// vec4: four values a thread where n allows (KESTREL_CUDA_NO_SWIGLU4=1: one, to compare).
 Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out,
-                     const MatmulInputOut& also, cudaStream_t s);
+                     const MatmulInputOut& also, bool vec4, cudaStream_t s);
 Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s);
 Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int n_rows, float* out,
                        cudaStream_t s);

@@ -59,48 +59,63 @@ __global__ void rope_kv_store_kernel(float* q, int n_head, float* k, const float
 // sine and cosine computed once per block into shared memory. The kernel above, at 512 tokens
 // and 96 heads (llama2-7b), ran 49,152 blocks of 128 threads that each formed their angle in
 // double: 46 us a layer (--profile, H200) for ~40 MB of traffic (~10 us at full bandwidth).
-// Needs head_dim % 64 == 0: a warp's 32 pairs then lie in one head and cover whole quant blocks
-// of the K row (NeoX: elements i and i + D/2 of 32 pairs are two blocks; the normal layout's
-// pairs (2i, 2i + 1) of 32 pairs are two blocks, regrouped by shuffles so that lane j holds
-// element j as store_kv_block wants).
+// Head sizes 64 and 128 (a multiple of 64: a warp's 32 pairs then lie in one head and cover
+// whole quant blocks of the K row (NeoX: elements i and i + D/2 of 32 pairs are two blocks; the
+// normal layout's pairs (2i, 2i + 1) of 32 pairs are two blocks, regrouped by shuffles so that
+// lane j holds element j as store_kv_block wants).
 constexpr int kRowsThreads = 256;
-template <DType CT>
+template <DType CT, int D, bool kNeox>
 __global__ void __launch_bounds__(kRowsThreads)
     rope_kv_store_rows_kernel(float* q, int n_head, float* k, const float* v, int n_head_kv,
-                              const int32_t* pos, int head_dim, RopeTable table, bool neox,
-                              uint8_t* k_cache, uint8_t* v_cache, int64_t row_bytes,
-                              int heads_per_block) {
-  __shared__ float sin_s[kRopeMaxPairs], cos_s[kRopeMaxPairs];
-  const int t = blockIdx.x, p = pos[t], half = head_dim / 2, lane = threadIdx.x % 32;
-  for (int i = threadIdx.x; i < half; i += blockDim.x)
+                              const int32_t* pos, RopeTable table, uint8_t* k_cache,
+                              uint8_t* v_cache, int64_t row_bytes, int heads_per_block) {
+  constexpr int kHalf = D / 2;
+  __shared__ float sin_s[kHalf], cos_s[kHalf];
+  const int t = blockIdx.x, p = pos[t], lane = threadIdx.x % 32;
+  for (int i = threadIdx.x; i < kHalf; i += blockDim.x)
     rope_sincos(p, table.inv_freq[i], sin_s[i], cos_s[i]);
   __syncthreads();
-  const int64_t kv_dim = int64_t{n_head_kv} * head_dim;
+  const int64_t kv_dim = int64_t{n_head_kv} * D;
   const int n_rot = n_head + n_head_kv, n_slots = n_rot + n_head_kv;
   const int s0 = blockIdx.y * heads_per_block, s1 = min(s0 + heads_per_block, n_slots);
   uint8_t* k_row = k_cache + int64_t{p} * row_bytes;
-  // Q and K heads of the block: pair j of the run (warp-uniform head: half % 32 == 0).
+  // Q and K heads of the block: pair j of the run (warp-uniform head: kHalf % 32 == 0).
   const int rot_end = min(s1, n_rot);
-  for (int j = threadIdx.x; j < (rot_end - s0) * half; j += blockDim.x) {
-    const int slot = s0 + j / half, i = j % half;
+#pragma unroll 4
+  for (int j = threadIdx.x; j < (rot_end - s0) * kHalf; j += blockDim.x) {
+    const int slot = s0 + j / kHalf, i = j % kHalf;
     const bool is_q = slot < n_head;
     const int h = is_q ? slot : slot - n_head;
-    float* head =
-        (is_q ? q + int64_t{t} * n_head * head_dim : k + t * kv_dim) + int64_t{h} * head_dim;
-    const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-    const float a = head[i0], b = head[i1];
+    float* head = (is_q ? q + int64_t{t} * n_head * D : k + t * kv_dim) + int64_t{h} * D;
+    const int i0 = kNeox ? i : 2 * i, i1 = kNeox ? i + kHalf : 2 * i + 1;
+    float a, b;
+    if constexpr (kNeox) {
+      a = head[i0], b = head[i1];
+    } else {  // the pair is adjacent: one 8-byte load
+      const float2 ab = *reinterpret_cast<const float2*>(head + i0);
+      a = ab.x, b = ab.y;
+    }
     const float x0 = rope_rotate(a, b, sin_s[i], cos_s[i], true);
     const float x1 = rope_rotate(a, b, sin_s[i], cos_s[i], false);
-    head[i0] = x0;
-    head[i1] = x1;
+    if constexpr (kNeox) {
+      head[i0] = x0;
+      head[i1] = x1;
+    } else {
+      *reinterpret_cast<float2*>(head + i0) = make_float2(x0, x1);
+    }
     if (is_q) continue;
-    const int64_t col0 = int64_t{h} * head_dim;
+    const int64_t col0 = int64_t{h} * D;
     if constexpr (CT == DType::F16) {
-      reinterpret_cast<__half*>(k_row)[col0 + i0] = __float2half_rn(x0);
-      reinterpret_cast<__half*>(k_row)[col0 + i1] = __float2half_rn(x1);
-    } else if (neox) {  // lanes hold elements i (one block) and i + half (another)
+      if constexpr (kNeox) {
+        reinterpret_cast<__half*>(k_row)[col0 + i0] = __float2half_rn(x0);
+        reinterpret_cast<__half*>(k_row)[col0 + i1] = __float2half_rn(x1);
+      } else {
+        *reinterpret_cast<__half2*>(reinterpret_cast<__half*>(k_row) + col0 + i0) =
+            __floats2half2_rn(x0, x1);
+      }
+    } else if constexpr (kNeox) {  // lanes hold elements i (one block) and i + kHalf (another)
       store_kv_block<CT>(x0, lane, k_row, (col0 + i - lane) / 32);
-      store_kv_block<CT>(x1, lane, k_row, (col0 + i - lane + half) / 32);
+      store_kv_block<CT>(x1, lane, k_row, (col0 + i - lane + kHalf) / 32);
     } else {  // lanes hold elements 2i, 2i + 1 of 64: block one is lanes 0-15's, two 16-31's
       const int from = lane / 2;
       const float lo0 = __shfl_sync(0xffffffffu, x0, from),
@@ -115,14 +130,28 @@ __global__ void __launch_bounds__(kRowsThreads)
   // V heads: a thread per element.
   const int v0 = max(s0, n_rot);
   uint8_t* v_row = v_cache + int64_t{p} * row_bytes;
-  for (int j = threadIdx.x; j < (s1 - v0) * head_dim; j += blockDim.x) {
-    const int64_t col = int64_t{v0 - n_rot} * head_dim + j;
+#pragma unroll 4
+  for (int j = threadIdx.x; j < (s1 - v0) * D; j += blockDim.x) {
+    const int64_t col = int64_t{v0 - n_rot} * D + j;
     const float x = v[t * kv_dim + col];
     if constexpr (CT == DType::F16)
       reinterpret_cast<__half*>(v_row)[col] = __float2half_rn(x);
     else
       store_kv_block<CT>(x, lane, v_row, col / 32);
   }
+}
+
+template <DType CT, int D, bool kNeox>
+void launch_rows(dim3 grid, float* q, int n_head, float* k, const float* v, int n_head_kv,
+                 const int32_t* pos, const RopeTable& table, uint8_t* kc, uint8_t* vc, int64_t rb,
+                 int heads, cudaStream_t s) {
+  rope_kv_store_rows_kernel<CT, D, kNeox>
+      <<<grid, kRowsThreads, 0, s>>>(q, n_head, k, v, n_head_kv, pos, table, kc, vc, rb, heads);
+}
+
+// Whether the rows kernel has an instance for this head size.
+bool rows_fit(int head_dim) {
+  return head_dim == 64 || head_dim == 128;
 }
 
 template <DType CT>
@@ -138,8 +167,15 @@ void launch_rope_kv_store(bool rows, int n_tokens, int n_head, int n_head_kv, in
   // Enough blocks for ~4 per SM of an H100 when the tokens alone are fewer.
   const int runs = std::clamp(ceil_div(528, n_tokens), 1, n_slots);
   const int heads = ceil_div(n_slots, runs);
-  rope_kv_store_rows_kernel<CT><<<dim3(n_tokens, ceil_div(n_slots, heads)), kRowsThreads, 0, s>>>(
-      q, n_head, k, v, n_head_kv, pos, D, table, neox, kc, vc, rb, heads);
+  const dim3 grid(n_tokens, ceil_div(n_slots, heads));
+  if (D == 64)
+    (neox ? launch_rows<CT, 64, true> : launch_rows<CT, 64, false>)(grid, q, n_head, k, v,
+                                                                    n_head_kv, pos, table, kc, vc,
+                                                                    rb, heads, s);
+  else
+    (neox ? launch_rows<CT, 128, true> : launch_rows<CT, 128, false>)(grid, q, n_head, k, v,
+                                                                      n_head_kv, pos, table, kc, vc,
+                                                                      rb, heads, s);
 }
 
 }  // namespace
@@ -170,7 +206,7 @@ Status CudaBackend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_t
   if (mode_ == Mode::Stage) return Status::ok();
   // More than 16 tokens (prompt chunks) on the rows kernel; decode and the seed's micro-batches
   // keep the block per (token, head), measured faster there.
-  const bool rows = n_tokens > 16 && D % 64 == 0 && rows_rope_kv_;
+  const bool rows = n_tokens > 16 && rows_fit(D) && rows_rope_kv_;
   const RopeTable& table = rope_table(pq.freq_base, D);
   const bool neox = pq.layout == RopeLayout::NeoX;
   auto* qd = static_cast<float*>(q.data);
