@@ -56,13 +56,14 @@ Status tile_from_env(const char* var, const DeviceInfo& info, TileShape& t) {
     return error("%s=%s: expected TM,TN,WX,WY (for example 128,64,16,16)", var, v);
   const int step = s.vec4 ? 4 : 1;
   const bool fits =
-      s.tm > 0 && s.tn > 0 && s.wx > 0 && s.wy > 0 && s.tm % (step * s.wx) == 0 &&
-      s.tn % (step * s.wy) == 0 && s.tm / s.wx <= 16 && s.tn / s.wy <= 16 &&
-      static_cast<size_t>(s.wx) * s.wy <= info.max_work_group &&
+      s.tm > 0 && s.tn > 0 && s.wx > 0 && s.wy > 0 && s.tm % 4 == 0 && s.tn % 4 == 0 &&
+      s.tm % (step * s.wx) == 0 && s.tn % (step * s.wy) == 0 && s.tm / s.wx <= 16 &&
+      s.tn / s.wy <= 16 && static_cast<size_t>(s.wx) * s.wy <= info.max_work_group &&
       sizeof(float) * 32 * static_cast<cl_ulong>(s.tm + s.tn) + 1024 <= info.local_mem;
   if (!fits)
     return error(
-        "%s=%s: not a usable tile here (TM a multiple of %d * WX, TN of %d * WY, at most 16 rows "
+        "%s=%s: not a usable tile here (TM a multiple of 4 and of %d * WX, TN of 4 and %d * WY, "
+        "at most 16 rows "
         "and tokens per work-item, WX * WY <= %zu work-items, 128 * (TM + TN) bytes of local "
         "memory <= %llu)",
         var, v, step, step, info.max_work_group,

@@ -42,7 +42,9 @@ inline uint4 weight_raw8(int type, const global uchar* qs, const global ushort* 
   const long blk = (long)b * n_out + r;
   const global uchar* p =
       type == T_Q4_0 ? qs + blk * 16 + 8 * (part & 1) : qs + blk * 32 + 8 * part;
-  const uint2 q = as_uint2(vload8(0, p));
+  // A typed 8-byte load (p is 8-byte aligned): NVIDIA's compiler turned vload8 of bytes into
+  // eight byte loads.
+  const uint2 q = *(const global uint2*)p;
   return (uint4)(q.x, q.y, d[blk], 0);
 }
 
@@ -75,8 +77,13 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
     global const uchar* qs, global const ushort* d, int type, long row_bytes, int n_in,
     int n_out, global const float* x, int t0, int n_tokens, global float* out,
     global const float* bias, int splits, global float* part, long part_stride) {
-  local float w_tile[32][MM_TM] __attribute__((aligned(16)));
-  local float x_tile[32][MM_TN] __attribute__((aligned(16)));
+  // The tiles are float4 arrays read as float4s (MM_VEC4) and written as floats through w_tile /
+  // x_tile: NVIDIA's compiler split float4 reads through a cast float pointer into four scalar
+  // loads, which made the products local-memory bound (12 loads per 32 multiply-adds).
+  local float4 w_tile4[32][MM_TM / 4];
+  local float4 x_tile4[32][MM_TN / 4];
+  local float(*w_tile)[MM_TM] = (local float(*)[MM_TM])w_tile4;
+  local float(*x_tile)[MM_TN] = (local float(*)[MM_TN])x_tile4;
   const int lx = get_local_id(0), ly = get_local_id(1);
   const int lid = ly * MM_WX + lx;
   const int row0 = get_group_id(0) * MM_TM;
@@ -110,7 +117,8 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
     }                                                                                     \
     for (int k = 0; k < MM_XUNITS; ++k) {                                                 \
       const int u = lid + k * MM_WG, t = tok0 + (u >> 2);                                 \
-      const float8 v = vload8(0, x + (long)min(t, tok_end - 1) * n_in + 32 * (b) + 8 * (u & 3)); \
+      const float8 v = *(const global float8*)(x + (long)min(t, tok_end - 1) * n_in +    \
+                                               32 * (b) + 8 * (u & 3));                   \
       xraw[k] = u < MM_TN * 4 && t < tok_end ? v : (float8)(0.0f);                        \
     }                                                                                     \
   } while (0)
@@ -157,11 +165,11 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
       float wr[MM_RM], xr[MM_RN];
 #if MM_VEC4
       for (int i = 0; i < MM_RM; i += 4) {
-        const float4 v = *(local const float4*)&w_tile[k][MM_ROW(i)];
+        const float4 v = w_tile4[k][MM_ROW(i) / 4];
         wr[i] = v.x, wr[i + 1] = v.y, wr[i + 2] = v.z, wr[i + 3] = v.w;
       }
       for (int j = 0; j < MM_RN; j += 4) {
-        const float4 v = *(local const float4*)&x_tile[k][MM_TOK(j)];
+        const float4 v = x_tile4[k][MM_TOK(j) / 4];
         xr[j] = v.x, xr[j + 1] = v.y, xr[j + 2] = v.z, xr[j + 3] = v.w;
       }
 #else
