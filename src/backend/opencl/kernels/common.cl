@@ -61,6 +61,12 @@ inline float load_half_bits(const global uchar* p) {
   return half_bits_to_float(load_u16(p));
 }
 
+// The same from a 2-byte aligned address, in one load (NVIDIA's compiler keeps byte loads as
+// byte loads: two per scale, one per quant byte).
+inline float load_half_bits2(const global uchar* p) {
+  return half_bits_to_float(*(const global ushort*)p);
+}
+
 // float -> IEEE half bits, round to nearest even, overflow to infinity: the same bits as
 // quant::fp32_to_fp16 on every input (the KV cache must equal quantize_row byte for byte).
 // Integer arithmetic only, so no device rounding or flush-to-zero mode can change it.
@@ -108,9 +114,12 @@ inline void decode8(int type, const global uchar* row, int s, int part, float* o
       for (int i = 0; i < 8; ++i) out[i] = p[i];
       break;
     }
-    case T_F16: {
-      const global uchar* p = row + 2 * (32 * s + e0);
-      for (int i = 0; i < 8; ++i) out[i] = load_half_bits(p + 2 * i);
+    case T_F16: {  // rows of whole 32-element slices: p is 16-byte aligned
+      const ushort8 h = vload8(0, (const global ushort*)(row + 2 * (32 * s + e0)));
+      out[0] = half_bits_to_float(h.s0), out[1] = half_bits_to_float(h.s1);
+      out[2] = half_bits_to_float(h.s2), out[3] = half_bits_to_float(h.s3);
+      out[4] = half_bits_to_float(h.s4), out[5] = half_bits_to_float(h.s5);
+      out[6] = half_bits_to_float(h.s6), out[7] = half_bits_to_float(h.s7);
       break;
     }
     case T_BF16: {
@@ -118,14 +127,15 @@ inline void decode8(int type, const global uchar* row, int s, int part, float* o
       for (int i = 0; i < 8; ++i) out[i] = as_float(load_u16(p + 2 * i) << 16);
       break;
     }
-    case T_Q4_0: {
+    case T_Q4_0: {  // 18-byte blocks: the scale and the quant bytes are 2-byte aligned
       const global uchar* b = row + 18 * s;
-      const float d = load_half_bits(b);
-      for (int i = 0; i < 8; ++i) {
-        const int e = e0 + i;
-        const int q = e < 16 ? (b[2 + e] & 15) : (b[2 + e - 16] >> 4);
-        out[i] = (float)(q - 8) * d;
-      }
+      const float d = load_half_bits2(b);
+      const uchar8 q8 = as_uchar8(vload4(0, (const global ushort*)(b + 2 + e0 % 16)));
+      const uchar8 q = e0 < 16 ? (q8 & (uchar)15) : (q8 >> (uchar)4);
+      out[0] = (float)((int)q.s0 - 8) * d, out[1] = (float)((int)q.s1 - 8) * d;
+      out[2] = (float)((int)q.s2 - 8) * d, out[3] = (float)((int)q.s3 - 8) * d;
+      out[4] = (float)((int)q.s4 - 8) * d, out[5] = (float)((int)q.s5 - 8) * d;
+      out[6] = (float)((int)q.s6 - 8) * d, out[7] = (float)((int)q.s7 - 8) * d;
       break;
     }
     case T_Q4_1: {
@@ -138,10 +148,13 @@ inline void decode8(int type, const global uchar* row, int s, int part, float* o
       }
       break;
     }
-    case T_Q8_0: {
+    case T_Q8_0: {  // 34-byte blocks: 2-byte aligned
       const global uchar* b = row + 34 * s;
-      const float d = load_half_bits(b);
-      for (int i = 0; i < 8; ++i) out[i] = (float)((char)b[2 + e0 + i]) * d;
+      const float d = load_half_bits2(b);
+      const char8 q = as_char8(vload4(0, (const global ushort*)(b + 2 + e0)));
+      out[0] = (float)q.s0 * d, out[1] = (float)q.s1 * d, out[2] = (float)q.s2 * d;
+      out[3] = (float)q.s3 * d, out[4] = (float)q.s4 * d, out[5] = (float)q.s5 * d;
+      out[6] = (float)q.s6 * d, out[7] = (float)q.s7 * d;
       break;
     }
     case T_Q5_0:
