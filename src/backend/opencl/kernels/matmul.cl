@@ -11,20 +11,21 @@
 // Every other type keeps its GGUF rows (row_bytes apart) and is decoded by decode8.
 
 // Elements 8 * part .. + 7 of block b of weight row r, any layout, as a vector (kept in
-// registers: no private array whose address escapes on the fast types).
+// registers: no private array whose address escapes on the fast types). The repacked blocks are
+// read by typed 8-byte loads (8-byte aligned; vload8 of bytes became eight byte loads on NVIDIA).
 inline float8 weight8(int type, const global uchar* qs, const global ushort* d, long row_bytes,
                       int n_out, int r, int b, int part) {
   if (type == T_Q4_0) {
     const long blk = (long)b * n_out + r;
     const float scale = half_bits_to_float(d[blk]);
-    const uchar8 q = vload8(0, qs + blk * 16 + 8 * (part & 1));
+    const uchar8 q = as_uchar8(*(const global uint2*)(qs + blk * 16 + 8 * (part & 1)));
     const uchar8 nib = part < 2 ? (q & (uchar)15) : (q >> (uchar)4);
     return (convert_float8(nib) - 8.0f) * scale;
   }
   if (type == T_Q8_0) {
     const long blk = (long)b * n_out + r;
     const float scale = half_bits_to_float(d[blk]);
-    return convert_float8(vload8(0, (const global char*)(qs + blk * 32 + 8 * part))) * scale;
+    return convert_float8(as_char8(*(const global uint2*)(qs + blk * 32 + 8 * part))) * scale;
   }
   float v[8];
   decode8(type, qs + (long)r * row_bytes, b, part, v);
@@ -57,24 +58,25 @@ kernel __attribute__((reqd_work_group_size(MV_ROWS, MV_SPLIT, 1))) void matmul_s
   for (int t = 0; t < MV_MAX_T; ++t) acc[t] = 0.0f;
   if (r < n_out && (type == T_Q4_0 || type == T_Q8_0)) {
     // The repacked types: a whole block per load (16 or 32 bytes, 16-byte aligned), the scale
-    // applied once to each block's dot product.
+    // applied once to each block's dot product. Typed loads, not vload16: NVIDIA's compiler
+    // made vload16 of bytes sixteen byte loads and of floats sixteen scalar loads.
     for (int b = ks; b < n_blocks; b += MV_SPLIT) {
       const long blk = (long)b * n_out + r;
       const float scale = half_bits_to_float(d[blk]);
       float16 w_lo, w_hi;  // elements 0..15 and 16..31
       if (type == T_Q4_0) {
-        const uchar16 q = vload16(0, qs + blk * 16);
+        const uchar16 q = as_uchar16(*(const global uint4*)(qs + blk * 16));
         w_lo = convert_float16(q & (uchar)15) - 8.0f;
         w_hi = convert_float16(q >> (uchar)4) - 8.0f;
       } else {
-        const global char* q = (const global char*)(qs + blk * 32);
-        w_lo = convert_float16(vload16(0, q));
-        w_hi = convert_float16(vload16(1, q));
+        const global uint4* q = (const global uint4*)(qs + blk * 32);
+        w_lo = convert_float16(as_char16(q[0]));
+        w_hi = convert_float16(as_char16(q[1]));
       }
       for (int t = 0; t < MV_MAX_T; ++t) {
         if (t >= n_tokens) break;
-        const global float* xb = x + (long)t * n_in + 32 * b;
-        const float16 p = w_lo * vload16(0, xb) + w_hi * vload16(1, xb);
+        const global float16* xb = (const global float16*)(x + (long)t * n_in + 32 * b);
+        const float16 p = w_lo * xb[0] + w_hi * xb[1];
         const float8 h = p.lo + p.hi;
         const float4 f = h.lo + h.hi;
         acc[t] += scale * ((f.x + f.y) + (f.z + f.w));
