@@ -244,6 +244,21 @@ TEST_P(GpuOpsMatmulOutliers, TiledWithoutPrefetch) {
   }
 }
 
+// KESTREL_CL_TILED_DOUBLE=1: the OpenCL tiled kernels with two tile buffers (a trial, off by
+// default): the reference's results for the repacked types, every shape and token count.
+TEST_P(GpuOpsMatmul, TiledDoubleBuffered) {
+  GPU_TRACE_SEED();
+  if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
+  ScopedEnv env("KESTREL_CL_TILED_DOUBLE", "1");
+  auto dbl = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(dbl.has_value()) << dbl.message();
+  for (DType type : {DType::Q4_0, DType::Q8_0}) {
+    check_shapes(**dbl, GetParam() + " (double-buffered tiles)", type);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  check_activation_outliers(**dbl, GetParam() + " (double-buffered tiles)", DType::Q4_0);
+}
+
 // OpenCL runs mid-sized micro-batches (9-32 tokens, and the tails of larger ones) on the tiled
 // template's 16-token instance; KESTREL_CL_MID_KERNEL=mid keeps them on matmul_mid. Every shape
 // and token count on matmul_mid, for the repacked types and a generic one.
