@@ -244,19 +244,27 @@ TEST_P(GpuOpsMatmulOutliers, TiledWithoutPrefetch) {
   }
 }
 
+// An OpenCL kernel switch `var`=`value` (read when a backend is created), in a backend of its
+// own: every shape and token count for `types`, and the Q4_0 activation outliers.
+void check_opencl_switch(const std::string& backend, const char* var, const char* value,
+                         const std::string& label, std::initializer_list<DType> types) {
+  ScopedEnv env(var, value);
+  auto be = create_backend(backend, BackendOptions{});
+  ASSERT_TRUE(be.has_value()) << be.message();
+  for (DType type : types) {
+    check_shapes(**be, backend + " (" + label + ")", type);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  check_activation_outliers(**be, backend + " (" + label + ")", DType::Q4_0);
+}
+
 // KESTREL_CL_TILED_DOUBLE=1: the OpenCL tiled kernels with two tile buffers (a trial, off by
 // default): the reference's results for the repacked types, every shape and token count.
 TEST_P(GpuOpsMatmul, TiledDoubleBuffered) {
   GPU_TRACE_SEED();
   if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
-  ScopedEnv env("KESTREL_CL_TILED_DOUBLE", "1");
-  auto dbl = create_backend(GetParam(), BackendOptions{});
-  ASSERT_TRUE(dbl.has_value()) << dbl.message();
-  for (DType type : {DType::Q4_0, DType::Q8_0}) {
-    check_shapes(**dbl, GetParam() + " (double-buffered tiles)", type);
-    if (::testing::Test::HasFatalFailure()) return;
-  }
-  check_activation_outliers(**dbl, GetParam() + " (double-buffered tiles)", DType::Q4_0);
+  check_opencl_switch(GetParam(), "KESTREL_CL_TILED_DOUBLE", "1", "double-buffered tiles",
+                      {DType::Q4_0, DType::Q8_0});
 }
 
 // OpenCL runs mid-sized micro-batches (9-32 tokens, and the tails of larger ones) on the tiled
@@ -265,14 +273,8 @@ TEST_P(GpuOpsMatmul, TiledDoubleBuffered) {
 TEST_P(GpuOpsMatmul, MidBatchesOnMatmulMid) {
   GPU_TRACE_SEED();
   if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
-  ScopedEnv env("KESTREL_CL_MID_KERNEL", "mid");
-  auto mid = create_backend(GetParam(), BackendOptions{});
-  ASSERT_TRUE(mid.has_value()) << mid.message();
-  for (DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K}) {
-    check_shapes(**mid, GetParam() + " (matmul_mid)", type);
-    if (::testing::Test::HasFatalFailure()) return;
-  }
-  check_activation_outliers(**mid, GetParam() + " (matmul_mid)", DType::Q4_0);
+  check_opencl_switch(GetParam(), "KESTREL_CL_MID_KERNEL", "mid", "matmul_mid",
+                      {DType::Q4_0, DType::Q8_0, DType::Q4_K});
 }
 
 // ---- shape errors and the profiled path --------------------------------------------------------

@@ -44,6 +44,12 @@ std::string tiled_instance(const char* name, const TileShape& t) {
   return s;
 }
 
+// Local memory of a tiled instance's weight and activation tiles (32 columns of f32 each, two of
+// each with double buffering).
+cl_ulong tile_local_bytes(const TileShape& t) {
+  return (t.double_buffer ? 2 : 1) * sizeof(float) * 32 * static_cast<cl_ulong>(t.tm + t.tn);
+}
+
 // A tile shape from the environment variable `var` ("TM,TN,WX,WY": rows and tokens per
 // work-group, the work-group), for measuring other shapes than the defaults; unset: `t` as it
 // is. The shape must suit the template (float4 reads of runs of four rows and tokens per
@@ -55,17 +61,16 @@ Status tile_from_env(const char* var, const DeviceInfo& info, TileShape& t) {
   if (std::sscanf(v, "%d,%d,%d,%d", &s.tm, &s.tn, &s.wx, &s.wy) != 4)
     return error("%s=%s: expected TM,TN,WX,WY (for example 128,64,16,16)", var, v);
   const int step = s.vec4 ? 4 : 1;
-  const bool fits =
-      s.tm > 0 && s.tn > 0 && s.wx > 0 && s.wy > 0 && s.tm % 4 == 0 && s.tn % 4 == 0 &&
-      s.tm % (step * s.wx) == 0 && s.tn % (step * s.wy) == 0 && s.tm / s.wx <= 16 &&
-      s.tn / s.wy <= 16 && static_cast<size_t>(s.wx) * s.wy <= info.max_work_group &&
-      sizeof(float) * 32 * static_cast<cl_ulong>(s.tm + s.tn) + 1024 <= info.local_mem;
+  const bool fits = s.tm > 0 && s.tn > 0 && s.wx > 0 && s.wy > 0 && s.tm % 4 == 0 &&
+                    s.tn % 4 == 0 && s.tm % (step * s.wx) == 0 && s.tn % (step * s.wy) == 0 &&
+                    s.tm / s.wx <= 16 && s.tn / s.wy <= 16 &&
+                    static_cast<size_t>(s.wx) * s.wy <= info.max_work_group &&
+                    tile_local_bytes(s) + 1024 <= info.local_mem;
   if (!fits)
     return error(
         "%s=%s: not a usable tile here (TM a multiple of 4 and of %d * WX, TN of 4 and %d * WY, "
-        "at most 16 rows "
-        "and tokens per work-item, WX * WY <= %zu work-items, 128 * (TM + TN) bytes of local "
-        "memory <= %llu)",
+        "at most 16 rows and tokens per work-item, WX * WY <= %zu work-items, 128 * (TM + TN) "
+        "bytes of local memory <= %llu)",
         var, v, step, step, info.max_work_group,
         static_cast<unsigned long long>(info.local_mem) - 1024);
   t = s;
@@ -230,14 +235,13 @@ Status OpenclBackend::build_kernels() {
   // barriers and the staging between them. Not yet measured on a GPU (bench/NOTES.md).
   if (const char* v = std::getenv("KESTREL_CL_TILED_DOUBLE"); v && std::string(v) == "1") {
     for (TileShape* t : {&tile_, &mid_tile_}) {
-      const cl_ulong bytes = 2 * sizeof(float) * 32 * static_cast<cl_ulong>(t->tm + t->tn);
-      if (bytes > info_.local_mem)
-        return error(
-            "KESTREL_CL_TILED_DOUBLE=1: a %dx%d tile needs %llu bytes of local memory twice, the "
-            "device has %llu (pick a smaller KESTREL_CL_TILE / KESTREL_CL_MID_TILE)",
-            t->tm, t->tn, static_cast<unsigned long long>(bytes),
-            static_cast<unsigned long long>(info_.local_mem));
       t->double_buffer = t->prefetch;
+      if (tile_local_bytes(*t) > info_.local_mem)
+        return error(
+            "KESTREL_CL_TILED_DOUBLE=1: two %dx%d tiles need %llu bytes of local memory, the "
+            "device has %llu (pick a smaller KESTREL_CL_TILE / KESTREL_CL_MID_TILE)",
+            t->tm, t->tn, static_cast<unsigned long long>(tile_local_bytes(*t)),
+            static_cast<unsigned long long>(info_.local_mem));
     }
   }
   std::string options = "-cl-std=CL1.2";
