@@ -16,8 +16,7 @@
 # Environment: OCL_GPU_WORK (models; default /tmp/kestrel-ocl-gpu), OCL_GPU_BUILD (build-ocl-gpu),
 # NVIDIA_OPENCL_LIB (libnvidia-opencl.so.1 when not found by itself), OCL_SWEEP_PP and
 # OCL_SWEEP_SEED (settings to measure beside the defaults, ';'-separated, each a space-separated
-# list of VAR=VALUE: pp512, resp. the seed's case, once per setting, in rows "| sweep ..."; unset:
-# KESTREL_CL_TILED_DOUBLE=1, empty: none),
+# list of VAR=VALUE: pp512, resp. the seed's case, once per setting, in rows "| sweep ..."),
 # OCL_SAVE_BINARY=1 (the program cache's file to $OUT: on NVIDIA's driver it holds the PTX). Output goes to stdout and,
 # when $OUT is set, $OUT/opencl-gpu.log.
 set -uo pipefail
@@ -134,9 +133,8 @@ if ((BENCH)); then
       env $setting timeout 120 $b -r 2 "$@" 2>&1 | sed "/^| llama/s/^| /| sweep [$setting] /" || true
     done
   }
-  # By default the trial that is not yet measured: two tile buffers a work-group.
-  sweep "${OCL_SWEEP_PP-KESTREL_CL_TILED_DOUBLE=1}" -p 512 -n 0
-  sweep "${OCL_SWEEP_SEED-KESTREL_CL_TILED_DOUBLE=1}" "${seed[@]}"
+  sweep "${OCL_SWEEP_PP:-}" -p 512 -n 0
+  sweep "${OCL_SWEEP_SEED:-}" "${seed[@]}"
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true
     timeout 200 $b -r 1 "${seed[@]}" --profile || true

@@ -258,15 +258,6 @@ void check_opencl_switch(const std::string& backend, const char* var, const char
   check_activation_outliers(**be, backend + " (" + label + ")", DType::Q4_0);
 }
 
-// KESTREL_CL_TILED_DOUBLE=1: the OpenCL tiled kernels with two tile buffers (a trial, off by
-// default): the reference's results for the repacked types, every shape and token count.
-TEST_P(GpuOpsMatmul, TiledDoubleBuffered) {
-  GPU_TRACE_SEED();
-  if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
-  check_opencl_switch(GetParam(), "KESTREL_CL_TILED_DOUBLE", "1", "double-buffered tiles",
-                      {DType::Q4_0, DType::Q8_0});
-}
-
 // OpenCL runs mid-sized micro-batches (9-32 tokens, and the tails of larger ones) on the tiled
 // template's 16-token instance; KESTREL_CL_MID_KERNEL=mid keeps them on matmul_mid. Every shape
 // and token count on matmul_mid, for the repacked types and a generic one.

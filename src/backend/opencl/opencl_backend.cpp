@@ -38,16 +38,15 @@ const char* const kKernelNames[] = {
 std::string tiled_instance(const char* name, const TileShape& t) {
   std::string s = format(
       "#define MM_TM %d\n#define MM_TN %d\n#define MM_WX %d\n#define MM_WY %d\n"
-      "#define MM_VEC4 %d\n#define MM_PREFETCH %d\n#define MM_DOUBLE %d\n#define MM_KERNEL %s\n",
-      t.tm, t.tn, t.wx, t.wy, t.vec4 ? 1 : 0, t.prefetch ? 1 : 0, t.double_buffer ? 1 : 0, name);
+      "#define MM_VEC4 %d\n#define MM_PREFETCH %d\n#define MM_KERNEL %s\n",
+      t.tm, t.tn, t.wx, t.wy, t.vec4 ? 1 : 0, t.prefetch ? 1 : 0, name);
   s.append(sources::matmul_tiled);
   return s;
 }
 
-// Local memory of a tiled instance's weight and activation tiles (32 columns of f32 each, two of
-// each with double buffering).
+// Local memory of a tiled instance's weight and activation tiles (32 columns of f32 each).
 cl_ulong tile_local_bytes(const TileShape& t) {
-  return (t.double_buffer ? 2 : 1) * sizeof(float) * 32 * static_cast<cl_ulong>(t.tm + t.tn);
+  return sizeof(float) * 32 * static_cast<cl_ulong>(t.tm + t.tn);
 }
 
 // A tile shape from the environment variable `var` ("TM,TN,WX,WY": rows and tokens per
@@ -228,22 +227,6 @@ Status OpenclBackend::build_kernels() {
   if (mid_tile_.tn != 16)
     return error("KESTREL_CL_MID_TILE: the mid-sized tile must have TN = 16 tokens, not %d",
                  mid_tile_.tn);
-  // Two tile buffers a work-group (one barrier a step instead of two), to measure:
-  // KESTREL_CL_TILED_DOUBLE=1, both tiled kernels, with the step-ahead loads only. Written on
-  // 2026-12-04 after the SASS of matmul_tiled showed an inner loop of 128 FFMA to 12 LDS.128 and
-  // 6 other instructions per 4 columns, yet ~42% of the FP32 rate: the time goes to the two
-  // barriers and the staging between them. Not yet measured on a GPU (bench/NOTES.md).
-  if (const char* v = std::getenv("KESTREL_CL_TILED_DOUBLE"); v && std::string(v) == "1") {
-    for (TileShape* t : {&tile_, &mid_tile_}) {
-      t->double_buffer = t->prefetch;
-      if (tile_local_bytes(*t) > info_.local_mem)
-        return error(
-            "KESTREL_CL_TILED_DOUBLE=1: two %dx%d tiles need %llu bytes of local memory, the "
-            "device has %llu (pick a smaller KESTREL_CL_TILE / KESTREL_CL_MID_TILE)",
-            t->tm, t->tn, static_cast<unsigned long long>(tile_local_bytes(*t)),
-            static_cast<unsigned long long>(info_.local_mem));
-    }
-  }
   std::string options = "-cl-std=CL1.2";
   options +=
       wide_ ? " -DMV_ROWS=16 -DMV_SPLIT=16 -DRMS_WG=256" : " -DMV_ROWS=16 -DMV_SPLIT=4 -DRMS_WG=64";

@@ -52,7 +52,6 @@ struct TileShape {
   bool vec4;      // float4 reads of runs of four rows and tokens (KESTREL_CL_TILED_SCALAR=1: off)
   bool prefetch;  // Q4_0 / Q8_0: the next step's loads during this one's products
                   // (default; KESTREL_CL_TILED_PREFETCH=0: off)
-  bool double_buffer = false;  // two tile buffers, one barrier a step (KESTREL_CL_TILED_DOUBLE=1)
 };
 
 class OpenclBackend final : public Backend {

@@ -1,6 +1,6 @@
 // Tiled matmul for micro-batches of more than MV_MAX_T tokens, a template: the host includes
 // this file once per tile shape, with MM_TM (weight rows per work-group), MM_TN (tokens per
-// work-group), MM_WX x MM_WY (the work-group), MM_VEC4, MM_PREFETCH and MM_DOUBLE (0 or 1,
+// work-group), MM_WX x MM_WY (the work-group), MM_VEC4 (0 or 1, below), MM_PREFETCH (0 or 1,
 // below) and MM_KERNEL (the kernel's name) defined before it and undefined after. Per step of 32
 // input columns a work-group decodes its weight tile once into local memory, where all MM_TN
 // tokens reuse it, and each work-item accumulates MM_TM / MM_WX rows x MM_TN / MM_WY tokens in
@@ -77,13 +77,13 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
     global const uchar* qs, global const ushort* d, int type, long row_bytes, int n_in,
     int n_out, global const float* x, int t0, int n_tokens, global float* out,
     global const float* bias, int splits, global float* part, long part_stride) {
-  // The tiles are float4 arrays read as float4s (MM_VEC4) and written as floats. MM_DOUBLE: two
-  // of each, so that a step's tiles are written while the other step's are read (one barrier a
-  // step instead of two; twice the local memory).
-  local float4 w_tile4[MM_DOUBLE ? 2 : 1][32][MM_TM / 4];
-  local float4 x_tile4[MM_DOUBLE ? 2 : 1][32][MM_TN / 4];
-  local float(*w_tile)[MM_TM] = (local float(*)[MM_TM])w_tile4[0];
-  local float(*x_tile)[MM_TN] = (local float(*)[MM_TN])x_tile4[0];
+  // The tiles are float4 arrays read as float4s (MM_VEC4) and written as floats through w_tile /
+  // x_tile: NVIDIA's compiler split float4 reads through a cast float pointer into four scalar
+  // loads, which made the products local-memory bound (12 loads per 32 multiply-adds).
+  local float4 w_tile4[32][MM_TM / 4];
+  local float4 x_tile4[32][MM_TN / 4];
+  local float(*w_tile)[MM_TM] = (local float(*)[MM_TM])w_tile4;
+  local float(*x_tile)[MM_TN] = (local float(*)[MM_TN])x_tile4;
   const int lx = get_local_id(0), ly = get_local_id(1);
   const int lid = ly * MM_WX + lx;
   const int row0 = get_group_id(0) * MM_TM;
@@ -122,38 +122,21 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
       xraw[k] = u < MM_TN * 4 && t < tok_end ? v : (float8)(0.0f);                        \
     }                                                                                     \
   } while (0)
-  // Writes the loaded units (wraw / xraw) into tile buffer `buf`.
-#define MM_STAGE_RAW(buf)                                                            \
-  do {                                                                               \
-    local float(*wt_)[MM_TM] = (local float(*)[MM_TM])w_tile4[buf];                  \
-    local float(*xt_)[MM_TN] = (local float(*)[MM_TN])x_tile4[buf];                  \
-    for (int k = 0; k < MM_WUNITS; ++k) {                                            \
-      const int u = lid + k * MM_WG;                                                 \
-      if (u < MM_TM * 4) {                                                           \
-        const float8 w = decode_raw8(type, wraw[k], u & 3);                          \
-        MM_STORE8(wt_, u & 3, u >> 2, w);                                            \
-      }                                                                              \
-    }                                                                                \
-    for (int k = 0; k < MM_XUNITS; ++k) {                                            \
-      const int u = lid + k * MM_WG;                                                 \
-      if (u < MM_TN * 4) MM_STORE8(xt_, u & 3, u >> 2, xraw[k]);                     \
-    }                                                                                \
-  } while (0)
-  // Double buffering needs the raw path (its loads land in registers a step ahead).
-  const bool dbl = MM_DOUBLE && raw;
-  int cur = 0;  // the tile buffer the products read
   if (raw && b_begin < b_end) MM_LOAD_STEP(b_begin);
-  if (dbl && b_begin < b_end) {
-    MM_STAGE_RAW(0);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    if (b_begin + 1 < b_end) MM_LOAD_STEP(b_begin + 1);
-  }
 
   for (int b = b_begin; b < b_end; ++b) {
-    if (dbl) {
-      // staged by the previous step (or before the loop)
-    } else if (raw) {
-      MM_STAGE_RAW(0);
+    if (raw) {
+      for (int k = 0; k < MM_WUNITS; ++k) {
+        const int u = lid + k * MM_WG;
+        if (u < MM_TM * 4) {
+          const float8 w = decode_raw8(type, wraw[k], u & 3);
+          MM_STORE8(w_tile, u & 3, u >> 2, w);
+        }
+      }
+      for (int k = 0; k < MM_XUNITS; ++k) {
+        const int u = lid + k * MM_WG;
+        if (u < MM_TN * 4) MM_STORE8(x_tile, u & 3, u >> 2, xraw[k]);
+      }
     } else {
       // Weight tile: MM_TM rows x 4 parts of 8 elements.
       for (int u = lid; u < MM_TM * 4; u += MM_WG) {
@@ -170,10 +153,8 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
         MM_STORE8(x_tile, part, tt, v);
       }
     }
-    if (!dbl) {
-      barrier(CLK_LOCAL_MEM_FENCE);
-      if (raw && b + 1 < b_end) MM_LOAD_STEP(b + 1);  // in flight during the products below
-    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (raw && b + 1 < b_end) MM_LOAD_STEP(b + 1);  // in flight during the products below
     // The block's 32 products in fresh sums, added to acc once: one chain of n_in additions
     // erred ~3x more than the other kernels (and flipped q4_0 K/V codes in the e2e test).
     float blk[MM_RM][MM_RN];
@@ -184,28 +165,23 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
       float wr[MM_RM], xr[MM_RN];
 #if MM_VEC4
       for (int i = 0; i < MM_RM; i += 4) {
-        const float4 v = w_tile4[cur][k][MM_ROW(i) / 4];
+        const float4 v = w_tile4[k][MM_ROW(i) / 4];
         wr[i] = v.x, wr[i + 1] = v.y, wr[i + 2] = v.z, wr[i + 3] = v.w;
       }
       for (int j = 0; j < MM_RN; j += 4) {
-        const float4 v = x_tile4[cur][k][MM_TOK(j) / 4];
+        const float4 v = x_tile4[k][MM_TOK(j) / 4];
         xr[j] = v.x, xr[j + 1] = v.y, xr[j + 2] = v.z, xr[j + 3] = v.w;
       }
 #else
-      for (int i = 0; i < MM_RM; ++i) wr[i] = ((local float*)w_tile4[cur][k])[MM_ROW(i)];
-      for (int j = 0; j < MM_RN; ++j) xr[j] = ((local float*)x_tile4[cur][k])[MM_TOK(j)];
+      for (int i = 0; i < MM_RM; ++i) wr[i] = w_tile[k][MM_ROW(i)];
+      for (int j = 0; j < MM_RN; ++j) xr[j] = x_tile[k][MM_TOK(j)];
 #endif
       for (int i = 0; i < MM_RM; ++i)
         for (int j = 0; j < MM_RN; ++j) blk[i][j] += wr[i] * xr[j];
     }
     for (int i = 0; i < MM_RM; ++i)
       for (int j = 0; j < MM_RN; ++j) acc[i][j] += blk[i][j];
-    if (dbl && b + 1 < b_end) {  // the next step into the other buffer, the one after in flight
-      MM_STAGE_RAW(cur ^ 1);
-      if (b + 2 < b_end) MM_LOAD_STEP(b + 2);
-    }
     barrier(CLK_LOCAL_MEM_FENCE);
-    if (dbl) cur ^= 1;
   }
   for (int j = 0; j < MM_RN; ++j) {
     const int t = tok0 + MM_TOK(j);
@@ -221,8 +197,6 @@ kernel __attribute__((reqd_work_group_size(MM_WX, MM_WY, 1))) void MM_KERNEL(
 }
 
 #undef MM_LOAD_STEP
-#undef MM_STAGE_RAW
-#undef MM_DOUBLE
 #undef MM_RM
 #undef MM_RN
 #undef MM_WG
