@@ -155,6 +155,14 @@ std::string render_markdown(const PromptReport& r) {
   return o.str();
 }
 
+nlohmann::json memory_use_json(const backend::Backend::MemoryUse& m) {
+  if (!m.known) return nullptr;
+  return {{"weights_bytes", m.weights},
+          {"kv_cache_bytes", m.kv_cache},
+          {"scratch_bytes", m.scratch},
+          {"scratch_peak_bytes", m.scratch_peak}};
+}
+
 nlohmann::json to_json(const PromptReport& r) {
   using nlohmann::json;
   json chunks = json::array();
@@ -182,11 +190,7 @@ nlohmann::json to_json(const PromptReport& r) {
             {"load_ms", r.load_ms},
             {"backend_setup_ms", r.backend_setup_ms},
             {"backend_setup", r.backend_setup_note},
-            {"device_memory", r.memory.known ? json{{"weights_bytes", r.memory.weights},
-                                                    {"kv_cache_bytes", r.memory.kv_cache},
-                                                    {"scratch_bytes", r.memory.scratch},
-                                                    {"scratch_peak_bytes", r.memory.scratch_peak}}
-                                             : json(nullptr)},
+            {"device_memory", memory_use_json(r.memory)},
             {"warmup_ms", r.warmup_ms},
             {"warmup", r.warmup_note},
             {"model", {{"path", r.model_path}, {"name", r.model_name}, {"arch", r.arch}}},

@@ -55,5 +55,7 @@ struct PromptReport {
 std::string chunk_note(const PromptReport& r, size_t i);
 std::string render_markdown(const PromptReport& r);
 nlohmann::json to_json(const PromptReport& r);
+// A backend's device memory by purpose as JSON (bytes); null when it is not counted.
+nlohmann::json memory_use_json(const backend::Backend::MemoryUse& m);
 
 }  // namespace kestrel::runtime

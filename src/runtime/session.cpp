@@ -9,7 +9,7 @@ namespace kestrel::runtime {
 Expected<std::unique_ptr<Session>> Session::create(const model::Model& model,
                                                    const SessionParams& params) {
   if (params.n_batch <= 0 || params.n_ubatch < 0)
-    return error("batch sizes must be positive (got -b %d -ub %d)", params.n_batch,
+    return error("-b must be positive and -ub positive or 0 (got -b %d -ub %d)", params.n_batch,
                  params.n_ubatch);
   std::unique_ptr<Session> s(new Session(model, params));
   KESTREL_ASSIGN_OR_RETURN(s->cache_,

@@ -244,28 +244,20 @@ TEST_P(GpuOpsMatmulOutliers, TiledWithoutPrefetch) {
   }
 }
 
-// An OpenCL kernel switch `var`=`value` (read when a backend is created), in a backend of its
-// own: every shape and token count for `types`, and the Q4_0 activation outliers.
-void check_opencl_switch(const std::string& backend, const char* var, const char* value,
-                         const std::string& label, std::initializer_list<DType> types) {
-  ScopedEnv env(var, value);
-  auto be = create_backend(backend, BackendOptions{});
-  ASSERT_TRUE(be.has_value()) << be.message();
-  for (DType type : types) {
-    check_shapes(**be, backend + " (" + label + ")", type);
-    if (::testing::Test::HasFatalFailure()) return;
-  }
-  check_activation_outliers(**be, backend + " (" + label + ")", DType::Q4_0);
-}
-
 // OpenCL runs mid-sized micro-batches (9-32 tokens, and the tails of larger ones) on the tiled
 // template's 16-token instance; KESTREL_CL_MID_KERNEL=mid keeps them on matmul_mid. Every shape
 // and token count on matmul_mid, for the repacked types and a generic one.
 TEST_P(GpuOpsMatmul, MidBatchesOnMatmulMid) {
   GPU_TRACE_SEED();
   if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
-  check_opencl_switch(GetParam(), "KESTREL_CL_MID_KERNEL", "mid", "matmul_mid",
-                      {DType::Q4_0, DType::Q8_0, DType::Q4_K});
+  ScopedEnv env("KESTREL_CL_MID_KERNEL", "mid");
+  auto mid = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(mid.has_value()) << mid.message();
+  for (DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K}) {
+    check_shapes(**mid, GetParam() + " (matmul_mid)", type);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  check_activation_outliers(**mid, GetParam() + " (matmul_mid)", DType::Q4_0);
 }
 
 // ---- shape errors and the profiled path --------------------------------------------------------

@@ -18,6 +18,7 @@
 #include "model/model.h"
 #include "runtime/history.h"
 #include "runtime/profiler.h"
+#include "runtime/report.h"
 #include "runtime/session.h"
 #include "runtime/settings.h"
 
@@ -352,11 +353,7 @@ Status measure(const BenchOptions& o, const Combo& c, const Test& t, LoadedModel
     r->samples_ns.push_back(ns);
     wall_ms += static_cast<double>(ns) / 1e6;
   }
-  if (const backend::Backend::MemoryUse m = lm.model->primary_backend()->memory_use(); m.known)
-    r->device_memory = {{"weights_bytes", m.weights},
-                        {"kv_cache_bytes", m.kv_cache},
-                        {"scratch_bytes", m.scratch},
-                        {"scratch_peak_bytes", m.scratch_peak}};
+  r->device_memory = runtime::memory_use_json(lm.model->primary_backend()->memory_use());
   if (o.profile) {
     session->set_profiler(nullptr);
     r->profile = runtime::profile_to_json(profile, wall_ms);

@@ -22,6 +22,12 @@ double gib(double bytes) {
   return bytes / 1073741824.0;
 }
 
+// Whether environment variable `name` is set to exactly `value` (the kernel switches).
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
+}
+
 }  // namespace
 
 Status probe() {
@@ -86,33 +92,20 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     return error("cuBLAS could not be initialized on %s", prop.name);
   cublasSetStream(be->cublas_, be->stream_);
   be->scratch_.assign(kSlots, {nullptr, 0});
-  const char* no_mma = std::getenv("KESTREL_CUDA_NO_MMA");
-  be->mma_disabled_ = no_mma && std::string(no_mma) == "1";
-  const char* no_int8 = std::getenv("KESTREL_CUDA_NO_INT8");
-  be->int8_disabled_ = no_int8 && std::string(no_int8) == "1";
-  const char* no_frag = std::getenv("KESTREL_CUDA_NO_FRAG");
-  be->frag_disabled_ = no_frag && std::string(no_frag) == "1";
-  const char* no_fused = std::getenv("KESTREL_CUDA_NO_FUSED_INPUTS");
-  be->fuse_inputs_ = !(no_fused && std::string(no_fused) == "1");
-  const char* no_fused_add = std::getenv("KESTREL_CUDA_NO_FUSED_ADD");
-  be->fuse_add_ = !(no_fused_add && std::string(no_fused_add) == "1");
-  const char* no_rope_qk = std::getenv("KESTREL_CUDA_NO_ROPE_QK");
-  be->rope_qk_one_launch_ = !(no_rope_qk && std::string(no_rope_qk) == "1");
-  const char* no_fused_rope_kv = std::getenv("KESTREL_CUDA_NO_FUSED_ROPE_KV");
-  be->fused_rope_kv_ = !(no_fused_rope_kv && std::string(no_fused_rope_kv) == "1");
-  const char* no_swiglu4 = std::getenv("KESTREL_CUDA_NO_SWIGLU4");
-  be->swiglu4_ = !(no_swiglu4 && std::string(no_swiglu4) == "1");
-  const char* no_rows_rope_kv = std::getenv("KESTREL_CUDA_NO_ROWS_ROPE_KV");
-  be->rows_rope_kv_ = !(no_rows_rope_kv && std::string(no_rows_rope_kv) == "1");
-  const char* no_group = std::getenv("KESTREL_CUDA_NO_GROUP");
-  be->group_matmuls_ = !(no_group && std::string(no_group) == "1");
-  const char* flash = std::getenv("KESTREL_CUDA_FLASH");
-  if (flash && (std::string(flash) == "0" || std::string(flash) == "1"))
-    be->flash_attention_ = std::atoi(flash);
-  const char* flash_mma = std::getenv("KESTREL_CUDA_FLASH_MMA");
-  be->mma_attention_ = !(flash_mma && std::string(flash_mma) == "0");
-  const char* no_graphs = std::getenv("KESTREL_CUDA_NO_GRAPHS");
-  be->graphs_disabled_ = no_graphs && std::string(no_graphs) == "1";
+  be->mma_disabled_ = env_is("KESTREL_CUDA_NO_MMA", "1");
+  be->int8_disabled_ = env_is("KESTREL_CUDA_NO_INT8", "1");
+  be->frag_disabled_ = env_is("KESTREL_CUDA_NO_FRAG", "1");
+  be->fuse_inputs_ = !env_is("KESTREL_CUDA_NO_FUSED_INPUTS", "1");
+  be->fuse_add_ = !env_is("KESTREL_CUDA_NO_FUSED_ADD", "1");
+  be->rope_qk_one_launch_ = !env_is("KESTREL_CUDA_NO_ROPE_QK", "1");
+  be->fused_rope_kv_ = !env_is("KESTREL_CUDA_NO_FUSED_ROPE_KV", "1");
+  be->swiglu4_ = !env_is("KESTREL_CUDA_NO_SWIGLU4", "1");
+  be->rows_rope_kv_ = !env_is("KESTREL_CUDA_NO_ROWS_ROPE_KV", "1");
+  be->group_matmuls_ = !env_is("KESTREL_CUDA_NO_GROUP", "1");
+  if (env_is("KESTREL_CUDA_FLASH", "0") || env_is("KESTREL_CUDA_FLASH", "1"))
+    be->flash_attention_ = env_is("KESTREL_CUDA_FLASH", "1") ? 1 : 0;
+  be->mma_attention_ = !env_is("KESTREL_CUDA_FLASH_MMA", "0");
+  be->graphs_disabled_ = env_is("KESTREL_CUDA_NO_GRAPHS", "1");
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
     be->rows_max_tokens_ = std::clamp(std::atoi(rows), 0, 16);
   CUDA_TRY(cudaMallocHost(&be->ring_host_, kRingInts * sizeof(int32_t)), "pinned host buffer");

@@ -59,10 +59,10 @@ __global__ void rope_kv_store_kernel(float* q, int n_head, float* k, const float
 // sine and cosine computed once per block into shared memory. The kernel above, at 512 tokens
 // and 96 heads (llama2-7b), ran 49,152 blocks of 128 threads that each formed their angle in
 // double: 46 us a layer (--profile, H200) for ~40 MB of traffic (~10 us at full bandwidth).
-// Head sizes 64 and 128 (a multiple of 64: a warp's 32 pairs then lie in one head and cover
-// whole quant blocks of the K row (NeoX: elements i and i + D/2 of 32 pairs are two blocks; the
+// Head sizes 64 and 128: a multiple of 64, so that a warp's 32 pairs lie in one head and cover
+// whole quant blocks of the K row. NeoX: elements i and i + D/2 of 32 pairs are two blocks; the
 // normal layout's pairs (2i, 2i + 1) of 32 pairs are two blocks, regrouped by shuffles so that
-// lane j holds element j as store_kv_block wants).
+// lane j holds element j as store_kv_block wants.
 constexpr int kRowsThreads = 256;
 template <DType CT, int D, bool kNeox>
 __global__ void __launch_bounds__(kRowsThreads)
