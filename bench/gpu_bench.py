@@ -97,6 +97,10 @@ VARIANTS = [
     # kernel of rope_kv_store.cu), and SwiGLU one value a thread.
     ("KESTREL_CUDA_NO_ROWS_ROPE_KV=1", "llama2-7b pp512"),
     ("KESTREL_CUDA_NO_SWIGLU4=1", "llama2-7b pp512"),
+    # Q4_0 prompt chunks on the opt-in wgmma kernel that decodes the weights itself
+    # (matmul_wgmma.cu) instead of cuBLAS on dequantized f16 copies.
+    ("KESTREL_CUDA_WGMMA=1", "llama2-7b pp512"),
+    ("KESTREL_CUDA_WGMMA=1", "llama3-8b pp512"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
 ]

@@ -65,8 +65,14 @@ struct MatmulInputOut {
 
 // The kernels a matmul runs on (CudaBackend::matmul_path): weights decoded into tensor-core
 // fragments, dp4a on int8 activations, fused small-batch kernels, the shared-memory tile kernel,
-// or f16 weight tiles through cuBLAS.
-enum class MatmulPath { kFrag, kInt8, kSmall, kMma, kGemm };
+// Q4_0 decoded in registers for Hopper's warpgroup products, or f16 weight tiles through cuBLAS.
+enum class MatmulPath { kFrag, kInt8, kSmall, kMma, kWgmma, kGemm };
+
+// Tensor maps of the wgmma matmul (matmul_wgmma.cu), owned by the backend.
+class WgmmaMapCache;
+struct WgmmaMapCacheDeleter {
+  void operator()(WgmmaMapCache* c) const;
+};
 
 // A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
@@ -211,6 +217,10 @@ class CudaBackend final : public Backend {
   bool rows_rope_kv_ = true;   // KESTREL_CUDA_NO_ROWS_ROPE_KV=1: prompt chunks' fused RoPE + KV
                                // store on the block-per-head kernel too
   bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
+  // Q4_0 prompt chunks on matmul_wgmma.cu (an sm_90a build on a 9.0 device) when
+  // KESTREL_CUDA_WGMMA=1; off by default: it measured no faster than the GEMM path yet.
+  bool wgmma_ = false;
+  std::unique_ptr<WgmmaMapCache, WgmmaMapCacheDeleter> wgmma_maps_;
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
@@ -289,6 +299,15 @@ bool mma_supports(quant::DType type, int64_t n_in, int n_tokens);
 int mma_splits(const CudaWeight& w);
 Status launch_matmul_mma(const CudaWeight& w, const __half* x16, int n_tokens, float* out,
                          const float* bias, float* partial, cudaStream_t s);
+// matmul_wgmma.cu: Q4_0 weights decoded in registers for wgmma (sm_90a). Available when the
+// device is sm_90, the build holds sm_90a code (a probe kernel says which) and the driver gives
+// the tensor-map encoder; it then also raises the kernel's shared-memory limit. The launch takes
+// its tensor maps from the backend's cache.
+Expected<bool> wgmma_available(int device);
+WgmmaMapCache* new_wgmma_map_cache();
+bool wgmma_supports(quant::DType type, int64_t n_in, int n_tokens);
+Status launch_matmul_wgmma(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16,
+                           int n_tokens, float* out, const float* bias, cudaStream_t s);
 // matvec_int8.cu: activations quantized into two int8 planes per 32-element block,
 // x ~= unit * (128 * q1 + q2), for the dp4a kernels of small batches of Q4_0 / Q8_0 weights.
 struct QuantizedActs {

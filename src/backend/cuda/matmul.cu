@@ -356,7 +356,7 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
   // hi + lo parts written over kX16 for F16 weights, f32 itself for F32), and whether the
   // scratch already holds it.
   const bool reads_x16 =
-      path == MatmulPath::kFrag || path == MatmulPath::kMma ||
+      path == MatmulPath::kFrag || path == MatmulPath::kMma || path == MatmulPath::kWgmma ||
       (path == MatmulPath::kGemm && w.type != DType::F32 && w.type != DType::F16);
   const bool int8_held = acts_.holds(xp, n_tokens, w.n_in);
   const bool x16_held = x16_.holds(xp, n_tokens, w.n_in);
@@ -387,6 +387,10 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
       }
       return launch_matmul_mma(w, x16, n_tokens, op, b, partial, stream_);
     }
+    case MatmulPath::kWgmma: {
+      KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
+      return launch_matmul_wgmma(*wgmma_maps_, w, x16, n_tokens, op, b, stream_);
+    }
     case MatmulPath::kGemm:
       break;
   }
@@ -398,6 +402,7 @@ MatmulPath CudaBackend::matmul_path(DType type, int64_t n_in, int n_tokens) cons
   if (int8_matvec_supports(type, n_in, n_tokens) && !int8_disabled_) return MatmulPath::kInt8;
   if (n_tokens <= kSmallBatch) return MatmulPath::kSmall;
   if (mma_supports(type, n_in, n_tokens) && !mma_disabled_) return MatmulPath::kMma;
+  if (wgmma_ && wgmma_supports(type, n_in, n_tokens)) return MatmulPath::kWgmma;
   return MatmulPath::kGemm;
 }
 
@@ -413,6 +418,7 @@ Expected<MatmulInputOut> CudaBackend::fused_matmul_input(const float* out, int n
     }
     case MatmulPath::kFrag:
     case MatmulPath::kMma:
+    case MatmulPath::kWgmma:
     case MatmulPath::kGemm: {
       KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kX16, sizeof(__half) * n_tokens * k));
       m.x16 = static_cast<__half*>(buf);
