@@ -4,29 +4,30 @@
 // llama2-7b pass: 4.6 ms of a 16.6 ms pp512 pass, bench/NOTES.md); here each thread decodes its
 // share of a weight tile in registers right before the tensor cores take it.
 //
-// A block computes 128 weight rows x 128 tokens: two consumer warpgroups of 64 rows each (wgmma
-// m64n128k16 with the A operand in registers, f32 accumulators: 64 registers a thread) and one
-// producer warp. For each 64-wide step of K the producer has the copy engine (TMA) bring one of
-// kStages shared-memory stages: the f16 activations of the block's tokens in the 128-byte swizzled
-// layout wgmma reads through a matrix descriptor, the rows' Q4_0 codes (32 bytes a row) and their
-// scales; a full/empty pair of mbarriers per stage hands it over. Each consumer thread decodes its
-// fragment of the weight (rows g and g + 8 of its warp's 16) to the same f16 values as the GEMM
-// path's dequantization, round((q - 8) * d), and its warpgroup issues four wgmmas, one per 16 of
-// K; a step's wgmmas run while the next step is decoded into the other of two register sets.
+// A block computes 64 weight rows x BN tokens (BN = 128 or 256, whichever pads T less; 256 when
+// equal: twice the product per decoded weight): one consumer warpgroup (wgmma m64nBNk16 with the
+// A operand in registers, f32 accumulators: BN / 2 registers a thread) and one producer warp,
+// two blocks an SM. For each 64-wide step of K the producer has the copy engine (TMA) bring one
+// of the shared-memory stages: the f16 activations of the block's tokens in the 128-byte
+// swizzled layout wgmma reads through a matrix descriptor, the rows' Q4_0 codes (32 bytes a row)
+// and their scales; a full/empty pair of mbarriers per stage hands it over. Each consumer thread
+// decodes its fragment of the weight (rows g and g + 8 of its warp's 16) to the same f16 values
+// as the GEMM path's dequantization, round((q - 8) * d), and the warpgroup issues four wgmmas,
+// one per 16 of K; a step's wgmmas run while the next step is decoded into the other of two
+// register sets.
 //
-// Opt-in (KESTREL_CUDA_WGMMA=1) until it beats the GEMM path; measured on the H200 (bench/NOTES.md,
-// ninth session): ~430-500 TFLOP/s at 512 tokens including the decoding, against cuBLAS's
-// 570-630 on f16 tiles plus the tiles' dequantization, so the passes come out even (llama2-7b
-// pp512 31,446 against 31,280) or slower (llama3-8b pp512 26,832 against 30,109). ncu: tensor
-// pipe 52% busy, 2.2 warps and 0.56 eligible a scheduler; the consumers' ~180 instructions a warp
-// a step (decoding 64 x 64 weights for a 64 x 128 x 64 product) are the limit, so the next step
-// is a 64 x 256 tile per warpgroup (twice the product per decoded weight). The first version
+// Opt-in (KESTREL_CUDA_WGMMA=1) until it beats the GEMM path. Measured on the H200 (bench/NOTES.md,
+// ninth session), the version with two warpgroups of 64 rows x 128 tokens a block: ~430-500
+// TFLOP/s at 512 tokens including the decoding, against cuBLAS's 570-630 on f16 tiles plus the
+// tiles' dequantization, so whole passes came out even (llama2-7b pp512 31,446 against 31,280) or
+// slower (llama3-8b pp512 26,832 against 30,109); ncu: tensor pipe 52% busy, the consumers'
+// ~180 instructions a warp a step the limit -- hence the 256-token tiles. The first version
 // (cp.async by every thread, a block barrier a step) ran ~234 instructions a warp a step at 6
-// cycles each. One full GPU op-test run failed four Q4_0 matmul tests with this kernel (errors
-// of 5-20%, shapes with n_in = 1024 and the 4096 one) that passed twice in a process of their
-// own: find that before making it the default.
-#include <cudaTypedefs.h>
-
+// cycles each. One full GPU op-test run failed four Q4_0 matmul tests with that version (errors
+// of 5-20%, n_in = 1024 shapes and the 4096 one) that passed twice in a process of their own:
+// find that before making it the default.
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -34,6 +35,7 @@
 
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/frag_common.cuh"
+#include "backend/cuda/wgmma_ops.cuh"
 
 namespace kestrel::backend::cuda {
 
@@ -41,20 +43,24 @@ using quant::DType;
 
 namespace {
 
-constexpr int kBM = 128;  // weight rows a block: two warpgroups of 64
-constexpr int kBN = 128;  // tokens a block (the wgmma's N)
-constexpr int kBK = 64;   // K a step: two Q4_0 blocks a row, one 128-byte swizzle row of f16
-constexpr int kStages = 6;
-constexpr int kConsumers = 256;            // two warpgroups
+constexpr int kBM = 64;          // weight rows a block: one warpgroup
+constexpr int kBK = 64;          // K a step: two Q4_0 blocks a row, one 128-byte swizzle row of f16
+constexpr int kConsumers = 128;  // one warpgroup
 constexpr int kThreads = kConsumers + 32;  // and the producer warp
-constexpr int kActBytes = kBN * kBK * 2;   // a stage's activations (16 KB)
-constexpr int kCodeBytes = kBM * kBK / 2;  // its codes (4 KB)
+constexpr int kCodeBytes = kBM * kBK / 2;  // a stage's codes (2 KB)
 constexpr int kScaleCols = 8;              // scales a row a copy (16 bytes: TMA's least box)
-constexpr int kScaleBytes = kBM * kScaleCols * 2;  // its scales (2 KB; the first two a row used)
-constexpr int kStageBytes = kActBytes + kCodeBytes + kScaleBytes;           // a multiple of 1024
-constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers, align
+constexpr int kScaleBytes = kBM * kScaleCols * 2;  // a stage's scales (1 KB; two a row used)
 
-static_assert(kStageBytes % 1024 == 0, "stages keep the activations 1024-aligned (swizzle)");
+// Per tile width: stages that let two blocks share an SM's 227 KB.
+template <int BN>
+struct Tile {
+  static constexpr int kActBytes = BN * kBK * 2;  // a stage's activations
+  static constexpr int kStageBytes = kActBytes + kCodeBytes + kScaleBytes;
+  static constexpr int kStages = BN == 256 ? 3 : 5;
+  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + align
+  static_assert(kStageBytes % 1024 == 0, "stages keep the activations 1024-aligned (swizzle)");
+  static_assert(2 * (kSmemBytes + 1024) <= 232448, "two blocks an SM");
+};
 
 struct WgmmaArgs {
   int64_t n_out;
@@ -67,131 +73,14 @@ struct WgmmaArgs {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void barrier_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void barrier_expect(uint32_t bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-
-// Waits for the completion of the barrier's phase with this parity.
-__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@p bra DONE;\n"
-      "bra WAIT;\n"
-      "DONE:\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
-// The box of `map` at (c0, c1) (c0 along the contiguous dimension) into shared memory at dst,
-// completing on `bar`.
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, int c0, int c1,
-                                         uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
-      "{%2, %3}], [%4];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(&map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-
-// A matrix descriptor for wgmma's B operand: 8-row groups of 128-byte rows, 1024 bytes apart,
-// 128-byte swizzle (bits 62-63 = 1); the leading-dimension offset is unused for K-major tiles
-// one swizzle row wide.
-__device__ __forceinline__ uint64_t act_descriptor(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// Keeps the compiler from moving reads of accumulators across a wgmma wait.
-__device__ __forceinline__ void fence_operand(float& r) {
-  asm volatile("" : "+f"(r)::"memory");
-}
-
-// d[64] += A (64 x 64, registers: four 16-wide slices) . B (64 x 128, shared memory: four
-// descriptors), as four wgmmas in one asm block so that nothing but wgmmas sits between them
-// (ptxas serializes wgmmas whose inputs other instructions define inside the group).
-__device__ __forceinline__ void wgmma_m64n128k64(float* d, const uint32_t (&a)[16],
-                                                 const uint64_t (&desc)[4]) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %80, p, 1, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%68, %69, %70, %71}, %81, p, 1, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%72, %73, %74, %75}, %82, p, 1, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%76, %77, %78, %79}, %83, p, 1, 1, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
-        "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(a[4]), "r"(a[5]), "r"(a[6]), "r"(a[7]),
-        "r"(a[8]), "r"(a[9]), "r"(a[10]), "r"(a[11]), "r"(a[12]), "r"(a[13]), "r"(a[14]),
-        "r"(a[15]), "l"(desc[0]), "l"(desc[1]), "l"(desc[2]), "l"(desc[3])
-      : "memory");
-}
-
 // The thread's A fragments of a step: A[4 s + i] is register i of the m64k16 fragment of K
 // slice s (16 elements): i = 0 / 1 rows g / g + 8 at k = 2t, 2t + 1; i = 2 / 3 the same rows at
 // k = 2t + 8, 2t + 9. Slice s is half s % 2 of Q4_0 block s / 2: byte j of a block holds element
 // j (low nibble) and j + 16 (high nibble), so the thread's four bytes of a block serve two slices.
-__device__ __forceinline__ void decode_step(const uint8_t* stage, int ks, int row, int t,
-                                            uint32_t magic, uint32_t (&A)[16]) {
-  const uint8_t* codes = stage + kActBytes;
-  const uint8_t* scales = codes + kCodeBytes + 4 * (ks % 4);  // step ks's two of the row's eight
+// `codes` is the stage's [64][32] bytes; `scales` its [64][8] scales, step ks's at 2 (ks % 4).
+__device__ __forceinline__ void decode_step(const uint8_t* codes, const uint8_t* scales, int ks,
+                                            int row, int t, uint32_t magic, uint32_t (&A)[16]) {
+  scales += 4 * (ks % 4);
   const uint32_t sel = t % 2 ? 0x7632 : 0x5410;
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
@@ -216,84 +105,103 @@ __device__ __forceinline__ void decode_step(const uint8_t* stage, int ks, int ro
   }
 }
 
+template <int BN>
 __device__ __forceinline__ void mma_step(uint32_t acts, float* acc, const uint32_t (&A)[16]) {
   uint64_t desc[4];
 #pragma unroll
   for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(acts + 32 * s);
   wgmma_fence();
-  wgmma_m64n128k64(acc, A, desc);
+  if constexpr (BN == 256)
+    wgmma_m64n256k64(acc, A, desc);
+  else
+    wgmma_m64n128k64(acc, A, desc);
   wgmma_commit();
 }
 
-// The producer: one thread keeps the stages filled, kStages steps ahead of the consumers.
+// The producer: one thread keeps the stages filled, up to kStages steps ahead of the consumers.
+template <int BN>
 __device__ __forceinline__ void produce(const CUtensorMap& act_map, const CUtensorMap& code_map,
                                         const CUtensorMap& scale_map, int steps, int m0, int n0,
                                         uint32_t stages, uint32_t full, uint32_t empty) {
+  using L = Tile<BN>;
   for (int ks = 0; ks < steps; ++ks) {
-    const int s = ks % kStages;
-    if (ks >= kStages) barrier_wait(empty + 8 * s, (ks / kStages - 1) & 1);
-    const uint32_t stage = stages + s * kStageBytes, bar = full + 8 * s;
-    barrier_expect(bar, kStageBytes);
+    const int s = ks % L::kStages;
+    if (ks >= L::kStages) barrier_wait(empty + 8 * s, (ks / L::kStages - 1) & 1);
+    const uint32_t stage = stages + s * L::kStageBytes, bar = full + 8 * s;
+    barrier_expect(bar, L::kStageBytes);
     tma_load(stage, act_map, ks * kBK, n0, bar);
-    tma_load(stage + kActBytes, code_map, ks * kBK / 2, m0, bar);
+    tma_load(stage + L::kActBytes, code_map, ks * kBK / 2, m0, bar);
     // The scales of steps 4i .. 4i + 3: a box must start 16-byte aligned (a box at step ks's own
     // two scales a row, 4-byte aligned, was an illegal instruction on the H200).
-    tma_load(stage + kActBytes + kCodeBytes, scale_map, (ks / 4) * kScaleCols, m0, bar);
+    tma_load(stage + L::kActBytes + kCodeBytes, scale_map, (ks / 4) * kScaleCols, m0, bar);
   }
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// (kThreads, 1): with 2, ptxas capped the 256-token kernel at 168 registers and serialized its
+// wgmmas; it takes 171, and two blocks still fit an SM (2 x 5 warps x 176 x 32 registers).
+template <int BN>
 __global__ void __launch_bounds__(kThreads, 1)
     matmul_wgmma_q4_0_kernel(const __grid_constant__ CUtensorMap act_map,
                              const __grid_constant__ CUtensorMap code_map,
                              const __grid_constant__ CUtensorMap scale_map, const WgmmaArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Tile<BN>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t pad = ((raw + 1023) & ~1023u) - raw;
   uint8_t* base = smem_raw + pad;
   const uint32_t stages = raw + pad;
-  const uint32_t full = stages + kStages * kStageBytes, empty = full + 8 * kStages;
+  const uint32_t full = stages + L::kStages * L::kStageBytes, empty = full + 8 * L::kStages;
   const int tid = threadIdx.x;
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < L::kStages; ++s) {
       barrier_init(full + 8 * s, 1);
       barrier_init(empty + 8 * s, kConsumers);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * BN;
   if (tid >= kConsumers) {
     if (tid == kConsumers)
-      produce(act_map, code_map, scale_map, a.steps, m0, n0, stages, full, empty);
+      produce<BN>(act_map, code_map, scale_map, a.steps, m0, n0, stages, full, empty);
     return;
   }
   const int lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int row = 64 * (tid / 128) + 16 * ((tid / 32) % 4) + g;  // the thread's rows: row, row + 8
+  const int row = 16 * (tid / 32) + g;  // the thread's rows in the block: row, row + 8
 
-  float acc[64];
+  float acc[BN / 2];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
   uint32_t A0[16], A1[16];
   // Step ks: wait for its stage, decode, issue its wgmmas, then wait for step ks - 1's wgmmas and
-  // hand that step's stage back to the producer.
+  // hand that step's stage back to the producer (256-token tiles: step ks's own).
   auto step = [&](int ks, uint32_t(&A)[16]) {
-    const int s = ks % kStages;
-    barrier_wait(full + 8 * s, (ks / kStages) & 1);
-    decode_step(base + s * kStageBytes, ks, row, t, a.half2_magic, A);
-    mma_step(stages + s * kStageBytes, acc, A);
-    wgmma_wait<1>();
-    if (ks > 0) barrier_arrive(empty + 8 * ((ks - 1) % kStages));
+    const int s = ks % L::kStages;
+    barrier_wait(full + 8 * s, (ks / L::kStages) & 1);
+    const uint8_t* stage = base + s * L::kStageBytes;
+    decode_step(stage + L::kActBytes, stage + L::kActBytes + kCodeBytes, ks, row, t, a.half2_magic,
+                A);
+    mma_step<BN>(stages + s * L::kStageBytes, acc, A);
+    if constexpr (BN == 256) {
+      // No registers for a second set beside 128 accumulators: the other block of the SM keeps
+      // the tensor cores busy while this one decodes.
+      wgmma_wait<0>();
+      barrier_arrive(empty + 8 * s);
+    } else {
+      wgmma_wait<1>();
+      if (ks > 0) barrier_arrive(empty + 8 * ((ks - 1) % L::kStages));
+    }
   };
   for (int ks = 0; ks < a.steps; ks += 2) {
     step(ks, A0);
-    step(ks + 1, A1);
+    step(ks + 1, BN == 256 ? A0 : A1);
   }
   wgmma_wait<0>();
 #pragma unroll
-  for (int i = 0; i < 64; ++i) fence_operand(acc[i]);
+  for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
 
     // acc[4 j + e]: row (row + 8 * (e / 2)), token 8 j + 2 t + e % 2 of the block.
 #pragma unroll
@@ -302,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (r >= a.n_out) continue;
     const float b = a.bias ? a.bias[r] : 0.0f;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
       for (int e1 = 0; e1 < 2; ++e1) {
         const int n = n0 + 8 * j + 2 * t + e1;
@@ -366,9 +274,10 @@ class WgmmaMapCache {
   using Key = std::tuple<int, const void*, int64_t, int64_t>;
   static Expected<CUtensorMap> make(int kind, const void* p, int64_t n_in, int64_t rows) {
     switch (kind) {
-      case 0:  // activations [rows = T][n_in] f16, 128-byte swizzle
-        return tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p, n_in, rows, n_in * 2, kBK, kBN,
-                          CU_TENSOR_MAP_SWIZZLE_128B);
+      case 0:  // activations [rows = T][n_in] f16 in 128-token boxes, 128-byte swizzle
+      case 3:  // the same in 256-token boxes
+        return tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p, n_in, rows, n_in * 2, kBK,
+                          kind == 0 ? 128 : 256, CU_TENSOR_MAP_SWIZZLE_128B);
       case 1:  // codes [rows = n_out][n_in / 2] bytes
         return tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, p, n_in / 2, rows, n_in / 2, kBK / 2, kBM,
                           CU_TENSOR_MAP_SWIZZLE_NONE);
@@ -388,7 +297,8 @@ Expected<bool> wgmma_available(int device) {
   cudaDeviceProp prop{};
   CUDA_TRY(cudaGetDeviceProperties(&prop, device), "wgmma probe (device properties)");
   if (prop.major != 9 || prop.minor != 0) return false;
-  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(kSmemBytes)) return false;
+  const int smem128 = Tile<128>::kSmemBytes, smem256 = Tile<256>::kSmemBytes;
+  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(std::max(smem128, smem256))) return false;
   static std::once_flag once;
   std::call_once(once, [] {
     void* fn = nullptr;
@@ -409,8 +319,11 @@ Expected<bool> wgmma_available(int device) {
   cudaFree(flag);
   CUDA_TRY(e, "wgmma probe");
   if (host != 1) return false;
-  CUDA_TRY(cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes),
+  CUDA_TRY(cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<128>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem128),
+           "wgmma matmul (shared memory limit)");
+  CUDA_TRY(cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<256>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem256),
            "wgmma matmul (shared memory limit)");
   return true;
 }
@@ -427,12 +340,26 @@ bool wgmma_supports(DType type, int64_t n_in, int n_tokens) {
 
 Status launch_matmul_wgmma(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16,
                            int n_tokens, float* out, const float* bias, cudaStream_t s) {
-  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap act_map, maps.get(0, x16, w.n_in, n_tokens));
+  // 256-token tiles unless 128 pads T less (KESTREL_CUDA_WGMMA_BN=128 / 256 forces one).
+  static const int forced_bn = [] {
+    const char* e = std::getenv("KESTREL_CUDA_WGMMA_BN");
+    return e ? std::atoi(e) : 0;
+  }();
+  const int bn = forced_bn == 128 || forced_bn == 256                             ? forced_bn
+                 : ceil_div(n_tokens, 256) * 256 <= ceil_div(n_tokens, 128) * 128 ? 256
+                                                                                  : 128;
+  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap act_map,
+                           maps.get(bn == 256 ? 3 : 0, x16, w.n_in, n_tokens));
   KESTREL_ASSIGN_OR_RETURN(const CUtensorMap code_map, maps.get(1, w.qs, w.n_in, w.n_out));
   KESTREL_ASSIGN_OR_RETURN(const CUtensorMap scale_map, maps.get(2, w.d, w.n_in, w.n_out));
   const WgmmaArgs args{w.n_out, n_tokens, static_cast<int>(w.n_in / kBK), out, bias, 0x64006400u};
-  const dim3 grid(ceil_div(w.n_out, kBM), ceil_div(n_tokens, kBN));
-  matmul_wgmma_q4_0_kernel<<<grid, kThreads, kSmemBytes, s>>>(act_map, code_map, scale_map, args);
+  const dim3 grid(ceil_div(w.n_out, kBM), ceil_div(n_tokens, bn));
+  if (bn == 256)
+    matmul_wgmma_q4_0_kernel<256>
+        <<<grid, kThreads, Tile<256>::kSmemBytes, s>>>(act_map, code_map, scale_map, args);
+  else
+    matmul_wgmma_q4_0_kernel<128>
+        <<<grid, kThreads, Tile<128>::kSmemBytes, s>>>(act_map, code_map, scale_map, args);
   LAUNCH_CHECK("matmul (wgmma, Q4_0)");
   return Status::ok();
 }
