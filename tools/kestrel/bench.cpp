@@ -340,6 +340,7 @@ Status measure(const BenchOptions& o, const Combo& c, const Test& t, LoadedModel
     std::fprintf(stderr, "kestrel bench: %zu/%zu %s: %s\n", p.index, p.total, p.what.c_str(),
                  step.c_str());
   };
+  if (c.n_ubatch == 0) say("ub " + std::to_string(r->n_ubatch) + ", the backend's choice");
   if (!o.no_warmup) {
     say("warm-up");
     KESTREL_TRY(run_test_once(*session, tokens, {t.n_prompt, std::min(t.n_gen, 1)}).status());
@@ -366,9 +367,11 @@ Status measure(const BenchOptions& o, const Combo& c, const Test& t, LoadedModel
 
 std::string describe_combo(const Combo& c, const BenchResult& r) {
   char buf[512];
-  std::snprintf(buf, sizeof(buf), "%s %s, %s, b %d, ub %d, t %d, ngl %d, %s/%s, %s",
+  // -ub 0 is resolved by the backend when the session is made (measure() says to what).
+  const std::string ub = c.n_ubatch ? std::to_string(c.n_ubatch) : std::string("auto");
+  std::snprintf(buf, sizeof(buf), "%s %s, %s, b %d, ub %s, t %d, ngl %d, %s/%s, %s",
                 std::filesystem::path(c.model).filename().string().c_str(), r.test_name().c_str(),
-                r.backend.c_str(), c.n_batch, c.n_ubatch, r.n_threads, r.n_gpu_layers,
+                r.backend.c_str(), c.n_batch, ub.c_str(), r.n_threads, r.n_gpu_layers,
                 c.type_k.c_str(), c.type_v.c_str(), c.chunking.c_str());
   return buf;
 }
