@@ -203,9 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
 
-    // acc[4 j + e]: row (row + 8 * (e / 2)), token 8 j + 2 t + e % 2 of the block.
 #pragma unroll
-  for (int e2 = 0; e2 < 2; ++e2) {
+  for (int e2 = 0; e2 < 2; ++e2) {  // acc[4 j + e]: row row + 8 (e / 2), token 8 j + 2 t + e % 2
     const int64_t r = m0 + row + 8 * e2;
     if (r >= a.n_out) continue;
     const float b = a.bias ? a.bias[r] : 0.0f;
