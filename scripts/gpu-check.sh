@@ -375,9 +375,10 @@ if ((TESTS)); then
     # dependent launch whose weights are asked of L2 while the kernel before it runs).
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
-    # Q4_0 prompt chunks on the opt-in wgmma kernel (matmul_wgmma.cu, KESTREL_CUDA_WGMMA=1).
-    gpu_test_stage gpu-tests-wgmma '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' gtest-gpu-wgmma.xml \
-      KESTREL_CUDA_WGMMA=1
+    # Q4_0 prompt chunks on the opt-in wgmma kernel (matmul_wgmma.cu, KESTREL_CUDA_WGMMA=1): every
+    # GPU op test, since its one failure so far came in a run of all of them and not of the
+    # matmul tests alone (bench/NOTES.md, ninth session).
+    gpu_test_stage gpu-tests-wgmma '*Gpu*' gtest-gpu-wgmma.xml KESTREL_CUDA_WGMMA=1
     # RoPE and the KV store as two launches (KESTREL_CUDA_NO_FUSED_ROPE_KV=1; by default one).
     gpu_test_stage gpu-tests-no-fused-rope-kv '*GpuOpsAttention*:*GpuOpsChain*:*GpuOpsElementwise*Rope*' \
       gtest-gpu-no-fused-rope-kv.xml KESTREL_CUDA_NO_FUSED_ROPE_KV=1
