@@ -101,6 +101,9 @@ VARIANTS = [
     # (matmul_wgmma.cu) instead of cuBLAS on dequantized f16 copies.
     ("KESTREL_CUDA_WGMMA=1", "llama2-7b pp512"),
     ("KESTREL_CUDA_WGMMA=1", "llama3-8b pp512"),
+    # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in) instead of about
+    # nine kernels a layer.
+    ("KESTREL_CUDA_FUSED_DECODE=1", "tg128"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
 ]

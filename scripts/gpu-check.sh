@@ -379,6 +379,10 @@ if ((TESTS)); then
     # GPU op test, since its one failure so far came in a run of all of them and not of the
     # matmul tests alone (bench/NOTES.md, ninth session).
     gpu_test_stage gpu-tests-wgmma '*Gpu*' gtest-gpu-wgmma.xml KESTREL_CUDA_WGMMA=1
+    # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
+    # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
+    gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
+      gtest-gpu-fused-decode.xml KESTREL_CUDA_FUSED_DECODE=1
     # RoPE and the KV store as two launches (KESTREL_CUDA_NO_FUSED_ROPE_KV=1; by default one).
     gpu_test_stage gpu-tests-no-fused-rope-kv '*GpuOpsAttention*:*GpuOpsChain*:*GpuOpsElementwise*Rope*' \
       gtest-gpu-no-fused-rope-kv.xml KESTREL_CUDA_NO_FUSED_ROPE_KV=1
@@ -388,16 +392,17 @@ if ((TESTS)); then
 fi
 
 # --- 5. end to end on the GPU --------------------------------------------------------------------
-e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE [VAR=VALUE...]
-  local name=$1 args=$2 lim budget summary
+e2e() {   # e2e NAME KESTREL_ARGS MAX RESERVE [VAR=VALUE...]; E2E_ONLY=SUBSTR: those cases only
+  local name=$1 args=$2 lim budget summary only=()
   local vars=("${@:5}")
+  [[ -n "${E2E_ONLY:-}" ]] && only=(--only "$E2E_ONLY")
   if skipped "$name"; then return; fi
   lim=$(limit "$3" "$4")
   budget=$((lim - 40))   # a run started just before the budget ends still fits (--timeout 30)
   ((budget < 10)) && budget=10
   run_stage "$name" "$lim" '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce' \
     env "${vars[@]}" python3 "$ROOT/tests/e2e/test_e2e.py" --kestrel "$BUILD/bin/kestrel" --workdir "$WORK/e2e" \
-    --kestrel-args "$args" --jobs "$E2E_JOBS" --budget "$budget" --timeout 30
+    --kestrel-args "$args" --jobs "$E2E_JOBS" --budget "$budget" --timeout 30 "${only[@]}"
   summary=$(tail -n 30 "$LOG" | sed -n 's/^e2e: \([0-9]*\/[0-9]* passed.*\)/\1/p' | tail -n 1)
   if ((RC == 0)); then
     record "$name" PASS "$STAGE_SECS" "$args ${vars[*]}: $summary"
@@ -411,6 +416,9 @@ if ((TESTS && !QUICK)); then
     ((BENCH)) && bench_reserve=$BENCH_SECS
     e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
     e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
+    # The opt-in fused decode layer on the runs whose every token is a decode step.
+    E2E_ONLY=b1-ub1 e2e e2e-fused-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
+      KESTREL_CUDA_FUSED_DECODE=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     run_stage overlap-cuda "$(limit 60 $((bench_reserve + 5)))" '^ok|^FAIL|^skip|failures' \

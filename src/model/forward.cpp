@@ -186,6 +186,42 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
                                       1.0f / std::sqrt(static_cast<float>(c.head_dim))};
   const bool bias = c.qkv_bias;
 
+  if (n == 1) {  // a decode step: the backend may run the whole layer as one op
+    const backend::DecodeLayer d{.x = &s.x,
+                                 .proj = &s.proj,
+                                 .pending_add = pending_add,
+                                 .attn_norm = &L.attn_norm,
+                                 .ffn_norm = &L.ffn_norm,
+                                 .rms_eps = c.rms_eps,
+                                 .wq = L.wq.get(),
+                                 .wk = L.wk.get(),
+                                 .wv = L.wv.get(),
+                                 .wo = L.wo.get(),
+                                 .w_gate = L.w_gate.get(),
+                                 .w_up = L.w_up.get(),
+                                 .w_down = L.w_down.get(),
+                                 .bq = bias ? &L.bq : nullptr,
+                                 .bk = bias ? &L.bk : nullptr,
+                                 .bv = bias ? &L.bv : nullptr,
+                                 .rope_q = rope_q,
+                                 .rope_k = rope_k,
+                                 .attn = attn,
+                                 .k_cache = &cache.k(il),
+                                 .v_cache = &cache.v(il),
+                                 .pos = pos[0],
+                                 .q = &s.q,
+                                 .k = &s.k,
+                                 .v = &s.v,
+                                 .att = &s.att,
+                                 .gate = &s.gate,
+                                 .up = &s.up};
+    if (be.fuses_decode_layer(d)) {
+      OP(be, "decode_layer", be.decode_layer(d));
+      pending_add = false;  // x holds the whole layer's output
+      return Status::ok();
+    }
+  }
+
   // Attention block.
   if (pending_add)  // x += proj of the previous layer, then h = norm(x)
     OP(be, "add_rms_norm", be.add_rms_norm(s.x, s.proj, n, L.attn_norm, c.rms_eps, s.h));

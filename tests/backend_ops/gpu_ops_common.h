@@ -103,6 +103,12 @@ inline constexpr Bound kBounds[] = {
     // q8_1-style dot with q8_0 K) ~5e-3 l2. A leaked future row, a wrong GQA head or a
     // wrong scale (1% moves the softmax by ~1e-2) fails.
     {"attention", 1e-2, 3e-2},
+    // decode_layer (a whole layer for one token as one op) against the same backend's op
+    // sequence: the same int8 activations, RoPE, cache rounding and attention arithmetic, the
+    // matvec sums in another f32 order (~1e-7 relative), so only a value that lands on a
+    // rounding edge (an int8 activation, rarely a q4_0 cache code) moves the residual further,
+    // by ~1e-5. A wrong row, head, position or missing add is O(1e-1).
+    {"decode_layer", 2e-4, 2e-3},
 };
 // kv_store has no numeric bound: f16 caches must equal quant::quantize_row byte for byte;
 // q8_0 / q4_0 blocks may differ from it by one f16 ulp of the scale d and one step of each

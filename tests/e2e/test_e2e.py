@@ -114,6 +114,12 @@ BATCHINGS = {
     "b16-ub16-fixed": ["-b", "16", "-ub", "16", "--chunking", "fixed"],
 }
 
+# Every token a pass of its own: decode steps, which a GPU backend may run a layer at a time as
+# one op (the CUDA backend's fused decode layer takes Q4_0 and Q8_0 weights): for those types only.
+DECODE_BATCHINGS = {"b1-ub1": ["-b", "1", "-ub", "1"]}
+DECODE_TYPES = ("q4_0", "q8_0")
+FLAGS = {**BATCHINGS, **DECODE_BATCHINGS}
+
 N_CTX = 256
 PROMPT_LEN = (80, 112)    # random prompt length in [lo, hi): long enough that one near-tie costs ~1%
 THREADS = 2
@@ -159,7 +165,10 @@ def plan_runs() -> list[Run]:
                 models.append((ModelSpec(arch, "small", wtype), ["f16"]))
         for wtype in EXT_TYPES[arch]:
             models.append((ModelSpec(arch, "tiny-k" if wtype in K_TYPES else "tiny", wtype), ["f16"]))
-    return [Run(spec, kv, batching) for spec, kvs in models for kv in kvs for batching in BATCHINGS]
+    runs = [Run(spec, kv, batching) for spec, kvs in models for kv in kvs for batching in BATCHINGS]
+    runs += [Run(spec, kv, batching) for spec, kvs in models if spec.wtype in DECODE_TYPES
+             for kv in kvs for batching in DECODE_BATCHINGS]
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -537,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = wd.reference(spec, tokens, ref_kv(run.kv))
         out_bin = wd.out / (re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name) + ".bin")
         out_bin.unlink(missing_ok=True)
-        extra = ["-c", str(N_CTX), "-ctk", run.kv, "-ctv", run.kv] + BATCHINGS[run.batching] + \
+        extra = ["-c", str(N_CTX), "-ctk", run.kv, "-ctv", run.kv] + FLAGS[run.batching] + \
                 ["--dump-logits", str(out_bin)] + args.kestrel_args
         p = run_kestrel(args.kestrel, model_path, tokens, extra, args.timeout, args.verbose)
         r = Result(run.name, ok=False, bound=run.bound, seconds=p.seconds)

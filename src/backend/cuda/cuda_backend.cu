@@ -102,6 +102,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->swiglu4_ = !env_is("KESTREL_CUDA_NO_SWIGLU4", "1");
   be->rows_rope_kv_ = !env_is("KESTREL_CUDA_NO_ROWS_ROPE_KV", "1");
   be->group_matmuls_ = !env_is("KESTREL_CUDA_NO_GROUP", "1");
+  be->sm_count_ = prop.multiProcessorCount;
+  be->fused_decode_ = env_is("KESTREL_CUDA_FUSED_DECODE", "1") && prop.cooperativeLaunch;
   if (env_is("KESTREL_CUDA_FLASH", "0") || env_is("KESTREL_CUDA_FLASH", "1"))
     be->flash_attention_ = env_is("KESTREL_CUDA_FLASH", "1") ? 1 : 0;
   be->mma_attention_ = !env_is("KESTREL_CUDA_FLASH_MMA", "0");
@@ -120,6 +122,12 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   KESTREL_ASSIGN_OR_RETURN(void* slots,
                            be->device_alloc(sizeof(int32_t) * kGraphSlots * kSlotInts, "graphs"));
   be->slots_dev_ = static_cast<int32_t*>(slots);
+  if (be->fused_decode_) {
+    KESTREL_ASSIGN_OR_RETURN(void* counter,
+                             be->device_alloc(sizeof(unsigned long long), "grid barrier"));
+    CUDA_TRY(cudaMemset(counter, 0, sizeof(unsigned long long)), "cudaMemset");
+    be->decode_barrier_ = static_cast<unsigned long long*>(counter);
+  }
   return Expected<std::unique_ptr<CudaBackend>>(std::move(be));
 }
 
@@ -142,6 +150,7 @@ CudaBackend::~CudaBackend() {
   for (auto& [host, dev] : tables_) device_free(dev);
   drop_graphs();
   if (slots_dev_) device_free(slots_dev_);
+  if (decode_barrier_) device_free(decode_barrier_);
   if (slots_host_) cudaFreeHost(slots_host_);
   if (ring_dev_) device_free(ring_dev_);
   if (ring_host_) cudaFreeHost(ring_host_);

@@ -129,6 +129,9 @@ class CudaBackend final : public Backend {
   static Status check_cache_positions(const int32_t* positions, int n_tokens, int64_t cache_rows);
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
                    const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
+  // decode_layer.cu: a decode step of a whole layer as one persistent kernel.
+  bool fuses_decode_layer(const DecodeLayer& layer) const override;
+  Status decode_layer(const DecodeLayer& layer) override;
   Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
@@ -217,6 +220,12 @@ class CudaBackend final : public Backend {
   bool rows_rope_kv_ = true;   // KESTREL_CUDA_NO_ROWS_ROPE_KV=1: prompt chunks' fused RoPE + KV
                                // store on the block-per-head kernel too
   bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
+  // Decode steps of Q4_0 / Q8_0 layers as one kernel a layer (decode_layer.cu) when
+  // KESTREL_CUDA_FUSED_DECODE=1 and the device has cooperative launches. Opt-in until it has run
+  // on a GPU (written in a session without one).
+  bool fused_decode_ = false;
+  unsigned long long* decode_barrier_ = nullptr;  // its grid barrier's counter
+  int sm_count_ = 0;
   // Q4_0 prompt chunks on matmul_wgmma.cu (an sm_90a build on a 9.0 device) when
   // KESTREL_CUDA_WGMMA=1; off by default: it measured no faster than the GEMM path yet.
   bool wgmma_ = false;

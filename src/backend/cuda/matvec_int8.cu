@@ -15,6 +15,7 @@
 
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/matvec_device.cuh"
 
 namespace kestrel::backend::cuda {
 
@@ -35,25 +36,6 @@ __global__ void quantize_acts_kernel(const float* x, int64_t n, MatmulInputOut m
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   write_matmul_input1(m, i, x[i]);
-}
-
-// Sum over the block of weight codes (Q4_0: 0..15, offset by 8 outside; Q8_0: signed) times one
-// activation plane (words a[0..7], elements 4i..4i+3 in a[i]).
-template <DType T>
-__device__ __forceinline__ int block_dot(const int* w, const int* a) {
-  int s = 0;
-  if constexpr (T == DType::Q4_0) {
-    // Byte j of the 16 quant bytes holds element j (low nibble) and j + 16 (high nibble).
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      s = __dp4a(w[i] & 0x0F0F0F0F, a[i], s);
-      s = __dp4a((w[i] >> 4) & 0x0F0F0F0F, a[4 + i], s);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) s = __dp4a(w[i], a[i], s);
-  }
-  return s;
 }
 
 // The products of one launch: weights of one type and width read the same activations, and
@@ -113,27 +95,11 @@ __device__ __forceinline__ void load_act_block(const MatvecArgs& args, int t, in
   }
 }
 
-// The quant words (kWords) and the scale of block b of row r.
+// The quant words and the scale of block b of row r.
 template <DType T>
 __device__ __forceinline__ float load_weight_block(const MatvecTarget& m, int64_t nb, int64_t r,
                                                    int64_t b, int* w) {
-  constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
-  const int4* p = reinterpret_cast<const int4*>(m.qs + (r * nb + b) * (4 * kWords));
-#pragma unroll
-  for (int v = 0; v < kWords / 4; ++v) {
-    const int4 q = p[v];
-    w[4 * v] = q.x, w[4 * v + 1] = q.y, w[4 * v + 2] = q.z, w[4 * v + 3] = q.w;
-  }
-  return __half2float(m.d[r * nb + b]);
-}
-
-// Block b's contribution to one row and token: dw * unit * (128 q1.w + q2.w - 8 sum for Q4_0).
-template <DType T>
-__device__ __forceinline__ float block_term(const int* w, float dw, const int* a1, const int* a2,
-                                            const ActBlock& m) {
-  int s = 128 * block_dot<T>(w, a1) + block_dot<T>(w, a2);
-  if constexpr (T == DType::Q4_0) s -= 8 * m.sum;
-  return dw * m.unit * static_cast<float>(s);
+  return load_quant_block<T>(m.qs, m.d, nb, r, b, w);
 }
 
 template <DType T, int NT>
