@@ -43,23 +43,27 @@ using quant::DType;
 
 namespace {
 
-constexpr int kBM = 64;          // weight rows a block: one warpgroup
-constexpr int kBK = 64;          // K a step: two Q4_0 blocks a row, one 128-byte swizzle row of f16
-constexpr int kConsumers = 128;  // one warpgroup
-constexpr int kThreads = kConsumers + 32;  // and the producer warp
-constexpr int kCodeBytes = kBM * kBK / 2;  // a stage's codes (2 KB)
-constexpr int kScaleCols = 8;              // scales a row a copy (16 bytes: TMA's least box)
-constexpr int kScaleBytes = kBM * kScaleCols * 2;  // a stage's scales (1 KB; two a row used)
+constexpr int kBK = 64;        // K a step: two Q4_0 blocks a row, one 128-byte swizzle row of f16
+constexpr int kScaleCols = 8;  // scales a row a copy (16 bytes: TMA's least box)
 
-// Per tile width: stages that let two blocks share an SM's 227 KB.
-template <int BN>
+// A block: WGS consumer warpgroups of 64 weight rows each and BN tokens, and a producer warp.
+// One warpgroup: two blocks an SM (3 stages of 256 tokens, 5 of 128); two warpgroups sharing
+// each activation tile (half the copies per output): one block, 6 stages. Two warpgroups of
+// 256 tokens would need more registers than an SM has.
+template <int WGS, int BN>
 struct Tile {
-  static constexpr int kActBytes = BN * kBK * 2;  // a stage's activations
+  static constexpr int kBM = 64 * WGS;                      // weight rows a block
+  static constexpr int kConsumers = 128 * WGS;              // consumer threads
+  static constexpr int kThreads = kConsumers + 32;          // and the producer warp
+  static constexpr int kActBytes = BN * kBK * 2;            // a stage's activations
+  static constexpr int kCodeBytes = kBM * kBK / 2;          // its codes
+  static constexpr int kScaleBytes = kBM * kScaleCols * 2;  // its scales (two a row used)
   static constexpr int kStageBytes = kActBytes + kCodeBytes + kScaleBytes;
-  static constexpr int kStages = BN == 256 ? 3 : 5;
+  static constexpr int kStages = WGS == 2 ? 6 : BN == 256 ? 3 : 5;
   static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + align
   static_assert(kStageBytes % 1024 == 0, "stages keep the activations 1024-aligned (swizzle)");
-  static_assert(2 * (kSmemBytes + 1024) <= 232448, "two blocks an SM");
+  static_assert((WGS == 1 ? 2 : 1) * (kSmemBytes + 1024) <= 232448, "blocks an SM");
+  static_assert(WGS == 1 || BN == 128, "registers");
 };
 
 struct WgmmaArgs {
@@ -77,18 +81,17 @@ struct WgmmaArgs {
 // slice s (16 elements): i = 0 / 1 rows g / g + 8 at k = 2t, 2t + 1; i = 2 / 3 the same rows at
 // k = 2t + 8, 2t + 9. Slice s is half s % 2 of Q4_0 block s / 2: byte j of a block holds element
 // j (low nibble) and j + 16 (high nibble), so the thread's four bytes of a block serve two slices.
-// `codes` is the stage's [64][32] bytes; `scales` its [64][8] scales, step ks's at 2 (ks % 4).
-__device__ __forceinline__ void decode_step(const uint8_t* codes, const uint8_t* scales, int ks,
-                                            int row, int t, uint32_t magic, uint32_t (&A)[16]) {
-  scales += 4 * (ks % 4);
-  const uint32_t sel = t % 2 ? 0x7632 : 0x5410;
+// `codes` points at the thread's first row's bytes 4 (t / 2) of a stage's [rows][32] codes,
+// `scales` at that row's step scales in a stage's [rows][8] (the addresses are set up once; a
+// step adds the stage's offset). sel: the byte selector for t's pairs.
+__device__ __forceinline__ void decode_step(const uint8_t* codes, const uint8_t* scales,
+                                            uint32_t sel, uint32_t magic, uint32_t (&A)[16]) {
 #pragma unroll
   for (int ri = 0; ri < 2; ++ri) {
-    const int r = row + 8 * ri;
-    const uint32_t sc = *reinterpret_cast<const uint32_t*>(scales + r * 2 * kScaleCols);
+    const uint32_t sc = *reinterpret_cast<const uint32_t*>(scales + ri * 8 * 2 * kScaleCols);
 #pragma unroll
     for (int blk = 0; blk < 2; ++blk) {
-      const uint8_t* cb = codes + r * 32 + blk * 16 + 4 * (t / 2);
+      const uint8_t* cb = codes + ri * 8 * 32 + blk * 16;
       // bytes 2t, 2t + 1, 2t + 8, 2t + 9 of the block
       const uint32_t pair = __byte_perm(*reinterpret_cast<const uint32_t*>(cb),
                                         *reinterpret_cast<const uint32_t*>(cb + 8), sel);
@@ -119,21 +122,45 @@ __device__ __forceinline__ void mma_step(uint32_t acts, float* acc, const uint32
 }
 
 // The producer: one thread keeps the stages filled, up to kStages steps ahead of the consumers.
-template <int BN>
+template <int WGS, int BN>
 __device__ __forceinline__ void produce(const CUtensorMap& act_map, const CUtensorMap& code_map,
                                         const CUtensorMap& scale_map, int steps, int m0, int n0,
                                         uint32_t stages, uint32_t full, uint32_t empty) {
-  using L = Tile<BN>;
+  using L = Tile<WGS, BN>;
+  int s = 0;
+  uint32_t phase = 0;  // of the empty barriers' completions this pass over the stages waits for
   for (int ks = 0; ks < steps; ++ks) {
-    const int s = ks % L::kStages;
-    if (ks >= L::kStages) barrier_wait(empty + 8 * s, (ks / L::kStages - 1) & 1);
+    if (ks >= L::kStages) barrier_wait(empty + 8 * s, phase);
     const uint32_t stage = stages + s * L::kStageBytes, bar = full + 8 * s;
     barrier_expect(bar, L::kStageBytes);
     tma_load(stage, act_map, ks * kBK, n0, bar);
     tma_load(stage + L::kActBytes, code_map, ks * kBK / 2, m0, bar);
     // The scales of steps 4i .. 4i + 3: a box must start 16-byte aligned (a box at step ks's own
     // two scales a row, 4-byte aligned, was an illegal instruction on the H200).
-    tma_load(stage + L::kActBytes + kCodeBytes, scale_map, (ks / 4) * kScaleCols, m0, bar);
+    tma_load(stage + L::kActBytes + L::kCodeBytes, scale_map, (ks / 4) * kScaleCols, m0, bar);
+    if (++s == L::kStages) {
+      s = 0;
+      if (ks >= L::kStages) phase ^= 1;
+    }
+  }
+}
+
+// The accumulators into out (+ bias): acc[4 j + e] is row r + 8 (e / 2), token n + 8 j + e % 2.
+template <int BN>
+__device__ __forceinline__ void store_tile(const WgmmaArgs& a, const float* acc, int64_t r, int n) {
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2, r += 8) {
+    if (r >= a.n_out) continue;
+    const float b = a.bias ? a.bias[r] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+      for (int e1 = 0; e1 < 2; ++e1) {
+        const int tok = n + 8 * j + e1;
+        if (tok < a.n_tokens)
+          a.out[static_cast<int64_t>(tok) * a.n_out + r] = acc[4 * j + 2 * e2 + e1] + b;
+      }
+    }
   }
 }
 
@@ -141,83 +168,77 @@ __device__ __forceinline__ void produce(const CUtensorMap& act_map, const CUtens
 
 // (kThreads, 1): with 2, ptxas capped the 256-token kernel at 168 registers and serialized its
 // wgmmas; it takes 171, and two blocks still fit an SM (2 x 5 warps x 176 x 32 registers).
-template <int BN>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int WGS, int BN>
+__global__ void __launch_bounds__(Tile<WGS, BN>::kThreads, 1)
     matmul_wgmma_q4_0_kernel(const __grid_constant__ CUtensorMap act_map,
                              const __grid_constant__ CUtensorMap code_map,
                              const __grid_constant__ CUtensorMap scale_map, const WgmmaArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Tile<BN>;
+  using L = Tile<WGS, BN>;
+  // One register set of A when 128 accumulators leave no room for two: the other block of the
+  // SM keeps the tensor cores busy while this one decodes.
+  constexpr bool kOneSet = BN == 256;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t pad = ((raw + 1023) & ~1023u) - raw;
-  uint8_t* base = smem_raw + pad;
+  const uint8_t* base = smem_raw + pad;
   const uint32_t stages = raw + pad;
   const uint32_t full = stages + L::kStages * L::kStageBytes, empty = full + 8 * L::kStages;
   const int tid = threadIdx.x;
   if (tid == 0) {
     for (int s = 0; s < L::kStages; ++s) {
       barrier_init(full + 8 * s, 1);
-      barrier_init(empty + 8 * s, kConsumers);
+      barrier_init(empty + 8 * s, L::kConsumers);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * BN;
-  if (tid >= kConsumers) {
-    if (tid == kConsumers)
-      produce<BN>(act_map, code_map, scale_map, a.steps, m0, n0, stages, full, empty);
+  const int m0 = blockIdx.x * L::kBM, n0 = blockIdx.y * BN;
+  if (tid >= L::kConsumers) {
+    if (tid == L::kConsumers)
+      produce<WGS, BN>(act_map, code_map, scale_map, a.steps, m0, n0, stages, full, empty);
     return;
   }
   const int lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row = 16 * (tid / 32) + g;  // the thread's rows in the block: row, row + 8
+  const uint8_t* codes = base + L::kActBytes + row * 32 + 4 * (t / 2);  // stage 0's
+  const uint8_t* scales = base + L::kActBytes + L::kCodeBytes + row * 2 * kScaleCols;
+  const uint32_t sel = t % 2 ? 0x7632 : 0x5410;
 
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
   uint32_t A0[16], A1[16];
-  // Step ks: wait for its stage, decode, issue its wgmmas, then wait for step ks - 1's wgmmas and
-  // hand that step's stage back to the producer (256-token tiles: step ks's own).
+  int s = 0, prev = 0;
+  uint32_t phase = 0;
+  // Step ks in stage s: wait for it, decode, issue its wgmmas, then wait for step ks - 1's wgmmas
+  // and hand that step's stage back to the producer (one register set: step ks's own).
   auto step = [&](int ks, uint32_t(&A)[16]) {
-    const int s = ks % L::kStages;
-    barrier_wait(full + 8 * s, (ks / L::kStages) & 1);
-    const uint8_t* stage = base + s * L::kStageBytes;
-    decode_step(stage + L::kActBytes, stage + L::kActBytes + kCodeBytes, ks, row, t, a.half2_magic,
-                A);
-    mma_step<BN>(stages + s * L::kStageBytes, acc, A);
-    if constexpr (BN == 256) {
-      // No registers for a second set beside 128 accumulators: the other block of the SM keeps
-      // the tensor cores busy while this one decodes.
+    barrier_wait(full + 8 * s, phase);
+    const int off = s * L::kStageBytes;
+    decode_step(codes + off, scales + off + 4 * (ks % 4), sel, a.half2_magic, A);
+    mma_step<BN>(stages + off, acc, A);
+    if constexpr (kOneSet) {
       wgmma_wait<0>();
       barrier_arrive(empty + 8 * s);
     } else {
       wgmma_wait<1>();
-      if (ks > 0) barrier_arrive(empty + 8 * ((ks - 1) % L::kStages));
+      if (ks > 0) barrier_arrive(empty + 8 * prev);
+    }
+    prev = s;
+    if (++s == L::kStages) {
+      s = 0;
+      phase ^= 1;
     }
   };
   for (int ks = 0; ks < a.steps; ks += 2) {
     step(ks, A0);
-    step(ks + 1, BN == 256 ? A0 : A1);
+    step(ks + 1, kOneSet ? A0 : A1);
   }
   wgmma_wait<0>();
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-
-#pragma unroll
-  for (int e2 = 0; e2 < 2; ++e2) {  // acc[4 j + e]: row row + 8 (e / 2), token 8 j + 2 t + e % 2
-    const int64_t r = m0 + row + 8 * e2;
-    if (r >= a.n_out) continue;
-    const float b = a.bias ? a.bias[r] : 0.0f;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-#pragma unroll
-      for (int e1 = 0; e1 < 2; ++e1) {
-        const int n = n0 + 8 * j + 2 * t + e1;
-        if (n < a.n_tokens)
-          a.out[static_cast<int64_t>(n) * a.n_out + r] = acc[4 * j + 2 * e2 + e1] + b;
-      }
-    }
-  }
+  store_tile<BN>(a, acc, m0 + row, n0 + 2 * t);
 #endif
 }
 
@@ -277,12 +298,13 @@ class WgmmaMapCache {
       case 3:  // the same in 256-token boxes
         return tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p, n_in, rows, n_in * 2, kBK,
                           kind == 0 ? 128 : 256, CU_TENSOR_MAP_SWIZZLE_128B);
-      case 1:  // codes [rows = n_out][n_in / 2] bytes
-        return tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, p, n_in / 2, rows, n_in / 2, kBK / 2, kBM,
-                          CU_TENSOR_MAP_SWIZZLE_NONE);
-      default:  // scales [rows = n_out][n_in / 32] f16
+      case 1:  // codes [rows = n_out][n_in / 2] bytes in 64-row boxes
+      case 4:  // the same in 128-row boxes
+        return tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, p, n_in / 2, rows, n_in / 2, kBK / 2,
+                          kind == 1 ? 64 : 128, CU_TENSOR_MAP_SWIZZLE_NONE);
+      default:  // scales [rows = n_out][n_in / 32] f16 in 64-row (2) or 128-row (5) boxes
         return tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p, n_in / 32, rows, n_in / 16,
-                          kScaleCols, kBM, CU_TENSOR_MAP_SWIZZLE_NONE);
+                          kScaleCols, kind == 2 ? 64 : 128, CU_TENSOR_MAP_SWIZZLE_NONE);
     }
   }
   std::map<Key, CUtensorMap> maps_;
@@ -296,8 +318,9 @@ Expected<bool> wgmma_available(int device) {
   cudaDeviceProp prop{};
   CUDA_TRY(cudaGetDeviceProperties(&prop, device), "wgmma probe (device properties)");
   if (prop.major != 9 || prop.minor != 0) return false;
-  const int smem128 = Tile<128>::kSmemBytes, smem256 = Tile<256>::kSmemBytes;
-  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(std::max(smem128, smem256))) return false;
+  const int most =
+      std::max({Tile<1, 128>::kSmemBytes, Tile<1, 256>::kSmemBytes, Tile<2, 128>::kSmemBytes});
+  if (prop.sharedMemPerBlockOptin < static_cast<size_t>(most)) return false;
   static std::once_flag once;
   std::call_once(once, [] {
     void* fn = nullptr;
@@ -318,12 +341,18 @@ Expected<bool> wgmma_available(int device) {
   cudaFree(flag);
   CUDA_TRY(e, "wgmma probe");
   if (host != 1) return false;
-  CUDA_TRY(cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<128>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem128),
-           "wgmma matmul (shared memory limit)");
-  CUDA_TRY(cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<256>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem256),
-           "wgmma matmul (shared memory limit)");
+  CUDA_TRY(
+      cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<1, 128>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<1, 128>::kSmemBytes),
+      "wgmma matmul (shared memory limit)");
+  CUDA_TRY(
+      cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<1, 256>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<1, 256>::kSmemBytes),
+      "wgmma matmul (shared memory limit)");
+  CUDA_TRY(
+      cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<2, 128>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<2, 128>::kSmemBytes),
+      "wgmma matmul (shared memory limit)");
   return true;
 }
 
@@ -337,30 +366,46 @@ bool wgmma_supports(DType type, int64_t n_in, int n_tokens) {
   return type == DType::Q4_0 && n_in % 256 == 0 && n_tokens > kMmaMaxTokens;
 }
 
+namespace {
+
+// The launch of one tile shape: its tensor maps (codes and scales in boxes of its rows) and grid.
+template <int WGS, int BN>
+Status launch_tile(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16, int n_tokens,
+                   float* out, const float* bias, cudaStream_t s) {
+  using L = Tile<WGS, BN>;
+  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap act_map,
+                           maps.get(BN == 256 ? 3 : 0, x16, w.n_in, n_tokens));
+  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap code_map,
+                           maps.get(WGS == 1 ? 1 : 4, w.qs, w.n_in, w.n_out));
+  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap scale_map,
+                           maps.get(WGS == 1 ? 2 : 5, w.d, w.n_in, w.n_out));
+  const WgmmaArgs args{w.n_out, n_tokens, static_cast<int>(w.n_in / kBK), out, bias, 0x64006400u};
+  const dim3 grid(ceil_div(w.n_out, L::kBM), ceil_div(n_tokens, BN));
+  matmul_wgmma_q4_0_kernel<WGS, BN>
+      <<<grid, L::kThreads, L::kSmemBytes, s>>>(act_map, code_map, scale_map, args);
+  LAUNCH_CHECK("matmul (wgmma, Q4_0)");
+  return Status::ok();
+}
+
+int env_int(const char* name) {
+  const char* e = std::getenv(name);
+  return e ? std::atoi(e) : 0;
+}
+
+}  // namespace
+
+// Blocks of two warpgroups x 128 tokens (KESTREL_CUDA_WGMMA_BM=64: one warpgroup, with 256-token
+// tiles unless 128 pads T less; KESTREL_CUDA_WGMMA_BN=128 / 256 forces that width).
 Status launch_matmul_wgmma(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16,
                            int n_tokens, float* out, const float* bias, cudaStream_t s) {
-  // 256-token tiles unless 128 pads T less (KESTREL_CUDA_WGMMA_BN=128 / 256 forces one).
-  static const int forced_bn = [] {
-    const char* e = std::getenv("KESTREL_CUDA_WGMMA_BN");
-    return e ? std::atoi(e) : 0;
-  }();
+  static const int forced_bm = env_int("KESTREL_CUDA_WGMMA_BM");
+  static const int forced_bn = env_int("KESTREL_CUDA_WGMMA_BN");
+  if (forced_bm != 64) return launch_tile<2, 128>(maps, w, x16, n_tokens, out, bias, s);
   const int bn = forced_bn == 128 || forced_bn == 256                             ? forced_bn
                  : ceil_div(n_tokens, 256) * 256 <= ceil_div(n_tokens, 128) * 128 ? 256
                                                                                   : 128;
-  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap act_map,
-                           maps.get(bn == 256 ? 3 : 0, x16, w.n_in, n_tokens));
-  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap code_map, maps.get(1, w.qs, w.n_in, w.n_out));
-  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap scale_map, maps.get(2, w.d, w.n_in, w.n_out));
-  const WgmmaArgs args{w.n_out, n_tokens, static_cast<int>(w.n_in / kBK), out, bias, 0x64006400u};
-  const dim3 grid(ceil_div(w.n_out, kBM), ceil_div(n_tokens, bn));
-  if (bn == 256)
-    matmul_wgmma_q4_0_kernel<256>
-        <<<grid, kThreads, Tile<256>::kSmemBytes, s>>>(act_map, code_map, scale_map, args);
-  else
-    matmul_wgmma_q4_0_kernel<128>
-        <<<grid, kThreads, Tile<128>::kSmemBytes, s>>>(act_map, code_map, scale_map, args);
-  LAUNCH_CHECK("matmul (wgmma, Q4_0)");
-  return Status::ok();
+  return bn == 256 ? launch_tile<1, 256>(maps, w, x16, n_tokens, out, bias, s)
+                   : launch_tile<1, 128>(maps, w, x16, n_tokens, out, bias, s);
 }
 
 }  // namespace kestrel::backend::cuda
