@@ -55,6 +55,8 @@ void CudaBackend::forget(const CudaWeight& w) {
   cudaStreamSynchronize(aux_);  // a prefetch may be reading it
   drop_graphs();
   weights_.erase(w.id);
+  decode_next_.clear();  // may name w
+  decode_last_wq_ = nullptr;
   uncount(w.data);
   for (TileBuffer& t : tiles_)
     if (t.holds == w.id) t.holds = 0;

@@ -15,6 +15,7 @@
 
 #include <cublas_v2.h>
 
+#include <array>
 #include <map>
 #include <memory>
 #include <string>
@@ -225,6 +226,10 @@ class CudaBackend final : public Backend {
   // on a GPU (written in a session without one).
   bool fused_decode_ = false;
   unsigned long long* decode_barrier_ = nullptr;  // its grid barrier's counter
+  // The Q, K, V weights of the fused layer that followed each one (by its Q weight) in the last
+  // pass, asked of L2 at the end of that layer; forgotten with any weight.
+  const CudaWeight* decode_last_wq_ = nullptr;
+  std::map<const CudaWeight*, std::array<const Weight*, 3>> decode_next_;
   int sm_count_ = 0;
   // Q4_0 prompt chunks on matmul_wgmma.cu (an sm_90a build on a 9.0 device) when
   // KESTREL_CUDA_WGMMA=1; off by default: it measured no faster than the GEMM path yet.

@@ -64,12 +64,13 @@ struct DecodeParams {
   const float* ffn_norm;
   float eps;
   int64_t E, F;
-  LayerMatrix wq, wk, wv, wo, wg, wu, wd;
-  float *q, *k, *v;       // [q_dim], [kv_dim], [kv_dim]
-  float* att;             // [q_dim]
-  MatmulInputOut att_in;  // its int8 planes (global)
-  float* hf;              // [F] silu(gate) * up
-  const int32_t* pos;     // [1]
+  LayerMatrix wqkv[3], wo, wg, wu, wd;
+  LayerMatrix next_qkv[3];  // the next decode layer's Q, K, V (asked of L2 at the end), or empty
+  float *q, *k, *v;         // [q_dim], [kv_dim], [kv_dim]
+  float* att;               // [q_dim]
+  MatmulInputOut att_in;    // its int8 planes (global)
+  float* hf;                // [F] silu(gate) * up
+  const int32_t* pos;       // [1]
   uint8_t* k_cache;
   uint8_t* v_cache;
   int64_t k_row_bytes, v_row_bytes;
@@ -202,8 +203,9 @@ template <DType T, int kRows>
 __device__ __forceinline__ void rows_dot(const RowRef (&rows)[kRows], int64_t nb, const SmemActs& a,
                                          float (&acc)[kRows]) {
   constexpr int kWords = kQuantWords<T>;
-  // Blocks of every row loaded before any is used: 4 Q4_0 blocks a lane in all, 4 Q8_0 (twice
-  // the bytes) at 2 rows. More made the kernel spill at its 128 registers (512 threads an SM).
+  // Blocks of every row loaded before any is used: 4 Q4_0 blocks a lane in all (2 a row at 2
+  // rows, 1 at 4), half as many Q8_0 (the same bytes). More made the kernel spill at its 128
+  // registers (512 threads an SM).
   constexpr int kAhead = 4 / kRows / (kWords / 4) > 0 ? 4 / kRows / (kWords / 4) : 1;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -268,35 +270,39 @@ struct QkvUnit {
   float* out;
   int64_t r;
 };
-__device__ __forceinline__ QkvUnit qkv_unit(const DecodeParams& p, int64_t u) {
+__device__ __forceinline__ QkvUnit qkv_unit(const LayerMatrix (&w)[3], float* const (&out)[3],
+                                            int64_t u) {
   int64_t r = kUnitRows * u;
-  if (r < p.wq.n_out) return {&p.wq, p.q, r};
-  r -= p.wq.n_out;
-  if (r < p.wk.n_out) return {&p.wk, p.k, r};
-  return {&p.wv, p.v, r - p.wk.n_out};
+  if (r < w[0].n_out) return {&w[0], out[0], r};
+  r -= w[0].n_out;
+  if (r < w[1].n_out) return {&w[1], out[1], r};
+  return {&w[2], out[2], r - w[1].n_out};
 }
 
-__device__ void prefetch_qkv(const DecodeParams& p) {
-  const int64_t units = (p.wq.n_out + p.wk.n_out + p.wv.n_out) / kUnitRows;
+// The warp's first kPrefetchUnits units of Q, K and V (this layer's, or the next one's).
+__device__ void prefetch_qkv(const LayerMatrix (&w)[3]) {
+  const int64_t units = (w[0].n_out + w[1].n_out + w[2].n_out) / kUnitRows;
+  float* const none[3] = {nullptr, nullptr, nullptr};
   for (int i = 0; i < kPrefetchUnits; ++i) {
     const int64_t u = global_warp() + i * grid_warps();
     if (u >= units) break;
-    const QkvUnit q = qkv_unit(p, u);
+    const QkvUnit q = qkv_unit(w, none, u);
     prefetch_rows(*q.m, q.r, kUnitRows);
   }
 }
 
 // Phase B.
 __device__ void qkv_phase(const DecodeParams& p, const SmemActs& a) {
-  const int64_t units = (p.wq.n_out + p.wk.n_out + p.wv.n_out) / kUnitRows;
+  const int64_t units = (p.wqkv[0].n_out + p.wqkv[1].n_out + p.wqkv[2].n_out) / kUnitRows;
   const int lane = threadIdx.x % 32;
+  float* const out[3] = {p.q, p.k, p.v};
   for (int64_t u = global_warp(); u < units; u += grid_warps()) {
     // The loads in flight a warp are few (registers): L2 is asked for the units ahead.
     if (const int64_t next = u + kPrefetchUnits * grid_warps(); next < units) {
-      const QkvUnit n = qkv_unit(p, next);
+      const QkvUnit n = qkv_unit(p.wqkv, out, next);
       prefetch_rows(*n.m, n.r, kUnitRows);
     }
-    const QkvUnit q = qkv_unit(p, u);
+    const QkvUnit q = qkv_unit(p.wqkv, out, u);
     const LayerMatrix& m = *q.m;
     const RowRef rows[kUnitRows] = {{m.qs, m.d, q.r}, {m.qs, m.d, q.r + 1}};
     float acc[kUnitRows];
@@ -322,8 +328,10 @@ __device__ void residual_phase(const LayerMatrix& m, float* x, const SmemActs& a
   }
 }
 
-__device__ void prefetch_units(const LayerMatrix& m, const LayerMatrix* also) {
-  for (int i = 0; i < kPrefetchUnits; ++i) {
+// The warp's first `rounds` units of m (and of `also`, the same rows).
+__device__ void prefetch_units(const LayerMatrix& m, const LayerMatrix* also,
+                               int rounds = kPrefetchUnits) {
+  for (int i = 0; i < rounds; ++i) {
     const int64_t r0 = kUnitRows * (global_warp() + i * grid_warps());
     prefetch_rows(m, r0, kUnitRows);
     if (also) prefetch_rows(*also, r0, kUnitRows);
@@ -414,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ int4 smem4[];
   void* smem = smem4;
   const int64_t q_dim = int64_t{p.n_head} * p.D;
-  prefetch_qkv(p);
+  prefetch_qkv(p.wqkv);
   norm_to_planes(p.x, p.proj, p.attn_norm, p.E, p.eps, smem_acts(smem, p.E));  // A
   qkv_phase(p, smem_acts(smem, p.E));                                          // B
   prefetch_units(p.wo, nullptr);
@@ -422,6 +430,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_phase<CT>(p);  // C1
   grid_barrier(p.barrier);
   attention_phase<CT>(p, static_cast<float*>(smem));  // C2
+  // The blocks without a head (most: one a head) ask for gate and up while attention runs.
+  if (static_cast<int>(blockIdx.x) >= p.n_head) prefetch_units(p.wg, &p.wu, 1);
   grid_barrier(p.barrier);
   copy_planes(p.att_in, q_dim, smem_acts(smem, q_dim));  // D
   residual_phase(p.wo, p.x, smem_acts(smem, q_dim));
@@ -433,6 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   grid_barrier(p.barrier);
   values_to_planes(p.hf, p.F, smem_acts(smem, p.F));  // F
   residual_phase(p.wd, p.x, smem_acts(smem, p.F));
+  prefetch_qkv(p.next_qkv);  // warps done early: the next layer's first units, while others finish
   grid_exit(p.barrier);
 }
 
@@ -542,9 +553,16 @@ Status CudaBackend::decode_layer(const DecodeLayer& L) {
   p.eps = L.rms_eps;
   p.E = L.x->cols;
   p.F = L.w_gate->n_out;
-  p.wq = layer_matrix(L.wq, L.bq);
-  p.wk = layer_matrix(L.wk, L.bk);
-  p.wv = layer_matrix(L.wv, L.bv);
+  p.wqkv[0] = layer_matrix(L.wq, L.bq);
+  p.wqkv[1] = layer_matrix(L.wk, L.bk);
+  p.wqkv[2] = layer_matrix(L.wv, L.bv);
+  // The layer that followed this one in the previous pass (decode passes repeat their order):
+  // its Q, K and V are asked of L2 at the end of this one.
+  const CudaWeight* wq = quant_weight(L.wq);
+  if (decode_last_wq_) decode_next_[decode_last_wq_] = {L.wq, L.wk, L.wv};
+  decode_last_wq_ = wq;
+  if (const auto it = decode_next_.find(wq); it != decode_next_.end())
+    for (int i = 0; i < 3; ++i) p.next_qkv[i] = layer_matrix(it->second[i], nullptr);
   p.wo = layer_matrix(L.wo, nullptr);
   p.wg = layer_matrix(L.w_gate, nullptr);
   p.wu = layer_matrix(L.w_up, nullptr);
