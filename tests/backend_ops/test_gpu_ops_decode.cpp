@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gpu_ops_common.h"
@@ -167,10 +168,20 @@ void check_layer(Backend& be, const std::string& backend, const LayerShape& s, D
   st = run_ops(be, dops, ops, *attn_norm, *ffn_norm);
   ASSERT_TRUE(st.is_ok()) << st.message();
 
-  const std::vector<float> got = fetch(be, fused.x), want = fetch(be, ops.x);
-  const std::vector<double> ref(want.begin(), want.end());
-  check_err(compare_rows(got.data(), E, ref.data(), 1, E), "decode_layer",
-            backend + " decode_layer/" + type_str(wtype) + "/" + type_str(ctype), what + ": x");
+  // The intermediates that both paths leave in the same scratch, in phase order, so that a
+  // failure says where the fused layer went wrong: v (the QKV product; q and k are rotated in
+  // place by the op path only), the attention output, silu(gate) * up, then the residual.
+  const std::string log_key = backend + " decode_layer/" + type_str(wtype) + "/" + type_str(ctype);
+  for (const auto& [name, a, b] :
+       {std::tuple<const char*, const DevTensor*, const DevTensor*>{"v", &fused.v, &ops.v},
+        {"attention output", &fused.att, &ops.att},
+        {"silu(gate) * up", &fused.gate, &ops.gate},
+        {"x (the layer's output)", &fused.x, &ops.x}}) {
+    const std::vector<float> got = fetch(be, *a), want = fetch(be, *b);
+    const std::vector<double> ref(want.begin(), want.end());
+    check_err(compare_rows(got.data(), (*a)->cols, ref.data(), 1, (*a)->cols), "decode_layer",
+              log_key, what + ": " + name);
+  }
 
   // The cache: row pos within a step of the op path's, every other row untouched.
   for (int side = 0; side < 2; ++side) {
