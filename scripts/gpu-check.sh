@@ -487,6 +487,15 @@ if ((BENCH)); then
       record ncu-frag "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "report in ncu-frag.txt"
     fi
   fi
+  # The opt-in fused decode layer's phases (decode_layer.cu): 64 decode steps of llama2-7b with
+  # KESTREL_CUDA_DECODE_TIMING=1, which prints each phase's wall time and blocks' busy time.
+  if ((KESTREL_OK)) && [[ -s "$MODELS/llama2-7b-q4_0.gguf" ]] && ! skipped decode-timing; then
+    run_stage decode-timing "$(limit 90 $((BENCH_SECS)))" '^decode_layer timing|^[A-F][0-9+]* |^phase|^\| llama' \
+      env KESTREL_CUDA_FUSED_DECODE=1 KESTREL_CUDA_DECODE_TIMING=1 "$BUILD/bin/kestrel" bench \
+      -m "$MODELS/llama2-7b-q4_0.gguf" -p 0 -n 64 -r 1
+    record decode-timing "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
+      "KESTREL_CUDA_FUSED_DECODE=1 tg64 phase times in gpu-check.log"
+  fi
   if ((KESTREL_OK)); then
     lim=$(limit 600 5)
     run_stage bench "$lim" '^gpu_bench: (probe|l[23]-|[0-9])' \
@@ -522,7 +531,7 @@ fi
 test_fail=0 bench_fail=0
 for i in "${!NAMES[@]}"; do
   if [[ "${STATUS[$i]}" == FAIL ]]; then
-    case "${NAMES[$i]}" in bench | matmul-bench | ncu-frag | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
+    case "${NAMES[$i]}" in bench | matmul-bench | ncu-frag | decode-timing | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
   fi
 done
 if ((test_fail)); then

@@ -129,6 +129,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
                              be->device_alloc(sizeof(unsigned long long), "grid barrier"));
     CUDA_TRY(cudaMemset(counter, 0, sizeof(unsigned long long)), "cudaMemset");
     be->decode_barrier_ = static_cast<unsigned long long*>(counter);
+    if (env_is("KESTREL_CUDA_DECODE_TIMING", "1")) KESTREL_TRY(be->init_decode_timing());
   }
   return Expected<std::unique_ptr<CudaBackend>>(std::move(be));
 }
@@ -153,6 +154,10 @@ CudaBackend::~CudaBackend() {
   drop_graphs();
   if (slots_dev_) device_free(slots_dev_);
   if (decode_barrier_) device_free(decode_barrier_);
+  if (decode_timing_) {
+    print_decode_timing();
+    device_free(decode_timing_);
+  }
   if (slots_host_) cudaFreeHost(slots_host_);
   if (ring_dev_) device_free(ring_dev_);
   if (ring_host_) cudaFreeHost(ring_host_);

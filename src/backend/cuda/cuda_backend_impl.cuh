@@ -226,6 +226,11 @@ class CudaBackend final : public Backend {
   // on a GPU (written in a session without one).
   bool fused_decode_ = false;
   unsigned long long* decode_barrier_ = nullptr;  // its grid barrier's counter
+  // KESTREL_CUDA_DECODE_TIMING=1: its phases' times, summed on the device and printed to stderr
+  // when the backend is destroyed.
+  unsigned long long* decode_timing_ = nullptr;
+  Status init_decode_timing();
+  void print_decode_timing() const;
   // The Q, K, V weights of the fused layer that followed each one (by its Q weight) in the last
   // pass, asked of L2 at the end of that layer; forgotten with any weight.
   const CudaWeight* decode_last_wq_ = nullptr;

@@ -30,6 +30,7 @@
 // GPU, so it has not run yet; gpu-check.sh's gpu-tests-fused-decode and e2e-fused-decode stages
 // and gpu_bench.py's A/B rows test and measure it (bench/NOTES.md, tenth session).
 #include <algorithm>
+#include <cstdio>
 
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/attention_rows.cuh"
@@ -79,6 +80,7 @@ struct DecodeParams {
   bool neox;
   RopeTable rope;
   unsigned long long* barrier;  // arrivals at the grid barriers (0 between launches)
+  unsigned long long* timing;   // PhaseClock's sums, or null
 };
 
 // Shared-memory int8 planes of n activations (n a multiple of 32).
@@ -94,12 +96,44 @@ __device__ __forceinline__ SmemActs smem_acts(void* smem, int64_t n) {
   return {q1, q1 + n, reinterpret_cast<ActBlock*>(q1 + 2 * n)};
 }
 
+// KESTREL_CUDA_DECODE_TIMING=1: where a launch's time goes. Thread 0 of each block adds, per
+// phase, the time from the phase's start to the block's arrival at the barrier after it (busy,
+// summed over blocks) and block 0 the time between leaving two barriers (the phase's wall time);
+// the backend prints the means when it is destroyed. acc: [kPhases][2] sums (ns), then the
+// launches and the blocks they had.
+constexpr int kBarriers = 5, kPhases = kBarriers + 1;
+constexpr int kTimingSlots = 2 * kPhases + 2;
+struct PhaseClock {
+  unsigned long long* acc;
+  unsigned long long start = 0;
+  int phase = 0;
+  __device__ static unsigned long long now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+  }
+  __device__ explicit PhaseClock(unsigned long long* a) : acc(a) {
+    if (acc && threadIdx.x == 0) start = now();
+  }
+  __device__ void arrived() const {  // thread 0, every thread of the block done with the phase
+    if (acc) atomicAdd(&acc[2 * phase + 1], now() - start);
+  }
+  __device__ void left() {  // thread 0, the barrier passed
+    if (!acc) return;
+    const unsigned long long t = now();
+    if (blockIdx.x == 0) atomicAdd(&acc[2 * phase], t - start);
+    start = t;
+    ++phase;
+  }
+};
+
 // All blocks of the grid (co-resident: a cooperative launch) arrive before any leaves. The
 // counter starts each launch at 0 (grid_exit) and only grows within it: arrival `old` belongs to
 // barrier old / gridDim.x, which ends when the count reaches the next multiple of gridDim.x.
-__device__ __forceinline__ void grid_barrier(unsigned long long* counter) {
+__device__ __forceinline__ void grid_barrier(unsigned long long* counter, PhaseClock& clock) {
   __syncthreads();
   if (threadIdx.x == 0) {
+    clock.arrived();
     __threadfence();
     const unsigned long long n = gridDim.x;
     const unsigned long long old = atomicAdd(counter, 1ull);
@@ -109,16 +143,21 @@ __device__ __forceinline__ void grid_barrier(unsigned long long* counter) {
       asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(now) : "l"(counter) : "memory");
     } while (now < target);
     __threadfence();
+    clock.left();
   }
   __syncthreads();
 }
 
 // The last block to leave sets the counter back to 0 for the next launch (whose grid may differ):
 // every block has passed every barrier by then, and the next launch starts after this one ends.
-constexpr int kBarriers = 5;
-__device__ __forceinline__ void grid_exit(unsigned long long* counter) {
+__device__ __forceinline__ void grid_exit(unsigned long long* counter, const PhaseClock& clock) {
   __syncthreads();
   if (threadIdx.x == 0) {
+    clock.arrived();
+    if (clock.acc && blockIdx.x == 0) {
+      atomicAdd(&clock.acc[2 * kPhases], 1ull);
+      atomicAdd(&clock.acc[2 * kPhases + 1], static_cast<unsigned long long>(gridDim.x));
+    }
     const unsigned long long n = gridDim.x;
     if (atomicAdd(counter, 1ull) == (kBarriers + 1) * n - 1) atomicExch(counter, 0ull);
   }
@@ -422,29 +461,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ int4 smem4[];
   void* smem = smem4;
   const int64_t q_dim = int64_t{p.n_head} * p.D;
+  PhaseClock clock(p.timing);
   prefetch_qkv(p.wqkv);
   norm_to_planes(p.x, p.proj, p.attn_norm, p.E, p.eps, smem_acts(smem, p.E));  // A
   qkv_phase(p, smem_acts(smem, p.E));                                          // B
   prefetch_units(p.wo, nullptr);
-  grid_barrier(p.barrier);
+  grid_barrier(p.barrier, clock);
   store_phase<CT>(p);  // C1
-  grid_barrier(p.barrier);
+  grid_barrier(p.barrier, clock);
   attention_phase<CT>(p, static_cast<float*>(smem));  // C2
   // The blocks without a head (most: one a head) ask for gate and up while attention runs.
   if (static_cast<int>(blockIdx.x) >= p.n_head) prefetch_units(p.wg, &p.wu, 1);
-  grid_barrier(p.barrier);
+  grid_barrier(p.barrier, clock);
   copy_planes(p.att_in, q_dim, smem_acts(smem, q_dim));  // D
   residual_phase(p.wo, p.x, smem_acts(smem, q_dim));
   prefetch_units(p.wg, &p.wu);
-  grid_barrier(p.barrier);
+  grid_barrier(p.barrier, clock);
   norm_to_planes(p.x, nullptr, p.ffn_norm, p.E, p.eps, smem_acts(smem, p.E));  // E
   gate_up_phase(p, smem_acts(smem, p.E));
   prefetch_units(p.wd, nullptr);
-  grid_barrier(p.barrier);
+  grid_barrier(p.barrier, clock);
   values_to_planes(p.hf, p.F, smem_acts(smem, p.F));  // F
   residual_phase(p.wd, p.x, smem_acts(smem, p.F));
   prefetch_qkv(p.next_qkv);  // warps done early: the next layer's first units, while others finish
-  grid_exit(p.barrier);
+  grid_exit(p.barrier, clock);
 }
 
 }  // namespace
@@ -503,6 +543,39 @@ cudaError_t launch_decode_layer(const DecodeParams& p, size_t smem, int sm_count
 }
 
 }  // namespace
+
+Status CudaBackend::init_decode_timing() {
+  const size_t bytes = sizeof(unsigned long long) * kTimingSlots;
+  KESTREL_ASSIGN_OR_RETURN(void* acc, device_alloc(bytes, "decode timing"));
+  CUDA_TRY(cudaMemset(acc, 0, bytes), "cudaMemset");
+  decode_timing_ = static_cast<unsigned long long*>(acc);
+  return Status::ok();
+}
+
+void CudaBackend::print_decode_timing() const {
+  unsigned long long acc[kTimingSlots] = {};
+  if (!decode_timing_ ||
+      cudaMemcpy(acc, decode_timing_, sizeof(acc), cudaMemcpyDeviceToHost) != cudaSuccess)
+    return;
+  const double launches = static_cast<double>(acc[2 * kPhases]);
+  const double blocks = static_cast<double>(acc[2 * kPhases + 1]);
+  if (launches == 0) return;
+  static const char* const kNames[kPhases] = {"A+B norm, Q K V", "C1 RoPE, K/V store",
+                                              "C2 attention",    "D output projection",
+                                              "E norm, gate/up", "F down projection"};
+  std::fprintf(stderr,
+               "decode_layer timing (KESTREL_CUDA_DECODE_TIMING=1): %.0f launches of %.0f "
+               "blocks\n%-22s %14s %16s\n",
+               launches, blocks / launches, "phase", "wall us/layer", "busy us/block");
+  for (int i = 0; i < kPhases; ++i) {
+    const double busy = static_cast<double>(acc[2 * i + 1]) / blocks / 1e3;
+    if (i + 1 < kPhases)
+      std::fprintf(stderr, "%-22s %14.2f %16.2f\n", kNames[i],
+                   static_cast<double>(acc[2 * i]) / launches / 1e3, busy);
+    else  // no barrier after it: its wall time is the slowest block's busy time
+      std::fprintf(stderr, "%-22s %14s %16.2f\n", kNames[i], "-", busy);
+  }
+}
 
 bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
   if (!fused_decode_ || !decode_barrier_ || !L.x || !L.x->data) return false;
@@ -585,6 +658,7 @@ Status CudaBackend::decode_layer(const DecodeLayer& L) {
   p.neox = L.rope_q.layout == RopeLayout::NeoX;
   p.rope = rope_table(L.rope_q.freq_base, a.head_dim);
   p.barrier = decode_barrier_;
+  p.timing = decode_timing_;
   const size_t smem = decode_smem_bytes(p.E, q_dim, p.F, p.D);
   cudaError_t e = cudaErrorInvalidValue;
   switch (L.k_cache->type) {
