@@ -104,6 +104,9 @@ VARIANTS = [
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in) instead of about
     # nine kernels a layer.
     ("KESTREL_CUDA_FUSED_DECODE=1", "tg128"),
+    # The 5-16-token kernel's K splits summed in a thread block cluster through distributed
+    # shared memory (opt-in) instead of global partials and the last block.
+    ("KESTREL_CUDA_FRAG_CLUSTER=1", "seed case, b128 ub16"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
 ]

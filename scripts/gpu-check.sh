@@ -379,6 +379,12 @@ if ((TESTS)); then
     # GPU op test, since its one failure so far came in a run of all of them and not of the
     # matmul tests alone (bench/NOTES.md, ninth session).
     gpu_test_stage gpu-tests-wgmma '*Gpu*' gtest-gpu-wgmma.xml KESTREL_CUDA_WGMMA=1
+    # The 5-16-token kernel's K splits summed in a thread block cluster (opt-in:
+    # KESTREL_CUDA_FRAG_CLUSTER=1), with the default split rule and with 8 splits forced.
+    gpu_test_stage gpu-tests-frag-cluster '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-frag-cluster.xml KESTREL_CUDA_FRAG_CLUSTER=1
+    gpu_test_stage gpu-tests-frag-cluster8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-frag-cluster8.xml KESTREL_CUDA_FRAG_CLUSTER=1 KESTREL_CUDA_FRAG_SPLITS=8
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \

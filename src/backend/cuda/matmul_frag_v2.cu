@@ -22,6 +22,7 @@
 // enough blocks stream at once; the last split of each row block to finish sums the partials in
 // a fixed order (deterministic, and no reduction launch: at 16 tokens a launch costs about what
 // a 4096 x 4096 product does). bench/lab/emulate_frag_v2.py checks the lane mapping on the CPU.
+#include <cooperative_groups.h>
 #include <cuda_pipeline_primitives.h>
 
 #include <algorithm>
@@ -225,6 +226,45 @@ __device__ void reduce_splits_if_last(const FragPart& part, int row_block, int n
   if (threadIdx.x == 0) arrivals[blockIdx.x] = 0;  // ready for the next launch
 }
 
+// KESTREL_CUDA_FRAG_CLUSTER=1 (opt-in, not run yet): the splits of a row block are one thread
+// block cluster (sm_90), and they sum their results through distributed shared memory instead
+// of partials in global memory, a fence, an arrival counter and the last block's reads (the
+// chain of dependent round trips that makes most of the ~8 us each 16-token launch costs beyond
+// its weights, bench/NOTES.md). Each block leaves its [T][64] results in its own shared memory
+// `red`; after the cluster barrier, block `rank` sums outputs rank * 128 + tid, + splits * 128,
+// ... over the splits in rank order (deterministic), and a second barrier keeps every block's
+// shared memory alive until all have read it.
+template <int NT>
+__device__ void reduce_splits_in_cluster(const FragPart& part, int row_block, int n_tokens,
+                                         const float (&acc)[NT / 8][4], float* red, int g, int c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int warp = threadIdx.x / 32;
+  __syncthreads();  // every warp is done with the step buffers that `red` reuses
+#pragma unroll
+  for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      red[(8 * j + 2 * c + e % 2) * kRowsPerBlock + 16 * warp + g + 8 * (e / 2)] = acc[j][e];
+  cluster.sync();
+  const int splits = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
+  const int64_t rb0 = static_cast<int64_t>(row_block) * kRowsPerBlock;
+  for (int i = rank * kWarps * 32 + threadIdx.x; i < NT * kRowsPerBlock;
+       i += splits * kWarps * 32) {
+    float v = 0.0f;
+    for (int r = 0; r < splits; ++r) v += cluster.map_shared_rank(red, r)[i];
+    const int t = i / kRowsPerBlock;
+    const int64_t row = rb0 + i % kRowsPerBlock;
+    if (t < n_tokens && row < part.n_out)
+      part.out[t * part.n_out + row] = v + (part.bias ? part.bias[row] : 0.0f);
+  }
+  cluster.sync();
+#else
+  (void)part, (void)row_block, (void)n_tokens, (void)acc, (void)red, (void)g, (void)c;
+#endif
+}
+
 // acc += this step's products: the lane's codes `cur` (rows g, g + 8 of its warp) against the
 // step's activations xb in shared memory.
 template <DType T, int NT>
@@ -264,7 +304,7 @@ __device__ __forceinline__ void multiply_step(const LaneCodes<T>& cur, const __h
 // Five resident blocks per SM: the 96 registers the 16-token kernel takes (with the bound left
 // out ptxas gives it 104-106 and only 4 fit; capped at 80 for 6 blocks it measured slower, seed
 // b128 ub16 3,090 against 3,539 t/s, H200).
-template <DType T, int NT>
+template <DType T, int NT, bool kCluster>
 __global__ void __launch_bounds__(kWarps * 32, 5) matmul_frag_v2_kernel(const FragV2Args a) {
   int row_block = 0;
   const FragPart part = part_of_block(a, row_block);
@@ -318,6 +358,12 @@ __global__ void __launch_bounds__(kWarps * 32, 5) matmul_frag_v2_kernel(const Fr
     step(codes1, codes0, cb + L::kStepBlocks);
   }
   __pipeline_wait_prior(0);  // the last (empty) step's copies, before the block exits
+  if constexpr (kCluster) {
+    static_assert(sizeof(xs) >= sizeof(float) * NT * kRowsPerBlock);
+    reduce_splits_in_cluster<NT>(part, row_block, n_tokens, acc, reinterpret_cast<float*>(xs), g,
+                                 c);
+    return;
+  }
   // C fragment: acc[j][0..1] row g, tokens 8j + 2c, +1; acc[j][2..3] row g + 8.
   const bool split = gridDim.y > 1;
   float* dst = split ? part.partial + blockIdx.y * n_tokens * n_out : part.out;
@@ -336,13 +382,48 @@ __global__ void __launch_bounds__(kWarps * 32, 5) matmul_frag_v2_kernel(const Fr
 
 // (As a programmatic dependent launch, with its first step's weights loaded before the kernel
 // before it ends, it measured the same: 3,582 against 3,539 t/s, seed b128 ub16, H200.)
+template <DType T, int NT>
+cudaError_t launch_cluster(const FragV2Args& a, dim3 grid, cudaStream_t s) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(kWarps * 32);
+  config.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = grid.y;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, matmul_frag_v2_kernel<T, NT, true>, a);
+}
+
 template <DType T>
-void launch_type(const FragV2Args& a, int splits, cudaStream_t s) {
+cudaError_t launch_type(const FragV2Args& a, int splits, bool cluster, cudaStream_t s) {
   const dim3 grid(a.parts[a.n_parts - 1].row_block_end, splits);
+  if (cluster && splits > 1)
+    return a.n_tokens <= 8 ? launch_cluster<T, 8>(a, grid, s) : launch_cluster<T, 16>(a, grid, s);
   if (a.n_tokens <= 8)
-    matmul_frag_v2_kernel<T, 8><<<grid, kWarps * 32, 0, s>>>(a);
+    matmul_frag_v2_kernel<T, 8, false><<<grid, kWarps * 32, 0, s>>>(a);
   else
-    matmul_frag_v2_kernel<T, 16><<<grid, kWarps * 32, 0, s>>>(a);
+    matmul_frag_v2_kernel<T, 16, false><<<grid, kWarps * 32, 0, s>>>(a);
+  return cudaSuccess;
+}
+
+// Splits of a row block summed in a thread block cluster (reduce_splits_in_cluster) when
+// KESTREL_CUDA_FRAG_CLUSTER=1 on an sm_90 device: at most kMaxClusterSplits (the portable
+// cluster size).
+constexpr int kMaxClusterSplits = 8;
+bool frag_cluster() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_FRAG_CLUSTER");
+    int device = 0, major = 0;
+    return e && std::string(e) == "1" && cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+               cudaSuccess &&
+           major >= 9;
+  }();
+  return on;
 }
 
 // Blocks the grid aims for: enough 4-warp blocks on every SM to keep the weight stream's loads
@@ -371,8 +452,9 @@ int resident_blocks() {
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
       sms = 132;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, matmul_frag_v2_kernel<DType::Q4_0, 16>, kWarps * 32, 0) != cudaSuccess ||
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm,
+                                                      matmul_frag_v2_kernel<DType::Q4_0, 16, false>,
+                                                      kWarps * 32, 0) != cudaSuccess ||
         per_sm <= 0)
       per_sm = 4;
     return sms * per_sm;
@@ -426,14 +508,15 @@ int64_t blocks_per_split(int64_t nb, int splits) {
 
 int frag_v2_splits(int64_t n_in, int row_blocks) {
   const int64_t quanta = ceil_div(n_in / 32, kSplitQuantum);
+  const int64_t cap = frag_cluster() ? kMaxClusterSplits : 16;
   int splits = 0;
   if (forced_splits() > 0) {
     splits =
-        static_cast<int>(std::clamp<int64_t>(forced_splits(), 1, std::min<int64_t>(quanta, 16)));
+        static_cast<int>(std::clamp<int64_t>(forced_splits(), 1, std::min<int64_t>(quanta, cap)));
   } else {
     // Each split keeps at least two steps, so that loads of the next step overlap the current
     // one.
-    const int most = static_cast<int>(std::clamp<int64_t>(quanta / 2, 1, 16));
+    const int most = static_cast<int>(std::clamp<int64_t>(quanta / 2, 1, cap));
     splits = one_wave() ? std::clamp(resident_blocks() / row_blocks, 1, most)
                         : std::clamp(ceil_div(target_blocks(), row_blocks), 1, most);
   }
@@ -467,10 +550,10 @@ Status launch_matmul_frag_v2(const MatvecPart* parts, int n_parts, const __half*
                   row_blocks};
     partial_at += int64_t{splits} * n_tokens * w.n_out;
   }
-  if (w0.type == DType::Q4_0)
-    launch_type<DType::Q4_0>(a, splits, s);
-  else
-    launch_type<DType::Q8_0>(a, splits, s);
+  const bool cluster = frag_cluster();
+  CUDA_TRY(w0.type == DType::Q4_0 ? launch_type<DType::Q4_0>(a, splits, cluster, s)
+                                  : launch_type<DType::Q8_0>(a, splits, cluster, s),
+           "matmul (tensor cores, weights in fragments, v2: cluster launch)");
   LAUNCH_CHECK("matmul (tensor cores, weights in fragments, v2)");
   return Status::ok();
 }
