@@ -29,6 +29,41 @@ Status Backend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* out
   return Status::ok();
 }
 
+namespace {
+
+// matmul_group when the weights share a type (as the forward pass groups them), else one matmul
+// each.
+Status group_or_each(Backend& be, const Tensor& x, const MatmulOut* outs, int n) {
+  for (int i = 1; i < n; ++i)
+    if (outs[i].w->type != outs[0].w->type) {
+      for (int j = 0; j < n; ++j)
+        KESTREL_TRY(be.matmul(*outs[j].w, x, 1, *outs[j].out, outs[j].bias));
+      return Status::ok();
+    }
+  return be.matmul_group(x, 1, outs, n);
+}
+
+}  // namespace
+
+Status Backend::decode_layer(const DecodeLayer& d) {
+  const int32_t pos[1] = {d.pos};
+  if (d.pending_add)
+    KESTREL_TRY(add_rms_norm(*d.x, *d.proj, 1, *d.attn_norm, d.rms_eps, *d.h));
+  else
+    KESTREL_TRY(rms_norm(*d.x, 1, *d.attn_norm, d.rms_eps, *d.h));
+  const MatmulOut qkv[] = {{d.wq, d.q, d.bq}, {d.wk, d.k, d.bk}, {d.wv, d.v, d.bv}};
+  KESTREL_TRY(group_or_each(*this, *d.h, qkv, 3));
+  KESTREL_TRY(rope_kv_store(*d.q, *d.k, *d.v, 1, pos, d.rope_q, d.rope_k, *d.k_cache, *d.v_cache));
+  KESTREL_TRY(attention(*d.q, 1, pos, *d.k_cache, *d.v_cache, d.attn, *d.att));
+  KESTREL_TRY(matmul(*d.wo, *d.att, 1, *d.proj, nullptr));
+  KESTREL_TRY(add_rms_norm(*d.x, *d.proj, 1, *d.ffn_norm, d.rms_eps, *d.h));
+  const MatmulOut gate_up[] = {{d.w_gate, d.gate, nullptr}, {d.w_up, d.up, nullptr}};
+  KESTREL_TRY(group_or_each(*this, *d.h, gate_up, 2));
+  KESTREL_TRY(swiglu(*d.gate, *d.up, 1, *d.gate));
+  KESTREL_TRY(matmul(*d.w_down, *d.gate, 1, *d.proj, nullptr));
+  return add(*d.x, *d.proj, 1);
+}
+
 Status Backend::profile_op(std::string_view kind, OpProfiler& profiler,
                            const std::function<Status()>& op) {
   KESTREL_TRY(synchronize());  // earlier work must not be charged to this op

@@ -82,8 +82,8 @@ struct MatmulOut {
 // One decode step (a single token) through a whole layer, for a backend that runs it as one unit
 // (Backend::decode_layer): the tensors and weights of the forward pass's run_layer.
 struct DecodeLayer {
-  Tensor* x = nullptr;           // [1][E] the residual, updated in place
-  const Tensor* proj = nullptr;  // [1][E] added to x first when pending_add
+  Tensor* x = nullptr;     // [1][E] the residual, updated in place
+  Tensor* proj = nullptr;  // [1][E] added to x first when pending_add; scratch after
   bool pending_add = false;
   const Tensor* attn_norm = nullptr;
   const Tensor* ffn_norm = nullptr;
@@ -96,9 +96,10 @@ struct DecodeLayer {
   Tensor* k_cache = nullptr;
   Tensor* v_cache = nullptr;
   int32_t pos = 0;  // the token's position (cache row)
-  // Scratch of the op-by-op path, which the backend may use: [1][q_dim], [1][kv_dim] x 2,
+  // Scratch of the op-by-op path, which the backend may use: [1][E], [1][q_dim], [1][kv_dim] x 2,
   // [1][q_dim], [1][F] x 2.
-  Tensor *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *gate = nullptr, *up = nullptr;
+  Tensor *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr;
+  Tensor *gate = nullptr, *up = nullptr;
 };
 
 class Backend {
@@ -156,13 +157,12 @@ class Backend {
   virtual bool fuses_rope_kv_store(const Tensor& /*k_cache*/, const Tensor& /*v_cache*/) const {
     return false;
   }
-  // A decode step of a whole layer as one op: the result of run_layer's op sequence for one
-  // token (x updated in place, including the pending add; the cache row pos written), within the
-  // op bounds. Only called when fuses_decode_layer says the backend takes this layer.
+  // A decode step of a whole layer as one op: the result of the forward pass's op sequence for
+  // one token (x updated in place, including the pending add; the cache row pos written), within
+  // the op bounds. Called only when fuses_decode_layer says the backend takes this layer. The
+  // default runs that op sequence (the reference a backend's own version is tested against).
   virtual bool fuses_decode_layer(const DecodeLayer& /*layer*/) const { return false; }
-  virtual Status decode_layer(const DecodeLayer& /*layer*/) {
-    return error("%s: decode_layer is not supported", name());
-  }
+  virtual Status decode_layer(const DecodeLayer& layer);
   // Causal attention: token t attends to cache rows [0, positions[t]].
   // q[T][n_head*head_dim] -> out[T][n_head*head_dim].
   virtual Status attention(const Tensor& q, int n_tokens, const int32_t* positions,

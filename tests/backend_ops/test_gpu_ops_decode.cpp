@@ -1,6 +1,7 @@
 // A backend that runs a decode step of a whole layer as one op (Backend::decode_layer; the CUDA
-// backend's persistent kernel) must compute what the forward pass's op sequence computes on the
-// same backend: the residual after the layer and the cache row it stores, for every weight type
+// backend's persistent kernel) must compute what the forward pass's op sequence (the base class's
+// decode_layer) computes on the same backend: the residual after the layer and the cache row it
+// stores, for every weight type
 // it fuses, every cache type, both RoPE layouts, GQA, and with and without the previous layer's
 // pending residual add. The op sequence is itself checked op by op against the references
 // (the other GPU op suites), so this suite compares the two paths with a tight bound.
@@ -54,28 +55,6 @@ std::unique_ptr<Weight> random_weight(Backend& be, std::mt19937& rng, LayerWeigh
   auto r = be.load_weight(HostMatrix{type, n_in, n_out, lw.rows.back().data(), name});
   EXPECT_TRUE(r.has_value()) << r.message();
   return r.has_value() ? std::move(*r) : nullptr;
-}
-
-// The forward pass's run_layer for one token, op by op.
-Status run_ops(Backend& be, const DecodeLayer& d, LayerState& st, const Tensor& attn_norm,
-               const Tensor& ffn_norm) {
-  const int32_t pos[1] = {d.pos};
-  if (d.pending_add)
-    KESTREL_TRY(be.add_rms_norm(*st.x, *st.proj, 1, attn_norm, d.rms_eps, *st.h));
-  else
-    KESTREL_TRY(be.rms_norm(*st.x, 1, attn_norm, d.rms_eps, *st.h));
-  const MatmulOut qkv[] = {
-      {d.wq, &*st.q, nullptr}, {d.wk, &*st.k, nullptr}, {d.wv, &*st.v, nullptr}};
-  KESTREL_TRY(be.matmul_group(*st.h, 1, qkv, 3));
-  KESTREL_TRY(be.rope_kv_store(*st.q, *st.k, *st.v, 1, pos, d.rope_q, d.rope_k, *st.kc, *st.vc));
-  KESTREL_TRY(be.attention(*st.q, 1, pos, *st.kc, *st.vc, d.attn, *st.att));
-  KESTREL_TRY(be.matmul(*d.wo, *st.att, 1, *st.proj, nullptr));
-  KESTREL_TRY(be.add_rms_norm(*st.x, *st.proj, 1, ffn_norm, d.rms_eps, *st.h));
-  const MatmulOut gate_up[] = {{d.w_gate, &*st.gate, nullptr}, {d.w_up, &*st.up, nullptr}};
-  KESTREL_TRY(be.matmul_group(*st.h, 1, gate_up, 2));
-  KESTREL_TRY(be.swiglu(*st.gate, *st.up, 1, *st.gate));
-  KESTREL_TRY(be.matmul(*d.w_down, *st.gate, 1, *st.proj, nullptr));
-  return be.add(*st.x, *st.proj, 1);
 }
 
 // Cache rows as floats through the reference dequantizer.
@@ -147,6 +126,7 @@ void check_layer(Backend& be, const std::string& backend, const LayerShape& s, D
                        .k_cache = &*st.kc,
                        .v_cache = &*st.vc,
                        .pos = pos,
+                       .h = &*st.h,
                        .q = &*st.q,
                        .k = &*st.k,
                        .v = &*st.v,
@@ -165,7 +145,7 @@ void check_layer(Backend& be, const std::string& backend, const LayerShape& s, D
                  << "KESTREL_CUDA_FUSED_DECODE=1)";
   Status st = be.decode_layer(df);
   ASSERT_TRUE(st.is_ok()) << st.message();
-  st = run_ops(be, dops, ops, *attn_norm, *ffn_norm);
+  st = be.Backend::decode_layer(dops);  // the op sequence, op by op
   ASSERT_TRUE(st.is_ok()) << st.message();
 
   // The intermediates that both paths leave in the same scratch, in phase order, so that a

@@ -49,7 +49,10 @@ std::string cpu_model_name() {
 }
 
 CpuBackend::CpuBackend(int n_threads, const KernelTable* kernels)
-    : pool_(n_threads), kernels_(kernels ? kernels : &best_kernels()), scratch_(8) {}
+    : pool_(n_threads), kernels_(kernels ? kernels : &best_kernels()), scratch_(8) {
+  const char* e = std::getenv("KESTREL_CPU_DECODE_LAYER");
+  decode_layer_reference_ = e && std::string(e) == "1";
+}
 
 CpuBackend::~CpuBackend() = default;
 

@@ -49,6 +49,11 @@ class CpuBackend final : public Backend {
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override { return Status::ok(); }
+  // KESTREL_CPU_DECODE_LAYER=1: decode steps through Backend::decode_layer (the op sequence as
+  // one op), so that the forward pass's use of a fused decode layer is checked on any machine.
+  bool fuses_decode_layer(const DecodeLayer& /*layer*/) const override {
+    return decode_layer_reference_;
+  }
 
  private:
   void attention_tiled(const Tensor& q, int n_tokens, const int32_t* positions, const float* kf,
@@ -71,6 +76,7 @@ class CpuBackend final : public Backend {
 
   ThreadPool pool_;
   const KernelTable* kernels_;
+  bool decode_layer_reference_ = false;
   std::vector<std::vector<uint8_t>> scratch_;
 };
 
