@@ -174,53 +174,62 @@ Status Forward::ensure_head_buffers(int n_rows) {
   return Status::ok();
 }
 
+// Layer il's weights, the decode token's cache row and this backend's scratch, for
+// Backend::decode_layer.
+backend::DecodeLayer Forward::decode_layer_args(int il, int32_t pos, kv::KvCache& cache,
+                                                bool pending_add) {
+  const Config& c = model_.config();
+  const LayerWeights& L = model_.layer(il);
+  Scratch& s = scratch_[L.backend];
+  const bool bias = c.qkv_bias;
+  return {
+      .x = &s.x,
+      .proj = &s.proj,
+      .pending_add = pending_add,
+      .attn_norm = &L.attn_norm,
+      .ffn_norm = &L.ffn_norm,
+      .rms_eps = c.rms_eps,
+      .wq = L.wq.get(),
+      .wk = L.wk.get(),
+      .wv = L.wv.get(),
+      .wo = L.wo.get(),
+      .w_gate = L.w_gate.get(),
+      .w_up = L.w_up.get(),
+      .w_down = L.w_down.get(),
+      .bq = bias ? &L.bq : nullptr,
+      .bk = bias ? &L.bk : nullptr,
+      .bv = bias ? &L.bv : nullptr,
+      .rope_q = {c.n_head, c.head_dim, c.rope_base, c.rope_layout},
+      .rope_k = {c.n_head_kv, c.head_dim, c.rope_base, c.rope_layout},
+      .attn = {c.n_head, c.n_head_kv, c.head_dim, 1.0f / std::sqrt(static_cast<float>(c.head_dim))},
+      .k_cache = &cache.k(il),
+      .v_cache = &cache.v(il),
+      .pos = pos,
+      .h = &s.h,
+      .q = &s.q,
+      .k = &s.k,
+      .v = &s.v,
+      .att = &s.att,
+      .gate = &s.gate,
+      .up = &s.up};
+}
+
 Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
                           bool& pending_add) {
   const Config& c = model_.config();
   const LayerWeights& L = model_.layer(il);
   Backend& be = *L.backend;
   Scratch& s = scratch_[&be];
-  const backend::RopeParams rope_q{c.n_head, c.head_dim, c.rope_base, c.rope_layout};
-  const backend::RopeParams rope_k{c.n_head_kv, c.head_dim, c.rope_base, c.rope_layout};
-  const backend::AttentionParams attn{c.n_head, c.n_head_kv, c.head_dim,
-                                      1.0f / std::sqrt(static_cast<float>(c.head_dim))};
+  // The layer's tensors and parameters as the fused op takes them (RoPE, attention, biases).
+  const backend::DecodeLayer d = decode_layer_args(il, pos[0], cache, pending_add);
+  const backend::RopeParams &rope_q = d.rope_q, &rope_k = d.rope_k;
+  const backend::AttentionParams& attn = d.attn;
   const bool bias = c.qkv_bias;
 
-  if (n == 1) {  // a decode step: the backend may run the whole layer as one op
-    const backend::DecodeLayer d{.x = &s.x,
-                                 .proj = &s.proj,
-                                 .pending_add = pending_add,
-                                 .attn_norm = &L.attn_norm,
-                                 .ffn_norm = &L.ffn_norm,
-                                 .rms_eps = c.rms_eps,
-                                 .wq = L.wq.get(),
-                                 .wk = L.wk.get(),
-                                 .wv = L.wv.get(),
-                                 .wo = L.wo.get(),
-                                 .w_gate = L.w_gate.get(),
-                                 .w_up = L.w_up.get(),
-                                 .w_down = L.w_down.get(),
-                                 .bq = bias ? &L.bq : nullptr,
-                                 .bk = bias ? &L.bk : nullptr,
-                                 .bv = bias ? &L.bv : nullptr,
-                                 .rope_q = rope_q,
-                                 .rope_k = rope_k,
-                                 .attn = attn,
-                                 .k_cache = &cache.k(il),
-                                 .v_cache = &cache.v(il),
-                                 .pos = pos[0],
-                                 .h = &s.h,
-                                 .q = &s.q,
-                                 .k = &s.k,
-                                 .v = &s.v,
-                                 .att = &s.att,
-                                 .gate = &s.gate,
-                                 .up = &s.up};
-    if (be.fuses_decode_layer(d)) {
-      OP(be, "decode_layer", be.decode_layer(d));
-      pending_add = false;  // x holds the whole layer's output
-      return Status::ok();
-    }
+  if (n == 1 && be.fuses_decode_layer(d)) {  // a decode step as one op
+    OP(be, "decode_layer", be.decode_layer(d));
+    pending_add = false;  // x holds the whole layer's output
+    return Status::ok();
   }
 
   // Attention block.

@@ -68,6 +68,7 @@ class Forward {
   // so that the next layer on the same backend can fuse it into its first norm; a pending add
   // of the previous layer is taken in the same way. flush_add runs one that has no next norm.
   Status run_layer(int il, int n, const int32_t* positions, kv::KvCache& cache, bool& pending_add);
+  backend::DecodeLayer decode_layer_args(int il, int32_t pos, kv::KvCache& cache, bool pending_add);
   Status flush_add(backend::Backend* be, int n, bool& pending_add);
   Status matmul_group(backend::Backend& be, const backend::Tensor& x, int n,
                       std::span<const backend::MatmulOut> outs);
