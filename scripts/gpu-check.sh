@@ -496,7 +496,7 @@ if ((BENCH)); then
   # The opt-in fused decode layer's phases (decode_layer.cu): 64 decode steps of llama2-7b with
   # KESTREL_CUDA_DECODE_TIMING=1, which prints each phase's wall time and blocks' busy time.
   if ((KESTREL_OK)) && [[ -s "$MODELS/llama2-7b-q4_0.gguf" ]] && ! skipped decode-timing; then
-    run_stage decode-timing "$(limit 90 $((BENCH_SECS)))" '^decode_layer timing|^[A-F][0-9+]* |^phase|^\| llama' \
+    run_stage decode-timing "$(limit 90 $((BENCH_SECS)))" '^decode_layer timing|^[A-F][0-9+A-F]* |^phase|^\| llama' \
       env KESTREL_CUDA_FUSED_DECODE=1 KESTREL_CUDA_DECODE_TIMING=1 "$BUILD/bin/kestrel" bench \
       -m "$MODELS/llama2-7b-q4_0.gguf" -p 0 -n 64 -r 1
     record decode-timing "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
