@@ -10,6 +10,11 @@
 
 namespace kestrel::backend::cuda {
 
+// silu(g) * u, the same arithmetic in every SwiGLU (elementwise.cu, the fused decode layer).
+__device__ __forceinline__ float silu_times(float g, float u) {
+  return g / (1.0f + expf(-g)) * u;
+}
+
 __device__ __forceinline__ int warp_sum_int(int v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

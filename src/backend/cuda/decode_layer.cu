@@ -377,11 +377,6 @@ __device__ void prefetch_units(const LayerMatrix& m, const LayerMatrix* also,
   }
 }
 
-// SwiGLU's silu(g) * u, as elementwise.cu computes it.
-__device__ __forceinline__ float silu_mul(float g, float u) {
-  return g / (1.0f + expf(-g)) * u;
-}
-
 // Phase E: a unit is rows r0, r0 + 1 of gate and of up.
 __device__ void gate_up_phase(const DecodeParams& p, const SmemActs& a) {
   const int64_t units = p.wg.n_out / kUnitRows;
@@ -396,8 +391,8 @@ __device__ void gate_up_phase(const DecodeParams& p, const SmemActs& a) {
                                         {p.wu.qs, p.wu.d, r0 + 1}};
     float acc[2 * kUnitRows];
     rows_dot<2 * kUnitRows>(p.wg.q8, rows, p.wg.n_in / 32, a, acc);
-    if (lane == 0) p.hf[r0] = silu_mul(acc[0], acc[2]);
-    if (lane == 1) p.hf[r0 + 1] = silu_mul(acc[1], acc[3]);
+    if (lane == 0) p.hf[r0] = silu_times(acc[0], acc[2]);
+    if (lane == 1) p.hf[r0 + 1] = silu_times(acc[1], acc[3]);
   }
 }
 

@@ -121,11 +121,6 @@ __global__ void rope_kernel(float* x0, int heads0, float* x1, int heads1, const 
   head[i1] = rope_rotate(a, b, sn, cn, false);
 }
 
-// silu(g) * u, the same arithmetic in both SwiGLU kernels.
-__device__ __forceinline__ float silu_times(float g, float u) {
-  return g / (1.0f + expf(-g)) * u;
-}
-
 // The output is also written as the next matmul's input `also` (n a multiple of 32 for the int8
 // planes: a warp is one block, wholly inside or outside).
 __global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, float* out,
