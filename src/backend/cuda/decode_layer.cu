@@ -284,70 +284,79 @@ __device__ __forceinline__ void rows_dot(bool q8, const RowRef (&rows)[kRows], i
     rows_dot<DType::Q4_0, kRows>(rows, nb, a, acc);
 }
 
-// Asks L2 for rows [r0, r0 + n) of m (quants and scales), spread over the warp's lanes.
-__device__ __forceinline__ void prefetch_rows(const LayerMatrix& m, int64_t r0, int64_t n) {
+// Asks L2 for rows [r0, r0 + n) of m (quants and scales), spread over the warp's lanes. Rows and
+// byte counts fit an int (the loops stay short and 32-bit: a unit's rows are a few KB).
+__device__ __forceinline__ void prefetch_rows(const LayerMatrix& m, int r0, int n) {
   if (r0 >= m.n_out) return;
-  n = min(n, m.n_out - r0);
+  n = min(n, static_cast<int>(m.n_out) - r0);
   const int lane = threadIdx.x % 32;
-  const int64_t row_bytes = m.q8 ? m.n_in : m.n_in / 2, nb = m.n_in / 32;
-  const uint8_t* q = m.qs + r0 * row_bytes;
-  for (int64_t off = 128 * lane; off < n * row_bytes; off += 32 * 128) prefetch_l2(q + off);
-  const uint8_t* d = reinterpret_cast<const uint8_t*>(m.d + r0 * nb);
-  for (int64_t off = 128 * lane; off < n * nb * 2; off += 32 * 128) prefetch_l2(d + off);
+  const int row_bytes = static_cast<int>(m.q8 ? m.n_in : m.n_in / 2),
+            nb = static_cast<int>(m.n_in / 32);
+  const uint8_t* q = m.qs + int64_t{r0} * row_bytes;
+#pragma unroll 1
+  for (int off = 128 * lane; off < n * row_bytes; off += 32 * 128) prefetch_l2(q + off);
+  const uint8_t* d = reinterpret_cast<const uint8_t*>(m.d + int64_t{r0} * nb);
+#pragma unroll 1
+  for (int off = 128 * lane; off < n * nb * 2; off += 32 * 128) prefetch_l2(d + off);
 }
 
-__device__ __forceinline__ int64_t global_warp() {
-  return int64_t{blockIdx.x} * kWarps + threadIdx.x / 32;
+__device__ __forceinline__ int global_warp() {
+  return static_cast<int>(blockIdx.x) * kWarps + static_cast<int>(threadIdx.x) / 32;
 }
-__device__ __forceinline__ int64_t grid_warps() {
-  return int64_t{gridDim.x} * kWarps;
+__device__ __forceinline__ int grid_warps() {
+  return static_cast<int>(gridDim.x) * kWarps;
 }
 
-// Unit u of Q, K and V (rows 2u, 2u + 1 of the three stacked; each has an even row count).
+// Unit u of Q, K and V: rows 2u, 2u + 1 of the three stacked (each has an even row count), the
+// matrix chosen by value (no pointer into the parameters, whose loads would be generic).
 struct QkvUnit {
-  const LayerMatrix* m;
+  LayerMatrix m;
   float* out;
-  int64_t r;
+  int r;
 };
 __device__ __forceinline__ QkvUnit qkv_unit(const LayerMatrix (&w)[3], float* const (&out)[3],
-                                            int64_t u) {
-  int64_t r = kUnitRows * u;
-  if (r < w[0].n_out) return {&w[0], out[0], r};
-  r -= w[0].n_out;
-  if (r < w[1].n_out) return {&w[1], out[1], r};
-  return {&w[2], out[2], r - w[1].n_out};
+                                            int u) {
+  const int r = kUnitRows * u, n0 = static_cast<int>(w[0].n_out), n1 = static_cast<int>(w[1].n_out);
+  if (r < n0) return {w[0], out[0], r};
+  if (r < n0 + n1) return {w[1], out[1], r - n0};
+  return {w[2], out[2], r - n0 - n1};
+}
+
+__device__ __forceinline__ int qkv_units(const LayerMatrix (&w)[3]) {
+  return static_cast<int>((w[0].n_out + w[1].n_out + w[2].n_out) / kUnitRows);
 }
 
 // The warp's first kPrefetchUnits units of Q, K and V (this layer's, or the next one's).
 __device__ void prefetch_qkv(const LayerMatrix (&w)[3]) {
-  const int64_t units = (w[0].n_out + w[1].n_out + w[2].n_out) / kUnitRows;
+  const int units = qkv_units(w);
   float* const none[3] = {nullptr, nullptr, nullptr};
+#pragma unroll 1
   for (int i = 0; i < kPrefetchUnits; ++i) {
-    const int64_t u = global_warp() + i * grid_warps();
+    const int u = global_warp() + i * grid_warps();
     if (u >= units) break;
     const QkvUnit q = qkv_unit(w, none, u);
-    prefetch_rows(*q.m, q.r, kUnitRows);
+    prefetch_rows(q.m, q.r, kUnitRows);
   }
 }
 
 // Phase B.
 __device__ void qkv_phase(const DecodeParams& p, const SmemActs& a) {
-  const int64_t units = (p.wqkv[0].n_out + p.wqkv[1].n_out + p.wqkv[2].n_out) / kUnitRows;
+  const int units = qkv_units(p.wqkv);
   const int lane = threadIdx.x % 32;
   float* const out[3] = {p.q, p.k, p.v};
-  for (int64_t u = global_warp(); u < units; u += grid_warps()) {
+  for (int u = global_warp(); u < units; u += grid_warps()) {
     // The loads in flight a warp are few (registers): L2 is asked for the units ahead.
-    if (const int64_t next = u + kPrefetchUnits * grid_warps(); next < units) {
+    if (const int next = u + kPrefetchUnits * grid_warps(); next < units) {
       const QkvUnit n = qkv_unit(p.wqkv, out, next);
-      prefetch_rows(*n.m, n.r, kUnitRows);
+      prefetch_rows(n.m, n.r, kUnitRows);
     }
     const QkvUnit q = qkv_unit(p.wqkv, out, u);
-    const LayerMatrix& m = *q.m;
+    const LayerMatrix& m = q.m;
     const RowRef rows[kUnitRows] = {{m.qs, m.d, q.r}, {m.qs, m.d, q.r + 1}};
     float acc[kUnitRows];
     rows_dot<kUnitRows>(m.q8, rows, m.n_in / 32, a, acc);
     if (lane < kUnitRows) {
-      const int64_t r = q.r + lane;
+      const int r = q.r + lane;
       q.out[r] = (lane == 0 ? acc[0] : acc[1]) + (m.bias ? m.bias[r] : 0.0f);
     }
   }
@@ -355,10 +364,10 @@ __device__ void qkv_phase(const DecodeParams& p, const SmemActs& a) {
 
 // Phases D and F: x[r] += (m . planes)[r].
 __device__ void residual_phase(const LayerMatrix& m, float* x, const SmemActs& a) {
-  const int64_t units = m.n_out / kUnitRows;
+  const int units = static_cast<int>(m.n_out / kUnitRows);
   const int lane = threadIdx.x % 32;
-  for (int64_t u = global_warp(); u < units; u += grid_warps()) {
-    const int64_t r0 = kUnitRows * u;
+  for (int u = global_warp(); u < units; u += grid_warps()) {
+    const int r0 = kUnitRows * u;
     prefetch_rows(m, r0 + kUnitRows * kPrefetchUnits * grid_warps(), kUnitRows);
     const RowRef rows[kUnitRows] = {{m.qs, m.d, r0}, {m.qs, m.d, r0 + 1}};
     float acc[kUnitRows];
@@ -370,8 +379,9 @@ __device__ void residual_phase(const LayerMatrix& m, float* x, const SmemActs& a
 // The warp's first `rounds` units of m (and of `also`, the same rows).
 __device__ void prefetch_units(const LayerMatrix& m, const LayerMatrix* also,
                                int rounds = kPrefetchUnits) {
+#pragma unroll 1
   for (int i = 0; i < rounds; ++i) {
-    const int64_t r0 = kUnitRows * (global_warp() + i * grid_warps());
+    const int r0 = kUnitRows * (global_warp() + i * grid_warps());
     prefetch_rows(m, r0, kUnitRows);
     if (also) prefetch_rows(*also, r0, kUnitRows);
   }
@@ -379,10 +389,10 @@ __device__ void prefetch_units(const LayerMatrix& m, const LayerMatrix* also,
 
 // Phase E: a unit is rows r0, r0 + 1 of gate and of up.
 __device__ void gate_up_phase(const DecodeParams& p, const SmemActs& a) {
-  const int64_t units = p.wg.n_out / kUnitRows;
+  const int units = static_cast<int>(p.wg.n_out / kUnitRows);
   const int lane = threadIdx.x % 32;
-  for (int64_t u = global_warp(); u < units; u += grid_warps()) {
-    const int64_t r0 = kUnitRows * u, ahead = r0 + kUnitRows * kPrefetchUnits * grid_warps();
+  for (int u = global_warp(); u < units; u += grid_warps()) {
+    const int r0 = kUnitRows * u, ahead = r0 + kUnitRows * kPrefetchUnits * grid_warps();
     prefetch_rows(p.wg, ahead, kUnitRows);
     prefetch_rows(p.wu, ahead, kUnitRows);
     const RowRef rows[2 * kUnitRows] = {{p.wg.qs, p.wg.d, r0},
@@ -401,10 +411,10 @@ __device__ void gate_up_phase(const DecodeParams& p, const SmemActs& a) {
 template <DType CT>
 __device__ void store_phase(const DecodeParams& p) {
   const int pos = p.pos[0], D = p.D, half = D / 2, lane = threadIdx.x % 32;
-  const int64_t kv_blocks = int64_t{p.n_head_kv} * D / 32;
-  for (int64_t u = global_warp(); u < 2 * kv_blocks; u += grid_warps()) {
+  const int kv_blocks = p.n_head_kv * D / 32;
+  for (int u = global_warp(); u < 2 * kv_blocks; u += grid_warps()) {
     const bool is_k = u < kv_blocks;
-    const int64_t c = 32 * (is_k ? u : u - kv_blocks) + lane;
+    const int c = 32 * (is_k ? u : u - kv_blocks) + lane;
     float val;
     if (is_k) {
       const int d = static_cast<int>(c % D);
