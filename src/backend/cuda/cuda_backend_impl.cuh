@@ -294,6 +294,9 @@ class CudaBackend final : public Backend {
   int32_t* slots_host_ = nullptr;
   int32_t* slots_dev_ = nullptr;
   void drop_graphs();  // after any buffer a recording may use is freed or moved
+  // Set when decode steps fall back from the fused layer to ops: the next run_recorded drops
+  // every recording first (not during one: the current recording is still being used).
+  bool drop_graphs_pending_ = false;
   struct Pending {
     std::string kind;
     OpProfiler* profiler;

@@ -677,6 +677,20 @@ Status CudaBackend::decode_layer(const DecodeLayer& L) {
       e = launch_decode_layer<DType::Q4_0>(p, smem, sm_count_, stream_);
       break;
   }
+  if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported ||
+      e == cudaErrorStreamCaptureUnsupported || e == cudaErrorInvalidConfiguration) {
+    // The device cannot run the grid as one cooperative launch here (or a graph cannot hold
+    // one): decode steps go op by op from now on, this one included. A capture this failed in
+    // is invalid; run_recorded then runs the pass again eagerly, without the fused layer.
+    cudaGetLastError();
+    fused_decode_ = false;
+    drop_graphs_pending_ = true;  // recordings that hold fused layers stage other inputs
+    std::fprintf(
+        stderr,
+        "kestrel: cuda: the fused decode layer cannot launch (%s); decode steps run op by op\n",
+        cudaGetErrorString(e));
+    return Backend::decode_layer(L);
+  }
   CUDA_TRY(e, "decode_layer (launch)");
   LAUNCH_CHECK("decode_layer");
   return Status::ok();

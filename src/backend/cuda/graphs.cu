@@ -17,6 +17,10 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
   // A recorded pass must make the same choices (which activations to re-quantize) every time.
   forget_activations();
   if (mode_ != Mode::Eager || graphs_disabled_) return body();  // nested, or switched off
+  if (drop_graphs_pending_) {
+    drop_graphs();
+    drop_graphs_pending_ = false;
+  }
   Recorded& g = graphs_[key];
   if (g.failed || g.runs++ == 0) return body();  // the first run allocates what the body needs
   // The pinned slots are refilled below: the previous launch must have read them.
