@@ -611,7 +611,7 @@ bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
     return false;
   if (L.pos < 0 || L.pos >= std::min(kc->rows, vc->rows) || L.pos + 1 > kRowsMaxKeys) return false;
   if (L.pending_add && !L.proj) return false;
-  return L.q && L.k && L.v && L.att && L.gate && L.gate->cols >= F;
+  return L.h && L.q && L.k && L.v && L.att && L.gate && L.up && L.gate->cols >= F;
 }
 
 Status CudaBackend::decode_layer(const DecodeLayer& L) {
