@@ -226,6 +226,10 @@ class CudaBackend final : public Backend {
   // on a GPU (written in a session without one).
   bool fused_decode_ = false;
   unsigned long long* decode_barrier_ = nullptr;  // its grid barrier's counter
+  // Per cache type (f16, q8_0, q4_0): the shared memory its kernel was last set up for and the
+  // blocks an SM that then fit.
+  size_t decode_smem_set_[3] = {};
+  int decode_per_sm_[3] = {};
   // KESTREL_CUDA_DECODE_TIMING=1: its phases' times, summed on the device and printed to stderr
   // when the backend is destroyed.
   unsigned long long* decode_timing_ = nullptr;

@@ -525,14 +525,20 @@ LayerMatrix layer_matrix(const Weight* w, const Tensor* bias) {
 // A cooperative launch of one block per SM (or as many as fit): the grid barriers need every
 // block resident at once.
 template <DType CT>
-cudaError_t launch_decode_layer(const DecodeParams& p, size_t smem, int sm_count, cudaStream_t s) {
+cudaError_t launch_decode_layer(const DecodeParams& p, size_t smem, int sm_count, size_t& sized,
+                                int& per_sm, cudaStream_t s) {
   const auto kernel = decode_layer_kernel<CT>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
-  int per_sm = 0;
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
-  if (e != cudaSuccess) return e;
+  // The shared-memory limit and the occupancy asked once per size (sized, per_sm: the backend's,
+  // so per device; the first pass of a key runs eagerly, so a recording finds them set): two
+  // driver calls a layer a token otherwise.
+  if (smem != sized) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+    if (e != cudaSuccess) return e;
+    sized = smem;
+  }
   if (per_sm < 1) return cudaErrorCooperativeLaunchTooLarge;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(sm_count * std::min(per_sm, 2));
@@ -668,13 +674,16 @@ Status CudaBackend::decode_layer(const DecodeLayer& L) {
   cudaError_t e = cudaErrorInvalidValue;
   switch (L.k_cache->type) {
     case DType::F16:
-      e = launch_decode_layer<DType::F16>(p, smem, sm_count_, stream_);
+      e = launch_decode_layer<DType::F16>(p, smem, sm_count_, decode_smem_set_[0],
+                                          decode_per_sm_[0], stream_);
       break;
     case DType::Q8_0:
-      e = launch_decode_layer<DType::Q8_0>(p, smem, sm_count_, stream_);
+      e = launch_decode_layer<DType::Q8_0>(p, smem, sm_count_, decode_smem_set_[1],
+                                           decode_per_sm_[1], stream_);
       break;
     default:
-      e = launch_decode_layer<DType::Q4_0>(p, smem, sm_count_, stream_);
+      e = launch_decode_layer<DType::Q4_0>(p, smem, sm_count_, decode_smem_set_[2],
+                                           decode_per_sm_[2], stream_);
       break;
   }
   if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported ||
