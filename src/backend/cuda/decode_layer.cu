@@ -617,6 +617,8 @@ bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
     return false;
   if (L.pos < 0 || L.pos >= std::min(kc->rows, vc->rows) || L.pos + 1 > kRowsMaxKeys) return false;
   if (L.pending_add && !L.proj) return false;
+  // Shared memory within what any sm_80+ block can have (the activation planes grow with n_ff).
+  if (decode_smem_bytes(E, q_dim, F, D) > 160 * 1024) return false;
   return L.h && L.q && L.k && L.v && L.att && L.gate && L.up && L.gate->cols >= F;
 }
 
