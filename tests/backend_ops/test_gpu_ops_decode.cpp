@@ -63,12 +63,15 @@ std::vector<float> cache_floats(Backend& be, const DevTensor& c) {
   return dequantize_rows(c->type, bytes.data(), c->rows, c->cols);
 }
 
+// mixed: V and the down projection in Q8_0 beside the other weights' type (as some GGUF files
+// mix them), and Q, K, V biases (Qwen2-style).
 void check_layer(Backend& be, const std::string& backend, const LayerShape& s, DType wtype,
-                 DType ctype, RopeLayout layout, bool pending_add, int pos) {
+                 DType ctype, RopeLayout layout, bool pending_add, int pos, bool mixed = false) {
   const std::string what = backend + " decode_layer/" + type_str(wtype) + "/cache " +
                            type_str(ctype) + (layout == RopeLayout::NeoX ? "/neox" : "/normal") +
                            "/D=" + std::to_string(s.head_dim) +
-                           (pending_add ? "/pending add" : "") + "/pos " + std::to_string(pos);
+                           (pending_add ? "/pending add" : "") + "/pos " + std::to_string(pos) +
+                           (mixed ? "/q8_0 V and down, QKV biases" : "");
   SCOPED_TRACE(what);
   std::mt19937 rng = test_rng();
   const int n_ctx = pos + 9;
@@ -77,12 +80,17 @@ void check_layer(Backend& be, const std::string& backend, const LayerShape& s, D
   LayerWeights lw;
   lw.wq = random_weight(be, rng, lw, wtype, E, q_dim, "wq");
   lw.wk = random_weight(be, rng, lw, wtype, E, kv_dim, "wk");
-  lw.wv = random_weight(be, rng, lw, wtype, E, kv_dim, "wv");
+  lw.wv = random_weight(be, rng, lw, mixed ? DType::Q8_0 : wtype, E, kv_dim, "wv");
   lw.wo = random_weight(be, rng, lw, wtype, q_dim, E, "wo");
   lw.wg = random_weight(be, rng, lw, wtype, E, F, "w_gate");
   lw.wu = random_weight(be, rng, lw, wtype, E, F, "w_up");
-  lw.wd = random_weight(be, rng, lw, wtype, F, E, "w_down");
+  lw.wd = random_weight(be, rng, lw, mixed ? DType::Q8_0 : wtype, F, E, "w_down");
   ASSERT_TRUE(lw.wq && lw.wk && lw.wv && lw.wo && lw.wg && lw.wu && lw.wd);
+  const std::vector<float> bq_h = randn(rng, q_dim, 0.3f), bk_h = randn(rng, kv_dim, 0.3f),
+                           bv_h = randn(rng, kv_dim, 0.3f);
+  DevTensor bq(be, be.load_vector(bq_h.data(), q_dim, "bq"));
+  DevTensor bk(be, be.load_vector(bk_h.data(), kv_dim, "bk"));
+  DevTensor bv(be, be.load_vector(bv_h.data(), kv_dim, "bv"));
   const std::vector<float> attn_norm_h = randn(rng, E, 0.2f, 1.0f),
                            ffn_norm_h = randn(rng, E, 0.2f, 1.0f);
   DevTensor attn_norm(be, be.load_vector(attn_norm_h.data(), E, "attn_norm"));
@@ -120,6 +128,9 @@ void check_layer(Backend& be, const std::string& backend, const LayerShape& s, D
                        .w_gate = lw.wg.get(),
                        .w_up = lw.wu.get(),
                        .w_down = lw.wd.get(),
+                       .bq = mixed ? &*bq : nullptr,
+                       .bk = mixed ? &*bk : nullptr,
+                       .bv = mixed ? &*bv : nullptr,
                        .rope_q = rq,
                        .rope_k = rk,
                        .attn = attn,
@@ -206,6 +217,8 @@ TEST_P(GpuOpsDecodeLayer, MatchesTheOpSequence) {
   check_layer(be(), GetParam(), mha, DType::Q4_0, DType::Q4_0, RopeLayout::Normal, false, 0);
   check_layer(be(), GetParam(), mha, DType::Q4_0, DType::F16, RopeLayout::NeoX, true, 300);
   check_layer(be(), GetParam(), mha, DType::Q8_0, DType::Q8_0, RopeLayout::Normal, false, 1000);
+  check_layer(be(), GetParam(), gqa, DType::Q4_0, DType::Q8_0, RopeLayout::NeoX, true, 37,
+              /*mixed=*/true);
 }
 
 }  // namespace
