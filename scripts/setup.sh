@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" != 0 ] && SUDO=sudo
 need=()
-for pkg in cmake ninja-build g++ libgtest-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev pkg-config python3 python3-pip; do
+for pkg in cmake ninja-build g++ libgtest-dev python3-venv libcli11-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev pkg-config python3 python3-pip; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -39,12 +39,25 @@ if [ "$opencl" != OFF ]; then
     for pkg in "${ocl_pkgs[@]}"; do dpkg -s "$pkg" >/dev/null 2>&1 || opencl=OFF; done
   fi
 fi
+# Oclgrind, an OpenCL simulator that checks every memory access of the kernels (the
+# opencl_oclgrind test; skipped without it).
+if [ "$opencl" = ON ] && ! dpkg -s oclgrind >/dev/null 2>&1; then
+  { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+      --no-install-recommends oclgrind; } || echo "setup: oclgrind did not install" >&2
+fi
+# A second OpenCL implementation for the tests: Intel's CPU runtime from PyPI, which has
+# cl_khr_fp16 (the half-arithmetic kernels) where PoCL has not (KESTREL_INTEL_OPENCL=OFF skips it).
+intel_icd=""
+if [ "$opencl" = ON ] && [ "${KESTREL_INTEL_OPENCL:-ON}" != OFF ] && [ "$(uname -m)" = x86_64 ]; then
+  intel_icd=$(bash scripts/setup-intel-opencl.sh) ||
+    { echo "setup: Intel's OpenCL runtime did not install; its OpenCL tests are left out" >&2; intel_icd=""; }
+fi
 cuda=${KESTREL_CUDA:-OFF}
 if [ -z "${KESTREL_CUDA:-}" ] && nvidia-smi -L 2>/dev/null | grep -q GPU; then
   command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
   command -v nvcc >/dev/null && cuda=ON
 fi
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DKESTREL_WERROR=ON -DKESTREL_CUDA="$cuda" \
-  -DKESTREL_OPENCL="$opencl" \
+  -DKESTREL_OPENCL="$opencl" -DKESTREL_CL_INTEL_ICD_DIR="$intel_icd" \
   >/dev/null
 cmake --build build -j "$(nproc)"

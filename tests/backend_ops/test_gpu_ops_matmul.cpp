@@ -260,6 +260,29 @@ TEST_P(GpuOpsMatmul, MidBatchesOnMatmulMid) {
   check_activation_outliers(**mid, GetParam() + " (matmul_mid)", DType::Q4_0);
 }
 
+// OpenCL devices with cl_khr_fp16 run the Q4_0 / Q8_0 micro-batch matmuls in half arithmetic
+// (the suites above test it there, e.g. on Intel's CPU runtime); the device name says so, and
+// KESTREL_CL_HALF=0 keeps them in f32, which must then pass the same checks.
+TEST_P(GpuOpsMatmul, HalfArithmeticWhereTheDeviceHasFp16) {
+  GPU_TRACE_SEED();
+  if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
+  const std::string name = be().device_name();
+  const bool fp16 = name.find(", fp16") != std::string::npos;
+  const char* env = std::getenv("KESTREL_CL_HALF");
+  if (!env || std::string(env) != "0") {
+    EXPECT_EQ(name.find("half matmuls") != std::string::npos, fp16) << name;
+  }
+  if (!fp16) GTEST_SKIP() << "no cl_khr_fp16 on " << name << ": the f32 kernels are the only ones";
+  ScopedEnv off("KESTREL_CL_HALF", "0");
+  auto f32 = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(f32.has_value()) << f32.message();
+  EXPECT_EQ((*f32)->device_name().find("half matmuls"), std::string::npos) << (*f32)->device_name();
+  for (DType type : {DType::Q4_0, DType::Q8_0}) {
+    check_shapes(**f32, GetParam() + " (f32 on an fp16 device)", type);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
 // ---- shape errors and the profiled path --------------------------------------------------------
 
 KESTREL_GPU_OPS_SUITE(GpuOpsMatmulBadInput);

@@ -13,6 +13,7 @@
 #include "backend/opencl/kernels/elementwise_cl.h"
 #include "backend/opencl/kernels/matmul_cl.h"
 #include "backend/opencl/kernels/matmul_tiled_cl.h"
+#include "backend/opencl/kernels/matmul_tiled_half_cl.h"
 #include "backend/opencl/opencl_backend_impl.h"
 #include "backend/opencl/program_cache.h"
 #include "format/quant/quant.h"
@@ -28,20 +29,27 @@ double gib(double bytes) {
 }
 
 const char* const kKernelNames[] = {
-    "embed_rows",    "rms_norm",        "add_rms_norm",      "rope",
-    "swiglu",        "add_inplace",     "get_rows",          "kv_store",
-    "attention",     "attention_block", "attention_combine", "matmul_small",
-    "matmul_reduce", "matmul_tiled",    "matmul_mid",        "matmul_tiled16",
+    "embed_rows",      "rms_norm",        "add_rms_norm",      "rope",
+    "swiglu",          "add_inplace",     "get_rows",          "kv_store",
+    "attention_query", "attention_block", "attention_combine", "matmul_small",
+    "matmul_reduce",   "matmul_tiled",    "matmul_mid",        "matmul_tiled16",
 };
 
 // One instance of the matmul_tiled.cl template (which undefines its parameters at the end).
-std::string tiled_instance(const char* name, const TileShape& t) {
+// With `half`, of matmul_tiled_half.cl (the same parameters but MM_VEC4, which it always has).
+std::string tiled_instance(const char* name, const TileShape& t, bool half = false) {
   std::string s = format(
       "#define MM_TM %d\n#define MM_TN %d\n#define MM_WX %d\n#define MM_WY %d\n"
-      "#define MM_VEC4 %d\n#define MM_PREFETCH %d\n#define MM_KERNEL %s\n",
-      t.tm, t.tn, t.wx, t.wy, t.vec4 ? 1 : 0, t.prefetch ? 1 : 0, name);
-  s.append(sources::matmul_tiled);
-  return s;
+      "#define MM_PREFETCH %d\n#define MM_KERNEL %s\n",
+      t.tm, t.tn, t.wx, t.wy, t.prefetch ? 1 : 0, name);
+  if (half) return s.append(sources::matmul_tiled_half);
+  s.append(format("#define MM_VEC4 %d\n", t.vec4 ? 1 : 0));
+  return s.append(sources::matmul_tiled);
+}
+
+// matmul_tiled_half's work-items accumulate runs of four rows and four tokens.
+bool half_fits(const TileShape& t) {
+  return t.tm % (4 * t.wx) == 0 && t.tn % (4 * t.wy) == 0;
 }
 
 // Local memory of a tiled instance's weight and activation tiles (32 columns of f32 each).
@@ -151,11 +159,6 @@ Status OpenclBackend::init(int platform, int device) {
   if (i.local_mem < 16 * 1024)
     return error("OpenCL device %s has %llu bytes of local memory; the OpenCL backend needs 16 KiB",
                  i.name.c_str(), static_cast<unsigned long long>(i.local_mem));
-  device_name_ =
-      format("%s (%s, driver %s, %.0f GiB, %s%s)", i.name.c_str(), i.platform_name.c_str(),
-             i.driver.c_str(), gib(static_cast<double>(i.global_mem)), i.gpu ? "GPU" : "CPU device",
-             i.fp16 ? ", fp16" : "");
-
   cl_int err = CL_SUCCESS;
   const cl_context_properties props[] = {CL_CONTEXT_PLATFORM,
                                          reinterpret_cast<cl_context_properties>(platform_), 0};
@@ -164,6 +167,14 @@ Status OpenclBackend::init(int platform, int device) {
   queue_ = clCreateCommandQueue(context_, device_, 0, &err);
   KESTREL_CL_TRY(err, "OpenCL setup");
   KESTREL_TRY(build_kernels());
+  // The arithmetic is part of the name (reports carry it): "half matmuls" where the quantized
+  // micro-batch matmuls run in half.
+  device_name_ =
+      format("%s (%s, driver %s, %.0f GiB, %s%s)", i.name.c_str(), i.platform_name.c_str(),
+             i.driver.c_str(), gib(static_cast<double>(i.global_mem)), i.gpu ? "GPU" : "CPU device",
+             half_tiled_ || half_tiled16_ ? ", fp16, half matmuls"
+             : i.fp16                     ? ", fp16"
+                                          : "");
   ring_host_.assign(kRingInts, 0);
   KESTREL_ASSIGN_OR_RETURN(ring_dev_, device_alloc(kRingInts * sizeof(int32_t), "index ring"));
   setup_ms_ =
@@ -233,12 +244,24 @@ Status OpenclBackend::build_kernels() {
   options += format(" -DMID_ROWS=%d -DMID_SPLIT=%d", mid_rows_, mid_split_);
   if (info_.fp16) options += " -DKESTREL_HAS_FP16";
   if (info_.correct_divide) options += " -cl-fp32-correctly-rounded-divide-sqrt";
-  const std::vector<std::string> srcs = {sources::common,
-                                         sources::elementwise,
-                                         sources::attention,
-                                         sources::matmul,
-                                         tiled_instance("matmul_tiled", tile_),
-                                         tiled_instance("matmul_tiled16", mid_tile_)};
+  std::vector<std::string> srcs = {sources::common,
+                                   sources::elementwise,
+                                   sources::attention,
+                                   sources::matmul,
+                                   tiled_instance("matmul_tiled", tile_),
+                                   tiled_instance("matmul_tiled16", mid_tile_)};
+  // Half arithmetic for the quantized micro-batches where the device has it (matmul_tiled_half.cl
+  // says why it stays accurate); KESTREL_CL_HALF=0 keeps them in f32.
+  const char* half_env = std::getenv("KESTREL_CL_HALF");
+  const bool half = info_.fp16 && !(half_env && std::string(half_env) == "0");
+  half_tiled_ = half && half_fits(tile_);
+  half_tiled16_ = half && half_fits(mid_tile_);
+  if (half_tiled_) srcs.push_back(tiled_instance("matmul_tiled_half", tile_, true));
+  if (half_tiled16_) srcs.push_back(tiled_instance("matmul_tiled16_half", mid_tile_, true));
+  std::vector<const char*> names(std::begin(kKernelNames), std::end(kKernelNames));
+  if (half_tiled_ || half_tiled16_) names.push_back("x_half_blocks");
+  if (half_tiled_) names.push_back("matmul_tiled_half");
+  if (half_tiled16_) names.push_back("matmul_tiled16_half");
   KESTREL_ASSIGN_OR_RETURN(ProgramBuild built,
                            build_program(context_, device_, srcs, options, default_cache_dir()));
   program_ = built.program;
@@ -246,7 +269,7 @@ Status OpenclBackend::build_kernels() {
   if (built.note.find("corrupt") != std::string::npos ||
       built.note.find("unusable") != std::string::npos)
     std::fprintf(stderr, "kestrel: opencl: %s\n", built.note.c_str());
-  for (const char* name : kKernelNames) {
+  for (const char* name : names) {
     cl_int err = CL_SUCCESS;
     cl_kernel k = clCreateKernel(program_, name, &err);
     if (err != CL_SUCCESS)
@@ -263,6 +286,19 @@ Status OpenclBackend::build_kernels() {
           "OpenCL kernel %s runs at most %zu work-items per group on %s; it needs %zu (the "
           "device's registers or local memory are too small for it)",
           name, wg, info_.name.c_str(), need);
+    // Local memory is checked here, not by a failing launch: attention_block (27 KiB) gives way
+    // to the one-query kernel on devices with less; every other kernel fits in 16 KiB on them.
+    cl_ulong local = 0;
+    clGetKernelWorkGroupInfo(k, device_, CL_KERNEL_LOCAL_MEM_SIZE, sizeof local, &local, nullptr);
+    if (local > info_.local_mem) {
+      if (std::strcmp(name, "attention_block") == 0) {
+        attention_block_fits_ = false;
+        continue;
+      }
+      return error("OpenCL kernel %s needs %llu bytes of local memory; %s has %llu", name,
+                   static_cast<unsigned long long>(local), info_.name.c_str(),
+                   static_cast<unsigned long long>(info_.local_mem));
+    }
   }
   return Status::ok();
 }

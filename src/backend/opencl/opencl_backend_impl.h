@@ -75,6 +75,7 @@ class OpenclBackend final : public Backend {
                   Tensor& out) override;
   Status matmul(const Weight& w, const Tensor& x, int n_tokens, Tensor& out,
                 const Tensor* bias) override;
+  Status matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) override;
   Status add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight, float eps,
                       Tensor& out) override;
   Status rope(Tensor& x, int n_tokens, const int32_t* positions, const RopeParams& p) override;
@@ -114,6 +115,10 @@ class OpenclBackend final : public Backend {
   Expected<cl_mem> device_table(const HostMatrix& table);
   // Device table of base^(-2i / head_dim), cached per (base, head_dim).
   Expected<cl_mem> rope_freqs(float base, int head_dim);
+  // Whether a matmul of w over n_tokens runs in half arithmetic (matmul_tiled_half.cl), and the
+  // conversion of its activations (x_half_blocks into scratch slots 2 and 3).
+  bool uses_half(const ClWeight& w, int n_tokens) const;
+  Status half_activations(const Tensor& x, int n_tokens, const char* op);
   Status norm_rows(Tensor& x, const Tensor* y, int n_tokens, const Tensor& weight, float eps,
                    Tensor& out);
   Status rope_rows(Tensor& x, const RopeParams& p, Tensor* x1, int heads1, int n_tokens,
@@ -138,6 +143,14 @@ class OpenclBackend final : public Backend {
   // once per step into local memory); KESTREL_CL_MID_KERNEL=mid: on matmul_mid instead.
   TileShape mid_tile_{};
   bool mid_tiled_ = true;
+  // Q4_0 / Q8_0 micro-batches of more than 8 tokens in half arithmetic (x_half_blocks, then
+  // matmul_tiled_half / matmul_tiled16_half): on devices with cl_khr_fp16, unless
+  // KESTREL_CL_HALF=0, for the tile shapes whose work-items hold runs of four rows and tokens.
+  bool half_tiled_ = false, half_tiled16_ = false;
+  // attention_block's local memory fits the device (else the one-query kernel takes every call).
+  bool attention_block_fits_ = true;
+  // Set by matmul_group while its matmuls run: the input whose half blocks are in scratch.
+  const void* half_x_ready_ = nullptr;
   // Work-groups per compute unit that split-K aims at for mid-sized batches, and the most slices
   // (KESTREL_CL_MID_GROUPS_PER_CU, 1-16, and KESTREL_CL_MID_MAX_SPLITS override them, to
   // compare); matmul_tiled aims at 4 with at most 8. H200 through NVIDIA's OpenCL, seed b128 ub16:

@@ -227,6 +227,42 @@ Status OpenclBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows,
   return launch(k, "get_rows", 2, global, local);
 }
 
+bool OpenclBackend::uses_half(const ClWeight& w, int n_tokens) const {
+  return (w.type == DType::Q4_0 || w.type == DType::Q8_0) && n_tokens > kSmallBatch &&
+         (half_tiled_ || (half_tiled16_ && mid_tiled_));
+}
+
+Status OpenclBackend::half_activations(const Tensor& x, int n_tokens, const char* op) {
+  const size_t values = static_cast<size_t>(n_tokens) * x.cols;
+  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * values));
+  KESTREL_ASSIGN_OR_RETURN(cl_mem xs, scratch(3, sizeof(float) * (values / 32)));
+  cl_kernel k = kernel("x_half_blocks");
+  Args a(k, op);
+  a.mem(x.data)(static_cast<int>(x.cols))(n_tokens)(xh)(xs);
+  KESTREL_TRY(a.status());
+  const size_t global[2] = {static_cast<size_t>(x.cols / 32), static_cast<size_t>(n_tokens)};
+  const size_t local[2] = {32, 1};
+  return launch(k, op, 2, global, local);
+}
+
+// Q/K/V and gate/up share their input: in half arithmetic it is converted once for the group.
+Status OpenclBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs,
+                                   int n_outs) {
+  bool half = false;
+  for (int i = 0; i < n_outs; ++i)
+    half = half || (outs[i].w->n_in == x.cols &&
+                    uses_half(static_cast<const ClWeight&>(*outs[i].w), n_tokens));
+  if (half && n_tokens <= x.rows && is_f32(x)) {
+    KESTREL_TRY(half_activations(x, n_tokens, "matmul group"));
+    half_x_ready_ = x.data;
+  }
+  Status s = Status::ok();
+  for (int i = 0; i < n_outs && s.is_ok(); ++i)
+    s = matmul(*outs[i].w, x, n_tokens, *outs[i].out, outs[i].bias);
+  half_x_ready_ = nullptr;
+  return s;
+}
+
 Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
                              const Tensor* bias) {
   const auto& w = static_cast<const ClWeight&>(weight);
@@ -274,6 +310,17 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
   const int n_blocks = n_in / 32;
   constexpr int kMidTokens = 16;  // MID_T of kernels/matmul.cl
   const int mid_rows = mid_rows_, mid_split = mid_split_;
+  // Half arithmetic (matmul_tiled_half.cl): the activations as half blocks with their
+  // power-of-two scales (once per matmul_group), then the half instances of the tiled kernels.
+  const bool half_tiled = uses_half(w, n_tokens) && half_tiled_;
+  const bool half_tiled16 = uses_half(w, n_tokens) && half_tiled16_ && mid_tiled_;
+  cl_mem xh = nullptr, xs = nullptr;
+  if (half_tiled || half_tiled16) {
+    const size_t values = static_cast<size_t>(n_tokens) * n_in;
+    KESTREL_ASSIGN_OR_RETURN(xh, scratch(2, 2 * values));
+    KESTREL_ASSIGN_OR_RETURN(xs, scratch(3, sizeof(float) * (values / 32)));
+    if (half_x_ready_ != x.data) KESTREL_TRY(half_activations(x, n_tokens, op.c_str()));
+  }
   int t0 = 0;
   while (t0 < n_tokens) {
     const int rest = n_tokens - t0;
@@ -301,9 +348,16 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     if (splits > 1) {
       KESTREL_ASSIGN_OR_RETURN(part, scratch(0, sizeof(float) * splits * stride));
     }
-    cl_kernel k = kernel(tiled ? "matmul_tiled" : mid_tiled_ ? "matmul_tiled16" : "matmul_mid");
+    const bool half = tiled ? half_tiled : half_tiled16;
+    cl_kernel k = kernel(tiled        ? (half ? "matmul_tiled_half" : "matmul_tiled")
+                         : half       ? "matmul_tiled16_half"
+                         : mid_tiled_ ? "matmul_tiled16"
+                                      : "matmul_mid");
     Args a(k, op.c_str());
-    set_common(k, a);
+    if (half)
+      a(w.qs)(w.d)(type)(n_in)(n_out)(xh)(xs);
+    else
+      set_common(k, a);
     a(t0)(count).mem(out.data);
     set_bias(a);
     a(splits);
@@ -409,7 +463,8 @@ Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* po
   if (forced) splits = std::min(att_splits_forced_, std::max(tiles, 1));
   // The split work-groups need only reach one per unit: each decodes a key once for 16 queries,
   // where the one-query kernel decodes it 16 times (~6x the work at head_dim 128).
-  if (n_tokens >= 4 && D <= 128 && (forced || blocks * splits >= want / 2)) {
+  if (attention_block_fits_ && n_tokens >= 4 && D <= 128 &&
+      (forced || blocks * splits >= want / 2)) {
     cl_kernel kb = kernel("attention_block");
     const int kt = static_cast<int>(k_cache.type), vt = static_cast<int>(v_cache.type);
     const cl_long krb = static_cast<cl_long>(k_cache.row_bytes()),
@@ -443,7 +498,7 @@ Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* po
     const size_t cl[3] = {32, 1, 1};  // D is a multiple of 32
     return launch(kc, "attention", 3, cg, cl);
   }
-  cl_kernel k = kernel("attention");
+  cl_kernel k = kernel("attention_query");
   const int kt = static_cast<int>(k_cache.type), vt = static_cast<int>(v_cache.type);
   const cl_long krb = static_cast<cl_long>(k_cache.row_bytes()),
                 vrb = static_cast<cl_long>(v_cache.row_bytes());

@@ -76,7 +76,7 @@ inline float cache_elem(int type, const global uchar* row, int c) {
 // work-item accumulates head_dim / ATT_WG output dimensions. head_dim <= ATT_MAX_DIM.
 #define ATT_WG 64
 #define ATT_MAX_DIM 256
-kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1))) void attention(
+kernel __attribute__((reqd_work_group_size(ATT_WG, 1, 1))) void attention_query(
     global const float* q, global const uchar* k_cache, global const uchar* v_cache, int k_type,
     int v_type, long k_row_bytes, long v_row_bytes, global const int* ints, int ints_off,
     int n_head, int group, int head_dim, float scale, global float* out) {
