@@ -113,7 +113,12 @@ TEST_F(OpenclCache, CorruptFileIsRebuiltWithANote) {
     const ProgramBuild b = build();
     EXPECT_FALSE(b.from_cache);
     EXPECT_NE(b.note.find("rebuilt"), std::string::npos) << b.note;
-    EXPECT_EQ(read(p), good) << "the cache file was not rewritten";
+    // Rewritten: a fresh file with the same magic and key (not necessarily the same bytes:
+    // Intel's compiler numbers its modules, so two builds of one source differ in a byte), which
+    // the next build loads.
+    const std::string now = read(p);
+    EXPECT_NE(now, d.data) << "the cache file was not rewritten";
+    EXPECT_EQ(now.substr(0, 16), good.substr(0, 16)) << "the rewritten file's header differs";
     EXPECT_TRUE(build().from_cache);
   }
 }
