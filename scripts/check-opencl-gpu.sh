@@ -6,8 +6,8 @@
 #      often has libnvidia-opencl.so.1 but no /etc/OpenCL/vendors entry), the CUDA toolkit's
 #      OpenCL headers and ICD loader, .gpu-deps for PCRE2 / utf8proc, the gguf wheel
 #   2. build build-ocl-gpu (-DKESTREL_OPENCL=ON, no CUDA): kestrel and kestrel_tests
-#   3. the conformance tests on OpenCL (KESTREL_GPU_BACKEND=opencl, KESTREL_OPS_REPORT=1) and
-#      the program cache tests
+#   3. the conformance tests on OpenCL (KESTREL_GPU_BACKEND=opencl, KESTREL_OPS_REPORT=1), the
+#      program cache tests and the end-to-end logits (-ngl 99)
 #   4. unless --no-bench: llama2-7b Q4_0 (synthetic, ANCHORS.md scales) pp512 and the seed's case
 #      (327 tokens, -c 512 -b 128 -ub 16 -ctk q4_0 -ctv q4_0), with the cold and warm setup time
 #
@@ -98,6 +98,13 @@ if ((TESTS)); then
   KESTREL_GPU_BACKEND=opencl KESTREL_OPS_REPORT=1 timeout 420 "$BUILD/bin/kestrel_tests" \
     --gtest_filter='*Gpu*:OpenclCache*' --gtest_brief=1 || rc=1
   echo "tests: rc $rc, $(($(date +%s) - t)) s"
+  # End to end through NVIDIA's driver (its default kernels: the tensor-core matmuls where the
+  # probe passes), every weight and KV type with uneven chunkings, within a time budget.
+  t=$(date +%s)
+  timeout 240 python3 tests/e2e/test_e2e.py --kestrel "$BUILD/bin/kestrel" --workdir "$WORK/e2e" \
+    --kestrel-args "--backend opencl -ngl 99" --jobs 8 --budget 150 --timeout 60 2>&1 |
+    grep -E '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce' || rc=1
+  echo "e2e: rc $rc, $(($(date +%s) - t)) s"
 fi
 
 # --- 4. bench ------------------------------------------------------------------------------------

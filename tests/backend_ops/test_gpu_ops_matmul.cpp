@@ -283,6 +283,25 @@ TEST_P(GpuOpsMatmul, HalfArithmeticWhereTheDeviceHasFp16) {
   }
 }
 
+// The tensor-core template of NVIDIA devices (kernels/matmul_nv_mma.cl): on NVIDIA's driver it
+// is the default (this test then checks the portable kernels it replaces there); elsewhere it
+// runs with its mma emulated through local memory, which checks everything but the instruction
+// (fragment layouts, tiles, tails, split-K, the f16 activations' scaling).
+TEST_P(GpuOpsMatmul, TensorCoreTemplateRealOrEmulated) {
+  GPU_TRACE_SEED();
+  if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
+  const bool real = be().device_name().find("tensor-core matmuls") != std::string::npos;
+  ScopedEnv env("KESTREL_CL_NV_MMA", real ? "0" : "emulate");
+  auto other = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(other.has_value()) << other.message();
+  const std::string name = (*other)->device_name();
+  EXPECT_EQ(name.find("mma.sync") != std::string::npos, !real) << name;
+  for (DType type : {DType::Q4_0, DType::Q8_0}) {
+    check_shapes(**other, GetParam() + (real ? " (portable kernels)" : " (mma emulated)"), type);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+}
+
 // ---- shape errors and the profiled path --------------------------------------------------------
 
 KESTREL_GPU_OPS_SUITE(GpuOpsMatmulBadInput);

@@ -62,4 +62,40 @@ Expected<DeviceChoice> choose_device(int platform, int device);
 // such as PoCL's runs the model slower than the native CPU backend).
 bool is_gpu_device(cl_device_id d);
 
+// Kernel arguments in order; the first failing clSetKernelArg is reported with the op.
+class Args {
+ public:
+  Args(cl_kernel k, const char* op) : k_(k), op_(op) {}
+  template <typename T>
+  Args& operator()(const T& v) {
+    if (err_ == CL_SUCCESS) {
+      err_ = clSetKernelArg(k_, i_, sizeof(T), &v);
+      if (err_ != CL_SUCCESS) failed_ = i_;
+    }
+    ++i_;
+    return *this;
+  }
+  Args& mem(const void* tensor_data) {
+    return (*this)(static_cast<cl_mem>(const_cast<void*>(tensor_data)));
+  }
+  Args& null_mem() {
+    if (err_ == CL_SUCCESS) {
+      err_ = clSetKernelArg(k_, i_, sizeof(cl_mem), nullptr);
+      if (err_ != CL_SUCCESS) failed_ = i_;
+    }
+    ++i_;
+    return *this;
+  }
+  Status status() const {
+    if (err_ == CL_SUCCESS) return Status::ok();
+    return error("%s: clSetKernelArg(%u) failed: %s", op_, failed_, cl_error_name(err_).c_str());
+  }
+
+ private:
+  cl_kernel k_;
+  const char* op_;
+  cl_uint i_ = 0, failed_ = 0;
+  cl_int err_ = CL_SUCCESS;
+};
+
 }  // namespace kestrel::backend::opencl

@@ -172,9 +172,11 @@ Status OpenclBackend::init(int platform, int device) {
   device_name_ =
       format("%s (%s, driver %s, %.0f GiB, %s%s)", i.name.c_str(), i.platform_name.c_str(),
              i.driver.c_str(), gib(static_cast<double>(i.global_mem)), i.gpu ? "GPU" : "CPU device",
-             half_tiled_ || half_tiled16_ ? ", fp16, half matmuls"
-             : i.fp16                     ? ", fp16"
-                                          : "");
+             nv_mma_ == "emulate"           ? ", mma.sync emulated"
+             : !nv_mma_.empty()             ? ", tensor-core matmuls (mma.sync)"
+             : half_tiled_ || half_tiled16_ ? ", fp16, half matmuls"
+             : i.fp16                       ? ", fp16"
+                                            : "");
   ring_host_.assign(kRingInts, 0);
   KESTREL_ASSIGN_OR_RETURN(ring_dev_, device_alloc(kRingInts * sizeof(int32_t), "index ring"));
   setup_ms_ =
@@ -259,6 +261,9 @@ Status OpenclBackend::build_kernels() {
   if (half_tiled_) srcs.push_back(tiled_instance("matmul_tiled_half", tile_, true));
   if (half_tiled16_) srcs.push_back(tiled_instance("matmul_tiled16_half", mid_tile_, true));
   std::vector<const char*> names(std::begin(kKernelNames), std::end(kKernelNames));
+  // The tensor cores through inline PTX where NVIDIA's compiler passes the probe (nv_mma.cpp).
+  choose_nv_mma();
+  add_nv_mma_sources(srcs, names, options);
   if (half_tiled_ || half_tiled16_) names.push_back("x_half_blocks");
   if (half_tiled_) names.push_back("matmul_tiled_half");
   if (half_tiled16_) names.push_back("matmul_tiled16_half");

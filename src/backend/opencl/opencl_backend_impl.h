@@ -117,8 +117,17 @@ class OpenclBackend final : public Backend {
   Expected<cl_mem> rope_freqs(float base, int head_dim);
   // Whether a matmul of w over n_tokens runs in half arithmetic (matmul_tiled_half.cl), and the
   // conversion of its activations (x_half_blocks into scratch slots 2 and 3).
+  // (Also true on the tensor-core path, whose f16 rows take the same scratch slots.)
   bool uses_half(const ClWeight& w, int n_tokens) const;
   Status half_activations(const Tensor& x, int n_tokens, const char* op);
+  // The tensor-core path on NVIDIA's driver (nv_mma.cpp, kernels/matmul_nv_mma.cl).
+  std::string run_nv_probe(const std::string& options);
+  void choose_nv_mma();
+  void add_nv_mma_sources(std::vector<std::string>& srcs, std::vector<const char*>& names,
+                          std::string& options);  // clears nv_mma_ where the tiles do not fit
+  Status nv_activations(const Tensor& x, int n_tokens, const char* op);
+  Status matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens, Tensor& out,
+                   const Tensor* bias, const char* op);
   Status norm_rows(Tensor& x, const Tensor* y, int n_tokens, const Tensor& weight, float eps,
                    Tensor& out);
   Status rope_rows(Tensor& x, const RopeParams& p, Tensor* x1, int heads1, int n_tokens,
@@ -147,6 +156,11 @@ class OpenclBackend final : public Backend {
   // matmul_tiled_half / matmul_tiled16_half): on devices with cl_khr_fp16, unless
   // KESTREL_CL_HALF=0, for the tile shapes whose work-items hold runs of four rows and tokens.
   bool half_tiled_ = false, half_tiled16_ = false;
+  // Q4_0 / Q8_0 micro-batches of more than 8 tokens on mma.sync through inline PTX
+  // (kernels/matmul_nv_mma.cl), ahead of the half and f32 kernels: "" off, else the asm
+  // keyword's spelling that NVIDIA's compiler took in the setup probe, or "emulate"
+  // (KESTREL_CL_NV_MMA=emulate: the same kernels on any device, for the tests).
+  std::string nv_mma_;
   // attention_block's local memory fits the device (else the one-query kernel takes every call).
   bool attention_block_fits_ = true;
   // Set by matmul_group while its matmuls run: the input whose half blocks are in scratch.

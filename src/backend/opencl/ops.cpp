@@ -15,42 +15,6 @@ namespace {
 
 using quant::DType;
 
-// Kernel arguments in order; the first failing clSetKernelArg is reported with the op.
-class Args {
- public:
-  Args(cl_kernel k, const char* op) : k_(k), op_(op) {}
-  template <typename T>
-  Args& operator()(const T& v) {
-    if (err_ == CL_SUCCESS) {
-      err_ = clSetKernelArg(k_, i_, sizeof(T), &v);
-      if (err_ != CL_SUCCESS) failed_ = i_;
-    }
-    ++i_;
-    return *this;
-  }
-  Args& mem(const void* tensor_data) {
-    return (*this)(static_cast<cl_mem>(const_cast<void*>(tensor_data)));
-  }
-  Args& null_mem() {
-    if (err_ == CL_SUCCESS) {
-      err_ = clSetKernelArg(k_, i_, sizeof(cl_mem), nullptr);
-      if (err_ != CL_SUCCESS) failed_ = i_;
-    }
-    ++i_;
-    return *this;
-  }
-  Status status() const {
-    if (err_ == CL_SUCCESS) return Status::ok();
-    return error("%s: clSetKernelArg(%u) failed: %s", op_, failed_, cl_error_name(err_).c_str());
-  }
-
- private:
-  cl_kernel k_;
-  const char* op_;
-  cl_uint i_ = 0, failed_ = 0;
-  cl_int err_ = CL_SUCCESS;
-};
-
 bool is_f32(const Tensor& t) {
   return t.type == DType::F32 && t.data;
 }
@@ -229,7 +193,7 @@ Status OpenclBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows,
 
 bool OpenclBackend::uses_half(const ClWeight& w, int n_tokens) const {
   return (w.type == DType::Q4_0 || w.type == DType::Q8_0) && n_tokens > kSmallBatch &&
-         (half_tiled_ || (half_tiled16_ && mid_tiled_));
+         (!nv_mma_.empty() || half_tiled_ || (half_tiled16_ && mid_tiled_));
 }
 
 Status OpenclBackend::half_activations(const Tensor& x, int n_tokens, const char* op) {
@@ -253,7 +217,8 @@ Status OpenclBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOu
     half = half || (outs[i].w->n_in == x.cols &&
                     uses_half(static_cast<const ClWeight&>(*outs[i].w), n_tokens));
   if (half && n_tokens <= x.rows && is_f32(x)) {
-    KESTREL_TRY(half_activations(x, n_tokens, "matmul group"));
+    KESTREL_TRY(nv_mma_.empty() ? half_activations(x, n_tokens, "matmul group")
+                                : nv_activations(x, n_tokens, "matmul group"));
     half_x_ready_ = x.data;
   }
   Status s = Status::ok();
@@ -304,6 +269,8 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const size_t local[2] = {rows, split};
     return launch(k, op.c_str(), 2, global, local);
   }
+  if (!nv_mma_.empty() && uses_half(w, n_tokens))
+    return matmul_nv(w, x, n_tokens, out, bias, op.c_str());
   // Up to mid_max_tokens_ tokens: matmul_mid; beyond, full tiles of matmul_tiled and the rest
   // on matmul_mid when it is that short (a 71-token micro-batch costs 64 tiled token slots and 7
   // mid ones, not 128), else on one more partial tile.

@@ -1,0 +1,253 @@
+// The OpenCL backend's tensor-core path on NVIDIA's driver (kernels/matmul_nv_mma.cl): the setup
+// probe that decides whether it runs, its program sources, and the matmul's host side.
+//
+// The probe builds nv_mma_probe (through the program cache, so a warm start pays a binary load)
+// with each spelling of the asm keyword, runs one m16n8k16 product of small integers and compares
+// it with the exact one. A driver whose compiler refuses the inline PTX, or whose product is
+// wrong, keeps the portable kernels, with one line on stderr saying why.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "backend/opencl/kernels/common_cl.h"
+#include "backend/opencl/kernels/matmul_nv_mma_cl.h"
+#include "backend/opencl/opencl_backend_impl.h"
+#include "backend/opencl/program_cache.h"
+#include "format/quant/fp16.h"
+
+namespace kestrel::backend::opencl {
+
+namespace {
+
+// The instances of the template: weight rows, tokens, warps along rows x tokens, blocks of 32
+// columns a step. 16 and 32 tokens (the seed's micro-batches and the tails) read each weight
+// once with 8 warps of 16 rows and 4 blocks a step (8 KiB of Q4_0 in flight a work-group: these
+// are bound by the weight stream; KESTREL_CL_NV_KB=2 halves it); larger batches take 64-token
+// tiles, each warp 32 rows x 32 tokens, 2 blocks a step (4 would not fit NVIDIA's 48 KiB of local
+// memory).
+struct NvShape {
+  const char* name;
+  int bm, bn, wm, wn, kb;
+};
+constexpr NvShape kNvShapes[] = {{"matmul_nv16", 128, 16, 8, 1, 4},
+                                 {"matmul_nv32", 128, 32, 8, 1, 4},
+                                 {"matmul_nv64", 128, 64, 4, 2, 2}};
+
+// Local memory of an instance: f16 weight and token tiles, rows of 32 kb + 8 halves, and the
+// emulation's exchange area (192 words a warp).
+size_t nv_local_bytes(const NvShape& s, int kb, bool emulated) {
+  return 2 * static_cast<size_t>(32 * kb + 8) * (s.bm + s.bn) +
+         (emulated ? 768 * static_cast<size_t>(s.wm * s.wn) : 0);
+}
+
+std::string nv_instance(const NvShape& s, int kb) {
+  return format(
+             "#define NV_BM %d\n#define NV_BN %d\n#define NV_WM %d\n#define NV_WN %d\n"
+             "#define NV_KB %d\n#define NV_KERNEL %s\n",
+             s.bm, s.bn, s.wm, s.wn, kb, s.name)
+      .append(sources::matmul_nv_mma);
+}
+
+// Releases what the probe created, whatever path it leaves by.
+struct ProbeObjects {
+  cl_program program = nullptr;
+  cl_kernel kernel = nullptr;
+  cl_mem bufs[3] = {nullptr, nullptr, nullptr};
+  ~ProbeObjects() {
+    for (cl_mem m : bufs)
+      if (m) clReleaseMemObject(m);
+    if (kernel) clReleaseKernel(kernel);
+    if (program) clReleaseProgram(program);
+  }
+};
+
+}  // namespace
+
+// One m16n8k16 product of integers in [-8, 7] (exact in f16 and in the f32 sums): "" when the
+// device computed it exactly, else what went wrong.
+std::string OpenclBackend::run_nv_probe(const std::string& options) {
+  auto built = build_program(context_, device_, {sources::common, sources::matmul_nv_mma}, options,
+                             default_cache_dir());
+  if (!built) {
+    const std::string& m = built.message();
+    return "the probe does not build: " + m.substr(0, m.find('\n', 200));
+  }
+  ProbeObjects o;
+  o.program = built->program;
+  cl_int err = CL_SUCCESS;
+  o.kernel = clCreateKernel(o.program, "nv_mma_probe", &err);
+  if (err != CL_SUCCESS) return "clCreateKernel(nv_mma_probe): " + cl_error_name(err);
+  std::mt19937 rng(std::random_device{}());
+  std::uniform_int_distribution<int> code(-8, 7);
+  int a[16][16], b[8][16];
+  for (auto& row : a)
+    for (int& v : row) v = code(rng);
+  for (auto& row : b)
+    for (int& v : row) v = code(rng);
+  // f16 pairs in words, low half first: A [16][8 words], B [8 tokens][8 words].
+  auto word = [](int lo, int hi) {
+    return static_cast<cl_uint>(quant::fp32_to_fp16(static_cast<float>(lo))) |
+           (static_cast<cl_uint>(quant::fp32_to_fp16(static_cast<float>(hi))) << 16);
+  };
+  std::vector<cl_uint> aw(128), bw(64);
+  for (int r = 0; r < 16; ++r)
+    for (int w = 0; w < 8; ++w) aw[r * 8 + w] = word(a[r][2 * w], a[r][2 * w + 1]);
+  for (int t = 0; t < 8; ++t)
+    for (int w = 0; w < 8; ++w) bw[t * 8 + w] = word(b[t][2 * w], b[t][2 * w + 1]);
+  const size_t sizes[3] = {aw.size() * 4, bw.size() * 4, 128 * sizeof(float)};
+  const void* host[3] = {aw.data(), bw.data(), nullptr};
+  for (int i = 0; i < 3; ++i) {
+    o.bufs[i] = clCreateBuffer(context_, CL_MEM_READ_WRITE | (host[i] ? CL_MEM_COPY_HOST_PTR : 0),
+                               sizes[i], const_cast<void*>(host[i]), &err);
+    if (err != CL_SUCCESS) return "clCreateBuffer: " + cl_error_name(err);
+  }
+  Args args(o.kernel, "nv_mma_probe");
+  if (Status s = args(o.bufs[0])(o.bufs[1])(o.bufs[2]).status(); !s.is_ok()) return s.message();
+  const size_t n = 32;
+  std::vector<float> c(128);
+  err = clEnqueueNDRangeKernel(queue_, o.kernel, 1, nullptr, &n, &n, 0, nullptr, nullptr);
+  if (err == CL_SUCCESS)
+    err =
+        clEnqueueReadBuffer(queue_, o.bufs[2], CL_TRUE, 0, sizes[2], c.data(), 0, nullptr, nullptr);
+  if (err != CL_SUCCESS) return "the probe's launch failed: " + cl_error_name(err);
+  for (int t = 0; t < 8; ++t)
+    for (int r = 0; r < 16; ++r) {
+      int want = 0;
+      for (int k = 0; k < 16; ++k) want += a[r][k] * b[t][k];
+      if (c[t * 16 + r] != static_cast<float>(want))
+        return format("the probe's product is wrong (row %d, token %d: %g, not %d)", r, t,
+                      static_cast<double>(c[t * 16 + r]), want);
+    }
+  return "";
+}
+
+// KESTREL_CL_NV_MMA: 0 keeps the portable kernels; "emulate" runs the template with the
+// fragments exchanged through local memory on any device (for the tests); unset, NVIDIA devices
+// whose probe passes use mma.sync.
+void OpenclBackend::choose_nv_mma() {
+  nv_mma_.clear();
+  const char* env = std::getenv("KESTREL_CL_NV_MMA");
+  const std::string want = env ? env : "";
+  if (want == "0" || !wide_) return;
+  const std::string base = "-cl-std=CL1.2";
+  if (want == "emulate") {
+    const std::string why = run_nv_probe(base);
+    if (why.empty())
+      nv_mma_ = "emulate";
+    else
+      std::fprintf(stderr, "kestrel: opencl: KESTREL_CL_NV_MMA=emulate: %s\n", why.c_str());
+    return;
+  }
+  if (info_.vendor.find("NVIDIA") == std::string::npos) return;
+  std::string why;
+  for (const char* spelling : {"__asm__", "asm"}) {
+    why = run_nv_probe(base + " -DNV_ASM=" + spelling);
+    if (why.empty()) {
+      nv_mma_ = spelling;
+      return;
+    }
+  }
+  std::fprintf(stderr, "kestrel: opencl: tensor-core matmuls unavailable, %s\n", why.c_str());
+}
+
+void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
+                                       std::vector<const char*>& names, std::string& options) {
+  if (nv_mma_.empty()) return;
+  const bool emulated = nv_mma_ == "emulate";
+  const int kb_env =
+      std::getenv("KESTREL_CL_NV_KB") ? std::atoi(std::getenv("KESTREL_CL_NV_KB")) : 0;
+  std::vector<std::string> instances;
+  for (const NvShape& s : kNvShapes) {
+    int kb = s.bn < 64 && (kb_env == 2 || kb_env == 4) ? kb_env : s.kb;
+    if (kb > 2 && nv_local_bytes(s, kb, emulated) > info_.local_mem) kb = 2;
+    if (nv_local_bytes(s, kb, emulated) > info_.local_mem) {
+      std::fprintf(stderr, "kestrel: opencl: %s needs %zu bytes of local memory, %s has %llu\n",
+                   s.name, nv_local_bytes(s, kb, emulated), info_.name.c_str(),
+                   static_cast<unsigned long long>(info_.local_mem));
+      nv_mma_.clear();
+      return;
+    }
+    instances.push_back(nv_instance(s, kb));
+  }
+  if (!emulated) options += " -DNV_ASM=" + nv_mma_;
+  for (size_t i = 0; i < instances.size(); ++i) {
+    srcs.push_back(std::move(instances[i]));
+    names.push_back(kNvShapes[i].name);
+  }
+  names.push_back("nv_x_f16");
+}
+
+// xh (scratch 2): each token's row as f16 pairs, scaled by a power of two; xs (scratch 3): the
+// inverse scale per token (matmul_nv_mma.cl).
+Status OpenclBackend::nv_activations(const Tensor& x, int n_tokens, const char* op) {
+  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * static_cast<size_t>(n_tokens) * x.cols));
+  KESTREL_ASSIGN_OR_RETURN(cl_mem xs, scratch(3, sizeof(float) * n_tokens));
+  cl_kernel k = kernel("nv_x_f16");
+  KESTREL_TRY(Args(k, op).mem(x.data)(static_cast<int>(x.cols))(xh)(xs).status());
+  const size_t global[1] = {256 * static_cast<size_t>(n_tokens)};
+  const size_t local[1] = {256};
+  return launch(k, op, 1, global, local);
+}
+
+// The tensor-core matmul of a Q4_0 / Q8_0 weight over more than 8 tokens: up to 32 tokens in
+// one pass over the weight (16- or 32-token tiles), more in 64-token tiles; the input columns
+// split when the output tiles leave compute units idle (partials added by matmul_reduce).
+Status OpenclBackend::matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens, Tensor& out,
+                                const Tensor* bias, const char* op) {
+  if (half_x_ready_ != x.data) KESTREL_TRY(nv_activations(x, n_tokens, op));
+  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * static_cast<size_t>(n_tokens) * w.n_in));
+  KESTREL_ASSIGN_OR_RETURN(cl_mem xs, scratch(3, sizeof(float) * n_tokens));
+  const NvShape& s = n_tokens <= 16 ? kNvShapes[0] : n_tokens <= 32 ? kNvShapes[1] : kNvShapes[2];
+  const int n_in = static_cast<int>(w.n_in), n_out = static_cast<int>(w.n_out);
+  const int n_blocks = n_in / 32;
+  const size_t groups = static_cast<size_t>((n_out + s.bm - 1) / s.bm) *
+                        static_cast<size_t>((n_tokens + s.bn - 1) / s.bn);
+  const size_t want = static_cast<size_t>(s.bn < 64 ? mid_groups_per_cu_ : 4) *
+                      std::max<size_t>(info_.compute_units, 1);
+  int splits = 1;
+  if (groups < want)
+    splits = static_cast<int>(std::min<size_t>(
+        {(want + groups - 1) / groups, static_cast<size_t>(s.bn < 64 ? mid_max_splits_ : 8),
+         static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+  const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
+  cl_mem part = nullptr;
+  if (splits > 1) {
+    KESTREL_ASSIGN_OR_RETURN(part, scratch(0, sizeof(float) * splits * stride));
+  }
+  cl_kernel k = kernel(s.name);
+  const int type = static_cast<int>(w.type), t0 = 0;
+  Args a(k, op);
+  a(w.qs)(w.d)(type)(n_in)(n_out)(xh)(xs)(t0)(n_tokens).mem(out.data);
+  if (bias)
+    a.mem(bias->data);
+  else
+    a.null_mem();
+  a(splits);
+  if (part)
+    a(part);
+  else
+    a.null_mem();
+  a(stride);
+  KESTREL_TRY(a.status());
+  const size_t wg = 32 * static_cast<size_t>(s.wm * s.wn);
+  const size_t global[3] = {static_cast<size_t>((n_out + s.bm - 1) / s.bm) * wg,
+                            static_cast<size_t>((n_tokens + s.bn - 1) / s.bn),
+                            static_cast<size_t>(splits)};
+  const size_t local[3] = {wg, 1, 1};
+  KESTREL_TRY(launch(k, op, 3, global, local));
+  if (splits == 1) return Status::ok();
+  cl_kernel r = kernel("matmul_reduce");
+  Args ra(r, op);
+  ra(part)(splits)(stride)(n_out)(t0)(n_tokens).mem(out.data);
+  if (bias)
+    ra.mem(bias->data);
+  else
+    ra.null_mem();
+  KESTREL_TRY(ra.status());
+  const size_t rg[2] = {static_cast<size_t>(n_out), static_cast<size_t>(n_tokens)};
+  const size_t rl[2] = {64, 1};
+  return launch(r, op, 2, rg, rl);
+}
+
+}  // namespace kestrel::backend::opencl
