@@ -97,16 +97,16 @@ VARIANTS = [
     # kernel of rope_kv_store.cu), and SwiGLU one value a thread.
     ("KESTREL_CUDA_NO_ROWS_ROPE_KV=1", "llama2-7b pp512"),
     ("KESTREL_CUDA_NO_SWIGLU4=1", "llama2-7b pp512"),
-    # Q4_0 prompt chunks on the opt-in wgmma kernel that decodes the weights itself
-    # (matmul_wgmma.cu) instead of cuBLAS on dequantized f16 copies.
-    ("KESTREL_CUDA_WGMMA=1", "llama2-7b pp512"),
-    ("KESTREL_CUDA_WGMMA=1", "llama3-8b pp512"),
+    # Q4_0 prompt chunks on cuBLAS over dequantized f16 copies instead of the wgmma kernel that
+    # decodes the weights itself (matmul_wgmma.cu, the default since the twelfth session).
+    ("KESTREL_CUDA_WGMMA=0", "llama2-7b pp512"),
+    ("KESTREL_CUDA_WGMMA=0", "llama3-8b pp512"),
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in) instead of about
     # nine kernels a layer.
     ("KESTREL_CUDA_FUSED_DECODE=1", "tg128"),
-    # The 5-16-token kernel's K splits summed in a thread block cluster through distributed
-    # shared memory (opt-in) instead of global partials and the last block.
-    ("KESTREL_CUDA_FRAG_CLUSTER=1", "seed case, b128 ub16"),
+    # The 5-16-token kernel's K splits summed through global partials and the last block instead
+    # of a thread block cluster (the default since the twelfth session).
+    ("KESTREL_CUDA_FRAG_CLUSTER=0", "seed case, b128 ub16"),
     # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
 ]

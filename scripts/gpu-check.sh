@@ -375,16 +375,15 @@ if ((TESTS)); then
     # dependent launch whose weights are asked of L2 while the kernel before it runs).
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
-    # Q4_0 prompt chunks on the opt-in wgmma kernel (matmul_wgmma.cu, KESTREL_CUDA_WGMMA=1): every
-    # GPU op test, since its one failure so far came in a run of all of them and not of the
-    # matmul tests alone (bench/NOTES.md, ninth session).
-    gpu_test_stage gpu-tests-wgmma '*Gpu*' gtest-gpu-wgmma.xml KESTREL_CUDA_WGMMA=1
-    # The 5-16-token kernel's K splits summed in a thread block cluster (opt-in:
-    # KESTREL_CUDA_FRAG_CLUSTER=1), with the default split rule and with 8 splits forced.
-    gpu_test_stage gpu-tests-frag-cluster '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-frag-cluster.xml KESTREL_CUDA_FRAG_CLUSTER=1
+    # Q4_0 prompt chunks on the GEMM path instead of the wgmma kernel (the default since the
+    # twelfth session, matmul_wgmma.cu; KESTREL_CUDA_WGMMA=0): every GPU op test.
+    gpu_test_stage gpu-tests-no-wgmma '*Gpu*' gtest-gpu-no-wgmma.xml KESTREL_CUDA_WGMMA=0
+    # The 5-16-token kernel's K splits summed through global partials instead of a thread block
+    # cluster (KESTREL_CUDA_FRAG_CLUSTER=0), and in clusters with 8 splits forced.
+    gpu_test_stage gpu-tests-no-frag-cluster '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-no-frag-cluster.xml KESTREL_CUDA_FRAG_CLUSTER=0
     gpu_test_stage gpu-tests-frag-cluster8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-frag-cluster8.xml KESTREL_CUDA_FRAG_CLUSTER=1 KESTREL_CUDA_FRAG_SPLITS=8
+      gtest-gpu-frag-cluster8.xml KESTREL_CUDA_FRAG_SPLITS=8
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -525,11 +524,11 @@ if ((OPENCL)); then
   ((BENCH)) || ocl_args+=(--no-bench)
   lim=$(limit 400 5)
   # Its log in $WORK (OUT emptied), where the table is taken from; gpu-check.log has it too.
-  run_stage opencl "$lim" '^(build|tests|icd|cold|warm):|FAILED' \
+  run_stage opencl "$lim" '^(build|tests|e2e|icd|cold|warm):|FAILED' \
     env OUT= OCL_GPU_WORK="$WORK" OCL_GPU_BUILD="$ROOT/build-ocl-gpu" \
     bash "$ROOT/scripts/check-opencl-gpu.sh" "${ocl_args[@]}"
   grep -E '^\| (llama|sweep)|^(cold|warm):' "$WORK/opencl-gpu.log" >"$OCL_TABLE" 2>/dev/null
-  detail="$(grep -c '^| llama' "$OCL_TABLE") benchmark rows; $(grep -E '^tests:' "$WORK/opencl-gpu.log" | tail -n 1)"
+  detail="$(grep -c '^| llama' "$OCL_TABLE") benchmark rows; $(grep -E '^(tests|e2e):' "$WORK/opencl-gpu.log" | tail -n 2 | tr '\n' ' ')"
   if ((RC == 0)); then record opencl PASS "$STAGE_SECS" "$detail"; else record opencl FAIL "$STAGE_SECS" "$detail"; fi
 fi
 

@@ -16,7 +16,8 @@
 // one per 16 of K; a step's wgmmas run while the next step is decoded into the other of two
 // register sets.
 //
-// Opt-in (KESTREL_CUDA_WGMMA=1) until it beats the GEMM path. Measured on the H200 (bench/NOTES.md,
+// The default since the twelfth session (v4: llama2-7b pp512 34,437 t/s against 31,081 on the GEMM
+// path, KESTREL_CUDA_WGMMA=0; full GPU op tests passed). Earlier, on the H200 (bench/NOTES.md,
 // ninth session), the version with two warpgroups of 64 rows x 128 tokens a block: ~430-500
 // TFLOP/s at 512 tokens including the decoding, against cuBLAS's 570-630 on f16 tiles plus the
 // tiles' dequantization, so whole passes came out even (llama2-7b pp512 31,446 against 31,280) or
@@ -24,8 +25,8 @@
 // ~180 instructions a warp a step the limit -- hence the 256-token tiles. The first version
 // (cp.async by every thread, a block barrier a step) ran ~234 instructions a warp a step at 6
 // cycles each. One full GPU op-test run failed four Q4_0 matmul tests with that version (errors
-// of 5-20%, n_in = 1024 shapes and the 4096 one) that passed twice in a process of their own:
-// find that before making it the default.
+// of 5-20%, n_in = 1024 shapes and the 4096 one) that passed twice in a process of their own;
+// v4's full runs (twelfth session: op tests, e2e at -ngl 99 and 1) have not failed.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
