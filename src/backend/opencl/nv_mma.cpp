@@ -171,6 +171,8 @@ void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
     instances.push_back(nv_instance(s, kb));
   }
   if (!emulated) options += " -DNV_ASM=" + nv_mma_;
+  const char* reduce = std::getenv("KESTREL_CL_NV_REDUCE");
+  nv_reduce_in_kernel_ = reduce && std::string(reduce) == "kernel";
   for (size_t i = 0; i < instances.size(); ++i) {
     srcs.push_back(std::move(instances[i]));
     names.push_back(kNvShapes[i].name);
@@ -188,6 +190,26 @@ Status OpenclBackend::nv_activations(const Tensor& x, int n_tokens, const char* 
   const size_t global[1] = {256 * static_cast<size_t>(n_tokens)};
   const size_t local[1] = {256};
   return launch(k, op, 1, global, local);
+}
+
+// At least `tiles` arrival counters, all 0 (the kernel leaves each at 0 after use).
+Expected<cl_mem> OpenclBackend::nv_arrivals(size_t tiles) {
+  if (tiles <= nv_arrivals_n_) return nv_arrivals_;
+  if (nv_arrivals_) device_free(nv_arrivals_, nv_arrivals_n_ * sizeof(cl_int));
+  nv_arrivals_ = nullptr;
+  nv_arrivals_n_ = 0;
+  const size_t n = std::max<size_t>(tiles, 4096);
+  KESTREL_ASSIGN_OR_RETURN(cl_mem m, device_alloc(n * sizeof(cl_int), "split-K counters"));
+  const cl_int zero = 0;
+  const cl_int err = clEnqueueFillBuffer(queue_, m, &zero, sizeof zero, 0, n * sizeof(cl_int), 0,
+                                         nullptr, nullptr);
+  if (err != CL_SUCCESS) {
+    device_free(m, n * sizeof(cl_int));
+    return cl_status(err, "clEnqueueFillBuffer", "split-K counters");
+  }
+  nv_arrivals_ = m;
+  nv_arrivals_n_ = n;
+  return m;
 }
 
 // The tensor-core matmul of a Q4_0 / Q8_0 weight over more than 8 tokens: up to 32 tokens in
@@ -211,9 +233,12 @@ Status OpenclBackend::matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens
         {(want + groups - 1) / groups, static_cast<size_t>(s.bn < 64 ? mid_max_splits_ : 8),
          static_cast<size_t>(std::max(n_blocks / 4, 1))}));
   const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
-  cl_mem part = nullptr;
+  cl_mem part = nullptr, arrivals = nullptr;
   if (splits > 1) {
     KESTREL_ASSIGN_OR_RETURN(part, scratch(0, sizeof(float) * splits * stride));
+  }
+  if (splits > 1 && nv_reduce_in_kernel_) {
+    KESTREL_ASSIGN_OR_RETURN(arrivals, nv_arrivals(groups));
   }
   cl_kernel k = kernel(s.name);
   const int type = static_cast<int>(w.type), t0 = 0;
@@ -229,6 +254,10 @@ Status OpenclBackend::matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens
   else
     a.null_mem();
   a(stride);
+  if (arrivals)
+    a(arrivals);
+  else
+    a.null_mem();
   KESTREL_TRY(a.status());
   const size_t wg = 32 * static_cast<size_t>(s.wm * s.wn);
   const size_t global[3] = {static_cast<size_t>((n_out + s.bm - 1) / s.bm) * wg,
@@ -236,7 +265,7 @@ Status OpenclBackend::matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens
                             static_cast<size_t>(splits)};
   const size_t local[3] = {wg, 1, 1};
   KESTREL_TRY(launch(k, op, 3, global, local));
-  if (splits == 1) return Status::ok();
+  if (splits == 1 || arrivals) return Status::ok();
   cl_kernel r = kernel("matmul_reduce");
   Args ra(r, op);
   ra(part)(splits)(stride)(n_out)(t0)(n_tokens).mem(out.data);

@@ -321,6 +321,7 @@ OpenclBackend::~OpenclBackend() {
   for (auto& [host, t] : tables_) clReleaseMemObject(t.first);
   for (auto& [key, m] : rope_freqs_) clReleaseMemObject(m);
   if (ring_dev_) clReleaseMemObject(ring_dev_);
+  if (nv_arrivals_) clReleaseMemObject(nv_arrivals_);
   for (auto& [name, k] : kernels_) clReleaseKernel(k);
   if (program_) clReleaseProgram(program_);
   if (queue_) clReleaseCommandQueue(queue_);

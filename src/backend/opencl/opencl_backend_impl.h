@@ -161,6 +161,12 @@ class OpenclBackend final : public Backend {
   // keyword's spelling that NVIDIA's compiler took in the setup probe, or "emulate"
   // (KESTREL_CL_NV_MMA=emulate: the same kernels on any device, for the tests).
   std::string nv_mma_;
+  // Its split-K sums by each tile's last work-group (KESTREL_CL_NV_REDUCE=kernel) instead of a
+  // matmul_reduce launch; the tiles' arrival counters, zeroed once and reset by the kernel.
+  bool nv_reduce_in_kernel_ = false;
+  cl_mem nv_arrivals_ = nullptr;
+  size_t nv_arrivals_n_ = 0;
+  Expected<cl_mem> nv_arrivals(size_t tiles);
   // attention_block's local memory fits the device (else the one-query kernel takes every call).
   bool attention_block_fits_ = true;
   // Set by matmul_group while its matmuls run: the input whose half blocks are in scratch.

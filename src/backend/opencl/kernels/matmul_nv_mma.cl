@@ -42,6 +42,7 @@ inline uint nv_pack_half2(float lo, float hi) {
       : "+f"((c)[0]), "+f"((c)[1]), "+f"((c)[2]), "+f"((c)[3])                             \
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
 #define NV_SCRATCH(warps)
+#define NV_FENCE() NV_ASM volatile("membar.gl;" ::: "memory")
 #else
 // Without NV_ASM (KESTREL_CL_NV_MMA=emulate, for the tests on any device): the same fragments
 // exchanged through local memory (a warp's 192 words at nv_scratch, the work-group's barrier),
@@ -76,6 +77,7 @@ inline void nv_mma_emulated(float* c, uint a0, uint a1, uint a2, uint a3, uint b
   barrier(CLK_LOCAL_MEM_FENCE);
 }
 #define NV_MMA(c, a0, a1, a2, a3, b0, b1) nv_mma_emulated((c), a0, a1, a2, a3, b0, b1, nv_scratch)
+#define NV_FENCE() mem_fence(CLK_GLOBAL_MEM_FENCE)
 // The kernels' local scratch for the emulation, `warps` warps.
 #define NV_SCRATCH(warps)            \
   local uint nv_scratch_all[(warps) * 192]; \
@@ -144,6 +146,36 @@ kernel __attribute__((reqd_work_group_size(256, 1, 1))) void nv_x_f16(global con
   if (lid == 0) xs[t] = ldexp(1.0f, -e);
 }
 
+// The split-K sums of a tile by its last work-group: every work-group makes its partial visible
+// device-wide and counts itself in; the one that counts `splits` adds the partials in split
+// order (the same sums as matmul_reduce) and sets the counter back to 0 for the next launch.
+// Partials are read volatile (from L2, not a stale L1).
+inline void nv_last_group_sums(int bm, int bn, int row0, int tok0, int tok_end, int n_out,
+                               int splits,
+                               global const float* part, long part_stride, global float* out,
+                               global const float* bias, global int* arrivals,
+                               local int* last) {
+  NV_FENCE();
+  barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
+  const int lid = get_local_id(0);
+  const int tile = get_group_id(1) * get_num_groups(0) + get_group_id(0);
+  if (lid == 0) *last = atomic_inc(arrivals + tile) == splits - 1;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  if (!*last) return;
+  NV_FENCE();
+  const volatile global float* p = part;
+  const int rows = min(n_out - row0, bm), tokens = min(tok_end - tok0, bn);
+  for (int e = lid; e < rows * tokens; e += get_local_size(0)) {
+    const int r = row0 + e % rows, t = tok0 + e / rows;
+    const long i = (long)t * n_out + r;
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) sum += p[s * part_stride + i];
+    if (bias) sum += bias[r];
+    out[i] = sum;
+  }
+  if (lid == 0) arrivals[tile] = 0;
+}
+
 // Eight codes of a raw unit (weight_raw8's bytes) times the scale, as four f16x2 words; for
 // Q4_0 `hi` selects the high nibbles.
 inline uint4 nv_unit_words(int type, uint4 raw, bool hi) {
@@ -181,16 +213,20 @@ inline uint4 nv_unit_words(int type, uint4 raw, bool hi) {
 
 // out[t][r] for rows [row0, +NV_BM) and tokens [tok0, +NV_BN) within [t0, t0 + n_tokens); with
 // splits > 1 the blocks of split get_group_id(2) only, to part + split * part_stride (no bias),
-// added up by matmul_reduce.
+// added up by matmul_reduce, or, given `arrivals` (one zeroed counter a tile), by the tile's
+// last work-group to finish (one launch less a matmul: NVIDIA's driver spends ~10-20 us a
+// launch).
 kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
     global const uchar* qs, global const ushort* d, int type, int n_in, int n_out,
     global const uint* xh, global const float* xs, int t0, int n_tokens, global float* out,
-    global const float* bias, int splits, global float* part, long part_stride) {
+    global const float* bias, int splits, global float* part, long part_stride,
+    global int* arrivals) {
   local uint4 a_tile4[NV_BM * NVM_LD / 8];
   local uint4 x_tile4[NV_BN * NVM_LD / 8];
   local const uint* a_tile = (local const uint*)a_tile4;
   local const uint* x_tile = (local const uint*)x_tile4;
   NV_SCRATCH(NV_WM * NV_WN);
+  local int last_of_tile;
   const int lid = get_local_id(0), warp = lid / 32, lane = lid % 32, g = lane / 4, k4 = lane % 4;
   const int wm = warp % NV_WM, wn = warp / NV_WM;
   const int row0 = get_group_id(0) * NV_BM;
@@ -200,10 +236,7 @@ kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
   const int split = get_group_id(2);
   const int b_begin = (int)((long)n_blocks * split / splits);
   const int b_end = (int)((long)n_blocks * (split + 1) / splits);
-  if (splits > 1) {
-    out = part + split * part_stride;
-    bias = 0;
-  }
+  global float* dst = splits > 1 ? part + split * part_stride : out;
   // Weight unit u of a step: block u / (NV_BM * upb) of the two, row (u / upb) % NV_BM, part
   // u % upb: consecutive work-items read consecutive 8 bytes of the repacked blocks.
   const int upb = type == T_Q4_0 ? 2 : 4;
@@ -292,9 +325,12 @@ kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
         const int t = tok0 + wn * NVM_WTOKS + 8 * j + 2 * k4 + h % 2;
         if (r >= n_out || t >= tok_end) continue;
         float v = acc[i][j][h] * xs[t];
-        if (bias) v += bias[r];
-        out[(long)t * n_out + r] = v;
+        if (bias && splits == 1) v += bias[r];
+        dst[(long)t * n_out + r] = v;
       }
+  if (splits > 1 && arrivals)
+    nv_last_group_sums(NV_BM, NV_BN, row0, tok0, tok_end, n_out, splits, part, part_stride, out,
+                       bias, arrivals, &last_of_tile);
 }
 
 #undef NVM_LOAD_STEP
