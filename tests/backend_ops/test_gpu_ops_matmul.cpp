@@ -291,13 +291,27 @@ TEST_P(GpuOpsMatmul, TensorCoreTemplateRealOrEmulated) {
   GPU_TRACE_SEED();
   if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
   const bool real = be().device_name().find("tensor-core matmuls") != std::string::npos;
-  ScopedEnv env("KESTREL_CL_NV_MMA", real ? "0" : "emulate");
-  auto other = create_backend(GetParam(), BackendOptions{});
-  ASSERT_TRUE(other.has_value()) << other.message();
-  const std::string name = (*other)->device_name();
-  EXPECT_EQ(name.find("mma.sync") != std::string::npos, !real) << name;
+  {
+    ScopedEnv env("KESTREL_CL_NV_MMA", real ? "0" : "emulate");
+    auto other = create_backend(GetParam(), BackendOptions{});
+    ASSERT_TRUE(other.has_value()) << other.message();
+    const std::string name = (*other)->device_name();
+    EXPECT_EQ(name.find("mma.sync") != std::string::npos, !real) << name;
+    for (DType type : {DType::Q4_0, DType::Q8_0}) {
+      check_shapes(**other, GetParam() + (real ? " (portable kernels)" : " (mma emulated)"), type);
+      if (::testing::Test::HasFatalFailure()) return;
+    }
+  }
+  // The split-K sums by each tile's last work-group (KESTREL_CL_NV_REDUCE=kernel), with the
+  // split target raised so that the shapes have several.
+  ScopedEnv mode("KESTREL_CL_NV_MMA", real ? "1" : "emulate");
+  ScopedEnv in_kernel("KESTREL_CL_NV_REDUCE", "kernel");
+  ScopedEnv splits("KESTREL_CL_MID_GROUPS_PER_CU", "16");
+  auto reduced = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(reduced.has_value()) << reduced.message();
+  EXPECT_NE((*reduced)->device_name().find("mma.sync"), std::string::npos);
   for (DType type : {DType::Q4_0, DType::Q8_0}) {
-    check_shapes(**other, GetParam() + (real ? " (portable kernels)" : " (mma emulated)"), type);
+    check_shapes(**reduced, GetParam() + " (split-K sums in the kernel)", type);
     if (::testing::Test::HasFatalFailure()) return;
   }
 }
