@@ -11,8 +11,9 @@ The runs cover every kernel of the forward pass: prompts of more and fewer than 
 (matmul_tiled with a partial tile, matmul_tiled16 with split-K, matmul_small), decode steps
 (single-query attention), the f16, q8_0 and q4_0 KV caches (kv_store's quantize-on-write,
 attention_block with and without key splits), the repacked Q4_0 / Q8_0 weights and the generic
-decoder (Q4_K), a layer split across CPU and device. Oclgrind has no cl_khr_fp16, so the half
-kernels are not among them (Intel's runtime runs those: opencl_intel_ops).
+decoder (Q4_K), a layer split across CPU and device, and NVIDIA's tensor-core template with its
+mma emulated. Oclgrind has no cl_khr_fp16, so the half kernels are not among them (Intel's
+runtime runs those: opencl_intel_ops).
 
 Exit 77 (a skip) when Oclgrind is not installed."""
 import argparse
@@ -46,6 +47,12 @@ RUNS = [
     ("q8_0 71 tokens (a full tile and a 7-token tail), f16 cache", ("tiny", "q8_0"), 71, {}, {}),
     ("q4_k (the generic decoder) 20 tokens, decode step", ("tiny-k", "q4_k"), 20, {"-n": "1"}, {}),
     ("q4_0 one layer on the device (-ngl 1)", ("tiny", "q4_0"), 24, {"-ngl": "1"}, {}),
+    # The tensor-core template of NVIDIA devices with its mma emulated (its opt-in in-kernel
+    # split-K sums are left out: a work-group reading what others wrote after an atomic count is
+    # outside OpenCL 1.2's memory model, and Oclgrind reports it as a race; on NVIDIA membar.gl
+    # orders it, the pattern of CUDA's threadfence reduction).
+    ("tensor-core template (emulated), q4_0 micro-batches of 16", ("tiny", "q4_0"), 32,
+     {"-ub": "16"}, {"KESTREL_CL_NV_MMA": "emulate"}),
     ("small device: q4_0 40 tokens in micro-batches of 20, q4_0 cache, decode step",
      ("tiny", "q4_0"), 40, {"-ub": "20", "-ctk": "q4_0", "-ctv": "q4_0", "-n": "1"},
      SMALL_DEVICE),

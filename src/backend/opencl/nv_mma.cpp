@@ -212,19 +212,29 @@ Expected<cl_mem> OpenclBackend::nv_arrivals(size_t tiles) {
   return m;
 }
 
-// The tensor-core matmul of a Q4_0 / Q8_0 weight over more than 8 tokens: up to 32 tokens in
-// one pass over the weight (16- or 32-token tiles), more in 64-token tiles; the input columns
-// split when the output tiles leave compute units idle (partials added by matmul_reduce).
-Status OpenclBackend::matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens, Tensor& out,
-                                const Tensor* bias, const char* op) {
+// The tensor-core matmuls of up to three Q4_0 / Q8_0 weights of one type over the same input
+// and more than 8 tokens, in one launch: up to 32 tokens in one pass over the weights (16- or
+// 32-token tiles), more in 64-token tiles; the input columns split when the output tiles leave
+// compute units idle, the partials added by each tile's last work-group (in-kernel sums) or by
+// matmul_reduce (one weight a launch then).
+Status OpenclBackend::matmul_nv(const NvSegment* segs, int n_segs, const Tensor& x, int n_tokens,
+                                const char* op) {
+  if (n_segs < 1 || n_segs > 3) return error("%s: %d weights in one launch (1 to 3)", op, n_segs);
+  const ClWeight& w0 = *segs[0].w;
   if (half_x_ready_ != x.data) KESTREL_TRY(nv_activations(x, n_tokens, op));
-  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * static_cast<size_t>(n_tokens) * w.n_in));
+  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * static_cast<size_t>(n_tokens) * w0.n_in));
   KESTREL_ASSIGN_OR_RETURN(cl_mem xs, scratch(3, sizeof(float) * n_tokens));
   const NvShape& s = n_tokens <= 16 ? kNvShapes[0] : n_tokens <= 32 ? kNvShapes[1] : kNvShapes[2];
-  const int n_in = static_cast<int>(w.n_in), n_out = static_cast<int>(w.n_out);
-  const int n_blocks = n_in / 32;
-  const size_t groups = static_cast<size_t>((n_out + s.bm - 1) / s.bm) *
-                        static_cast<size_t>((n_tokens + s.bn - 1) / s.bn);
+  const int n_in = static_cast<int>(w0.n_in), n_blocks = n_in / 32;
+  int row_blocks[3] = {0, 0, 0}, n_total = 0;
+  for (int i = 0; i < n_segs; ++i) {
+    const int n_out = static_cast<int>(segs[i].w->n_out);
+    row_blocks[i] = (n_out + s.bm - 1) / s.bm;
+    n_total += n_out;
+  }
+  const size_t token_tiles = static_cast<size_t>((n_tokens + s.bn - 1) / s.bn);
+  const size_t groups =
+      static_cast<size_t>(row_blocks[0] + row_blocks[1] + row_blocks[2]) * token_tiles;
   const size_t want = static_cast<size_t>(s.bn < 64 ? mid_groups_per_cu_ : 4) *
                       std::max<size_t>(info_.compute_units, 1);
   int splits = 1;
@@ -232,7 +242,9 @@ Status OpenclBackend::matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens
     splits = static_cast<int>(std::min<size_t>(
         {(want + groups - 1) / groups, static_cast<size_t>(s.bn < 64 ? mid_max_splits_ : 8),
          static_cast<size_t>(std::max(n_blocks / 4, 1))}));
-  const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
+  if (splits > 1 && n_segs > 1 && !nv_reduce_in_kernel_)
+    return error("%s: several weights in one split launch need the in-kernel sums", op);
+  const cl_long stride = static_cast<cl_long>(n_tokens) * n_total;
   cl_mem part = nullptr, arrivals = nullptr;
   if (splits > 1) {
     KESTREL_ASSIGN_OR_RETURN(part, scratch(0, sizeof(float) * splits * stride));
@@ -241,38 +253,29 @@ Status OpenclBackend::matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens
     KESTREL_ASSIGN_OR_RETURN(arrivals, nv_arrivals(groups));
   }
   cl_kernel k = kernel(s.name);
-  const int type = static_cast<int>(w.type), t0 = 0;
+  const int type = static_cast<int>(w0.type), t0 = 0;
   Args a(k, op);
-  a(w.qs)(w.d)(type)(n_in)(n_out)(xh)(xs)(t0)(n_tokens).mem(out.data);
-  if (bias)
-    a.mem(bias->data);
-  else
-    a.null_mem();
-  a(splits);
-  if (part)
-    a(part);
-  else
-    a.null_mem();
+  a(type)(n_in)(xh)(xs)(t0)(n_tokens)(splits);
+  part ? a(part) : a.null_mem();
   a(stride);
-  if (arrivals)
-    a(arrivals);
-  else
-    a.null_mem();
+  arrivals ? a(arrivals) : a.null_mem();
+  a(n_total)(row_blocks[0])(row_blocks[1]);
+  for (int i = 0; i < 3; ++i) {
+    const NvSegment& g = segs[std::min(i, n_segs - 1)];  // unused segments repeat the last
+    a(g.w->qs)(g.w->d)(static_cast<int>(g.w->n_out)).mem(g.out->data);
+    g.bias ? a.mem(g.bias->data) : a.null_mem();
+  }
   KESTREL_TRY(a.status());
   const size_t wg = 32 * static_cast<size_t>(s.wm * s.wn);
-  const size_t global[3] = {static_cast<size_t>((n_out + s.bm - 1) / s.bm) * wg,
-                            static_cast<size_t>((n_tokens + s.bn - 1) / s.bn),
-                            static_cast<size_t>(splits)};
+  const size_t global[3] = {groups / token_tiles * wg, token_tiles, static_cast<size_t>(splits)};
   const size_t local[3] = {wg, 1, 1};
   KESTREL_TRY(launch(k, op, 3, global, local));
   if (splits == 1 || arrivals) return Status::ok();
+  const int n_out = static_cast<int>(w0.n_out);  // one segment here
   cl_kernel r = kernel("matmul_reduce");
   Args ra(r, op);
-  ra(part)(splits)(stride)(n_out)(t0)(n_tokens).mem(out.data);
-  if (bias)
-    ra.mem(bias->data);
-  else
-    ra.null_mem();
+  ra(part)(splits)(stride)(n_out)(t0)(n_tokens).mem(segs[0].out->data);
+  segs[0].bias ? ra.mem(segs[0].bias->data) : ra.null_mem();
   KESTREL_TRY(ra.status());
   const size_t rg[2] = {static_cast<size_t>(n_out), static_cast<size_t>(n_tokens)};
   const size_t rl[2] = {64, 1};

@@ -126,8 +126,14 @@ class OpenclBackend final : public Backend {
   void add_nv_mma_sources(std::vector<std::string>& srcs, std::vector<const char*>& names,
                           std::string& options);  // clears nv_mma_ where the tiles do not fit
   Status nv_activations(const Tensor& x, int n_tokens, const char* op);
-  Status matmul_nv(const ClWeight& w, const Tensor& x, int n_tokens, Tensor& out,
-                   const Tensor* bias, const char* op);
+  struct NvSegment {
+    const ClWeight* w;
+    Tensor* out;
+    const Tensor* bias;
+  };
+  Status matmul_nv(const NvSegment* segs, int n_segs, const Tensor& x, int n_tokens,
+                   const char* op);
+  bool nv_group_fits(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) const;
   Status norm_rows(Tensor& x, const Tensor* y, int n_tokens, const Tensor& weight, float eps,
                    Tensor& out);
   Status rope_rows(Tensor& x, const RopeParams& p, Tensor* x1, int heads1, int n_tokens,

@@ -222,10 +222,37 @@ Status OpenclBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOu
     half_x_ready_ = x.data;
   }
   Status s = Status::ok();
+  if (half_x_ready_ && nv_group_fits(x, n_tokens, outs, n_outs)) {
+    // The tensor-core path with in-kernel sums: the whole group in one launch.
+    NvSegment segs[3];
+    for (int i = 0; i < n_outs; ++i)
+      segs[i] = {static_cast<const ClWeight*>(outs[i].w), outs[i].out, outs[i].bias};
+    s = matmul_nv(segs, n_outs, x, n_tokens, "matmul group");
+    half_x_ready_ = nullptr;
+    return s;
+  }
   for (int i = 0; i < n_outs && s.is_ok(); ++i)
     s = matmul(*outs[i].w, x, n_tokens, *outs[i].out, outs[i].bias);
   half_x_ready_ = nullptr;
   return s;
+}
+
+// Whether a matmul group can be one launch of the tensor-core path: its in-kernel sums on, 2 or 3
+// Q4_0 / Q8_0 weights of one type on x, every output and bias of the right shape (else each
+// matmul runs alone, and reports any mismatch).
+bool OpenclBackend::nv_group_fits(const Tensor& x, int n_tokens, const MatmulOut* outs,
+                                  int n_outs) const {
+  if (nv_mma_.empty() || !nv_reduce_in_kernel_ || n_outs < 2 || n_outs > 3) return false;
+  for (int i = 0; i < n_outs; ++i) {
+    const auto& w = static_cast<const ClWeight&>(*outs[i].w);
+    const Tensor& out = *outs[i].out;
+    const Tensor* bias = outs[i].bias;
+    if (w.type != outs[0].w->type || !uses_half(w, n_tokens) || w.n_in != x.cols ||
+        out.cols != w.n_out || n_tokens > out.rows || !is_f32(out) ||
+        (bias && bias->cols != w.n_out))
+      return false;
+  }
+  return true;
 }
 
 Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
@@ -269,8 +296,10 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const size_t local[2] = {rows, split};
     return launch(k, op.c_str(), 2, global, local);
   }
-  if (!nv_mma_.empty() && uses_half(w, n_tokens))
-    return matmul_nv(w, x, n_tokens, out, bias, op.c_str());
+  if (!nv_mma_.empty() && uses_half(w, n_tokens)) {
+    const NvSegment seg{&w, &out, bias};
+    return matmul_nv(&seg, 1, x, n_tokens, op.c_str());
+  }
   // Up to mid_max_tokens_ tokens: matmul_mid; beyond, full tiles of matmul_tiled and the rest
   // on matmul_mid when it is that short (a 71-token micro-batch costs 64 tiled token slots and 7
   // mid ones, not 128), else on one more partial tile.

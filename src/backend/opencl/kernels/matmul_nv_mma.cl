@@ -150,11 +150,11 @@ kernel __attribute__((reqd_work_group_size(256, 1, 1))) void nv_x_f16(global con
 // device-wide and counts itself in; the one that counts `splits` adds the partials in split
 // order (the same sums as matmul_reduce) and sets the counter back to 0 for the next launch.
 // Partials are read volatile (from L2, not a stale L1).
+// Partials are [split][t][n_total] over a launch's segments, a segment's rows at seg_off.
 inline void nv_last_group_sums(int bm, int bn, int row0, int tok0, int tok_end, int n_out,
-                               int splits,
-                               global const float* part, long part_stride, global float* out,
-                               global const float* bias, global int* arrivals,
-                               local int* last) {
+                               int n_total, int seg_off, int splits, global const float* part,
+                               long part_stride, global float* out, global const float* bias,
+                               global int* arrivals, local int* last) {
   NV_FENCE();
   barrier(CLK_GLOBAL_MEM_FENCE | CLK_LOCAL_MEM_FENCE);
   const int lid = get_local_id(0);
@@ -167,11 +167,11 @@ inline void nv_last_group_sums(int bm, int bn, int row0, int tok0, int tok_end, 
   const int rows = min(n_out - row0, bm), tokens = min(tok_end - tok0, bn);
   for (int e = lid; e < rows * tokens; e += get_local_size(0)) {
     const int r = row0 + e % rows, t = tok0 + e / rows;
-    const long i = (long)t * n_out + r;
+    const long i = (long)t * n_total + seg_off + r;
     float sum = 0.0f;
     for (int s = 0; s < splits; ++s) sum += p[s * part_stride + i];
     if (bias) sum += bias[r];
-    out[i] = sum;
+    out[(long)t * n_out + r] = sum;
   }
   if (lid == 0) arrivals[tile] = 0;
 }
@@ -215,12 +215,17 @@ inline uint4 nv_unit_words(int type, uint4 raw, bool hi) {
 // splits > 1 the blocks of split get_group_id(2) only, to part + split * part_stride (no bias),
 // added up by matmul_reduce, or, given `arrivals` (one zeroed counter a tile), by the tile's
 // last work-group to finish (one launch less a matmul: NVIDIA's driver spends ~10-20 us a
-// launch).
+// launch). One launch serves up to three weights of the same input and type (segments: Q, K,
+// V or gate, up), blocks0 and blocks1 row blocks for the first two, the rest for the third;
+// their partials side by side, [split][t][n_total].
 kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
-    global const uchar* qs, global const ushort* d, int type, int n_in, int n_out,
-    global const uint* xh, global const float* xs, int t0, int n_tokens, global float* out,
-    global const float* bias, int splits, global float* part, long part_stride,
-    global int* arrivals) {
+    int type, int n_in, global const uint* xh, global const float* xs, int t0, int n_tokens,
+    int splits, global float* part, long part_stride, global int* arrivals, int n_total,
+    int blocks0, int blocks1, global const uchar* qs0, global const ushort* d0, int n_out0,
+    global float* out0, global const float* bias0, global const uchar* qs1,
+    global const ushort* d1, int n_out1, global float* out1, global const float* bias1,
+    global const uchar* qs2, global const ushort* d2, int n_out2, global float* out2,
+    global const float* bias2) {
   local uint4 a_tile4[NV_BM * NVM_LD / 8];
   local uint4 x_tile4[NV_BN * NVM_LD / 8];
   local const uint* a_tile = (local const uint*)a_tile4;
@@ -229,7 +234,21 @@ kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
   local int last_of_tile;
   const int lid = get_local_id(0), warp = lid / 32, lane = lid % 32, g = lane / 4, k4 = lane % 4;
   const int wm = warp % NV_WM, wn = warp / NV_WM;
-  const int row0 = get_group_id(0) * NV_BM;
+  int block = get_group_id(0), seg_off = 0;
+  global const uchar* qs = qs0;
+  global const ushort* d = d0;
+  int n_out = n_out0;
+  global float* out = out0;
+  global const float* bias = bias0;
+  if (block >= blocks0) {
+    block -= blocks0, seg_off = n_out0;
+    qs = qs1, d = d1, n_out = n_out1, out = out1, bias = bias1;
+    if (block >= blocks1) {
+      block -= blocks1, seg_off += n_out1;
+      qs = qs2, d = d2, n_out = n_out2, out = out2, bias = bias2;
+    }
+  }
+  const int row0 = block * NV_BM;
   const int tok0 = t0 + get_group_id(1) * NV_BN;
   const int tok_end = t0 + n_tokens;
   const int n_blocks = n_in / 32;
@@ -325,12 +344,16 @@ kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
         const int t = tok0 + wn * NVM_WTOKS + 8 * j + 2 * k4 + h % 2;
         if (r >= n_out || t >= tok_end) continue;
         float v = acc[i][j][h] * xs[t];
-        if (bias && splits == 1) v += bias[r];
+        if (splits > 1) {
+          dst[(long)t * n_total + seg_off + r] = v;
+          continue;
+        }
+        if (bias) v += bias[r];
         dst[(long)t * n_out + r] = v;
       }
   if (splits > 1 && arrivals)
-    nv_last_group_sums(NV_BM, NV_BN, row0, tok0, tok_end, n_out, splits, part, part_stride, out,
-                       bias, arrivals, &last_of_tile);
+    nv_last_group_sums(NV_BM, NV_BN, row0, tok0, tok_end, n_out, n_total, seg_off, splits, part,
+                       part_stride, out, bias, arrivals, &last_of_tile);
 }
 
 #undef NVM_LOAD_STEP
