@@ -402,19 +402,16 @@ Status OpenclBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
                    static_cast<long long>(cache_rows));
   if (n_tokens <= 0) return Status::ok();
   KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "kv_store"));
+  // K and V in one launch (get_global_id(2)).
   cl_kernel kern = kernel("kv_store");
-  for (const auto& [src, cache] :
-       {std::pair<const Tensor*, Tensor*>{&k, &k_cache}, {&v, &v_cache}}) {
-    const int dim = static_cast<int>(src->cols), type = static_cast<int>(cache->type);
-    const cl_long rb = static_cast<cl_long>(cache->row_bytes());
-    KESTREL_TRY(Args(kern, "kv_store")
-                    .mem(src->data)(dim)(ring_dev_)(pos)(type)
-                    .mem(cache->data)(rb)
-                    .status());
-    const size_t global[2] = {static_cast<size_t>(dim / 32), static_cast<size_t>(n_tokens)};
-    KESTREL_TRY(launch(kern, "kv_store", 2, global, nullptr));
-  }
-  return Status::ok();
+  Args a(kern, "kv_store");
+  for (const auto& [src, cache] : {std::pair<const Tensor*, Tensor*>{&k, &k_cache}, {&v, &v_cache}})
+    a.mem(src->data)(static_cast<int>(src->cols))(static_cast<int>(cache->type))
+        .mem(cache->data)(static_cast<cl_long>(cache->row_bytes()));
+  KESTREL_TRY(a(ring_dev_)(pos).status());
+  const size_t global[3] = {static_cast<size_t>(std::max(k.cols, v.cols) / 32),
+                            static_cast<size_t>(n_tokens), 2};
+  return launch(kern, "kv_store", 3, global, nullptr);
 }
 
 Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
