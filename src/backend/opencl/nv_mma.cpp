@@ -235,13 +235,7 @@ Status OpenclBackend::matmul_nv(const NvSegment* segs, int n_segs, const Tensor&
   const size_t token_tiles = static_cast<size_t>((n_tokens + s.bn - 1) / s.bn);
   const size_t groups =
       static_cast<size_t>(row_blocks[0] + row_blocks[1] + row_blocks[2]) * token_tiles;
-  const size_t want = static_cast<size_t>(s.bn < 64 ? mid_groups_per_cu_ : 4) *
-                      std::max<size_t>(info_.compute_units, 1);
-  int splits = 1;
-  if (groups < want)
-    splits = static_cast<int>(std::min<size_t>(
-        {(want + groups - 1) / groups, static_cast<size_t>(s.bn < 64 ? mid_max_splits_ : 8),
-         static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+  const int splits = matmul_splits(groups, s.bn < 64, n_blocks);
   if (splits > 1 && n_segs > 1 && !nv_reduce_in_kernel_)
     return error("%s: several weights in one split launch need the in-kernel sums", op);
   const cl_long stride = static_cast<cl_long>(n_tokens) * n_total;
@@ -271,15 +265,9 @@ Status OpenclBackend::matmul_nv(const NvSegment* segs, int n_segs, const Tensor&
   const size_t local[3] = {wg, 1, 1};
   KESTREL_TRY(launch(k, op, 3, global, local));
   if (splits == 1 || arrivals) return Status::ok();
-  const int n_out = static_cast<int>(w0.n_out);  // one segment here
-  cl_kernel r = kernel("matmul_reduce");
-  Args ra(r, op);
-  ra(part)(splits)(stride)(n_out)(t0)(n_tokens).mem(segs[0].out->data);
-  segs[0].bias ? ra.mem(segs[0].bias->data) : ra.null_mem();
-  KESTREL_TRY(ra.status());
-  const size_t rg[2] = {static_cast<size_t>(n_out), static_cast<size_t>(n_tokens)};
-  const size_t rl[2] = {64, 1};
-  return launch(r, op, 2, rg, rl);
+  // One segment here.
+  return reduce_splits(part, splits, stride, static_cast<int>(w0.n_out), t0, n_tokens, *segs[0].out,
+                       segs[0].bias, op);
 }
 
 }  // namespace kestrel::backend::opencl

@@ -133,6 +133,9 @@ class OpenclBackend final : public Backend {
   };
   Status matmul_nv(const NvSegment* segs, int n_segs, const Tensor& x, int n_tokens,
                    const char* op);
+  int matmul_splits(size_t groups, bool mid_sized, int n_blocks) const;
+  Status reduce_splits(cl_mem part, int splits, cl_long stride, int n_out, int t0, int count,
+                       const Tensor& out, const Tensor* bias, const char* op);
   bool nv_group_fits(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) const;
   Status norm_rows(Tensor& x, const Tensor* y, int n_tokens, const Tensor& weight, float eps,
                    Tensor& out);

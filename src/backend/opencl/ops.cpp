@@ -331,14 +331,7 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     // Split the input columns when the output tiles alone would leave compute units idle
     // (decode-sized outputs, short micro-batches): about 4 work-groups per unit for the tiled
     // kernel, mid_groups_per_cu_ for mid-sized batches.
-    const size_t want = static_cast<size_t>(tiled ? 4 : mid_groups_per_cu_) *
-                        std::max<size_t>(info_.compute_units, 1);
-    int splits = 1;
-    if (groups_r * groups_t < want)
-      splits = static_cast<int>(
-          std::min<size_t>({(want + groups_r * groups_t - 1) / (groups_r * groups_t),
-                            static_cast<size_t>(tiled ? 8 : mid_max_splits_),
-                            static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+    const int splits = matmul_splits(groups_r * groups_t, !tiled, n_blocks);
     const cl_long stride = static_cast<cl_long>(n_tokens) * n_out;
     cl_mem part = nullptr;
     if (splits > 1) {
@@ -367,19 +360,37 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     const size_t global[3] = {groups_r * wx, groups_t * wy, static_cast<size_t>(splits)};
     const size_t local[3] = {wx, wy, 1};
     KESTREL_TRY(launch(k, op.c_str(), 3, global, local));
-    if (splits > 1) {
-      cl_kernel r = kernel("matmul_reduce");
-      Args ra(r, op.c_str());
-      ra(part)(splits)(stride)(n_out)(t0)(count).mem(out.data);
-      set_bias(ra);
-      KESTREL_TRY(ra.status());
-      const size_t rg[2] = {static_cast<size_t>(n_out), static_cast<size_t>(count)};
-      const size_t rl[2] = {64, 1};
-      KESTREL_TRY(launch(r, op.c_str(), 2, rg, rl));
-    }
+    if (splits > 1)
+      KESTREL_TRY(reduce_splits(part, splits, stride, n_out, t0, count, out, bias, op.c_str()));
     t0 += count;
   }
   return Status::ok();
+}
+
+// Split-K slices for `groups` output tiles: when they alone leave compute units idle, enough to
+// reach about 4 work-groups a unit for the large tiles, mid_groups_per_cu_ for mid-sized batches
+// (at most 8, resp. mid_max_splits_ slices, and a quarter of the input blocks).
+int OpenclBackend::matmul_splits(size_t groups, bool mid_sized, int n_blocks) const {
+  const size_t want = static_cast<size_t>(mid_sized ? mid_groups_per_cu_ : 4) *
+                      std::max<size_t>(info_.compute_units, 1);
+  if (groups == 0 || groups >= want) return 1;
+  return static_cast<int>(std::min<size_t>({(want + groups - 1) / groups,
+                                            static_cast<size_t>(mid_sized ? mid_max_splits_ : 8),
+                                            static_cast<size_t>(std::max(n_blocks / 4, 1))}));
+}
+
+// out[t][r] (+ bias) = the sum over the splits of part, tokens [t0, t0 + count) (matmul_reduce).
+Status OpenclBackend::reduce_splits(cl_mem part, int splits, cl_long stride, int n_out, int t0,
+                                    int count, const Tensor& out, const Tensor* bias,
+                                    const char* op) {
+  cl_kernel r = kernel("matmul_reduce");
+  Args ra(r, op);
+  ra(part)(splits)(stride)(n_out)(t0)(count).mem(out.data);
+  bias ? ra.mem(bias->data) : ra.null_mem();
+  KESTREL_TRY(ra.status());
+  const size_t rg[2] = {static_cast<size_t>(n_out), static_cast<size_t>(count)};
+  const size_t rl[2] = {64, 1};
+  return launch(r, op, 2, rg, rl);
 }
 
 Status OpenclBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
