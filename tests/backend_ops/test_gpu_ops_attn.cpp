@@ -332,34 +332,52 @@ TEST_P(GpuOpsAttention, CacheKQ8_0VQ4_0) {
   check_cache_types(be(), GetParam(), DType::Q8_0, DType::Q4_0);
 }
 
-// rope_kv_store (one launch on CUDA) is exactly rope_qk, then kv_store: the same q, k and cache
-// bytes, for every cache type and both layouts, at shuffled positions with sentinels around
-// them. The rope and kv_store tests check the two ops against the references. 13 tokens run
-// CUDA's block-per-head kernel, 77 its prompt-chunk kernel (head sizes 64 and 128).
+// rope_kv_store (one launch on CUDA and OpenCL) is exactly rope_qk, then kv_store: the same q, k
+// and cache bytes, for every cache type (and K and V of different types, which OpenCL's launch
+// takes and CUDA's leaves to the two ops) and both layouts, at shuffled positions with sentinels
+// around them. The rope and kv_store tests check the two ops against the references. 13 tokens
+// run CUDA's block-per-head kernel, 77 its prompt-chunk kernel (head sizes 64 and 128).
 TEST_P(GpuOpsAttention, RopeKvStoreIsRopeThenStore) {
   GPU_TRACE_SEED();
   std::mt19937 rng = test_rng();
   const int n_ctx = 128, n_head = 8, n_kv = 2;
+  const std::pair<DType, DType> cache_types[] = {{DType::F16, DType::F16},
+                                                 {DType::Q8_0, DType::Q8_0},
+                                                 {DType::Q4_0, DType::Q4_0},
+                                                 {DType::Q8_0, DType::Q4_0}};
   for (const auto& [T, hd] : {std::pair{13, 128}, std::pair{77, 128}, std::pair{77, 64}})
-    for (DType type : {DType::F16, DType::Q8_0, DType::Q4_0}) {
+    for (const auto& [type, v_type] : cache_types) {
       for (RopeLayout layout : {RopeLayout::Normal, RopeLayout::NeoX}) {
         const int kv_dim = n_kv * hd;
         std::vector<int32_t> pos(T);
         for (int t = 0; t < T; ++t) pos[t] = static_cast<int32_t>((7 * t + 5) % n_ctx);
         SCOPED_TRACE(std::to_string(T) + " tokens, head size " + std::to_string(hd) + ", " +
-                     type_str(type) + (layout == RopeLayout::NeoX ? " neox" : " normal"));
+                     type_str(type) + "/" + type_str(v_type) +
+                     (layout == RopeLayout::NeoX ? " neox" : " normal"));
         const RopeParams pq{n_head, hd, 10000.0f, layout}, pk{n_kv, hd, 10000.0f, layout};
         const std::vector<float> q = randn(rng, static_cast<size_t>(T * n_head * hd));
         const std::vector<float> k = randn(rng, static_cast<size_t>(T * kv_dim));
         const std::vector<float> v = randn(rng, static_cast<size_t>(T * kv_dim));
         DevTensor q1(be(), T, n_head * hd, q), k1(be(), T, kv_dim, k), v1(be(), T, kv_dim, v);
         DevTensor q2(be(), T, n_head * hd, q), k2(be(), T, kv_dim, k), v2(be(), T, kv_dim, v);
-        DevTensor kc1(be(), type, n_ctx, kv_dim, "k_cache"), vc1(be(), type, n_ctx, kv_dim, "v");
-        DevTensor kc2(be(), type, n_ctx, kv_dim, "k_cache"), vc2(be(), type, n_ctx, kv_dim, "v");
+        DevTensor kc1(be(), type, n_ctx, kv_dim, "k_cache"), vc1(be(), v_type, n_ctx, kv_dim, "v");
+        DevTensor kc2(be(), type, n_ctx, kv_dim, "k_cache"), vc2(be(), v_type, n_ctx, kv_dim, "v");
         ASSERT_TRUE(kc1 && vc1 && kc2 && vc2);
         const std::vector<uint8_t> sentinel(kc1->bytes, kKSentinel);
-        for (DevTensor* c : {&kc1, &vc1, &kc2, &vc2})
+        const std::vector<uint8_t> v_sentinel(vc1->bytes, kKSentinel);
+        for (DevTensor* c : {&kc1, &kc2})
           ASSERT_TRUE(be().upload(**c, 0, n_ctx, sentinel.data()).is_ok());
+        for (DevTensor* c : {&vc1, &vc2})
+          ASSERT_TRUE(be().upload(**c, 0, n_ctx, v_sentinel.data()).is_ok());
+        {  // A position outside the cache is an error that stores nothing (checked below).
+          DevTensor q3(be(), T, n_head * hd, q), k3(be(), T, kv_dim, k), v3(be(), T, kv_dim, v);
+          std::vector<int32_t> bad_pos = pos;
+          bad_pos[T / 2] = n_ctx;
+          EXPECT_FALSE(
+              be().rope_kv_store(*q3, *k3, *v3, T, bad_pos.data(), pq, pk, *kc1, *vc1).is_ok());
+          EXPECT_EQ(fetch_bytes(be(), kc1), sentinel) << "stored despite the error";
+          EXPECT_EQ(fetch_bytes(be(), vc1), v_sentinel) << "stored despite the error";
+        }
         Status s = be().rope_kv_store(*q1, *k1, *v1, T, pos.data(), pq, pk, *kc1, *vc1);
         ASSERT_TRUE(s.is_ok()) << s.message();
         ASSERT_TRUE(be().rope_qk(*q2, *k2, T, pos.data(), pq, pk).is_ok());
@@ -371,6 +389,7 @@ TEST_P(GpuOpsAttention, RopeKvStoreIsRopeThenStore) {
         EXPECT_EQ(fetch_bytes(be(), kc1), fetch_bytes(be(), kc2)) << "K cache";
         EXPECT_EQ(fetch_bytes(be(), vc1), fetch_bytes(be(), vc2)) << "V cache";
         EXPECT_NE(fetch_bytes(be(), kc1), sentinel) << "nothing stored";
+        EXPECT_NE(fetch_bytes(be(), vc1), v_sentinel) << "no V stored";
       }
     }
 }

@@ -33,6 +33,7 @@ const char* const kKernelNames[] = {
     "swiglu",          "add_inplace",     "get_rows",          "kv_store",
     "attention_query", "attention_block", "attention_combine", "matmul_small",
     "matmul_reduce",   "matmul_tiled",    "matmul_mid",        "matmul_tiled16",
+    "rope_kv_store",
 };
 
 // One instance of the matmul_tiled.cl template (which undefines its parameters at the end).
@@ -230,6 +231,8 @@ Status OpenclBackend::build_kernels() {
     mid_groups_per_cu_ = std::clamp(std::atoi(v), 1, 16);
   if (const char* v = std::getenv("KESTREL_CL_ATT_SPLITS"))
     att_splits_forced_ = std::max(std::atoi(v), 0);
+  if (const char* v = std::getenv("KESTREL_CL_FUSED_ROPE_KV"); v && std::string(v) == "0")
+    fused_rope_kv_ = false;
   // Other tile shapes, to measure: KESTREL_CL_TILE (more than 16 tokens) and KESTREL_CL_MID_TILE
   // (9-16 tokens, whose TN must stay 16), "TM,TN,WX,WY". On the H200 (NVIDIA's driver) every
   // shape tried measured within 3% of the defaults at pp512 (128,128,16,16: 1,722 t/s against

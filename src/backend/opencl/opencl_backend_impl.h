@@ -83,6 +83,11 @@ class OpenclBackend final : public Backend {
                  const RopeParams& pk) override;
   Status kv_store(const Tensor& k, const Tensor& v, int n_tokens, const int32_t* positions,
                   Tensor& k_cache, Tensor& v_cache) override;
+  // rope_qk and kv_store as one launch (kernels/attention.cl), unless KESTREL_CL_FUSED_ROPE_KV=0.
+  bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const override;
+  Status rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                       const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
+                       Tensor& k_cache, Tensor& v_cache) override;
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
                    const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
   Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;
@@ -190,6 +195,10 @@ class OpenclBackend final : public Backend {
   // KESTREL_CL_ATT_SPLITS: attention_block's key splits forced to N (to compare, and to test the
   // split path on devices of few units); 0: no splitting; -1 (unset): chosen per call.
   int att_splits_forced_ = -1;
+  // RoPE and the KV store in one launch (rope_kv_store); KESTREL_CL_FUSED_ROPE_KV=0: two.
+  bool fused_rope_kv_ = true;
+  // The positions' checks shared by kv_store and rope_kv_store.
+  static Status check_kv_positions(const int32_t* positions, int n_tokens, int64_t cache_rows);
   std::string device_name_;
   cl_platform_id platform_ = nullptr;
   cl_device_id device_ = nullptr;

@@ -407,10 +407,7 @@ Status OpenclBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
           "kv_store: a cache of type %s and %lld columns is not supported (f16, q8_0 "
           "or q4_0 rows of a multiple of 32)",
           quant::type_name(c->type), static_cast<long long>(c->cols));
-  for (int t = 0; t < n_tokens; ++t)
-    if (positions[t] < 0 || positions[t] >= cache_rows)
-      return error("kv_store: position %d outside the cache of %lld positions", positions[t],
-                   static_cast<long long>(cache_rows));
+  KESTREL_TRY(check_kv_positions(positions, n_tokens, cache_rows));
   if (n_tokens <= 0) return Status::ok();
   KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "kv_store"));
   // K and V in one launch (get_global_id(2)).
@@ -423,6 +420,54 @@ Status OpenclBackend::kv_store(const Tensor& k, const Tensor& v, int n_tokens,
   const size_t global[3] = {static_cast<size_t>(std::max(k.cols, v.cols) / 32),
                             static_cast<size_t>(n_tokens), 2};
   return launch(kern, "kv_store", 3, global, nullptr);
+}
+
+Status OpenclBackend::check_kv_positions(const int32_t* positions, int n_tokens,
+                                         int64_t cache_rows) {
+  for (int t = 0; t < n_tokens; ++t)
+    if (positions[t] < 0 || positions[t] >= cache_rows)
+      return error("kv_store: position %d outside the cache of %lld positions", positions[t],
+                   static_cast<long long>(cache_rows));
+  return Status::ok();
+}
+
+bool OpenclBackend::fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const {
+  return fused_rope_kv_ && quant::is_kv_type(k_cache.type) && quant::is_kv_type(v_cache.type);
+}
+
+// One launch where rope_qk and kv_store would take two (a launch costs ~20 us on NVIDIA's
+// driver, as much as the two kernels' work in a micro-batch of 16). Shapes it does not take, and
+// their errors, go to the two ops.
+Status OpenclBackend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                                    const int32_t* positions, const RopeParams& pq,
+                                    const RopeParams& pk, Tensor& k_cache, Tensor& v_cache) {
+  const int D = pq.head_dim;
+  const bool neox = pq.layout == RopeLayout::NeoX;
+  const bool fits =
+      fuses_rope_kv_store(k_cache, v_cache) && pk.head_dim == D && pk.freq_base == pq.freq_base &&
+      pk.layout == pq.layout && D > 0 && D % (neox ? 64 : 32) == 0 && pq.n_heads > 0 &&
+      pk.n_heads > 0 && is_f32(q) && is_f32(k) && is_f32(v) && q.cols == int64_t{pq.n_heads} * D &&
+      k.cols == int64_t{pk.n_heads} * D && v.cols == k.cols && k_cache.cols == k.cols &&
+      v_cache.cols == v.cols && n_tokens <= q.rows && n_tokens <= k.rows && n_tokens <= v.rows;
+  if (!fits) return Backend::rope_kv_store(q, k, v, n_tokens, positions, pq, pk, k_cache, v_cache);
+  KESTREL_TRY(check_kv_positions(positions, n_tokens, std::min(k_cache.rows, v_cache.rows)));
+  if (n_tokens <= 0) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(cl_mem freqs, rope_freqs(pq.freq_base, D));
+  KESTREL_ASSIGN_OR_RETURN(int pos, upload_ints(positions, n_tokens, "rope+kv_store"));
+  cl_kernel kern = kernel("rope_kv_store");
+  KESTREL_TRY(Args(kern, "rope+kv_store")
+                  .mem(q.data)(pq.n_heads)
+                  .mem(k.data)
+                  .mem(v.data)(pk.n_heads)(D)(neox ? 1 : 0)(freqs)(static_cast<int>(k_cache.type))
+                  .mem(k_cache.data)(static_cast<cl_long>(k_cache.row_bytes()))(
+                      static_cast<int>(v_cache.type))
+                  .mem(v_cache.data)(static_cast<cl_long>(v_cache.row_bytes()))(ring_dev_)(pos)
+                  .status());
+  // Units a head (neox: block pairs, the upper half's work-items only store V), Q, K and V heads.
+  const size_t global[3] = {static_cast<size_t>(D / 32),
+                            static_cast<size_t>(pq.n_heads + 2 * pk.n_heads),
+                            static_cast<size_t>(n_tokens)};
+  return launch(kern, "rope+kv_store", 3, global, nullptr);
 }
 
 Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,

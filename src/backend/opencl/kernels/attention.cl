@@ -1,26 +1,13 @@
 // The KV cache: the quantize-on-write store (f16, q8_0, q4_0 rows equal to quant::quantize_row
 // byte for byte) and causal attention reading those rows.
 
-// cache[pos[t]] = quantize(src[t]) for K (get_global_id(2) == 0) and V (1) in one launch (a
-// launch costs ~20 us on NVIDIA's driver): one work-item per (32-element block, token, K or V).
-// src rows are f32 [T][dim]; cache rows are `row_bytes` apart.
-kernel void kv_store(global const float* k_src, int k_dim, int k_type, global uchar* k_cache,
-                     long k_row_bytes, global const float* v_src, int v_dim, int v_type,
-                     global uchar* v_cache, long v_row_bytes, global const int* ints,
-                     int ints_off) {
+// Block b of a cache row = quantize(x[0..32)) (f16, q8_0 or q4_0, equal to quant::quantize_row
+// byte for byte).
+inline void store_kv_block(const float* x, int type, global uchar* row, int b) {
   // Quantization must round exactly as the scalar reference: no contraction of a * b + c. Only
-  // in this kernel: the program is one translation unit, and a file-scope pragma would also
+  // in this function: the program is one translation unit, and a file-scope pragma would also
   // forbid the fused multiply-adds of every kernel after it (the matmuls, attention).
 #pragma OPENCL FP_CONTRACT OFF
-  const bool v = get_global_id(2) == 1;
-  global const float* src = v ? v_src : k_src;
-  const int dim = v ? v_dim : k_dim, type = v ? v_type : k_type;
-  global uchar* cache = v ? v_cache : k_cache;
-  const long row_bytes = v ? v_row_bytes : k_row_bytes;
-  const int b = get_global_id(0), t = get_global_id(1);
-  if (b >= dim / 32) return;
-  const global float* x = src + (long)t * dim + 32 * b;
-  global uchar* row = cache + (long)ints[ints_off + t] * row_bytes;
   if (type == T_F16) {
     for (int j = 0; j < 32; ++j) {
       const uint h = float_to_half_bits(x[j]);
@@ -63,6 +50,80 @@ kernel void kv_store(global const float* k_src, int k_dim, int k_type, global uc
       blk[2 + j] = (uchar)(lo | (hi << 4));
     }
   }
+}
+
+// cache[pos[t]] = quantize(src[t]) for K (get_global_id(2) == 0) and V (1) in one launch (a
+// launch costs ~20 us on NVIDIA's driver): one work-item per (32-element block, token, K or V).
+// src rows are f32 [T][dim]; cache rows are `row_bytes` apart.
+kernel void kv_store(global const float* k_src, int k_dim, int k_type, global uchar* k_cache,
+                     long k_row_bytes, global const float* v_src, int v_dim, int v_type,
+                     global uchar* v_cache, long v_row_bytes, global const int* ints,
+                     int ints_off) {
+  const bool v = get_global_id(2) == 1;
+  global const float* src = v ? v_src : k_src;
+  const int dim = v ? v_dim : k_dim, type = v ? v_type : k_type;
+  global uchar* cache = v ? v_cache : k_cache;
+  const long row_bytes = v ? v_row_bytes : k_row_bytes;
+  const int b = get_global_id(0), t = get_global_id(1);
+  if (b >= dim / 32) return;
+  const global float* x = src + (long)t * dim + 32 * b;
+  float xb[32];
+  for (int j = 0; j < 32; ++j) xb[j] = x[j];
+  store_kv_block(xb, type, cache + (long)ints[ints_off + t] * row_bytes, b);
+}
+
+// rope of q and k in place, then kv_store of k and v, in one launch (what rope and kv_store do
+// in two, bit for bit): one work-item per (unit, head, token), the heads counted over Q's, then
+// K's, then V's (kv_dim / head_dim "heads", which only store). A unit is the 32-element block u
+// of the head, or for neox, whose pairs are (i, i + head_dim / 2), blocks u and u + head_dim / 64
+// for u < head_dim / 64 (head_dim a multiple of 64 there). inv_freq as for rope.
+kernel void rope_kv_store(global float* q, int heads_q, global float* k, global const float* v,
+                          int heads_kv, int head_dim, int neox, global const float* inv_freq,
+                          int k_type, global uchar* k_cache, long k_row_bytes, int v_type,
+                          global uchar* v_cache, long v_row_bytes, global const int* ints,
+                          int ints_off) {
+  const int u = get_global_id(0), hh = get_global_id(1), t = get_global_id(2);
+  const int half_blocks = head_dim / 64;  // neox: the block offset of a pair's second element
+  const int pos = ints[ints_off + t];
+  const int kind = hh < heads_q ? 0 : hh < heads_q + heads_kv ? 1 : 2;  // Q, K, V
+  if (kind == 2) {  // V: one block, stored
+    const int h = hh - heads_q - heads_kv;
+    const global float* src = v + ((long)t * heads_kv + h) * head_dim + 32 * u;
+    float xb[32];
+    for (int j = 0; j < 32; ++j) xb[j] = src[j];
+    store_kv_block(xb, v_type, v_cache + (long)pos * v_row_bytes, h * (head_dim / 32) + u);
+    return;
+  }
+  if (neox && u >= half_blocks) return;
+  const int h = kind == 0 ? hh : hh - heads_q;
+  global float* x = (kind == 0 ? q : k) + ((long)t * (kind == 0 ? heads_q : heads_kv) + h) * head_dim;
+  const float p = (float)pos;  // exact below 2^24
+  float a[32], b[32];  // neox: blocks u and u + half_blocks; else block u (in a)
+  for (int j = 0; j < 32; ++j) a[j] = x[32 * u + j];
+  if (neox) {
+    for (int j = 0; j < 32; ++j) b[j] = x[32 * (u + half_blocks) + j];
+    for (int j = 0; j < 32; ++j) {
+      const int i = 32 * u + j;  // pair (i, i + head_dim / 2)
+      const float2 r = rope_pair(a[j], b[j], p, inv_freq[2 * i], inv_freq[2 * i + 1]);
+      a[j] = r.x;
+      b[j] = r.y;
+    }
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      const int i = 16 * u + j;  // pair (2i, 2i + 1)
+      const float2 r = rope_pair(a[2 * j], a[2 * j + 1], p, inv_freq[2 * i], inv_freq[2 * i + 1]);
+      a[2 * j] = r.x;
+      a[2 * j + 1] = r.y;
+    }
+  }
+  for (int j = 0; j < 32; ++j) x[32 * u + j] = a[j];
+  if (neox)
+    for (int j = 0; j < 32; ++j) x[32 * (u + half_blocks) + j] = b[j];
+  if (kind == 0) return;
+  global uchar* row = k_cache + (long)pos * k_row_bytes;
+  const int blk0 = h * (head_dim / 32);
+  store_kv_block(a, k_type, row, blk0 + u);
+  if (neox) store_kv_block(b, k_type, row, blk0 + u + half_blocks);
 }
 
 // One element of a cache row (f16, q8_0 or q4_0 as quantize_row wrote it).

@@ -54,34 +54,41 @@ kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void add_rms_norm(
   for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
 }
 
+// RoPE of one pair (x0, x1) at position p with inverse frequency inv_hi + inv_lo: the angle
+// p * inv_freq formed as a two-float value (fma gives the product's rounding error) and reduced
+// modulo 2 pi with 2 pi in three floats, so that the reduced angle is good to ~1e-7 rad at any
+// position: a plain f32 product errs by pos * 2^-24 rad (5e-6 at position 93, 2.4e-4 at 4096),
+// enough to flip q4_0 cache codes against the reference. Shared by rope and rope_kv_store, which
+// must agree bit for bit: no contraction of the rotation, so no kernel's compiler choice differs.
+inline float2 rope_pair(float x0, float x1, float p, float inv_hi, float inv_lo) {
+#pragma OPENCL FP_CONTRACT OFF
+  const float t_hi = p * inv_hi;
+  const float t_lo = fma(p, inv_hi, -t_hi) + p * inv_lo;
+  const float k = rint(t_hi * 0.159154943091895336f);  // 1 / (2 pi)
+  float r = fma(-k, 6.28318548202514648f, t_hi);      // 2 pi = these three floats
+  r = fma(-k, -1.74845553146951715e-07f, r);
+  r = fma(-k, -7.10542735760100186e-15f, r) + t_lo;
+  const float c = cos(r), s = sin(r);
+  return (float2)(x0 * c - x1 * s, x0 * s + x1 * c);
+}
+
 // In place on xa[T][heads_a * head_dim] and xb[T][heads_b * head_dim] (Q and K in one launch;
 // heads_b 0 for one tensor): one work-item per (pair, head, token). inv_freq[i] =
 // base^(-2i / head_dim) comes from the host, computed there in double and passed as two floats
-// (hi, lo). The angle pos * inv_freq is formed as a two-float value (fma gives the product's
-// rounding error) and reduced modulo 2 pi with 2 pi in three floats, so that the reduced angle
-// is good to ~1e-7 rad at any position: a plain f32 product errs by pos * 2^-24 rad (5e-6 at
-// position 93, 2.4e-4 at 4096), enough to flip q4_0 cache codes against the reference. neox:
-// pairs (i, i + head_dim / 2); otherwise adjacent pairs (2i, 2i + 1).
+// (hi, lo). neox: pairs (i, i + head_dim / 2); otherwise adjacent pairs (2i, 2i + 1).
 kernel void rope(global float* xa, int heads_a, global float* xb, int heads_b, int head_dim,
                  int neox, global const float* inv_freq, global const int* ints, int ints_off) {
   const int i = get_global_id(0), hh = get_global_id(1), t = get_global_id(2);
   const int half_dim = head_dim / 2;
   if (i >= half_dim) return;
   const float p = (float)ints[ints_off + t];  // exact below 2^24
-  const float t_hi = p * inv_freq[2 * i];
-  const float t_lo = fma(p, inv_freq[2 * i], -t_hi) + p * inv_freq[2 * i + 1];
-  const float k = rint(t_hi * 0.159154943091895336f);  // 1 / (2 pi)
-  float r = fma(-k, 6.28318548202514648f, t_hi);      // 2 pi = these three floats
-  r = fma(-k, -1.74845553146951715e-07f, r);
-  r = fma(-k, -7.10542735760100186e-15f, r) + t_lo;
-  const float c = cos(r), s = sin(r);
   const int first = hh < heads_a;
   const int n_heads = first ? heads_a : heads_b, h = first ? hh : hh - heads_a;
   global float* v = (first ? xa : xb) + ((long)t * n_heads + h) * head_dim;
   const int a = neox ? i : 2 * i, b = neox ? i + half_dim : 2 * i + 1;
-  const float x0 = v[a], x1 = v[b];
-  v[a] = x0 * c - x1 * s;
-  v[b] = x0 * s + x1 * c;
+  const float2 r = rope_pair(v[a], v[b], p, inv_freq[2 * i], inv_freq[2 * i + 1]);
+  v[a] = r.x;
+  v[b] = r.y;
 }
 
 // out = silu(gate) * up = gate / (1 + exp(-gate)) * up; out may be gate.
