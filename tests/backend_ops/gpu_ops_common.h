@@ -25,6 +25,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -207,6 +208,20 @@ class GpuOpsTest : public ::testing::TestWithParam<std::string> {
   SCOPED_TRACE(                                                                              \
       "KESTREL_TEST_SEED=" + std::to_string(::kestrel::backend::gpu_ops_test::test_seed()) + \
       " backend " + GetParam() + " (set KESTREL_TEST_SEED to reproduce)")
+
+// An environment variable set for a scope (the OpenCL backend reads its KESTREL_CL_* settings
+// when a backend is created), its earlier value back after.
+struct ScopedEnv {
+  std::string name;
+  std::optional<std::string> old;
+  ScopedEnv(const char* n, const char* value) : name(n) {
+    if (const char* v = std::getenv(n)) old = v;
+    setenv(n, value, 1);
+  }
+  ~ScopedEnv() { old ? setenv(name.c_str(), old->c_str(), 1) : unsetenv(name.c_str()); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+};
 
 // ---- host helpers ----------------------------------------------------------------------------
 

@@ -226,6 +226,58 @@ TEST_P(GpuOpsChain, WideGroupQ8_0) {
   check_wide_group(be(), GetParam(), DType::Q8_0);
 }
 
+// The forward pass's Q4_0 sequence at micro-batch sizes past the small-batch kernels: add_rms_norm
+// -> Q/K/V-like group, swiglu -> down. Returns every product (in the order run).
+std::vector<std::vector<float>> run_norm_swiglu_sequence(Backend& be, int T) {
+  std::mt19937 rng(test_seed() + 17);  // the same inputs and weights on every backend
+  const int64_t E = 256, F = 512, kv = 128;
+  DevTensor x(be, T, E, randn(rng, static_cast<size_t>(T * E)));
+  DevTensor y(be, T, E, randn(rng, static_cast<size_t>(T * E)));
+  std::vector<float> g = randn(rng, static_cast<size_t>(E), 0.3f);
+  for (float& v : g) v += 1.0f;
+  DevTensor norm(be, be.load_vector(g.data(), E, "norm"));
+  DevTensor h(be, DType::F32, T, E, "h");
+  DevTensor q(be, DType::F32, T, E, "q"), k(be, DType::F32, T, kv, "k");
+  DevTensor gate(be, T, F, randn(rng, static_cast<size_t>(T * F)));
+  DevTensor up(be, T, F, randn(rng, static_cast<size_t>(T * F)));
+  DevTensor down(be, DType::F32, T, E, "down");
+  const ChainWeight wq = chain_weight(be, rng, DType::Q4_0, E, E, "wq");
+  const ChainWeight wk = chain_weight(be, rng, DType::Q4_0, E, kv, "wk");
+  const ChainWeight wd = chain_weight(be, rng, DType::Q4_0, F, E, "w_down");
+  EXPECT_TRUE(be.add_rms_norm(*x, *y, T, *norm, 1e-5f, *h).is_ok());
+  const MatmulOut group[] = {{wq.w.get(), &*q, nullptr}, {wk.w.get(), &*k, nullptr}};
+  EXPECT_TRUE(be.matmul_group(*h, T, group, 2).is_ok());
+  EXPECT_TRUE(be.swiglu(*gate, *up, T, *gate).is_ok());
+  EXPECT_TRUE(be.matmul(*wd.w, *gate, T, *down, nullptr).is_ok());
+  return {fetch(be, h), fetch(be, q), fetch(be, k), fetch(be, gate), fetch(be, down)};
+}
+
+// The OpenCL backend's norms and SwiGLU write the f16 form that its half and tensor-core matmuls
+// read (one conversion launch fewer each); KESTREL_CL_FUSED_F16=0 converts in a launch of its
+// own. The two must agree bit for bit, on the device's own matmuls (x_half_blocks' form where it
+// has fp16) and on the tensor-core template (emulated off NVIDIA). Other backends ignore both
+// variables (the runs are then the same path twice).
+TEST_P(GpuOpsChain, FusedF16ConversionIsTheLaunchs) {
+  GPU_TRACE_SEED();
+  for (const char* nv : {"", "emulate"}) {
+    std::vector<std::vector<float>> runs[2];
+    for (int fused = 0; fused < 2; ++fused) {
+      std::optional<ScopedEnv> nv_env;
+      if (*nv) nv_env.emplace("KESTREL_CL_NV_MMA", nv);
+      ScopedEnv f16_env("KESTREL_CL_FUSED_F16", fused ? "1" : "0");
+      auto other = create_backend(GetParam(), BackendOptions{});
+      ASSERT_TRUE(other.has_value()) << other.message();
+      for (int T : {16, 40}) {
+        std::vector<std::vector<float>> r = run_norm_swiglu_sequence(**other, T);
+        runs[fused].insert(runs[fused].end(), r.begin(), r.end());
+      }
+    }
+    const char* names[] = {"h", "q", "k", "silu(gate) up", "down"};
+    for (size_t i = 0; i < runs[0].size(); ++i)
+      EXPECT_EQ(runs[0][i], runs[1][i]) << names[i % 5] << " (run " << i << ", nv " << nv << ")";
+  }
+}
+
 // Q4_0 and Q8_0 (the kernels with fused inputs), Q4_K (f32 small batches, f16 GEMM) and F16
 // (its GEMM path writes hi + lo parts over the f16 scratch).
 #define KESTREL_CHAIN_TESTS(Type)                                                              \

@@ -223,14 +223,6 @@ KESTREL_MATMUL_TESTS(Q4_K)
 KESTREL_MATMUL_TESTS(Q5_K)
 KESTREL_MATMUL_TESTS(Q6_K)
 
-// Sets an environment variable for one scope (the OpenCL backend reads its kernel switches when
-// it is created; the other backends ignore them).
-struct ScopedEnv {
-  const char* name;
-  ScopedEnv(const char* n, const char* value) : name(n) { setenv(n, value, 1); }
-  ~ScopedEnv() { unsetenv(name); }
-};
-
 // The OpenCL tiled kernel loads Q4_0 / Q8_0 steps ahead of their products by default;
 // KESTREL_CL_TILED_PREFETCH=0 keeps the plain loop. Both forms must give the reference's results.
 TEST_P(GpuOpsMatmulOutliers, TiledWithoutPrefetch) {

@@ -1,10 +1,10 @@
 // The OpenCL backend's tensor-core path on NVIDIA's driver (kernels/matmul_nv_mma.cl): the setup
 // probe that decides whether it runs, its program sources, and the matmul's host side.
 //
-// The probe builds nv_mma_probe (through the program cache, so a warm start pays a binary load)
-// with each spelling of the asm keyword, runs one m16n8k16 product of small integers and compares
-// it with the exact one. A driver whose compiler refuses the inline PTX, or whose product is
-// wrong, keeps the portable kernels, with one line on stderr saying why.
+// The probe (probe.cpp's run_probe) builds nv_mma_probe with each spelling of the asm keyword,
+// runs one m16n8k16 product of small integers and compares it with the exact one. A driver whose
+// compiler refuses the inline PTX, or whose product is wrong, keeps the portable kernels, with one
+// line on stderr saying why.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -49,35 +49,11 @@ std::string nv_instance(const NvShape& s, int kb) {
       .append(sources::matmul_nv_mma);
 }
 
-// Releases what the probe created, whatever path it leaves by.
-struct ProbeObjects {
-  cl_program program = nullptr;
-  cl_kernel kernel = nullptr;
-  cl_mem bufs[3] = {nullptr, nullptr, nullptr};
-  ~ProbeObjects() {
-    for (cl_mem m : bufs)
-      if (m) clReleaseMemObject(m);
-    if (kernel) clReleaseKernel(kernel);
-    if (program) clReleaseProgram(program);
-  }
-};
-
 }  // namespace
 
 // One m16n8k16 product of integers in [-8, 7] (exact in f16 and in the f32 sums): "" when the
 // device computed it exactly, else what went wrong.
 std::string OpenclBackend::run_nv_probe(const std::string& options) {
-  auto built = build_program(context_, device_, {sources::common, sources::matmul_nv_mma}, options,
-                             default_cache_dir());
-  if (!built) {
-    const std::string& m = built.message();
-    return "the probe does not build: " + m.substr(0, m.find('\n', 200));
-  }
-  ProbeObjects o;
-  o.program = built->program;
-  cl_int err = CL_SUCCESS;
-  o.kernel = clCreateKernel(o.program, "nv_mma_probe", &err);
-  if (err != CL_SUCCESS) return "clCreateKernel(nv_mma_probe): " + cl_error_name(err);
   std::mt19937 rng(std::random_device{}());
   std::uniform_int_distribution<int> code(-8, 7);
   int a[16][16], b[8][16];
@@ -95,22 +71,11 @@ std::string OpenclBackend::run_nv_probe(const std::string& options) {
     for (int w = 0; w < 8; ++w) aw[r * 8 + w] = word(a[r][2 * w], a[r][2 * w + 1]);
   for (int t = 0; t < 8; ++t)
     for (int w = 0; w < 8; ++w) bw[t * 8 + w] = word(b[t][2 * w], b[t][2 * w + 1]);
-  const size_t sizes[3] = {aw.size() * 4, bw.size() * 4, 128 * sizeof(float)};
-  const void* host[3] = {aw.data(), bw.data(), nullptr};
-  for (int i = 0; i < 3; ++i) {
-    o.bufs[i] = clCreateBuffer(context_, CL_MEM_READ_WRITE | (host[i] ? CL_MEM_COPY_HOST_PTR : 0),
-                               sizes[i], const_cast<void*>(host[i]), &err);
-    if (err != CL_SUCCESS) return "clCreateBuffer: " + cl_error_name(err);
-  }
-  Args args(o.kernel, "nv_mma_probe");
-  if (Status s = args(o.bufs[0])(o.bufs[1])(o.bufs[2]).status(); !s.is_ok()) return s.message();
-  const size_t n = 32;
   std::vector<float> c(128);
-  err = clEnqueueNDRangeKernel(queue_, o.kernel, 1, nullptr, &n, &n, 0, nullptr, nullptr);
-  if (err == CL_SUCCESS)
-    err =
-        clEnqueueReadBuffer(queue_, o.bufs[2], CL_TRUE, 0, sizes[2], c.data(), 0, nullptr, nullptr);
-  if (err != CL_SUCCESS) return "the probe's launch failed: " + cl_error_name(err);
+  const std::string why = run_probe(
+      {sources::common, sources::matmul_nv_mma}, options, "nv_mma_probe",
+      {{aw.data(), aw.size() * sizeof(cl_uint)}, {bw.data(), bw.size() * sizeof(cl_uint)}}, c, 32);
+  if (!why.empty()) return why;
   for (int t = 0; t < 8; ++t)
     for (int r = 0; r < 16; ++r) {
       int want = 0;
@@ -183,8 +148,8 @@ void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
 // xh (scratch 2): each token's row as f16 pairs, scaled by a power of two; xs (scratch 3): the
 // inverse scale per token (matmul_nv_mma.cl).
 Status OpenclBackend::nv_activations(const Tensor& x, int n_tokens, const char* op) {
-  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * static_cast<size_t>(n_tokens) * x.cols));
-  KESTREL_ASSIGN_OR_RETURN(cl_mem xs, scratch(3, sizeof(float) * n_tokens));
+  cl_mem xh = nullptr, xs = nullptr;
+  KESTREL_TRY(companion_buffers(1, n_tokens, x.cols, xh, xs));
   cl_kernel k = kernel("nv_x_f16");
   KESTREL_TRY(Args(k, op).mem(x.data)(static_cast<int>(x.cols))(xh)(xs).status());
   const size_t global[1] = {256 * static_cast<size_t>(n_tokens)};
@@ -217,13 +182,14 @@ Expected<cl_mem> OpenclBackend::nv_arrivals(size_t tiles) {
 // 32-token tiles), more in 64-token tiles; the input columns split when the output tiles leave
 // compute units idle, the partials added by each tile's last work-group (in-kernel sums) or by
 // matmul_reduce (one weight a launch then).
-Status OpenclBackend::matmul_nv(const NvSegment* segs, int n_segs, const Tensor& x, int n_tokens,
-                                const char* op) {
+Status OpenclBackend::matmul_nv(const MatmulSegment* segs, int n_segs, const Tensor& x,
+                                int n_tokens, const char* op) {
   if (n_segs < 1 || n_segs > 3) return error("%s: %d weights in one launch (1 to 3)", op, n_segs);
   const ClWeight& w0 = *segs[0].w;
-  if (half_x_ready_ != x.data) KESTREL_TRY(nv_activations(x, n_tokens, op));
-  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * static_cast<size_t>(n_tokens) * w0.n_in));
-  KESTREL_ASSIGN_OR_RETURN(cl_mem xs, scratch(3, sizeof(float) * n_tokens));
+  if (half_x_ready_ != x.data && !companion_ready(x, n_tokens))
+    KESTREL_TRY(nv_activations(x, n_tokens, op));
+  cl_mem xh = nullptr, xs = nullptr;
+  KESTREL_TRY(companion_buffers(1, n_tokens, w0.n_in, xh, xs));
   const NvShape& s = n_tokens <= 16 ? kNvShapes[0] : n_tokens <= 32 ? kNvShapes[1] : kNvShapes[2];
   const int n_in = static_cast<int>(w0.n_in), n_blocks = n_in / 32;
   int row_blocks[3] = {0, 0, 0}, n_total = 0;
@@ -255,7 +221,7 @@ Status OpenclBackend::matmul_nv(const NvSegment* segs, int n_segs, const Tensor&
   arrivals ? a(arrivals) : a.null_mem();
   a(n_total)(row_blocks[0])(row_blocks[1]);
   for (int i = 0; i < 3; ++i) {
-    const NvSegment& g = segs[std::min(i, n_segs - 1)];  // unused segments repeat the last
+    const MatmulSegment& g = segs[std::min(i, n_segs - 1)];  // unused segments repeat the last
     a(g.w->qs)(g.w->d)(static_cast<int>(g.w->n_out)).mem(g.out->data);
     g.bias ? a.mem(g.bias->data) : a.null_mem();
   }

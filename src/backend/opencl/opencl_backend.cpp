@@ -33,7 +33,7 @@ const char* const kKernelNames[] = {
     "swiglu",          "add_inplace",     "get_rows",          "kv_store",
     "attention_query", "attention_block", "attention_combine", "matmul_small",
     "matmul_reduce",   "matmul_tiled",    "matmul_mid",        "matmul_tiled16",
-    "rope_kv_store",
+    "rope_kv_store",   "swiglu_rows",
 };
 
 // One instance of the matmul_tiled.cl template (which undefines its parameters at the end).
@@ -149,8 +149,8 @@ Status OpenclBackend::init(int platform, int device) {
   ext.append(device_string(device_, CL_DEVICE_EXTENSIONS));
   ext.append(" ");
   i.fp16 = ext.find(" cl_khr_fp16 ") != std::string::npos;
-  i.subgroups = ext.find(" cl_khr_subgroups ") != std::string::npos ||
-                ext.find(" cl_intel_subgroups ") != std::string::npos;
+  i.khr_subgroups = ext.find(" cl_khr_subgroups ") != std::string::npos;
+  i.subgroups = i.khr_subgroups || ext.find(" cl_intel_subgroups ") != std::string::npos;
   i.correct_divide = (device_value<cl_device_fp_config>(device_, CL_DEVICE_SINGLE_FP_CONFIG) &
                       CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT) != 0;
   if (i.max_work_group < 64)
@@ -171,13 +171,14 @@ Status OpenclBackend::init(int platform, int device) {
   // The arithmetic is part of the name (reports carry it): "half matmuls" where the quantized
   // micro-batch matmuls run in half.
   device_name_ =
-      format("%s (%s, driver %s, %.0f GiB, %s%s)", i.name.c_str(), i.platform_name.c_str(),
+      format("%s (%s, driver %s, %.0f GiB, %s%s%s)", i.name.c_str(), i.platform_name.c_str(),
              i.driver.c_str(), gib(static_cast<double>(i.global_mem)), i.gpu ? "GPU" : "CPU device",
              nv_mma_ == "emulate"           ? ", mma.sync emulated"
              : !nv_mma_.empty()             ? ", tensor-core matmuls (mma.sync)"
              : half_tiled_ || half_tiled16_ ? ", fp16, half matmuls"
              : i.fp16                       ? ", fp16"
-                                            : "");
+                                            : "",
+             subgroups_ ? ", subgroup reductions" : "");
   ring_host_.assign(kRingInts, 0);
   KESTREL_ASSIGN_OR_RETURN(ring_dev_, device_alloc(kRingInts * sizeof(int32_t), "index ring"));
   setup_ms_ =
@@ -233,6 +234,8 @@ Status OpenclBackend::build_kernels() {
     att_splits_forced_ = std::max(std::atoi(v), 0);
   if (const char* v = std::getenv("KESTREL_CL_FUSED_ROPE_KV"); v && std::string(v) == "0")
     fused_rope_kv_ = false;
+  if (const char* v = std::getenv("KESTREL_CL_FUSED_F16"); v && std::string(v) == "0")
+    fused_f16_ = false;
   // Other tile shapes, to measure: KESTREL_CL_TILE (more than 16 tokens) and KESTREL_CL_MID_TILE
   // (9-16 tokens, whose TN must stay 16), "TM,TN,WX,WY". On the H200 (NVIDIA's driver) every
   // shape tried measured within 3% of the defaults at pp512 (128,128,16,16: 1,722 t/s against
@@ -249,6 +252,7 @@ Status OpenclBackend::build_kernels() {
   options += format(" -DMID_ROWS=%d -DMID_SPLIT=%d", mid_rows_, mid_split_);
   if (info_.fp16) options += " -DKESTREL_HAS_FP16";
   if (info_.correct_divide) options += " -cl-fp32-correctly-rounded-divide-sqrt";
+  choose_subgroups(options);
   std::vector<std::string> srcs = {sources::common,
                                    sources::elementwise,
                                    sources::attention,
@@ -426,6 +430,7 @@ Status OpenclBackend::upload(Tensor& dst, int64_t row0, int64_t n_rows, const vo
                  static_cast<long long>(dst.rows));
   if (n_rows == 0) return Status::ok();
   const size_t rb = dst.row_bytes();
+  if (dst.data == companion_.data) companion_ = {};  // its f16 companion is stale now
   // Blocking: the caller may reuse its buffer as soon as this returns.
   KESTREL_CL_TRY(clEnqueueWriteBuffer(queue_, static_cast<cl_mem>(dst.data), CL_TRUE, rb * row0,
                                       rb * n_rows, src, 0, nullptr, nullptr),
@@ -560,6 +565,7 @@ Expected<int> OpenclBackend::upload_ints(const int32_t* host, int n, const char*
 
 Status OpenclBackend::launch(cl_kernel k, const char* op, cl_uint dims, const size_t* global,
                              const size_t* local) {
+  ++launches_;
   size_t g[3] = {1, 1, 1};
   for (cl_uint i = 0; i < dims; ++i) {
     g[i] = global[i];

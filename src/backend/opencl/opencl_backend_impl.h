@@ -41,6 +41,7 @@ struct DeviceInfo {
   size_t max_work_group = 0;
   bool fp16 = false;            // cl_khr_fp16: half arithmetic allowed
   bool subgroups = false;       // cl_khr_subgroups or cl_intel_subgroups
+  bool khr_subgroups = false;   // cl_khr_subgroups (its pragma is enabled)
   bool correct_divide = false;  // CL_FP_CORRECTLY_ROUNDED_DIVIDE_SQRT
   cl_uint compute_units = 0;
 };
@@ -125,23 +126,43 @@ class OpenclBackend final : public Backend {
   // (Also true on the tensor-core path, whose f16 rows take the same scratch slots.)
   bool uses_half(const ClWeight& w, int n_tokens) const;
   Status half_activations(const Tensor& x, int n_tokens, const char* op);
+  // The f16 companion of an activation (kernels/elementwise.cl): the form those matmuls read
+  // for n_tokens (0 none, 1 nv_x_f16's, 2 x_half_blocks'), its buffers (scratch slots 2 and 3,
+  // the same sizes for every writer and reader), and whether x's was written by the last launch.
+  int companion_mode(int n_tokens, int64_t cols) const;
+  Status companion_buffers(int mode, int n_tokens, int64_t cols, cl_mem& xh, cl_mem& xs);
+  bool companion_ready(const Tensor& x, int n_tokens) const;
+  void companion_written(const Tensor& x, int n_tokens);
+  // Set-up probes (probe.cpp): a one-work-group kernel run once, its inputs copied in and
+  // `out` read back; "" when it ran, else why not.
+  struct ProbeInput {
+    const void* data;
+    size_t bytes;
+  };
+  std::string run_probe(const std::vector<std::string>& srcs, const std::string& options,
+                        const char* name, const std::vector<ProbeInput>& inputs,
+                        std::vector<float>& out, size_t n_items);
+  std::string run_subgroup_probe(const std::string& options, int n);
+  void choose_subgroups(std::string& options);
   // The tensor-core path on NVIDIA's driver (nv_mma.cpp, kernels/matmul_nv_mma.cl).
   std::string run_nv_probe(const std::string& options);
   void choose_nv_mma();
   void add_nv_mma_sources(std::vector<std::string>& srcs, std::vector<const char*>& names,
                           std::string& options);  // clears nv_mma_ where the tiles do not fit
   Status nv_activations(const Tensor& x, int n_tokens, const char* op);
-  struct NvSegment {
+  struct MatmulSegment {
     const ClWeight* w;
     Tensor* out;
     const Tensor* bias;
   };
-  Status matmul_nv(const NvSegment* segs, int n_segs, const Tensor& x, int n_tokens,
+  Status matmul_nv(const MatmulSegment* segs, int n_segs, const Tensor& x, int n_tokens,
                    const char* op);
   int matmul_splits(size_t groups, bool mid_sized, int n_blocks) const;
   Status reduce_splits(cl_mem part, int splits, cl_long stride, int n_out, int t0, int count,
                        const Tensor& out, const Tensor* bias, const char* op);
-  bool nv_group_fits(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) const;
+  bool group_fits(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) const;
+  Status matmul_small_batch(const MatmulSegment* segs, int n_segs, const Tensor& x, int n_tokens,
+                            const char* op);
   Status norm_rows(Tensor& x, const Tensor* y, int n_tokens, const Tensor& weight, float eps,
                    Tensor& out);
   Status rope_rows(Tensor& x, const RopeParams& p, Tensor* x1, int heads1, int n_tokens,
@@ -181,10 +202,23 @@ class OpenclBackend final : public Backend {
   cl_mem nv_arrivals_ = nullptr;
   size_t nv_arrivals_n_ = 0;
   Expected<cl_mem> nv_arrivals(size_t tiles);
+  // group_sum / group_max on subgroups (the probe passed; KESTREL_CL_SUBGROUPS=0 turns it off).
+  bool subgroups_ = false;
   // attention_block's local memory fits the device (else the one-query kernel takes every call).
   bool attention_block_fits_ = true;
   // Set by matmul_group while its matmuls run: the input whose half blocks are in scratch.
   const void* half_x_ready_ = nullptr;
+  // Norms and SwiGLU write the f16 companion of their output for the half and tensor-core
+  // matmuls (KESTREL_CL_FUSED_F16=0: those convert it in a launch of their own). The companion
+  // in scratch belongs to `data` while no other launch (launches_) nor an upload into it came.
+  bool fused_f16_ = true;
+  struct Companion {
+    const void* data = nullptr;
+    int n_tokens = 0;
+    int64_t cols = 0;
+    uint64_t after = 0;  // launches_ when it was written
+  } companion_;
+  uint64_t launches_ = 0;  // kernels launched: any may have overwritten the tensor or scratch
   // Work-groups per compute unit that split-K aims at for mid-sized batches, and the most slices
   // (KESTREL_CL_MID_GROUPS_PER_CU, 1-16, and KESTREL_CL_MID_MAX_SPLITS override them, to
   // compare); matmul_tiled aims at 4 with at most 8. H200 through NVIDIA's OpenCL, seed b128 ub16:

@@ -76,14 +76,21 @@ Status OpenclBackend::norm_rows(Tensor& x, const Tensor* y, int n_tokens, const 
   if (n_tokens <= 0) return Status::ok();
   cl_kernel k = kernel(what);
   const int n = static_cast<int>(x.cols);
+  const int f16 = companion_mode(n_tokens, out.cols);
+  cl_mem xh = nullptr, xs = nullptr;
+  if (f16) KESTREL_TRY(companion_buffers(f16, n_tokens, out.cols, xh, xs));
   Args args(k, what);
   args.mem(x.data);
   if (y) args.mem(y->data);
-  KESTREL_TRY(args(n).mem(weight.data)(eps).mem(out.data).status());
+  args(n).mem(weight.data)(eps).mem(out.data)(f16);
+  xh ? args(xh)(xs) : args.null_mem().null_mem();
+  KESTREL_TRY(args.status());
   const size_t wg = info_.max_work_group >= 256 ? 256 : 64;
   const size_t global[1] = {wg * n_tokens};
   const size_t local[1] = {wg};
-  return launch(k, what, 1, global, local);
+  KESTREL_TRY(launch(k, what, 1, global, local));
+  if (f16) companion_written(out, n_tokens);
+  return Status::ok();
 }
 
 Expected<cl_mem> OpenclBackend::rope_freqs(float base, int head_dim) {
@@ -152,6 +159,22 @@ Status OpenclBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens,
                  static_cast<long long>(out.cols));
   const cl_long n = static_cast<cl_long>(n_tokens) * gate.cols;
   if (n <= 0) return Status::ok();
+  if (const int f16 = companion_mode(n_tokens, out.cols)) {  // rows, with the f16 companion
+    cl_mem xh = nullptr, xs = nullptr;
+    KESTREL_TRY(companion_buffers(f16, n_tokens, out.cols, xh, xs));
+    cl_kernel k = kernel("swiglu_rows");
+    KESTREL_TRY(Args(k, "swiglu")
+                    .mem(gate.data)
+                    .mem(up.data)(static_cast<int>(out.cols))
+                    .mem(out.data)(f16)(xh)(xs)
+                    .status());
+    const size_t wg = info_.max_work_group >= 256 ? 256 : 64;
+    const size_t global[1] = {wg * n_tokens};
+    const size_t local[1] = {wg};
+    KESTREL_TRY(launch(k, "swiglu", 1, global, local));
+    companion_written(out, n_tokens);
+    return Status::ok();
+  }
   cl_kernel k = kernel("swiglu");
   KESTREL_TRY(Args(k, "swiglu").mem(gate.data).mem(up.data)(n).mem(out.data).status());
   const size_t global[1] = {static_cast<size_t>(n)};
@@ -196,10 +219,33 @@ bool OpenclBackend::uses_half(const ClWeight& w, int n_tokens) const {
          (!nv_mma_.empty() || half_tiled_ || (half_tiled16_ && mid_tiled_));
 }
 
+int OpenclBackend::companion_mode(int n_tokens, int64_t cols) const {
+  if (!fused_f16_ || n_tokens <= kSmallBatch || cols % 32 != 0) return 0;
+  if (!nv_mma_.empty()) return 1;
+  return half_tiled_ || (half_tiled16_ && mid_tiled_) ? 2 : 0;
+}
+
+Status OpenclBackend::companion_buffers(int mode, int n_tokens, int64_t cols, cl_mem& xh,
+                                        cl_mem& xs) {
+  const size_t values = static_cast<size_t>(n_tokens) * cols;
+  KESTREL_ASSIGN_OR_RETURN(xh, scratch(2, 2 * values));
+  KESTREL_ASSIGN_OR_RETURN(
+      xs, scratch(3, sizeof(float) * (mode == 1 ? static_cast<size_t>(n_tokens) : values / 32)));
+  return Status::ok();
+}
+
+bool OpenclBackend::companion_ready(const Tensor& x, int n_tokens) const {
+  return companion_.data == x.data && companion_.n_tokens == n_tokens &&
+         companion_.cols == x.cols && companion_.after == launches_;
+}
+
+void OpenclBackend::companion_written(const Tensor& x, int n_tokens) {
+  companion_ = {x.data, n_tokens, x.cols, launches_};
+}
+
 Status OpenclBackend::half_activations(const Tensor& x, int n_tokens, const char* op) {
-  const size_t values = static_cast<size_t>(n_tokens) * x.cols;
-  KESTREL_ASSIGN_OR_RETURN(cl_mem xh, scratch(2, 2 * values));
-  KESTREL_ASSIGN_OR_RETURN(cl_mem xs, scratch(3, sizeof(float) * (values / 32)));
+  cl_mem xh = nullptr, xs = nullptr;
+  KESTREL_TRY(companion_buffers(2, n_tokens, x.cols, xh, xs));
   cl_kernel k = kernel("x_half_blocks");
   Args a(k, op);
   a.mem(x.data)(static_cast<int>(x.cols))(n_tokens)(xh)(xs);
@@ -217,16 +263,21 @@ Status OpenclBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOu
     half = half || (outs[i].w->n_in == x.cols &&
                     uses_half(static_cast<const ClWeight&>(*outs[i].w), n_tokens));
   if (half && n_tokens <= x.rows && is_f32(x)) {
-    KESTREL_TRY(nv_mma_.empty() ? half_activations(x, n_tokens, "matmul group")
-                                : nv_activations(x, n_tokens, "matmul group"));
+    if (!companion_ready(x, n_tokens))
+      KESTREL_TRY(nv_mma_.empty() ? half_activations(x, n_tokens, "matmul group")
+                                  : nv_activations(x, n_tokens, "matmul group"));
     half_x_ready_ = x.data;
   }
   Status s = Status::ok();
-  if (half_x_ready_ && nv_group_fits(x, n_tokens, outs, n_outs)) {
+  MatmulSegment segs[3];
+  const bool one_launch = group_fits(x, n_tokens, outs, n_outs);
+  for (int i = 0; i < n_outs && one_launch; ++i)
+    segs[i] = {static_cast<const ClWeight*>(outs[i].w), outs[i].out, outs[i].bias};
+  if (one_launch && n_tokens <= kSmallBatch)  // decode steps and short tails
+    return matmul_small_batch(segs, n_outs, x, n_tokens, "matmul group");
+  if (one_launch && half_x_ready_ && !nv_mma_.empty() && nv_reduce_in_kernel_ &&
+      uses_half(*segs[0].w, n_tokens)) {
     // The tensor-core path with in-kernel sums: the whole group in one launch.
-    NvSegment segs[3];
-    for (int i = 0; i < n_outs; ++i)
-      segs[i] = {static_cast<const ClWeight*>(outs[i].w), outs[i].out, outs[i].bias};
     s = matmul_nv(segs, n_outs, x, n_tokens, "matmul group");
     half_x_ready_ = nullptr;
     return s;
@@ -237,22 +288,48 @@ Status OpenclBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOu
   return s;
 }
 
-// Whether a matmul group can be one launch of the tensor-core path: its in-kernel sums on, 2 or 3
-// Q4_0 / Q8_0 weights of one type on x, every output and bias of the right shape (else each
-// matmul runs alone, and reports any mismatch).
-bool OpenclBackend::nv_group_fits(const Tensor& x, int n_tokens, const MatmulOut* outs,
-                                  int n_outs) const {
-  if (nv_mma_.empty() || !nv_reduce_in_kernel_ || n_outs < 2 || n_outs > 3) return false;
+// Whether a matmul group can be one launch: 2 or 3 weights of one type on x, every output and bias
+// of the right shape (else each matmul runs alone, and reports any mismatch).
+bool OpenclBackend::group_fits(const Tensor& x, int n_tokens, const MatmulOut* outs,
+                               int n_outs) const {
+  if (n_outs < 2 || n_outs > 3 || !is_f32(x) || n_tokens > x.rows) return false;
   for (int i = 0; i < n_outs; ++i) {
-    const auto& w = static_cast<const ClWeight&>(*outs[i].w);
+    const Weight& w = *outs[i].w;
     const Tensor& out = *outs[i].out;
     const Tensor* bias = outs[i].bias;
-    if (w.type != outs[0].w->type || !uses_half(w, n_tokens) || w.n_in != x.cols ||
-        out.cols != w.n_out || n_tokens > out.rows || !is_f32(out) ||
-        (bias && bias->cols != w.n_out))
+    if (w.type != outs[0].w->type || w.n_in != x.cols || out.cols != w.n_out ||
+        n_tokens > out.rows || !is_f32(out) || (bias && bias->cols != w.n_out))
       return false;
   }
   return true;
+}
+
+// matmul_small (kernels/matmul.cl) over up to three weights of one type on x: MV_ROWS-row
+// work-groups, each weight's rows rounded up to whole work-groups.
+Status OpenclBackend::matmul_small_batch(const MatmulSegment* segs, int n_segs, const Tensor& x,
+                                         int n_tokens, const char* op) {
+  constexpr int kRows = 16;  // MV_ROWS
+  const ClWeight& w0 = *segs[0].w;
+  int row_blocks[3] = {0, 0, 0};
+  for (int i = 0; i < n_segs; ++i)
+    row_blocks[i] = static_cast<int>((segs[i].w->n_out + kRows - 1) / kRows);
+  cl_kernel k = kernel("matmul_small");
+  Args a(k, op);
+  a(static_cast<int>(w0.type))(static_cast<cl_long>(w0.row_bytes))(static_cast<int>(w0.n_in))
+      .mem(x.data)(n_tokens)(row_blocks[0])(row_blocks[1]);
+  for (int i = 0; i < 3; ++i) {
+    const MatmulSegment& g = segs[std::min(i, n_segs - 1)];  // unused segments repeat the last
+    a(g.w->qs);
+    g.w->d ? a(g.w->d) : a.null_mem();
+    a(static_cast<int>(g.w->n_out)).mem(g.out->data);
+    g.bias ? a.mem(g.bias->data) : a.null_mem();
+  }
+  KESTREL_TRY(a.status());
+  const size_t split = wide_ ? 16 : 4;  // MV_SPLIT
+  const size_t global[2] = {
+      static_cast<size_t>(row_blocks[0] + row_blocks[1] + row_blocks[2]) * kRows, split};
+  const size_t local[2] = {kRows, split};
+  return launch(k, op, 2, global, local);
 }
 
 Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
@@ -284,22 +361,10 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
     else
       a.null_mem();
   };
-  if (n_tokens <= kSmallBatch) {
-    cl_kernel k = kernel("matmul_small");
-    Args a(k, op.c_str());
-    set_common(k, a);
-    a(n_tokens).mem(out.data);
-    set_bias(a);
-    KESTREL_TRY(a.status());
-    const size_t rows = 16, split = wide_ ? 16 : 4;  // MV_ROWS, MV_SPLIT
-    const size_t global[2] = {static_cast<size_t>(n_out), split};
-    const size_t local[2] = {rows, split};
-    return launch(k, op.c_str(), 2, global, local);
-  }
-  if (!nv_mma_.empty() && uses_half(w, n_tokens)) {
-    const NvSegment seg{&w, &out, bias};
+  const MatmulSegment seg{&w, &out, bias};
+  if (n_tokens <= kSmallBatch) return matmul_small_batch(&seg, 1, x, n_tokens, op.c_str());
+  if (!nv_mma_.empty() && uses_half(w, n_tokens))
     return matmul_nv(&seg, 1, x, n_tokens, op.c_str());
-  }
   // Up to mid_max_tokens_ tokens: matmul_mid; beyond, full tiles of matmul_tiled and the rest
   // on matmul_mid when it is that short (a 71-token micro-batch costs 64 tiled token slots and 7
   // mid ones, not 128), else on one more partial tile.
@@ -312,10 +377,9 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
   const bool half_tiled16 = uses_half(w, n_tokens) && half_tiled16_ && mid_tiled_;
   cl_mem xh = nullptr, xs = nullptr;
   if (half_tiled || half_tiled16) {
-    const size_t values = static_cast<size_t>(n_tokens) * n_in;
-    KESTREL_ASSIGN_OR_RETURN(xh, scratch(2, 2 * values));
-    KESTREL_ASSIGN_OR_RETURN(xs, scratch(3, sizeof(float) * (values / 32)));
-    if (half_x_ready_ != x.data) KESTREL_TRY(half_activations(x, n_tokens, op.c_str()));
+    const bool ready = half_x_ready_ == x.data || companion_ready(x, n_tokens);
+    KESTREL_TRY(companion_buffers(2, n_tokens, n_in, xh, xs));
+    if (!ready) KESTREL_TRY(half_activations(x, n_tokens, op.c_str()));
   }
   int t0 = 0;
   while (t0 < n_tokens) {

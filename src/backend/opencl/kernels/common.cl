@@ -218,7 +218,38 @@ inline void decode8(int type, const global uchar* row, int s, int part, float* o
 }
 
 // Work-group reductions over `n` work-items (a power of two, the local size) through scratch
-// local memory of n floats. Every work-item of the group must call them.
+// local memory of n floats. Every work-item of the group must call them, and each call passes at
+// least one work-group barrier after its first local-memory access (callers publish their own
+// local stores through it). With KESTREL_SUBGROUPS (the host's probe found the subgroup
+// reductions of cl_khr_subgroups / cl_intel_subgroups exact on this device): each subgroup
+// reduces in registers, then every work-item adds the subgroups' results, two barriers where the
+// tree takes log2(n) + 2.
+#ifdef KESTREL_SUBGROUPS
+#ifdef KESTREL_KHR_SUBGROUPS
+#pragma OPENCL EXTENSION cl_khr_subgroups : enable
+#endif
+inline float group_sum(float v, local float* scratch, int lid, int n) {
+  v = sub_group_reduce_add(v);
+  if (get_sub_group_local_id() == 0) scratch[get_sub_group_id()] = v;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  float r = 0.0f;
+  const uint n_sub = get_num_sub_groups();
+  for (uint i = 0; i < n_sub; ++i) r += scratch[i];
+  barrier(CLK_LOCAL_MEM_FENCE);
+  return r;
+}
+
+inline float group_max(float v, local float* scratch, int lid, int n) {
+  v = sub_group_reduce_max(v);
+  if (get_sub_group_local_id() == 0) scratch[get_sub_group_id()] = v;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  float r = scratch[0];
+  const uint n_sub = get_num_sub_groups();
+  for (uint i = 1; i < n_sub; ++i) r = fmax(r, scratch[i]);
+  barrier(CLK_LOCAL_MEM_FENCE);
+  return r;
+}
+#else
 inline float group_sum(float v, local float* scratch, int lid, int n) {
   scratch[lid] = v;
   barrier(CLK_LOCAL_MEM_FENCE);
@@ -241,4 +272,21 @@ inline float group_max(float v, local float* scratch, int lid, int n) {
   const float r = scratch[0];
   barrier(CLK_LOCAL_MEM_FENCE);
   return r;
+}
+#endif
+
+// The setup's check of the two reductions on this device and build: out[0] = sum of x[0..n),
+// out[1] = max, over one work-group of n work-items (n = 64 or 256), each value read after a
+// reduction of its own so that a scratch reused too early shows.
+kernel void reduce_probe(global const float* x, global float* out) {
+  local float scratch[256];
+  const int lid = get_local_id(0), n = get_local_size(0);
+  const float s = group_sum(x[lid], scratch, lid, n);
+  const float m = group_max(x[lid], scratch, lid, n);
+  const float s2 = group_sum(-x[lid], scratch, lid, n);
+  if (lid == n - 1) {
+    out[0] = s;
+    out[1] = m;
+    out[2] = s2;
+  }
 }

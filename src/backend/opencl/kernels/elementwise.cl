@@ -16,42 +16,98 @@ kernel void embed_rows(global const uchar* table, int type, long row_bytes, int 
   }
 }
 
-// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w: one work-group of RMS_WG per token.
+// The f16 companion of an f32 activation row: what the matmuls of more than 8 tokens in half or
+// on the tensor cores read (their conversion kernels, x_half_blocks and nv_x_f16, would make it
+// from the f32 row), written by the kernel that produced the row so that the conversion needs no
+// launch of its own (~20 us on NVIDIA's driver, 3 a layer). Both round to nearest even, as those
+// kernels do, so the halves are theirs bit for bit.
+#define F16_NONE 0
+#define F16_TOKEN 1   // nv_x_f16: the row times 2^e, max |x| in [2^14, 2^15); xs[t] = 2^-e
+#define F16_BLOCKS 2  // x_half_blocks: each 32-block over 2^e > its max |x|; xs[t][b] = 2^e
+
+// Block b of row t, v[0..32) (just stored as f32): in the F16_BLOCKS form its halves and scale;
+// returns max |v| (for F16_TOKEN's scale).
+inline float block_companion(const float* v, int mode, int n, int t, int b, global half* xh,
+                             global float* xs) {
+  float m = 0.0f;
+  for (int j = 0; j < 32; ++j) m = fmax(m, fabs(v[j]));
+  if (mode != F16_BLOCKS) return m;
+  int e = 0;
+  frexp(m, &e);  // m = f * 2^e with f in [0.5, 1); e = 0 for m = 0
+  const float inv = ldexp(1.0f, -e);
+  for (int j = 0; j < 32; ++j) vstore_half_rte(v[j] * inv, (long)t * n + 32 * b + j, xh);
+  xs[(long)t * (n / 32) + b] = ldexp(1.0f, e);
+  return m;
+}
+
+// The F16_TOKEN form of row t once its f32 values o[0..n) are stored (each work-item reads back
+// the blocks it wrote, b = lid + k * wg), m the work-item's max |o|. Every work-item calls it.
+inline void token_companion(global const float* o, float m, int mode, int n, int t, int lid,
+                            int wg, local float* scratch, global half* xh, global float* xs) {
+  if (mode != F16_TOKEN) return;
+  m = group_max(m, scratch, lid, wg);
+  int e = 0;
+  frexp(m, &e);
+  e = m > 0.0f ? clamp(15 - e, -120, 120) : 0;
+  const float f = ldexp(1.0f, e);
+  for (int b = lid; b < n / 32; b += wg)
+    for (int j = 0; j < 32; ++j) vstore_half_rte(o[32 * b + j] * f, (long)t * n + 32 * b + j, xh);
+  if (lid == 0) xs[t] = ldexp(1.0f, -e);
+}
+
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w: one work-group of RMS_WG per token. With y
+// (add_rms_norm) x += y first: the residual add and the next norm in one launch (a work-group owns
+// its row, so the sum it stores is read back by the same work-items). With f16 != F16_NONE, the
+// row's f16 companion too (n a multiple of 32).
 #ifndef RMS_WG
 #define RMS_WG 256
 #endif
-kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void rms_norm(
-    global const float* x, int n, global const float* w, float eps, global float* out) {
-  local float scratch[RMS_WG];
-  const int t = get_group_id(0), lid = get_local_id(0);
-  const global float* xr = x + (long)t * n;
-  float ss = 0.0f;
-  for (int i = lid; i < n; i += RMS_WG) ss += xr[i] * xr[i];
-  ss = group_sum(ss, scratch, lid, RMS_WG);
-  const float scale = 1.0f / sqrt(ss / (float)n + eps);
-  global float* o = out + (long)t * n;
-  for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
-}
-
-// x += y, then out = rms_norm(x): the residual add and the next norm in one launch (a
-// work-group owns its row, so the sum it stores is read back by the same work-items).
-kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void add_rms_norm(
-    global float* x, global const float* y, int n, global const float* w, float eps,
-    global float* out) {
-  local float scratch[RMS_WG];
+inline void norm_row(global float* x, global const float* y, int n, global const float* w,
+                     float eps, global float* out, int f16, global half* xh, global float* xs,
+                     local float* scratch) {
   const int t = get_group_id(0), lid = get_local_id(0);
   global float* xr = x + (long)t * n;
-  const global float* yr = y + (long)t * n;
   float ss = 0.0f;
   for (int i = lid; i < n; i += RMS_WG) {
-    const float v = xr[i] + yr[i];
-    xr[i] = v;
+    const float v = y ? xr[i] + y[(long)t * n + i] : xr[i];
+    if (y) xr[i] = v;
     ss += v * v;
   }
   ss = group_sum(ss, scratch, lid, RMS_WG);
   const float scale = 1.0f / sqrt(ss / (float)n + eps);
   global float* o = out + (long)t * n;
-  for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
+  if (f16 == F16_NONE) {
+    for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
+    return;
+  }
+  // A block of 32 a work-item: its companion needs the block's values together. With y, other
+  // work-items stored the sums this one reads: a barrier over global memory first (y is the
+  // same for the whole work-group).
+  if (y) barrier(CLK_GLOBAL_MEM_FENCE);
+  float m = 0.0f;
+  for (int b = lid; b < n / 32; b += RMS_WG) {
+    float v[32];
+    for (int j = 0; j < 32; ++j) {
+      v[j] = xr[32 * b + j] * scale * w[32 * b + j];
+      o[32 * b + j] = v[j];
+    }
+    m = fmax(m, block_companion(v, f16, n, t, b, xh, xs));
+  }
+  token_companion(o, m, f16, n, t, lid, RMS_WG, scratch, xh, xs);
+}
+
+kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void rms_norm(
+    global float* x, int n, global const float* w, float eps, global float* out, int f16,
+    global half* xh, global float* xs) {
+  local float scratch[RMS_WG];
+  norm_row(x, 0, n, w, eps, out, f16, xh, xs, scratch);
+}
+
+kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void add_rms_norm(
+    global float* x, global const float* y, int n, global const float* w, float eps,
+    global float* out, int f16, global half* xh, global float* xs) {
+  local float scratch[RMS_WG];
+  norm_row(x, y, n, w, eps, out, f16, xh, xs, scratch);
 }
 
 // RoPE of one pair (x0, x1) at position p with inverse frequency inv_hi + inv_lo: the angle
@@ -92,11 +148,34 @@ kernel void rope(global float* xa, int heads_a, global float* xb, int heads_b, i
 }
 
 // out = silu(gate) * up = gate / (1 + exp(-gate)) * up; out may be gate.
+inline float silu_mul(float g, float u) {
+  return g / (1.0f + exp(-g)) * u;
+}
+
 kernel void swiglu(global const float* gate, global const float* up, long n, global float* out) {
   const long i = get_global_id(0);
   if (i >= n) return;
-  const float g = gate[i];
-  out[i] = g / (1.0f + exp(-g)) * up[i];
+  out[i] = silu_mul(gate[i], up[i]);
+}
+
+// swiglu of rows of n with their f16 companion (f16 != F16_NONE, n a multiple of 32): a
+// work-group of RMS_WG per token, a block of 32 a work-item.
+kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void swiglu_rows(
+    global const float* gate, global const float* up, int n, global float* out, int f16,
+    global half* xh, global float* xs) {
+  local float scratch[RMS_WG];
+  const int t = get_group_id(0), lid = get_local_id(0);
+  const long row = (long)t * n;
+  float m = 0.0f;
+  for (int b = lid; b < n / 32; b += RMS_WG) {
+    float v[32];
+    for (int j = 0; j < 32; ++j) {
+      v[j] = silu_mul(gate[row + 32 * b + j], up[row + 32 * b + j]);
+      out[row + 32 * b + j] = v[j];
+    }
+    m = fmax(m, block_companion(v, f16, n, t, b, xh, xs));
+  }
+  token_companion(out + row, m, f16, n, t, lid, RMS_WG, scratch, xh, xs);
 }
 
 kernel void add_inplace(global float* x, global const float* y, long n) {
