@@ -8,7 +8,8 @@
 //                            [--bw 4800] [--ms 40] [--json FILE]
 //
 // Each case runs a few untimed calls, then back-to-back calls for about --ms milliseconds
-// between two synchronizations (launch gaps count, as in the model without graphs). Weights are
+// between two synchronizations (launch gaps count, as in the model without graphs). The first
+// row is the launch floor: a one-row add, whose time is the cost of a launch alone. Weights are
 // random codes with scales in [0.002, 0.02], activations normal: speed does not depend on them.
 // Not a test; bench/NOTES.md records what it measured.
 #include <CLI/CLI.hpp>
@@ -168,6 +169,19 @@ int main(int argc, char** argv) {
                     {"bw_share", gbs / bw_gbs},
                     {"tflops", tflops}});
   };
+  // The launch floor: an op with next to no work (x += y on one 4096-value row), back to back.
+  // Its time per call is what each kernel of a pass costs beyond its work when the device waits
+  // for the host (NVIDIA's OpenCL driver: the suspected limit of the seed's case).
+  {
+    const Timing tm = time_calls(be, ms, [&] { return be.add(*out_b, *out_c, 1); });
+    if (tm.error.empty()) {
+      std::printf("| launch floor (add, 1 x 4096) | 1 | %.1f | | | |\n", tm.us);
+      rows.push_back({{"case", "launch floor"}, {"tokens", 1}, {"us", tm.us}, {"calls", tm.calls}});
+    } else {
+      std::printf("| launch floor (add, 1 x 4096) | 1 | failed: %s | | | |\n", tm.error.c_str());
+      ++failures;
+    }
+  }
   for (int t : token_counts) {
     for (size_t i = 0; i < weights.size(); ++i) {
       const Weight& w = *weights[i];
