@@ -98,10 +98,12 @@ if ((TESTS)); then
   t=$(date +%s)
   KESTREL_GPU_BACKEND=opencl KESTREL_OPS_REPORT=1 timeout 420 "$BUILD/bin/kestrel_tests" \
     --gtest_filter='*Gpu*:OpenclCache*' --gtest_brief=1 || rc=1
-  # The opt-in in-kernel split-K sums and grouped tensor-core launches (nv_mma.cpp): the matmul
-  # and chain suites again with them on.
-  KESTREL_CL_NV_REDUCE=kernel KESTREL_GPU_BACKEND=opencl timeout 180 "$BUILD/bin/kestrel_tests" \
-    --gtest_filter='*GpuOpsMatmul*Q4_0*:*GpuOpsMatmul*Q8_0*:*GpuOpsChain*' --gtest_brief=1 || rc=1
+  # The opt-in in-kernel split-K sums and grouped tensor-core launches (nv_mma.cpp) and the
+  # 16-token register-fragment kernels (matmul_nv_frag.cl): the matmul and chain suites again
+  # with both on.
+  KESTREL_CL_NV_REDUCE=kernel KESTREL_CL_NV_FRAG=1 KESTREL_GPU_BACKEND=opencl timeout 180 \
+    "$BUILD/bin/kestrel_tests" --gtest_filter='*GpuOpsMatmul*Q4_0*:*GpuOpsMatmul*Q8_0*:*GpuOpsChain*' \
+    --gtest_brief=1 || rc=1
   echo "tests: rc $rc, $(($(date +%s) - t)) s"
   # End to end through NVIDIA's driver (its default kernels: the tensor-core matmuls where the
   # probe passes), every weight and KV type with uneven chunkings, within a time budget.
@@ -145,14 +147,15 @@ if ((BENCH)); then
       env $setting timeout 120 $b -r 2 "$@" 2>&1 | sed "/^| llama/s/^| /| sweep [$setting] /" || true
     done
   }
-  # Unless given, the seed's case is also measured with the switches of the thirteenth session's
-  # launch cuts (src/backend/opencl/NOTES.md): the opt-in in-kernel sums, and without the fused
-  # f16 conversion and RoPE + KV store.
+  # Unless given, the seed's case is also measured with the thirteenth session's switches
+  # (src/backend/opencl/NOTES.md): the opt-in in-kernel sums and fragment kernels, and without
+  # the fused f16 conversion and RoPE + KV store.
   sweep "${OCL_SWEEP_PP:-}" -p 512 -n 0
-  sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_FUSED_F16=0 KESTREL_CL_FUSED_ROPE_KV=0}" "${seed[@]}"
+  sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_NV_FRAG=1;KESTREL_CL_NV_FRAG=1 KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_FUSED_F16=0 KESTREL_CL_FUSED_ROPE_KV=0}" "${seed[@]}"
   # The matmuls alone and the launch floor (bench/gpu_matmul_bench.cpp), with and without the
-  # in-kernel sums: how much of a 16-token matmul is launches.
-  for setting in "" "KESTREL_CL_NV_REDUCE=kernel"; do
+  # in-kernel sums and the fragment kernels: how much of a 16-token matmul is launches.
+  for setting in "" "KESTREL_CL_NV_REDUCE=kernel" "KESTREL_CL_NV_FRAG=1" \
+    "KESTREL_CL_NV_FRAG=1 KESTREL_CL_NV_FRAG_NB=8"; do
     echo "matmul bench ${setting:-defaults}:"
     # shellcheck disable=SC2086  # the setting is a list of words
     env $setting timeout 90 "$BUILD/bin/kestrel_gpu_matmul_bench" --backend opencl --tokens 1,16 \

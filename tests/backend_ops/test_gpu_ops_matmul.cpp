@@ -295,16 +295,61 @@ TEST_P(GpuOpsMatmul, TensorCoreTemplateRealOrEmulated) {
     }
   }
   // The split-K sums by each tile's last work-group (KESTREL_CL_NV_REDUCE=kernel), with the
-  // split target raised so that the shapes have several.
+  // split target raised so that the shapes have several; then the same with the 16-token
+  // register-fragment kernel (KESTREL_CL_NV_FRAG=1), with matmul_reduce's sums and in-kernel ones.
   ScopedEnv mode("KESTREL_CL_NV_MMA", real ? "1" : "emulate");
-  ScopedEnv in_kernel("KESTREL_CL_NV_REDUCE", "kernel");
   ScopedEnv splits("KESTREL_CL_MID_GROUPS_PER_CU", "16");
-  auto reduced = create_backend(GetParam(), BackendOptions{});
-  ASSERT_TRUE(reduced.has_value()) << reduced.message();
-  EXPECT_NE((*reduced)->device_name().find("mma.sync"), std::string::npos);
-  for (DType type : {DType::Q4_0, DType::Q8_0}) {
-    check_shapes(**reduced, GetParam() + " (split-K sums in the kernel)", type);
-    if (::testing::Test::HasFatalFailure()) return;
+  for (const char* frag : {"0", "1"})
+    for (const char* reduce : {"kernel", "launch"}) {
+      if (std::string(frag) == "0" && std::string(reduce) == "launch") continue;  // above
+      ScopedEnv frag_env("KESTREL_CL_NV_FRAG", frag);
+      ScopedEnv reduce_env("KESTREL_CL_NV_REDUCE", reduce);
+      auto other = create_backend(GetParam(), BackendOptions{});
+      ASSERT_TRUE(other.has_value()) << other.message();
+      const std::string name = (*other)->device_name();
+      EXPECT_NE(name.find("mma.sync"), std::string::npos) << name;
+      EXPECT_EQ(name.find("fragments") != std::string::npos, std::string(frag) == "1") << name;
+      for (DType type : {DType::Q4_0, DType::Q8_0}) {
+        check_shapes(**other,
+                     GetParam() + " (NV_FRAG=" + frag + ", split-K sums by " + reduce + ")", type);
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+    }
+}
+
+// The 16-token register-fragment kernels (KESTREL_CL_NV_FRAG=1, kernels/matmul_nv_frag.cl) round
+// as the template does and feed the same fragments in the same order: the two give the same
+// products bit for bit (real mma on NVIDIA, emulated elsewhere), with and without split-K.
+TEST_P(GpuOpsMatmul, FragmentKernelIsTheTemplateBitForBit) {
+  GPU_TRACE_SEED();
+  if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
+  const bool real = be().device_name().find("tensor-core matmuls") != std::string::npos;
+  ScopedEnv mode("KESTREL_CL_NV_MMA", real ? "1" : "emulate");
+  std::mt19937 rng = test_rng();
+  const int64_t n_in = 1024, n_out = 200;   // a partial 128-row tile
+  for (const char* groups : {"1", "16"}) {  // split-K target: few splits, then several
+    ScopedEnv split_env("KESTREL_CL_MID_GROUPS_PER_CU", groups);
+    for (DType type : {DType::Q4_0, DType::Q8_0}) {
+      const std::vector<uint8_t> rows =
+          quantize_rows(type, randn(rng, static_cast<size_t>(n_in * n_out), 0.5f), n_out, n_in);
+      const std::vector<float> x = randn(rng, static_cast<size_t>(16 * n_in));
+      std::vector<float> outs[2];
+      for (int frag = 0; frag < 2; ++frag) {
+        ScopedEnv frag_env("KESTREL_CL_NV_FRAG", frag ? "1" : "0");
+        auto other = create_backend(GetParam(), BackendOptions{});
+        ASSERT_TRUE(other.has_value()) << other.message();
+        Backend& be2 = **other;
+        auto w = be2.load_weight(HostMatrix{type, n_in, n_out, rows.data(), "w"});
+        ASSERT_TRUE(w.has_value()) << w.message();
+        DevTensor xt(be2, 16, n_in, x), out(be2, DType::F32, 16, n_out, "out");
+        for (int T : {9, 16}) {
+          ASSERT_TRUE(be2.matmul(**w, *xt, T, *out, nullptr).is_ok());
+          const std::vector<float> got = fetch(be2, out);
+          outs[frag].insert(outs[frag].end(), got.begin(), got.begin() + T * n_out);
+        }
+      }
+      EXPECT_EQ(outs[0], outs[1]) << type_str(type) << ", split target " << groups;
+    }
   }
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/opencl/kernels/common_cl.h"
+#include "backend/opencl/kernels/matmul_nv_frag_cl.h"
 #include "backend/opencl/kernels/matmul_nv_mma_cl.h"
 #include "backend/opencl/opencl_backend_impl.h"
 #include "backend/opencl/program_cache.h"
@@ -138,11 +139,26 @@ void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
   if (!emulated) options += " -DNV_ASM=" + nv_mma_;
   const char* reduce = std::getenv("KESTREL_CL_NV_REDUCE");
   nv_reduce_in_kernel_ = reduce && std::string(reduce) == "kernel";
+  // KESTREL_CL_NV_FRAG=1: micro-batches of up to 16 tokens on matmul_nvf16_* (fragments loaded
+  // straight into registers), KESTREL_CL_NV_FRAG_NB=1|2|4|8 its blocks loaded at once.
+  const char* frag = std::getenv("KESTREL_CL_NV_FRAG");
+  nv_frag_ = frag && std::string(frag) == "1";
+  if (const char* nb = std::getenv("KESTREL_CL_NV_FRAG_NB"); nb && nv_frag_) {
+    const int n = std::atoi(nb);
+    if (n == 1 || n == 2 || n == 4 || n == 8) options += format(" -DNVF_NB=%d", n);
+  }
   for (size_t i = 0; i < instances.size(); ++i) {
     srcs.push_back(std::move(instances[i]));
     names.push_back(kNvShapes[i].name);
   }
   names.push_back("nv_x_f16");
+  for (const char* type : {"q4_0", "q8_0"}) {  // matmul_nv_frag.cl, one instance a weight type
+    srcs.push_back(format("#define NVF_TYPE %s\n#define NVF_KERNEL matmul_nvf16_%s\n",
+                          type[1] == '4' ? "T_Q4_0" : "T_Q8_0", type)
+                       .append(sources::matmul_nv_frag));
+  }
+  names.push_back("matmul_nvf16_q4_0");
+  names.push_back("matmul_nvf16_q8_0");
 }
 
 // xh (scratch 2): each token's row as f16 pairs, scaled by a power of two; xs (scratch 3): the
@@ -212,7 +228,11 @@ Status OpenclBackend::matmul_nv(const MatmulSegment* segs, int n_segs, const Ten
   if (splits > 1 && nv_reduce_in_kernel_) {
     KESTREL_ASSIGN_OR_RETURN(arrivals, nv_arrivals(groups));
   }
-  cl_kernel k = kernel(s.name);
+  // The 16-token register-fragment kernels take the same arguments (matmul_nv_frag.cl).
+  const bool frag = nv_frag_ && s.bn == 16;
+  cl_kernel k = kernel(!frag                           ? s.name
+                       : w0.type == quant::DType::Q4_0 ? "matmul_nvf16_q4_0"
+                                                       : "matmul_nvf16_q8_0");
   const int type = static_cast<int>(w0.type), t0 = 0;
   Args a(k, op);
   a(type)(n_in)(xh)(xs)(t0)(n_tokens)(splits);

@@ -173,7 +173,9 @@ Status OpenclBackend::init(int platform, int device) {
   device_name_ =
       format("%s (%s, driver %s, %.0f GiB, %s%s%s)", i.name.c_str(), i.platform_name.c_str(),
              i.driver.c_str(), gib(static_cast<double>(i.global_mem)), i.gpu ? "GPU" : "CPU device",
-             nv_mma_ == "emulate"           ? ", mma.sync emulated"
+             nv_mma_ == "emulate" && nv_frag_ ? ", mma.sync emulated, 16-token fragments"
+             : nv_frag_                     ? ", tensor-core matmuls (mma.sync), 16-token fragments"
+             : nv_mma_ == "emulate"         ? ", mma.sync emulated"
              : !nv_mma_.empty()             ? ", tensor-core matmuls (mma.sync)"
              : half_tiled_ || half_tiled16_ ? ", fp16, half matmuls"
              : i.fp16                       ? ", fp16"

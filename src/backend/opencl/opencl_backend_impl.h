@@ -199,6 +199,9 @@ class OpenclBackend final : public Backend {
   // Its split-K sums by each tile's last work-group (KESTREL_CL_NV_REDUCE=kernel) instead of a
   // matmul_reduce launch; the tiles' arrival counters, zeroed once and reset by the kernel.
   bool nv_reduce_in_kernel_ = false;
+  // Micro-batches of up to 16 tokens on matmul_nvf16_* (kernels/matmul_nv_frag.cl;
+  // KESTREL_CL_NV_FRAG=1, opt-in: not yet run on NVIDIA) instead of the template's local tiles.
+  bool nv_frag_ = false;
   cl_mem nv_arrivals_ = nullptr;
   size_t nv_arrivals_n_ = 0;
   Expected<cl_mem> nv_arrivals(size_t tiles);
