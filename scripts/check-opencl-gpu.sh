@@ -71,6 +71,36 @@ if ! python3 -c 'import gguf' 2>/dev/null; then
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1
+# The devices' OpenCL versions and extensions (no clinfo there): which of cl_khr_command_buffer,
+# the subgroup and fp16 extensions the driver has decides what the backend can use next.
+cat >"$WORK/cl_ext.c" <<'C'
+#define CL_TARGET_OPENCL_VERSION 120
+#include <CL/cl.h>
+#include <stdio.h>
+int main(void) {
+  cl_platform_id p[8];
+  cl_uint np = 0;
+  if (clGetPlatformIDs(8, p, &np) != CL_SUCCESS) return 1;
+  for (cl_uint i = 0; i < np; ++i) {
+    cl_device_id d[8];
+    cl_uint nd = 0;
+    if (clGetDeviceIDs(p[i], CL_DEVICE_TYPE_ALL, 8, d, &nd) != CL_SUCCESS) continue;
+    for (cl_uint j = 0; j < nd; ++j) {
+      char name[256] = "", version[256] = "", ext[16384] = "";
+      clGetDeviceInfo(d[j], CL_DEVICE_NAME, sizeof name, name, NULL);
+      clGetDeviceInfo(d[j], CL_DEVICE_VERSION, sizeof version, version, NULL);
+      clGetDeviceInfo(d[j], CL_DEVICE_EXTENSIONS, sizeof ext, ext, NULL);
+      printf("cl device %u.%u: %s (%s)\n  extensions: %s\n", i, j, name, version, ext);
+    }
+  }
+  return 0;
+}
+C
+inc=$(printf '%s\n' "${cl_flags[@]}" | sed -n 's/^-DOpenCL_INCLUDE_DIR=//p')
+libcl=$(printf '%s\n' "${cl_flags[@]}" | sed -n 's/^-DOpenCL_LIBRARY=//p')
+cc -I"${inc:-/usr/include}" "$WORK/cl_ext.c" ${libcl:+"$libcl"} ${libcl:+-Wl,-rpath,"$(dirname "$libcl")"} \
+  $([[ -z $libcl ]] && echo -lOpenCL) -o "$WORK/cl_ext" 2>"$WORK/cl_ext.log" && "$WORK/cl_ext" ||
+  echo "cl devices: could not list ($(head -c 200 "$WORK/cl_ext.log"))"
 
 MODEL=$WORK/models/llama2-7b-q4_0.gguf
 if ((BENCH)) && [[ ! -s $MODEL ]]; then
