@@ -190,7 +190,6 @@ inline uint4 nv_unit_words(int type, uint4 raw, bool hi) {
   return (uint4)(nv_pack_half2(v[0] * s, v[1] * s), nv_pack_half2(v[2] * s, v[3] * s),
                  nv_pack_half2(v[4] * s, v[5] * s), nv_pack_half2(v[6] * s, v[7] * s));
 }
-
 #endif
 
 // The template (absent from the probe's build, which defines no NV_KERNEL).
