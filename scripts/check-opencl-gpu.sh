@@ -141,6 +141,11 @@ if ((TESTS)); then
   timeout 240 python3 tests/e2e/test_e2e.py --kestrel "$BUILD/bin/kestrel" --workdir "$WORK/e2e" \
     --kestrel-args "--backend opencl -ngl 99" --jobs 8 --budget 150 --timeout 60 2>&1 |
     grep -E '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce' || rc=1
+  # Passes replayed from command buffers (KESTREL_CL_RECORD=1, where the driver has them: the
+  # device list above says; else the backend says why not and runs them eagerly).
+  KESTREL_CL_RECORD=1 timeout 150 python3 tests/e2e/test_e2e.py --kestrel "$BUILD/bin/kestrel" \
+    --workdir "$WORK/e2e-recorded" --kestrel-args "--backend opencl -ngl 99" --jobs 8 --budget 90 \
+    --timeout 60 2>&1 | grep -E '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce|not recording' || rc=1
   echo "e2e: rc $rc, $(($(date +%s) - t)) s"
 fi
 
@@ -166,6 +171,8 @@ if ((BENCH)); then
   # KESTREL_CL_MID_MAX_SPLITS=8; src/backend/opencl/NOTES.md.)
   timeout 240 $b -r 3 "${seed[@]}" || rc=1
   timeout 120 $b -r 3 -p 0 -n 32 || rc=1
+  KESTREL_CL_RECORD=1 timeout 120 $b -r 3 -p 0 -n 32 2>&1 |
+    sed "/^| llama/s/^| /| KESTREL_CL_RECORD=1 /" || true
   # sweep NAME FLAGS...: the case once per setting of OCL_SWEEP_<NAME>, its rows relabelled.
   sweep() {
     local list=$1 setting
@@ -178,10 +185,10 @@ if ((BENCH)); then
     done
   }
   # Unless given, the seed's case is also measured with the thirteenth session's switches
-  # (src/backend/opencl/NOTES.md): the opt-in in-kernel sums and fragment kernels, and without
-  # the fused f16 conversion and RoPE + KV store.
+  # (src/backend/opencl/NOTES.md): the opt-in command buffers, in-kernel sums and fragment
+  # kernels, and without the fused f16 conversion and RoPE + KV store.
   sweep "${OCL_SWEEP_PP:-}" -p 512 -n 0
-  sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_NV_FRAG=1;KESTREL_CL_NV_FRAG=1 KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_FUSED_F16=0 KESTREL_CL_FUSED_ROPE_KV=0}" "${seed[@]}"
+  sweep "${OCL_SWEEP_SEED-KESTREL_CL_RECORD=1;KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_NV_FRAG=1;KESTREL_CL_NV_FRAG=1 KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_FUSED_F16=0 KESTREL_CL_FUSED_ROPE_KV=0}" "${seed[@]}"
   # The matmuls alone and the launch floor (bench/gpu_matmul_bench.cpp), with and without the
   # in-kernel sums and the fragment kernels: how much of a 16-token matmul is launches.
   for setting in "" "KESTREL_CL_NV_REDUCE=kernel" "KESTREL_CL_NV_FRAG=1" \

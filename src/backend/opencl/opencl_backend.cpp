@@ -22,8 +22,6 @@ namespace kestrel::backend::opencl {
 
 namespace {
 
-constexpr size_t kRingInts = 1 << 18;  // upload ring for positions and row lists (1 MiB)
-
 double gib(double bytes) {
   return bytes / 1073741824.0;
 }
@@ -168,6 +166,7 @@ Status OpenclBackend::init(int platform, int device) {
   queue_ = clCreateCommandQueue(context_, device_, 0, &err);
   KESTREL_CL_TRY(err, "OpenCL setup");
   KESTREL_TRY(build_kernels());
+  choose_recording();
   // The arithmetic is part of the name (reports carry it): "half matmuls" where the quantized
   // micro-batch matmuls run in half.
   device_name_ =
@@ -323,6 +322,7 @@ cl_kernel OpenclBackend::kernel(const char* name) const {
 
 OpenclBackend::~OpenclBackend() {
   if (queue_) clFinish(queue_);
+  drop_recordings();
   for (Pending& p : pending_)
     for (cl_event e : p.events) clReleaseEvent(e);
   for (auto& [m, bytes] : scratch_)
@@ -382,6 +382,7 @@ Expected<cl_mem> OpenclBackend::device_alloc(size_t bytes, const char* what) {
 
 void OpenclBackend::device_free(cl_mem m, size_t bytes) {
   if (!m) return;
+  recordings_stale_ = recordings_stale_ || !recordings_.empty();  // a recording may use it
   // The driver keeps the memory until the queued kernels that use it have finished.
   clReleaseMemObject(m);
   allocated_ -= std::min(allocated_, std::max<size_t>(bytes, 4));
@@ -432,7 +433,8 @@ Status OpenclBackend::upload(Tensor& dst, int64_t row0, int64_t n_rows, const vo
                  static_cast<long long>(dst.rows));
   if (n_rows == 0) return Status::ok();
   const size_t rb = dst.row_bytes();
-  if (dst.data == companion_.data) companion_ = {};  // its f16 companion is stale now
+  if (dst.data == companion_.data) companion_ = {};           // its f16 companion is stale now
+  if (rec_mode_ != RecMode::Eager) recordings_stale_ = true;  // not part of a recording
   // Blocking: the caller may reuse its buffer as soon as this returns.
   KESTREL_CL_TRY(clEnqueueWriteBuffer(queue_, static_cast<cl_mem>(dst.data), CL_TRUE, rb * row0,
                                       rb * n_rows, src, 0, nullptr, nullptr),
@@ -541,12 +543,14 @@ Expected<cl_mem> OpenclBackend::device_table(const HostMatrix& table) {
 
 Expected<int> OpenclBackend::upload_ints(const int32_t* host, int n, const char* what) {
   if (n <= 0) return 0;
-  if (static_cast<size_t>(n) > kRingInts)
-    return error("%s: %d indices exceed the upload ring of %zu", what, n, kRingInts);
+  if (rec_mode_ != RecMode::Eager) return upload_slot(host, n, what);
+  constexpr size_t kRing = kRingInts - kRecordSlotInts;  // the eager part of the ring
+  if (static_cast<size_t>(n) > kRing)
+    return error("%s: %d indices exceed the upload ring of %zu", what, n, kRing);
   if (last_ints_off_ >= 0 && last_ints_.size() == static_cast<size_t>(n) &&
       std::memcmp(last_ints_.data(), host, n * sizeof(int32_t)) == 0)
     return last_ints_off_;
-  if (ring_pos_ + n > kRingInts) {
+  if (ring_pos_ + n > kRing) {
     // The ring wraps: the copies out of its start must be done before it is overwritten.
     KESTREL_CL_TRY(clFinish(queue_), what);
     ring_pos_ = 0;
@@ -574,6 +578,8 @@ Status OpenclBackend::launch(cl_kernel k, const char* op, cl_uint dims, const si
     if (local && local[i] > 0) g[i] = (g[i] + local[i] - 1) / local[i] * local[i];
     if (g[i] == 0) return Status::ok();  // nothing to do
   }
+  KESTREL_ASSIGN_OR_RETURN(const bool recorded, record_launch(k, op, dims, g, local));
+  if (recorded) return Status::ok();
   cl_event ev = nullptr;
   const cl_int err = clEnqueueNDRangeKernel(queue_, k, dims, nullptr, g, local, 0, nullptr,
                                             capture_ ? &ev : nullptr);
@@ -599,6 +605,7 @@ Status OpenclBackend::profile_op(std::string_view kind, OpProfiler& profiler,
     cl_int err = CL_SUCCESS;
     cl_command_queue q = clCreateCommandQueue(context_, device_, CL_QUEUE_PROFILING_ENABLE, &err);
     KESTREL_CL_TRY(err, "profiling");
+    drop_recordings();  // recorded for the old queue
     clReleaseCommandQueue(queue_);
     queue_ = q;
     queue_profiling_ = true;

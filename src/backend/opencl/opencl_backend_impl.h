@@ -95,6 +95,8 @@ class OpenclBackend final : public Backend {
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;
+  // record.cpp: passes recorded into cl_khr_command_buffer and replayed (KESTREL_CL_RECORD=1).
+  Status run_recorded(uint64_t key, const std::function<Status()>& body) override;
   Status profile_op(std::string_view kind, OpProfiler& profiler,
                     const std::function<Status()>& op) override;
 
@@ -173,6 +175,46 @@ class OpenclBackend final : public Backend {
   Status flush_profile();
 
   cl_kernel kernel(const char* name) const;
+
+  // Recording (record.cpp). The index ring's last kRecordSlotInts ints are a recorded pass's
+  // input slots, the same offsets on every replay.
+  static constexpr size_t kRingInts = 1 << 18;  // upload ring for positions and row lists (1 MiB)
+  static constexpr size_t kRecordSlotInts = 1 << 15;
+  struct CommandBufferFns {  // cl_khr_command_buffer's entry points (0.9.0 to 1.0.0)
+    using Buffer = struct _cl_command_buffer_khr*;
+    using Create = Buffer(CL_API_CALL*)(cl_uint, const cl_command_queue*, const cl_ulong*, cl_int*);
+    using Finalize = cl_int(CL_API_CALL*)(Buffer);
+    using Release = cl_int(CL_API_CALL*)(Buffer);
+    using NDRange = cl_int(CL_API_CALL*)(Buffer, cl_command_queue, const cl_ulong*, cl_kernel,
+                                         cl_uint, const size_t*, const size_t*, const size_t*,
+                                         cl_uint, const cl_uint*, cl_uint*, void**);
+    using Enqueue = cl_int(CL_API_CALL*)(cl_uint, cl_command_queue*, Buffer, cl_uint,
+                                         const cl_event*, cl_event*);
+    Create create = nullptr;
+    Finalize finalize = nullptr;
+    Release release = nullptr;
+    NDRange ndrange = nullptr;
+    Enqueue enqueue = nullptr;
+  };
+  enum class RecMode { Eager, Capture, Stage };
+  struct Recording {
+    CommandBufferFns::Buffer cb = nullptr;
+    int runs = 0;
+    bool failed = false;
+  };
+  std::string load_command_buffer_fns();
+  void choose_recording();
+  void drop_recordings();
+  Expected<bool> record_launch(cl_kernel k, const char* op, cl_uint dims, const size_t* global,
+                               const size_t* local);
+  Expected<int> upload_slot(const int32_t* host, int n, const char* what);
+  bool record_ = false;
+  CommandBufferFns cb_;
+  RecMode rec_mode_ = RecMode::Eager;
+  CommandBufferFns::Buffer rec_cb_ = nullptr;
+  size_t slot_pos_ = 0;
+  std::map<uint64_t, Recording> recordings_;
+  bool recordings_stale_ = false;  // a buffer was freed or a tensor uploaded: drop them
 
   DeviceInfo info_;
   bool wide_ = false;  // work-groups of 256 and 32 KiB of local memory

@@ -564,6 +564,9 @@ Status OpenclBackend::attention(const Tensor& q, int n_tokens, const int32_t* po
   // micro-batches on the one-query kernel).
   int n_kv = 0;
   for (int t = 0; t < n_tokens; ++t) n_kv = std::max(n_kv, positions[t] + 1);
+  // A recorded pass replays its launch shapes at every position: choose them for the whole
+  // cache (the kernel gives key splits past the last key nothing to do).
+  if (rec_mode_ != RecMode::Eager) n_kv = static_cast<int>(std::min(k_cache.rows, v_cache.rows));
   const int tiles = (n_kv + 31) / 32;  // ATB_K of kernels/attention.cl
   const size_t blocks = static_cast<size_t>(H) * ((n_tokens + 15) / 16);
   const size_t want = 2 * static_cast<size_t>(std::max<cl_uint>(info_.compute_units, 1));
