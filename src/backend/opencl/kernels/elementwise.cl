@@ -114,18 +114,21 @@ kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void add_rms_norm(
 // p * inv_freq formed as a two-float value (fma gives the product's rounding error) and reduced
 // modulo 2 pi with 2 pi in three floats, so that the reduced angle is good to ~1e-7 rad at any
 // position: a plain f32 product errs by pos * 2^-24 rad (5e-6 at position 93, 2.4e-4 at 4096),
-// enough to flip q4_0 cache codes against the reference. Shared by rope and rope_kv_store, which
-// must agree bit for bit: no contraction of the rotation, so no kernel's compiler choice differs.
+// enough to flip q4_0 cache codes against the reference. The rotation takes one fma each
+// (x0 c - x1 s with one rounding of x1 s and one of the sum: closer to the float64 reference
+// than three roundings, which flipped q4_0 codes of an e2e case that the fused form passes).
+// Every multiply-add is written out and contraction is off, so that rope and rope_kv_store,
+// which share this function, agree bit for bit whatever each kernel's compiler would choose.
 inline float2 rope_pair(float x0, float x1, float p, float inv_hi, float inv_lo) {
 #pragma OPENCL FP_CONTRACT OFF
   const float t_hi = p * inv_hi;
-  const float t_lo = fma(p, inv_hi, -t_hi) + p * inv_lo;
+  const float t_lo = fma(p, inv_lo, fma(p, inv_hi, -t_hi));
   const float k = rint(t_hi * 0.159154943091895336f);  // 1 / (2 pi)
   float r = fma(-k, 6.28318548202514648f, t_hi);      // 2 pi = these three floats
   r = fma(-k, -1.74845553146951715e-07f, r);
   r = fma(-k, -7.10542735760100186e-15f, r) + t_lo;
   const float c = cos(r), s = sin(r);
-  return (float2)(x0 * c - x1 * s, x0 * s + x1 * c);
+  return (float2)(fma(x0, c, -(x1 * s)), fma(x0, s, x1 * c));
 }
 
 // In place on xa[T][heads_a * head_dim] and xb[T][heads_b * head_dim] (Q and K in one launch;
