@@ -251,9 +251,10 @@ def prompt_for(spec: ModelSpec, n_vocab: int, seed: int, draw: int = 0) -> list[
 
 
 # Prompts drawn at most for a q4_0-KV case. A prompt of ~100 tokens on the tiny models has ~5
-# near-ties on average (~20K K/V values), so ~150 draws are typical (a tiny reference pass takes
-# a few ms); 3000 leave a chance of ~e^-20 of running out, which is then reported.
-MAX_PROMPT_DRAWS = 3000
+# near-ties on average (~20K K/V values) and ~1 near-tied block scale (~760 blocks, at
+# reference.NEAR_TIE_SCALE), so ~400 draws are typical (a tiny reference pass takes a few ms to
+# ~40 ms); 6000 leave a chance of ~e^-15 of running out, which is then reported.
+MAX_PROMPT_DRAWS = 6000
 
 
 def run_prompt(wd: "Workdir", run: "Run", seed: int, chosen: dict) -> list[int]:
