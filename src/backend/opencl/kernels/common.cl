@@ -290,3 +290,35 @@ kernel void reduce_probe(global const float* x, global float* out) {
     out[2] = s2;
   }
 }
+
+// The weight of a grouped matmul launch (up to three weights of one type over one input: Q, K
+// and V; gate and up) that work-group row block `block` falls in: blocks [0, blocks0) are
+// weight 0's, the next blocks1 weight 1's, the rest weight 2's. .block is the row block within
+// that weight, .seg_off the weight's first column in the launch's [n_total] split-K partials.
+typedef struct {
+  global const uchar* qs;
+  global const ushort* d;
+  int n_out;
+  global float* out;
+  global const float* bias;
+  int block, seg_off;
+} MatmulSegment;
+
+inline MatmulSegment matmul_segment(int block, int blocks0, int blocks1, global const uchar* qs0,
+                                    global const ushort* d0, int n_out0, global float* out0,
+                                    global const float* bias0, global const uchar* qs1,
+                                    global const ushort* d1, int n_out1, global float* out1,
+                                    global const float* bias1, global const uchar* qs2,
+                                    global const ushort* d2, int n_out2, global float* out2,
+                                    global const float* bias2) {
+  MatmulSegment s = {qs0, d0, n_out0, out0, bias0, block, 0};
+  if (block >= blocks0) {
+    s.qs = qs1, s.d = d1, s.n_out = n_out1, s.out = out1, s.bias = bias1;
+    s.block = block - blocks0, s.seg_off = n_out0;
+    if (s.block >= blocks1) {
+      s.qs = qs2, s.d = d2, s.n_out = n_out2, s.out = out2, s.bias = bias2;
+      s.block -= blocks1, s.seg_off += n_out1;
+    }
+  }
+  return s;
+}

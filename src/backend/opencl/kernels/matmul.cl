@@ -39,8 +39,8 @@ inline float dot8(float8 a, float8 b) {
 // Small batches: a work-group of MV_ROWS x MV_SPLIT work-items computes MV_ROWS output rows;
 // the MV_SPLIT work-items of a row split its blocks and add their partial sums in local memory.
 // One launch serves up to three weights of one type over the same input (Q, K and V; gate and
-// up: a launch costs ~20 us on NVIDIA's driver, more than a decode step's matvec of K or V):
-// work-groups [0, blocks0) take weight 0, the next blocks1 weight 1, the rest weight 2.
+// up: a launch costs ~20 us on NVIDIA's driver, more than a decode step's matvec of K or V),
+// its row blocks divided as matmul_segment (common.cl) says.
 #ifndef MV_ROWS
 #define MV_ROWS 16
 #endif
@@ -56,20 +56,14 @@ kernel __attribute__((reqd_work_group_size(MV_ROWS, MV_SPLIT, 1))) void matmul_s
     global const uchar* qs2, global const ushort* d2, int n_out2, global float* out2,
     global const float* bias2) {
   local float partial[MV_SPLIT][MV_MAX_T][MV_ROWS];
-  int block = get_group_id(0);
-  global const uchar* qs = qs0;
-  global const ushort* d = d0;
-  int n_out = n_out0;
-  global float* out = out0;
-  global const float* bias = bias0;
-  if (block >= blocks0) {
-    block -= blocks0;
-    qs = qs1, d = d1, n_out = n_out1, out = out1, bias = bias1;
-    if (block >= blocks1) {
-      block -= blocks1;
-      qs = qs2, d = d2, n_out = n_out2, out = out2, bias = bias2;
-    }
-  }
+  const MatmulSegment seg =
+      matmul_segment(get_group_id(0), blocks0, blocks1, qs0, d0, n_out0, out0, bias0, qs1, d1,
+                     n_out1, out1, bias1, qs2, d2, n_out2, out2, bias2);
+  const int block = seg.block, n_out = seg.n_out;
+  global const uchar* qs = seg.qs;
+  global const ushort* d = seg.d;
+  global float* out = seg.out;
+  global const float* bias = seg.bias;
   const int lr = get_local_id(0), ks = get_local_id(1);
   const int r = block * MV_ROWS + lr;
   const int n_blocks = n_in / 32;

@@ -1,7 +1,7 @@
 // Register-fragment tensor-core matmul for micro-batches of 9-16 tokens on NVIDIA's driver
 // (KESTREL_CL_NV_FRAG=1; opt-in until it has run there), after matmul_nv_mma.cl (its helpers:
-// NV_MMA, nv_pack_half2, nv_last_group_sums). A template: the host appends it once per weight
-// type with NVF_TYPE (T_Q4_0 or T_Q8_0) and NVF_KERNEL defined.
+// NV_MMA, nv_pack_half2, nv_store, nv_last_group_sums). A template: the host appends it once
+// per weight type with NVF_TYPE (T_Q4_0 or T_Q8_0) and NVF_KERNEL defined.
 //
 // Why: in the 16-token instance of matmul_nv_mma.cl every weight row is used by one warp only,
 // yet it goes through local memory (a decoded f16 tile, two barriers a step); at 16 tokens that
@@ -73,20 +73,14 @@ kernel __attribute__((reqd_work_group_size(256, 1, 1))) void NVF_KERNEL(
   NV_SCRATCH(8);
   local int last_of_tile;
   const int lid = get_local_id(0), warp = lid / 32, lane = lid % 32, g = lane / 4, k4 = lane % 4;
-  int block = get_group_id(0), seg_off = 0;
-  global const uchar* qs = qs0;
-  global const ushort* d = d0;
-  int n_out = n_out0;
-  global float* out = out0;
-  global const float* bias = bias0;
-  if (block >= blocks0) {
-    block -= blocks0, seg_off = n_out0;
-    qs = qs1, d = d1, n_out = n_out1, out = out1, bias = bias1;
-    if (block >= blocks1) {
-      block -= blocks1, seg_off += n_out1;
-      qs = qs2, d = d2, n_out = n_out2, out = out2, bias = bias2;
-    }
-  }
+  const MatmulSegment seg =
+      matmul_segment(get_group_id(0), blocks0, blocks1, qs0, d0, n_out0, out0, bias0, qs1, d1,
+                     n_out1, out1, bias1, qs2, d2, n_out2, out2, bias2);
+  const int block = seg.block, seg_off = seg.seg_off, n_out = seg.n_out;
+  global const uchar* qs = seg.qs;
+  global const ushort* d = seg.d;
+  global float* out = seg.out;
+  global const float* bias = seg.bias;
   const int row0 = block * 128, wrow = row0 + 16 * warp;
   const int tok0 = t0 + get_group_id(1) * 16, tok_end = t0 + n_tokens;
   const int n_blocks = n_in / 32, split = get_group_id(2);
@@ -150,14 +144,8 @@ kernel __attribute__((reqd_work_group_size(256, 1, 1))) void NVF_KERNEL(
 #pragma unroll
     for (int h = 0; h < 4; ++h) {
       const int r = wrow + g + 8 * (h / 2), t = tok0 + 8 * j + 2 * k4 + h % 2;
-      if (r >= n_out || t >= tok_end) continue;
-      float v = acc[j][h] * xs[t];
-      if (splits > 1) {
-        dst[(long)t * n_total + seg_off + r] = v;
-        continue;
-      }
-      if (bias) v += bias[r];
-      dst[(long)t * n_out + r] = v;
+      if (r < n_out && t < tok_end)
+        nv_store(acc[j][h] * xs[t], r, t, splits, dst, n_total, seg_off, n_out, bias);
     }
   if (splits > 1 && arrivals)
     nv_last_group_sums(128, 16, row0, tok0, tok_end, n_out, n_total, seg_off, splits, part,

@@ -176,6 +176,18 @@ inline void nv_last_group_sums(int bm, int bn, int row0, int tok0, int tok_end, 
   if (lid == 0) arrivals[tile] = 0;
 }
 
+// Output v (already scaled back) of row r and token t: with splits > 1 to the split's partials
+// ([t][n_total] at the weight's seg_off, no bias), else with the bias to the output.
+inline void nv_store(float v, int r, int t, int splits, global float* dst, int n_total,
+                     int seg_off, int n_out, global const float* bias) {
+  if (splits > 1) {
+    dst[(long)t * n_total + seg_off + r] = v;
+    return;
+  }
+  if (bias) v += bias[r];
+  dst[(long)t * n_out + r] = v;
+}
+
 // Eight codes of a raw unit (weight_raw8's bytes) times the scale, as four f16x2 words; for
 // Q4_0 `hi` selects the high nibbles.
 inline uint4 nv_unit_words(int type, uint4 raw, bool hi) {
@@ -234,20 +246,14 @@ kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
   local int last_of_tile;
   const int lid = get_local_id(0), warp = lid / 32, lane = lid % 32, g = lane / 4, k4 = lane % 4;
   const int wm = warp % NV_WM, wn = warp / NV_WM;
-  int block = get_group_id(0), seg_off = 0;
-  global const uchar* qs = qs0;
-  global const ushort* d = d0;
-  int n_out = n_out0;
-  global float* out = out0;
-  global const float* bias = bias0;
-  if (block >= blocks0) {
-    block -= blocks0, seg_off = n_out0;
-    qs = qs1, d = d1, n_out = n_out1, out = out1, bias = bias1;
-    if (block >= blocks1) {
-      block -= blocks1, seg_off += n_out1;
-      qs = qs2, d = d2, n_out = n_out2, out = out2, bias = bias2;
-    }
-  }
+  const MatmulSegment seg =
+      matmul_segment(get_group_id(0), blocks0, blocks1, qs0, d0, n_out0, out0, bias0, qs1, d1,
+                     n_out1, out1, bias1, qs2, d2, n_out2, out2, bias2);
+  const int block = seg.block, seg_off = seg.seg_off, n_out = seg.n_out;
+  global const uchar* qs = seg.qs;
+  global const ushort* d = seg.d;
+  global float* out = seg.out;
+  global const float* bias = seg.bias;
   const int row0 = block * NV_BM;
   const int tok0 = t0 + get_group_id(1) * NV_BN;
   const int tok_end = t0 + n_tokens;
@@ -342,14 +348,8 @@ kernel __attribute__((reqd_work_group_size(NVM_WG, 1, 1))) void NV_KERNEL(
       for (int h = 0; h < 4; ++h) {
         const int r = row0 + wm * NVM_WROWS + 16 * i + g + 8 * (h / 2);
         const int t = tok0 + wn * NVM_WTOKS + 8 * j + 2 * k4 + h % 2;
-        if (r >= n_out || t >= tok_end) continue;
-        float v = acc[i][j][h] * xs[t];
-        if (splits > 1) {
-          dst[(long)t * n_total + seg_off + r] = v;
-          continue;
-        }
-        if (bias) v += bias[r];
-        dst[(long)t * n_out + r] = v;
+        if (r < n_out && t < tok_end)
+          nv_store(acc[i][j][h] * xs[t], r, t, splits, dst, n_total, seg_off, n_out, bias);
       }
   if (splits > 1 && arrivals)
     nv_last_group_sums(NV_BM, NV_BN, row0, tok0, tok_end, n_out, n_total, seg_off, splits, part,
