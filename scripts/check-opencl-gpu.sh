@@ -12,6 +12,8 @@
 #      (327 tokens, -c 512 -b 128 -ub 16 -ctk q4_0 -ctv q4_0), with the cold and warm setup time
 #
 #   bash scripts/check-opencl-gpu.sh [--no-bench] [--no-tests] [--profile (per-op times too)]
+#                                    [--bench-first (the benchmarks before the tests, for a call
+#                                     whose time limit may cut the tests short)]
 #
 # Environment: OCL_GPU_WORK (models; default /tmp/kestrel-ocl-gpu), OCL_GPU_BUILD (build-ocl-gpu),
 # NVIDIA_OPENCL_LIB (libnvidia-opencl.so.1 when not found by itself), OCL_SWEEP_PP and
@@ -22,10 +24,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
-BENCH=1 TESTS=1 PROFILE=0
+BENCH=1 TESTS=1 PROFILE=0 BENCH_FIRST=0
 for a in "$@"; do
   case "$a" in
     --no-bench) BENCH=0 ;;
+    --bench-first) BENCH_FIRST=1 ;;
     --no-tests) TESTS=0 ;;
     --profile) PROFILE=1 ;;
     *) echo "check-opencl-gpu: unknown option $a" >&2; exit 2 ;;
@@ -124,7 +127,7 @@ rm -rf "$KESTREL_CL_CACHE_DIR"
 
 # --- 3. tests ------------------------------------------------------------------------------------
 rc=0
-if ((TESTS)); then
+run_tests() {
   t=$(date +%s)
   KESTREL_GPU_BACKEND=opencl KESTREL_OPS_REPORT=1 timeout 420 "$BUILD/bin/kestrel_tests" \
     --gtest_filter='*Gpu*:OpenclCache*' --gtest_brief=1 || rc=1
@@ -147,14 +150,15 @@ if ((TESTS)); then
     --workdir "$WORK/e2e-recorded" --kestrel-args "--backend opencl -ngl 99" --jobs 8 --budget 90 \
     --timeout 60 2>&1 | grep -E '^  FAIL|  FAIL  |^e2e: [0-9]|reproduce|not recording' || rc=1
   echo "e2e: rc $rc, $(($(date +%s) - t)) s"
-fi
+}
 
 # --- 4. bench ------------------------------------------------------------------------------------
-if ((BENCH)); then
+run_bench() {
   [[ -n ${SYNTH:-} ]] && wait "$SYNTH"
   if [[ ! -s $MODEL ]]; then
     echo "bench: no model ($(tail -n 3 "$WORK/synth.log"))"
-    exit 1
+    rc=1
+    return
   fi
   rm -rf "$KESTREL_CL_CACHE_DIR"
   for start in cold warm; do
@@ -202,7 +206,10 @@ if ((BENCH)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true
     timeout 200 $b -r 1 "${seed[@]}" --profile || true
   fi
-fi
+}
+((TESTS && !BENCH_FIRST)) && run_tests
+((BENCH)) && run_bench
+((TESTS && BENCH_FIRST)) && run_tests
 if [[ ${OCL_SAVE_BINARY:-0} == 1 && -n ${OUT:-} ]]; then
   cp "$KESTREL_CL_CACHE_DIR"/*.bin "$OUT/" 2>/dev/null || echo "no program binary to save"
 fi
