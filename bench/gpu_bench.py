@@ -93,21 +93,12 @@ VARIANTS = [
     # unchanged variant row on the H200). Compare the variants with this row.
     ("KESTREL_AB_BASELINE=1", "llama2-7b tg128"),
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
-    # Prompt chunks' RoPE + KV store on the block-per-(token, head) kernel (before the rows
-    # kernel of rope_kv_store.cu), and SwiGLU one value a thread.
-    ("KESTREL_CUDA_NO_ROWS_ROPE_KV=1", "llama2-7b pp512"),
-    ("KESTREL_CUDA_NO_SWIGLU4=1", "llama2-7b pp512"),
-    # Q4_0 prompt chunks on cuBLAS over dequantized f16 copies instead of the wgmma kernel that
-    # decodes the weights itself (matmul_wgmma.cu, the default since the twelfth session).
-    ("KESTREL_CUDA_WGMMA=0", "llama2-7b pp512"),
-    ("KESTREL_CUDA_WGMMA=0", "llama3-8b pp512"),
-    # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in) instead of about
-    # nine kernels a layer.
-    ("KESTREL_CUDA_FUSED_DECODE=1", "tg128"),
-    # The 5-16-token kernel's K splits summed through global partials and the last block instead
-    # of a thread block cluster (the default since the twelfth session).
-    ("KESTREL_CUDA_FRAG_CLUSTER=0", "seed case, b128 ub16"),
-    # (The A/B rows of earlier trials, now defaults, were measured and dropped from here:
+    # Micro-batches of 5-16 tokens of Q4_0 weights on the copy-engine-fed wgmma kernel
+    # (matmul_stream16.cu, opt-in) instead of the fragment kernel (matmul_frag_v2.cu).
+    ("KESTREL_CUDA_STREAM16=1", "b128 ub16"),
+    # (The A/B rows of earlier trials -- RoPE + KV store on the rows kernel, SwiGLU four values a
+    # thread, the wgmma prompt kernel, the fused decode layer, the fragment kernel's cluster sum
+    # -- were measured and dropped from here:
     # bench/NOTES.md has them; each row costs a 7B load of the benchmark's time.)
 ]
 

@@ -384,6 +384,12 @@ if ((TESTS)); then
       gtest-gpu-no-frag-cluster.xml KESTREL_CUDA_FRAG_CLUSTER=0
     gpu_test_stage gpu-tests-frag-cluster8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-frag-cluster8.xml KESTREL_CUDA_FRAG_SPLITS=8
+    # 5-16-token Q4_0 matmuls on the copy-engine-fed wgmma kernel (matmul_stream16.cu, opt-in:
+    # KESTREL_CUDA_STREAM16=1): the matmul and chain suites, and e2e's micro-batches below.
+    gpu_test_stage gpu-tests-stream16 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16.xml KESTREL_CUDA_STREAM16=1
+    gpu_test_stage gpu-tests-stream16-s1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-s1.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_SPLITS=1
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -424,13 +430,16 @@ if ((TESTS && !QUICK)); then
     # The opt-in fused decode layer on the runs whose every token is a decode step.
     E2E_ONLY=b1-ub1 e2e e2e-fused-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_FUSED_DECODE=1
+    e2e e2e-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
-    run_stage overlap-cuda "$(limit 60 $((bench_reserve + 5)))" '^ok|^FAIL|^skip|failures' \
-      python3 "$ROOT/tests/profile/test_profile_cli.py" --kestrel "$BUILD/bin/kestrel" \
-      --workdir "$WORK/profile" --gpu-backend cuda
-    record overlap-cuda "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
-      "$(tail -n 40 "$LOG" | grep -E '^[0-9]+ failures' | tail -n 1)"
+    if ! skipped overlap-cuda; then
+      run_stage overlap-cuda "$(limit 60 $((bench_reserve + 5)))" '^ok|^FAIL|^skip|failures' \
+        python3 "$ROOT/tests/profile/test_profile_cli.py" --kestrel "$BUILD/bin/kestrel" \
+        --workdir "$WORK/profile" --gpu-backend cuda
+      record overlap-cuda "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
+        "$(tail -n 40 "$LOG" | grep -E '^[0-9]+ failures' | tail -n 1)"
+    fi
   else
     record e2e-gpu SKIP 0 "kestrel not built"
     record e2e-split SKIP 0 "kestrel not built"

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cublas_v2.h>
+#include <cuda.h>
 
 #include <array>
 #include <map>
@@ -245,6 +246,10 @@ class CudaBackend final : public Backend {
   // 31,081 on the H200 (twelfth session), llama3-8b even (29,792 against 30,136).
   bool wgmma_ = false;
   std::unique_ptr<WgmmaMapCache, WgmmaMapCacheDeleter> wgmma_maps_;
+  // 5-16-token Q4_0 matmuls on matmul_stream16.cu (opt-in: KESTREL_CUDA_STREAM16=1) instead of
+  // the fragment kernel; the shared memory a block may opt into.
+  bool stream16_ = false;
+  size_t smem_optin_ = 0;
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
@@ -335,6 +340,36 @@ WgmmaMapCache* new_wgmma_map_cache();
 bool wgmma_supports(quant::DType type, int64_t n_in, int n_tokens);
 Status launch_matmul_wgmma(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16,
                            int n_tokens, float* out, const float* bias, cudaStream_t s);
+// Tensor maps by kind (matmul_wgmma.cu's cache; rows x cols of the matrix at p, boxes as named).
+enum WgmmaMapKind {
+  kMapActs64x128 = 0,   // f16 [rows = T][n_in], 64 x 128 boxes, 128-byte swizzle
+  kMapCodes32x64 = 1,   // Q4_0 codes [n_out][n_in / 2], 32 x 64
+  kMapScales8x64 = 2,   // Q4_0 scales [n_out][n_in / 32], 8 x 64
+  kMapActs64x256 = 3,   // as 0, 256-token boxes
+  kMapCodes32x128 = 4,  // as 1, 128-row boxes
+  kMapScales8x128 = 5,  // as 2, 128-row boxes
+  kMapActs64x16 = 6,    // as 0, 16-token boxes
+  kMapCodes128x64 = 7,  // codes in 128-byte x 64-row boxes, 128-byte swizzle
+};
+Expected<CUtensorMap> wgmma_tensor_map(WgmmaMapCache& maps, WgmmaMapKind kind, const void* p,
+                                       int64_t n_in, int64_t rows);
+// matmul_stream16.cu: 5-16 tokens of Q4_0 weights (up to kMatvecMaxParts of one width) streamed
+// by the copy engine, decoded in registers for wgmma (sm_90a), one persistent block an SM; K split
+// over thread block clusters. Available under the same conditions as wgmma_available.
+struct MatvecPart;
+struct Stream16Plan {
+  int splits = 0;  // 0: nothing fits
+  int clusters = 0;
+  int steps_per_split = 0;
+  int groups_per_block = 0;
+  size_t smem = 0;
+};
+Expected<bool> stream16_available(int device);
+bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens);
+Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit);
+Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
+                              const __half* x16, int n_tokens, int sms, size_t smem_limit,
+                              cudaStream_t s);
 // matvec_int8.cu: activations quantized into two int8 planes per 32-element block,
 // x ~= unit * (128 * q1 + q2), for the dp4a kernels of small batches of Q4_0 / Q8_0 weights.
 struct QuantizedActs {

@@ -295,17 +295,25 @@ class WgmmaMapCache {
   using Key = std::tuple<int, const void*, int64_t, int64_t>;
   static Expected<CUtensorMap> make(int kind, const void* p, int64_t n_in, int64_t rows) {
     switch (kind) {
-      case 0:  // activations [rows = T][n_in] f16 in 128-token boxes, 128-byte swizzle
-      case 3:  // the same in 256-token boxes
+      case kMapActs64x128:
+      case kMapActs64x256:
+      case kMapActs64x16:
         return tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p, n_in, rows, n_in * 2, kBK,
-                          kind == 0 ? 128 : 256, CU_TENSOR_MAP_SWIZZLE_128B);
-      case 1:  // codes [rows = n_out][n_in / 2] bytes in 64-row boxes
-      case 4:  // the same in 128-row boxes
+                          kind == kMapActs64x128   ? 128
+                          : kind == kMapActs64x256 ? 256
+                                                   : 16,
+                          CU_TENSOR_MAP_SWIZZLE_128B);
+      case kMapCodes32x64:
+      case kMapCodes32x128:
         return tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, p, n_in / 2, rows, n_in / 2, kBK / 2,
-                          kind == 1 ? 64 : 128, CU_TENSOR_MAP_SWIZZLE_NONE);
-      default:  // scales [rows = n_out][n_in / 32] f16 in 64-row (2) or 128-row (5) boxes
+                          kind == kMapCodes32x64 ? 64 : 128, CU_TENSOR_MAP_SWIZZLE_NONE);
+      case kMapCodes128x64:
+        return tensor_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, p, n_in / 2, rows, n_in / 2, 128, 64,
+                          CU_TENSOR_MAP_SWIZZLE_128B);
+      default:  // kMapScales8x64, kMapScales8x128
         return tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p, n_in / 32, rows, n_in / 16,
-                          kScaleCols, kind == 2 ? 64 : 128, CU_TENSOR_MAP_SWIZZLE_NONE);
+                          kScaleCols, kind == kMapScales8x64 ? 64 : 128,
+                          CU_TENSOR_MAP_SWIZZLE_NONE);
     }
   }
   std::map<Key, CUtensorMap> maps_;
@@ -361,6 +369,11 @@ WgmmaMapCache* new_wgmma_map_cache() {
   return new WgmmaMapCache();
 }
 
+Expected<CUtensorMap> wgmma_tensor_map(WgmmaMapCache& maps, WgmmaMapKind kind, const void* p,
+                                       int64_t n_in, int64_t rows) {
+  return maps.get(kind, p, n_in, rows);
+}
+
 // n_in a multiple of 256: an even number of steps, and scale rows whose byte stride TMA takes (a
 // multiple of 16).
 bool wgmma_supports(DType type, int64_t n_in, int n_tokens) {
@@ -374,12 +387,15 @@ template <int WGS, int BN>
 Status launch_tile(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16, int n_tokens,
                    float* out, const float* bias, cudaStream_t s) {
   using L = Tile<WGS, BN>;
-  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap act_map,
-                           maps.get(BN == 256 ? 3 : 0, x16, w.n_in, n_tokens));
-  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap code_map,
-                           maps.get(WGS == 1 ? 1 : 4, w.qs, w.n_in, w.n_out));
-  KESTREL_ASSIGN_OR_RETURN(const CUtensorMap scale_map,
-                           maps.get(WGS == 1 ? 2 : 5, w.d, w.n_in, w.n_out));
+  KESTREL_ASSIGN_OR_RETURN(
+      const CUtensorMap act_map,
+      maps.get(BN == 256 ? kMapActs64x256 : kMapActs64x128, x16, w.n_in, n_tokens));
+  KESTREL_ASSIGN_OR_RETURN(
+      const CUtensorMap code_map,
+      maps.get(WGS == 1 ? kMapCodes32x64 : kMapCodes32x128, w.qs, w.n_in, w.n_out));
+  KESTREL_ASSIGN_OR_RETURN(
+      const CUtensorMap scale_map,
+      maps.get(WGS == 1 ? kMapScales8x64 : kMapScales8x128, w.d, w.n_in, w.n_out));
   const WgmmaArgs args{w.n_out, n_tokens, static_cast<int>(w.n_in / kBK), out, bias, 0x64006400u};
   const dim3 grid(ceil_div(w.n_out, L::kBM), ceil_div(n_tokens, BN));
   matmul_wgmma_q4_0_kernel<WGS, BN>

@@ -145,6 +145,26 @@ __device__ __forceinline__ void wgmma_m64n256k64(float* d, const uint32_t (&a)[1
 #undef KESTREL_WGMMA_D128
 }
 
+// d[8] += A (64 x 64, registers) . B (64 x 16, shared memory: four descriptors): the
+// 16-token kernel's product (matmul_stream16.cu), four wgmmas in one asm block as above.
+__device__ __forceinline__ void wgmma_m64n16k64(float* d, const uint32_t (&a)[16],
+                                                const uint64_t (&desc)[4]) {
+#define KESTREL_WGMMA_D8 "%0, %1, %2, %3, %4, %5, %6, %7"
+  // clang-format off
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      KESTREL_WGMMA_K16("16", KESTREL_WGMMA_D8, "%8, %9, %10, %11", "%24")
+      KESTREL_WGMMA_K16("16", KESTREL_WGMMA_D8, "%12, %13, %14, %15", "%25")
+      KESTREL_WGMMA_K16("16", KESTREL_WGMMA_D8, "%16, %17, %18, %19", "%26")
+      KESTREL_WGMMA_K16("16", KESTREL_WGMMA_D8, "%20, %21, %22, %23", "%27")
+      "}\n"
+                // clang-format on
+                : KESTREL_WGMMA_F8(0)
+                : KESTREL_WGMMA_INPUTS
+                : "memory");
+#undef KESTREL_WGMMA_D8
+}
+
 #undef KESTREL_WGMMA_D64
 #undef KESTREL_WGMMA_D128_HI
 #undef KESTREL_WGMMA_K16

@@ -1,0 +1,471 @@
+// Matmul for micro-batches of 5 to 16 tokens of Q4_0 weights on Hopper (sm_90a), built to stream
+// the weights at memory bandwidth: the seed's case (-b 128 -ub 16) re-reads every weight for
+// each micro-batch of 16, so a pass is ~3.8 GB of codes for llama2-7b whatever the kernel does
+// with them, and the fragment kernel (matmul_frag_v2.cu) reached 1.3-1.8 TB/s of the H200's 4.8:
+// latency-bound, with the one step of codes a warp holds in registers as all it has in flight
+// (ncu: issue slots 25-34% busy, DRAM 16-26%; bench/NOTES.md).
+//
+// Here the copy engine (TMA) keeps the bytes in flight instead of the registers:
+//  - one block an SM, persistent over its share of the rows: kWGs consumer warpgroups and one
+//    producer warp. The producer's thread has the copy engine bring the block's rows in stages of
+//    64 rows x 256 K (8 KB of codes in the 128-byte swizzled layout, 1 KB of scales), kStages a
+//    warpgroup ahead: ~90 KB in flight an SM, where Little's law at 4.8 TB/s and ~2 us asks for
+//    ~75 KB. The warpgroups take alternate steps of the same 64 rows and add their accumulators
+//    at the group's end (through 4 KB of shared memory), so that any number of groups divides
+//    evenly between them;
+//  - the block's activations (16 tokens x its K range, f16, the 128-byte swizzled layout wgmma
+//    reads through a matrix descriptor) are copied once at the start and stay: the weights are
+//    the only stream (the v2 kernels re-read a step's activations from L2 with every row block);
+//  - each consumer thread decodes its fragment of 64 rows x 64 K (rows g and g + 8 of its warp,
+//    as matmul_wgmma.cu does) and the warpgroup issues wgmma m64n16k16 with A in registers, four
+//    a 64 K, into 8 f32 accumulators a thread; a stage goes back to the producer as soon as it is
+//    decoded (B is the resident activations);
+//  - K is split over the blocks of a thread block cluster (grid.x = splits <= 8): each block
+//    keeps its results for all its rows in shared memory and, after a cluster barrier, sums a
+//    slice of them over the cluster's blocks in rank order (deterministic), through distributed
+//    shared memory. No partials in global memory, no second launch.
+// The host picks the split and the rows a cluster owns so that every SM streams about the same
+// bytes (stream16_plan). Up to kMatvecMaxParts weights of one launch (Q, K, V; gate, up) share
+// the activations; their row groups are numbered across the parts.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/frag_common.cuh"
+#include "backend/cuda/wgmma_ops.cuh"
+
+namespace kestrel::backend::cuda {
+
+using quant::DType;
+
+namespace {
+
+constexpr int kStepK = 256;                          // K a stage: 8 Q4_0 blocks a row
+constexpr int kGroupRows = 64;                       // rows a warpgroup item (wgmma's M)
+constexpr int kCodeBytes = kGroupRows * kStepK / 2;  // 8192, rows of 128 bytes, swizzled
+constexpr int kScaleBytes = kGroupRows * 16;         // 8 f16 scales a row
+constexpr int kStageBytes = kCodeBytes + kScaleBytes;
+constexpr int kActBox = 16 * 64 * 2;  // 16 tokens x 64 K of f16: one swizzle atom column
+constexpr int kWGs = 2;               // consumer warpgroups
+constexpr int kStages = 5;            // stages a warpgroup
+constexpr int kThreads = 128 * kWGs + 32;
+constexpr int kMaxSplits = 8;  // the portable cluster size
+static_assert(kStageBytes % 1024 == 0, "stages keep the swizzled codes 1024-aligned");
+
+struct Stream16Part {
+  int64_t n_out;
+  float* out;
+  const float* bias;
+  int group_end;  // row groups of this part and the ones before it
+};
+
+struct Stream16Args {
+  CUtensorMap act;                      // f16 [T][n_in], 64 x 16 boxes, 128-byte swizzle
+  CUtensorMap codes[kMatvecMaxParts];   // u8 [n_out][n_in / 2], 128 x 64 boxes, swizzled
+  CUtensorMap scales[kMatvecMaxParts];  // f16 [n_out][n_in / 32], 8 x 64 boxes
+  Stream16Part parts[kMatvecMaxParts];
+  int n_parts;
+  int n_tokens;
+  int steps;             // n_in / kStepK
+  int steps_per_split;   // K range of a block, in steps
+  int groups_per_block;  // row groups of a cluster (each block of it: all of them, its K range)
+  int groups;            // row groups of all parts
+  uint32_t half2_magic;  // 0x64006400 (codes_to_half2)
+};
+
+constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
+
+// Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
+// results kept for the cluster's sum (splits > 1), the barriers; 1024 bytes of alignment slack.
+size_t smem_bytes(int steps_per_split, int groups_per_block, int splits) {
+  return size_t{kWGs} * kStages * kStageBytes + size_t(steps_per_split) * 4 * kActBox +
+         size_t{kWGs - 1} * kGroupFloats * 4 +
+         (splits > 1 ? size_t(groups_per_block) * kGroupFloats * 4 : 0) +
+         (2 * kWGs * kStages + 1) * 8 + 1024;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// The part of row group `group` and the group's first row in it.
+__device__ __forceinline__ int part_of_group(const Stream16Args& a, int group, int& row0) {
+  int p = 0, begin = 0;
+#pragma unroll
+  for (int i = 1; i < kMatvecMaxParts; ++i) {
+    if (i < a.n_parts && group >= a.parts[i - 1].group_end) {
+      p = i;
+      begin = a.parts[i - 1].group_end;
+    }
+  }
+  row0 = (group - begin) * kGroupRows;
+  return p;
+}
+
+// The producer thread: for each row group, each step of the block's K range into the ring of the
+// warpgroup that takes it (steps ks0 + w, + kWGs, ...: warpgroup w).
+__device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1, uint32_t stages,
+                        uint32_t full, uint32_t empty) {
+  int filled[kWGs] = {};
+  for (int group = g0; group < g1; ++group) {
+    int row0 = 0;
+    const int p = part_of_group(a, group, row0);
+    for (int ks2 = ks0; ks2 < ks1; ks2 += kWGs) {
+#pragma unroll
+      for (int w = 0; w < kWGs; ++w) {
+        const int ks = ks2 + w;
+        if (ks >= ks1) continue;
+        const int slot = filled[w] % kStages, use = filled[w] / kStages;
+        const int stage = w * kStages + slot;
+        if (use > 0) barrier_wait(empty + 8 * stage, (use - 1) & 1);
+        const uint32_t dst = stages + stage * kStageBytes, bar = full + 8 * stage;
+        barrier_expect(bar, kStageBytes);
+        tma_load(dst, a.codes[p], ks * (kStepK / 2), row0, bar);
+        tma_load(dst + kCodeBytes, a.scales[p], ks * (kStepK / 32), row0, bar);
+        ++filled[w];
+      }
+    }
+  }
+}
+
+// A of one 64-K slice pair (Q4_0 blocks 2 sub and 2 sub + 1 of the stage) for the thread's rows:
+// A[4 s + i] is register i of the m64k16 fragment of K slice s (as decode_step in
+// matmul_wgmma.cu). codes: the thread's first row's bytes 4 (t / 2) in the stage, whose 16-byte
+// chunks are swizzled by the row's index mod 8 (= g); sc: the rows' eight scales.
+__device__ __forceinline__ void decode_pair(const uint8_t* codes, int g, const uint4 (&sc)[2],
+                                            int sub, uint32_t sel, uint32_t magic,
+                                            uint32_t (&A)[16]) {
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const uint32_t scw = sub == 0 ? sc[ri].x : sub == 1 ? sc[ri].y : sub == 2 ? sc[ri].z : sc[ri].w;
+#pragma unroll
+    for (int blk = 0; blk < 2; ++blk) {
+      const uint8_t* cb = codes + ri * 8 * 128 + (((2 * sub + blk) ^ g) << 4);
+      const uint32_t pair = __byte_perm(*reinterpret_cast<const uint32_t*>(cb),
+                                        *reinterpret_cast<const uint32_t*>(cb + 8), sel);
+      const uint32_t s2 = __byte_perm(scw, 0, blk ? 0x3232 : 0x1010);
+      __half2 d;
+      memcpy(&d, &s2, 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t w = h ? pair >> 4 : pair;
+        A[4 * (2 * blk + h) + ri] = codes_to_half2<DType::Q4_0, 0x5150>(w, magic, d);
+        A[4 * (2 * blk + h) + 2 + ri] = codes_to_half2<DType::Q4_0, 0x5352>(w, magic, d);
+      }
+    }
+  }
+}
+
+// acc (row r, r + 8 of the thread; tokens 8 j + 2 t, + 1) into out (+ bias), or into the
+// block's result buffer res[group][token][64] for the cluster's sum.
+__device__ __forceinline__ void store_group(const Stream16Args& a, int group, const float (&acc)[8],
+                                            int rig, int t, float* res) {
+  if (res) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      res[(8 * (e / 4) + 2 * t + e % 2) * kGroupRows + rig + 8 * (e % 4 / 2)] = acc[e];
+    return;
+  }
+  int row0 = 0;
+  const Stream16Part& part = a.parts[part_of_group(a, group, row0)];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int tok = 8 * (e / 4) + 2 * t + e % 2;
+    const int64_t r = row0 + rig + 8 * (e % 4 / 2);
+    if (tok < a.n_tokens && r < part.n_out)
+      part.out[tok * part.n_out + r] = acc[e] + (part.bias ? part.bias[r] : 0.0f);
+  }
+}
+
+// Block rank of a cluster: sums its slice of the cluster's results over every block's buffer,
+// in rank order, into out (+ bias).
+__device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* res) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int splits = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
+  const int n = n_groups * kGroupFloats;
+  for (int i = rank * kThreads + static_cast<int>(threadIdx.x); i < n; i += splits * kThreads) {
+    float v = 0.0f;
+    for (int r = 0; r < splits; ++r) v += cluster.map_shared_rank(res, r)[i];
+    const int group = g0 + i / kGroupFloats, tok = i / kGroupRows % 16;
+    int row0 = 0;
+    const Stream16Part& part = a.parts[part_of_group(a, group, row0)];
+    const int64_t r = row0 + i % kGroupRows;
+    if (tok < a.n_tokens && r < part.n_out)
+      part.out[tok * part.n_out + r] = v + (part.bias ? part.bias[r] : 0.0f);
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+__global__ void __launch_bounds__(kThreads, 1)
+    matmul_stream16_kernel(const __grid_constant__ Stream16Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  namespace cg = cooperative_groups;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t pad = ((raw + 1023) & ~1023u) - raw;
+  uint8_t* base = smem_raw + pad;
+  const uint32_t stages = raw + pad;
+  const int ks0 = static_cast<int>(blockIdx.x) * a.steps_per_split;
+  const int ks1 = min(a.steps, ks0 + a.steps_per_split);
+  const int g0 = static_cast<int>(blockIdx.y) * a.groups_per_block;
+  const int g1 = min(a.groups, g0 + a.groups_per_block);
+  const bool split = gridDim.x > 1;
+  const uint32_t acts = stages + kWGs * kStages * kStageBytes;
+  const int act_bytes = a.steps_per_split * 4 * kActBox;
+  // The warpgroups' exchange (warpgroup w > 0 leaves its accumulators there for warpgroup 0),
+  // then the cluster's results, then the barriers.
+  float* xch = reinterpret_cast<float*>(base + kWGs * kStages * kStageBytes + act_bytes);
+  float* res = split ? xch + (kWGs - 1) * kGroupFloats : nullptr;
+  const uint32_t full =
+                     smem_addr(xch + (kWGs - 1 + (split ? a.groups_per_block : 0)) * kGroupFloats),
+                 empty = full + 8 * kWGs * kStages, act_bar = empty + 8 * kWGs * kStages;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < kWGs * kStages; ++s) {
+      barrier_init(full + 8 * s, 1);
+      barrier_init(empty + 8 * s, 128);
+    }
+    barrier_init(act_bar, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (tid == kWGs * 128) {
+    // The activations of the K range first (they gate every product), then the weight stream.
+    barrier_expect(act_bar, (ks1 - ks0) * 4 * kActBox);
+    for (int b = 0; b < (ks1 - ks0) * 4; ++b)
+      tma_load(acts + b * kActBox, a.act, (ks0 * 4 + b) * 64, 0, act_bar);
+    produce(a, g0, g1, ks0, ks1, stages, full, empty);
+  } else if (tid < kWGs * 128) {
+    const int w = tid / 128, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int rig = 16 * (tid % 128 / 32) + g;  // the thread's rows in a group: rig, rig + 8
+    const uint32_t sel = t % 2 ? 0x7632 : 0x5410;
+    float acc[8];
+    uint32_t A0[16], A1[16];
+    int used = 0;  // stages of this warpgroup's ring consumed so far
+    barrier_wait(act_bar, 0);
+    for (int group = g0; group < g1; ++group) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+      for (int ks = ks0 + w; ks < ks1; ks += kWGs, ++used) {
+        const int stage = w * kStages + used % kStages;
+        barrier_wait(full + 8 * stage, (used / kStages) & 1);
+        const uint8_t* st = base + stage * kStageBytes;
+        const uint8_t* codes = st + rig * 128 + 4 * (t / 2);
+        uint4 sc[2];
+        sc[0] = *reinterpret_cast<const uint4*>(st + kCodeBytes + rig * 16);
+        sc[1] = *reinterpret_cast<const uint4*>(st + kCodeBytes + (rig + 8) * 16);
+        const uint32_t act_step = acts + (ks - ks0) * 4 * kActBox;
+#pragma unroll
+        for (int sub = 0; sub < 4; ++sub) {
+          uint32_t(&A)[16] = sub % 2 ? A1 : A0;
+          wgmma_wait<1>();  // the wgmmas two slices back, which read this register set, are done
+          decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
+          if (sub == 3) barrier_arrive(empty + 8 * stage);  // decoded: the stage may refill
+          uint64_t desc[4];
+#pragma unroll
+          for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(act_step + sub * kActBox + 32 * s);
+          wgmma_fence();
+          wgmma_m64n16k64(acc, A, desc);
+          wgmma_commit();
+        }
+      }
+      wgmma_wait<0>();
+#pragma unroll
+      for (int e = 0; e < 8; ++e) fence_operand(acc[e]);
+      // Warpgroup 0 adds the others' sums (thread i of each holds the same outputs) and stores.
+      if (w > 0) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xch[(w - 1) * kGroupFloats + e * 128 + tid % 128] = acc[e];
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kWGs * 128) : "memory");
+      if (w == 0) {
+#pragma unroll
+        for (int o = 1; o < kWGs; ++o)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[e] += xch[(o - 1) * kGroupFloats + e * 128 + tid];
+        store_group(a, group, acc, rig, t, res ? res + (group - g0) * kGroupFloats : nullptr);
+      }
+      asm volatile("bar.sync 1, %0;\n" ::"n"(kWGs * 128) : "memory");  // the exchange is free
+    }
+  }
+  __syncwarp();  // the producer's lane rejoins its warp before the cluster barrier
+  if (split) {
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every block's results are in its shared memory
+    sum_cluster(a, g0, g1 - g0, res);
+    cluster.sync();  // and stay there until every block has read them
+  }
+#endif
+}
+
+// 1 when the kernel above was compiled for sm_90a.
+__global__ void stream16_probe_kernel(int* flag) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *flag = 1;
+#else
+  *flag = 0;
+#endif
+}
+
+}  // namespace
+
+bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens) {
+  if (n_tokens < kFragMinTokens || n_tokens > 16 || n_parts < 1 || n_parts > kMatvecMaxParts)
+    return false;
+  for (int i = 0; i < n_parts; ++i)
+    if (parts[i].w->type != DType::Q4_0 || parts[i].w->n_in % kStepK != 0 ||
+        parts[i].w->n_in != parts[0].w->n_in)
+      return false;
+  return true;
+}
+
+namespace {
+
+// KESTREL_CUDA_STREAM16_SPLITS=N: N splits of K where they fit (tests, measurements); else the
+// cheapest plan.
+int forced_stream16_splits() {
+  static const int n = [] {
+    const char* e = std::getenv("KESTREL_CUDA_STREAM16_SPLITS");
+    return e ? std::clamp(std::atoi(e), 0, kMaxSplits) : 0;
+  }();
+  return n;
+}
+
+// Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
+// share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
+// 18 SMs. Queried once per (device, splits, shared memory).
+int max_active_clusters(int splits, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, size_t>, int> known;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, splits, smem);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(splits, 1);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = splits;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel, &config) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  known[key] = n;
+  return n;
+}
+
+}  // namespace
+
+Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
+  const int steps = static_cast<int>(n_in / kStepK);
+  Stream16Plan best;
+  double best_cost = 0;
+  const int forced = forced_stream16_splits();
+  for (int pass = forced > 0 ? 0 : 1; pass < 2 && best.splits == 0; ++pass) {
+    for (int splits = 1; splits <= std::min(kMaxSplits, steps); ++splits) {
+      if (pass == 0 && splits != std::min(forced, steps)) continue;
+      const int sps = ceil_div(steps, splits);
+      const int used_splits = ceil_div(steps, sps);
+      if (used_splits != splits)
+        continue;  // rounding left a split empty: a smaller one is the same
+      int gpb = ceil_div(groups, std::max(1, std::min(sms / splits, groups)));
+      size_t smem = smem_bytes(sps, gpb, splits);
+      if (smem > smem_limit) continue;
+      if (const int most = max_active_clusters(splits, smem); most <= 0) {
+        continue;
+      } else if (ceil_div(groups, gpb) > most) {  // one wave: more rows a cluster
+        gpb = ceil_div(groups, most);
+        smem = smem_bytes(sps, gpb, splits);
+        if (smem > smem_limit) continue;
+      }
+      const int clusters = ceil_div(groups, gpb);
+      // A block's time: its groups times the steps a warpgroup takes of each; the cluster's sum
+      // reads every result once from each block (about a quarter of a step a group, as bytes go).
+      const double cost = double(gpb) * ceil_div(sps, kWGs) + (splits > 1 ? 0.25 * gpb : 0.0);
+      if (best.splits == 0 || cost < best_cost * 0.97) {
+        best = {splits, clusters, sps, gpb, smem};
+        best_cost = cost;
+      }
+    }
+  }
+  return best;
+}
+
+Expected<bool> stream16_available(int device) {
+  cudaDeviceProp prop{};
+  CUDA_TRY(cudaGetDeviceProperties(&prop, device), "stream16 probe (device properties)");
+  if (prop.major != 9 || prop.minor != 0) return false;
+  int* flag = nullptr;
+  CUDA_TRY(cudaMalloc(&flag, sizeof(int)), "stream16 probe (allocation)");
+  int host = 0;
+  stream16_probe_kernel<<<1, 1>>>(flag);
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) e = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
+  cudaFree(flag);
+  CUDA_TRY(e, "stream16 probe");
+  if (host != 1) return false;
+  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(prop.sharedMemPerBlockOptin)),
+           "stream16 matmul (shared memory limit)");
+  return true;
+}
+
+Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
+                              const __half* x16, int n_tokens, int sms, size_t smem_limit,
+                              cudaStream_t s) {
+  const int64_t n_in = parts[0].w->n_in;
+  Stream16Args a{};
+  int groups = 0;
+  for (int i = 0; i < n_parts; ++i) {
+    const CudaWeight& w = *parts[i].w;
+    groups += static_cast<int>(ceil_div(w.n_out, kGroupRows));
+    KESTREL_ASSIGN_OR_RETURN(a.codes[i],
+                             wgmma_tensor_map(maps, kMapCodes128x64, w.qs, n_in, w.n_out));
+    KESTREL_ASSIGN_OR_RETURN(a.scales[i],
+                             wgmma_tensor_map(maps, kMapScales8x64, w.d, n_in, w.n_out));
+    a.parts[i] = {w.n_out, parts[i].out, parts[i].bias, groups};
+  }
+  KESTREL_ASSIGN_OR_RETURN(a.act, wgmma_tensor_map(maps, kMapActs64x16, x16, n_in, n_tokens));
+  const Stream16Plan plan = stream16_plan(n_in, groups, sms, smem_limit);
+  if (plan.splits == 0)
+    return error("matmul (stream16): no split of %lld x %d fits %zu bytes of shared memory",
+                 static_cast<long long>(n_in), groups * kGroupRows, smem_limit);
+  a.n_parts = n_parts;
+  a.n_tokens = n_tokens;
+  a.steps = static_cast<int>(n_in / kStepK);
+  a.steps_per_split = plan.steps_per_split;
+  a.groups_per_block = plan.groups_per_block;
+  a.groups = groups;
+  a.half2_magic = 0x64006400u;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(plan.splits, plan.clusters);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = plan.smem;
+  config.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = plan.splits;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel, a), "matmul (stream16 launch)");
+  LAUNCH_CHECK("matmul (stream16, Q4_0)");
+  return Status::ok();
+}
+
+}  // namespace kestrel::backend::cuda
