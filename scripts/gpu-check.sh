@@ -40,7 +40,9 @@
 # (kestrel processes at once in the e2e test; 8 on 16 cores), GPU_CHECK_CUDA (ON; OFF only to
 # try the script on a machine without CUDA), GPU_CHECK_SKIP (names of test and e2e stages to
 # leave out, space-separated, when device time is short), GPU_MATMUL_VARIANTS (the matmul
-# micro-benchmark's settings, ';'-separated), GPU_CHECK_NCU=1 (ncu on one 16-token matmul launch).
+# micro-benchmark's settings, ';'-separated), GPU_CHECK_NCU=1 (ncu on one 16-token matmul launch;
+# GPU_CHECK_NCU_KERNEL: a regex of kernel names, frag; GPU_CHECK_NCU_ENV: VAR=VALUE settings for
+# that run; GPU_CHECK_NCU_SKIP: launches of it skipped first, 3).
 #
 # Exit status: 0 all passed; 1 a test stage failed (build, GPU tests, e2e, setup); 2 the tests
 # passed but a benchmark case failed to run (targets not met are not failures).
@@ -389,7 +391,10 @@ if ((TESTS)); then
     gpu_test_stage gpu-tests-stream16 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16.xml KESTREL_CUDA_STREAM16=1
     gpu_test_stage gpu-tests-stream16-s1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-s1.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_SPLITS=1
+      gtest-gpu-stream16-s1.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_SPLITS=1 \
+      KESTREL_CUDA_STREAM16_BOXES=1
+    gpu_test_stage gpu-tests-stream16-b4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-b4.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_BOXES=4
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -496,7 +501,8 @@ if ((BENCH)); then
     # report goes to ncu-frag.txt): where the 5-16-token kernel's time goes.
     if [[ "${GPU_CHECK_NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
       run_stage ncu-frag "$(limit 120 $((BENCH_SECS + 5)))" '^  [A-Z].*(Throughput|Busy|Occupancy|Warp Cycles|Issue)' \
-        bash -c "ncu --clock-control none --set full -k regex:frag --launch-skip 3 --launch-count 2 \
+        env ${GPU_CHECK_NCU_ENV:-} bash -c "ncu --clock-control none --set full \
+          -k regex:${GPU_CHECK_NCU_KERNEL:-frag} --launch-skip ${GPU_CHECK_NCU_SKIP:-3} --launch-count 2 \
           '$MM_BIN' --tokens 16 --ms 1 >'$OUTDIR/ncu-frag.txt' 2>&1; rc=\$?; cat '$OUTDIR/ncu-frag.txt'; exit \$rc"
       record ncu-frag "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "report in ncu-frag.txt"
     fi

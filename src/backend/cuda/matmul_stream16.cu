@@ -46,17 +46,25 @@ using quant::DType;
 
 namespace {
 
-constexpr int kStepK = 256;                          // K a stage: 8 Q4_0 blocks a row
-constexpr int kGroupRows = 64;                       // rows a warpgroup item (wgmma's M)
-constexpr int kCodeBytes = kGroupRows * kStepK / 2;  // 8192, rows of 128 bytes, swizzled
-constexpr int kScaleBytes = kGroupRows * 16;         // 8 f16 scales a row
-constexpr int kStageBytes = kCodeBytes + kScaleBytes;
+constexpr int kBoxK = 256;            // K of a code box: 8 Q4_0 blocks a row
+constexpr int kGroupRows = 64;        // rows a warpgroup item (wgmma's M)
+constexpr int kBoxCodeBytes = 8192;   // a box's codes: 64 rows of 128 bytes, swizzled
+constexpr int kBoxScaleBytes = 1024;  // its scales: 8 f16 a row
 constexpr int kActBox = 16 * 64 * 2;  // 16 tokens x 64 K of f16: one swizzle atom column
 constexpr int kWGs = 2;               // consumer warpgroups
-constexpr int kStages = 5;            // stages a warpgroup
 constexpr int kThreads = 128 * kWGs + 32;
 constexpr int kMaxSplits = 8;  // the portable cluster size
-static_assert(kStageBytes % 1024 == 0, "stages keep the swizzled codes 1024-aligned");
+
+// A stage: B boxes of K side by side (B x 128 contiguous bytes of each row, so that the memory
+// reads B times longer runs of a row at once), kStages of them a warpgroup.
+template <int B>
+struct Cfg {
+  static constexpr int kStepK = kBoxK * B;
+  static constexpr int kCodeBytes = kBoxCodeBytes * B;
+  static constexpr int kStageBytes = (kBoxCodeBytes + kBoxScaleBytes) * B;
+  static constexpr int kStages = B == 1 ? 5 : B == 2 ? 3 : 2;
+  static_assert(kStageBytes % 1024 == 0, "stages keep the swizzled codes 1024-aligned");
+};
 
 struct Stream16Part {
   int64_t n_out;
@@ -72,7 +80,7 @@ struct Stream16Args {
   Stream16Part parts[kMatvecMaxParts];
   int n_parts;
   int n_tokens;
-  int steps;             // n_in / kStepK
+  int steps;             // ceil(n_in / kStepK) (a last step past n_in reads zeros)
   int steps_per_split;   // K range of a block, in steps
   int groups_per_block;  // row groups of a cluster (each block of it: all of them, its K range)
   int groups;            // row groups of all parts
@@ -83,11 +91,13 @@ constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
 
 // Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
 // results kept for the cluster's sum (splits > 1), the barriers; 1024 bytes of alignment slack.
+template <int B>
 size_t smem_bytes(int steps_per_split, int groups_per_block, int splits) {
-  return size_t{kWGs} * kStages * kStageBytes + size_t(steps_per_split) * 4 * kActBox +
+  using C = Cfg<B>;
+  return size_t{kWGs} * C::kStages * C::kStageBytes + size_t(steps_per_split) * 4 * B * kActBox +
          size_t{kWGs - 1} * kGroupFloats * 4 +
          (splits > 1 ? size_t(groups_per_block) * kGroupFloats * 4 : 0) +
-         (2 * kWGs * kStages + 1) * 8 + 1024;
+         (2 * kWGs * C::kStages + 1) * 8 + 1024;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -108,8 +118,10 @@ __device__ __forceinline__ int part_of_group(const Stream16Args& a, int group, i
 
 // The producer thread: for each row group, each step of the block's K range into the ring of the
 // warpgroup that takes it (steps ks0 + w, + kWGs, ...: warpgroup w).
+template <int B>
 __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1, uint32_t stages,
                         uint32_t full, uint32_t empty) {
+  using C = Cfg<B>;
   int filled[kWGs] = {};
   for (int group = g0; group < g1; ++group) {
     int row0 = 0;
@@ -119,13 +131,18 @@ __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1,
       for (int w = 0; w < kWGs; ++w) {
         const int ks = ks2 + w;
         if (ks >= ks1) continue;
-        const int slot = filled[w] % kStages, use = filled[w] / kStages;
-        const int stage = w * kStages + slot;
+        const int slot = filled[w] % C::kStages, use = filled[w] / C::kStages;
+        const int stage = w * C::kStages + slot;
         if (use > 0) barrier_wait(empty + 8 * stage, (use - 1) & 1);
-        const uint32_t dst = stages + stage * kStageBytes, bar = full + 8 * stage;
-        barrier_expect(bar, kStageBytes);
-        tma_load(dst, a.codes[p], ks * (kStepK / 2), row0, bar);
-        tma_load(dst + kCodeBytes, a.scales[p], ks * (kStepK / 32), row0, bar);
+        const uint32_t dst = stages + stage * C::kStageBytes, bar = full + 8 * stage;
+        barrier_expect(bar, C::kStageBytes);
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          const int kb = ks * B + b;  // box of K (past n_in: zeros)
+          tma_load(dst + b * kBoxCodeBytes, a.codes[p], kb * (kBoxK / 2), row0, bar);
+          tma_load(dst + C::kCodeBytes + b * kBoxScaleBytes, a.scales[p], kb * (kBoxK / 32), row0,
+                   bar);
+        }
         ++filled[w];
       }
     }
@@ -202,9 +219,11 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+template <int B>
 __global__ void __launch_bounds__(kThreads, 1)
     matmul_stream16_kernel(const __grid_constant__ Stream16Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<B>;
   namespace cg = cooperative_groups;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -216,18 +235,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int g0 = static_cast<int>(blockIdx.y) * a.groups_per_block;
   const int g1 = min(a.groups, g0 + a.groups_per_block);
   const bool split = gridDim.x > 1;
-  const uint32_t acts = stages + kWGs * kStages * kStageBytes;
-  const int act_bytes = a.steps_per_split * 4 * kActBox;
+  const uint32_t acts = stages + kWGs * C::kStages * C::kStageBytes;
+  const int act_bytes = a.steps_per_split * 4 * B * kActBox;
   // The warpgroups' exchange (warpgroup w > 0 leaves its accumulators there for warpgroup 0),
   // then the cluster's results, then the barriers.
-  float* xch = reinterpret_cast<float*>(base + kWGs * kStages * kStageBytes + act_bytes);
+  float* xch = reinterpret_cast<float*>(base + kWGs * C::kStages * C::kStageBytes + act_bytes);
   float* res = split ? xch + (kWGs - 1) * kGroupFloats : nullptr;
   const uint32_t full =
                      smem_addr(xch + (kWGs - 1 + (split ? a.groups_per_block : 0)) * kGroupFloats),
-                 empty = full + 8 * kWGs * kStages, act_bar = empty + 8 * kWGs * kStages;
+                 empty = full + 8 * kWGs * C::kStages, act_bar = empty + 8 * kWGs * C::kStages;
   const int tid = threadIdx.x;
   if (tid == 0) {
-    for (int s = 0; s < kWGs * kStages; ++s) {
+    for (int s = 0; s < kWGs * C::kStages; ++s) {
       barrier_init(full + 8 * s, 1);
       barrier_init(empty + 8 * s, 128);
     }
@@ -237,10 +256,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (tid == kWGs * 128) {
     // The activations of the K range first (they gate every product), then the weight stream.
-    barrier_expect(act_bar, (ks1 - ks0) * 4 * kActBox);
-    for (int b = 0; b < (ks1 - ks0) * 4; ++b)
-      tma_load(acts + b * kActBox, a.act, (ks0 * 4 + b) * 64, 0, act_bar);
-    produce(a, g0, g1, ks0, ks1, stages, full, empty);
+    barrier_expect(act_bar, (ks1 - ks0) * 4 * B * kActBox);
+    for (int b = 0; b < (ks1 - ks0) * 4 * B; ++b)
+      tma_load(acts + b * kActBox, a.act, (ks0 * 4 * B + b) * 64, 0, act_bar);
+    produce<B>(a, g0, g1, ks0, ks1, stages, full, empty);
   } else if (tid < kWGs * 128) {
     const int w = tid / 128, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int rig = 16 * (tid % 128 / 32) + g;  // the thread's rows in a group: rig, rig + 8
@@ -253,26 +272,31 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
       for (int ks = ks0 + w; ks < ks1; ks += kWGs, ++used) {
-        const int stage = w * kStages + used % kStages;
-        barrier_wait(full + 8 * stage, (used / kStages) & 1);
-        const uint8_t* st = base + stage * kStageBytes;
-        const uint8_t* codes = st + rig * 128 + 4 * (t / 2);
-        uint4 sc[2];
-        sc[0] = *reinterpret_cast<const uint4*>(st + kCodeBytes + rig * 16);
-        sc[1] = *reinterpret_cast<const uint4*>(st + kCodeBytes + (rig + 8) * 16);
-        const uint32_t act_step = acts + (ks - ks0) * 4 * kActBox;
+        const int stage = w * C::kStages + used % C::kStages;
+        barrier_wait(full + 8 * stage, (used / C::kStages) & 1);
+        const uint8_t* st = base + stage * C::kStageBytes;
 #pragma unroll
-        for (int sub = 0; sub < 4; ++sub) {
-          uint32_t(&A)[16] = sub % 2 ? A1 : A0;
-          wgmma_wait<1>();  // the wgmmas two slices back, which read this register set, are done
-          decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
-          if (sub == 3) barrier_arrive(empty + 8 * stage);  // decoded: the stage may refill
-          uint64_t desc[4];
+        for (int b = 0; b < B; ++b) {
+          const uint8_t* codes = st + b * kBoxCodeBytes + rig * 128 + 4 * (t / 2);
+          const uint8_t* scales = st + C::kCodeBytes + b * kBoxScaleBytes;
+          uint4 sc[2];
+          sc[0] = *reinterpret_cast<const uint4*>(scales + rig * 16);
+          sc[1] = *reinterpret_cast<const uint4*>(scales + (rig + 8) * 16);
+          const uint32_t act_box = acts + ((ks - ks0) * B + b) * 4 * kActBox;
 #pragma unroll
-          for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(act_step + sub * kActBox + 32 * s);
-          wgmma_fence();
-          wgmma_m64n16k64(acc, A, desc);
-          wgmma_commit();
+          for (int sub = 0; sub < 4; ++sub) {
+            uint32_t(&A)[16] = sub % 2 ? A1 : A0;
+            wgmma_wait<1>();  // the wgmmas two slices back, which read this register set, are done
+            decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
+            if (b == B - 1 && sub == 3)
+              barrier_arrive(empty + 8 * stage);  // decoded: the stage may refill
+            uint64_t desc[4];
+#pragma unroll
+            for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(act_box + sub * kActBox + 32 * s);
+            wgmma_fence();
+            wgmma_m64n16k64(acc, A, desc);
+            wgmma_commit();
+          }
         }
       }
       wgmma_wait<0>();
@@ -319,7 +343,7 @@ bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens) {
   if (n_tokens < kFragMinTokens || n_tokens > 16 || n_parts < 1 || n_parts > kMatvecMaxParts)
     return false;
   for (int i = 0; i < n_parts; ++i)
-    if (parts[i].w->type != DType::Q4_0 || parts[i].w->n_in % kStepK != 0 ||
+    if (parts[i].w->type != DType::Q4_0 || parts[i].w->n_in % kBoxK != 0 ||
         parts[i].w->n_in != parts[0].w->n_in)
       return false;
   return true;
@@ -337,9 +361,40 @@ int forced_stream16_splits() {
   return n;
 }
 
+cudaLaunchConfig_t launch_config(int splits, int clusters, size_t smem, cudaStream_t s) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(splits, clusters);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = s;
+  return config;
+}
+
+// Thread block clusters of the splits of a row range (grid.x).
+cudaLaunchAttribute cluster_attr(int splits) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = splits;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  return attr;
+}
+
+// KESTREL_CUDA_STREAM16_BOXES=1, 2 or 4: code boxes a stage (128 contiguous bytes of a row each);
+// 2 unless set.
+int stream16_boxes() {
+  static const int n = [] {
+    const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
+    const int v = e ? std::atoi(e) : 2;
+    return v == 1 || v == 4 ? v : 2;
+  }();
+  return n;
+}
+
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
-// 18 SMs. Queried once per (device, splits, shared memory).
+// 18 SMs. Queried once per (device, kernel, splits, shared memory).
+template <int B>
 int max_active_clusters(int splits, size_t smem) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int, size_t>, int> known;
@@ -348,19 +403,12 @@ int max_active_clusters(int splits, size_t smem) {
   const std::lock_guard<std::mutex> lock(mutex);
   const auto key = std::make_tuple(device, splits, smem);
   if (const auto it = known.find(key); it != known.end()) return it->second;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(splits, 1);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = splits;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
+  cudaLaunchConfig_t config = launch_config(splits, 1, smem, nullptr);
+  cudaLaunchAttribute attr = cluster_attr(splits);
+  config.attrs = &attr;
   config.numAttrs = 1;
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel, &config) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel<B>, &config) != cudaSuccess) {
     cudaGetLastError();
     n = 0;
   }
@@ -368,10 +416,9 @@ int max_active_clusters(int splits, size_t smem) {
   return n;
 }
 
-}  // namespace
-
-Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
-  const int steps = static_cast<int>(n_in / kStepK);
+template <int B>
+Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
+  const int steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B>::kStepK}));
   Stream16Plan best;
   double best_cost = 0;
   const int forced = forced_stream16_splits();
@@ -383,19 +430,19 @@ Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit)
       if (used_splits != splits)
         continue;  // rounding left a split empty: a smaller one is the same
       int gpb = ceil_div(groups, std::max(1, std::min(sms / splits, groups)));
-      size_t smem = smem_bytes(sps, gpb, splits);
+      size_t smem = smem_bytes<B>(sps, gpb, splits);
       if (smem > smem_limit) continue;
-      if (const int most = max_active_clusters(splits, smem); most <= 0) {
+      if (const int most = max_active_clusters<B>(splits, smem); most <= 0) {
         continue;
       } else if (ceil_div(groups, gpb) > most) {  // one wave: more rows a cluster
         gpb = ceil_div(groups, most);
-        smem = smem_bytes(sps, gpb, splits);
+        smem = smem_bytes<B>(sps, gpb, splits);
         if (smem > smem_limit) continue;
       }
       const int clusters = ceil_div(groups, gpb);
       // A block's time: its groups times the steps a warpgroup takes of each; the cluster's sum
-      // reads every result once from each block (about a quarter of a step a group, as bytes go).
-      const double cost = double(gpb) * ceil_div(sps, kWGs) + (splits > 1 ? 0.25 * gpb : 0.0);
+      // reads every result once from each block (about a quarter of a 256-K step a group).
+      const double cost = double(gpb) * ceil_div(sps, kWGs) * B + (splits > 1 ? 0.25 * gpb : 0.0);
       if (best.splits == 0 || cost < best_cost * 0.97) {
         best = {splits, clusters, sps, gpb, smem};
         best_cost = cost;
@@ -403,6 +450,37 @@ Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit)
     }
   }
   return best;
+}
+
+template <int B>
+Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, cudaStream_t s) {
+  const Stream16Plan plan = plan_boxes<B>(n_in, a.groups, sms, smem_limit);
+  if (plan.splits == 0)
+    return error("matmul (stream16): no split of %lld x %d fits %zu bytes of shared memory",
+                 static_cast<long long>(n_in), a.groups * kGroupRows, smem_limit);
+  a.steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B>::kStepK}));
+  a.steps_per_split = plan.steps_per_split;
+  a.groups_per_block = plan.groups_per_block;
+  cudaLaunchConfig_t config = launch_config(plan.splits, plan.clusters, plan.smem, s);
+  cudaLaunchAttribute attr = cluster_attr(plan.splits);
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B>, a), "matmul (stream16 launch)");
+  LAUNCH_CHECK("matmul (stream16, Q4_0)");
+  return Status::ok();
+}
+
+}  // namespace
+
+Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
+  switch (stream16_boxes()) {
+    case 1:
+      return plan_boxes<1>(n_in, groups, sms, smem_limit);
+    case 4:
+      return plan_boxes<4>(n_in, groups, sms, smem_limit);
+    default:
+      return plan_boxes<2>(n_in, groups, sms, smem_limit);
+  }
 }
 
 Expected<bool> stream16_available(int device) {
@@ -418,8 +496,15 @@ Expected<bool> stream16_available(int device) {
   cudaFree(flag);
   CUDA_TRY(e, "stream16 probe");
   if (host != 1) return false;
-  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(prop.sharedMemPerBlockOptin)),
+  const int smem = static_cast<int>(prop.sharedMemPerBlockOptin);
+  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel<1>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+           "stream16 matmul (shared memory limit)");
+  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel<2>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+           "stream16 matmul (shared memory limit)");
+  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel<4>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
            "stream16 matmul (shared memory limit)");
   return true;
 }
@@ -440,32 +525,18 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
     a.parts[i] = {w.n_out, parts[i].out, parts[i].bias, groups};
   }
   KESTREL_ASSIGN_OR_RETURN(a.act, wgmma_tensor_map(maps, kMapActs64x16, x16, n_in, n_tokens));
-  const Stream16Plan plan = stream16_plan(n_in, groups, sms, smem_limit);
-  if (plan.splits == 0)
-    return error("matmul (stream16): no split of %lld x %d fits %zu bytes of shared memory",
-                 static_cast<long long>(n_in), groups * kGroupRows, smem_limit);
   a.n_parts = n_parts;
   a.n_tokens = n_tokens;
-  a.steps = static_cast<int>(n_in / kStepK);
-  a.steps_per_split = plan.steps_per_split;
-  a.groups_per_block = plan.groups_per_block;
   a.groups = groups;
   a.half2_magic = 0x64006400u;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(plan.splits, plan.clusters);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = plan.smem;
-  config.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = plan.splits;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel, a), "matmul (stream16 launch)");
-  LAUNCH_CHECK("matmul (stream16, Q4_0)");
-  return Status::ok();
+  switch (stream16_boxes()) {
+    case 1:
+      return launch_boxes<1>(a, n_in, sms, smem_limit, s);
+    case 4:
+      return launch_boxes<4>(a, n_in, sms, smem_limit, s);
+    default:
+      return launch_boxes<2>(a, n_in, sms, smem_limit, s);
+  }
 }
 
 }  // namespace kestrel::backend::cuda
