@@ -219,7 +219,9 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <int B>
+// kAccs accumulator sets taken in turn by the 64-K slices, added at the group's end: chains of
+// dependent wgmmas kAccs times shorter.
+template <int B, int kAccs>
 __global__ void __launch_bounds__(kThreads, 1)
     matmul_stream16_kernel(const __grid_constant__ Stream16Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -264,13 +266,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int w = tid / 128, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int rig = 16 * (tid % 128 / 32) + g;  // the thread's rows in a group: rig, rig + 8
     const uint32_t sel = t % 2 ? 0x7632 : 0x5410;
-    float acc[8];
+    float acc[kAccs][8];
     uint32_t A0[16], A1[16];
     int used = 0;  // stages of this warpgroup's ring consumed so far
     barrier_wait(act_bar, 0);
     for (int group = g0; group < g1; ++group) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+      for (int e = 0; e < 8 * kAccs; ++e) acc[e / 8][e % 8] = 0.0f;
       for (int ks = ks0 + w; ks < ks1; ks += kWGs, ++used) {
         const int stage = w * C::kStages + used % C::kStages;
         barrier_wait(full + 8 * stage, (used / C::kStages) & 1);
@@ -294,26 +296,28 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(act_box + sub * kActBox + 32 * s);
             wgmma_fence();
-            wgmma_m64n16k64(acc, A, desc);
+            wgmma_m64n16k64(acc[sub % kAccs], A, desc);
             wgmma_commit();
           }
         }
       }
       wgmma_wait<0>();
 #pragma unroll
-      for (int e = 0; e < 8; ++e) fence_operand(acc[e]);
+      for (int e = 0; e < 8 * kAccs; ++e) fence_operand(acc[e / 8][e % 8]);
+#pragma unroll
+      for (int e = 0; e < 8 * (kAccs - 1); ++e) acc[0][e % 8] += acc[1 + e / 8][e % 8];
       // Warpgroup 0 adds the others' sums (thread i of each holds the same outputs) and stores.
       if (w > 0) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) xch[(w - 1) * kGroupFloats + e * 128 + tid % 128] = acc[e];
+        for (int e = 0; e < 8; ++e) xch[(w - 1) * kGroupFloats + e * 128 + tid % 128] = acc[0][e];
       }
       asm volatile("bar.sync 1, %0;\n" ::"n"(kWGs * 128) : "memory");
       if (w == 0) {
 #pragma unroll
         for (int o = 1; o < kWGs; ++o)
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc[e] += xch[(o - 1) * kGroupFloats + e * 128 + tid];
-        store_group(a, group, acc, rig, t, res ? res + (group - g0) * kGroupFloats : nullptr);
+          for (int e = 0; e < 8; ++e) acc[0][e] += xch[(o - 1) * kGroupFloats + e * 128 + tid];
+        store_group(a, group, acc[0], rig, t, res ? res + (group - g0) * kGroupFloats : nullptr);
       }
       asm volatile("bar.sync 1, %0;\n" ::"n"(kWGs * 128) : "memory");  // the exchange is free
     }
@@ -380,13 +384,16 @@ cudaLaunchAttribute cluster_attr(int splits) {
   return attr;
 }
 
-// KESTREL_CUDA_STREAM16_BOXES=1, 2 or 4: code boxes a stage (128 contiguous bytes of a row each);
-// 2 unless set.
-int stream16_boxes() {
+// The kernel's variant as 10 x boxes + accumulator sets: KESTREL_CUDA_STREAM16_BOXES=1, 2 or 4
+// (code boxes a stage, 128 contiguous bytes of a row each; 2 unless set) and
+// KESTREL_CUDA_STREAM16_ACCS=1 or 2 (1 unless set; 2 only with 2 or 4 boxes).
+int stream16_variant() {
   static const int n = [] {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
-    const int v = e ? std::atoi(e) : 2;
-    return v == 1 || v == 4 ? v : 2;
+    const char* f = std::getenv("KESTREL_CUDA_STREAM16_ACCS");
+    const int boxes = e && (std::atoi(e) == 1 || std::atoi(e) == 4) ? std::atoi(e) : 2;
+    const int accs = f && std::atoi(f) == 2 && boxes > 1 ? 2 : 1;
+    return 10 * boxes + accs;
   }();
   return n;
 }
@@ -394,7 +401,7 @@ int stream16_boxes() {
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
-template <int B>
+template <int B, int kAccs>
 int max_active_clusters(int splits, size_t smem) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int, size_t>, int> known;
@@ -408,7 +415,8 @@ int max_active_clusters(int splits, size_t smem) {
   config.attrs = &attr;
   config.numAttrs = 1;
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel<B>, &config) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel<B, kAccs>, &config) !=
+      cudaSuccess) {
     cudaGetLastError();
     n = 0;
   }
@@ -416,7 +424,7 @@ int max_active_clusters(int splits, size_t smem) {
   return n;
 }
 
-template <int B>
+template <int B, int kAccs>
 Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   const int steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B>::kStepK}));
   Stream16Plan best;
@@ -432,7 +440,7 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
       int gpb = ceil_div(groups, std::max(1, std::min(sms / splits, groups)));
       size_t smem = smem_bytes<B>(sps, gpb, splits);
       if (smem > smem_limit) continue;
-      if (const int most = max_active_clusters<B>(splits, smem); most <= 0) {
+      if (const int most = max_active_clusters<B, kAccs>(splits, smem); most <= 0) {
         continue;
       } else if (ceil_div(groups, gpb) > most) {  // one wave: more rows a cluster
         gpb = ceil_div(groups, most);
@@ -452,9 +460,9 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   return best;
 }
 
-template <int B>
+template <int B, int kAccs>
 Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, cudaStream_t s) {
-  const Stream16Plan plan = plan_boxes<B>(n_in, a.groups, sms, smem_limit);
+  const Stream16Plan plan = plan_boxes<B, kAccs>(n_in, a.groups, sms, smem_limit);
   if (plan.splits == 0)
     return error("matmul (stream16): no split of %lld x %d fits %zu bytes of shared memory",
                  static_cast<long long>(n_in), a.groups * kGroupRows, smem_limit);
@@ -465,7 +473,8 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, c
   cudaLaunchAttribute attr = cluster_attr(plan.splits);
   config.attrs = &attr;
   config.numAttrs = 1;
-  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B>, a), "matmul (stream16 launch)");
+  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs>, a),
+           "matmul (stream16 launch)");
   LAUNCH_CHECK("matmul (stream16, Q4_0)");
   return Status::ok();
 }
@@ -473,13 +482,17 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, c
 }  // namespace
 
 Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
-  switch (stream16_boxes()) {
-    case 1:
-      return plan_boxes<1>(n_in, groups, sms, smem_limit);
-    case 4:
-      return plan_boxes<4>(n_in, groups, sms, smem_limit);
+  switch (stream16_variant()) {
+    case 11:
+      return plan_boxes<1, 1>(n_in, groups, sms, smem_limit);
+    case 41:
+      return plan_boxes<4, 1>(n_in, groups, sms, smem_limit);
+    case 22:
+      return plan_boxes<2, 2>(n_in, groups, sms, smem_limit);
+    case 42:
+      return plan_boxes<4, 2>(n_in, groups, sms, smem_limit);
     default:
-      return plan_boxes<2>(n_in, groups, sms, smem_limit);
+      return plan_boxes<2, 1>(n_in, groups, sms, smem_limit);
   }
 }
 
@@ -497,15 +510,13 @@ Expected<bool> stream16_available(int device) {
   CUDA_TRY(e, "stream16 probe");
   if (host != 1) return false;
   const int smem = static_cast<int>(prop.sharedMemPerBlockOptin);
-  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel<1>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-           "stream16 matmul (shared memory limit)");
-  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel<2>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-           "stream16 matmul (shared memory limit)");
-  CUDA_TRY(cudaFuncSetAttribute(matmul_stream16_kernel<4>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-           "stream16 matmul (shared memory limit)");
+  for (const void* kernel : {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2>)})
+    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "stream16 matmul (shared memory limit)");
   return true;
 }
 
@@ -529,13 +540,17 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.n_tokens = n_tokens;
   a.groups = groups;
   a.half2_magic = 0x64006400u;
-  switch (stream16_boxes()) {
-    case 1:
-      return launch_boxes<1>(a, n_in, sms, smem_limit, s);
-    case 4:
-      return launch_boxes<4>(a, n_in, sms, smem_limit, s);
+  switch (stream16_variant()) {
+    case 11:
+      return launch_boxes<1, 1>(a, n_in, sms, smem_limit, s);
+    case 41:
+      return launch_boxes<4, 1>(a, n_in, sms, smem_limit, s);
+    case 22:
+      return launch_boxes<2, 2>(a, n_in, sms, smem_limit, s);
+    case 42:
+      return launch_boxes<4, 2>(a, n_in, sms, smem_limit, s);
     default:
-      return launch_boxes<2>(a, n_in, sms, smem_limit, s);
+      return launch_boxes<2, 1>(a, n_in, sms, smem_limit, s);
   }
 }
 
