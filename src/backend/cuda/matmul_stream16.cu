@@ -177,6 +177,57 @@ __device__ __forceinline__ void decode_pair(const uint8_t* codes, int g, const u
   }
 }
 
+// decode_pair for activations whose 16-element groups hold the even elements, then the odd ones
+// (permute_acts): the thread's word of a block (bytes 4t .. 4t + 3: elements 4t .. 4t + 3 in the
+// low nibbles, 16 + 4t .. in the high ones) gives its four halves of the two slices by a shift
+// and one logic op each (low nibbles of bytes 0 and 2 are the elements for k-slots 2t, 2t + 1;
+// of bytes 1 and 3 those for 2t + 8, 2t + 9), no byte permutes. codes: bytes 4t of the row.
+__device__ __forceinline__ void decode_pair_perm(const uint8_t* codes, int g, const uint4 (&sc)[2],
+                                                 int sub, uint32_t magic, uint32_t (&A)[16]) {
+  const __half2 offset = __half2half2(__ushort_as_half(0x6408));  // 1024 + 8
+#pragma unroll
+  for (int ri = 0; ri < 2; ++ri) {
+    const uint32_t scw = sub == 0 ? sc[ri].x : sub == 1 ? sc[ri].y : sub == 2 ? sc[ri].z : sc[ri].w;
+#pragma unroll
+    for (int blk = 0; blk < 2; ++blk) {
+      const uint32_t word =
+          *reinterpret_cast<const uint32_t*>(codes + ri * 8 * 128 + (((2 * sub + blk) ^ g) << 4));
+      const uint32_t s2 = __byte_perm(scw, 0, blk ? 0x3232 : 0x1010);
+      __half2 d;
+      memcpy(&d, &s2, 4);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // shift 0: slice low reg 0, 8: reg 2; 4, 12: the high slice
+        const uint32_t bits = ((word >> (4 * i)) & 0x000F000Fu) | magic;
+        __half2 h;
+        memcpy(&h, &bits, 4);
+        h = __hmul2(__hsub2(h, offset), d);
+        uint32_t out;
+        memcpy(&out, &h, 4);
+        A[4 * (2 * blk + i % 2) + 2 * (i / 2) + ri] = out;
+      }
+    }
+  }
+}
+
+// Reorders every 16-element group of the resident activations (n_boxes boxes of 16 rows x 128
+// swizzled bytes) into its even elements, then its odd ones, for decode_pair_perm; the
+// consumer threads share the work, then make the writes visible to wgmma (the async proxy).
+__device__ __forceinline__ void permute_acts(uint8_t* acts, int n_boxes, int tid) {
+  for (int i = tid; i < n_boxes * 64; i += kWGs * 128) {
+    const int q = i % 4, r = i / 4 % 16;
+    uint8_t* row = acts + (i / 64) * kActBox + r * 128;
+    uint4* p0 = reinterpret_cast<uint4*>(row + (((2 * q) ^ (r % 8)) << 4));
+    uint4* p1 = reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r % 8)) << 4));
+    const uint4 a = *p0, b = *p1;
+    *p0 = make_uint4(__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.z, a.w, 0x5410),
+                     __byte_perm(b.x, b.y, 0x5410), __byte_perm(b.z, b.w, 0x5410));
+    *p1 = make_uint4(__byte_perm(a.x, a.y, 0x7632), __byte_perm(a.z, a.w, 0x7632),
+                     __byte_perm(b.x, b.y, 0x7632), __byte_perm(b.z, b.w, 0x7632));
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  asm volatile("bar.sync 2, %0;\n" ::"n"(kWGs * 128) : "memory");
+}
+
 // acc (row r, r + 8 of the thread; tokens 8 j + 2 t, + 1) into out (+ bias), or into the
 // block's result buffer res[group][token][64] for the cluster's sum.
 __device__ __forceinline__ void store_group(const Stream16Args& a, int group, const float (&acc)[8],
@@ -220,8 +271,9 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // kAccs accumulator sets taken in turn by the 64-K slices, added at the group's end: chains of
-// dependent wgmmas kAccs times shorter.
-template <int B, int kAccs>
+// dependent wgmmas kAccs times shorter. kPerm: the activations reordered once (permute_acts) so
+// that the weights decode without byte permutes (decode_pair_perm).
+template <int B, int kAccs, bool kPerm>
 __global__ void __launch_bounds__(kThreads, 1)
     matmul_stream16_kernel(const __grid_constant__ Stream16Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -266,10 +318,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int w = tid / 128, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int rig = 16 * (tid % 128 / 32) + g;  // the thread's rows in a group: rig, rig + 8
     const uint32_t sel = t % 2 ? 0x7632 : 0x5410;
+    (void)sel;  // (not read with kPerm)
     float acc[kAccs][8];
     uint32_t A0[16], A1[16];
     int used = 0;  // stages of this warpgroup's ring consumed so far
     barrier_wait(act_bar, 0);
+    if constexpr (kPerm)
+      permute_acts(base + kWGs * C::kStages * C::kStageBytes, (ks1 - ks0) * 4 * B, tid);
     for (int group = g0; group < g1; ++group) {
 #pragma unroll
       for (int e = 0; e < 8 * kAccs; ++e) acc[e / 8][e % 8] = 0.0f;
@@ -279,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint8_t* st = base + stage * C::kStageBytes;
 #pragma unroll
         for (int b = 0; b < B; ++b) {
-          const uint8_t* codes = st + b * kBoxCodeBytes + rig * 128 + 4 * (t / 2);
+          const uint8_t* codes = st + b * kBoxCodeBytes + rig * 128 + 4 * (kPerm ? t : t / 2);
           const uint8_t* scales = st + C::kCodeBytes + b * kBoxScaleBytes;
           uint4 sc[2];
           sc[0] = *reinterpret_cast<const uint4*>(scales + rig * 16);
@@ -289,7 +344,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int sub = 0; sub < 4; ++sub) {
             uint32_t(&A)[16] = sub % 2 ? A1 : A0;
             wgmma_wait<1>();  // the wgmmas two slices back, which read this register set, are done
-            decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
+            if constexpr (kPerm)
+              decode_pair_perm(codes, g, sc, sub, a.half2_magic, A);
+            else
+              decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
             if (b == B - 1 && sub == 3)
               barrier_arrive(empty + 8 * stage);  // decoded: the stage may refill
             uint64_t desc[4];
@@ -386,12 +444,15 @@ cudaLaunchAttribute cluster_attr(int splits) {
 
 // The kernel's variant as 10 x boxes + accumulator sets: KESTREL_CUDA_STREAM16_BOXES=1, 2 or 4
 // (code boxes a stage, 128 contiguous bytes of a row each; 2 unless set) and
-// KESTREL_CUDA_STREAM16_ACCS=1 or 2 (1 unless set; 2 only with 2 or 4 boxes).
+// KESTREL_CUDA_STREAM16_ACCS=1 or 2 (1 unless set; 2 only with 2 or 4 boxes), + 100 with
+// KESTREL_CUDA_STREAM16_PERM=1 (permuted activations; 2 or 4 boxes, one set).
 int stream16_variant() {
   static const int n = [] {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
     const char* f = std::getenv("KESTREL_CUDA_STREAM16_ACCS");
+    const char* g = std::getenv("KESTREL_CUDA_STREAM16_PERM");
     const int boxes = e && (std::atoi(e) == 1 || std::atoi(e) == 4) ? std::atoi(e) : 2;
+    if (g && std::string(g) == "1" && boxes > 1) return 100 + 10 * boxes + 1;
     const int accs = f && std::atoi(f) == 2 && boxes > 1 ? 2 : 1;
     return 10 * boxes + accs;
   }();
@@ -401,7 +462,7 @@ int stream16_variant() {
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
-template <int B, int kAccs>
+template <int B, int kAccs, bool kPerm>
 int max_active_clusters(int splits, size_t smem) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int, size_t>, int> known;
@@ -415,7 +476,7 @@ int max_active_clusters(int splits, size_t smem) {
   config.attrs = &attr;
   config.numAttrs = 1;
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel<B, kAccs>, &config) !=
+  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel<B, kAccs, kPerm>, &config) !=
       cudaSuccess) {
     cudaGetLastError();
     n = 0;
@@ -424,7 +485,7 @@ int max_active_clusters(int splits, size_t smem) {
   return n;
 }
 
-template <int B, int kAccs>
+template <int B, int kAccs, bool kPerm>
 Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   const int steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B>::kStepK}));
   Stream16Plan best;
@@ -440,7 +501,7 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
       int gpb = ceil_div(groups, std::max(1, std::min(sms / splits, groups)));
       size_t smem = smem_bytes<B>(sps, gpb, splits);
       if (smem > smem_limit) continue;
-      if (const int most = max_active_clusters<B, kAccs>(splits, smem); most <= 0) {
+      if (const int most = max_active_clusters<B, kAccs, kPerm>(splits, smem); most <= 0) {
         continue;
       } else if (ceil_div(groups, gpb) > most) {  // one wave: more rows a cluster
         gpb = ceil_div(groups, most);
@@ -460,9 +521,9 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   return best;
 }
 
-template <int B, int kAccs>
+template <int B, int kAccs, bool kPerm>
 Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, cudaStream_t s) {
-  const Stream16Plan plan = plan_boxes<B, kAccs>(n_in, a.groups, sms, smem_limit);
+  const Stream16Plan plan = plan_boxes<B, kAccs, kPerm>(n_in, a.groups, sms, smem_limit);
   if (plan.splits == 0)
     return error("matmul (stream16): no split of %lld x %d fits %zu bytes of shared memory",
                  static_cast<long long>(n_in), a.groups * kGroupRows, smem_limit);
@@ -473,7 +534,7 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, c
   cudaLaunchAttribute attr = cluster_attr(plan.splits);
   config.attrs = &attr;
   config.numAttrs = 1;
-  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs>, a),
+  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs, kPerm>, a),
            "matmul (stream16 launch)");
   LAUNCH_CHECK("matmul (stream16, Q4_0)");
   return Status::ok();
@@ -484,15 +545,19 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, c
 Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
   switch (stream16_variant()) {
     case 11:
-      return plan_boxes<1, 1>(n_in, groups, sms, smem_limit);
+      return plan_boxes<1, 1, false>(n_in, groups, sms, smem_limit);
     case 41:
-      return plan_boxes<4, 1>(n_in, groups, sms, smem_limit);
+      return plan_boxes<4, 1, false>(n_in, groups, sms, smem_limit);
     case 22:
-      return plan_boxes<2, 2>(n_in, groups, sms, smem_limit);
+      return plan_boxes<2, 2, false>(n_in, groups, sms, smem_limit);
     case 42:
-      return plan_boxes<4, 2>(n_in, groups, sms, smem_limit);
+      return plan_boxes<4, 2, false>(n_in, groups, sms, smem_limit);
+    case 121:
+      return plan_boxes<2, 1, true>(n_in, groups, sms, smem_limit);
+    case 141:
+      return plan_boxes<4, 1, true>(n_in, groups, sms, smem_limit);
     default:
-      return plan_boxes<2, 1>(n_in, groups, sms, smem_limit);
+      return plan_boxes<2, 1, false>(n_in, groups, sms, smem_limit);
   }
 }
 
@@ -510,11 +575,13 @@ Expected<bool> stream16_available(int device) {
   CUDA_TRY(e, "stream16 probe");
   if (host != 1) return false;
   const int smem = static_cast<int>(prop.sharedMemPerBlockOptin);
-  for (const void* kernel : {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2>)})
+  for (const void* kernel : {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, false>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, false>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, false>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2, false>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2, false>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true>)})
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "stream16 matmul (shared memory limit)");
   return true;
@@ -542,15 +609,19 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.half2_magic = 0x64006400u;
   switch (stream16_variant()) {
     case 11:
-      return launch_boxes<1, 1>(a, n_in, sms, smem_limit, s);
+      return launch_boxes<1, 1, false>(a, n_in, sms, smem_limit, s);
     case 41:
-      return launch_boxes<4, 1>(a, n_in, sms, smem_limit, s);
+      return launch_boxes<4, 1, false>(a, n_in, sms, smem_limit, s);
     case 22:
-      return launch_boxes<2, 2>(a, n_in, sms, smem_limit, s);
+      return launch_boxes<2, 2, false>(a, n_in, sms, smem_limit, s);
     case 42:
-      return launch_boxes<4, 2>(a, n_in, sms, smem_limit, s);
+      return launch_boxes<4, 2, false>(a, n_in, sms, smem_limit, s);
+    case 121:
+      return launch_boxes<2, 1, true>(a, n_in, sms, smem_limit, s);
+    case 141:
+      return launch_boxes<4, 1, true>(a, n_in, sms, smem_limit, s);
     default:
-      return launch_boxes<2, 1>(a, n_in, sms, smem_limit, s);
+      return launch_boxes<2, 1, false>(a, n_in, sms, smem_limit, s);
   }
 }
 
