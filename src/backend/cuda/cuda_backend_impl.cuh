@@ -6,8 +6,9 @@
 //  - Q4_0 / Q8_0, T < kFragMinTokens: dp4a on activations quantized to two int8 planes
 //    (matvec_int8.cu; decode is bandwidth-bound and must issue few instructions per byte);
 //  - Q4_0 / Q8_0, kFragMinTokens <= T <= kFragMaxTokens: weights decoded straight into mma.sync
-//    fragments (matmul_frag_v2.cu); up to kMmaMaxTokens: f16 weight tiles in shared memory and
-//    mma.sync (matmul_mma.cu);
+//    fragments (matmul_frag_v2.cu; opt-in for Q4_0 on sm_90a, KESTREL_CUDA_STREAM16=1: streamed by
+//    the copy engine into wgmma, matmul_stream16.cu); up to kMmaMaxTokens: f16 weight tiles in
+//    shared memory and mma.sync (matmul_mma.cu);
 //  - other types up to kSmallBatch tokens: fused kernels that decode blocks in registers;
 //  - larger micro-batches: the weight is dequantized to f16 in row tiles and multiplied on the
 //    tensor cores by cuBLAS (f16 x f16 -> f32), the activations rounded to f16 once.
