@@ -392,12 +392,13 @@ if ((TESTS)); then
       gtest-gpu-stream16.xml KESTREL_CUDA_STREAM16=1
     gpu_test_stage gpu-tests-stream16-s1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-s1.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_SPLITS=1 \
-      KESTREL_CUDA_STREAM16_BOXES=1
+      KESTREL_CUDA_STREAM16_BOXES=2
     gpu_test_stage gpu-tests-stream16-b4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-b4.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_BOXES=4 \
       KESTREL_CUDA_STREAM16_ACCS=2
     gpu_test_stage gpu-tests-stream16-perm '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-perm.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_PERM=1
+      gtest-gpu-stream16-perm.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_PERM=1 \
+      KESTREL_CUDA_STREAM16_BOXES=2
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \

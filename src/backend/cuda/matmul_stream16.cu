@@ -443,7 +443,8 @@ cudaLaunchAttribute cluster_attr(int splits) {
 }
 
 // The kernel's variant as 10 x boxes + accumulator sets: KESTREL_CUDA_STREAM16_BOXES=1, 2 or 4
-// (code boxes a stage, 128 contiguous bytes of a row each; 2 unless set) and
+// (code boxes a stage, 128 contiguous bytes of a row each; 1 unless set: the variant that ran on
+// a GPU first) and
 // KESTREL_CUDA_STREAM16_ACCS=1 or 2 (1 unless set; 2 only with 2 or 4 boxes), + 100 with
 // KESTREL_CUDA_STREAM16_PERM=1 (permuted activations; 2 or 4 boxes, one set).
 int stream16_variant() {
@@ -451,7 +452,7 @@ int stream16_variant() {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
     const char* f = std::getenv("KESTREL_CUDA_STREAM16_ACCS");
     const char* g = std::getenv("KESTREL_CUDA_STREAM16_PERM");
-    const int boxes = e && (std::atoi(e) == 1 || std::atoi(e) == 4) ? std::atoi(e) : 2;
+    const int boxes = e && (std::atoi(e) == 2 || std::atoi(e) == 4) ? std::atoi(e) : 1;
     if (g && std::string(g) == "1" && boxes > 1) return 100 + 10 * boxes + 1;
     const int accs = f && std::atoi(f) == 2 && boxes > 1 ? 2 : 1;
     return 10 * boxes + accs;
@@ -544,8 +545,8 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, c
 
 Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
   switch (stream16_variant()) {
-    case 11:
-      return plan_boxes<1, 1, false>(n_in, groups, sms, smem_limit);
+    case 21:
+      return plan_boxes<2, 1, false>(n_in, groups, sms, smem_limit);
     case 41:
       return plan_boxes<4, 1, false>(n_in, groups, sms, smem_limit);
     case 22:
@@ -557,7 +558,7 @@ Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit)
     case 141:
       return plan_boxes<4, 1, true>(n_in, groups, sms, smem_limit);
     default:
-      return plan_boxes<2, 1, false>(n_in, groups, sms, smem_limit);
+      return plan_boxes<1, 1, false>(n_in, groups, sms, smem_limit);
   }
 }
 
@@ -608,8 +609,8 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.groups = groups;
   a.half2_magic = 0x64006400u;
   switch (stream16_variant()) {
-    case 11:
-      return launch_boxes<1, 1, false>(a, n_in, sms, smem_limit, s);
+    case 21:
+      return launch_boxes<2, 1, false>(a, n_in, sms, smem_limit, s);
     case 41:
       return launch_boxes<4, 1, false>(a, n_in, sms, smem_limit, s);
     case 22:
@@ -621,7 +622,7 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
     case 141:
       return launch_boxes<4, 1, true>(a, n_in, sms, smem_limit, s);
     default:
-      return launch_boxes<2, 1, false>(a, n_in, sms, smem_limit, s);
+      return launch_boxes<1, 1, false>(a, n_in, sms, smem_limit, s);
   }
 }
 
