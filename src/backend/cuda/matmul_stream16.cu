@@ -61,7 +61,7 @@ template <int B>
 struct Cfg {
   static constexpr int kStepK = kBoxK * B;
   static constexpr int kCodeBytes = kBoxCodeBytes * B;
-  static constexpr int kStageBytes = (kBoxCodeBytes + kBoxScaleBytes) * B;
+  static constexpr int kStageBytes = kCodeBytes + kBoxScaleBytes * B;
   static constexpr int kStages = B == 1 ? 5 : B == 2 ? 3 : 2;
   static_assert(kStageBytes % 1024 == 0, "stages keep the swizzled codes 1024-aligned");
 };
