@@ -27,6 +27,10 @@
 // The host picks the split and the rows a cluster owns so that every SM streams about the same
 // bytes (stream16_plan). Up to kMatvecMaxParts weights of one launch (Q, K, V; gate, up) share
 // the activations; their row groups are numbered across the parts.
+//
+// Measured (H200, fourteenth session, bench/NOTES.md): as fast as the fragment kernel, not faster
+// (gate/up at 16 tokens 29.6 against 30.3 us), so bytes in flight were not that kernel's limit;
+// opt-in until one of the variants (boxes a stage, accumulator sets, permuted activations) wins.
 #include <cooperative_groups.h>
 
 #include <algorithm>
