@@ -545,25 +545,40 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, c
   return Status::ok();
 }
 
+// The kernel variant of stream16_variant() as a type, for f (one switch for planning and launch).
+template <int B, int A, bool P>
+struct Variant {
+  static constexpr int kBoxes = B, kAccs = A;
+  static constexpr bool kPerm = P;
+};
+
+template <class F>
+auto with_variant(F&& f) {
+  switch (stream16_variant()) {
+    case 21:
+      return f(Variant<2, 1, false>{});
+    case 41:
+      return f(Variant<4, 1, false>{});
+    case 22:
+      return f(Variant<2, 2, false>{});
+    case 42:
+      return f(Variant<4, 2, false>{});
+    case 121:
+      return f(Variant<2, 1, true>{});
+    case 141:
+      return f(Variant<4, 1, true>{});
+    default:
+      return f(Variant<1, 1, false>{});
+  }
+}
+
 }  // namespace
 
 Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
-  switch (stream16_variant()) {
-    case 21:
-      return plan_boxes<2, 1, false>(n_in, groups, sms, smem_limit);
-    case 41:
-      return plan_boxes<4, 1, false>(n_in, groups, sms, smem_limit);
-    case 22:
-      return plan_boxes<2, 2, false>(n_in, groups, sms, smem_limit);
-    case 42:
-      return plan_boxes<4, 2, false>(n_in, groups, sms, smem_limit);
-    case 121:
-      return plan_boxes<2, 1, true>(n_in, groups, sms, smem_limit);
-    case 141:
-      return plan_boxes<4, 1, true>(n_in, groups, sms, smem_limit);
-    default:
-      return plan_boxes<1, 1, false>(n_in, groups, sms, smem_limit);
-  }
+  return with_variant([&](auto v) {
+    using V = decltype(v);
+    return plan_boxes<V::kBoxes, V::kAccs, V::kPerm>(n_in, groups, sms, smem_limit);
+  });
 }
 
 Expected<bool> stream16_available(int device) {
@@ -612,22 +627,10 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.n_tokens = n_tokens;
   a.groups = groups;
   a.half2_magic = 0x64006400u;
-  switch (stream16_variant()) {
-    case 21:
-      return launch_boxes<2, 1, false>(a, n_in, sms, smem_limit, s);
-    case 41:
-      return launch_boxes<4, 1, false>(a, n_in, sms, smem_limit, s);
-    case 22:
-      return launch_boxes<2, 2, false>(a, n_in, sms, smem_limit, s);
-    case 42:
-      return launch_boxes<4, 2, false>(a, n_in, sms, smem_limit, s);
-    case 121:
-      return launch_boxes<2, 1, true>(a, n_in, sms, smem_limit, s);
-    case 141:
-      return launch_boxes<4, 1, true>(a, n_in, sms, smem_limit, s);
-    default:
-      return launch_boxes<1, 1, false>(a, n_in, sms, smem_limit, s);
-  }
+  return with_variant([&](auto v) {
+    using V = decltype(v);
+    return launch_boxes<V::kBoxes, V::kAccs, V::kPerm>(a, n_in, sms, smem_limit, s);
+  });
 }
 
 }  // namespace kestrel::backend::cuda
