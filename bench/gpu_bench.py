@@ -93,9 +93,13 @@ VARIANTS = [
     # unchanged variant row on the H200). Compare the variants with this row.
     ("KESTREL_AB_BASELINE=1", "llama2-7b tg128"),
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
-    # Micro-batches of 5-16 tokens of Q4_0 weights on the copy-engine-fed wgmma kernel
-    # (matmul_stream16.cu, opt-in) instead of the fragment kernel (matmul_frag_v2.cu).
-    ("KESTREL_CUDA_STREAM16=1", "b128 ub16"),
+    # Micro-batches of 5-16 tokens of Q4_0 weights on the fragment kernel (matmul_frag_v2.cu)
+    # instead of the copy-engine-fed wgmma kernel (matmul_stream16.cu, the default on sm_90a).
+    ("KESTREL_CUDA_STREAM16=0", "b128 ub16"),
+    # Attention of micro-batches (and, from 1 token, decode steps) with the keys split among
+    # blocks (attention_split.cu, opt-in) instead of a block a head for 1 or 4 tokens.
+    ("KESTREL_CUDA_ATT_SPLIT_MIN=3", "b128 ub16"),
+    ("KESTREL_CUDA_ATT_SPLIT_MIN=1", "llama2-7b tg128"),
     # (The A/B rows of earlier trials -- RoPE + KV store on the rows kernel, SwiGLU four values a
     # thread, the wgmma prompt kernel, the fused decode layer, the fragment kernel's cluster sum
     # -- were measured and dropped from here:

@@ -360,7 +360,8 @@ if ((TESTS)); then
     gpu_test_stage gpu-tests-no-rope-qk '*GpuOpsElementwise*Rope*' gtest-gpu-no-rope-qk.xml \
       KESTREL_CUDA_NO_ROPE_QK=1
     gpu_test_stage gpu-tests-no-ksplit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-no-ksplit.xml KESTREL_CUDA_NO_MATVEC_KSPLIT=1 KESTREL_CUDA_NO_FRAG_ONE_WAVE=1
+      gtest-gpu-no-ksplit.xml KESTREL_CUDA_NO_MATVEC_KSPLIT=1 KESTREL_CUDA_NO_FRAG_ONE_WAVE=1 \
+      KESTREL_CUDA_STREAM16=0
     # The fused f32 attention for prompt chunks forced for every cache type and length
     # (KESTREL_CUDA_FLASH=1; by default only quantized caches up to 512 keys take it).
     gpu_test_stage gpu-tests-flash '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-flash.xml \
@@ -369,10 +370,11 @@ if ((TESTS)); then
     # cuBLAS path, and the f32 fused kernel for quantized caches up to 512 keys).
     gpu_test_stage gpu-tests-no-flash-mma '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-no-flash-mma.xml KESTREL_CUDA_FLASH_MMA=0
-    # The 5-16-token kernel with K split 16 ways wherever it can be (the most partial sums per
-    # output that its last-arriving block adds up), alone and grouped.
+    # The 5-16-token fragment kernel (KESTREL_CUDA_STREAM16=0: Q4_0 too) with K split 16 ways
+    # wherever it can be (the most partial sums per output that its last-arriving block adds up),
+    # alone and grouped.
     gpu_test_stage gpu-tests-frag-splits '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-frag-splits.xml KESTREL_CUDA_FRAG_SPLITS=16
+      gtest-gpu-frag-splits.xml KESTREL_CUDA_FRAG_SPLITS=16 KESTREL_CUDA_STREAM16=0
     # The decode matvec as a plain launch (KESTREL_CUDA_PDL=0; by default a programmatic
     # dependent launch whose weights are asked of L2 while the kernel before it runs).
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
@@ -383,22 +385,26 @@ if ((TESTS)); then
     # The 5-16-token kernel's K splits summed through global partials instead of a thread block
     # cluster (KESTREL_CUDA_FRAG_CLUSTER=0), and in clusters with 8 splits forced.
     gpu_test_stage gpu-tests-no-frag-cluster '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-no-frag-cluster.xml KESTREL_CUDA_FRAG_CLUSTER=0
+      gtest-gpu-no-frag-cluster.xml KESTREL_CUDA_FRAG_CLUSTER=0 KESTREL_CUDA_STREAM16=0
     gpu_test_stage gpu-tests-frag-cluster8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-frag-cluster8.xml KESTREL_CUDA_FRAG_SPLITS=8
-    # 5-16-token Q4_0 matmuls on the copy-engine-fed wgmma kernel (matmul_stream16.cu, opt-in:
-    # KESTREL_CUDA_STREAM16=1): the matmul and chain suites, and e2e's micro-batches below.
-    gpu_test_stage gpu-tests-stream16 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16.xml KESTREL_CUDA_STREAM16=1
+      gtest-gpu-frag-cluster8.xml KESTREL_CUDA_FRAG_SPLITS=8 KESTREL_CUDA_STREAM16=0
+    # 5-16-token Q4_0 matmuls on the fragment kernel (matmul_frag_v2.cu) instead of the
+    # copy-engine-fed wgmma kernel (matmul_stream16.cu, the default on sm_90a since the
+    # fifteenth session; KESTREL_CUDA_STREAM16=0), and stream16's other variants: one K split
+    # forced, one code box a stage (the first version), four boxes with two accumulator sets
+    # (shapes they do not fit run on the fragment kernel).
+    gpu_test_stage gpu-tests-no-stream16 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-no-stream16.xml KESTREL_CUDA_STREAM16=0
     gpu_test_stage gpu-tests-stream16-s1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-s1.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_SPLITS=1 \
-      KESTREL_CUDA_STREAM16_BOXES=2
+      gtest-gpu-stream16-s1.xml KESTREL_CUDA_STREAM16_SPLITS=1
+    gpu_test_stage gpu-tests-stream16-b1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-b1.xml KESTREL_CUDA_STREAM16_BOXES=1
     gpu_test_stage gpu-tests-stream16-b4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-b4.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_BOXES=4 \
-      KESTREL_CUDA_STREAM16_ACCS=2
-    gpu_test_stage gpu-tests-stream16-perm '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-perm.xml KESTREL_CUDA_STREAM16=1 KESTREL_CUDA_STREAM16_PERM=1 \
-      KESTREL_CUDA_STREAM16_BOXES=2
+      gtest-gpu-stream16-b4.xml KESTREL_CUDA_STREAM16_BOXES=4 KESTREL_CUDA_STREAM16_ACCS=2
+    # Attention of 1-16 tokens with the keys split among blocks (attention_split.cu, opt-in:
+    # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
+    gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \
+      KESTREL_CUDA_ATT_SPLIT_MIN=1
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -439,7 +445,8 @@ if ((TESTS && !QUICK)); then
     # The opt-in fused decode layer on the runs whose every token is a decode step.
     E2E_ONLY=b1-ub1 e2e e2e-fused-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_FUSED_DECODE=1
-    e2e e2e-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=1
+    e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
+    e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     if ! skipped overlap-cuda; then

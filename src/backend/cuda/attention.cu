@@ -341,12 +341,26 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
-  // The GEMM path depends on host-side sizes: a recording can only hold the rows kernel.
-  if (mode_ != Mode::Eager &&
-      !(n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim))
+  const bool split = n_tokens >= att_split_min_tokens_ && attention_split_fits(p, n_tokens);
+  const bool rows = n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim;
+  // The GEMM path depends on host-side sizes: a recording can only hold the few-token kernels.
+  if (mode_ != Mode::Eager && !split && !rows)
     return error("attention of %d tokens over %lld keys cannot be recorded", n_tokens,
                  static_cast<long long>(n_kv_all));
-  if (n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim) {
+  if (split) {  // keys split among blocks; the grid does not depend on the cache length
+    KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
+    KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
+                             fused_matmul_input(static_cast<float*>(out.data), n_tokens, q_dim));
+    const int splits = attention_split_count(p, sm_count_);
+    KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals, arrival_counters(H, kAttnArrivals));
+    KESTREL_ASSIGN_OR_RETURN(void* partials,
+                             scratch(kAttnSplit, attention_split_scratch_bytes(p, splits)));
+    if (mode_ == Mode::Stage) return Status::ok();
+    return launch_attention_split(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
+                                  v_cache, p, splits, arrivals, partials,
+                                  static_cast<float*>(out.data), also, stream_);
+  }
+  if (rows) {
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
     // The output projection's input is written with the output (the GEMM path below leaves it
     // to the matmul).

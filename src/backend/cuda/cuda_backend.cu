@@ -114,12 +114,14 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     KESTREL_ASSIGN_OR_RETURN(be->wgmma_, wgmma_available(device));
     if (be->wgmma_) be->wgmma_maps_.reset(new_wgmma_map_cache());
   }
-  if (be->wgmma_ && env_is("KESTREL_CUDA_STREAM16", "1")) {
+  if (be->wgmma_ && !env_is("KESTREL_CUDA_STREAM16", "0")) {
     KESTREL_ASSIGN_OR_RETURN(be->stream16_, stream16_available(device));
     be->smem_optin_ = prop.sharedMemPerBlockOptin;
   }
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
     be->rows_max_tokens_ = std::clamp(std::atoi(rows), 0, 16);
+  if (const char* split = std::getenv("KESTREL_CUDA_ATT_SPLIT_MIN"))
+    be->att_split_min_tokens_ = std::clamp(std::atoi(split), 1, 17);
   CUDA_TRY(cudaMallocHost(&be->ring_host_, kRingInts * sizeof(int32_t)), "pinned host buffer");
   KESTREL_ASSIGN_OR_RETURN(void* ring, be->device_alloc(kRingInts * sizeof(int32_t), "positions"));
   be->ring_dev_ = static_cast<int32_t*>(ring);

@@ -38,7 +38,9 @@ enum ScratchSlot {
   kProbs,
   kPartial,
   kActs,
-  kArrivals,  // counters of the split-K kernels that reduce in their last block (kept zeroed)
+  kArrivals,      // counters of the split-K kernels that reduce in their last block (kept zeroed)
+  kAttnArrivals,  // attention_split.cu's counters, one a head (kept zeroed)
+  kAttnSplit,     // attention_split.cu's partial softmaxes
   kSlots
 };
 
@@ -180,8 +182,9 @@ class CudaBackend final : public Backend {
   // size (int8 planes or f16, in their scratch, remembered as held for `out`); nothing when the
   // matmul would read f32 or KESTREL_CUDA_NO_FUSED_INPUTS=1. Call after forget_activations().
   Expected<MatmulInputOut> fused_matmul_input(const float* out, int n_tokens, int64_t k);
-  // n zeroed counters in the kArrivals scratch (zeroed again when it grows).
-  Expected<unsigned*> arrival_counters(int n);
+  // n zeroed counters in the `slot` scratch (zeroed again when it grows): the kernels that take
+  // them leave them zero.
+  Expected<unsigned*> arrival_counters(int n, int slot = kArrivals);
   // Every op that writes device activations calls this: the scratch copies of activations
   // (int8 planes, f16) may no longer match their source.
   void forget_activations() { acts_.valid = x16_.valid = false; }
@@ -247,8 +250,9 @@ class CudaBackend final : public Backend {
   // 31,081 on the H200 (twelfth session), llama3-8b even (29,792 against 30,136).
   bool wgmma_ = false;
   std::unique_ptr<WgmmaMapCache, WgmmaMapCacheDeleter> wgmma_maps_;
-  // 5-16-token Q4_0 matmuls on matmul_stream16.cu (opt-in: KESTREL_CUDA_STREAM16=1) instead of
-  // the fragment kernel; the shared memory a block may opt into.
+  // 5-16-token Q4_0 matmuls on matmul_stream16.cu where it is available and the shape fits
+  // (KESTREL_CUDA_STREAM16=0: never) instead of the fragment kernel; the shared memory a block
+  // may opt into.
   bool stream16_ = false;
   size_t smem_optin_ = 0;
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
@@ -273,6 +277,9 @@ class CudaBackend final : public Backend {
   } acts_, x16_;
   int rows_max_tokens_ = 16;  // few-token attention kernel up to this many tokens
                               // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
+  // From this many tokens to 16, attention splits the keys among blocks (attention_split.cu):
+  // opt-in, KESTREL_CUDA_ATT_SPLIT_MIN=N (1: decode steps too); 17: never.
+  int att_split_min_tokens_ = 17;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
@@ -366,7 +373,8 @@ struct Stream16Plan {
   size_t smem = 0;
 };
 Expected<bool> stream16_available(int device);
-bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens);
+bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens, int sms,
+                       size_t smem_limit);
 Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit);
 Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
                               const __half* x16, int n_tokens, int sms, size_t smem_limit,
@@ -452,6 +460,16 @@ bool flash_attention_fits(const AttentionParams& p);
 Status launch_attention_flash(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
                               const Tensor& vc, const AttentionParams& p, float* out,
                               cudaStream_t s);
+// Attention of 1-16 tokens with the keys split among blocks (attention_split.cu): whether the
+// shape fits, the split count for a device of sm_count SMs, the scratch it needs (partial
+// softmaxes; the n_head arrival counters, zeroed, come separately), and the launch.
+bool attention_split_fits(const AttentionParams& p, int n_tokens);
+int attention_split_count(const AttentionParams& p, int sm_count);
+size_t attention_split_scratch_bytes(const AttentionParams& p, int splits);
+Status launch_attention_split(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
+                              const Tensor& vc, const AttentionParams& p, int splits,
+                              unsigned* arrivals, void* scratch, float* out,
+                              const MatmulInputOut& also, cudaStream_t s);
 // x[n] = hi + lo in f16 (lo: the rounding error of hi).
 Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s);
 

@@ -323,7 +323,7 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
 Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held,
                                 const MatvecPart* parts, int n_parts) {
   KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(x, n_tokens, n_in, held));
-  if (stream16_ && stream16_supports(parts, n_parts, n_tokens))
+  if (stream16_ && stream16_supports(parts, n_parts, n_tokens, sm_count_, smem_optin_))
     return launch_matmul_stream16(*wgmma_maps_, parts, n_parts, x16, n_tokens, sm_count_,
                                   smem_optin_, stream_);
   const int row_blocks = frag_v2_row_blocks(parts, n_parts);
@@ -444,10 +444,10 @@ Expected<const __half*> CudaBackend::f16_activations(const float* x, int n_token
   return static_cast<const __half*>(x16);
 }
 
-Expected<unsigned*> CudaBackend::arrival_counters(int n) {
+Expected<unsigned*> CudaBackend::arrival_counters(int n, int slot) {
   const size_t bytes = sizeof(unsigned) * n;
-  const bool grows = scratch_[kArrivals].second < bytes;
-  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kArrivals, bytes));
+  const bool grows = scratch_[slot].second < bytes;
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(slot, bytes));
   if (grows) CUDA_TRY(cudaMemsetAsync(buf, 0, bytes, stream_), "matmul (split counters)");
   return static_cast<unsigned*>(buf);
 }

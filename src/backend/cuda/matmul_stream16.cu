@@ -405,14 +405,19 @@ __global__ void stream16_probe_kernel(int* flag) {
 
 }  // namespace
 
-bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens) {
+bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens, int sms,
+                       size_t smem_limit) {
   if (n_tokens < kFragMinTokens || n_tokens > 16 || n_parts < 1 || n_parts > kMatvecMaxParts)
     return false;
-  for (int i = 0; i < n_parts; ++i)
+  int groups = 0;
+  for (int i = 0; i < n_parts; ++i) {
     if (parts[i].w->type != DType::Q4_0 || parts[i].w->n_in % kBoxK != 0 ||
         parts[i].w->n_in != parts[0].w->n_in)
       return false;
-  return true;
+    groups += static_cast<int>(ceil_div(parts[i].w->n_out, kGroupRows));
+  }
+  // A shape whose activations and stages fit no split of K stays on the fragment kernel.
+  return stream16_plan(parts[0].w->n_in, groups, sms, smem_limit).splits > 0;
 }
 
 namespace {
@@ -447,19 +452,21 @@ cudaLaunchAttribute cluster_attr(int splits) {
 }
 
 // The kernel's variant as 10 x boxes + accumulator sets: KESTREL_CUDA_STREAM16_BOXES=1, 2 or 4
-// (code boxes a stage, 128 contiguous bytes of a row each; 1 unless set: the variant that ran on
-// a GPU first) and
+// (code boxes a stage, 128 contiguous bytes of a row each; 2 unless set) and
 // KESTREL_CUDA_STREAM16_ACCS=1 or 2 (1 unless set; 2 only with 2 or 4 boxes), + 100 with
-// KESTREL_CUDA_STREAM16_PERM=1 (permuted activations; 2 or 4 boxes, one set).
+// permuted activations (2 or 4 boxes, one set; unless KESTREL_CUDA_STREAM16_PERM=0).
+// Measured (H100, fifteenth session, 16 tokens, us: 1 box / 2 / 2 with two sets / 2 permuted):
+// qkv group 18.3 / 17.4 / 18.0 / 16.0, gate/up group 28.8 / 29.7 / 30.5 / 27.2; 4 boxes do not
+// fit the 11008-wide shapes; the fragment kernel 21.9 and 29.7.
 int stream16_variant() {
   static const int n = [] {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
     const char* f = std::getenv("KESTREL_CUDA_STREAM16_ACCS");
     const char* g = std::getenv("KESTREL_CUDA_STREAM16_PERM");
-    const int boxes = e && (std::atoi(e) == 2 || std::atoi(e) == 4) ? std::atoi(e) : 1;
-    if (g && std::string(g) == "1" && boxes > 1) return 100 + 10 * boxes + 1;
-    const int accs = f && std::atoi(f) == 2 && boxes > 1 ? 2 : 1;
-    return 10 * boxes + accs;
+    const int boxes = e && (std::atoi(e) == 1 || std::atoi(e) == 4) ? std::atoi(e) : 2;
+    const bool accs2 = f && std::atoi(f) == 2 && boxes > 1;
+    if (!(g && std::string(g) == "0") && !accs2 && boxes > 1) return 100 + 10 * boxes + 1;
+    return 10 * boxes + (accs2 ? 2 : 1);
   }();
   return n;
 }
@@ -563,12 +570,12 @@ auto with_variant(F&& f) {
       return f(Variant<2, 2, false>{});
     case 42:
       return f(Variant<4, 2, false>{});
-    case 121:
-      return f(Variant<2, 1, true>{});
+    case 11:
+      return f(Variant<1, 1, false>{});
     case 141:
       return f(Variant<4, 1, true>{});
     default:
-      return f(Variant<1, 1, false>{});
+      return f(Variant<2, 1, true>{});
   }
 }
 
