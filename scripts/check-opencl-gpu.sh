@@ -131,10 +131,9 @@ run_tests() {
   t=$(date +%s)
   KESTREL_GPU_BACKEND=opencl KESTREL_OPS_REPORT=1 timeout 420 "$BUILD/bin/kestrel_tests" \
     --gtest_filter='*Gpu*:OpenclCache*' --gtest_brief=1 || rc=1
-  # The opt-in in-kernel split-K sums and grouped tensor-core launches (nv_mma.cpp) and the
-  # 16-token register-fragment kernels (matmul_nv_frag.cl): the matmul and chain suites again
-  # with both on.
-  KESTREL_CL_NV_REDUCE=kernel KESTREL_CL_NV_FRAG=1 KESTREL_GPU_BACKEND=opencl timeout 180 \
+  # The former defaults, the template's local tiles (KESTREL_CL_NV_FRAG=0) with a matmul_reduce
+  # launch for split-K sums (KESTREL_CL_NV_REDUCE=launch): the matmul and chain suites again.
+  KESTREL_CL_NV_REDUCE=launch KESTREL_CL_NV_FRAG=0 KESTREL_GPU_BACKEND=opencl timeout 180 \
     "$BUILD/bin/kestrel_tests" --gtest_filter='*GpuOpsMatmul*Q4_0*:*GpuOpsMatmul*Q8_0*:*GpuOpsChain*' \
     --gtest_brief=1 || rc=1
   echo "tests: rc $rc, $(($(date +%s) - t)) s"
@@ -154,6 +153,15 @@ run_tests() {
 
 # --- 4. bench ------------------------------------------------------------------------------------
 run_bench() {
+  # The matmuls alone and the launch floor (bench/gpu_matmul_bench.cpp): the defaults, the former
+  # defaults and the fragment kernel loading 8 blocks at once. First:
+  # they need no model (it is still being written) and the floor decides the next step.
+  for setting in "" "KESTREL_CL_NV_FRAG=0 KESTREL_CL_NV_REDUCE=launch" "KESTREL_CL_NV_FRAG_NB=8"; do
+    echo "matmul bench ${setting:-defaults}:"
+    # shellcheck disable=SC2086  # the setting is a list of words
+    env $setting timeout 90 "$BUILD/bin/kestrel_gpu_matmul_bench" --backend opencl --tokens 1,16 \
+      --ms 20 || true
+  done
   [[ -n ${SYNTH:-} ]] && wait "$SYNTH"
   if [[ ! -s $MODEL ]]; then
     echo "bench: no model ($(tail -n 3 "$WORK/synth.log"))"
@@ -188,20 +196,11 @@ run_bench() {
       env $setting timeout 120 $b -r 2 "$@" 2>&1 | sed "/^| llama/s/^| /| sweep [$setting] /" || true
     done
   }
-  # Unless given, the seed's case is also measured with the thirteenth session's switches
-  # (src/backend/opencl/NOTES.md): the opt-in command buffers, in-kernel sums and fragment
-  # kernels, and without the fused f16 conversion and RoPE + KV store.
+  # Unless given, the seed's case is also measured with the former defaults (the template's local
+  # tiles, a reduce launch), the opt-in command buffers, and the fragment kernel loading 2 blocks
+  # at once (src/backend/opencl/NOTES.md).
   sweep "${OCL_SWEEP_PP:-}" -p 512 -n 0
-  sweep "${OCL_SWEEP_SEED-KESTREL_CL_RECORD=1;KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_NV_FRAG=1;KESTREL_CL_NV_FRAG=1 KESTREL_CL_NV_REDUCE=kernel;KESTREL_CL_FUSED_F16=0 KESTREL_CL_FUSED_ROPE_KV=0}" "${seed[@]}"
-  # The matmuls alone and the launch floor (bench/gpu_matmul_bench.cpp), with and without the
-  # in-kernel sums and the fragment kernels: how much of a 16-token matmul is launches.
-  for setting in "" "KESTREL_CL_NV_REDUCE=kernel" "KESTREL_CL_NV_FRAG=1" \
-    "KESTREL_CL_NV_FRAG=1 KESTREL_CL_NV_FRAG_NB=8"; do
-    echo "matmul bench ${setting:-defaults}:"
-    # shellcheck disable=SC2086  # the setting is a list of words
-    env $setting timeout 90 "$BUILD/bin/kestrel_gpu_matmul_bench" --backend opencl --tokens 1,16 \
-      --ms 20 || true
-  done
+  sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_FRAG=0 KESTREL_CL_NV_REDUCE=launch;KESTREL_CL_RECORD=1;KESTREL_CL_NV_FRAG_NB=2}" "${seed[@]}"
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true
     timeout 200 $b -r 1 "${seed[@]}" --profile || true

@@ -284,7 +284,11 @@ TEST_P(GpuOpsMatmul, TensorCoreTemplateRealOrEmulated) {
   if (GetParam().rfind("opencl", 0) != 0) GTEST_SKIP() << "an OpenCL kernel switch";
   const bool real = be().device_name().find("tensor-core matmuls") != std::string::npos;
   {
+    // The template with matmul_reduce's sums (NVIDIA's defaults are the fragment kernel and
+    // in-kernel sums: the loop below).
     ScopedEnv env("KESTREL_CL_NV_MMA", real ? "0" : "emulate");
+    ScopedEnv frag_env("KESTREL_CL_NV_FRAG", "0");
+    ScopedEnv reduce_env("KESTREL_CL_NV_REDUCE", "launch");
     auto other = create_backend(GetParam(), BackendOptions{});
     ASSERT_TRUE(other.has_value()) << other.message();
     const std::string name = (*other)->device_name();
@@ -294,9 +298,10 @@ TEST_P(GpuOpsMatmul, TensorCoreTemplateRealOrEmulated) {
       if (::testing::Test::HasFatalFailure()) return;
     }
   }
-  // The split-K sums by each tile's last work-group (KESTREL_CL_NV_REDUCE=kernel), with the
-  // split target raised so that the shapes have several; then the same with the 16-token
-  // register-fragment kernel (KESTREL_CL_NV_FRAG=1), with matmul_reduce's sums and in-kernel ones.
+  // The split-K sums by each tile's last work-group (KESTREL_CL_NV_REDUCE=kernel, the default),
+  // with the split target raised so that the shapes have several; then the same with the
+  // 16-token register-fragment kernel (KESTREL_CL_NV_FRAG=1, the default), with matmul_reduce's
+  // sums and in-kernel ones.
   ScopedEnv mode("KESTREL_CL_NV_MMA", real ? "1" : "emulate");
   ScopedEnv splits("KESTREL_CL_MID_GROUPS_PER_CU", "16");
   for (const char* frag : {"0", "1"})

@@ -137,12 +137,16 @@ void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
     instances.push_back(nv_instance(s, kb));
   }
   if (!emulated) options += " -DNV_ASM=" + nv_mma_;
+  // By default (fifteenth session, H100, the seed's b128 ub16 case, same call): micro-batches
+  // of up to 16 tokens on matmul_nvf16_* (fragments loaded straight into registers) with the
+  // split-K sums in the kernel, 1,338 t/s against 1,039 for the template's local tiles and a
+  // matmul_reduce launch (fragments alone 1,264, in-kernel sums alone 1,047). KESTREL_CL_NV_FRAG=0
+  // and KESTREL_CL_NV_REDUCE=launch bring the former back; KESTREL_CL_NV_FRAG_NB=1|2|4|8 sets the
+  // fragment kernel's blocks loaded at once.
   const char* reduce = std::getenv("KESTREL_CL_NV_REDUCE");
-  nv_reduce_in_kernel_ = reduce && std::string(reduce) == "kernel";
-  // KESTREL_CL_NV_FRAG=1: micro-batches of up to 16 tokens on matmul_nvf16_* (fragments loaded
-  // straight into registers), KESTREL_CL_NV_FRAG_NB=1|2|4|8 its blocks loaded at once.
+  nv_reduce_in_kernel_ = !(reduce && std::string(reduce) == "launch");
   const char* frag = std::getenv("KESTREL_CL_NV_FRAG");
-  nv_frag_ = frag && std::string(frag) == "1";
+  nv_frag_ = !(frag && std::string(frag) == "0");
   if (const char* nb = std::getenv("KESTREL_CL_NV_FRAG_NB"); nb && nv_frag_) {
     const int n = std::atoi(nb);
     if (n == 1 || n == 2 || n == 4 || n == 8) options += format(" -DNVF_NB=%d", n);

@@ -238,11 +238,11 @@ class OpenclBackend final : public Backend {
   // keyword's spelling that NVIDIA's compiler took in the setup probe, or "emulate"
   // (KESTREL_CL_NV_MMA=emulate: the same kernels on any device, for the tests).
   std::string nv_mma_;
-  // Its split-K sums by each tile's last work-group (KESTREL_CL_NV_REDUCE=kernel) instead of a
-  // matmul_reduce launch; the tiles' arrival counters, zeroed once and reset by the kernel.
+  // Its split-K sums by each tile's last work-group (default; KESTREL_CL_NV_REDUCE=launch: a
+  // matmul_reduce launch); the tiles' arrival counters, zeroed once and reset by the kernel.
   bool nv_reduce_in_kernel_ = false;
-  // Micro-batches of up to 16 tokens on matmul_nvf16_* (kernels/matmul_nv_frag.cl;
-  // KESTREL_CL_NV_FRAG=1, opt-in: not yet run on NVIDIA) instead of the template's local tiles.
+  // Micro-batches of up to 16 tokens on matmul_nvf16_* (kernels/matmul_nv_frag.cl; default,
+  // KESTREL_CL_NV_FRAG=0 turns it off) instead of the template's local tiles.
   bool nv_frag_ = false;
   cl_mem nv_arrivals_ = nullptr;
   size_t nv_arrivals_n_ = 0;
