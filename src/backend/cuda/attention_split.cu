@@ -11,6 +11,13 @@
 // tile once for all of the micro-batch's tokens, decodes it into shared memory, and every warp
 // owns two tokens for the whole tile (scores, softmax update and P.V without block barriers).
 //
+// Measured (H100, fifteenth session, the seed's b128 ub16): 3,894 +- 137 t/s against 4,036 +- 174
+// on the rows kernel (a first version whose merge waited on one load at a time: 3,470), so it is
+// opt-in (KESTREL_CUDA_ATT_SPLIT_MIN=N); tg128 from 1 token 410 against 404. Not yet known: which
+// part costs what (a --profile of the two is the next step): the tile decode (a thread a 32-value
+// slice, byte loads), the scores' shared-memory reads (each warp reads all 64 K rows: ~1.4 us a
+// tile), the merge's round trip through L2.
+//
 // The split count S is fixed per launch (the grid cannot depend on the cache length when the
 // pass is replayed from a CUDA graph); the tiles a block takes follow the length read from pos.
 #include "backend/cuda/acts_device.cuh"

@@ -278,7 +278,7 @@ class CudaBackend final : public Backend {
   int rows_max_tokens_ = 16;  // few-token attention kernel up to this many tokens
                               // (KESTREL_CUDA_ROWS_MAX_TOKENS lowers it, for comparisons)
   // From this many tokens to 16, attention splits the keys among blocks (attention_split.cu):
-  // opt-in, KESTREL_CUDA_ATT_SPLIT_MIN=N (1: decode steps too); 17: never.
+  // opt-in (slower so far), KESTREL_CUDA_ATT_SPLIT_MIN=N (1: decode steps too); 17: never.
   int att_split_min_tokens_ = 17;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
