@@ -28,9 +28,13 @@
 // bytes (stream16_plan). Up to kMatvecMaxParts weights of one launch (Q, K, V; gate, up) share
 // the activations; their row groups are numbered across the parts.
 //
-// Measured (H200, fourteenth session, bench/NOTES.md): as fast as the fragment kernel, not faster
-// (gate/up at 16 tokens 29.6 against 30.3 us), so bytes in flight were not that kernel's limit;
-// opt-in until one of the variants (boxes a stage, accumulator sets, permuted activations) wins.
+// Measured (bench/NOTES.md): the first version (1 box) as fast as the fragment kernel (H200,
+// fourteenth session: gate/up at 16 tokens 29.6 against 30.3 us), so bytes in flight were not that
+// kernel's limit; with 2 boxes and permuted activations (fewer decode instructions) faster on
+// every shape (H100, fifteenth session: gate/up 26.8 against 29.9 us, qkv 16.3 against 21.8; the
+// seed's b128 ub16 4,036 against 3,735 t/s): the default on sm_90a since then. Still issue-bound
+// (ncu: 2.2 warps a scheduler, an instruction every 3.4 cycles): KESTREL_CUDA_STREAM16_WGS=3|4
+// run more consumer warpgroups.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -55,18 +59,19 @@ constexpr int kGroupRows = 64;        // rows a warpgroup item (wgmma's M)
 constexpr int kBoxCodeBytes = 8192;   // a box's codes: 64 rows of 128 bytes, swizzled
 constexpr int kBoxScaleBytes = 1024;  // its scales: 8 f16 a row
 constexpr int kActBox = 16 * 64 * 2;  // 16 tokens x 64 K of f16: one swizzle atom column
-constexpr int kWGs = 2;               // consumer warpgroups
-constexpr int kThreads = 128 * kWGs + 32;
-constexpr int kMaxSplits = 8;  // the portable cluster size
+constexpr int kMaxSplits = 8;         // the portable cluster size
 
+// W consumer warpgroups (2 unless KESTREL_CUDA_STREAM16_WGS says 3 or 4) and a producer warp.
 // A stage: B boxes of K side by side (B x 128 contiguous bytes of each row, so that the memory
-// reads B times longer runs of a row at once), kStages of them a warpgroup.
-template <int B>
+// reads B times longer runs of a row at once), kStages of them a warpgroup (fewer with more
+// warpgroups: the shared memory holds W x kStages stages).
+template <int B, int W = 2>
 struct Cfg {
+  static constexpr int kThreads = 128 * W + 32;
   static constexpr int kStepK = kBoxK * B;
   static constexpr int kCodeBytes = kBoxCodeBytes * B;
   static constexpr int kStageBytes = kCodeBytes + kBoxScaleBytes * B;
-  static constexpr int kStages = B == 1 ? 5 : B == 2 ? 3 : 2;
+  static constexpr int kStages = B == 1 ? (W == 2 ? 5 : 3) : B == 2 ? (W == 2 ? 3 : 2) : 2;
   static_assert(kStageBytes % 1024 == 0, "stages keep the swizzled codes 1024-aligned");
 };
 
@@ -95,13 +100,13 @@ constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
 
 // Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
 // results kept for the cluster's sum (splits > 1), the barriers; 1024 bytes of alignment slack.
-template <int B>
+template <int B, int W>
 size_t smem_bytes(int steps_per_split, int groups_per_block, int splits) {
-  using C = Cfg<B>;
-  return size_t{kWGs} * C::kStages * C::kStageBytes + size_t(steps_per_split) * 4 * B * kActBox +
-         size_t{kWGs - 1} * kGroupFloats * 4 +
+  using C = Cfg<B, W>;
+  return size_t{W} * C::kStages * C::kStageBytes + size_t(steps_per_split) * 4 * B * kActBox +
+         size_t{W - 1} * kGroupFloats * 4 +
          (splits > 1 ? size_t(groups_per_block) * kGroupFloats * 4 : 0) +
-         (2 * kWGs * C::kStages + 1) * 8 + 1024;
+         (2 * W * C::kStages + 1) * 8 + 1024;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -122,10 +127,10 @@ __device__ __forceinline__ int part_of_group(const Stream16Args& a, int group, i
 
 // The producer thread: for each row group, each step of the block's K range into the ring of the
 // warpgroup that takes it (steps ks0 + w, + kWGs, ...: warpgroup w).
-template <int B>
+template <int B, int kWGs>
 __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1, uint32_t stages,
                         uint32_t full, uint32_t empty) {
-  using C = Cfg<B>;
+  using C = Cfg<B, kWGs>;
   int filled[kWGs] = {};
   for (int group = g0; group < g1; ++group) {
     int row0 = 0;
@@ -216,6 +221,7 @@ __device__ __forceinline__ void decode_pair_perm(const uint8_t* codes, int g, co
 // Reorders every 16-element group of the resident activations (n_boxes boxes of 16 rows x 128
 // swizzled bytes) into its even elements, then its odd ones, for decode_pair_perm; the
 // consumer threads share the work, then make the writes visible to wgmma (the async proxy).
+template <int kWGs>
 __device__ __forceinline__ void permute_acts(uint8_t* acts, int n_boxes, int tid) {
   for (int i = tid; i < n_boxes * 64; i += kWGs * 128) {
     const int q = i % 4, r = i / 4 % 16;
@@ -259,8 +265,8 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const int splits = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
-  const int n = n_groups * kGroupFloats;
-  for (int i = rank * kThreads + static_cast<int>(threadIdx.x); i < n; i += splits * kThreads) {
+  const int n = n_groups * kGroupFloats, threads = static_cast<int>(blockDim.x);
+  for (int i = rank * threads + static_cast<int>(threadIdx.x); i < n; i += splits * threads) {
     float v = 0.0f;
     for (int r = 0; r < splits; ++r) v += cluster.map_shared_rank(res, r)[i];
     const int group = g0 + i / kGroupFloats, tok = i / kGroupRows % 16;
@@ -277,11 +283,11 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
 // kAccs accumulator sets taken in turn by the 64-K slices, added at the group's end: chains of
 // dependent wgmmas kAccs times shorter. kPerm: the activations reordered once (permute_acts) so
 // that the weights decode without byte permutes (decode_pair_perm).
-template <int B, int kAccs, bool kPerm>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int B, int kAccs, bool kPerm, int kWGs>
+__global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     matmul_stream16_kernel(const __grid_constant__ Stream16Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<B>;
+  using C = Cfg<B, kWGs>;
   namespace cg = cooperative_groups;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -317,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     barrier_expect(act_bar, (ks1 - ks0) * 4 * B * kActBox);
     for (int b = 0; b < (ks1 - ks0) * 4 * B; ++b)
       tma_load(acts + b * kActBox, a.act, (ks0 * 4 * B + b) * 64, 0, act_bar);
-    produce<B>(a, g0, g1, ks0, ks1, stages, full, empty);
+    produce<B, kWGs>(a, g0, g1, ks0, ks1, stages, full, empty);
   } else if (tid < kWGs * 128) {
     const int w = tid / 128, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int rig = 16 * (tid % 128 / 32) + g;  // the thread's rows in a group: rig, rig + 8
@@ -328,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int used = 0;  // stages of this warpgroup's ring consumed so far
     barrier_wait(act_bar, 0);
     if constexpr (kPerm)
-      permute_acts(base + kWGs * C::kStages * C::kStageBytes, (ks1 - ks0) * 4 * B, tid);
+      permute_acts<kWGs>(base + kWGs * C::kStages * C::kStageBytes, (ks1 - ks0) * 4 * B, tid);
     for (int group = g0; group < g1; ++group) {
 #pragma unroll
       for (int e = 0; e < 8 * kAccs; ++e) acc[e / 8][e % 8] = 0.0f;
@@ -432,10 +438,11 @@ int forced_stream16_splits() {
   return n;
 }
 
-cudaLaunchConfig_t launch_config(int splits, int clusters, size_t smem, cudaStream_t s) {
+cudaLaunchConfig_t launch_config(int splits, int clusters, size_t smem, int threads,
+                                 cudaStream_t s) {
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(splits, clusters);
-  config.blockDim = dim3(kThreads);
+  config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = s;
   return config;
@@ -457,12 +464,19 @@ cudaLaunchAttribute cluster_attr(int splits) {
 // permuted activations (2 or 4 boxes, one set; unless KESTREL_CUDA_STREAM16_PERM=0).
 // Measured (H100, fifteenth session, 16 tokens, us: 1 box / 2 / 2 with two sets / 2 permuted):
 // qkv group 18.3 / 17.4 / 18.0 / 16.0, gate/up group 28.8 / 29.7 / 30.5 / 27.2; 4 boxes do not
-// fit the 11008-wide shapes; the fragment kernel 21.9 and 29.7.
+// fit the 11008-wide shapes; the fragment kernel 21.9 and 29.7. ncu of the permuted 2-box
+// variant: issue-bound with two consumer warps a scheduler, so KESTREL_CUDA_STREAM16_WGS=3 (2
+// boxes, permuted, 3 warpgroups: + 1000) and =4 (1 box, permuted, 4 warpgroups: + 2000; 2
+// boxes of 4 warpgroups leave no shared memory for the activations) try more (not yet run).
 int stream16_variant() {
   static const int n = [] {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
     const char* f = std::getenv("KESTREL_CUDA_STREAM16_ACCS");
     const char* g = std::getenv("KESTREL_CUDA_STREAM16_PERM");
+    if (const char* wgs = std::getenv("KESTREL_CUDA_STREAM16_WGS")) {
+      if (std::string(wgs) == "3") return 1121;
+      if (std::string(wgs) == "4") return 2111;
+    }
     const int boxes = e && (std::atoi(e) == 1 || std::atoi(e) == 4) ? std::atoi(e) : 2;
     const bool accs2 = f && std::atoi(f) == 2 && boxes > 1;
     if (!(g && std::string(g) == "0") && !accs2 && boxes > 1) return 100 + 10 * boxes + 1;
@@ -474,7 +488,7 @@ int stream16_variant() {
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
-template <int B, int kAccs, bool kPerm>
+template <int B, int kAccs, bool kPerm, int W>
 int max_active_clusters(int splits, size_t smem) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int, size_t>, int> known;
@@ -483,12 +497,12 @@ int max_active_clusters(int splits, size_t smem) {
   const std::lock_guard<std::mutex> lock(mutex);
   const auto key = std::make_tuple(device, splits, smem);
   if (const auto it = known.find(key); it != known.end()) return it->second;
-  cudaLaunchConfig_t config = launch_config(splits, 1, smem, nullptr);
+  cudaLaunchConfig_t config = launch_config(splits, 1, smem, Cfg<B, W>::kThreads, nullptr);
   cudaLaunchAttribute attr = cluster_attr(splits);
   config.attrs = &attr;
   config.numAttrs = 1;
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel<B, kAccs, kPerm>, &config) !=
+  if (cudaOccupancyMaxActiveClusters(&n, matmul_stream16_kernel<B, kAccs, kPerm, W>, &config) !=
       cudaSuccess) {
     cudaGetLastError();
     n = 0;
@@ -497,9 +511,9 @@ int max_active_clusters(int splits, size_t smem) {
   return n;
 }
 
-template <int B, int kAccs, bool kPerm>
+template <int B, int kAccs, bool kPerm, int W>
 Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
-  const int steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B>::kStepK}));
+  const int steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
   Stream16Plan best;
   double best_cost = 0;
   const int forced = forced_stream16_splits();
@@ -511,19 +525,19 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
       if (used_splits != splits)
         continue;  // rounding left a split empty: a smaller one is the same
       int gpb = ceil_div(groups, std::max(1, std::min(sms / splits, groups)));
-      size_t smem = smem_bytes<B>(sps, gpb, splits);
+      size_t smem = smem_bytes<B, W>(sps, gpb, splits);
       if (smem > smem_limit) continue;
-      if (const int most = max_active_clusters<B, kAccs, kPerm>(splits, smem); most <= 0) {
+      if (const int most = max_active_clusters<B, kAccs, kPerm, W>(splits, smem); most <= 0) {
         continue;
       } else if (ceil_div(groups, gpb) > most) {  // one wave: more rows a cluster
         gpb = ceil_div(groups, most);
-        smem = smem_bytes<B>(sps, gpb, splits);
+        smem = smem_bytes<B, W>(sps, gpb, splits);
         if (smem > smem_limit) continue;
       }
       const int clusters = ceil_div(groups, gpb);
       // A block's time: its groups times the steps a warpgroup takes of each; the cluster's sum
       // reads every result once from each block (about a quarter of a 256-K step a group).
-      const double cost = double(gpb) * ceil_div(sps, kWGs) * B + (splits > 1 ? 0.25 * gpb : 0.0);
+      const double cost = double(gpb) * ceil_div(sps, W) * B + (splits > 1 ? 0.25 * gpb : 0.0);
       if (best.splits == 0 || cost < best_cost * 0.97) {
         best = {splits, clusters, sps, gpb, smem};
         best_cost = cost;
@@ -533,29 +547,30 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   return best;
 }
 
-template <int B, int kAccs, bool kPerm>
+template <int B, int kAccs, bool kPerm, int W>
 Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, cudaStream_t s) {
-  const Stream16Plan plan = plan_boxes<B, kAccs, kPerm>(n_in, a.groups, sms, smem_limit);
+  const Stream16Plan plan = plan_boxes<B, kAccs, kPerm, W>(n_in, a.groups, sms, smem_limit);
   if (plan.splits == 0)
     return error("matmul (stream16): no split of %lld x %d fits %zu bytes of shared memory",
                  static_cast<long long>(n_in), a.groups * kGroupRows, smem_limit);
-  a.steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B>::kStepK}));
+  a.steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
   a.steps_per_split = plan.steps_per_split;
   a.groups_per_block = plan.groups_per_block;
-  cudaLaunchConfig_t config = launch_config(plan.splits, plan.clusters, plan.smem, s);
+  cudaLaunchConfig_t config =
+      launch_config(plan.splits, plan.clusters, plan.smem, Cfg<B, W>::kThreads, s);
   cudaLaunchAttribute attr = cluster_attr(plan.splits);
   config.attrs = &attr;
   config.numAttrs = 1;
-  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs, kPerm>, a),
+  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs, kPerm, W>, a),
            "matmul (stream16 launch)");
   LAUNCH_CHECK("matmul (stream16, Q4_0)");
   return Status::ok();
 }
 
 // The kernel variant of stream16_variant() as a type, for f (one switch for planning and launch).
-template <int B, int A, bool P>
+template <int B, int A, bool P, int W = 2>
 struct Variant {
-  static constexpr int kBoxes = B, kAccs = A;
+  static constexpr int kBoxes = B, kAccs = A, kWGs = W;
   static constexpr bool kPerm = P;
 };
 
@@ -574,6 +589,10 @@ auto with_variant(F&& f) {
       return f(Variant<1, 1, false>{});
     case 141:
       return f(Variant<4, 1, true>{});
+    case 1121:
+      return f(Variant<2, 1, true, 3>{});
+    case 2111:
+      return f(Variant<1, 1, true, 4>{});
     default:
       return f(Variant<2, 1, true>{});
   }
@@ -584,7 +603,7 @@ auto with_variant(F&& f) {
 Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
   return with_variant([&](auto v) {
     using V = decltype(v);
-    return plan_boxes<V::kBoxes, V::kAccs, V::kPerm>(n_in, groups, sms, smem_limit);
+    return plan_boxes<V::kBoxes, V::kAccs, V::kPerm, V::kWGs>(n_in, groups, sms, smem_limit);
   });
 }
 
@@ -602,13 +621,15 @@ Expected<bool> stream16_available(int device) {
   CUDA_TRY(e, "stream16 probe");
   if (host != 1) return false;
   const int smem = static_cast<int>(prop.sharedMemPerBlockOptin);
-  for (const void* kernel : {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, false>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, false>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, false>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2, false>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2, false>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true>)})
+  for (const void* kernel : {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, false, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, false, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, false, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2, false, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2, false, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true, 2>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 3>),
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, true, 4>)})
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "stream16 matmul (shared memory limit)");
   return true;
@@ -636,7 +657,7 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.half2_magic = 0x64006400u;
   return with_variant([&](auto v) {
     using V = decltype(v);
-    return launch_boxes<V::kBoxes, V::kAccs, V::kPerm>(a, n_in, sms, smem_limit, s);
+    return launch_boxes<V::kBoxes, V::kAccs, V::kPerm, V::kWGs>(a, n_in, sms, smem_limit, s);
   });
 }
 
