@@ -205,42 +205,13 @@ void launch_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
     launch_rows_tb<KT, VT, 4>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
 }
 
-template <DType KT>
-bool launch_rows_v(DType vt, const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
-                   const Tensor& kc, const Tensor& vc, const AttentionParams& p, float* out,
-                   const MatmulInputOut& also, cudaStream_t s) {
-  switch (vt) {
-    case DType::F16:
-      launch_rows<KT, DType::F16>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
-      return true;
-    case DType::Q8_0:
-      launch_rows<KT, DType::Q8_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
-      return true;
-    case DType::Q4_0:
-      launch_rows<KT, DType::Q4_0>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
-      return true;
-    default:
-      return false;
-  }
-}
-
 Status launch_attention_rows(const float* q, int n_tokens, int64_t n_kv, const int32_t* pos,
                              const Tensor& kc, const Tensor& vc, const AttentionParams& p,
                              float* out, const MatmulInputOut& also, cudaStream_t s) {
-  bool ok = false;
-  switch (kc.type) {
-    case DType::F16:
-      ok = launch_rows_v<DType::F16>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
-      break;
-    case DType::Q8_0:
-      ok = launch_rows_v<DType::Q8_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
-      break;
-    case DType::Q4_0:
-      ok = launch_rows_v<DType::Q4_0>(vc.type, q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
-      break;
-    default:
-      break;
-  }
+  const bool ok = with_cache_types(kc.type, vc.type, [&](auto types) {
+    using T = decltype(types);
+    launch_rows<T::kK, T::kV>(q, n_tokens, n_kv, pos, kc, vc, p, out, also, s);
+  });
   if (!ok)
     return error("attention: cache types %s/%s are not supported", quant::type_name(kc.type),
                  quant::type_name(vc.type));

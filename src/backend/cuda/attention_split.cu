@@ -236,28 +236,6 @@ void launch_typed(const float* q, int n_tokens, const int32_t* pos, const Tensor
       p.n_head / p.n_head_kv, p.head_dim, p.scale, part, ml, arrivals, out, also);
 }
 
-template <DType KT>
-bool launch_v(DType vt, const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
-              const Tensor& vc, const AttentionParams& p, int splits, float* part, float2* ml,
-              unsigned* arrivals, float* out, const MatmulInputOut& also, cudaStream_t s) {
-  switch (vt) {
-    case DType::F16:
-      launch_typed<KT, DType::F16>(q, n_tokens, pos, kc, vc, p, splits, part, ml, arrivals, out,
-                                   also, s);
-      return true;
-    case DType::Q8_0:
-      launch_typed<KT, DType::Q8_0>(q, n_tokens, pos, kc, vc, p, splits, part, ml, arrivals, out,
-                                    also, s);
-      return true;
-    case DType::Q4_0:
-      launch_typed<KT, DType::Q4_0>(q, n_tokens, pos, kc, vc, p, splits, part, ml, arrivals, out,
-                                    also, s);
-      return true;
-    default:
-      return false;
-  }
-}
-
 }  // namespace
 
 bool attention_split_fits(const AttentionParams& p, int n_tokens) {
@@ -281,23 +259,11 @@ Status launch_attention_split(const float* q, int n_tokens, const int32_t* pos, 
   // scratch: the (max, sum) pairs, then the partial outputs.
   float2* ml = static_cast<float2*>(scratch);
   float* part = reinterpret_cast<float*>(ml + static_cast<size_t>(p.n_head) * splits * kMaxTokens);
-  bool ok = false;
-  switch (kc.type) {
-    case DType::F16:
-      ok = launch_v<DType::F16>(vc.type, q, n_tokens, pos, kc, vc, p, splits, part, ml, arrivals,
-                                out, also, s);
-      break;
-    case DType::Q8_0:
-      ok = launch_v<DType::Q8_0>(vc.type, q, n_tokens, pos, kc, vc, p, splits, part, ml, arrivals,
-                                 out, also, s);
-      break;
-    case DType::Q4_0:
-      ok = launch_v<DType::Q4_0>(vc.type, q, n_tokens, pos, kc, vc, p, splits, part, ml, arrivals,
-                                 out, also, s);
-      break;
-    default:
-      break;
-  }
+  const bool ok = with_cache_types(kc.type, vc.type, [&](auto types) {
+    using T = decltype(types);
+    launch_typed<T::kK, T::kV>(q, n_tokens, pos, kc, vc, p, splits, part, ml, arrivals, out, also,
+                               s);
+  });
   if (!ok)
     return error("attention: cache types %s/%s are not supported", quant::type_name(kc.type),
                  quant::type_name(vc.type));

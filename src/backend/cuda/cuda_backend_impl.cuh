@@ -449,6 +449,41 @@ Status launch_cache_to_f16(quant::DType type, const uint8_t* cache, int64_t row_
 // hi + lo parts.
 Status launch_softmax_causal(const float* scores, int n_heads, int n_tokens, int64_t n_kv,
                              const int32_t* pos, __half* p_hi, __half* p_lo, cudaStream_t s);
+// The K and V cache types the few-token attention kernels are instantiated for (f16, q8_0, q4_0
+// each side): f(CacheTypes<K, V>{}) for the pair (kt, vt); false, f not called, for any other.
+template <quant::DType K, quant::DType V>
+struct CacheTypes {
+  static constexpr quant::DType kK = K, kV = V;
+};
+template <quant::DType K, class F>
+bool with_v_cache_type(quant::DType vt, F& f) {
+  switch (vt) {
+    case quant::DType::F16:
+      f(CacheTypes<K, quant::DType::F16>{});
+      return true;
+    case quant::DType::Q8_0:
+      f(CacheTypes<K, quant::DType::Q8_0>{});
+      return true;
+    case quant::DType::Q4_0:
+      f(CacheTypes<K, quant::DType::Q4_0>{});
+      return true;
+    default:
+      return false;
+  }
+}
+template <class F>
+bool with_cache_types(quant::DType kt, quant::DType vt, F&& f) {
+  switch (kt) {
+    case quant::DType::F16:
+      return with_v_cache_type<quant::DType::F16>(vt, f);
+    case quant::DType::Q8_0:
+      return with_v_cache_type<quant::DType::Q8_0>(vt, f);
+    case quant::DType::Q4_0:
+      return with_v_cache_type<quant::DType::Q4_0>(vt, f);
+    default:
+      return false;
+  }
+}
 // Fused causal attention on the tensor cores (attention_mma.cu): K and V as f16 [rows][kv_dim]
 // (an f16 cache), or as hi + lo parts (a quantized cache expanded); head sizes 64 and 128.
 bool mma_attention_fits(const AttentionParams& p, int64_t kv_dim);
