@@ -373,11 +373,13 @@ struct Stream16Plan {
   size_t smem = 0;
 };
 Expected<bool> stream16_available(int device);
-bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens, int sms,
-                       size_t smem_limit);
-Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit);
+// The launch plan of the products `parts` of n_tokens tokens on sms SMs with smem_limit bytes of
+// shared memory a block; splits == 0 when the kernel does not take them (not Q4_0, another token
+// count or width) or no split of K fits: they stay on the fragment kernel.
+Stream16Plan stream16_plan(const MatvecPart* parts, int n_parts, int n_tokens, int sms,
+                           size_t smem_limit);
 Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
-                              const __half* x16, int n_tokens, int sms, size_t smem_limit,
+                              const __half* x16, int n_tokens, const Stream16Plan& plan,
                               cudaStream_t s);
 // matvec_int8.cu: activations quantized into two int8 planes per 32-element block,
 // x ~= unit * (128 * q1 + q2), for the dp4a kernels of small batches of Q4_0 / Q8_0 weights.

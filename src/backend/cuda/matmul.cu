@@ -323,9 +323,11 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
 Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held,
                                 const MatvecPart* parts, int n_parts) {
   KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(x, n_tokens, n_in, held));
-  if (stream16_ && stream16_supports(parts, n_parts, n_tokens, sm_count_, smem_optin_))
-    return launch_matmul_stream16(*wgmma_maps_, parts, n_parts, x16, n_tokens, sm_count_,
-                                  smem_optin_, stream_);
+  if (stream16_) {
+    const Stream16Plan plan = stream16_plan(parts, n_parts, n_tokens, sm_count_, smem_optin_);
+    if (plan.splits > 0)
+      return launch_matmul_stream16(*wgmma_maps_, parts, n_parts, x16, n_tokens, plan, stream_);
+  }
   const int row_blocks = frag_v2_row_blocks(parts, n_parts);
   float* partial = nullptr;
   unsigned* arrivals = nullptr;

@@ -411,21 +411,6 @@ __global__ void stream16_probe_kernel(int* flag) {
 
 }  // namespace
 
-bool stream16_supports(const MatvecPart* parts, int n_parts, int n_tokens, int sms,
-                       size_t smem_limit) {
-  if (n_tokens < kFragMinTokens || n_tokens > 16 || n_parts < 1 || n_parts > kMatvecMaxParts)
-    return false;
-  int groups = 0;
-  for (int i = 0; i < n_parts; ++i) {
-    if (parts[i].w->type != DType::Q4_0 || parts[i].w->n_in % kBoxK != 0 ||
-        parts[i].w->n_in != parts[0].w->n_in)
-      return false;
-    groups += static_cast<int>(ceil_div(parts[i].w->n_out, kGroupRows));
-  }
-  // A shape whose activations and stages fit no split of K stays on the fragment kernel.
-  return stream16_plan(parts[0].w->n_in, groups, sms, smem_limit).splits > 0;
-}
-
 namespace {
 
 // KESTREL_CUDA_STREAM16_SPLITS=N: N splits of K where they fit (tests, measurements); else the
@@ -548,11 +533,7 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
 }
 
 template <int B, int kAccs, bool kPerm, int W>
-Status launch_boxes(Stream16Args& a, int64_t n_in, int sms, size_t smem_limit, cudaStream_t s) {
-  const Stream16Plan plan = plan_boxes<B, kAccs, kPerm, W>(n_in, a.groups, sms, smem_limit);
-  if (plan.splits == 0)
-    return error("matmul (stream16): no split of %lld x %d fits %zu bytes of shared memory",
-                 static_cast<long long>(n_in), a.groups * kGroupRows, smem_limit);
+Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cudaStream_t s) {
   a.steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
   a.steps_per_split = plan.steps_per_split;
   a.groups_per_block = plan.groups_per_block;
@@ -600,7 +581,18 @@ auto with_variant(F&& f) {
 
 }  // namespace
 
-Stream16Plan stream16_plan(int64_t n_in, int groups, int sms, size_t smem_limit) {
+Stream16Plan stream16_plan(const MatvecPart* parts, int n_parts, int n_tokens, int sms,
+                           size_t smem_limit) {
+  if (n_tokens < kFragMinTokens || n_tokens > 16 || n_parts < 1 || n_parts > kMatvecMaxParts)
+    return {};
+  int groups = 0;
+  for (int i = 0; i < n_parts; ++i) {
+    if (parts[i].w->type != DType::Q4_0 || parts[i].w->n_in % kBoxK != 0 ||
+        parts[i].w->n_in != parts[0].w->n_in)
+      return {};
+    groups += static_cast<int>(ceil_div(parts[i].w->n_out, kGroupRows));
+  }
+  const int64_t n_in = parts[0].w->n_in;
   return with_variant([&](auto v) {
     using V = decltype(v);
     return plan_boxes<V::kBoxes, V::kAccs, V::kPerm, V::kWGs>(n_in, groups, sms, smem_limit);
@@ -636,8 +628,9 @@ Expected<bool> stream16_available(int device) {
 }
 
 Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
-                              const __half* x16, int n_tokens, int sms, size_t smem_limit,
+                              const __half* x16, int n_tokens, const Stream16Plan& plan,
                               cudaStream_t s) {
+  if (plan.splits == 0) return error("matmul (stream16): launched without a plan");
   const int64_t n_in = parts[0].w->n_in;
   Stream16Args a{};
   int groups = 0;
@@ -657,7 +650,7 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.half2_magic = 0x64006400u;
   return with_variant([&](auto v) {
     using V = decltype(v);
-    return launch_boxes<V::kBoxes, V::kAccs, V::kPerm, V::kWGs>(a, n_in, sms, smem_limit, s);
+    return launch_boxes<V::kBoxes, V::kAccs, V::kPerm, V::kWGs>(a, n_in, plan, s);
   });
 }
 
