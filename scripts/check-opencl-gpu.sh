@@ -12,6 +12,8 @@
 #      (327 tokens, -c 512 -b 128 -ub 16 -ctk q4_0 -ctv q4_0), with the cold and warm setup time
 #
 #   bash scripts/check-opencl-gpu.sh [--no-bench] [--no-tests] [--profile (per-op times too)]
+#                                    [--seed-only (of the benchmarks, only the seed's case: its
+#                                     row, its sweep and with --profile its per-op times)]
 #                                    [--bench-first (the benchmarks before the tests, for a call
 #                                     whose time limit may cut the tests short)]
 #
@@ -24,13 +26,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
-BENCH=1 TESTS=1 PROFILE=0 BENCH_FIRST=0
+BENCH=1 TESTS=1 PROFILE=0 BENCH_FIRST=0 SEED_ONLY=0
 for a in "$@"; do
   case "$a" in
     --no-bench) BENCH=0 ;;
     --bench-first) BENCH_FIRST=1 ;;
     --no-tests) TESTS=0 ;;
     --profile) PROFILE=1 ;;
+    --seed-only) SEED_ONLY=1 ;;
     *) echo "check-opencl-gpu: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -153,10 +156,23 @@ run_tests() {
 
 # --- 4. bench ------------------------------------------------------------------------------------
 run_bench() {
+  # sweep NAME FLAGS...: the case once per setting of OCL_SWEEP_<NAME>, its rows relabelled.
+  sweep() {
+    local list=$1 setting
+    shift
+    IFS=';' read -ra settings <<<"$list"
+    for setting in "${settings[@]}"; do
+      [[ -z "${setting// /}" ]] && continue
+      # shellcheck disable=SC2086  # the setting is a list of words
+      env $setting timeout 120 $b -r 2 "$@" 2>&1 | sed "/^| llama/s/^| /| sweep [$setting] /" || true
+    done
+  }
   # The matmuls alone and the launch floor (bench/gpu_matmul_bench.cpp): the defaults, the former
   # defaults and the fragment kernel loading 8 blocks at once. First:
   # they need no model (it is still being written) and the floor decides the next step.
-  for setting in "" "KESTREL_CL_NV_FRAG=0 KESTREL_CL_NV_REDUCE=launch" "KESTREL_CL_NV_FRAG_NB=8"; do
+  local mm_settings=("" "KESTREL_CL_NV_FRAG=0 KESTREL_CL_NV_REDUCE=launch" "KESTREL_CL_NV_FRAG_NB=8")
+  ((SEED_ONLY)) && mm_settings=()
+  for setting in "${mm_settings[@]}"; do
     echo "matmul bench ${setting:-defaults}:"
     # shellcheck disable=SC2086  # the setting is a list of words
     env $setting timeout 90 "$BUILD/bin/kestrel_gpu_matmul_bench" --backend opencl --tokens 1,16 \
@@ -169,12 +185,18 @@ run_bench() {
     return
   fi
   rm -rf "$KESTREL_CL_CACHE_DIR"
+  b="$BUILD/bin/kestrel bench -m $MODEL --backend opencl -ngl 99"
+  seed=(-p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
+  if ((SEED_ONLY)); then
+    timeout 240 $b -r 3 "${seed[@]}" || rc=1
+    sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_FRAG_NB=2}" "${seed[@]}"
+    ((PROFILE)) && { timeout 200 $b -r 1 "${seed[@]}" --profile || true; }
+    return
+  fi
   for start in cold warm; do
     "$BUILD/bin/kestrel" run -m "$MODEL" --tokens 1,2,3,4,5,6,7,8 -n 0 --backend opencl -ngl 99 \
       --report 2>&1 | grep -E 'backend|load|prompt:' | sed "s/^/$start: /"
   done
-  b="$BUILD/bin/kestrel bench -m $MODEL --backend opencl -ngl 99"
-  seed=(-p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
   timeout 240 $b -r 3 -p 512 -n 0 || rc=1
   # (Earlier A/B rows, now defaults: float4 local reads, KESTREL_CL_TILED_SCALAR=1, the key
   # split of attention_block, KESTREL_CL_ATT_SPLITS=0, the tiled kernel's step-ahead loads,
@@ -185,17 +207,6 @@ run_bench() {
   timeout 120 $b -r 3 -p 0 -n 32 || rc=1
   KESTREL_CL_RECORD=1 timeout 120 $b -r 3 -p 0 -n 32 2>&1 |
     sed "/^| llama/s/^| /| KESTREL_CL_RECORD=1 /" || true
-  # sweep NAME FLAGS...: the case once per setting of OCL_SWEEP_<NAME>, its rows relabelled.
-  sweep() {
-    local list=$1 setting
-    shift
-    IFS=';' read -ra settings <<<"$list"
-    for setting in "${settings[@]}"; do
-      [[ -z "${setting// /}" ]] && continue
-      # shellcheck disable=SC2086  # the setting is a list of words
-      env $setting timeout 120 $b -r 2 "$@" 2>&1 | sed "/^| llama/s/^| /| sweep [$setting] /" || true
-    done
-  }
   # Unless given, the seed's case is also measured with the former defaults (the template's local
   # tiles, a reduce launch), the opt-in command buffers, and the fragment kernel loading 2 blocks
   # at once (src/backend/opencl/NOTES.md).
