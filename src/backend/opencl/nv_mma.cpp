@@ -142,7 +142,8 @@ void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
   // split-K sums in the kernel, 1,338 t/s against 1,039 for the template's local tiles and a
   // matmul_reduce launch (fragments alone 1,264, in-kernel sums alone 1,047). KESTREL_CL_NV_FRAG=0
   // and KESTREL_CL_NV_REDUCE=launch bring the former back; KESTREL_CL_NV_FRAG_NB=1|2|4|8 sets the
-  // fragment kernel's blocks loaded at once.
+  // fragment kernel's blocks loaded at once (2 by default since the sixteenth session: 1,438
+  // against 1,349 t/s with 4, same call; 8 was slower still in the fifteenth).
   const char* reduce = std::getenv("KESTREL_CL_NV_REDUCE");
   nv_reduce_in_kernel_ = !(reduce && std::string(reduce) == "launch");
   const char* frag = std::getenv("KESTREL_CL_NV_FRAG");

@@ -40,8 +40,11 @@ inline float block_companion(const float* v, int mode, int n, int t, int b, glob
   return m;
 }
 
-// The F16_TOKEN form of row t once its f32 values o[0..n) are stored (each work-item reads back
-// the blocks it wrote, b = lid + k * wg), m the work-item's max |o|. Every work-item calls it.
+// The F16_TOKEN form of row t once its f32 values o[0..n) are stored, m the work-item's max |o|.
+// Each work-item reads back the elements it wrote, i = lid + k * wg, so that neighbours touch
+// neighbouring addresses (a block of 32 a work-item made every load and store of a warp touch
+// 32 lines: add_rms_norm 21 us and swiglu 37 us a call for 16 tokens on the H100, 20% of the
+// seed's micro-batch). Every work-item calls it.
 inline void token_companion(global const float* o, float m, int mode, int n, int t, int lid,
                             int wg, local float* scratch, global half* xh, global float* xs) {
   if (mode != F16_TOKEN) return;
@@ -50,8 +53,7 @@ inline void token_companion(global const float* o, float m, int mode, int n, int
   frexp(m, &e);
   e = m > 0.0f ? clamp(15 - e, -120, 120) : 0;
   const float f = ldexp(1.0f, e);
-  for (int b = lid; b < n / 32; b += wg)
-    for (int j = 0; j < 32; ++j) vstore_half_rte(o[32 * b + j] * f, (long)t * n + 32 * b + j, xh);
+  for (int i = lid; i < n; i += wg) vstore_half_rte(o[i] * f, (long)t * n + i, xh);
   if (lid == 0) xs[t] = ldexp(1.0f, -e);
 }
 
@@ -76,13 +78,19 @@ inline void norm_row(global float* x, global const float* y, int n, global const
   ss = group_sum(ss, scratch, lid, RMS_WG);
   const float scale = 1.0f / sqrt(ss / (float)n + eps);
   global float* o = out + (long)t * n;
-  if (f16 == F16_NONE) {
-    for (int i = lid; i < n; i += RMS_WG) o[i] = xr[i] * scale * w[i];
+  if (f16 != F16_BLOCKS) {  // each work-item reads back only what it stored above
+    float m = 0.0f;
+    for (int i = lid; i < n; i += RMS_WG) {
+      const float v = xr[i] * scale * w[i];
+      o[i] = v;
+      m = fmax(m, fabs(v));
+    }
+    token_companion(o, m, f16, n, t, lid, RMS_WG, scratch, xh, xs);
     return;
   }
-  // A block of 32 a work-item: its companion needs the block's values together. With y, other
-  // work-items stored the sums this one reads: a barrier over global memory first (y is the
-  // same for the whole work-group).
+  // F16_BLOCKS: a block of 32 a work-item, as its companion needs the block's values together.
+  // With y, other work-items stored the sums this one reads: a barrier over global memory first
+  // (y is the same for the whole work-group).
   if (y) barrier(CLK_GLOBAL_MEM_FENCE);
   float m = 0.0f;
   for (int b = lid; b < n / 32; b += RMS_WG) {
@@ -93,7 +101,6 @@ inline void norm_row(global float* x, global const float* y, int n, global const
     }
     m = fmax(m, block_companion(v, f16, n, t, b, xh, xs));
   }
-  token_companion(o, m, f16, n, t, lid, RMS_WG, scratch, xh, xs);
 }
 
 kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void rms_norm(
@@ -162,7 +169,8 @@ kernel void swiglu(global const float* gate, global const float* up, long n, glo
 }
 
 // swiglu of rows of n with their f16 companion (f16 != F16_NONE, n a multiple of 32): a
-// work-group of RMS_WG per token, a block of 32 a work-item.
+// work-group of RMS_WG per token; for F16_BLOCKS a block of 32 a work-item, for F16_TOKEN
+// neighbouring elements in neighbouring work-items (token_companion).
 kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void swiglu_rows(
     global const float* gate, global const float* up, int n, global float* out, int f16,
     global half* xh, global float* xs) {
@@ -170,6 +178,15 @@ kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void swiglu_rows(
   const int t = get_group_id(0), lid = get_local_id(0);
   const long row = (long)t * n;
   float m = 0.0f;
+  if (f16 == F16_TOKEN) {
+    for (int i = lid; i < n; i += RMS_WG) {
+      const float v = silu_mul(gate[row + i], up[row + i]);
+      out[row + i] = v;
+      m = fmax(m, fabs(v));
+    }
+    token_companion(out + row, m, f16, n, t, lid, RMS_WG, scratch, xh, xs);
+    return;
+  }
   for (int b = lid; b < n / 32; b += RMS_WG) {
     float v[32];
     for (int j = 0; j < 32; ++j) {
@@ -178,7 +195,6 @@ kernel __attribute__((reqd_work_group_size(RMS_WG, 1, 1))) void swiglu_rows(
     }
     m = fmax(m, block_companion(v, f16, n, t, b, xh, xs));
   }
-  token_companion(out + row, m, f16, n, t, lid, RMS_WG, scratch, xh, xs);
 }
 
 kernel void add_inplace(global float* x, global const float* y, long n) {

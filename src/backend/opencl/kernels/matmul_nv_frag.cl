@@ -22,7 +22,7 @@
 #ifndef NVF_HELPERS
 #define NVF_HELPERS
 #ifndef NVF_NB
-#define NVF_NB 4
+#define NVF_NB 2
 #endif
 
 // Bytes 2i and 2i + 1 of w in bits 0-7 and 16-23.
