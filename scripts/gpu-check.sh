@@ -406,11 +406,6 @@ if ((TESTS)); then
       gtest-gpu-stream16-w3.xml KESTREL_CUDA_STREAM16_WGS=3
     gpu_test_stage gpu-tests-stream16-w4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-w4.xml KESTREL_CUDA_STREAM16_WGS=4
-    # The n d decode with its correction wgmma (2 and 3 warpgroups; not yet run on a GPU).
-    gpu_test_stage gpu-tests-stream16-nd '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-nd.xml KESTREL_CUDA_STREAM16_ND=1
-    gpu_test_stage gpu-tests-stream16-nd-w3 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-nd-w3.xml KESTREL_CUDA_STREAM16_ND=1 KESTREL_CUDA_STREAM16_WGS=3
     # Attention of 1-16 tokens with the keys split among blocks (attention_split.cu, opt-in:
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \

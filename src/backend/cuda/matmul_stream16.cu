@@ -34,9 +34,7 @@
 // every shape (H100, fifteenth session: gate/up 26.8 against 29.9 us, qkv 16.3 against 21.8; the
 // seed's b128 ub16 4,036 against 3,735 t/s): the default on sm_90a since then. Still issue-bound
 // (ncu: 2.2 warps a scheduler, an instruction every 3.4 cycles): KESTREL_CUDA_STREAM16_WGS=3|4
-// run more consumer warpgroups, and KESTREL_CUDA_STREAM16_ND=1 decodes with ~40% fewer
-// instructions (decode_pair_nd: n d, the -8 d made up by one more wgmma a step; sixteenth
-// session, not yet run on a GPU).
+// run more consumer warpgroups.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -100,14 +98,13 @@ struct Stream16Args {
 
 constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
 
-// Shared memory of a launch: the stages, the resident activations (and with the exact n d decode
-// their block sums, a box a step), the warpgroups' exchange, the
+// Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
 // results kept for the cluster's sum (splits > 1), the barriers; 1024 bytes of alignment slack.
 template <int B, int W>
-size_t smem_bytes(int steps_per_split, int groups_per_block, int splits, bool nd) {
+size_t smem_bytes(int steps_per_split, int groups_per_block, int splits) {
   using C = Cfg<B, W>;
   return size_t{W} * C::kStages * C::kStageBytes + size_t(steps_per_split) * 4 * B * kActBox +
-         (nd ? size_t(steps_per_split) * kActBox : 0) + size_t{W - 1} * kGroupFloats * 4 +
+         size_t{W - 1} * kGroupFloats * 4 +
          (splits > 1 ? size_t(groups_per_block) * kGroupFloats * 4 : 0) +
          (2 * W * C::kStages + 1) * 8 + 1024;
 }
@@ -221,43 +218,6 @@ __device__ __forceinline__ void decode_pair_perm(const uint8_t* codes, int g, co
   }
 }
 
-// decode_pair_perm's values as n d instead of (n - 8) d: one logic op and one fused multiply-add
-// a half2 (h = 1024 + n, or 1024 + 16 n for a high nibble, left in place; h d - 1024 d, all but
-// the last rounding exact), a shift a word and a multiply a scale, against decode_pair_perm's
-// shift, logic op, subtraction and multiplication a half2. The rest of the product is made up
-// elsewhere (prepare_nd): the high nibbles' 16 n d meet activations prescaled by 1/16, and the
-// missing -8 d of every weight is one more wgmma a step, d of each block against -8 times the
-// block's sum of activations. Scales past 63 would overflow 1024 d (Q4_0 weights of magnitude
-// 500): not a real model's, and inf then, not a crash.
-__device__ __forceinline__ void decode_pair_nd(const uint8_t* codes, int g, const uint4 (&sc)[2],
-                                               int sub, uint32_t magic, uint32_t (&A)[16]) {
-  const __half2 minus1024 = __half2half2(__ushort_as_half(0xE400));
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const uint32_t scw = sub == 0 ? sc[ri].x : sub == 1 ? sc[ri].y : sub == 2 ? sc[ri].z : sc[ri].w;
-#pragma unroll
-    for (int blk = 0; blk < 2; ++blk) {
-      const uint32_t word =
-          *reinterpret_cast<const uint32_t*>(codes + ri * 8 * 128 + (((2 * sub + blk) ^ g) << 4));
-      const uint32_t s2 = __byte_perm(scw, 0, blk ? 0x3232 : 0x1010);
-      __half2 d;
-      memcpy(&d, &s2, 4);
-      const __half2 c = __hmul2(d, minus1024);
-      const uint32_t w8 = word >> 8;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t bits = ((i < 2 ? word : w8) & (i % 2 ? 0x00F000F0u : 0x000F000Fu)) | magic;
-        __half2 h;
-        memcpy(&h, &bits, 4);
-        h = __hfma2(h, d, c);
-        uint32_t out;
-        memcpy(&out, &h, 4);
-        A[4 * (2 * blk + i % 2) + 2 * (i / 2) + ri] = out;
-      }
-    }
-  }
-}
-
 // Reorders every 16-element group of the resident activations (n_boxes boxes of 16 rows x 128
 // swizzled bytes) into its even elements, then its odd ones, for decode_pair_perm; the
 // consumer threads share the work, then make the writes visible to wgmma (the async proxy).
@@ -273,62 +233,6 @@ __device__ __forceinline__ void permute_acts(uint8_t* acts, int n_boxes, int tid
                      __byte_perm(b.x, b.y, 0x5410), __byte_perm(b.z, b.w, 0x5410));
     *p1 = make_uint4(__byte_perm(a.x, a.y, 0x7632), __byte_perm(a.z, a.w, 0x7632),
                      __byte_perm(b.x, b.y, 0x7632), __byte_perm(b.z, b.w, 0x7632));
-  }
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  asm volatile("bar.sync 2, %0;\n" ::"n"(kWGs * 128) : "memory");
-}
-
-// permute_acts for decode_pair_nd, plus what it needs: the high halves of every 32-element block
-// (its high nibbles' elements) scaled by 1/16 (exact but for values under 2^-10, which lose
-// bits as subnormals), and each block's correction operand -8 sum(x) over its 32 f16 values, as
-// f16 hi + lo parts in `corr`: a box like an activation box per step, row t holding token t's
-// hi parts of the step's 16 blocks in halves 0..15 and the lo parts in 16..31. A thread takes 16
-// values (half a block), its neighbour lane the other half.
-template <int kWGs>
-__device__ __forceinline__ void prepare_nd(uint8_t* acts, uint8_t* corr, int n_boxes, int tid) {
-  const __half2 sixteenth = __half2half2(__ushort_as_half(0x2C00));
-  for (int i = tid; i < n_boxes * 64; i += kWGs * 128) {  // whole warps: n_boxes * 64 % 32 == 0
-    const int q = i % 4, r = i / 4 % 16, box = i / 64;
-    uint8_t* row = acts + box * kActBox + r * 128;
-    uint4* p0 = reinterpret_cast<uint4*>(row + (((2 * q) ^ (r % 8)) << 4));
-    uint4* p1 = reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r % 8)) << 4));
-    const uint4 a = *p0, b = *p1;
-    const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      __half2 h;
-      memcpy(&h, &w[j], 4);
-      const float2 f = __half22float2(h);
-      sum += f.x + f.y;
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);  // the block's other half
-    uint32_t e[4] = {__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.z, a.w, 0x5410),
-                     __byte_perm(b.x, b.y, 0x5410), __byte_perm(b.z, b.w, 0x5410)};
-    uint32_t o[4] = {__byte_perm(a.x, a.y, 0x7632), __byte_perm(a.z, a.w, 0x7632),
-                     __byte_perm(b.x, b.y, 0x7632), __byte_perm(b.z, b.w, 0x7632)};
-    if (q % 2) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        __half2 he, ho;
-        memcpy(&he, &e[j], 4);
-        memcpy(&ho, &o[j], 4);
-        he = __hmul2(he, sixteenth);
-        ho = __hmul2(ho, sixteenth);
-        memcpy(&e[j], &he, 4);
-        memcpy(&o[j], &ho, 4);
-      }
-    }
-    *p0 = make_uint4(e[0], e[1], e[2], e[3]);
-    *p1 = make_uint4(o[0], o[1], o[2], o[3]);
-    if (q % 2 == 0) {
-      const int j = 2 * (box % 8) + q / 2;  // the block among the step's 16 (8 boxes of 64 K)
-      uint8_t* crow = corr + (box / 8) * kActBox + r * 128;
-      const float s8 = -8.0f * sum;
-      const __half hi = __float2half_rn(s8), lo = __float2half_rn(s8 - __half2float(hi));
-      *reinterpret_cast<__half*>(crow + (((j / 8) ^ (r % 8)) << 4) + 2 * (j % 8)) = hi;
-      *reinterpret_cast<__half*>(crow + (((2 + j / 8) ^ (r % 8)) << 4) + 2 * (j % 8)) = lo;
-    }
   }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   asm volatile("bar.sync 2, %0;\n" ::"n"(kWGs * 128) : "memory");
@@ -377,16 +281,13 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // kAccs accumulator sets taken in turn by the 64-K slices, added at the group's end: chains of
-// dependent wgmmas kAccs times shorter. kPerm: 1 the activations reordered once (permute_acts) so
-// that the weights decode without byte permutes (decode_pair_perm); 3 also prescaled, with the
-// blocks' sums (prepare_nd), for the n d decode (decode_pair_nd) and its correction wgmma (2
-// boxes); 2 (lab) decode_pair_nd without either, wrong values: what the decode alone costs.
-template <int B, int kAccs, int kPerm, int kWGs>
+// dependent wgmmas kAccs times shorter. kPerm: the activations reordered once (permute_acts) so
+// that the weights decode without byte permutes (decode_pair_perm).
+template <int B, int kAccs, bool kPerm, int kWGs>
 __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     matmul_stream16_kernel(const __grid_constant__ Stream16Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<B, kWGs>;
-  static_assert(kPerm != 3 || B == 2, "the n d correction takes a step's 16 blocks as one k16");
   namespace cg = cooperative_groups;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -400,12 +301,9 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
   const bool split = gridDim.x > 1;
   const uint32_t acts = stages + kWGs * C::kStages * C::kStageBytes;
   const int act_bytes = a.steps_per_split * 4 * B * kActBox;
-  const int corr_bytes = kPerm == 3 ? a.steps_per_split * kActBox : 0;  // prepare_nd's sums
-  const uint32_t corr = acts + act_bytes;
   // The warpgroups' exchange (warpgroup w > 0 leaves its accumulators there for warpgroup 0),
   // then the cluster's results, then the barriers.
-  float* xch =
-      reinterpret_cast<float*>(base + kWGs * C::kStages * C::kStageBytes + act_bytes + corr_bytes);
+  float* xch = reinterpret_cast<float*>(base + kWGs * C::kStages * C::kStageBytes + act_bytes);
   float* res = split ? xch + (kWGs - 1) * kGroupFloats : nullptr;
   const uint32_t full =
                      smem_addr(xch + (kWGs - 1 + (split ? a.groups_per_block : 0)) * kGroupFloats),
@@ -435,12 +333,7 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     uint32_t A0[16], A1[16];
     int used = 0;  // stages of this warpgroup's ring consumed so far
     barrier_wait(act_bar, 0);
-    (void)corr;  // (read with kPerm == 3 only)
-    if constexpr (kPerm == 3)
-      prepare_nd<kWGs>(base + kWGs * C::kStages * C::kStageBytes,
-                       base + kWGs * C::kStages * C::kStageBytes + act_bytes, (ks1 - ks0) * 4 * B,
-                       tid);
-    else if constexpr (kPerm != 0)
+    if constexpr (kPerm)
       permute_acts<kWGs>(base + kWGs * C::kStages * C::kStageBytes, (ks1 - ks0) * 4 * B, tid);
     for (int group = g0; group < g1; ++group) {
 #pragma unroll
@@ -461,33 +354,17 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
           for (int sub = 0; sub < 4; ++sub) {
             uint32_t(&A)[16] = sub % 2 ? A1 : A0;
             wgmma_wait<1>();  // the wgmmas two slices back, which read this register set, are done
-            if constexpr (kPerm >= 2)
-              decode_pair_nd(codes, g, sc, sub, a.half2_magic, A);
-            else if constexpr (kPerm == 1)
+            if constexpr (kPerm)
               decode_pair_perm(codes, g, sc, sub, a.half2_magic, A);
             else
               decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
-            // The correction's A: d of the thread's rows for the step's blocks 2t, 2t + 1 (code
-            // box 0) and 8 + 2t, 9 + 2t (box 1), read before the stage goes back.
-            uint32_t Ac[4] = {};
-            if (kPerm == 3 && b == B - 1 && sub == 3) {
-              const uint8_t* sc_step = st + C::kCodeBytes;
-#pragma unroll
-              for (int k = 0; k < 4; ++k)
-                Ac[k] = *reinterpret_cast<const uint32_t*>(sc_step + (k / 2) * kBoxScaleBytes +
-                                                           (rig + 8 * (k % 2)) * 16 + 4 * t);
-            }
             if (b == B - 1 && sub == 3)
               barrier_arrive(empty + 8 * stage);  // decoded: the stage may refill
             uint64_t desc[4];
 #pragma unroll
             for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(act_box + sub * kActBox + 32 * s);
-            const uint32_t cbox = corr + (ks - ks0) * kActBox;  // the step's sums: hi, lo
-            const uint64_t chi = act_descriptor(cbox), clo = act_descriptor(cbox + 32);
             wgmma_fence();
             wgmma_m64n16k64(acc[sub % kAccs], A, desc);
-            if (kPerm == 3 && b == B - 1 && sub == 3)
-              wgmma_m64n16k16_twice(acc[sub % kAccs], Ac, chi, clo);
             wgmma_commit();
           }
         }
@@ -576,21 +453,13 @@ cudaLaunchAttribute cluster_attr(int splits) {
 // variant: issue-bound with two consumer warps a scheduler, so KESTREL_CUDA_STREAM16_WGS=3 (2
 // boxes, permuted, 3 warpgroups: + 1000) and =4 (1 box, permuted, 4 warpgroups: + 2000; 2
 // boxes of 4 warpgroups leave no shared memory for the activations) try more (not yet run).
-// KESTREL_CUDA_STREAM16_ND=1: the n d decode with its correction (2 boxes, + 200; with WGS=3,
-// + 1200); KESTREL_CUDA_STREAM16_ND=lab: its decode alone (+ 100; wrong values, for the matmul
-// bench: what the decode costs).
 int stream16_variant() {
   static const int n = [] {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
     const char* f = std::getenv("KESTREL_CUDA_STREAM16_ACCS");
     const char* g = std::getenv("KESTREL_CUDA_STREAM16_PERM");
-    const char* nd = std::getenv("KESTREL_CUDA_STREAM16_ND");
-    const char* wgs = std::getenv("KESTREL_CUDA_STREAM16_WGS");
-    const bool w3 = wgs && std::string(wgs) == "3";
-    if (nd && std::string(nd) == "lab") return 221;
-    if (nd && std::string(nd) == "1") return w3 ? 1321 : 321;
-    if (wgs) {
-      if (w3) return 1121;
+    if (const char* wgs = std::getenv("KESTREL_CUDA_STREAM16_WGS")) {
+      if (std::string(wgs) == "3") return 1121;
       if (std::string(wgs) == "4") return 2111;
     }
     const int boxes = e && (std::atoi(e) == 1 || std::atoi(e) == 4) ? std::atoi(e) : 2;
@@ -604,7 +473,7 @@ int stream16_variant() {
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
-template <int B, int kAccs, int kPerm, int W>
+template <int B, int kAccs, bool kPerm, int W>
 int max_active_clusters(int splits, size_t smem) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int, size_t>, int> known;
@@ -627,7 +496,7 @@ int max_active_clusters(int splits, size_t smem) {
   return n;
 }
 
-template <int B, int kAccs, int kPerm, int W>
+template <int B, int kAccs, bool kPerm, int W>
 Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   const int steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
   Stream16Plan best;
@@ -641,13 +510,13 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
       if (used_splits != splits)
         continue;  // rounding left a split empty: a smaller one is the same
       int gpb = ceil_div(groups, std::max(1, std::min(sms / splits, groups)));
-      size_t smem = smem_bytes<B, W>(sps, gpb, splits, kPerm == 3);
+      size_t smem = smem_bytes<B, W>(sps, gpb, splits);
       if (smem > smem_limit) continue;
       if (const int most = max_active_clusters<B, kAccs, kPerm, W>(splits, smem); most <= 0) {
         continue;
       } else if (ceil_div(groups, gpb) > most) {  // one wave: more rows a cluster
         gpb = ceil_div(groups, most);
-        smem = smem_bytes<B, W>(sps, gpb, splits, kPerm == 3);
+        smem = smem_bytes<B, W>(sps, gpb, splits);
         if (smem > smem_limit) continue;
       }
       const int clusters = ceil_div(groups, gpb);
@@ -663,7 +532,7 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   return best;
 }
 
-template <int B, int kAccs, int kPerm, int W>
+template <int B, int kAccs, bool kPerm, int W>
 Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cudaStream_t s) {
   a.steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
   a.steps_per_split = plan.steps_per_split;
@@ -680,10 +549,10 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cud
 }
 
 // The kernel variant of stream16_variant() as a type, for f (one switch for planning and launch).
-template <int B, int A, int P, int W = 2>
+template <int B, int A, bool P, int W = 2>
 struct Variant {
   static constexpr int kBoxes = B, kAccs = A, kWGs = W;
-  static constexpr int kPerm = P;
+  static constexpr bool kPerm = P;
 };
 
 template <class F>
@@ -705,12 +574,6 @@ auto with_variant(F&& f) {
       return f(Variant<2, 1, true, 3>{});
     case 2111:
       return f(Variant<1, 1, true, 4>{});
-    case 221:
-      return f(Variant<2, 1, 2>{});
-    case 321:
-      return f(Variant<2, 1, 3>{});
-    case 1321:
-      return f(Variant<2, 1, 3, 3>{});
     default:
       return f(Variant<2, 1, true>{});
   }
@@ -758,10 +621,7 @@ Expected<bool> stream16_available(int device) {
                              reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 2>),
                              reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true, 2>),
                              reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 3>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, true, 4>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, 2, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, 3, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, 3, 3>)})
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, true, 4>)})
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "stream16 matmul (shared memory limit)");
   return true;

@@ -165,25 +165,6 @@ __device__ __forceinline__ void wgmma_m64n16k64(float* d, const uint32_t (&a)[16
 #undef KESTREL_WGMMA_D8
 }
 
-// d[8] += A (64 x 16, registers) . (B0 + B1) (two 16 x 16 slices, shared memory): the same A
-// against two B slices, as the 16-token kernel's correction term of the exact n d decode takes
-// the hi and lo parts of its block sums (matmul_stream16.cu).
-__device__ __forceinline__ void wgmma_m64n16k16_twice(float* d, const uint32_t (&a)[4],
-                                                      uint64_t desc0, uint64_t desc1) {
-#define KESTREL_WGMMA_D8 "%0, %1, %2, %3, %4, %5, %6, %7"
-  // clang-format off
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      KESTREL_WGMMA_K16("16", KESTREL_WGMMA_D8, "%8, %9, %10, %11", "%12")
-      KESTREL_WGMMA_K16("16", KESTREL_WGMMA_D8, "%8, %9, %10, %11", "%13")
-      "}\n"
-                // clang-format on
-                : KESTREL_WGMMA_F8(0)
-                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc0), "l"(desc1)
-                : "memory");
-#undef KESTREL_WGMMA_D8
-}
-
 #undef KESTREL_WGMMA_D64
 #undef KESTREL_WGMMA_D128_HI
 #undef KESTREL_WGMMA_K16
