@@ -392,7 +392,7 @@ if ((TESTS)); then
     # copy-engine-fed wgmma kernel (matmul_stream16.cu, the default on sm_90a since the
     # fifteenth session; KESTREL_CUDA_STREAM16=0), and stream16's other variants: one K split
     # forced, one code box a stage (the first version), four boxes with two accumulator sets
-    # (shapes they do not fit run on the fragment kernel), 3 and 4 consumer warpgroups.
+    # (shapes they do not fit run on the fragment kernel).
     gpu_test_stage gpu-tests-no-stream16 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-stream16.xml KESTREL_CUDA_STREAM16=0
     gpu_test_stage gpu-tests-stream16-s1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
@@ -401,11 +401,6 @@ if ((TESTS)); then
       gtest-gpu-stream16-b1.xml KESTREL_CUDA_STREAM16_BOXES=1
     gpu_test_stage gpu-tests-stream16-b4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-b4.xml KESTREL_CUDA_STREAM16_BOXES=4 KESTREL_CUDA_STREAM16_ACCS=2
-    # More consumer warpgroups an SM (3 with 2 boxes, 4 with 1 box; not yet run on a GPU).
-    gpu_test_stage gpu-tests-stream16-w3 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-w3.xml KESTREL_CUDA_STREAM16_WGS=3
-    gpu_test_stage gpu-tests-stream16-w4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-w4.xml KESTREL_CUDA_STREAM16_WGS=4
     # Attention of 1-16 tokens with the keys split among blocks (attention_split.cu, opt-in:
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \

@@ -32,9 +32,12 @@
 // fourteenth session: gate/up at 16 tokens 29.6 against 30.3 us), so bytes in flight were not that
 // kernel's limit; with 2 boxes and permuted activations (fewer decode instructions) faster on
 // every shape (H100, fifteenth session: gate/up 26.8 against 29.9 us, qkv 16.3 against 21.8; the
-// seed's b128 ub16 4,036 against 3,735 t/s): the default on sm_90a since then. Still issue-bound
-// (ncu: 2.2 warps a scheduler, an instruction every 3.4 cycles): KESTREL_CUDA_STREAM16_WGS=3|4
-// run more consumer warpgroups.
+// seed's b128 ub16 4,036 against 3,735 t/s): the default on sm_90a since then. ncu: 2.2 warps a
+// scheduler, 0.38 of them eligible, an instruction every 3.3 cycles. Tried in the sixteenth
+// session and removed (H100, 16 tokens, gate/up group 26.6 us as is): 3 consumer warpgroups
+// 29.6, 4 (1 box) 26.4; a decode with ~40% fewer instructions (n d, the -8 d made up by one more
+// wgmma a step; commit c60cb1e) 24.8 without its preparation of the activations and 26.3 with
+// it in the kernel. So neither more warps nor fewer decode instructions are the lever.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -61,17 +64,16 @@ constexpr int kBoxScaleBytes = 1024;  // its scales: 8 f16 a row
 constexpr int kActBox = 16 * 64 * 2;  // 16 tokens x 64 K of f16: one swizzle atom column
 constexpr int kMaxSplits = 8;         // the portable cluster size
 
-// W consumer warpgroups (2 unless KESTREL_CUDA_STREAM16_WGS says 3 or 4) and a producer warp.
-// A stage: B boxes of K side by side (B x 128 contiguous bytes of each row, so that the memory
-// reads B times longer runs of a row at once), kStages of them a warpgroup (fewer with more
-// warpgroups: the shared memory holds W x kStages stages).
+// W consumer warpgroups (2; 3 and 4 were tried: above) and a producer warp. A stage: B boxes of
+// K side by side (B x 128 contiguous bytes of each row, so that the memory reads B times longer
+// runs of a row at once), kStages of them a warpgroup (the shared memory holds W x kStages).
 template <int B, int W = 2>
 struct Cfg {
   static constexpr int kThreads = 128 * W + 32;
   static constexpr int kStepK = kBoxK * B;
   static constexpr int kCodeBytes = kBoxCodeBytes * B;
   static constexpr int kStageBytes = kCodeBytes + kBoxScaleBytes * B;
-  static constexpr int kStages = B == 1 ? (W == 2 ? 5 : 3) : B == 2 ? (W == 2 ? 3 : 2) : 2;
+  static constexpr int kStages = B == 1 ? 5 : B == 2 ? 3 : 2;
   static_assert(kStageBytes % 1024 == 0, "stages keep the swizzled codes 1024-aligned");
 };
 
@@ -449,19 +451,12 @@ cudaLaunchAttribute cluster_attr(int splits) {
 // permuted activations (2 or 4 boxes, one set; unless KESTREL_CUDA_STREAM16_PERM=0).
 // Measured (H100, fifteenth session, 16 tokens, us: 1 box / 2 / 2 with two sets / 2 permuted):
 // qkv group 18.3 / 17.4 / 18.0 / 16.0, gate/up group 28.8 / 29.7 / 30.5 / 27.2; 4 boxes do not
-// fit the 11008-wide shapes; the fragment kernel 21.9 and 29.7. ncu of the permuted 2-box
-// variant: issue-bound with two consumer warps a scheduler, so KESTREL_CUDA_STREAM16_WGS=3 (2
-// boxes, permuted, 3 warpgroups: + 1000) and =4 (1 box, permuted, 4 warpgroups: + 2000; 2
-// boxes of 4 warpgroups leave no shared memory for the activations) try more (not yet run).
+// fit the 11008-wide shapes; the fragment kernel 21.9 and 29.7.
 int stream16_variant() {
   static const int n = [] {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_BOXES");
     const char* f = std::getenv("KESTREL_CUDA_STREAM16_ACCS");
     const char* g = std::getenv("KESTREL_CUDA_STREAM16_PERM");
-    if (const char* wgs = std::getenv("KESTREL_CUDA_STREAM16_WGS")) {
-      if (std::string(wgs) == "3") return 1121;
-      if (std::string(wgs) == "4") return 2111;
-    }
     const int boxes = e && (std::atoi(e) == 1 || std::atoi(e) == 4) ? std::atoi(e) : 2;
     const bool accs2 = f && std::atoi(f) == 2 && boxes > 1;
     if (!(g && std::string(g) == "0") && !accs2 && boxes > 1) return 100 + 10 * boxes + 1;
@@ -570,10 +565,6 @@ auto with_variant(F&& f) {
       return f(Variant<1, 1, false>{});
     case 141:
       return f(Variant<4, 1, true>{});
-    case 1121:
-      return f(Variant<2, 1, true, 3>{});
-    case 2111:
-      return f(Variant<1, 1, true, 4>{});
     default:
       return f(Variant<2, 1, true>{});
   }
@@ -619,9 +610,7 @@ Expected<bool> stream16_available(int device) {
                              reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2, false, 2>),
                              reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2, false, 2>),
                              reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 3>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, true, 4>)})
+                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true, 2>)})
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "stream16 matmul (shared memory limit)");
   return true;
