@@ -189,7 +189,7 @@ run_bench() {
   seed=(-p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
   if ((SEED_ONLY)); then
     timeout 240 $b -r 3 "${seed[@]}" || rc=1
-    sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_FRAG_NB=2}" "${seed[@]}"
+    sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_FRAG_NB=4}" "${seed[@]}"
     ((PROFILE)) && { timeout 200 $b -r 1 "${seed[@]}" --profile || true; }
     return
   fi
@@ -208,10 +208,10 @@ run_bench() {
   KESTREL_CL_RECORD=1 timeout 120 $b -r 3 -p 0 -n 32 2>&1 |
     sed "/^| llama/s/^| /| KESTREL_CL_RECORD=1 /" || true
   # Unless given, the seed's case is also measured with the former defaults (the template's local
-  # tiles, a reduce launch), the opt-in command buffers, and the fragment kernel loading 2 blocks
+  # tiles, a reduce launch), the opt-in command buffers, and the fragment kernel loading 4 blocks
   # at once (src/backend/opencl/NOTES.md).
   sweep "${OCL_SWEEP_PP:-}" -p 512 -n 0
-  sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_FRAG=0 KESTREL_CL_NV_REDUCE=launch;KESTREL_CL_RECORD=1;KESTREL_CL_NV_FRAG_NB=2}" "${seed[@]}"
+  sweep "${OCL_SWEEP_SEED-KESTREL_CL_NV_FRAG=0 KESTREL_CL_NV_REDUCE=launch;KESTREL_CL_RECORD=1;KESTREL_CL_NV_FRAG_NB=4}" "${seed[@]}"
   if ((PROFILE)); then
     timeout 200 $b -r 1 -p 512 -n 0 --profile || true
     timeout 200 $b -r 1 "${seed[@]}" --profile || true
