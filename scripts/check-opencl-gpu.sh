@@ -158,7 +158,7 @@ run_tests() {
 run_bench() {
   # sweep NAME FLAGS...: the case once per setting of OCL_SWEEP_<NAME>, its rows relabelled.
   sweep() {
-    local list=$1 setting
+    local list=$1 setting settings
     shift
     IFS=';' read -ra settings <<<"$list"
     for setting in "${settings[@]}"; do
