@@ -338,8 +338,12 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
     KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
                              fused_matmul_input(static_cast<float*>(out.data), n_tokens, q_dim));
     if (mode_ == Mode::Stage) return Status::ok();
-    // A recorded launch must serve every later context length: room for all keys it may see.
-    const int64_t keys = mode_ == Mode::Capture ? kRowsMaxKeys : n_kv_all;
+    // A recorded launch must serve every later context length: room for all keys it may see,
+    // which the cache's rows bound (the seed's -c 512: 43 KB of shared memory a block, not 163,
+    // so that the output projection's blocks can start beside it; see matmul_stream16.cu).
+    const int64_t keys = mode_ == Mode::Capture
+                             ? std::min(kRowsMaxKeys, std::min(k_cache.rows, v_cache.rows))
+                             : n_kv_all;
     return launch_attention_rows(static_cast<const float*>(q.data), n_tokens, keys, pos_dev,
                                  k_cache, v_cache, p, static_cast<float*>(out.data), also, stream_);
   }

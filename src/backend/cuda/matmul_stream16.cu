@@ -38,6 +38,14 @@
 // 29.6, 4 (1 box) 26.4; a decode with ~40% fewer instructions (n d, the -8 d made up by one more
 // wgmma a step; commit c60cb1e) 24.8 without its preparation of the activations and 26.3 with
 // it in the kernel. So neither more warps nor fewer decode instructions are the lever.
+// Seventeenth session: a launch takes ~6 us beyond its bytes at 3 TB/s (ncu, attn_q at 16 tokens:
+// 11.6 us, DRAM 25% busy, SMs active 75% of the time), so the kernel goes as a programmatic
+// dependent launch and its producer fills the rings before it waits for the kernel before (the
+// norms, SwiGLU, attention let dependents start): the seed's b128 ub16 4,325 / 4,313 t/s against
+// 4,109 / 4,106 with KESTREL_CUDA_STREAM16_PDL=0 (H200, alternating runs of 5). The output
+// projection gains nothing from it: attention_rows_kernel's 16-token blocks hold all 64 K
+// registers of their SMs (512 threads x 128), so no block of this kernel starts beside them (a
+// plan of at most 176 KB, to fit beside their shared memory, lost: 4,137 against 4,350).
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -127,12 +135,25 @@ __device__ __forceinline__ int part_of_group(const Stream16Args& a, int group, i
   return p;
 }
 
+// The activations of the block's K range, once the kernel before this one has written them
+// (a programmatic dependent launch gets here while it may still run).
+template <int B>
+__device__ void load_acts(const Stream16Args& a, int ks0, int ks1, uint32_t acts, uint32_t bar) {
+  grid_dependency_wait();
+  barrier_expect(bar, (ks1 - ks0) * 4 * B * kActBox);
+  for (int b = 0; b < (ks1 - ks0) * 4 * B; ++b)
+    tma_load(acts + b * kActBox, a.act, (ks0 * 4 * B + b) * 64, 0, bar);
+}
+
 // The producer thread: for each row group, each step of the block's K range into the ring of the
-// warpgroup that takes it (steps ks0 + w, + kWGs, ...: warpgroup w).
+// warpgroup that takes it (steps ks0 + w, + kWGs, ...: warpgroup w). The weights depend on no
+// kernel, so the rings fill first, then the activations come (load_acts): launched early, the
+// block has its first ~100 KB of weights on the way while the kernel before it finishes.
 template <int B, int kWGs>
 __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1, uint32_t stages,
-                        uint32_t full, uint32_t empty) {
+                        uint32_t full, uint32_t empty, uint32_t acts, uint32_t act_bar) {
   using C = Cfg<B, kWGs>;
+  bool acts_loaded = false;
   int filled[kWGs] = {};
   for (int group = g0; group < g1; ++group) {
     int row0 = 0;
@@ -144,7 +165,11 @@ __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1,
         if (ks >= ks1) continue;
         const int slot = filled[w] % C::kStages, use = filled[w] / C::kStages;
         const int stage = w * C::kStages + slot;
-        if (use > 0) barrier_wait(empty + 8 * stage, (use - 1) & 1);
+        if (use > 0) {
+          if (!acts_loaded) load_acts<B>(a, ks0, ks1, acts, act_bar);
+          acts_loaded = true;
+          barrier_wait(empty + 8 * stage, (use - 1) & 1);
+        }
         const uint32_t dst = stages + stage * C::kStageBytes, bar = full + 8 * stage;
         barrier_expect(bar, C::kStageBytes);
 #pragma unroll
@@ -158,6 +183,7 @@ __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1,
       }
     }
   }
+  if (!acts_loaded) load_acts<B>(a, ks0, ks1, acts, act_bar);
 }
 
 // A of one 64-K slice pair (Q4_0 blocks 2 sub and 2 sub + 1 of the stage) for the thread's rows:
@@ -321,11 +347,7 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
   }
   __syncthreads();
   if (tid == kWGs * 128) {
-    // The activations of the K range first (they gate every product), then the weight stream.
-    barrier_expect(act_bar, (ks1 - ks0) * 4 * B * kActBox);
-    for (int b = 0; b < (ks1 - ks0) * 4 * B; ++b)
-      tma_load(acts + b * kActBox, a.act, (ks0 * 4 * B + b) * 64, 0, act_bar);
-    produce<B, kWGs>(a, g0, g1, ks0, ks1, stages, full, empty);
+    produce<B, kWGs>(a, g0, g1, ks0, ks1, stages, full, empty, acts, act_bar);
   } else if (tid < kWGs * 128) {
     const int w = tid / 128, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int rig = 16 * (tid % 128 / 32) + g;  // the thread's rows in a group: rig, rig + 8
@@ -335,6 +357,7 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     uint32_t A0[16], A1[16];
     int used = 0;  // stages of this warpgroup's ring consumed so far
     barrier_wait(act_bar, 0);
+    grid_dependency_wait();  // (passed: the producer's load_acts) before any result is stored
     if constexpr (kPerm)
       permute_acts<kWGs>(base + kWGs * C::kStages * C::kStageBytes, (ks1 - ks0) * 4 * B, tid);
     for (int group = g0; group < g1; ++group) {
@@ -465,6 +488,17 @@ int stream16_variant() {
   return n;
 }
 
+// Whether the kernel goes as a programmatic dependent launch, streaming its first weights while
+// the kernel before it (a norm, SwiGLU, attention: they let dependents start) finishes; not with
+// KESTREL_CUDA_PDL=0 or KESTREL_CUDA_STREAM16_PDL=0.
+bool stream16_early() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_STREAM16_PDL");
+    return dependent_launches() && !(e && std::string(e) == "0");
+  }();
+  return on;
+}
+
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
@@ -534,9 +568,11 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cud
   a.groups_per_block = plan.groups_per_block;
   cudaLaunchConfig_t config =
       launch_config(plan.splits, plan.clusters, plan.smem, Cfg<B, W>::kThreads, s);
-  cudaLaunchAttribute attr = cluster_attr(plan.splits);
-  config.attrs = &attr;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attrs[2] = {cluster_attr(plan.splits), {}};
+  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attrs;
+  config.numAttrs = stream16_early() ? 2 : 1;
   CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs, kPerm, W>, a),
            "matmul (stream16 launch)");
   LAUNCH_CHECK("matmul (stream16, Q4_0)");
