@@ -30,7 +30,7 @@
 # seconds (default 540); a failed stage is reported and the run goes on. Output: the PASS/FAIL
 # summary with each stage's time, then the benchmark table. Files (under $OUT when set, else
 # build-gpu/gpu-check/): gpu-check.log (everything), gpu-check.json (stages), gtest-gpu.xml,
-# bench-gpu.json.
+# bench-gpu.json; under $OUT the per-stage files (gtest XML, ncu reports) in stage-files.tar.gz.
 #
 #   bash scripts/gpu-check.sh [--quick (no e2e)] [--bench-only] [--no-bench] [--no-opencl] [--peer]
 #
@@ -511,10 +511,17 @@ if ((BENCH)); then
     # GPU_CHECK_NCU=1: Nsight Compute's full section set on one grouped 16-token launch (its
     # report goes to ncu-frag.txt): where the 5-16-token kernel's time goes.
     if [[ "${GPU_CHECK_NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
+      # Also the report itself, its raw metrics (stall samples: smsp__pcsamp_*) and its SASS
+      # with the samples an instruction.
+      ncu_rep=$OUTDIR/ncu-frag
       run_stage ncu-frag "$(limit 120 $((BENCH_SECS + 5)))" '^  [A-Z].*(Throughput|Busy|Occupancy|Warp Cycles|Issue)' \
-        env ${GPU_CHECK_NCU_ENV:-} bash -c "ncu --clock-control none --set full \
+        env ${GPU_CHECK_NCU_ENV:-} bash -c "ncu --clock-control none --set full --import-source yes \
           -k regex:${GPU_CHECK_NCU_KERNEL:-frag} --launch-skip ${GPU_CHECK_NCU_SKIP:-3} --launch-count 2 \
-          '$MM_BIN' --tokens 16 --ms 1 >'$OUTDIR/ncu-frag.txt' 2>&1; rc=\$?; cat '$OUTDIR/ncu-frag.txt'; exit \$rc"
+          -o '$ncu_rep' -f '$MM_BIN' --tokens 16 --ms 1 >'$ncu_rep.log' 2>&1; rc=\$?
+          ncu -i '$ncu_rep.ncu-rep' --page details >'$ncu_rep.txt' 2>&1
+          ncu -i '$ncu_rep.ncu-rep' --page raw --csv >'$ncu_rep-raw.csv' 2>&1
+          ncu -i '$ncu_rep.ncu-rep' --page source --csv --print-source sass >'$ncu_rep-sass.csv' 2>&1
+          cat '$ncu_rep.log' '$ncu_rep.txt'; exit \$rc"
       record ncu-frag "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "report in ncu-frag.txt"
     fi
   fi
@@ -596,6 +603,18 @@ for s in stages:
 json.dump({"verdict": sys.argv[1], "exit_code": int(sys.argv[2]), "seconds": int(sys.argv[3]),
            "gpu": sys.argv[4], "stages": stages}, open(sys.argv[5], "w"), indent=2)
 ' "$verdict" "$code" "$(elapsed)" "${gpu_name:-}" "$OUTDIR/gpu-check.json" 2>>"$LOG"
+
+# The GPU machine's tool brings back at most 8 files from $OUT: when it is set, the per-stage
+# files (gtest XML, the matmul bench's JSON, ncu's reports) go into one archive there.
+if [[ -n "${OUT:-}" ]]; then
+  mapfile -t stage_files < <(cd "$OUTDIR" && ls -A | grep -v -x -E \
+    'gpu-check\.log|gpu-check\.json|bench-gpu\.json|opencl-gpu\.log|stage-files\.tar\.gz')
+  if ((${#stage_files[@]})) &&
+    tar -C "$OUTDIR" -czf "$OUTDIR/stage-files.tar.gz" "${stage_files[@]}" 2>>"$LOG"; then
+    (cd "$OUTDIR" && rm -rf -- "${stage_files[@]}")
+    echo "per-stage files: $OUTDIR/stage-files.tar.gz (${#stage_files[@]})" | tee -a "$LOG"
+  fi
+fi
 
 if [[ -f "$TABLE" ]]; then
   echo | tee -a "$LOG"
