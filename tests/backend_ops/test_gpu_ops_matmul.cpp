@@ -138,6 +138,15 @@ void check_shapes(Backend& be, const std::string& backend, DType type) {
   }
 }
 
+// The first `width` columns of the first `rows` rows of x (rows of n floats).
+std::vector<float> x_of_width(const std::vector<float>& x, int64_t n, int64_t width, int rows) {
+  std::vector<float> out;
+  out.reserve(static_cast<size_t>(rows * width));
+  for (int64_t r = 0; r < rows; ++r)
+    out.insert(out.end(), x.begin() + r * n, x.begin() + r * n + width);
+  return out;
+}
+
 // n_in 4096, n_out 4096 (a 7B-class projection) at T 1, 16 (+ bias) and 512; x has exactly
 // 512 rows.
 void check_large(Backend& be, const std::string& backend, DType type) {
@@ -158,6 +167,23 @@ void check_large(Backend& be, const std::string& backend, DType type) {
                   matmul_bound_name(type),
                   backend + " matmul-4096/" + type_str(type) + "/T=" + std::to_string(T),
                   shape_str(type, n, n, T, with_bias));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  // More rows than 64 x 132 (an H100's SMs): the persistent micro-batch kernels give a block
+  // several row groups, the later ones over activations it holds already.
+  constexpr int kTallTokens = 16;
+  const int64_t n_in = 512, n_out = 64 * 132 * 2 + 37;
+  const std::vector<float> x_tall = x_of_width(x, n, n_in, kTallTokens);
+  const HostWeight tall = random_weight(rng, type, n_in, n_out);
+  const std::vector<double> tall_ref = matmul_reference(tall, x_tall, kTallTokens);
+  auto wt = be.load_weight(tall.matrix());
+  ASSERT_TRUE(wt.has_value()) << type_str(type) << ": " << wt.message();
+  DevTensor xs(be, kTallTokens, n_in, x_tall);
+  DevTensor tall_out(be, DType::F32, kTallTokens, n_out, "out");
+  for (int T : {5, 16}) {
+    run_and_check(be, **wt, xs, T, tall_out, tall_ref, nullptr, nullptr, matmul_bound_name(type),
+                  backend + " matmul-tall/" + type_str(type) + "/T=" + std::to_string(T),
+                  shape_str(type, n_in, n_out, T, false));
     if (::testing::Test::HasFatalFailure()) return;
   }
 }
