@@ -42,7 +42,9 @@
 # leave out, space-separated, when device time is short), GPU_MATMUL_VARIANTS (the matmul
 # micro-benchmark's settings, ';'-separated), GPU_CHECK_NCU=1 (ncu on one 16-token matmul launch;
 # GPU_CHECK_NCU_KERNEL: a regex of kernel names, frag; GPU_CHECK_NCU_ENV: VAR=VALUE settings for
-# that run; GPU_CHECK_NCU_SKIP: launches of it skipped first, 3).
+# that run; GPU_CHECK_NCU_SKIP: launches of it skipped first, 3), GPU_CHECK_SEED_PROFILE=1 (the
+# seed's b128 ub16 with --profile), GPU_CHECK_NCU_MODEL=REGEX (ncu on one launch of the kernels
+# matching REGEX in the seed's b128 ub16, e.g. attention_rows; GPU_CHECK_NCU_MODEL_SKIP, 480).
 #
 # Exit status: 0 all passed; 1 a test stage failed (build, GPU tests, e2e, setup); 2 the tests
 # passed but a benchmark case failed to run (targets not met are not failures).
@@ -544,6 +546,29 @@ if ((BENCH)); then
       -m "$MODELS/llama2-7b-q4_0.gguf" -p 0 -n 64 -r 1
     record decode-timing "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" \
       "KESTREL_CUDA_FUSED_DECODE=1 tg64 phase times in gpu-check.log"
+  fi
+  # GPU_CHECK_SEED_PROFILE=1: the seed's b128 ub16 with --profile (per-op times);
+  # GPU_CHECK_NCU_MODEL=REGEX: ncu's full set on one launch of the kernels matching REGEX inside
+  # that run (after GPU_CHECK_NCU_MODEL_SKIP of them, 480: 32 a micro-batch of 16, so the 16th, ~250 keys), its
+  # report, raw metrics and SASS with stall samples as ncu-model.* (e.g. attention_rows).
+  seed_args=(-m "$MODELS/llama2-7b-q4_0.gguf" -p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
+  if ((KESTREL_OK)) && [[ -s "$MODELS/llama2-7b-q4_0.gguf" ]] && [[ "${GPU_CHECK_SEED_PROFILE:-0}" == 1 ]]; then
+    run_stage seed-profile "$(limit 60 $((BENCH_SECS)))" '^\| |^Measured' \
+      "$BUILD/bin/kestrel" bench "${seed_args[@]}" -r 2 --profile
+    record seed-profile "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "per-op table in gpu-check.log"
+  fi
+  if ((KESTREL_OK)) && [[ -s "$MODELS/llama2-7b-q4_0.gguf" ]] && [[ -n "${GPU_CHECK_NCU_MODEL:-}" ]] &&
+    command -v ncu >/dev/null; then
+    ncu_rep=$OUTDIR/ncu-model
+    run_stage ncu-model "$(limit 150 $((BENCH_SECS + 5)))" '^  [A-Z].*(Throughput|Busy|Occupancy|Warp Cycles|Issue|Duration)' \
+      bash -c "ncu --clock-control none --set full --import-source yes -k regex:'$GPU_CHECK_NCU_MODEL' \
+        --launch-skip ${GPU_CHECK_NCU_MODEL_SKIP:-480} --launch-count 1 -o '$ncu_rep' -f \
+        '$BUILD/bin/kestrel' bench ${seed_args[*]} -r 1 >'$ncu_rep.log' 2>&1; rc=\$?
+        ncu -i '$ncu_rep.ncu-rep' --page details >'$ncu_rep.txt' 2>&1
+        ncu -i '$ncu_rep.ncu-rep' --page raw --csv >'$ncu_rep-raw.csv' 2>&1
+        ncu -i '$ncu_rep.ncu-rep' --page source --csv --print-source sass >'$ncu_rep-sass.csv' 2>&1
+        tail -n 5 '$ncu_rep.log'; cat '$ncu_rep.txt'; exit \$rc"
+    record ncu-model "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "report in ncu-model.txt"
   fi
   if ((KESTREL_OK)); then
     lim=$(limit 600 5)
