@@ -549,8 +549,8 @@ if ((BENCH)); then
   fi
   # GPU_CHECK_SEED_PROFILE=1: the seed's b128 ub16 with --profile (per-op times);
   # GPU_CHECK_NCU_MODEL=REGEX: ncu's full set on one launch of the kernels matching REGEX inside
-  # that run (after GPU_CHECK_NCU_MODEL_SKIP of them, 480: 32 a micro-batch of 16, so the 16th, ~250 keys), its
-  # report, raw metrics and SASS with stall samples as ncu-model.* (e.g. attention_rows).
+  # that run (after GPU_CHECK_NCU_MODEL_SKIP of them, 480: with 32 a micro-batch, one of the
+  # 16th, ~250 keys), its report, raw metrics and SASS with stall samples as ncu-model.*.
   seed_args=(-m "$MODELS/llama2-7b-q4_0.gguf" -p 327 -n 0 -b 128 -ub 16 -ctk q4_0 -ctv q4_0)
   if ((KESTREL_OK)) && [[ -s "$MODELS/llama2-7b-q4_0.gguf" ]] && [[ "${GPU_CHECK_SEED_PROFILE:-0}" == 1 ]]; then
     run_stage seed-profile "$(limit 60 $((BENCH_SECS)))" '^\| |^Measured' \
