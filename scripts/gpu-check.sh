@@ -415,6 +415,10 @@ if ((TESTS)); then
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \
       KESTREL_CUDA_ATT_SPLIT_MIN=1
+    # Attention of 1-16 tokens on the tensor cores straight from the cache (attention_tc16.cu,
+    # opt-in: KESTREL_CUDA_ATT_TC16_MIN=N from N tokens; 1 here, decode steps included).
+    gpu_test_stage gpu-tests-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-tc16.xml \
+      KESTREL_CUDA_ATT_TC16_MIN=1
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -457,6 +461,7 @@ if ((TESTS && !QUICK)); then
       KESTREL_CUDA_FUSED_DECODE=1
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1
+    e2e e2e-att-tc16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_TC16_MIN=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     if ! skipped overlap-cuda; then
