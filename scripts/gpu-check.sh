@@ -517,7 +517,7 @@ if ((BENCH)); then
   # 1, 16 and 512 tokens, under each setting of $GPU_MATMUL_VARIANTS (';'-separated env
   # assignments, "-" for the defaults): how far each kernel is from the bandwidth floor.
   MM_BIN=$BUILD/bin/kestrel_gpu_matmul_bench
-  if [[ -x "$MM_BIN" ]]; then
+  if [[ -x "$MM_BIN" ]] && ! skipped matmul-bench; then
     IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--}"
     run_stage matmul-bench "$(limit 90 $((BENCH_SECS + 5)))" '^## |^\| [a-z]|failed' \
       env OUTDIR="$OUTDIR" bash "$ROOT/bench/lab/matmul_sweep.sh" "$MM_BIN" "${mm_variants[@]}"
