@@ -5,6 +5,7 @@
 // runs one m16n8k16 product of small integers and compares it with the exact one. A driver whose
 // compiler refuses the inline PTX, or whose product is wrong, keeps the portable kernels, with one
 // line on stderr saying why.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -148,6 +149,8 @@ void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
   nv_reduce_in_kernel_ = !(reduce && std::string(reduce) == "launch");
   const char* frag = std::getenv("KESTREL_CL_NV_FRAG");
   nv_frag_ = !(frag && std::string(frag) == "0");
+  if (const char* min = std::getenv("KESTREL_CL_NV_MIN_TOKENS"))
+    nv_min_tokens_ = std::clamp(std::atoi(min), 2, kSmallBatch + 1);
   if (const char* nb = std::getenv("KESTREL_CL_NV_FRAG_NB"); nb && nv_frag_) {
     const int n = std::atoi(nb);
     if (n == 1 || n == 2 || n == 4 || n == 8) options += format(" -DNVF_NB=%d", n);
