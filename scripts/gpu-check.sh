@@ -415,10 +415,13 @@ if ((TESTS)); then
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \
       KESTREL_CUDA_ATT_SPLIT_MIN=1
-    # Attention of 1-16 tokens on the tensor cores straight from the cache (attention_tc16.cu,
-    # opt-in: KESTREL_CUDA_ATT_TC16_MIN=N from N tokens; 1 here, decode steps included).
+    # Attention of 1-16 tokens on the tensor cores straight from the cache (attention_tc16.cu:
+    # KESTREL_CUDA_ATT_TC16_MIN=N from N tokens, 3 by default; 1 here, decode steps included),
+    # and the rows kernel it replaces from 3 tokens (17: never).
     gpu_test_stage gpu-tests-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-tc16.xml \
       KESTREL_CUDA_ATT_TC16_MIN=1
+    gpu_test_stage gpu-tests-no-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' \
+      gtest-gpu-no-att-tc16.xml KESTREL_CUDA_ATT_TC16_MIN=17
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \

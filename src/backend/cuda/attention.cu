@@ -312,10 +312,10 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
-  const bool tc16 =
-      n_tokens >= att_tc16_min_tokens_ && attention_tc16_fits(p, n_tokens, k_cache, v_cache);
-  const bool split =
-      !tc16 && n_tokens >= att_split_min_tokens_ && attention_split_fits(p, n_tokens);
+  // (The split-key kernel is opt-in: where it was asked for, it goes before tc16.)
+  const bool split = n_tokens >= att_split_min_tokens_ && attention_split_fits(p, n_tokens);
+  const bool tc16 = !split && n_tokens >= att_tc16_min_tokens_ &&
+                    attention_tc16_fits(p, n_tokens, k_cache, v_cache);
   const bool rows = n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim;
   // The GEMM path depends on host-side sizes: a recording can only hold the few-token kernels.
   if (mode_ != Mode::Eager && !tc16 && !split && !rows)
