@@ -202,10 +202,10 @@ Expected<cl_mem> OpenclBackend::nv_arrivals(size_t tiles) {
 }
 
 // The tensor-core matmuls of up to three Q4_0 / Q8_0 weights of one type over the same input
-// and more than 8 tokens, in one launch: up to 32 tokens in one pass over the weights (16- or
-// 32-token tiles), more in 64-token tiles; the input columns split when the output tiles leave
-// compute units idle, the partials added by each tile's last work-group (in-kernel sums) or by
-// matmul_reduce (one weight a launch then).
+// and nv_min_tokens_ or more tokens, in one launch: up to 32 tokens in one pass over the weights
+// (16- or 32-token tiles), more in 64-token tiles; the input columns split when the output tiles
+// leave compute units idle, the partials added by each tile's last work-group (in-kernel sums) or
+// by matmul_reduce (one weight a launch then).
 Status OpenclBackend::matmul_nv(const MatmulSegment* segs, int n_segs, const Tensor& x,
                                 int n_tokens, const char* op) {
   if (n_segs < 1 || n_segs > 3) return error("%s: %d weights in one launch (1 to 3)", op, n_segs);
