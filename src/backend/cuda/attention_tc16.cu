@@ -389,12 +389,13 @@ Status launch_typed(const Tc16Args& a, int splits, cudaStream_t s) {
 
 bool attention_tc16_fits(const AttentionParams& p, int n_tokens, const Tensor& kc,
                          const Tensor& vc) {
-  const auto quantized_ok = [&](const Tensor& t) {
+  // Rows the stages' cp.async copies can take (16-byte pieces of f16 rows, 4 of quantized ones).
+  const auto rows_aligned = [&](const Tensor& t) {
     return t.type == DType::F16 ? t.row_bytes() % 16 == 0 : t.row_bytes() % 4 == 0;
   };
   const bool types = with_cache_types(kc.type, vc.type, [](auto) {});
   return types && n_tokens >= 1 && n_tokens <= kMaxTokens &&
-         (p.head_dim == 64 || p.head_dim == 128) && quantized_ok(kc) && quantized_ok(vc);
+         (p.head_dim == 64 || p.head_dim == 128) && rows_aligned(kc) && rows_aligned(vc);
 }
 
 int attention_tc16_count(const AttentionParams& p, int sm_count) {
