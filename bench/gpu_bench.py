@@ -100,6 +100,10 @@ VARIANTS = [
     # relaxed (both opt-in until measured).
     ("KESTREL_CUDA_STREAM16_ACT_STEPS=1", "seed case, b128 ub16"),
     ("KESTREL_CUDA_STREAM16_RELAXED_EXIT=1", "seed case, b128 ub16"),
+    # The kernels between the matmuls without programmatic dependent launches (branch
+    # wip/pdl-chain: with them by default).
+    ("KESTREL_CUDA_PDL_CHAIN=0", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_PDL_CHAIN=0", "llama2-7b tg128"),
     # Attention of micro-batches (and, from 1 token, decode steps) with the keys split among
     # blocks (attention_split.cu, opt-in) instead of a block a head for 1 or 4 tokens.
     ("KESTREL_CUDA_ATT_SPLIT_MIN=3", "b128 ub16"),

@@ -447,6 +447,9 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
       asm volatile("bar.sync 1, %0;\n" ::"n"(kWGs * 128) : "memory");  // the exchange is free
     }
   }
+  // The products are done: the next kernel (RoPE + KV store, a norm, SwiGLU; with
+  // chained_launches a dependent launch) may be scheduled while the results are summed and stored.
+  grid_dependents_launch();
   __syncwarp();  // the producer's lane rejoins its warp before the cluster barrier
   if (split) {
     cg::cluster_group cluster = cg::this_cluster();
