@@ -92,6 +92,14 @@ LOG=$OUTDIR/gpu-check.log
 now() { date +%s; }
 elapsed() { echo $(($(now) - T0)); }
 say() { printf '%s\n' "$*" | tee -a "$LOG"; }
+# ncu_exports REP: the commands that write REP.ncu-rep's details (REP.txt), raw metrics
+# (REP-raw.csv: stall samples are smsp__pcsamp_*) and SASS with samples (REP-sass.csv).
+ncu_exports() {
+  printf "ncu -i '%s.ncu-rep' --page details >'%s.txt' 2>&1; " "$1" "$1"
+  printf "ncu -i '%s.ncu-rep' --page raw --csv >'%s-raw.csv' 2>&1; " "$1" "$1"
+  printf "ncu -i '%s.ncu-rep' --page source --csv --print-source sass >'%s-sass.csv' 2>&1" "$1" "$1"
+}
+
 # limit MAX RESERVE: seconds for a stage: at most MAX, leaving RESERVE seconds of the budget
 # for the stages after it, at least 15.
 limit() {
@@ -524,16 +532,12 @@ if ((BENCH)); then
     # GPU_CHECK_NCU=1: Nsight Compute's full section set on one grouped 16-token launch (its
     # report goes to ncu-frag.txt): where the 5-16-token kernel's time goes.
     if [[ "${GPU_CHECK_NCU:-0}" == 1 ]] && command -v ncu >/dev/null; then
-      # Also the report itself, its raw metrics (stall samples: smsp__pcsamp_*) and its SASS
-      # with the samples an instruction.
       ncu_rep=$OUTDIR/ncu-frag
       run_stage ncu-frag "$(limit 120 $((BENCH_SECS + 5)))" '^  [A-Z].*(Throughput|Busy|Occupancy|Warp Cycles|Issue)' \
         env ${GPU_CHECK_NCU_ENV:-} bash -c "ncu --clock-control none --set full --import-source yes \
           -k regex:${GPU_CHECK_NCU_KERNEL:-frag} --launch-skip ${GPU_CHECK_NCU_SKIP:-3} --launch-count 2 \
           -o '$ncu_rep' -f '$MM_BIN' --tokens 16 --ms 1 >'$ncu_rep.log' 2>&1; rc=\$?
-          ncu -i '$ncu_rep.ncu-rep' --page details >'$ncu_rep.txt' 2>&1
-          ncu -i '$ncu_rep.ncu-rep' --page raw --csv >'$ncu_rep-raw.csv' 2>&1
-          ncu -i '$ncu_rep.ncu-rep' --page source --csv --print-source sass >'$ncu_rep-sass.csv' 2>&1
+          $(ncu_exports "$ncu_rep")
           cat '$ncu_rep.log' '$ncu_rep.txt'; exit \$rc"
       record ncu-frag "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "report in ncu-frag.txt"
     fi
@@ -564,9 +568,7 @@ if ((BENCH)); then
       bash -c "ncu --clock-control none --set full --import-source yes -k regex:'$GPU_CHECK_NCU_MODEL' \
         --launch-skip ${GPU_CHECK_NCU_MODEL_SKIP:-480} --launch-count 1 -o '$ncu_rep' -f \
         '$BUILD/bin/kestrel' bench ${seed_args[*]} -r 1 >'$ncu_rep.log' 2>&1; rc=\$?
-        ncu -i '$ncu_rep.ncu-rep' --page details >'$ncu_rep.txt' 2>&1
-        ncu -i '$ncu_rep.ncu-rep' --page raw --csv >'$ncu_rep-raw.csv' 2>&1
-        ncu -i '$ncu_rep.ncu-rep' --page source --csv --print-source sass >'$ncu_rep-sass.csv' 2>&1
+        $(ncu_exports "$ncu_rep")
         tail -n 5 '$ncu_rep.log'; cat '$ncu_rep.txt'; exit \$rc"
     record ncu-model "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "report in ncu-model.txt"
   fi
