@@ -108,6 +108,11 @@ VARIANTS = [
     # blocks (attention_split.cu, opt-in) instead of a block a head for 1 or 4 tokens.
     ("KESTREL_CUDA_ATT_SPLIT_MIN=3", "b128 ub16"),
     ("KESTREL_CUDA_ATT_SPLIT_MIN=1", "llama2-7b tg128"),
+    # Attention of micro-batches on the rows kernel instead of the tensor cores straight from
+    # the cache (attention_tc16.cu, the default from 3 tokens), and of decode steps on the
+    # tensor cores too (=1, opt-in).
+    ("KESTREL_CUDA_ATT_TC16_MIN=17", "b128 ub16"),
+    ("KESTREL_CUDA_ATT_TC16_MIN=1", "llama2-7b tg128"),
     # (The A/B rows of earlier trials -- RoPE + KV store on the rows kernel, SwiGLU four values a
     # thread, the wgmma prompt kernel, the fused decode layer, the fragment kernel's cluster sum
     # -- were measured and dropped from here:

@@ -426,6 +426,13 @@ if ((TESTS)); then
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \
       KESTREL_CUDA_ATT_SPLIT_MIN=1
+    # Attention of 1-16 tokens on the tensor cores straight from the cache (attention_tc16.cu:
+    # KESTREL_CUDA_ATT_TC16_MIN=N from N tokens, 3 by default; 1 here, decode steps included),
+    # and the rows kernel it replaces from 3 tokens (17: never).
+    gpu_test_stage gpu-tests-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-tc16.xml \
+      KESTREL_CUDA_ATT_TC16_MIN=1
+    gpu_test_stage gpu-tests-no-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' \
+      gtest-gpu-no-att-tc16.xml KESTREL_CUDA_ATT_TC16_MIN=17
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -468,6 +475,7 @@ if ((TESTS && !QUICK)); then
       KESTREL_CUDA_FUSED_DECODE=1
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1
+    e2e e2e-att-tc16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_TC16_MIN=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     if ! skipped overlap-cuda; then
@@ -523,7 +531,7 @@ if ((BENCH)); then
   # 1, 16 and 512 tokens, under each setting of $GPU_MATMUL_VARIANTS (';'-separated env
   # assignments, "-" for the defaults): how far each kernel is from the bandwidth floor.
   MM_BIN=$BUILD/bin/kestrel_gpu_matmul_bench
-  if [[ -x "$MM_BIN" ]]; then
+  if [[ -x "$MM_BIN" ]] && ! skipped matmul-bench; then
     IFS=';' read -r -a mm_variants <<<"${GPU_MATMUL_VARIANTS:--}"
     run_stage matmul-bench "$(limit 90 $((BENCH_SECS + 5)))" '^## |^\| [a-z]|failed' \
       env OUTDIR="$OUTDIR" bash "$ROOT/bench/lab/matmul_sweep.sh" "$MM_BIN" "${mm_variants[@]}"

@@ -415,6 +415,19 @@ TEST_P(GpuOpsAttention, KeysSplitAmongWorkGroups) {
   }
 }
 
+// Decode and a micro-batch over a long cache: the few-token kernels' key loops take many rounds
+// (CUDA's attention_tc16.cu: several 16-key sub-tiles a warp, double-buffered, and 16 splits to
+// merge; the rows kernel: 3,000 scores in shared memory).
+TEST_P(GpuOpsAttention, FewTokensOverALongCache) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  for (DType type : {DType::F16, DType::Q4_0})
+    for (int T : {1, 16}) {
+      run_attention_case(be(), GetParam(), rng, AttnCase{8, 2, 128, type, type, 3000, T});
+      if (HasFatalFailure()) return;
+    }
+}
+
 // A scale other than 1/sqrt(head_dim) must be the one used; sharp softmaxes (q sd 6: scores
 // of sd ~6) need the running maximum; decode right after a long prefill.
 TEST_P(GpuOpsAttention, GivenScaleAndSharpSoftmax) {

@@ -18,9 +18,10 @@
 namespace kestrel::backend::gpu_ops_test {
 namespace {
 
-// 1-3: decode; 8 and 9: either side of a small-batch kernel switch (the CUDA backend's is 8);
-// 16, 17, 33: tile edges; 64 .. 512: the GEMM paths.
-const std::vector<int> kTokenCounts = {1, 2, 3, 8, 9, 16, 17, 33, 64, 100, 256, 512};
+// 1-3: decode; 5: the first of the tensor-core kernels (CUDA's fragments, OpenCL's on NVIDIA);
+// 8 and 9: either side of a small-batch kernel switch (the CUDA backend's is 8); 16, 17, 33: tile
+// edges; 64 .. 512: the GEMM paths.
+const std::vector<int> kTokenCounts = {1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 100, 256, 512};
 constexpr int kMaxTokens = 512;
 
 bool is_kquant(DType t) {

@@ -315,21 +315,29 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
+  // (The split-key kernel is opt-in: where it was asked for, it goes before tc16.)
   const bool split = n_tokens >= att_split_min_tokens_ && attention_split_fits(p, n_tokens);
+  const bool tc16 = !split && n_tokens >= att_tc16_min_tokens_ &&
+                    attention_tc16_fits(p, n_tokens, k_cache, v_cache);
   const bool rows = n_tokens <= rows_max_tokens_ && n_kv_all <= kRowsMaxKeys && D <= kRowsMaxDim;
   // The GEMM path depends on host-side sizes: a recording can only hold the few-token kernels.
-  if (mode_ != Mode::Eager && !split && !rows)
+  if (mode_ != Mode::Eager && !tc16 && !split && !rows)
     return error("attention of %d tokens over %lld keys cannot be recorded", n_tokens,
                  static_cast<long long>(n_kv_all));
-  if (split) {  // keys split among blocks; the grid does not depend on the cache length
+  if (tc16 || split) {  // keys split among blocks; the grid does not depend on the cache length
     KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
     KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
                              fused_matmul_input(static_cast<float*>(out.data), n_tokens, q_dim));
-    const int splits = attention_split_count(p, sm_count_);
+    const int splits =
+        tc16 ? attention_tc16_count(p, sm_count_) : attention_split_count(p, sm_count_);
     KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals, arrival_counters(H, kAttnArrivals));
     KESTREL_ASSIGN_OR_RETURN(void* partials,
                              scratch(kAttnSplit, attention_split_scratch_bytes(p, splits)));
     if (mode_ == Mode::Stage) return Status::ok();
+    if (tc16)
+      return launch_attention_tc16(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
+                                   v_cache, p, splits, arrivals, partials,
+                                   static_cast<float*>(out.data), also, stream_);
     return launch_attention_split(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
                                   v_cache, p, splits, arrivals, partials,
                                   static_cast<float*>(out.data), also, stream_);

@@ -18,6 +18,7 @@
 // flips q4_0 steps of the next layer's K/V (attention.cu says why).
 #include <cuda_pipeline_primitives.h>
 
+#include "backend/cuda/attention_frag.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/frag_common.cuh"
 
@@ -40,31 +41,6 @@ constexpr size_t mma_smem_bytes() {
   return sizeof(__half) * (kTileQ + (kLo ? 4 : 2) * kTileK) * row_halfs<D>();
 }
 
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);  // .x (the low 16 bits) = lo
-  uint32_t u;
-  memcpy(&u, &h, 4);
-  return u;
-}
-
-// The f16 rounding errors of a and b (x - f16(x)), packed as pack_half2 packs them.
-__device__ __forceinline__ uint32_t pack_half2_lo(float a, float b) {
-  return pack_half2(a - __half2float(__float2half_rn(a)), b - __half2float(__float2half_rn(b)));
-}
-
-__device__ __forceinline__ uint32_t shared_word(const __half* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
-// The B fragments (k = 2c, 2c+1 and 2c+8, 2c+9; n = g) of a row-major [k][n] tile at p (row
-// stride `stride` halfs), rows k = 0..15, columns n = 0..7: ldmatrix transposing 8 x 8 blocks.
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& b0, uint32_t& b1, const __half* p) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(b0), "=r"(b1)
-               : "r"(addr));
-}
-
 // Rows r0 .. r0 + 63 of one KV head (elements first .. first + D - 1 of each row of a
 // [rows][row_elems] f16 matrix) into dst[64][D + 8] with cp.async; rows at or past n_valid are
 // zeros (never NaN garbage times a masked zero). The caller commits.
@@ -77,48 +53,6 @@ __device__ __forceinline__ void load_tile(const __half* cache, int64_t row_elems
     const bool in = r0 + r < n_valid;
     const __half* src = in ? cache + (r0 + r) * row_elems + first + 8 * c : cache;
     __pipeline_memcpy_async(dst + r * row_halfs<D>() + 8 * c, src, 16, in ? 0 : 16);
-  }
-}
-
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
-
-// One online-softmax step for the thread's two rows (g: e = 0, 1; g + 8: e = 2, 3) over a key
-// tile's scores s (already in log2 units, masked keys -inf): p = 2^(s - m) in place, the running
-// max m, the thread's share of the row sums l, and the output rows rescaled.
-template <int D>
-__device__ __forceinline__ void softmax_step(float (&s)[kTileK / 8][4], float (&m)[2],
-                                             float (&l)[2], float (&o)[D / 8][4]) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kTileK / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-    const float m_new = fmaxf(m[r], quad_max(mx));
-    // A row that has seen no key yet keeps m = -inf: subtract 0 instead, so that every p is 0.
-    const float base = m_new == -INFINITY ? 0.0f : m_new;
-    const float alpha = exp2f(m[r] - base);  // 0 while m was -inf
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kTileK / 8; ++j) {
-      s[j][2 * r] = exp2f(s[j][2 * r] - base);
-      s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - base);
-      sum += s[j][2 * r] + s[j][2 * r + 1];
-    }
-    l[r] = l[r] * alpha + sum;
-    m[r] = m_new;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][2 * r] *= alpha;
-      o[n][2 * r + 1] *= alpha;
-    }
   }
 }
 
@@ -246,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, kLo ? 2 : 3)
           const int64_t key = k0 + 8 * j + 2 * c + e % 2;
           s[j][e] = key <= last[e / 2] ? s[j][e] * scale_log2 : -INFINITY;
         }
-      softmax_step<D>(s, m, l, o);
+      softmax_step(s, m, l, o);
     }
     __syncthreads();  // every warp is done with the K tiles
     load_k(k0 + kTileK);

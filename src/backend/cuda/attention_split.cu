@@ -21,6 +21,7 @@
 // The split count S is fixed per launch (the grid cannot depend on the cache length when the
 // pass is replayed from a CUDA graph); the tiles a block takes follow the length read from pos.
 #include "backend/cuda/acts_device.cuh"
+#include "backend/cuda/attention_merge.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/quant_device.cuh"
 
@@ -157,69 +158,9 @@ __global__ void __launch_bounds__(kThreads)
     if (has_dims) reinterpret_cast<float4*>(part + (slot + tok[i]) * D)[lane] = o[i];
     if (lane == 0) ml[slot + tok[i]] = make_float2(m[i], l[i]);
   }
-  // The last split of the head to arrive merges (its reads bypass L1: other SMs wrote them).
-  __shared__ bool last;
-  __shared__ float weight[kMaxSplits][kMaxTokens];  // exp(m_s - max) / sum, per split and token
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&arrivals[h], 1u) == static_cast<unsigned>(splits - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  if (threadIdx.x == 0) arrivals[h] = 0;  // ready for the next launch
   const int64_t head0 = int64_t{h} * splits * kMaxTokens;
-  // The loops over splits run to the compile-time bound (predicated), so that their loads are
-  // all in flight at once: a loop to `splits` issued them one round of latency at a time
-  // (~20 us a launch; first H100 run).
-  if (threadIdx.x < nt) {
-    const int t = threadIdx.x;
-    float2 ms[kMaxSplits];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
-      ms[sp] =
-          sp < splits ? __ldcg(&ml[head0 + sp * kMaxTokens + t]) : make_float2(-INFINITY, 0.0f);
-      mx = fmaxf(mx, ms[sp].x);
-    }
-    float sum = 0.0f;
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
-      ms[sp].x = ms[sp].y > 0.0f ? expf(ms[sp].x - mx) : 0.0f;
-      sum += ms[sp].x * ms[sp].y;
-    }
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) weight[sp][t] = ms[sp].x / sum;
-  }
-  __syncthreads();
-  // The merged rows into qs (free now), four elements a thread, then out row by row.
-  const int d4 = D / 4;
-  for (int e = threadIdx.x; e < nt * d4; e += kThreads) {
-    const int t = e / d4, j = e % d4;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int sp = 0; sp < kMaxSplits; ++sp) {
-      const bool live = sp < splits;
-      const float w = live ? weight[sp][t] : 0.0f;
-      const float4 v =
-          live ? __ldcg(reinterpret_cast<const float4*>(part + (head0 + sp * kMaxTokens + t) * D) +
-                        j)
-               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-    }
-    reinterpret_cast<float4*>(qs + t * kMaxDim)[j] = acc;
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < nt * D; e += kThreads) {  // whole warps: D % 32 == 0
-    const int t = e / D, d = e % D;
-    const int64_t i = t * q_dim + int64_t{h} * D + d;
-    const float r = qs[t * kMaxDim + d];
-    out[i] = r;
-    // A warp's 32 values are one block of the output projection's input.
-    write_matmul_input1(also, i, r);
-  }
+  merge_head_partials<kThreads, kMaxTokens, kMaxSplits>(
+      h, splits, nt, D, q_dim, part + head0 * D, ml + head0, arrivals, out, also, qs, kMaxDim);
 }
 
 template <DType KT, DType VT>

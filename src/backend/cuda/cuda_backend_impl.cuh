@@ -39,8 +39,8 @@ enum ScratchSlot {
   kPartial,
   kActs,
   kArrivals,      // counters of the split-K kernels that reduce in their last block (kept zeroed)
-  kAttnArrivals,  // attention_split.cu's counters, one a head (kept zeroed)
-  kAttnSplit,     // attention_split.cu's partial softmaxes
+  kAttnArrivals,  // attention_split.cu's and attention_tc16.cu's counters, one a head (zeroed)
+  kAttnSplit,     // their partial softmaxes
   kSlots
 };
 
@@ -280,6 +280,11 @@ class CudaBackend final : public Backend {
   // From this many tokens to 16, attention splits the keys among blocks (attention_split.cu):
   // opt-in (slower so far), KESTREL_CUDA_ATT_SPLIT_MIN=N (1: decode steps too); 17: never.
   int att_split_min_tokens_ = 17;
+  // From this many tokens to 16, attention runs on the tensor cores straight from the cache
+  // (attention_tc16.cu; the seed's b128 ub16 on an H100: 4,377 / 4,389 t/s against 4,207 / 4,232
+  // on the rows kernel); KESTREL_CUDA_ATT_TC16_MIN=N sets it (1: decode steps too, not yet
+  // measured; 17: never).
+  int att_tc16_min_tokens_ = 3;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
@@ -507,6 +512,16 @@ Status launch_attention_split(const float* q, int n_tokens, const int32_t* pos, 
                               const Tensor& vc, const AttentionParams& p, int splits,
                               unsigned* arrivals, void* scratch, float* out,
                               const MatmulInputOut& also, cudaStream_t s);
+// Attention of 1-16 tokens on the tensor cores straight from an f16, q8_0 or q4_0 cache, the keys
+// split among blocks (attention_tc16.cu): whether it fits (head sizes 64 and 128), the split
+// count for a device of sm_count SMs (its scratch: attention_split_scratch_bytes), the launch.
+bool attention_tc16_fits(const AttentionParams& p, int n_tokens, const Tensor& kc,
+                         const Tensor& vc);
+int attention_tc16_count(const AttentionParams& p, int sm_count);
+Status launch_attention_tc16(const float* q, int n_tokens, const int32_t* pos, const Tensor& kc,
+                             const Tensor& vc, const AttentionParams& p, int splits,
+                             unsigned* arrivals, void* scratch, float* out,
+                             const MatmulInputOut& also, cudaStream_t s);
 // x[n] = hi + lo in f16 (lo: the rounding error of hi).
 Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaStream_t s);
 

@@ -5,6 +5,7 @@
 // runs one m16n8k16 product of small integers and compares it with the exact one. A driver whose
 // compiler refuses the inline PTX, or whose product is wrong, keeps the portable kernels, with one
 // line on stderr saying why.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -148,6 +149,8 @@ void OpenclBackend::add_nv_mma_sources(std::vector<std::string>& srcs,
   nv_reduce_in_kernel_ = !(reduce && std::string(reduce) == "launch");
   const char* frag = std::getenv("KESTREL_CL_NV_FRAG");
   nv_frag_ = !(frag && std::string(frag) == "0");
+  if (const char* min = std::getenv("KESTREL_CL_NV_MIN_TOKENS"))
+    nv_min_tokens_ = std::clamp(std::atoi(min), 2, kSmallBatch + 1);
   if (const char* nb = std::getenv("KESTREL_CL_NV_FRAG_NB"); nb && nv_frag_) {
     const int n = std::atoi(nb);
     if (n == 1 || n == 2 || n == 4 || n == 8) options += format(" -DNVF_NB=%d", n);
@@ -199,10 +202,10 @@ Expected<cl_mem> OpenclBackend::nv_arrivals(size_t tiles) {
 }
 
 // The tensor-core matmuls of up to three Q4_0 / Q8_0 weights of one type over the same input
-// and more than 8 tokens, in one launch: up to 32 tokens in one pass over the weights (16- or
-// 32-token tiles), more in 64-token tiles; the input columns split when the output tiles leave
-// compute units idle, the partials added by each tile's last work-group (in-kernel sums) or by
-// matmul_reduce (one weight a launch then).
+// and nv_min_tokens_ or more tokens, in one launch: up to 32 tokens in one pass over the weights
+// (16- or 32-token tiles), more in 64-token tiles; the input columns split when the output tiles
+// leave compute units idle, the partials added by each tile's last work-group (in-kernel sums) or
+// by matmul_reduce (one weight a launch then).
 Status OpenclBackend::matmul_nv(const MatmulSegment* segs, int n_segs, const Tensor& x,
                                 int n_tokens, const char* op) {
   if (n_segs < 1 || n_segs > 3) return error("%s: %d weights in one launch (1 to 3)", op, n_segs);

@@ -20,6 +20,9 @@ namespace kestrel::backend::opencl {
 
 class OpenclBackend;
 
+// The most tokens the small-batch matmul kernel takes (MV_MAX_T of kernels/matmul.cl).
+constexpr int kSmallBatch = 8;
+
 // A matmul weight. Q4_0 and Q8_0 are repacked block-major (kernels/matmul.cl): qs holds
 // [n_in / 32][n_out][16 or 32] quant bytes, d [n_in / 32][n_out] fp16 scales. Every other type
 // keeps its GGUF rows in qs (d unused).
@@ -127,6 +130,9 @@ class OpenclBackend final : public Backend {
   // conversion of its activations (x_half_blocks into scratch slots 2 and 3).
   // (Also true on the tensor-core path, whose f16 rows take the same scratch slots.)
   bool uses_half(const ClWeight& w, int n_tokens) const;
+  // The fewest tokens that a matmul of weights of `type` runs on the tiled kernels with: fewer
+  // take the small-batch kernel (matmul_small_batch).
+  int first_tiled_tokens(quant::DType type) const;
   Status half_activations(const Tensor& x, int n_tokens, const char* op);
   // The f16 companion of an activation (kernels/elementwise.cl): the form those matmuls read
   // for n_tokens (0 none, 1 nv_x_f16's, 2 x_half_blocks'), its buffers (scratch slots 2 and 3,
@@ -233,7 +239,7 @@ class OpenclBackend final : public Backend {
   // matmul_tiled_half / matmul_tiled16_half): on devices with cl_khr_fp16, unless
   // KESTREL_CL_HALF=0, for the tile shapes whose work-items hold runs of four rows and tokens.
   bool half_tiled_ = false, half_tiled16_ = false;
-  // Q4_0 / Q8_0 micro-batches of more than 8 tokens on mma.sync through inline PTX
+  // Q4_0 / Q8_0 micro-batches of nv_min_tokens_ or more on mma.sync through inline PTX
   // (kernels/matmul_nv_mma.cl), ahead of the half and f32 kernels: "" off, else the asm
   // keyword's spelling that NVIDIA's compiler took in the setup probe, or "emulate"
   // (KESTREL_CL_NV_MMA=emulate: the same kernels on any device, for the tests).
@@ -244,6 +250,12 @@ class OpenclBackend final : public Backend {
   // Micro-batches of up to 16 tokens on matmul_nvf16_* (kernels/matmul_nv_frag.cl; default,
   // KESTREL_CL_NV_FRAG=0 turns it off) instead of the template's local tiles.
   bool nv_frag_ = false;
+  // The fewest tokens the tensor-core kernels take (fewer: the small-batch kernel). 5 by default:
+  // a tensor-core launch reads the weights once whatever its tokens (up to 16), so a 7-token
+  // micro-batch costs what one of 16 does, where the small-batch kernel's cost grows with its
+  // tokens (the seed's 71-token tail, H100: ~14.8 ms for its 7-token micro-batch against ~10.6
+  // for one of 16). KESTREL_CL_NV_MIN_TOKENS=N (2..9; 9: the small-batch kernel up to 8 tokens).
+  int nv_min_tokens_ = 5;
   cl_mem nv_arrivals_ = nullptr;
   size_t nv_arrivals_n_ = 0;
   Expected<cl_mem> nv_arrivals(size_t tiles);

@@ -19,7 +19,6 @@ bool is_f32(const Tensor& t) {
   return t.type == DType::F32 && t.data;
 }
 
-constexpr int kSmallBatch = 8;    // MV_MAX_T of kernels/matmul.cl
 constexpr int kMaxHeadDim = 256;  // ATT_MAX_DIM of kernels/attention.cl
 
 }  // namespace
@@ -214,13 +213,20 @@ Status OpenclBackend::get_rows(const Tensor& x, const int32_t* rows, int n_rows,
   return launch(k, "get_rows", 2, global, local);
 }
 
+int OpenclBackend::first_tiled_tokens(DType type) const {
+  const bool nv = !nv_mma_.empty() && (type == DType::Q4_0 || type == DType::Q8_0);
+  return nv ? nv_min_tokens_ : kSmallBatch + 1;
+}
+
 bool OpenclBackend::uses_half(const ClWeight& w, int n_tokens) const {
-  return (w.type == DType::Q4_0 || w.type == DType::Q8_0) && n_tokens > kSmallBatch &&
+  return (w.type == DType::Q4_0 || w.type == DType::Q8_0) &&
+         n_tokens >= first_tiled_tokens(w.type) &&
          (!nv_mma_.empty() || half_tiled_ || (half_tiled16_ && mid_tiled_));
 }
 
 int OpenclBackend::companion_mode(int n_tokens, int64_t cols) const {
-  if (!fused_f16_ || n_tokens <= kSmallBatch || cols % 32 != 0) return 0;
+  // (Q4_0 stands for the weight types whose matmuls read the companion.)
+  if (!fused_f16_ || n_tokens < first_tiled_tokens(DType::Q4_0) || cols % 32 != 0) return 0;
   if (!nv_mma_.empty()) return 1;
   return half_tiled_ || (half_tiled16_ && mid_tiled_) ? 2 : 0;
 }
@@ -273,7 +279,7 @@ Status OpenclBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOu
   const bool one_launch = group_fits(x, n_tokens, outs, n_outs);
   for (int i = 0; i < n_outs && one_launch; ++i)
     segs[i] = {static_cast<const ClWeight*>(outs[i].w), outs[i].out, outs[i].bias};
-  if (one_launch && n_tokens <= kSmallBatch)  // decode steps and short tails
+  if (one_launch && n_tokens < first_tiled_tokens(segs[0].w->type))  // decode, short tails
     return matmul_small_batch(segs, n_outs, x, n_tokens, "matmul group");
   if (one_launch && half_x_ready_ && !nv_mma_.empty() && nv_reduce_in_kernel_ &&
       uses_half(*segs[0].w, n_tokens)) {
@@ -362,7 +368,8 @@ Status OpenclBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens
       a.null_mem();
   };
   const MatmulSegment seg{&w, &out, bias};
-  if (n_tokens <= kSmallBatch) return matmul_small_batch(&seg, 1, x, n_tokens, op.c_str());
+  if (n_tokens < first_tiled_tokens(w.type))
+    return matmul_small_batch(&seg, 1, x, n_tokens, op.c_str());
   if (!nv_mma_.empty() && uses_half(w, n_tokens))
     return matmul_nv(&seg, 1, x, n_tokens, op.c_str());
   // Up to mid_max_tokens_ tokens: matmul_mid; beyond, full tiles of matmul_tiled and the rest
