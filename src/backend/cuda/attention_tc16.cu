@@ -254,6 +254,7 @@ __device__ __forceinline__ void sub_tile_pv(const float (&p)[2][4], const uint8_
 template <DType KT, DType VT, int D>
 __global__ void __launch_bounds__(kThreads) attention_tc16_kernel(const Tc16Args a) {
   grid_dependents_launch();  // the output projection may start streaming its weights
+  grid_dependency_wait();    // (chained_launches: started before the kernel before ended)
   constexpr int kStage = stage_bytes<KT, VT, D>();
   constexpr int kKRows = kSub * row_bytes_smem<KT, D>();
   extern __shared__ uint4 smem16[];
@@ -381,7 +382,9 @@ Status launch_typed(const Tc16Args& a, int splits, cudaStream_t s) {
   CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(smem)),
            "attention (micro-batch tensor cores): shared memory size");
-  kernel<<<dim3(a.n_head, splits), kThreads, smem, s>>>(a);
+  // (An error is left for LAUNCH_CHECK, as a <<<>>> launch leaves it.)
+  (void)launch_dependent_smem(chained_launches(), kernel, dim3(a.n_head, splits), dim3(kThreads),
+                              smem, s, a);
   return Status::ok();
 }
 
