@@ -32,8 +32,9 @@ __device__ __forceinline__ void attention_rows_block(int h, int t0, const QAt& q
   const int g = h / group;
   const int nt = min(kTB, n_tokens - t0);
   const int64_t q_dim = int64_t{n_head} * D;
-  int64_t n_kv = 0;
-  for (int tb = 0; tb < nt; ++tb) n_kv = max(n_kv, static_cast<int64_t>(pos[t0 + tb]) + 1);
+  int n_seen = 0;
+  (void)warp_positions(pos + t0, nt, n_seen);
+  const int64_t n_kv = n_seen;
   float* qs = smem;                     // [kTB][D]
   float* part = qs + kTB * D;           // [kWarps][kTB][D]
   float* sc = part + kWarps * kTB * D;  // [kTB][kv_stride]

@@ -40,6 +40,16 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Position pos[lane] for lanes below n (n <= 32), -1 above, and one more than the largest of
+// them (the keys a micro-batch sees) in max_plus_one: one round of loads for the warp, where a
+// loop over the tokens waited for each load in turn. Every lane of the warp calls it.
+__device__ __forceinline__ int warp_positions(const int32_t* pos, int n, int& max_plus_one) {
+  const int lane = threadIdx.x % 32;
+  const int p = lane < n ? pos[lane] : -1;
+  max_plus_one = __reduce_max_sync(0xffffffffu, p) + 1;
+  return p;
+}
+
 // Programmatic dependent launch (sm_90): a kernel launched with launch_dependent() may start
 // while the kernel before it in the stream is still running, and must call this before it reads
 // anything that kernel writes (or writes anything a later kernel's early part reads). Without
