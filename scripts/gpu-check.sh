@@ -411,6 +411,17 @@ if ((TESTS)); then
       gtest-gpu-stream16-b1.xml KESTREL_CUDA_STREAM16_BOXES=1
     gpu_test_stage gpu-tests-stream16-b4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-b4.xml KESTREL_CUDA_STREAM16_BOXES=4 KESTREL_CUDA_STREAM16_ACCS=2
+    # A barrier for each step's activations (opt-in, seventeenth session): the permuted default
+    # variant, and the unpermuted one with every step of K in one block; the cluster's last
+    # barrier relaxed (opt-in), with 4 blocks a cluster.
+    gpu_test_stage gpu-tests-stream16-act-steps '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-act-steps.xml KESTREL_CUDA_STREAM16_ACT_STEPS=1
+    gpu_test_stage gpu-tests-stream16-act-steps-b1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-act-steps-b1.xml KESTREL_CUDA_STREAM16_ACT_STEPS=1 \
+      KESTREL_CUDA_STREAM16_BOXES=1 KESTREL_CUDA_STREAM16_SPLITS=1
+    gpu_test_stage gpu-tests-stream16-relaxed-exit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-relaxed-exit.xml KESTREL_CUDA_STREAM16_RELAXED_EXIT=1 \
+      KESTREL_CUDA_STREAM16_SPLITS=4
     # Attention of 1-16 tokens with the keys split among blocks (attention_split.cu, opt-in:
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \

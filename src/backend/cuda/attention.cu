@@ -158,6 +158,7 @@ __global__ void __launch_bounds__(kRowsThreads)
                           int group, int D, int64_t kv_stride, float scale, float* out,
                           MatmulInputOut also) {
   grid_dependents_launch();  // the output projection may start streaming its weights
+  grid_dependency_wait();    // (chained_launches: started before the kernel before ended)
   extern __shared__ float smem[];
   const int h = blockIdx.x, t0 = blockIdx.y * kTB;
   const int64_t q_dim = int64_t{n_head} * D;
@@ -187,8 +188,10 @@ void launch_rows_tb(const float* q, int n_tokens, int64_t n_kv, const int32_t* p
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(smem));
-  kernel<<<grid, kRowsThreads, smem, s>>>(
-      q, n_tokens, pos, static_cast<const uint8_t*>(kc.data), static_cast<int64_t>(kc.row_bytes()),
+  // (An error is left for LAUNCH_CHECK, as a <<<>>> launch leaves it.)
+  (void)launch_dependent_smem(
+      chained_launches(), kernel, grid, dim3(kRowsThreads), smem, s, q, n_tokens, pos,
+      static_cast<const uint8_t*>(kc.data), static_cast<int64_t>(kc.row_bytes()),
       static_cast<const uint8_t*>(vc.data), static_cast<int64_t>(vc.row_bytes()), p.n_head,
       p.n_head / p.n_head_kv, p.head_dim, n_kv, p.scale, out, also);
 }

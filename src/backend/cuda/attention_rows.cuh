@@ -32,8 +32,9 @@ __device__ __forceinline__ void attention_rows_block(int h, int t0, const QAt& q
   const int g = h / group;
   const int nt = min(kTB, n_tokens - t0);
   const int64_t q_dim = int64_t{n_head} * D;
-  int64_t n_kv = 0;
-  for (int tb = 0; tb < nt; ++tb) n_kv = max(n_kv, static_cast<int64_t>(pos[t0 + tb]) + 1);
+  int n_seen = 0;
+  (void)warp_positions(pos + t0, nt, n_seen);
+  const int64_t n_kv = n_seen;
   float* qs = smem;                     // [kTB][D]
   float* part = qs + kTB * D;           // [kWarps][kTB][D]
   float* sc = part + kWarps * kTB * D;  // [kTB][kv_stride]
@@ -87,35 +88,45 @@ __device__ __forceinline__ void attention_rows_block(int h, int t0, const QAt& q
     }
   }
   __syncthreads();
-  // Softmax of each row: p = exp(s - max), 1 / sum kept for the end.
-  __shared__ float red[kWarps];
+  // Softmax of each row: p = exp(s - max), 1 / sum kept for the end. The rows go together
+  // through each reduction (3 barriers in all, not 4 a row; the same operations in the same
+  // order for each row as one row at a time).
+  __shared__ float red_max[kWarps][kTB], red_sum[kWarps][kTB];
   __shared__ float inv_sum[kTB];
-  for (int tb = 0; tb < nt; ++tb) {
-    float* row = sc + tb * kv_stride;
-    float m = -INFINITY;
-    for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) m = fmaxf(m, row[k]);
-    m = warp_max(m);
-    if (lane == 0) red[warp] = m;
-    __syncthreads();
-    m = red[0];
-    for (int i = 1; i < kWarps; ++i) m = fmaxf(m, red[i]);
-    __syncthreads();
+  float m[kTB];
+#pragma unroll
+  for (int tb = 0; tb < kTB; ++tb) {
+    m[tb] = -INFINITY;
+    if (tb < nt)
+      for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads)
+        m[tb] = fmaxf(m[tb], sc[tb * kv_stride + k]);
+    m[tb] = warp_max(m[tb]);
+    if (lane == 0) red_max[warp][tb] = m[tb];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int tb = 0; tb < kTB; ++tb) {
+    m[tb] = red_max[0][tb];
+    for (int i = 1; i < kWarps; ++i) m[tb] = fmaxf(m[tb], red_max[i][tb]);
     float sum = 0.0f;
-    for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
-      const float e = expf(row[k] - m);  // 0 for masked keys
-      row[k] = e;
-      sum += e;
+    if (tb < nt) {
+      float* row = sc + tb * kv_stride;
+      for (int64_t k = threadIdx.x; k < n_kv; k += kRowsThreads) {
+        const float e = expf(row[k] - m[tb]);  // 0 for masked keys
+        row[k] = e;
+        sum += e;
+      }
     }
     sum = warp_sum(sum);
-    if (lane == 0) red[warp] = sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float total = 0.0f;
-      for (int i = 0; i < kWarps; ++i) total += red[i];
-      inv_sum[tb] = 1.0f / total;
-    }
-    __syncthreads();
+    if (lane == 0) red_sum[warp][tb] = sum;
   }
+  __syncthreads();
+  if (threadIdx.x < nt) {
+    float total = 0.0f;
+    for (int i = 0; i < kWarps; ++i) total += red_sum[i][threadIdx.x];
+    inv_sum[threadIdx.x] = 1.0f / total;
+  }
+  __syncthreads();
   float acc[kTB][kRowsMaxDim / 32];
 #pragma unroll
   for (int tb = 0; tb < kTB; ++tb)

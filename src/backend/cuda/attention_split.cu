@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads)
   const int nt = min(n_tokens, kWarps * kTPW);
   const int64_t q_dim = int64_t{n_head} * D;
   int n_kv = 0;
-  for (int t = 0; t < nt; ++t) n_kv = max(n_kv, pos[t] + 1);
+  (void)warp_positions(pos, nt, n_kv);
   for (int e = threadIdx.x; e < kMaxTokens * D; e += kThreads) {
     const int t = e / D, d = e % D;
     qs[t * kMaxDim + d] = t < nt ? q[t * q_dim + int64_t{h} * D + d] * scale : 0.0f;

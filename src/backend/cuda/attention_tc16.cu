@@ -254,6 +254,7 @@ __device__ __forceinline__ void sub_tile_pv(const float (&p)[2][4], const uint8_
 template <DType KT, DType VT, int D>
 __global__ void __launch_bounds__(kThreads) attention_tc16_kernel(const Tc16Args a) {
   grid_dependents_launch();  // the output projection may start streaming its weights
+  grid_dependency_wait();    // (chained_launches: started before the kernel before ended)
   constexpr int kStage = stage_bytes<KT, VT, D>();
   constexpr int kKRows = kSub * row_bytes_smem<KT, D>();
   extern __shared__ uint4 smem16[];
@@ -265,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) attention_tc16_kernel(const Tc16Args
   const int nt = min(a.n_tokens, kMaxTokens);
   const int64_t q_dim = int64_t{a.n_head} * D;
   int n_kv = 0;
-  for (int t = 0; t < nt; ++t) n_kv = max(n_kv, a.pos[t] + 1);
+  const int lane_pos = warp_positions(a.pos, nt, n_kv);  // token `lane`'s position, -1 past nt
   const int n_sub = (n_kv + kSub - 1) / kSub;
   // Splits with work (the grid is sized for the longest cache; a replayed graph meets shorter).
   const int splits = min(static_cast<int>(gridDim.y), (n_sub + kWarps - 1) / kWarps);
@@ -289,7 +290,8 @@ __global__ void __launch_bounds__(kThreads) attention_tc16_kernel(const Tc16Args
   }
   __syncthreads();
 
-  const int last[2] = {g < nt ? a.pos[g] : -1, g + 8 < nt ? a.pos[g + 8] : -1};
+  const int last[2] = {__shfl_sync(0xffffffffu, lane_pos, g),
+                       __shfl_sync(0xffffffffu, lane_pos, g + 8)};
   const int first = split * kWarps + warp, stride = splits * kWarps;
   uint8_t* mine = stages + warp * 2 * kStage;
   auto load = [&](int sub, int stage) {
@@ -381,7 +383,9 @@ Status launch_typed(const Tc16Args& a, int splits, cudaStream_t s) {
   CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(smem)),
            "attention (micro-batch tensor cores): shared memory size");
-  kernel<<<dim3(a.n_head, splits), kThreads, smem, s>>>(a);
+  // (An error is left for LAUNCH_CHECK, as a <<<>>> launch leaves it.)
+  (void)launch_dependent_smem(chained_launches(), kernel, dim3(a.n_head, splits), dim3(kThreads),
+                              smem, s, a);
   return Status::ok();
 }
 

@@ -40,6 +40,16 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Position pos[lane] for lanes below n (n <= 32), -1 above, and one more than the largest of
+// them (the keys a micro-batch sees) in max_plus_one: one round of loads for the warp, where a
+// loop over the tokens waited for each load in turn. Every lane of the warp calls it.
+__device__ __forceinline__ int warp_positions(const int32_t* pos, int n, int& max_plus_one) {
+  const int lane = threadIdx.x % 32;
+  const int p = lane < n ? pos[lane] : -1;
+  max_plus_one = __reduce_max_sync(0xffffffffu, p) + 1;
+  return p;
+}
+
 // Programmatic dependent launch (sm_90): a kernel launched with launch_dependent() may start
 // while the kernel before it in the stream is still running, and must call this before it reads
 // anything that kernel writes (or writes anything a later kernel's early part reads). Without
@@ -74,16 +84,28 @@ inline bool dependent_launches() {
   return on;
 }
 
-// Launches kernel<<<grid, block, 0, s>>>(args...), as a programmatic dependent launch when
+// Whether the kernels between the matmuls of a layer (norms, RoPE + KV store, attention,
+// SwiGLU) go as programmatic dependent launches too, each waiting at its start for the kernel
+// before (KESTREL_CUDA_PDL_CHAIN=0, or KESTREL_CUDA_PDL=0: not): the launch of each overlaps the
+// end of the one before.
+inline bool chained_launches() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_PDL_CHAIN");
+    return dependent_launches() && !(e && e[0] == '0' && e[1] == '\0');
+  }();
+  return on;
+}
+
+// Launches kernel<<<grid, block, smem, s>>>(args...), as a programmatic dependent launch when
 // `early` is set: the kernel must call grid_dependency_wait() before it touches the previous
 // kernel's outputs.
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent(bool early, void (*kernel)(Params...), dim3 grid, dim3 block,
-                             cudaStream_t s, Args&&... args) {
+cudaError_t launch_dependent_smem(bool early, void (*kernel)(Params...), dim3 grid, dim3 block,
+                                  size_t smem, cudaStream_t s, Args&&... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
-  config.dynamicSmemBytes = 0;
+  config.dynamicSmemBytes = smem;
   config.stream = s;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -91,6 +113,12 @@ cudaError_t launch_dependent(bool early, void (*kernel)(Params...), dim3 grid, d
   config.attrs = attr;
   config.numAttrs = early ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(bool early, void (*kernel)(Params...), dim3 grid, dim3 block,
+                             cudaStream_t s, Args&&... args) {
+  return launch_dependent_smem(early, kernel, grid, block, 0, s, std::forward<Args>(args)...);
 }
 
 __device__ __forceinline__ float half_bits_to_float(uint16_t h) {

@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(kNormMaxThreads)
     rms_norm_kernel(float* x, const float* y, int64_t n, const float* __restrict__ w, float eps,
                     float* out, MatmulInputOut also) {
   grid_dependents_launch();  // the next matmul may start streaming its weights
+  grid_dependency_wait();    // (chained_launches: started before the kernel before ended)
   float4* xr = reinterpret_cast<float4*>(x + blockIdx.x * n);
   const float4* wr = reinterpret_cast<const float4*>(w);
   float4* o = reinterpret_cast<float4*>(out + blockIdx.x * n);
@@ -126,6 +127,7 @@ __global__ void rope_kernel(float* x0, int heads0, float* x1, int heads1, const 
 __global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, float* out,
                               MatmulInputOut also) {
   grid_dependents_launch();  // the down projection may start streaming its weights
+  grid_dependency_wait();    // (chained_launches: started before the kernel before ended)
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) {
     const float r = silu_times(gate[i], up[i]);
@@ -140,6 +142,7 @@ __global__ void swiglu_kernel(const float* gate, const float* up, int64_t n, flo
 __global__ void swiglu4_kernel(const float4* gate, const float4* up, int64_t n4, float4* out,
                                MatmulInputOut also) {
   grid_dependents_launch();
+  grid_dependency_wait();  // (chained_launches: started before the kernel before ended)
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool in = i < n4;
   float4 r = make_float4(0, 0, 0, 0);
@@ -190,14 +193,13 @@ Status launch_rms_norm(float* x, const float* y, int n_tokens, int64_t n, const 
   const int nv = static_cast<int>(n / 4);
   const int threads = std::min(kNormMaxThreads, static_cast<int>(ceil_div(nv, 32)) * 32);
   const int vec = static_cast<int>(ceil_div(nv, threads));
-  if (vec <= 1)
-    rms_norm_kernel<1><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
-  else if (vec <= 2)
-    rms_norm_kernel<2><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
-  else if (vec <= 4)
-    rms_norm_kernel<4><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
-  else
-    rms_norm_kernel<kNormMaxVec><<<n_tokens, threads, 0, s>>>(x, y, n, w, eps, out, also);
+  auto* kernel = vec <= 1   ? rms_norm_kernel<1>
+                 : vec <= 2 ? rms_norm_kernel<2>
+                 : vec <= 4 ? rms_norm_kernel<4>
+                            : rms_norm_kernel<kNormMaxVec>;
+  CUDA_TRY(launch_dependent(chained_launches(), kernel, dim3(n_tokens), dim3(threads), s, x, y, n,
+                            w, eps, out, also),
+           y ? "add_rms_norm" : "rms_norm");
   LAUNCH_CHECK(y ? "add_rms_norm" : "rms_norm");
   return Status::ok();
 }
@@ -222,11 +224,15 @@ Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out,
     return error("swiglu: %lld values cannot be written as int8 blocks of 32",
                  static_cast<long long>(n));
   if (n % 4 == 0 && vec4) {
-    swiglu4_kernel<<<ceil_div(n / 4, 256), 256, 0, s>>>(reinterpret_cast<const float4*>(gate),
-                                                        reinterpret_cast<const float4*>(up), n / 4,
-                                                        reinterpret_cast<float4*>(out), also);
+    CUDA_TRY(launch_dependent(chained_launches(), swiglu4_kernel, dim3(ceil_div(n / 4, 256)),
+                              dim3(256), s, reinterpret_cast<const float4*>(gate),
+                              reinterpret_cast<const float4*>(up), n / 4,
+                              reinterpret_cast<float4*>(out), also),
+             "swiglu");
   } else {
-    swiglu_kernel<<<ceil_div(n, 256), 256, 0, s>>>(gate, up, n, out, also);
+    CUDA_TRY(launch_dependent(chained_launches(), swiglu_kernel, dim3(ceil_div(n, 256)), dim3(256),
+                              s, gate, up, n, out, also),
+             "swiglu");
   }
   LAUNCH_CHECK("swiglu");
   return Status::ok();

@@ -104,19 +104,22 @@ struct Stream16Args {
   int groups_per_block;  // row groups of a cluster (each block of it: all of them, its K range)
   int groups;            // row groups of all parts
   uint32_t half2_magic;  // 0x64006400 (codes_to_half2)
+  int act_steps;         // 1: a barrier for each step's activations (below), 0: one for all
+  int relaxed_exit;      // 1: the cluster's last barrier without release semantics (the end)
 };
 
 constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
 
 // Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
-// results kept for the cluster's sum (splits > 1), the barriers; 1024 bytes of alignment slack.
+// results kept for the cluster's sum (splits > 1), the barriers (the rings', one for each step's
+// activations); 1024 bytes of alignment slack.
 template <int B, int W>
 size_t smem_bytes(int steps_per_split, int groups_per_block, int splits) {
   using C = Cfg<B, W>;
   return size_t{W} * C::kStages * C::kStageBytes + size_t(steps_per_split) * 4 * B * kActBox +
          size_t{W - 1} * kGroupFloats * 4 +
          (splits > 1 ? size_t(groups_per_block) * kGroupFloats * 4 : 0) +
-         (2 * W * C::kStages + 1) * 8 + 1024;
+         (2 * W * C::kStages + steps_per_split) * 8 + 1024;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -136,13 +139,21 @@ __device__ __forceinline__ int part_of_group(const Stream16Args& a, int group, i
 }
 
 // The activations of the block's K range, once the kernel before this one has written them
-// (a programmatic dependent launch gets here while it may still run).
+// (a programmatic dependent launch gets here while it may still run): with a.act_steps each
+// step's on its own barrier (bar + 8 i for step ks0 + i), so that the first products need only
+// the first step's 16 KB (ncu, attn_q at 16 tokens: the consumers' wait for all 64 KB was 17% of
+// the stall samples, the wait for weights 13%); else all on barrier bar.
 template <int B>
 __device__ void load_acts(const Stream16Args& a, int ks0, int ks1, uint32_t acts, uint32_t bar) {
   grid_dependency_wait();
-  barrier_expect(bar, (ks1 - ks0) * 4 * B * kActBox);
-  for (int b = 0; b < (ks1 - ks0) * 4 * B; ++b)
-    tma_load(acts + b * kActBox, a.act, (ks0 * 4 * B + b) * 64, 0, bar);
+  constexpr int kBoxes = 4 * B;  // activation boxes a step
+  if (!a.act_steps) barrier_expect(bar, (ks1 - ks0) * kBoxes * kActBox);
+  for (int i = 0; i < ks1 - ks0; ++i) {
+    const uint32_t step_bar = a.act_steps ? bar + 8 * i : bar;
+    if (a.act_steps) barrier_expect(step_bar, kBoxes * kActBox);
+    for (int b = i * kBoxes; b < (i + 1) * kBoxes; ++b)
+      tma_load(acts + b * kActBox, a.act, (ks0 * kBoxes + b) * 64, 0, step_bar);
+  }
 }
 
 // The producer thread: for each row group, each step of the block's K range into the ring of the
@@ -247,11 +258,10 @@ __device__ __forceinline__ void decode_pair_perm(const uint8_t* codes, int g, co
 }
 
 // Reorders every 16-element group of the resident activations (n_boxes boxes of 16 rows x 128
-// swizzled bytes) into its even elements, then its odd ones, for decode_pair_perm; the
-// consumer threads share the work, then make the writes visible to wgmma (the async proxy).
-template <int kWGs>
-__device__ __forceinline__ void permute_acts(uint8_t* acts, int n_boxes, int tid) {
-  for (int i = tid; i < n_boxes * 64; i += kWGs * 128) {
+// swizzled bytes) into its even elements, then its odd ones, for decode_pair_perm: threads
+// tid of n share the work; the caller makes the writes visible to wgmma (fence_acts).
+__device__ __forceinline__ void permute_acts(uint8_t* acts, int n_boxes, int tid, int n) {
+  for (int i = tid; i < n_boxes * 64; i += n) {
     const int q = i % 4, r = i / 4 % 16;
     uint8_t* row = acts + (i / 64) * kActBox + r * 128;
     uint4* p0 = reinterpret_cast<uint4*>(row + (((2 * q) ^ (r % 8)) << 4));
@@ -262,8 +272,14 @@ __device__ __forceinline__ void permute_acts(uint8_t* acts, int n_boxes, int tid
     *p1 = make_uint4(__byte_perm(a.x, a.y, 0x7632), __byte_perm(a.z, a.w, 0x7632),
                      __byte_perm(b.x, b.y, 0x7632), __byte_perm(b.z, b.w, 0x7632));
   }
+}
+
+// The permuted activations visible to wgmma (the async proxy) for the kThreads threads that
+// meet at named barrier kId (immediates: a register id makes ptxas reserve all 16 barriers).
+template <int kId, int kThreads>
+__device__ __forceinline__ void fence_acts() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  asm volatile("bar.sync 2, %0;\n" ::"n"(kWGs * 128) : "memory");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
 }
 
 // acc (row r, r + 8 of the thread; tokens 8 j + 2 t, + 1) into out (+ bias), or into the
@@ -342,7 +358,7 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
       barrier_init(full + 8 * s, 1);
       barrier_init(empty + 8 * s, 128);
     }
-    barrier_init(act_bar, 1);
+    for (int i = 0; i < max(1, ks1 - ks0); ++i) barrier_init(act_bar + 8 * i, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -356,15 +372,31 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     float acc[kAccs][8];
     uint32_t A0[16], A1[16];
     int used = 0;  // stages of this warpgroup's ring consumed so far
-    barrier_wait(act_bar, 0);
-    grid_dependency_wait();  // (passed: the producer's load_acts) before any result is stored
-    if constexpr (kPerm)
-      permute_acts<kWGs>(base + kWGs * C::kStages * C::kStageBytes, (ks1 - ks0) * 4 * B, tid);
+    uint8_t* const act_smem = base + kWGs * C::kStages * C::kStageBytes;
+    grid_dependency_wait();  // before any result is stored (the producer waited already)
+    if (!a.act_steps) {
+      barrier_wait(act_bar, 0);
+      if constexpr (kPerm) {
+        permute_acts(act_smem, (ks1 - ks0) * 4 * B, tid, kWGs * 128);
+        fence_acts<2, kWGs * 128>();
+      }
+    }
     for (int group = g0; group < g1; ++group) {
 #pragma unroll
       for (int e = 0; e < 8 * kAccs; ++e) acc[e / 8][e % 8] = 0.0f;
       for (int ks = ks0 + w; ks < ks1; ks += kWGs, ++used) {
         const int stage = w * C::kStages + used % C::kStages;
+        if (a.act_steps && group == g0) {  // the step's activations, first met here
+          barrier_wait(act_bar + 8 * (ks - ks0), 0);
+          if constexpr (kPerm) {  // this warpgroup's steps only: its own barrier
+            permute_acts(act_smem + (ks - ks0) * 4 * B * kActBox, 4 * B, tid % 128, 128);
+            static_assert(kWGs == 2, "a named barrier for each warpgroup");
+            if (w == 0)
+              fence_acts<3, 128>();
+            else
+              fence_acts<4, 128>();
+          }
+        }
         barrier_wait(full + 8 * stage, (used / C::kStages) & 1);
         const uint8_t* st = base + stage * C::kStageBytes;
 #pragma unroll
@@ -415,12 +447,24 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
       asm volatile("bar.sync 1, %0;\n" ::"n"(kWGs * 128) : "memory");  // the exchange is free
     }
   }
+  // The products are done: the next kernel (RoPE + KV store, a norm, SwiGLU; with
+  // chained_launches a dependent launch) may be scheduled while the results are summed and stored.
+  grid_dependents_launch();
   __syncwarp();  // the producer's lane rejoins its warp before the cluster barrier
   if (split) {
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every block's results are in its shared memory
     sum_cluster(a, g0, g1 - g0, res);
-    cluster.sync();  // and stay there until every block has read them
+    // ... and stay there until every block has read them. cluster.sync() arrives with release
+    // semantics: MEMBAR.ALL.GPU, which waits for this thread's stores to the output (ncu: its
+    // ERRBAR took 3% of the stall samples). Nothing needs them ordered here, and the reads of
+    // the other blocks' results are done (their values went into those stores), so with
+    // a.relaxed_exit the arrive is relaxed.
+    if (a.relaxed_exit)
+      asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::
+                       : "memory");
+    else
+      cluster.sync();
   }
 #endif
 }
@@ -496,6 +540,19 @@ bool stream16_early() {
     const char* e = std::getenv("KESTREL_CUDA_STREAM16_PDL");
     return dependent_launches() && !(e && std::string(e) == "0");
   }();
+  return on;
+}
+
+// Whether variable `name` is "1" (the opt-in variants not yet measured).
+bool env_flag_on(const char* name) {
+  const char* e = std::getenv(name);
+  return e && std::string(e) == "1";
+}
+
+// Whether each step's activations have a barrier of their own (load_acts):
+// KESTREL_CUDA_STREAM16_ACT_STEPS=1. Not measured yet, so not the default.
+bool stream16_act_steps() {
+  static const bool on = env_flag_on("KESTREL_CUDA_STREAM16_ACT_STEPS");
   return on;
 }
 
@@ -673,6 +730,9 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.n_tokens = n_tokens;
   a.groups = groups;
   a.half2_magic = 0x64006400u;
+  a.act_steps = stream16_act_steps() ? 1 : 0;
+  static const bool relaxed_exit = env_flag_on("KESTREL_CUDA_STREAM16_RELAXED_EXIT");
+  a.relaxed_exit = relaxed_exit ? 1 : 0;
   return with_variant([&](auto v) {
     using V = decltype(v);
     return launch_boxes<V::kBoxes, V::kAccs, V::kPerm, V::kWGs>(a, n_in, plan, s);

@@ -23,6 +23,7 @@ template <DType CT>
 __global__ void rope_kv_store_kernel(float* q, int n_head, float* k, const float* v, int n_head_kv,
                                      const int32_t* pos, int head_dim, RopeTable table, bool neox,
                                      uint8_t* k_cache, uint8_t* v_cache, int64_t row_bytes) {
+  grid_dependency_wait();  // (chained_launches: started before the kernel before ended)
   const int t = blockIdx.x, y = blockIdx.y, e = threadIdx.x;
   const int p = pos[t];
   const int64_t kv_dim = int64_t{n_head_kv} * head_dim;
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(kRowsThreads)
     rope_kv_store_rows_kernel(float* q, int n_head, float* k, const float* v, int n_head_kv,
                               const int32_t* pos, RopeTable table, uint8_t* k_cache,
                               uint8_t* v_cache, int64_t row_bytes, int heads_per_block) {
+  grid_dependency_wait();  // (chained_launches: started before the kernel before ended)
   constexpr int kHalf = D / 2;
   __shared__ float sin_s[kHalf], cos_s[kHalf];
   const int t = blockIdx.x, p = pos[t], lane = threadIdx.x % 32;
@@ -145,8 +147,10 @@ template <DType CT, int D, bool kNeox>
 void launch_rows(dim3 grid, float* q, int n_head, float* k, const float* v, int n_head_kv,
                  const int32_t* pos, const RopeTable& table, uint8_t* kc, uint8_t* vc, int64_t rb,
                  int heads, cudaStream_t s) {
-  rope_kv_store_rows_kernel<CT, D, kNeox>
-      <<<grid, kRowsThreads, 0, s>>>(q, n_head, k, v, n_head_kv, pos, table, kc, vc, rb, heads);
+  // (An error is left for LAUNCH_CHECK, as a <<<>>> launch leaves it.)
+  (void)launch_dependent(chained_launches(), rope_kv_store_rows_kernel<CT, D, kNeox>, grid,
+                         dim3(kRowsThreads), s, q, n_head, k, v, n_head_kv, pos, table, kc, vc, rb,
+                         heads);
 }
 
 // Whether the rows kernel has an instance for this head size.
@@ -160,8 +164,8 @@ void launch_rope_kv_store(bool rows, int n_tokens, int n_head, int n_head_kv, in
                           bool neox, uint8_t* kc, uint8_t* vc, int64_t rb, cudaStream_t s) {
   const int n_slots = n_head + 2 * n_head_kv;
   if (!rows) {
-    rope_kv_store_kernel<CT><<<dim3(n_tokens, n_slots), D, 0, s>>>(q, n_head, k, v, n_head_kv, pos,
-                                                                   D, table, neox, kc, vc, rb);
+    (void)launch_dependent(chained_launches(), rope_kv_store_kernel<CT>, dim3(n_tokens, n_slots),
+                           dim3(D), s, q, n_head, k, v, n_head_kv, pos, D, table, neox, kc, vc, rb);
     return;
   }
   // Enough blocks for ~4 per SM of an H100 when the tokens alone are fewer.
