@@ -43,7 +43,7 @@
 # micro-benchmark's settings, ';'-separated), GPU_CHECK_NCU=1 (ncu on one 16-token matmul launch;
 # GPU_CHECK_NCU_KERNEL: a regex of kernel names, frag; GPU_CHECK_NCU_ENV: VAR=VALUE settings for
 # that run; GPU_CHECK_NCU_SKIP: launches of it skipped first, 3), GPU_CHECK_SEED_PROFILE=1 (the
-# seed's b128 ub16 with --profile), GPU_CHECK_NCU_MODEL=REGEX (ncu on one launch of the kernels
+# seed's b128 ub16 and 64 decode steps with --profile), GPU_CHECK_NCU_MODEL=REGEX (ncu on one launch of the kernels
 # matching REGEX in the seed's b128 ub16, e.g. attention_rows; GPU_CHECK_NCU_MODEL_SKIP, 480).
 #
 # Exit status: 0 all passed; 1 a test stage failed (build, GPU tests, e2e, setup); 2 the tests
@@ -411,14 +411,13 @@ if ((TESTS)); then
       gtest-gpu-stream16-b1.xml KESTREL_CUDA_STREAM16_BOXES=1
     gpu_test_stage gpu-tests-stream16-b4 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-b4.xml KESTREL_CUDA_STREAM16_BOXES=4 KESTREL_CUDA_STREAM16_ACCS=2
-    # A barrier for each step's activations (opt-in, seventeenth session): the permuted default
-    # variant, and the unpermuted one with every step of K in one block; the cluster's last
-    # barrier relaxed (opt-in), with 4 blocks a cluster.
-    gpu_test_stage gpu-tests-stream16-act-steps '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-act-steps.xml KESTREL_CUDA_STREAM16_ACT_STEPS=1
-    gpu_test_stage gpu-tests-stream16-act-steps-b1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-act-steps-b1.xml KESTREL_CUDA_STREAM16_ACT_STEPS=1 \
-      KESTREL_CUDA_STREAM16_BOXES=1 KESTREL_CUDA_STREAM16_SPLITS=1
+    # One barrier for all of a block's activations (KESTREL_CUDA_STREAM16_ACT_STEPS=0; a barrier
+    # for each step's by default since the nineteenth session), the unpermuted variant with every
+    # step of K in one block; the cluster's last barrier relaxed (opt-in), 4 blocks a cluster.
+    gpu_test_stage gpu-tests-stream16-no-act-steps '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-no-act-steps.xml KESTREL_CUDA_STREAM16_ACT_STEPS=0
+    gpu_test_stage gpu-tests-stream16-b1-s1 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-b1-s1.xml KESTREL_CUDA_STREAM16_BOXES=1 KESTREL_CUDA_STREAM16_SPLITS=1
     gpu_test_stage gpu-tests-stream16-relaxed-exit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-relaxed-exit.xml KESTREL_CUDA_STREAM16_RELAXED_EXIT=1 \
       KESTREL_CUDA_STREAM16_SPLITS=4
@@ -426,11 +425,8 @@ if ((TESTS)); then
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \
       KESTREL_CUDA_ATT_SPLIT_MIN=1
-    # Attention of 1-16 tokens on the tensor cores straight from the cache (attention_tc16.cu:
-    # KESTREL_CUDA_ATT_TC16_MIN=N from N tokens, 3 by default; 1 here, decode steps included),
-    # and the rows kernel it replaces from 3 tokens (17: never).
-    gpu_test_stage gpu-tests-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-tc16.xml \
-      KESTREL_CUDA_ATT_TC16_MIN=1
+    # Attention of 1-16 tokens on the rows kernel (KESTREL_CUDA_ATT_TC16_MIN=17) instead of the
+    # tensor cores straight from the cache (attention_tc16.cu, the default from 1 token).
     gpu_test_stage gpu-tests-no-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-no-att-tc16.xml KESTREL_CUDA_ATT_TC16_MIN=17
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
@@ -475,7 +471,7 @@ if ((TESTS && !QUICK)); then
       KESTREL_CUDA_FUSED_DECODE=1
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1
-    e2e e2e-att-tc16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_TC16_MIN=1
+    e2e e2e-no-att-tc16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_TC16_MIN=17
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     if ! skipped overlap-cuda; then
@@ -569,6 +565,13 @@ if ((BENCH)); then
       "$BUILD/bin/kestrel" bench "${seed_args[@]}" -r 2 --profile
     record seed-profile "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "per-op table in gpu-check.log"
   fi
+  # With it, 64 decode steps of llama2-7b with --profile (eager launches, no graph: each op's own
+  # time where tg128 replays graphs).
+  if ((KESTREL_OK)) && [[ -s "$MODELS/llama2-7b-q4_0.gguf" ]] && [[ "${GPU_CHECK_SEED_PROFILE:-0}" == 1 ]]; then
+    run_stage decode-profile "$(limit 60 $((BENCH_SECS)))" '^\| |^Measured' \
+      "$BUILD/bin/kestrel" bench -m "$MODELS/llama2-7b-q4_0.gguf" -p 0 -n 64 -r 1 --profile
+    record decode-profile "$( ((RC == 0)) && echo PASS || echo FAIL)" "$STAGE_SECS" "per-op table in gpu-check.log"
+  fi
   if ((KESTREL_OK)) && [[ -s "$MODELS/llama2-7b-q4_0.gguf" ]] && [[ -n "${GPU_CHECK_NCU_MODEL:-}" ]] &&
     command -v ncu >/dev/null; then
     ncu_rep=$OUTDIR/ncu-model
@@ -615,7 +618,7 @@ fi
 test_fail=0 bench_fail=0
 for i in "${!NAMES[@]}"; do
   if [[ "${STATUS[$i]}" == FAIL ]]; then
-    case "${NAMES[$i]}" in bench | matmul-bench | ncu-frag | decode-timing | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
+    case "${NAMES[$i]}" in bench | matmul-bench | ncu-frag | ncu-model | decode-timing | seed-profile | decode-profile | models | peer-build) bench_fail=1 ;; *) test_fail=1 ;; esac
   fi
 done
 if ((test_fail)); then

@@ -16,8 +16,9 @@
 // over 32 x 4 x 6 warps: one sub-tile a warp (~1 us of latency), the block combine and the merge.
 // Measured (H100, eighteenth session, two calls): the seed's b128 ub16 4,377 / 4,389 t/s against
 // 4,207 / 4,232 on the rows kernel (+4%, ~4 us a layer of the predicted ~17: the next ncu says
-// where the rest goes), so the default from 3 tokens (KESTREL_CUDA_ATT_TC16_MIN; decode steps
-// stay on the rows kernel until measured).
+// where the rest goes), so the default from 3 tokens; decode steps (1 token) too since the
+// nineteenth session: tg128 462 t/s against 427 on the rows kernel (H200, same call), whose one
+// block a head leaves most SMs idle (KESTREL_CUDA_ATT_TC16_MIN=N: from N tokens; 17: never).
 //
 // Precision (as attention_mma.cu's quantized path, ~2^-22 relative): Q as f16 hi + lo parts; a
 // quantized K enters as its exact integer codes (f16 holds -128..127) with the block scale applied

@@ -282,9 +282,9 @@ class CudaBackend final : public Backend {
   int att_split_min_tokens_ = 17;
   // From this many tokens to 16, attention runs on the tensor cores straight from the cache
   // (attention_tc16.cu; the seed's b128 ub16 on an H100: 4,377 / 4,389 t/s against 4,207 / 4,232
-  // on the rows kernel); KESTREL_CUDA_ATT_TC16_MIN=N sets it (1: decode steps too, not yet
-  // measured; 17: never).
-  int att_tc16_min_tokens_ = 3;
+  // on the rows kernel; decode steps too: tg128 on an H200 462 against 427);
+  // KESTREL_CUDA_ATT_TC16_MIN=N sets it (17: never, the rows kernel).
+  int att_tc16_min_tokens_ = 1;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;

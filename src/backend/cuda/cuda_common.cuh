@@ -87,7 +87,8 @@ inline bool dependent_launches() {
 // Whether the kernels between the matmuls of a layer (norms, RoPE + KV store, attention,
 // SwiGLU) go as programmatic dependent launches too, each waiting at its start for the kernel
 // before (KESTREL_CUDA_PDL_CHAIN=0, or KESTREL_CUDA_PDL=0: not): the launch of each overlaps the
-// end of the one before.
+// end of the one before. Measured (H200, nineteenth session): the seed's b128 ub16 4,426 t/s
+// against 4,308 without (+3%, about one sd); tg128 427 either way.
 inline bool chained_launches() {
   static const bool on = [] {
     const char* e = std::getenv("KESTREL_CUDA_PDL_CHAIN");
