@@ -56,9 +56,13 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  void attention_tiled(const Tensor& q, int n_tokens, const int32_t* positions, const float* kf,
-                       const float* vf, int64_t n_kv, int64_t kv_dim, const AttentionParams& p,
-                       Tensor& out);
+  static constexpr int kAttentionBlock = 16;  // query tokens a task of attention
+  void attention_tiled(const Tensor& q, int n_tokens, const int32_t* positions,
+                       const Tensor& k_cache, const Tensor& v_cache, int64_t n_kv,
+                       const AttentionParams& p, Tensor& out);
+  void attention_heads(const Tensor& q, int n_tokens, const int32_t* positions,
+                       const Tensor& k_cache, const Tensor& v_cache, int64_t n_kv,
+                       const AttentionParams& p, Tensor& out);
   float* scratch_floats(size_t n, int slot);  // grows a per-purpose scratch buffer
   uint8_t* scratch_bytes(size_t n, int slot);
   // One product of run_panels: w's panels (a packed weight of this backend) into out (rows of
