@@ -112,6 +112,8 @@ VARIANTS = [
     # straight from the cache (attention_tc16.cu, the default from 1 token).
     ("KESTREL_CUDA_ATT_TC16_MIN=17", "b128 ub16"),
     ("KESTREL_CUDA_ATT_TC16_MIN=17", "llama2-7b tg128"),
+    # A decode step's Q, K and V with RoPE and the f16 KV store in one launch (opt-in).
+    ("KESTREL_CUDA_QKV_ROPE=1", "llama2-7b tg128"),
     # (The A/B rows of earlier trials -- RoPE + KV store on the rows kernel, SwiGLU four values a
     # thread, the wgmma prompt kernel, the fused decode layer, the fragment kernel's cluster sum
     # -- were measured and dropped from here:

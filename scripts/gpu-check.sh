@@ -429,6 +429,10 @@ if ((TESTS)); then
     # tensor cores straight from the cache (attention_tc16.cu, the default from 1 token).
     gpu_test_stage gpu-tests-no-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-no-att-tc16.xml KESTREL_CUDA_ATT_TC16_MIN=17
+    # A decode step's Q, K and V with RoPE and the f16 KV store in the products' launch
+    # (opt-in: KESTREL_CUDA_QKV_ROPE=1): its suite against the two ops, and the chains.
+    gpu_test_stage gpu-tests-qkv-rope '*GpuOpsQkvRope*:*GpuOpsChain*' gtest-gpu-qkv-rope.xml \
+      KESTREL_CUDA_QKV_ROPE=1
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -472,6 +476,8 @@ if ((TESTS && !QUICK)); then
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1
     e2e e2e-no-att-tc16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_TC16_MIN=17
+    E2E_ONLY=b1-ub1 e2e e2e-qkv-rope "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
+      KESTREL_CUDA_QKV_ROPE=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     if ! skipped overlap-cuda; then

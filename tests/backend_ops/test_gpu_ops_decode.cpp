@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -219,6 +220,107 @@ TEST_P(GpuOpsDecodeLayer, MatchesTheOpSequence) {
   check_layer(be(), GetParam(), mha, DType::Q8_0, DType::Q8_0, RopeLayout::Normal, false, 1000);
   check_layer(be(), GetParam(), gqa, DType::Q4_0, DType::Q8_0, RopeLayout::NeoX, true, 37,
               /*mixed=*/true);
+}
+
+KESTREL_GPU_OPS_SUITE(GpuOpsQkvRope);
+
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::string(v) == "1";
+}
+
+// Backend::qkv_rope_kv_store (the CUDA backend with KESTREL_CUDA_QKV_ROPE=1: RoPE and the KV
+// store in the decode products' launch) against the same backend's two ops: Q and K rotated, V, the
+// cache row pos written and every other row untouched; shapes and types it fuses and ones it leaves
+// to the two ops.
+void check_qkv_rope(Backend& be, const std::string& backend, const LayerShape& s, DType wtype,
+                    DType ctype, RopeLayout layout, bool bias, int pos) {
+  const std::string what = backend + " qkv_rope_kv_store/" + type_str(wtype) + "/cache " +
+                           type_str(ctype) + (layout == RopeLayout::NeoX ? "/neox" : "/normal") +
+                           "/D=" + std::to_string(s.head_dim) + (bias ? "/biases" : "") + "/pos " +
+                           std::to_string(pos);
+  SCOPED_TRACE(what);
+  std::mt19937 rng = test_rng();
+  const int n_ctx = pos + 5;
+  const int64_t E = s.n_embd, q_dim = int64_t{s.n_head} * s.head_dim,
+                kv_dim = int64_t{s.n_head_kv} * s.head_dim;
+  LayerWeights lw;
+  lw.wq = random_weight(be, rng, lw, wtype, E, q_dim, "wq");
+  lw.wk = random_weight(be, rng, lw, wtype, E, kv_dim, "wk");
+  lw.wv = random_weight(be, rng, lw, wtype, E, kv_dim, "wv");
+  ASSERT_TRUE(lw.wq && lw.wk && lw.wv);
+  const std::vector<float> bq_h = randn(rng, q_dim, 0.3f), bk_h = randn(rng, kv_dim, 0.3f),
+                           bv_h = randn(rng, kv_dim, 0.3f);
+  DevTensor bq(be, be.load_vector(bq_h.data(), q_dim, "bq"));
+  DevTensor bk(be, be.load_vector(bk_h.data(), kv_dim, "bk"));
+  DevTensor bv(be, be.load_vector(bv_h.data(), kv_dim, "bv"));
+  const std::vector<float> h0 = randn(rng, E);
+  const std::vector<uint8_t> k_rows =
+      quantize_rows(ctype, randn(rng, n_ctx * kv_dim), n_ctx, kv_dim);
+  const std::vector<uint8_t> v_rows =
+      quantize_rows(ctype, randn(rng, n_ctx * kv_dim), n_ctx, kv_dim);
+  LayerState fused(be, s, ctype, n_ctx), ops(be, s, ctype, n_ctx);
+  for (LayerState* st : {&fused, &ops}) {
+    ASSERT_TRUE(be.upload(*st->h, 0, 1, h0.data()).is_ok());
+    ASSERT_TRUE(be.upload(*st->kc, 0, n_ctx, k_rows.data()).is_ok());
+    ASSERT_TRUE(be.upload(*st->vc, 0, n_ctx, v_rows.data()).is_ok());
+  }
+  const RopeParams rq{s.n_head, s.head_dim, 10000.0f, layout};
+  const RopeParams rk{s.n_head_kv, s.head_dim, 10000.0f, layout};
+  const auto outs = [&](LayerState& st) {
+    return std::vector<MatmulOut>{{lw.wq.get(), &*st.q, bias ? &*bq : nullptr},
+                                  {lw.wk.get(), &*st.k, bias ? &*bk : nullptr},
+                                  {lw.wv.get(), &*st.v, bias ? &*bv : nullptr}};
+  };
+  const std::vector<MatmulOut> of = outs(fused), oo = outs(ops);
+  const int32_t p = pos;
+  const bool fuses = be.fuses_qkv_rope_kv_store(*fused.h, of.data(), rq, rk, *fused.kc, *fused.vc);
+  if (backend == "cuda" && ctype == DType::F16 && layout == RopeLayout::Normal &&
+      env_on("KESTREL_CUDA_QKV_ROPE") && !env_on("KESTREL_CUDA_NO_MATVEC_KSPLIT") &&
+      !env_on("KESTREL_CUDA_NO_FUSED_ROPE_KV")) {
+    EXPECT_TRUE(fuses) << "KESTREL_CUDA_QKV_ROPE=1: the CUDA backend should run this as one launch";
+  }
+  Status st = be.qkv_rope_kv_store(*fused.h, of.data(), &p, rq, rk, *fused.kc, *fused.vc);
+  ASSERT_TRUE(st.is_ok()) << st.message();
+  st = be.Backend::qkv_rope_kv_store(*ops.h, oo.data(), &p, rq, rk, *ops.kc, *ops.vc);
+  ASSERT_TRUE(st.is_ok()) << st.message();
+  const std::string log_key = backend + " qkv_rope_kv_store/" + type_str(ctype);
+  for (const auto& [name, a, b] :
+       {std::tuple<const char*, const DevTensor*, const DevTensor*>{"q", &fused.q, &ops.q},
+        {"k", &fused.k, &ops.k},
+        {"v", &fused.v, &ops.v}}) {
+    const std::vector<float> got = fetch(be, *a), want = fetch(be, *b);
+    const std::vector<double> ref(want.begin(), want.end());
+    check_err(compare_rows(got.data(), (*a)->cols, ref.data(), 1, (*a)->cols), "qkv_rope_kv_store",
+              log_key, what + ": " + name);
+  }
+  for (int side = 0; side < 2; ++side) {
+    SCOPED_TRACE(side == 0 ? "K cache" : "V cache");
+    const std::vector<uint8_t> bytes = fetch_bytes(be, side == 0 ? fused.kc : fused.vc);
+    const std::vector<uint8_t> want = fetch_bytes(be, side == 0 ? ops.kc : ops.vc);
+    const std::vector<uint8_t>& before = side == 0 ? k_rows : v_rows;
+    const size_t rb = static_cast<size_t>(quant::row_bytes(ctype, kv_dim));
+    for (int r = 0; r < n_ctx; ++r) {
+      const std::vector<uint8_t>& expect = r == pos ? want : before;
+      EXPECT_TRUE(
+          std::equal(bytes.begin() + r * rb, bytes.begin() + (r + 1) * rb, expect.begin() + r * rb))
+          << "row " << r << (r == pos ? " differs from the two ops' row" : " changed");
+    }
+  }
+}
+
+TEST_P(GpuOpsQkvRope, MatchesTheTwoOps) {
+  GPU_TRACE_SEED();
+  const LayerShape gqa{8, 2, 64, 512, 1376}, mha{4, 4, 128, 512, 1408};
+  for (DType w : {DType::Q4_0, DType::Q8_0}) {
+    check_qkv_rope(be(), GetParam(), gqa, w, DType::F16, RopeLayout::Normal, false, 37);
+    check_qkv_rope(be(), GetParam(), mha, w, DType::F16, RopeLayout::Normal, true, 1000);
+    if (HasFatalFailure()) return;
+  }
+  check_qkv_rope(be(), GetParam(), mha, DType::Q4_0, DType::F16, RopeLayout::Normal, false, 0);
+  // Left to the two ops by the CUDA backend: a q8_0 cache, the NeoX layout.
+  check_qkv_rope(be(), GetParam(), gqa, DType::Q4_0, DType::Q8_0, RopeLayout::Normal, false, 37);
+  check_qkv_rope(be(), GetParam(), mha, DType::Q4_0, DType::F16, RopeLayout::NeoX, true, 300);
 }
 
 }  // namespace

@@ -238,4 +238,55 @@ Status CudaBackend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_t
   return Status::ok();
 }
 
+bool CudaBackend::fuses_qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv,
+                                          const RopeParams& pq, const RopeParams& pk,
+                                          const Tensor& k_cache, const Tensor& v_cache) const {
+  const int D = pq.head_dim;
+  if (!qkv_rope_store_ || !fused_rope_kv_ || !int8_matvec_ksplit() || k_cache.type != DType::F16 ||
+      v_cache.type != DType::F16 || pq.layout != RopeLayout::Normal ||
+      pk.layout != RopeLayout::Normal || pk.head_dim != D || pk.freq_base != pq.freq_base ||
+      D % 2 != 0 || D / 2 > kRopeMaxPairs || k_cache.cols != v_cache.cols ||
+      k_cache.row_bytes() != v_cache.row_bytes())
+    return false;
+  const auto& w0 = static_cast<const CudaWeight&>(*qkv[0].w);
+  if (matmul_path(w0.type, w0.n_in, 1) != MatmulPath::kInt8) return false;
+  const int64_t cols[3] = {int64_t{pq.n_heads} * D, int64_t{pk.n_heads} * D, k_cache.cols};
+  for (int i = 0; i < 3; ++i) {
+    const auto& w = static_cast<const CudaWeight&>(*qkv[i].w);
+    if (w.type != w0.type || w.n_in != w0.n_in || w.n_out != cols[i] ||
+        qkv[i].out->cols != cols[i] || qkv[i].out->data == x.data)
+      return false;
+  }
+  return cols[1] == k_cache.cols;
+}
+
+Status CudaBackend::qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv,
+                                      const int32_t* positions, const RopeParams& pq,
+                                      const RopeParams& pk, Tensor& k_cache, Tensor& v_cache) {
+  if (!fuses_qkv_rope_kv_store(x, qkv, pq, pk, k_cache, v_cache))
+    return Backend::qkv_rope_kv_store(x, qkv, positions, pq, pk, k_cache, v_cache);
+  MatvecPart parts[3];
+  for (int i = 0; i < 3; ++i) {
+    const auto& w = static_cast<const CudaWeight&>(*qkv[i].w);
+    KESTREL_TRY(check_matmul_shapes(w, x, 1, *qkv[i].out));
+    parts[i] = {&w, static_cast<float*>(qkv[i].out->data),
+                qkv[i].bias ? static_cast<const float*>(qkv[i].bias->data) : nullptr};
+  }
+  KESTREL_TRY(check_cache_positions(positions, 1, std::min(k_cache.rows, v_cache.rows)));
+  const auto* xp = static_cast<const float*>(x.data);
+  const int64_t n_in = parts[0].w->n_in;
+  // x's int8 planes as matmul_group finds them; afterwards none held, as after rope_kv_store.
+  const bool held = acts_.holds(xp, 1, n_in);
+  forget_activations();
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, 1));
+  if (mode_ == Mode::Stage) return Status::ok();
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(1, n_in)));
+  const QuantizedActs acts = QuantizedActs::in(buf, 1, n_in);
+  if (!held) KESTREL_TRY(launch_quantize_acts(xp, 1, n_in, acts, stream_));
+  const MatvecRopeStore store{pos, pq.head_dim, static_cast<uint8_t*>(k_cache.data),
+                              static_cast<uint8_t*>(v_cache.data),
+                              static_cast<int64_t>(k_cache.row_bytes())};
+  return launch_matvec_int8_rope_store(parts, acts, store, pq.freq_base, stream_);
+}
+
 }  // namespace kestrel::backend::cuda
