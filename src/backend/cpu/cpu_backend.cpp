@@ -494,9 +494,10 @@ void CpuBackend::attention_tiled(const Tensor& q, int n_tokens, const int32_t* p
 
 // Attention of a micro-batch or decode step (one block of query tokens): a task a KV head that
 // converts only its own head's columns of the visible rows, K as rows and V already transposed.
-// The whole-cache dequantization and transposition of attention_tiled cost ~1.9 ms a call for 16
-// tokens over ~320 keys of llama2-7b's f16 cache on 16 threads (H100 host, nineteenth session),
-// where the arithmetic is ~0.1 ms: three passes over ~10 MB with nothing to share them.
+// attention_tiled's whole-cache dequantization and transposition have nothing to share here: 16
+// tokens over ~320 keys of llama2-7b's f16 cache took 2.14 ms a call on 2 threads against 0.95
+// this way (nineteenth session; 1.9 against 1.6 ms on the GPU machine's 16-thread host, where
+// the fork-join of each small op costs ~0.3 ms by itself).
 void CpuBackend::attention_heads(const Tensor& q, int n_tokens, const int32_t* positions,
                                  const Tensor& k_cache, const Tensor& v_cache, int64_t n_kv,
                                  const AttentionParams& p, Tensor& out) {
