@@ -280,9 +280,7 @@ Status CudaBackend::qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv,
   forget_activations();
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, 1));
   if (mode_ == Mode::Stage) return Status::ok();
-  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(1, n_in)));
-  const QuantizedActs acts = QuantizedActs::in(buf, 1, n_in);
-  if (!held) KESTREL_TRY(launch_quantize_acts(xp, 1, n_in, acts, stream_));
+  KESTREL_ASSIGN_OR_RETURN(const QuantizedActs acts, int8_activations(xp, 1, n_in, held));
   const MatvecRopeStore store{pos, pq.head_dim, static_cast<uint8_t*>(k_cache.data),
                               static_cast<uint8_t*>(v_cache.data),
                               static_cast<int64_t>(k_cache.row_bytes())};
