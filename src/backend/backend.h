@@ -179,12 +179,6 @@ class Backend {
   virtual Status attention(const Tensor& q, int n_tokens, const int32_t* positions,
                            const Tensor& k_cache, const Tensor& v_cache, const AttentionParams& p,
                            Tensor& out) = 0;
-  // A hint before an op that leaves memory idle (attention): the weight the next matmul of
-  // n_tokens reads, which a backend may start moving into its caches now. Results never depend
-  // on it. Called only where prefetches_weight says the backend does it (the forward pass then
-  // times it as an op, "prefetch"); by default no backend does.
-  virtual bool prefetches_weight(const Weight& /*w*/, int /*n_tokens*/) const { return false; }
-  virtual Status prefetch_weight(const Weight& /*w*/, int /*n_tokens*/) { return Status::ok(); }
   // out[T][F] = silu(gate) * up
   virtual Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) = 0;
   // x[T][E] += y[T][E]

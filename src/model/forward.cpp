@@ -255,8 +255,6 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
       OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
     }
   }
-  if (be.prefetches_weight(*L.wo, n))  // wo streams in while attention computes
-    OP(be, "prefetch", be.prefetch_weight(*L.wo, n));
   OP(be, "attention",
      be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));     // att[T][q_dim]
   OP(be, matmul_kind(*L.wo), be.matmul(*L.wo, s.att, n, s.proj, nullptr));  // proj[T][E]

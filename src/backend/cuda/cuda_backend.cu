@@ -532,28 +532,6 @@ Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, T
                        also, swiglu4_, stream_);
 }
 
-// Micro-batches and decode steps, whose matmuls stream the weights (the weight's first
-// l2_ahead_bytes(), Q4_0 / Q8_0): the attention before the output projection leaves DRAM
-// idle, and the projection's own early start cannot cover it where attention's blocks hold the
-// SMs (stream16's block does not fit beside them).
-bool CudaBackend::prefetches_weight(const Weight& w, int n_tokens) const {
-  constexpr int kMostTokens = 16;  // stream16's micro-batches
-  return n_tokens <= kMostTokens && l2_ahead_bytes() > 0 &&
-         (w.type == quant::DType::Q4_0 || w.type == quant::DType::Q8_0);
-}
-
-Status CudaBackend::prefetch_weight(const Weight& weight, int n_tokens) {
-  const auto& w = static_cast<const CudaWeight&>(weight);
-  if (mode_ == Mode::Stage || !prefetches_weight(w, n_tokens)) return Status::ok();
-  const bool q4 = w.type == quant::DType::Q4_0;
-  const int64_t code_bytes = w.n_out * w.n_in / (q4 ? 2 : 1);
-  const int64_t scale_bytes = w.n_out * (w.n_in / 32) * 2;
-  const double share = std::min(1.0, double(l2_ahead_bytes()) / double(code_bytes + scale_bytes));
-  return launch_l2_prefetch(w.qs, static_cast<int64_t>(share * code_bytes),
-                            reinterpret_cast<const uint8_t*>(w.d),
-                            static_cast<int64_t>(share * scale_bytes), stream_);
-}
-
 Status CudaBackend::add(Tensor& x, const Tensor& y, int n_tokens) {
   forget_activations();
   if (mode_ == Mode::Stage) return Status::ok();

@@ -116,8 +116,6 @@ class CudaBackend final : public Backend {
   Status embed(const HostMatrix& table, const int32_t* tokens, int n_tokens, Tensor& out) override;
   Status rms_norm(const Tensor& x, int n_tokens, const Tensor& weight, float eps,
                   Tensor& out) override;
-  bool prefetches_weight(const Weight& w, int n_tokens) const override;
-  Status prefetch_weight(const Weight& w, int n_tokens) override;
   Status add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const Tensor& weight, float eps,
                       Tensor& out) override;
   Status matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) override;
@@ -466,10 +464,6 @@ Status launch_rope(float* x, float* x1, int heads1, int n_tokens, const int32_t*
 Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out,
                      const MatmulInputOut& also, bool vec4, cudaStream_t s);
 Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s);
-// Asks L2 for bytes [0, a_bytes) of a and [0, b_bytes) of b (sm_90; a chained launch that waits
-// for the kernel before it, so the chain's order holds).
-Status launch_l2_prefetch(const uint8_t* a, int64_t a_bytes, const uint8_t* b, int64_t b_bytes,
-                          cudaStream_t s);
 Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int n_rows, float* out,
                        cudaStream_t s);
 // K and V (or one of them) into their caches, quantizing on write: one launch when both caches

@@ -74,39 +74,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// Asks L2 for the bytes [p, p + bytes) in one instruction (sm_90: the copy engine walks them),
-// rounded inward to 16-byte boundaries; before sm_90, nothing (its per-line form costs an
-// instruction for every 128 bytes).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint64_t begin = (reinterpret_cast<uint64_t>(p) + 15) & ~uint64_t{15};
-  const uint64_t end =
-      (reinterpret_cast<uint64_t>(p) + static_cast<uint64_t>(bytes)) & ~uint64_t{15};
-  if (end > begin)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(begin),
-                 "r"(static_cast<uint32_t>(end - begin))
-                 : "memory");
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
-// Bytes of weights the matmuls of few tokens (the decode matvec, stream16) ask of L2 ahead of
-// their loads, over the whole GPU (KESTREL_CUDA_L2_AHEAD_MB, MiB; 0: only what the loads and a
-// dependent launch's prologue ask, as before). Blocks that start while the kernel before them
-// still runs (a programmatic dependent launch) ask for their share of the first bytes at once,
-// then each load keeps the window that far ahead: the weights stream from DRAM during the small
-// kernels between the matmuls (norms, RoPE, attention, SwiGLU), which leave it idle.
-inline int64_t l2_ahead_bytes() {
-  static const int64_t bytes = [] {
-    const char* e = std::getenv("KESTREL_CUDA_L2_AHEAD_MB");
-    const long mb = e ? std::strtol(e, nullptr, 10) : 0;
-    return int64_t{mb > 0 ? mb : 0} << 20;
-  }();
-  return bytes;
-}
-
 // Whether the decode matvec goes as a programmatic dependent launch (KESTREL_CUDA_PDL=0: not):
 // H200 tg128 398 t/s against 389 for the baseline row of the same run (bench/NOTES.md).
 inline bool dependent_launches() {

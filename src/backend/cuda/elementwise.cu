@@ -160,20 +160,6 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) {
   if (i < n) x[i] += y[i];
 }
 
-// A slice of each range a block, its first thread asking for it (the copy engine walks the
-// bytes). It lets the next kernel start at once, and ends only after the kernel before it: a
-// chained kernel's wait covers only the kernel just before it, so this one must not end first.
-__global__ void l2_prefetch_kernel(const uint8_t* a, int64_t a_bytes, const uint8_t* b,
-                                   int64_t b_bytes) {
-  grid_dependents_launch();
-  if (threadIdx.x == 0) {
-    const int64_t i = blockIdx.x, n = gridDim.x;
-    prefetch_l2_bulk(a + a_bytes * i / n, a_bytes * (i + 1) / n - a_bytes * i / n);
-    prefetch_l2_bulk(b + b_bytes * i / n, b_bytes * (i + 1) / n - b_bytes * i / n);
-  }
-  grid_dependency_wait();
-}
-
 __global__ void get_rows_kernel(const float* x, int64_t n_cols, const int32_t* rows, float* out) {
   const float* src = x + static_cast<int64_t>(rows[blockIdx.x]) * n_cols;
   float* dst = out + static_cast<int64_t>(blockIdx.x) * n_cols;
@@ -256,16 +242,6 @@ Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s) {
   if (n <= 0) return Status::ok();
   add_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, y, n);
   LAUNCH_CHECK("add");
-  return Status::ok();
-}
-
-Status launch_l2_prefetch(const uint8_t* a, int64_t a_bytes, const uint8_t* b, int64_t b_bytes,
-                          cudaStream_t s) {
-  constexpr int kBlocks = 32;  // slices: one SM's copy engine alone walks them slower
-  CUDA_TRY(launch_dependent(chained_launches(), l2_prefetch_kernel, dim3(kBlocks), dim3(32), s, a,
-                            a_bytes, b, b_bytes),
-           "prefetch");
-  LAUNCH_CHECK("prefetch");
   return Status::ok();
 }
 

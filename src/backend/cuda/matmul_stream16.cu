@@ -106,7 +106,6 @@ struct Stream16Args {
   uint32_t half2_magic;  // 0x64006400 (codes_to_half2)
   int act_steps;         // 1: a barrier for each step's activations (below), 0: one for all
   int relaxed_exit;      // 1: the cluster's last barrier without release semantics (the end)
-  int l2_ahead;          // stages a producer asks of L2 beyond its ring (l2_ahead_bytes)
 };
 
 constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
@@ -157,20 +156,6 @@ __device__ void load_acts(const Stream16Args& a, int ks0, int ks1, uint32_t acts
   }
 }
 
-// Asks L2 for stage i of the producer's sequence (row group g0 + i / n_ks, step ks0 + i % n_ks).
-template <int B>
-__device__ void prefetch_stage(const Stream16Args& a, int g0, int ks0, int n_ks, int i) {
-  int row0 = 0;
-  const int p = part_of_group(a, g0 + i / n_ks, row0);
-  const int ks = ks0 + i % n_ks;
-#pragma unroll
-  for (int b = 0; b < B; ++b) {
-    const int kb = ks * B + b;
-    tma_prefetch_l2(a.codes[p], kb * (kBoxK / 2), row0);
-    tma_prefetch_l2(a.scales[p], kb * (kBoxK / 32), row0);
-  }
-}
-
 // The producer thread: for each row group, each step of the block's K range into the ring of the
 // warpgroup that takes it (steps ks0 + w, + kWGs, ...: warpgroup w). The weights depend on no
 // kernel, so the rings fill first, then the activations come (load_acts): launched early, the
@@ -181,15 +166,6 @@ __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1,
   using C = Cfg<B, kWGs>;
   bool acts_loaded = false;
   int filled[kWGs] = {};
-  // The L2 window: the stages past the ring (loaded at once), up to a.l2_ahead beyond the last
-  // one loaded, are asked of L2, so that the first of them stream while the kernel before still
-  // runs and the later loads find their bytes on the way.
-  const int n_ks = ks1 - ks0, total = (g1 - g0) * n_ks;
-  int asked = min(kWGs * C::kStages, total), loaded = 0;
-  const auto ask_until = [&](int end) {
-    for (end = min(end, total); asked < end; ++asked) prefetch_stage<B>(a, g0, ks0, n_ks, asked);
-  };
-  if (a.l2_ahead > 0) ask_until(kWGs * C::kStages + a.l2_ahead);
   for (int group = g0; group < g1; ++group) {
     int row0 = 0;
     const int p = part_of_group(a, group, row0);
@@ -215,7 +191,6 @@ __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1,
                    bar);
         }
         ++filled[w];
-        if (a.l2_ahead > 0) ask_until(++loaded + a.l2_ahead);
       }
     }
   }
@@ -652,8 +627,6 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cud
   a.steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
   a.steps_per_split = plan.steps_per_split;
   a.groups_per_block = plan.groups_per_block;
-  const int64_t block_bytes = int64_t{plan.clusters} * plan.splits * Cfg<B, W>::kStageBytes;
-  a.l2_ahead = static_cast<int>(l2_ahead_bytes() / block_bytes);
   cudaLaunchConfig_t config =
       launch_config(plan.splits, plan.clusters, plan.smem, Cfg<B, W>::kThreads, s);
   cudaLaunchAttribute attrs[2] = {cluster_attr(plan.splits), {}};

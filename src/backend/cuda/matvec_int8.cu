@@ -10,7 +10,6 @@
 // Layout: a warp owns kRowsFor<NT> consecutive output rows; its lanes take the rows' 32-element
 // blocks lane, lane + 32, ... so that a warp's weight loads are 512 contiguous bytes per row
 // (Q4_0), and every block's activations (two planes, 64 bytes per token) serve all of them.
-#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -59,10 +58,6 @@ struct MatvecArgs {
   const ActBlock* meta;
   int n_tokens;
   bool dependent;  // matvec_ksplit_kernel as a programmatic dependent launch
-  // matvec_ksplit_kernel's L2 window (l2_ahead_bytes), in blocks: the blocks resident at once
-  // (wave) and the blocks whose rows are asked ahead of the loads (ahead); 0: the block's own rows.
-  int wave;
-  int ahead;
 };
 
 // The product this block computes, its fields picked without indexing the parameter arrays by a
@@ -77,11 +72,11 @@ struct MatvecTarget {
   int part;
 };
 
-__device__ __forceinline__ MatvecTarget block_target(const MatvecArgs& args, int block) {
+__device__ __forceinline__ MatvecTarget block_target(const MatvecArgs& args) {
   int part = 0;
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
-    if (p < args.n_parts && block >= args.first_block[p]) part = p;
+    if (p < args.n_parts && static_cast<int>(blockIdx.x) >= args.first_block[p]) part = p;
   MatvecTarget m{args.qs[0], args.d[0], args.n_out[0], args.out[0], args.bias[0], 0, 0};
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
@@ -112,7 +107,7 @@ __device__ __forceinline__ float load_weight_block(const MatvecTarget& m, int64_
 
 template <DType T, int NT>
 __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecArgs args) {
-  const MatvecTarget m = block_target(args, static_cast<int>(blockIdx.x));
+  const MatvecTarget m = block_target(args);
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;  // 32-bit words of quants per block
   constexpr int kRows = kRowsFor<NT>;
   constexpr int kAhead = 8 / kRows;  // blocks per lane loaded before any is used
@@ -183,50 +178,6 @@ constexpr int kKSplitRows = 4;
 // session's device time ran out; gpu-check's stages gpu-tests-qkv-rope and e2e-qkv-rope and
 // gpu_bench's tg128 row with it say whether it holds and pays (one launch a layer fewer).
 struct NoEpilogue {};
-
-// Asks L2 for the rows of block j (kKSplitRows rows, contiguous codes, contiguous scales).
-template <DType T>
-__device__ __forceinline__ void prefetch_block_rows(const MatvecArgs& args, int j, int64_t nb) {
-  if (j >= static_cast<int>(gridDim.x)) return;
-  const MatvecTarget m = block_target(args, j);
-  const int64_t r0 = static_cast<int64_t>(j - m.first_block) * kKSplitRows;
-  if (r0 >= m.n_out) return;
-  const int64_t rows = min(static_cast<int64_t>(kKSplitRows), m.n_out - r0);
-  constexpr int kBlockBytes = 4 * kQuantWords<T>;
-  prefetch_l2_bulk(m.qs + r0 * nb * kBlockBytes, rows * nb * kBlockBytes);
-  prefetch_l2_bulk(m.d + r0 * nb, rows * nb * 2);
-}
-
-// A dependent launch's prologue, before it waits for the activations. With the L2 window
-// (args.ahead > 0, sm_90): a block of the first wave asks for blocks j, j + wave, ... below
-// ahead (all of them are resident while the kernel before runs, so the first `ahead` blocks'
-// rows stream during it), and every block for block j + ahead, which keeps the window moving
-// as the later waves start. Else the block's own rows, a line a thread.
-template <DType T>
-__device__ __forceinline__ void prefetch_prologue(const MatvecArgs& args, const MatvecTarget& m,
-                                                  int64_t r0, int64_t nb) {
-  constexpr int kWords = kQuantWords<T>;
-  const int b = static_cast<int>(blockIdx.x);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (args.ahead > 0) {
-    const int t = static_cast<int>(threadIdx.x);
-    if (t == 0) prefetch_block_rows<T>(args, b + args.ahead, nb);
-    const int j = b + t * args.wave;
-    if (b < args.wave && j < args.ahead) prefetch_block_rows<T>(args, j, nb);
-    return;
-  }
-#endif
-  if (r0 < m.n_out) {
-    const int64_t rows = min(static_cast<int64_t>(kKSplitRows), m.n_out - r0);
-    const uint8_t* q0 = m.qs + r0 * nb * (4 * kWords);
-    for (int64_t off = 128 * threadIdx.x; off < rows * nb * 4 * kWords; off += 128 * kWarps * 32)
-      prefetch_l2(q0 + off);
-    const int64_t scale_bytes = rows * nb * 2;
-    if (128 * threadIdx.x < scale_bytes)
-      prefetch_l2(reinterpret_cast<const uint8_t*>(m.d + r0 * nb) + 128 * threadIdx.x);
-  }
-  (void)b;
-}
 struct RopeStoreEpilogue {
   MatvecRopeStore store;
   RopeTable table;
@@ -236,15 +187,23 @@ template <DType T, typename Epilogue>
 __global__ void __launch_bounds__(kWarps * 32)
     matvec_ksplit_kernel(const MatvecArgs args, const __grid_constant__ Epilogue ep) {
   constexpr bool kRopeStore = std::is_same_v<Epilogue, RopeStoreEpilogue>;
-  const MatvecTarget m = block_target(args, static_cast<int>(blockIdx.x));
+  const MatvecTarget m = block_target(args);
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
   constexpr int kThreads = kWarps * 32;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x - m.first_block) * kKSplitRows;
   const int64_t nb = args.n_in / 32;
   if (args.dependent) {
-    // A programmatic dependent launch: weights are asked of L2 while the kernel that writes the
-    // activations still runs, then the block waits for it.
-    prefetch_prologue<T>(args, m, r0, nb);
+    // A programmatic dependent launch: the block's rows (contiguous) are asked of L2 while the
+    // kernel that writes the activations still runs, then the block waits for it.
+    if (r0 < m.n_out) {
+      const int64_t rows = min(static_cast<int64_t>(kKSplitRows), m.n_out - r0);
+      const uint8_t* q0 = m.qs + r0 * nb * (4 * kWords);
+      for (int64_t off = 128 * threadIdx.x; off < rows * nb * 4 * kWords; off += 128 * kThreads)
+        prefetch_l2(q0 + off);
+      const int64_t scale_bytes = rows * nb * 2;
+      if (128 * threadIdx.x < scale_bytes)
+        prefetch_l2(reinterpret_cast<const uint8_t*>(m.d + r0 * nb) + 128 * threadIdx.x);
+    }
     grid_dependency_wait();
   }
   if (r0 >= m.n_out) return;  // the whole block
@@ -333,23 +292,6 @@ int matvec_blocks(int64_t n_out, int n_tokens, bool ksplit) {
   return ceil_div(n_out, kWarps * rows);
 }
 
-// Blocks of matvec_ksplit_kernel resident at once on the device (queried once per type).
-template <DType T>
-int ksplit_wave() {
-  static const int wave = [] {
-    int device = 0, sms = 0, per_sm = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matvec_ksplit_kernel<T, NoEpilogue>,
-                                                      kWarps * 32, 0) != cudaSuccess) {
-      cudaGetLastError();
-      return 0;
-    }
-    return sms * per_sm;
-  }();
-  return wave;
-}
-
 // Decode on matvec_ksplit_kernel unless KESTREL_CUDA_NO_MATVEC_KSPLIT=1.
 bool ksplit_enabled() {
   static const bool on = [] {
@@ -418,15 +360,6 @@ Status matvec_args(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
   args.meta = a.meta;
   args.n_tokens = n_tokens;
   args.dependent = ksplit && dependent_launches();
-  if (args.dependent && l2_ahead_bytes() > 0) {
-    const bool q4 = w0.type == DType::Q4_0;
-    args.wave = q4 ? ksplit_wave<DType::Q4_0>() : ksplit_wave<DType::Q8_0>();
-    const int64_t block_bytes = kKSplitRows * (w0.n_in / 32) * ((q4 ? 16 : 32) + 2);
-    args.ahead =
-        args.wave > 0
-            ? static_cast<int>(std::min<int64_t>(blocks, ceil_div(l2_ahead_bytes(), block_bytes)))
-            : 0;
-  }
   return Status::ok();
 }
 

@@ -50,15 +50,6 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, i
       : "memory");
 }
 
-// Asks L2 for the box of `map` at (c0, c1), as tma_load would read it (no shared memory, no
-// barrier: a hint that a later load finds the bytes there).
-__device__ __forceinline__ void tma_prefetch_l2(const CUtensorMap& map, int c0, int c1) {
-  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(&map)),
-               "r"(c0), "r"(c1)
-               : "memory");
-}
-
 // A matrix descriptor for wgmma's B operand: 8-row groups of 128-byte rows, 1024 bytes apart,
 // 128-byte swizzle (bits 62-63 = 1); the leading-dimension offset is unused for K-major tiles
 // one swizzle row wide.
