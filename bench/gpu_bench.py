@@ -114,6 +114,11 @@ VARIANTS = [
     ("KESTREL_CUDA_ATT_TC16_MIN=17", "llama2-7b tg128"),
     # A decode step's Q, K and V with RoPE and the f16 KV store in one launch (opt-in).
     ("KESTREL_CUDA_QKV_ROPE=1", "llama2-7b tg128"),
+    # Prompt chunks' wgmma tiles all of 128 tokens (by default each launch picks 128 or 192 by
+    # its waves of blocks), and Q, K, V / gate, up as a launch each (grouped by default).
+    ("KESTREL_CUDA_WGMMA_BN=128", "llama2-7b pp"),
+    ("KESTREL_CUDA_WGMMA_BN=128", "seed case, defaults"),
+    ("KESTREL_CUDA_WGMMA_NO_GROUP=1", "llama3-8b pp512"),
     # (The A/B rows of earlier trials -- RoPE + KV store on the rows kernel, SwiGLU four values a
     # thread, the wgmma prompt kernel, the fused decode layer, the fragment kernel's cluster sum
     # -- were measured and dropped from here:

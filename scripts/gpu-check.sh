@@ -390,8 +390,10 @@ if ((TESTS)); then
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
     # Q4_0 prompt chunks on the GEMM path instead of the wgmma kernel (the default since the
-    # twelfth session, matmul_wgmma.cu; KESTREL_CUDA_WGMMA=0): every GPU op test.
-    gpu_test_stage gpu-tests-no-wgmma '*Gpu*' gtest-gpu-no-wgmma.xml KESTREL_CUDA_WGMMA=0
+    # twelfth session, matmul_wgmma.cu; KESTREL_CUDA_WGMMA=0, which also turns stream16 off): the
+    # suites whose ops take or write matmul inputs (the others never look at the matmul path).
+    gpu_test_stage gpu-tests-no-wgmma '*GpuOpsMatmul*:*GpuOpsChain*:*GpuOpsElementwise*' \
+      gtest-gpu-no-wgmma.xml KESTREL_CUDA_WGMMA=0
     # The 5-16-token kernel's K splits summed through global partials instead of a thread block
     # cluster (KESTREL_CUDA_FRAG_CLUSTER=0), and in clusters with 8 splits forced.
     gpu_test_stage gpu-tests-no-frag-cluster '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
@@ -429,6 +431,15 @@ if ((TESTS)); then
     # tensor cores straight from the cache (attention_tc16.cu, the default from 1 token).
     gpu_test_stage gpu-tests-no-att-tc16 '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-no-att-tc16.xml KESTREL_CUDA_ATT_TC16_MIN=17
+    # Prompt chunks' wgmma tiles all of 192 tokens and all of 128 (KESTREL_CUDA_WGMMA_BN; by
+    # default the launch picks), and Q, K, V / gate, up as a launch each on the wgmma path
+    # (KESTREL_CUDA_WGMMA_NO_GROUP=1).
+    gpu_test_stage gpu-tests-wgmma-bn192 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-wgmma-bn192.xml KESTREL_CUDA_WGMMA_BN=192
+    gpu_test_stage gpu-tests-wgmma-bn128 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-wgmma-bn128.xml KESTREL_CUDA_WGMMA_BN=128
+    gpu_test_stage gpu-tests-wgmma-no-group '*GpuOpsChain*' gtest-gpu-wgmma-no-group.xml \
+      KESTREL_CUDA_WGMMA_NO_GROUP=1
     # A decode step's Q, K and V with RoPE and the f16 KV store in the products' launch
     # (opt-in: KESTREL_CUDA_QKV_ROPE=1): its suite against the two ops, and the chains.
     gpu_test_stage gpu-tests-qkv-rope '*GpuOpsQkvRope*:*GpuOpsChain*' gtest-gpu-qkv-rope.xml \
@@ -474,6 +485,7 @@ if ((TESTS && !QUICK)); then
     E2E_ONLY=b1-ub1 e2e e2e-fused-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_FUSED_DECODE=1
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
+    e2e e2e-wgmma-bn128 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_WGMMA_BN=128
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1
     e2e e2e-no-att-tc16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_TC16_MIN=17
     E2E_ONLY=b1-ub1 e2e e2e-qkv-rope "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \

@@ -192,7 +192,8 @@ void check_attention_chain(Backend& be, const std::string& backend, DType type, 
 
 // One input into three weights of uneven widths, wide enough (2048) that the GPU kernels split
 // K: a grouped launch must give each product its own rows, partial sums and bias-free output.
-// Token counts around the small-batch switches; the group, then each weight alone again.
+// Token counts around the small-batch switches, and a prompt chunk (100: CUDA's wgmma path, its
+// row tiles of 128 cut inside the products); the group, then each weight alone again.
 void check_wide_group(Backend& be, const std::string& backend, DType type) {
   std::mt19937 rng = test_rng();
   const int64_t E = 2048;
@@ -204,7 +205,7 @@ void check_wide_group(Backend& be, const std::string& backend, DType type) {
   DevTensor o1(be, DType::F32, kMaxChainTokens, 136, "out1");
   DevTensor o2(be, DType::F32, kMaxChainTokens, 200, "out2");
   const std::string key = backend + " chain/wide-group/" + type_str(type);
-  for (int T : {1, 5, 8, 9, 16, 33}) {
+  for (int T : {1, 5, 8, 9, 16, 33, kMaxChainTokens}) {
     const std::string at = type_str(type) + " T=" + std::to_string(T);
     const ChainWeight* three[] = {&w0, &w1, &w2};
     DevTensor* three_out[] = {&o0, &o1, &o2};

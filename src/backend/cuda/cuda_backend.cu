@@ -105,6 +105,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->swiglu4_ = !env_is("KESTREL_CUDA_NO_SWIGLU4", "1");
   be->rows_rope_kv_ = !env_is("KESTREL_CUDA_NO_ROWS_ROPE_KV", "1");
   be->group_matmuls_ = !env_is("KESTREL_CUDA_NO_GROUP", "1");
+  be->group_wgmma_ = !env_is("KESTREL_CUDA_WGMMA_NO_GROUP", "1");
   be->sm_count_ = prop.multiProcessorCount;
   be->fused_decode_ = env_is("KESTREL_CUDA_FUSED_DECODE", "1") && prop.cooperativeLaunch;
   if (env_is("KESTREL_CUDA_FLASH", "0") || env_is("KESTREL_CUDA_FLASH", "1"))

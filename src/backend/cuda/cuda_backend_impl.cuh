@@ -132,8 +132,8 @@ class CudaBackend final : public Backend {
                        Tensor& k_cache, Tensor& v_cache) override;
   bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const override;
   // A decode step's Q, K and V with RoPE and the KV store (f16 caches, the normal layout, Q4_0 /
-  // Q8_0 weights) in the products' launch: opt-in, KESTREL_CUDA_QKV_ROPE=1 (written in the
-  // nineteenth session after its device time ran out: not yet run on a GPU).
+  // Q8_0 weights) in the products' launch: opt-in, KESTREL_CUDA_QKV_ROPE=1 (correct, and no
+  // faster: H100 tg128 427 t/s against 431 without, twentieth session).
   Status qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv, const int32_t* positions,
                            const RopeParams& pq, const RopeParams& pk, Tensor& k_cache,
                            Tensor& v_cache) override;
@@ -239,6 +239,7 @@ class CudaBackend final : public Backend {
   bool rows_rope_kv_ = true;   // KESTREL_CUDA_NO_ROWS_ROPE_KV=1: prompt chunks' fused RoPE + KV
                                // store on the block-per-head kernel too
   bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
+  bool group_wgmma_ = true;    // KESTREL_CUDA_WGMMA_NO_GROUP=1: not on the wgmma path
   // Decode steps of Q4_0 / Q8_0 layers as one kernel a layer (decode_layer.cu) when
   // KESTREL_CUDA_FUSED_DECODE=1 and the device has cooperative launches. Opt-in until it has run
   // on a GPU (written in a session without one).
@@ -364,8 +365,10 @@ Status launch_matmul_mma(const CudaWeight& w, const __half* x16, int n_tokens, f
 Expected<bool> wgmma_available(int device);
 WgmmaMapCache* new_wgmma_map_cache();
 bool wgmma_supports(quant::DType type, int64_t n_in, int n_tokens);
-Status launch_matmul_wgmma(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16,
-                           int n_tokens, float* out, const float* bias, cudaStream_t s);
+// parts[0, n_parts): up to kMatvecMaxParts weights of one width, one launch; sms: the device's
+// SMs (the tile width depends on the waves of blocks).
+Status launch_matmul_wgmma(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
+                           const __half* x16, int n_tokens, int sms, cudaStream_t s);
 // Tensor maps by kind (matmul_wgmma.cu's cache; rows x cols of the matrix at p, boxes as named).
 enum WgmmaMapKind {
   kMapActs64x128 = 0,   // f16 [rows = T][n_in], 64 x 128 boxes, 128-byte swizzle
@@ -376,6 +379,7 @@ enum WgmmaMapKind {
   kMapScales8x128 = 5,  // as 2, 128-row boxes
   kMapActs64x16 = 6,    // as 0, 16-token boxes
   kMapCodes128x64 = 7,  // codes in 128-byte x 64-row boxes, 128-byte swizzle
+  kMapActs64x192 = 8,   // as 0, 192-token boxes
 };
 Expected<CUtensorMap> wgmma_tensor_map(WgmmaMapCache& maps, WgmmaMapKind kind, const void* p,
                                        int64_t n_in, int64_t rows);

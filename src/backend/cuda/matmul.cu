@@ -275,14 +275,15 @@ Status check_matmul_shapes(const CudaWeight& w, const Tensor& x, int n_tokens, c
   return Status::ok();
 }
 
-// Q, K and V (or gate and up) in one launch when all of them take the dp4a path (decode) or the
-// fragment path (5-16 tokens) with one weight type: seven matmuls per layer become four
-// launches, and the split-K kernel's grid fills the GPU with one wave and one tail.
+// Q, K and V (or gate and up) in one launch when all of them take the dp4a path (decode), the
+// fragment path (5-16 tokens) or the wgmma path (prompt chunks) with one weight type: seven
+// matmuls per layer become four launches, and the grids fill the GPU with fewer tails.
 Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
   const auto& w0 = static_cast<const CudaWeight&>(*outs[0].w);
   const MatmulPath path = matmul_path(w0.type, w0.n_in, n_tokens);
   bool one_launch = group_matmuls_ && n_outs >= 2 && n_outs <= kMatvecMaxParts &&
-                    (path == MatmulPath::kInt8 || path == MatmulPath::kFrag);
+                    (path == MatmulPath::kInt8 || path == MatmulPath::kFrag ||
+                     (path == MatmulPath::kWgmma && group_wgmma_));
   for (int i = 0; i < n_outs && one_launch; ++i) {
     const MatmulOut& m = outs[i];
     const auto& w = static_cast<const CudaWeight&>(*m.w);
@@ -298,7 +299,7 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
     parts[i] = {&w, static_cast<float*>(outs[i].out->data),
                 outs[i].bias ? static_cast<const float*>(outs[i].bias->data) : nullptr};
   }
-  if (path == MatmulPath::kFrag) {
+  if (path == MatmulPath::kFrag || path == MatmulPath::kWgmma) {
     const bool x16_held = x16_.holds(xp, n_tokens, n_in);
     x16_ = {true, xp, n_tokens, n_in};
     for (int i = 0; i < n_outs; ++i) {
@@ -306,7 +307,9 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
       if (parts[i].out == x16_.x) x16_.valid = false;
     }
     if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
-    return matmul_frag(xp, n_tokens, n_in, x16_held, parts, n_outs);
+    if (path == MatmulPath::kFrag) return matmul_frag(xp, n_tokens, n_in, x16_held, parts, n_outs);
+    KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, n_in, x16_held));
+    return launch_matmul_wgmma(*wgmma_maps_, parts, n_outs, x16, n_tokens, sm_count_, stream_);
   }
   const bool int8_held = acts_.holds(xp, n_tokens, n_in);
   acts_ = {true, xp, n_tokens, n_in};
@@ -396,7 +399,8 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
     }
     case MatmulPath::kWgmma: {
       KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, w.n_in, x16_held));
-      return launch_matmul_wgmma(*wgmma_maps_, w, x16, n_tokens, op, b, stream_);
+      const MatvecPart part{&w, op, b};
+      return launch_matmul_wgmma(*wgmma_maps_, &part, 1, x16, n_tokens, sm_count_, stream_);
     }
     case MatmulPath::kGemm:
       break;

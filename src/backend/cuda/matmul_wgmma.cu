@@ -49,8 +49,8 @@ constexpr int kScaleCols = 8;  // scales a row a copy (16 bytes: TMA's least box
 
 // A block: WGS consumer warpgroups of 64 weight rows each and BN tokens, and a producer warp.
 // One warpgroup: two blocks an SM (3 stages of 256 tokens, 5 of 128); two warpgroups sharing
-// each activation tile (half the copies per output): one block, 6 stages. Two warpgroups of
-// 256 tokens would need more registers than an SM has.
+// each activation tile (half the copies per output): one block, 6 stages of 128 or 192 tokens
+// (256 would need more registers than 9 warps get: 168 a thread, three warps on one scheduler).
 template <int WGS, int BN>
 struct Tile {
   static constexpr int kBM = 64 * WGS;                      // weight rows a block
@@ -64,15 +64,28 @@ struct Tile {
   static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + align
   static_assert(kStageBytes % 1024 == 0, "stages keep the activations 1024-aligned (swizzle)");
   static_assert((WGS == 1 ? 2 : 1) * (kSmemBytes + 1024) <= 232448, "blocks an SM");
-  static_assert(WGS == 1 || BN == 128, "registers");
 };
 
-struct WgmmaArgs {
+// One product of a launch: blocks [first_tile, next part's) along x take its rows.
+struct WgmmaPart {
   int64_t n_out;
-  int n_tokens;
-  int steps;   // n_in / kBK, even
   float* out;  // [T][n_out]
   const float* bias;
+  int first_tile;
+};
+
+// Up to kMatvecMaxParts weights of one width that read the same activations (Q, K and V; gate
+// and up) in one launch: with grouped-query attention K and V have a quarter of Q's rows
+// (llama3-8b: 1024), 8 row tiles x 4 token tiles at 512 tokens, so alone each held 32 of 132
+// SMs for as long as Q's launch took with all of them.
+struct WgmmaArgs {
+  CUtensorMap act;
+  CUtensorMap codes[kMatvecMaxParts];
+  CUtensorMap scales[kMatvecMaxParts];
+  WgmmaPart parts[kMatvecMaxParts];
+  int n_parts;
+  int n_tokens;
+  int steps;             // n_in / kBK, even
   uint32_t half2_magic;  // 0x64006400 (see codes_to_half2)
 };
 
@@ -117,6 +130,8 @@ __device__ __forceinline__ void mma_step(uint32_t acts, float* acc, const uint32
   wgmma_fence();
   if constexpr (BN == 256)
     wgmma_m64n256k64(acc, A, desc);
+  else if constexpr (BN == 192)
+    wgmma_m64n192k64(acc, A, desc);
   else
     wgmma_m64n128k64(acc, A, desc);
   wgmma_commit();
@@ -148,7 +163,8 @@ __device__ __forceinline__ void produce(const CUtensorMap& act_map, const CUtens
 
 // The accumulators into out (+ bias): acc[4 j + e] is row r + 8 (e / 2), token n + 8 j + e % 2.
 template <int BN>
-__device__ __forceinline__ void store_tile(const WgmmaArgs& a, const float* acc, int64_t r, int n) {
+__device__ __forceinline__ void store_tile(const WgmmaPart& a, int n_tokens, const float* acc,
+                                           int64_t r, int n) {
 #pragma unroll
   for (int e2 = 0; e2 < 2; ++e2, r += 8) {
     if (r >= a.n_out) continue;
@@ -158,7 +174,7 @@ __device__ __forceinline__ void store_tile(const WgmmaArgs& a, const float* acc,
 #pragma unroll
       for (int e1 = 0; e1 < 2; ++e1) {
         const int tok = n + 8 * j + e1;
-        if (tok < a.n_tokens)
+        if (tok < n_tokens)
           a.out[static_cast<int64_t>(tok) * a.n_out + r] = acc[4 * j + 2 * e2 + e1] + b;
       }
     }
@@ -171,9 +187,7 @@ __device__ __forceinline__ void store_tile(const WgmmaArgs& a, const float* acc,
 // wgmmas; it takes 171, and two blocks still fit an SM (2 x 5 warps x 176 x 32 registers).
 template <int WGS, int BN>
 __global__ void __launch_bounds__(Tile<WGS, BN>::kThreads, 1)
-    matmul_wgmma_q4_0_kernel(const __grid_constant__ CUtensorMap act_map,
-                             const __grid_constant__ CUtensorMap code_map,
-                             const __grid_constant__ CUtensorMap scale_map, const WgmmaArgs a) {
+    matmul_wgmma_q4_0_kernel(const __grid_constant__ WgmmaArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Tile<WGS, BN>;
   // One register set of A when 128 accumulators leave no room for two: the other block of the
@@ -194,10 +208,14 @@ __global__ void __launch_bounds__(Tile<WGS, BN>::kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  const int m0 = blockIdx.x * L::kBM, n0 = blockIdx.y * BN;
+  int p = 0;  // the block's product
+#pragma unroll
+  for (int i = 1; i < kMatvecMaxParts; ++i)
+    if (i < a.n_parts && static_cast<int>(blockIdx.x) >= a.parts[i].first_tile) p = i;
+  const int m0 = (blockIdx.x - a.parts[p].first_tile) * L::kBM, n0 = blockIdx.y * BN;
   if (tid >= L::kConsumers) {
     if (tid == L::kConsumers)
-      produce<WGS, BN>(act_map, code_map, scale_map, a.steps, m0, n0, stages, full, empty);
+      produce<WGS, BN>(a.act, a.codes[p], a.scales[p], a.steps, m0, n0, stages, full, empty);
     return;
   }
   const int lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -239,7 +257,7 @@ __global__ void __launch_bounds__(Tile<WGS, BN>::kThreads, 1)
   wgmma_wait<0>();
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-  store_tile<BN>(a, acc, m0 + row, n0 + 2 * t);
+  store_tile<BN>(a.parts[p], a.n_tokens, acc, m0 + row, n0 + 2 * t);
 #endif
 }
 
@@ -296,10 +314,12 @@ class WgmmaMapCache {
   static Expected<CUtensorMap> make(int kind, const void* p, int64_t n_in, int64_t rows) {
     switch (kind) {
       case kMapActs64x128:
+      case kMapActs64x192:
       case kMapActs64x256:
       case kMapActs64x16:
         return tensor_map(CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p, n_in, rows, n_in * 2, kBK,
                           kind == kMapActs64x128   ? 128
+                          : kind == kMapActs64x192 ? 192
                           : kind == kMapActs64x256 ? 256
                                                    : 16,
                           CU_TENSOR_MAP_SWIZZLE_128B);
@@ -327,8 +347,8 @@ Expected<bool> wgmma_available(int device) {
   cudaDeviceProp prop{};
   CUDA_TRY(cudaGetDeviceProperties(&prop, device), "wgmma probe (device properties)");
   if (prop.major != 9 || prop.minor != 0) return false;
-  const int most =
-      std::max({Tile<1, 128>::kSmemBytes, Tile<1, 256>::kSmemBytes, Tile<2, 128>::kSmemBytes});
+  const int most = std::max({Tile<1, 128>::kSmemBytes, Tile<1, 256>::kSmemBytes,
+                             Tile<2, 128>::kSmemBytes, Tile<2, 192>::kSmemBytes});
   if (prop.sharedMemPerBlockOptin < static_cast<size_t>(most)) return false;
   static std::once_flag once;
   std::call_once(once, [] {
@@ -362,6 +382,10 @@ Expected<bool> wgmma_available(int device) {
       cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<2, 128>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<2, 128>::kSmemBytes),
       "wgmma matmul (shared memory limit)");
+  CUDA_TRY(
+      cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<2, 192>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<2, 192>::kSmemBytes),
+      "wgmma matmul (shared memory limit)");
   return true;
 }
 
@@ -382,24 +406,34 @@ bool wgmma_supports(DType type, int64_t n_in, int n_tokens) {
 
 namespace {
 
-// The launch of one tile shape: its tensor maps (codes and scales in boxes of its rows) and grid.
+// The launch of one tile shape: its tensor maps (codes and scales in boxes of its rows) and grid,
+// the parts' row tiles side by side along x.
 template <int WGS, int BN>
-Status launch_tile(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16, int n_tokens,
-                   float* out, const float* bias, cudaStream_t s) {
+Status launch_tile(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts, const __half* x16,
+                   int n_tokens, cudaStream_t s) {
   using L = Tile<WGS, BN>;
-  KESTREL_ASSIGN_OR_RETURN(
-      const CUtensorMap act_map,
-      maps.get(BN == 256 ? kMapActs64x256 : kMapActs64x128, x16, w.n_in, n_tokens));
-  KESTREL_ASSIGN_OR_RETURN(
-      const CUtensorMap code_map,
-      maps.get(WGS == 1 ? kMapCodes32x64 : kMapCodes32x128, w.qs, w.n_in, w.n_out));
-  KESTREL_ASSIGN_OR_RETURN(
-      const CUtensorMap scale_map,
-      maps.get(WGS == 1 ? kMapScales8x64 : kMapScales8x128, w.d, w.n_in, w.n_out));
-  const WgmmaArgs args{w.n_out, n_tokens, static_cast<int>(w.n_in / kBK), out, bias, 0x64006400u};
-  const dim3 grid(ceil_div(w.n_out, L::kBM), ceil_div(n_tokens, BN));
-  matmul_wgmma_q4_0_kernel<WGS, BN>
-      <<<grid, L::kThreads, L::kSmemBytes, s>>>(act_map, code_map, scale_map, args);
+  const int64_t n_in = parts[0].w->n_in;
+  WgmmaArgs args{};
+  KESTREL_ASSIGN_OR_RETURN(args.act, maps.get(BN == 256   ? kMapActs64x256
+                                              : BN == 192 ? kMapActs64x192
+                                                          : kMapActs64x128,
+                                              x16, n_in, n_tokens));
+  int tiles = 0;
+  for (int i = 0; i < n_parts; ++i) {
+    const CudaWeight& w = *parts[i].w;
+    KESTREL_ASSIGN_OR_RETURN(
+        args.codes[i], maps.get(WGS == 1 ? kMapCodes32x64 : kMapCodes32x128, w.qs, n_in, w.n_out));
+    KESTREL_ASSIGN_OR_RETURN(
+        args.scales[i], maps.get(WGS == 1 ? kMapScales8x64 : kMapScales8x128, w.d, n_in, w.n_out));
+    args.parts[i] = {w.n_out, parts[i].out, parts[i].bias, tiles};
+    tiles += ceil_div(w.n_out, L::kBM);
+  }
+  args.n_parts = n_parts;
+  args.n_tokens = n_tokens;
+  args.steps = static_cast<int>(n_in / kBK);
+  args.half2_magic = 0x64006400u;
+  const dim3 grid(tiles, ceil_div(n_tokens, BN));
+  matmul_wgmma_q4_0_kernel<WGS, BN><<<grid, L::kThreads, L::kSmemBytes, s>>>(args);
   LAUNCH_CHECK("matmul (wgmma, Q4_0)");
   return Status::ok();
 }
@@ -411,18 +445,47 @@ int env_int(const char* name) {
 
 }  // namespace
 
-// Blocks of two warpgroups x 128 tokens (KESTREL_CUDA_WGMMA_BM=64: one warpgroup, with 256-token
-// tiles unless 128 pads T less; KESTREL_CUDA_WGMMA_BN=128 / 256 forces that width).
-Status launch_matmul_wgmma(WgmmaMapCache& maps, const CudaWeight& w, const __half* x16,
-                           int n_tokens, float* out, const float* bias, cudaStream_t s) {
+// The token width of a launch's two-warpgroup tiles, 128 or 192 (one block an SM either way):
+// whichever takes fewer waves of blocks, a 192-token block counted as 1.2 of a 128-token one
+// (the decoding of the weights, the kernel's limit, is the same for both; its products take 1.5x
+// as long). Fitted on the H100 (twentieth session): pp2048 with 192 everywhere 36,564 t/s
+// against 33,182 with 128 (16 against 11 tiles of tokens), pp512 32,473 against 33,954 (the
+// 4096-row products, 32 row tiles, fill 96 of 132 SMs with three 192-token tiles).
+int wgmma_tile_tokens(int row_tiles, int n_tokens, int sms) {
+  constexpr double kBlockTime192 = 1.2;
+  const auto waves = [&](int bn) {
+    return ceil_div(int64_t{row_tiles} * ceil_div(n_tokens, bn), sms);
+  };
+  return kBlockTime192 * waves(192) < waves(128) ? 192 : 128;
+}
+
+// Two-warpgroup blocks of wgmma_tile_tokens' width (KESTREL_CUDA_WGMMA_BN=128 / 192 forces it);
+// KESTREL_CUDA_WGMMA_BM=64: one warpgroup, with 256-token tiles unless 128 pads T less
+// (KESTREL_CUDA_WGMMA_BN=128 / 256 forcing that width).
+Status launch_matmul_wgmma(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
+                           const __half* x16, int n_tokens, int sms, cudaStream_t s) {
+  if (n_parts < 1 || n_parts > kMatvecMaxParts)
+    return error("matmul (wgmma): %d products in one launch (1 to %d)", n_parts, kMatvecMaxParts);
+  for (int i = 1; i < n_parts; ++i)
+    if (parts[i].w->n_in != parts[0].w->n_in)
+      return error("matmul (wgmma): '%s' and '%s' differ in width", parts[0].w->name.c_str(),
+                   parts[i].w->name.c_str());
   static const int forced_bm = env_int("KESTREL_CUDA_WGMMA_BM");
   static const int forced_bn = env_int("KESTREL_CUDA_WGMMA_BN");
-  if (forced_bm != 64) return launch_tile<2, 128>(maps, w, x16, n_tokens, out, bias, s);
+  if (forced_bm != 64) {
+    int row_tiles = 0;
+    for (int i = 0; i < n_parts; ++i) row_tiles += ceil_div(parts[i].w->n_out, Tile<2, 128>::kBM);
+    const int bn = forced_bn == 128 || forced_bn == 192
+                       ? forced_bn
+                       : wgmma_tile_tokens(row_tiles, n_tokens, std::max(sms, 1));
+    return bn == 192 ? launch_tile<2, 192>(maps, parts, n_parts, x16, n_tokens, s)
+                     : launch_tile<2, 128>(maps, parts, n_parts, x16, n_tokens, s);
+  }
   const int bn = forced_bn == 128 || forced_bn == 256                             ? forced_bn
                  : ceil_div(n_tokens, 256) * 256 <= ceil_div(n_tokens, 128) * 128 ? 256
                                                                                   : 128;
-  return bn == 256 ? launch_tile<1, 256>(maps, w, x16, n_tokens, out, bias, s)
-                   : launch_tile<1, 128>(maps, w, x16, n_tokens, out, bias, s);
+  return bn == 256 ? launch_tile<1, 256>(maps, parts, n_parts, x16, n_tokens, s)
+                   : launch_tile<1, 128>(maps, parts, n_parts, x16, n_tokens, s);
 }
 
 }  // namespace kestrel::backend::cuda

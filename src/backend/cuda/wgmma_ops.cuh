@@ -145,6 +145,31 @@ __device__ __forceinline__ void wgmma_m64n256k64(float* d, const uint32_t (&a)[1
 #undef KESTREL_WGMMA_D128
 }
 
+// The same with B 64 x 192 into d[96] (the prompt kernel's 192-token tiles).
+__device__ __forceinline__ void wgmma_m64n192k64(float* d, const uint32_t (&a)[16],
+                                                 const uint64_t (&desc)[4]) {
+#define KESTREL_WGMMA_D96                                                        \
+  KESTREL_WGMMA_D64                                                              \
+      ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, " \
+      "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "   \
+      "%92, %93, %94, %95"
+  // clang-format off
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      KESTREL_WGMMA_K16("192", KESTREL_WGMMA_D96, "%96, %97, %98, %99", "%112")
+      KESTREL_WGMMA_K16("192", KESTREL_WGMMA_D96, "%100, %101, %102, %103", "%113")
+      KESTREL_WGMMA_K16("192", KESTREL_WGMMA_D96, "%104, %105, %106, %107", "%114")
+      KESTREL_WGMMA_K16("192", KESTREL_WGMMA_D96, "%108, %109, %110, %111", "%115")
+      "}\n"
+      // clang-format on
+      : KESTREL_WGMMA_F8(0), KESTREL_WGMMA_F8(8), KESTREL_WGMMA_F8(16), KESTREL_WGMMA_F8(24),
+        KESTREL_WGMMA_F8(32), KESTREL_WGMMA_F8(40), KESTREL_WGMMA_F8(48), KESTREL_WGMMA_F8(56),
+        KESTREL_WGMMA_F8(64), KESTREL_WGMMA_F8(72), KESTREL_WGMMA_F8(80), KESTREL_WGMMA_F8(88)
+      : KESTREL_WGMMA_INPUTS
+      : "memory");
+#undef KESTREL_WGMMA_D96
+}
+
 // d[8] += A (64 x 64, registers) . B (64 x 16, shared memory: four descriptors): the
 // 16-token kernel's product (matmul_stream16.cu), four wgmmas in one asm block as above.
 __device__ __forceinline__ void wgmma_m64n16k64(float* d, const uint32_t (&a)[16],
