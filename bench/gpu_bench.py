@@ -84,7 +84,8 @@ GROUPS = {
 # Environment variables a group's kestrel bench call runs with (the variant groups, below).
 GROUP_ENV: dict[str, dict[str, str]] = {}
 
-# A/B variants measured in the same run as the default: (VAR=VALUE, substring of case names).
+# A/B variants measured in the same run as the default: (VAR=VALUE, substring of case names, or
+# "=NAME": that case alone).
 # Each matching case runs again with the variable set (its group's flags, one more kestrel bench
 # call), in a row of its own. --ab adds more.
 VARIANTS = [
@@ -116,7 +117,9 @@ VARIANTS = [
     ("KESTREL_CUDA_QKV_ROPE=1", "llama2-7b tg128"),
     # Prompt chunks' wgmma tiles all of 128 tokens (by default each launch picks 128 or 192 by
     # its waves of blocks), and Q, K, V / gate, up as a launch each (grouped by default).
-    ("KESTREL_CUDA_WGMMA_BN=128", "llama2-7b pp"),
+    ("KESTREL_CUDA_WGMMA_BN=128", "=llama2-7b pp327"),
+    ("KESTREL_CUDA_WGMMA_BN=128", "=llama2-7b pp512"),
+    ("KESTREL_CUDA_WGMMA_BN=128", "=llama2-7b pp2048"),
     ("KESTREL_CUDA_WGMMA_BN=128", "seed case, defaults"),
     ("KESTREL_CUDA_WGMMA_NO_GROUP=1", "llama3-8b pp512"),
     # (The A/B rows of earlier trials -- RoPE + KV store on the rows kernel, SwiGLU four values a
@@ -162,9 +165,12 @@ def add_variants(cases: list[Case], variants: list[tuple[str, str]]) -> list[Cas
     out = []
     for c in cases:
         out.append(c)
+        done = set()
         for assign, pattern in variants:
-            if pattern not in c.name:
+            exact = pattern.startswith("=")
+            if (c.name != pattern[1:] if exact else pattern not in c.name) or assign in done:
                 continue
+            done.add(assign)
             var, _, value = assign.partition("=")
             g = f"{c.group}+{assign}"
             shape, flags, settings = GROUPS[c.group]
@@ -275,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kestrel-args", default="", help="flags appended to every kestrel bench call")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench (CUDA build): race it in the same run")
     ap.add_argument("--ab", action="append", default=[], metavar="VAR=VALUE:CASES",
-                    help="also run the cases whose name contains CASES with the environment "
-                         "variable VAR=VALUE, in rows of their own (repeatable; adds to the "
-                         "built-in variants)")
+                    help="also run the cases whose name contains CASES (=NAME: that case alone) "
+                         "with the environment variable VAR=VALUE, in rows of their own "
+                         "(repeatable; adds to the built-in variants)")
     ap.add_argument("--no-variants", action="store_true", help="skip the built-in A/B variants")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="accept results that ran on the CPU (for trying the script without a GPU)")
