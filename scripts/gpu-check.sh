@@ -47,7 +47,9 @@
 # matching REGEX in the seed's b128 ub16, e.g. attention_rows; GPU_CHECK_NCU_MODEL_SKIP, 480).
 #
 # Exit status: 0 all passed; 1 a test stage failed (build, GPU tests, e2e, setup); 2 the tests
-# passed but a benchmark case failed to run (targets not met are not failures).
+# passed but a benchmark case failed to run (targets not met are not failures). A variant test
+# stage that the budget's end cut below its own limit with no test failed is PART (the verdict
+# counts them), not a failure; the main GPU test stage must finish.
 set -uo pipefail   # no -e: a failing stage is recorded and the run goes on
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -318,10 +320,12 @@ fi
 # gpu_test_stage NAME FILTER XML [VAR=VALUE...]: kestrel_tests --gtest_filter=FILTER on the GPU
 # with the environment VAR=VALUE, recorded as stage NAME.
 gpu_test_stage() {
-  local name=$1 filter=$2 xml=$3
+  local name=$1 filter=$2 xml=$3 from lim
   shift 3
   if skipped "$name"; then return; fi
-  run_stage "$name" "$(limit 120 $((rest + 10)))" '^\[==========\]|^\[  (PASSED|FAILED|SKIPPED) |Failure|error' \
+  from=$(($(stat -c %s "$LOG") + 1))
+  lim=$(limit 120 $((rest + 10)))
+  run_stage "$name" "$lim" '^\[==========\]|^\[  (PASSED|FAILED|SKIPPED) |Failure|error' \
     env "$@" "$BUILD/bin/kestrel_tests" --gtest_filter="$filter" --gtest_output="xml:$OUTDIR/$xml"
   local tail_log n_tests n_passed n_skipped n_failed counts
   tail_log=$(tail -n 400 "$LOG")
@@ -332,7 +336,20 @@ gpu_test_stage() {
   counts="${n_passed:-0} passed, ${n_failed:-0} failed, ${n_skipped:-0} skipped of ${n_tests:-?}"
   (($#)) && counts+=" ($*)"
   if ((RC == 124 || RC == 137)); then
-    record "$name" FAIL "$STAGE_SECS" "timed out; $counts"
+    # A variant stage whose limit the budget's end cut below its own 120 s (a slow host), with no
+    # test failed so far, is PART, not a failure: the tests it ran passed, the rest did not run
+    # (the one running is named: a hang at the full limit stays a failure). The main stage must
+    # end.
+    local ok bad running
+    ok=$(tail -c +"$from" "$LOG" | grep -c '^\[       OK \]')
+    bad=$(tail -c +"$from" "$LOG" | grep -c '^\[  FAILED  \] [A-Za-z]')
+    running=$(tail -c +"$from" "$LOG" | sed -n 's/^\[ RUN      \] //p' | tail -n 1)
+    if [[ "$name" != gpu-tests ]] && ((lim < 120 && bad == 0 && ok > 0)); then
+      record "$name" PART "$STAGE_SECS" \
+        "the budget's end cut it at ${lim}s: $ok tests passed, 0 failed, $running was running ($*)"
+    else
+      record "$name" FAIL "$STAGE_SECS" "timed out; $counts"
+    fi
   elif ((RC != 0)); then
     record "$name" FAIL "$STAGE_SECS" "exit $RC; $counts"
   elif [[ -z "$n_tests" || "$n_tests" == 0 ]]; then
@@ -647,6 +664,8 @@ elif ((bench_fail)); then
 else
   verdict=PASS code=0
 fi
+n_part=$(printf '%s\n' "${STATUS[@]}" | grep -c '^PART$')
+((n_part > 0)) && verdict+=" ($n_part test stages cut short by the budget: PART)"
 
 {
   echo
