@@ -4,13 +4,16 @@
 // llama2-7b pass: 4.6 ms of a 16.6 ms pp512 pass, bench/NOTES.md); here each thread decodes its
 // share of a weight tile in registers right before the tensor cores take it.
 //
-// A block computes 64 weight rows x BN tokens (BN = 128 or 256, whichever pads T less; 256 when
-// equal: twice the product per decoded weight): one consumer warpgroup (wgmma m64nBNk16 with the
-// A operand in registers, f32 accumulators: BN / 2 registers a thread) and one producer warp,
-// two blocks an SM. For each 64-wide step of K the producer has the copy engine (TMA) bring one
-// of the shared-memory stages: the f16 activations of the block's tokens in the 128-byte
-// swizzled layout wgmma reads through a matrix descriptor, the rows' Q4_0 codes (32 bytes a row)
-// and their scales; a full/empty pair of mbarriers per stage hands it over. Each consumer thread
+// A block computes 128 weight rows x BN tokens (BN = 128 or 192, whichever takes fewer waves of
+// blocks: wgmma_tile_tokens): two consumer warpgroups of 64 rows (wgmma m64nBNk16 with the A
+// operand in registers, f32 accumulators: BN / 2 registers a thread) sharing each activation
+// tile, and one producer warp, one block an SM (KESTREL_CUDA_WGMMA_BM=64: one warpgroup of 64
+// rows x 128 or 256 tokens, two blocks an SM). Up to kMatvecMaxParts weights of one width (Q, K
+// and V; gate and up) share a launch, their row tiles side by side along the grid's x. For
+// each 64-wide step of K the producer has the copy engine (TMA) bring one of the shared-memory
+// stages: the f16 activations of the block's tokens in the 128-byte swizzled layout wgmma reads
+// through a matrix descriptor, the rows' Q4_0 codes (32 bytes a row) and their scales; a
+// full/empty pair of mbarriers per stage hands it over. Each consumer thread
 // decodes its fragment of the weight (rows g and g + 8 of its warp's 16) to the same f16 values
 // as the GEMM path's dequantization, round((q - 8) * d), and the warpgroup issues four wgmmas,
 // one per 16 of K; a step's wgmmas run while the next step is decoded into the other of two
@@ -443,8 +446,6 @@ int env_int(const char* name) {
   return e ? std::atoi(e) : 0;
 }
 
-}  // namespace
-
 // The token width of a launch's two-warpgroup tiles, 128 or 192 (one block an SM either way):
 // whichever takes fewer waves of blocks, a 192-token block counted as 1.2 of a 128-token one
 // (the decoding of the weights, the kernel's limit, is the same for both; its products take 1.5x
@@ -458,6 +459,8 @@ int wgmma_tile_tokens(int row_tiles, int n_tokens, int sms) {
   };
   return kBlockTime192 * waves(192) < waves(128) ? 192 : 128;
 }
+
+}  // namespace
 
 // Two-warpgroup blocks of wgmma_tile_tokens' width (KESTREL_CUDA_WGMMA_BN=128 / 192 forces it);
 // KESTREL_CUDA_WGMMA_BM=64: one warpgroup, with 256-token tiles unless 128 pads T less
