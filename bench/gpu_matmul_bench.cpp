@@ -5,10 +5,16 @@
 // share of the bandwidth given as BW_GBS) and the arithmetic rate (TFLOP/s).
 //
 //   kestrel_gpu_matmul_bench [--backend cuda|opencl] [--type q4_0|q8_0] [--tokens 1,16,64,512]
-//                            [--bw 4800] [--ms 40] [--json FILE]
+//                            [--bw GB/s] [--copies 8] [--ms 40] [--json FILE]
 //
 // Each case runs a few untimed calls, then back-to-back calls for about --ms milliseconds
-// between two synchronizations (launch gaps count, as in the model without graphs). The first
+// between two synchronizations (launch gaps count, as in the model without graphs). Successive
+// calls take successive copies of the weights (--copies; a group takes distinct copies for its
+// parts), so that they come from memory as in the model, not from the last call's L2: with one
+// copy, a 4096 x 4096 Q4_0 matrix (9.4 MB) stays in an H100's 50 MB L2 and the Q/K/V group read
+// the same matrix three times (gate/up "4,257 GB/s" on an H100 of 3,350, twentieth session). The
+// % column's bandwidth is the device's where its name says it (H100 SXM 3,350 GB/s, H100 PCIe
+// 2,000, H200 4,800), else --bw. The first
 // row is the launch floor: a one-row add, whose time is the cost of a launch alone. Weights are
 // random codes with scales in [0.002, 0.02], activations normal: speed does not depend on them.
 // Not a test; bench/NOTES.md records what it measured.
@@ -16,6 +22,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -81,6 +88,14 @@ Timing time_calls(Backend& be, double ms, const std::function<kestrel::Status()>
   }
 }
 
+// Peak memory bandwidth in GB/s of the devices whose name says it (the % column), else 4800.
+double bandwidth_by_name(const std::string& name) {
+  if (name.find("H200") != std::string::npos) return 4800;
+  if (name.find("H100") != std::string::npos)
+    return name.find("PCIe") != std::string::npos ? 2000 : 3350;
+  return 4800;
+}
+
 std::vector<int> parse_list(const std::string& s) {
   std::vector<int> v;
   std::stringstream ss(s);
@@ -93,11 +108,14 @@ std::vector<int> parse_list(const std::string& s) {
 int main(int argc, char** argv) {
   CLI::App app{"GPU matmul micro-benchmark (llama2-7b layer shapes)"};
   std::string backend_name = "cuda", type_name = "q4_0", tokens_text = "1,16,64,512", json_path;
-  double bw_gbs = 4800, ms = 40;
+  double bw_gbs = 0, ms = 40;
+  int copies = 8;
   app.add_option("--backend", backend_name, "cuda or opencl");
   app.add_option("--type", type_name, "weight type: q4_0 or q8_0");
   app.add_option("--tokens", tokens_text, "micro-batch sizes, comma-separated");
-  app.add_option("--bw", bw_gbs, "memory bandwidth in GB/s for the % column (H200: ~4800)");
+  app.add_option("--bw", bw_gbs, "memory bandwidth in GB/s for the % column (default: by name)");
+  app.add_option("--copies", copies, "copies of each weight, taken in turn")
+      ->check(CLI::Range(1, 64));
   app.add_option("--ms", ms, "timed milliseconds per case");
   app.add_option("--json", json_path, "also write the rows as JSON here");
   CLI11_PARSE(app, argc, argv);
@@ -116,16 +134,21 @@ int main(int argc, char** argv) {
   int max_tokens = 1;
   for (int t : token_counts) max_tokens = std::max(max_tokens, t);
 
+  if (bw_gbs <= 0) bw_gbs = bandwidth_by_name(be.device_name());
   std::mt19937 rng(1);
-  std::vector<std::unique_ptr<Weight>> weights;
-  for (const Shape& s : kShapes) {
+  // weights[shape][copy]
+  std::vector<std::vector<std::unique_ptr<Weight>>> weights(std::size(kShapes));
+  for (size_t i = 0; i < std::size(kShapes); ++i) {
+    const Shape& s = kShapes[i];
     const auto raw = random_weight(type, s.n_out, s.n_in, rng);
-    auto w = be.load_weight(HostMatrix{type, s.n_in, s.n_out, raw.data(), s.name});
-    if (!w) {
-      std::fprintf(stderr, "gpu_matmul_bench: %s\n", w.message().c_str());
-      return 1;
+    for (int c = 0; c < copies; ++c) {
+      auto w = be.load_weight(HostMatrix{type, s.n_in, s.n_out, raw.data(), s.name});
+      if (!w) {
+        std::fprintf(stderr, "gpu_matmul_bench: %s (lower --copies)\n", w.message().c_str());
+        return 1;
+      }
+      weights[i].push_back(std::move(*w));
     }
-    weights.push_back(std::move(*w));
   }
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> xf(static_cast<size_t>(max_tokens) * 11008);
@@ -146,8 +169,8 @@ int main(int argc, char** argv) {
   (void)be.synchronize();
 
   nlohmann::json rows = nlohmann::json::array();
-  std::printf("%s, %s weights; bandwidth for %% column: %.0f GB/s\n", be.device_name().c_str(),
-              type_name.c_str(), bw_gbs);
+  std::printf("%s, %s weights, %d copies taken in turn; bandwidth for %% column: %.0f GB/s\n",
+              be.device_name().c_str(), type_name.c_str(), copies, bw_gbs);
   std::printf("| case | tokens | us per call | weight GB/s | %% of bw | TFLOP/s |\n");
   std::printf("|---|---|---|---|---|---|\n");
   int failures = 0;
@@ -182,23 +205,31 @@ int main(int argc, char** argv) {
       ++failures;
     }
   }
+  int turn = 0;  // the copy the next call takes
+  const auto next = [&](size_t shape) -> const Weight& {
+    return *weights[shape][static_cast<size_t>(turn++ % copies)];
+  };
   for (int t : token_counts) {
     for (size_t i = 0; i < weights.size(); ++i) {
-      const Weight& w = *weights[i];
+      const Weight& w = *weights[i][0];
       Tensor& x = w.n_in == 4096 ? *x4096 : *x11008;
       Tensor& out = w.n_out == 4096 ? *out_a : *out_d;
-      const Timing tm = time_calls(be, ms, [&] { return be.matmul(w, x, t, out, nullptr); });
+      const Timing tm = time_calls(be, ms, [&] { return be.matmul(next(i), x, t, out, nullptr); });
       report(kShapes[i].name, t, static_cast<double>(w.bytes), 2.0 * t * w.n_in * w.n_out, tm);
     }
     // As the model runs them: Q, K, V of one input (3 x attn_q's shape), gate and up.
-    const Weight& q = *weights[0];
-    const MatmulOut qkv[3] = {
-        {&q, &*out_a, nullptr}, {&q, &*out_b, nullptr}, {&q, &*out_c, nullptr}};
-    Timing tm = time_calls(be, ms, [&] { return be.matmul_group(*x4096, t, qkv, 3); });
+    const Weight& q = *weights[0][0];
+    Timing tm = time_calls(be, ms, [&] {
+      const MatmulOut qkv[3] = {
+          {&next(0), &*out_a, nullptr}, {&next(0), &*out_b, nullptr}, {&next(0), &*out_c, nullptr}};
+      return be.matmul_group(*x4096, t, qkv, 3);
+    });
     report("qkv group", t, 3.0 * q.bytes, 6.0 * t * q.n_in * q.n_out, tm);
-    const Weight& up = *weights[1];
-    const MatmulOut gate_up[2] = {{&up, &*out_d, nullptr}, {&up, &*out_e, nullptr}};
-    tm = time_calls(be, ms, [&] { return be.matmul_group(*x4096, t, gate_up, 2); });
+    const Weight& up = *weights[1][0];
+    tm = time_calls(be, ms, [&] {
+      const MatmulOut gate_up[2] = {{&next(1), &*out_d, nullptr}, {&next(1), &*out_e, nullptr}};
+      return be.matmul_group(*x4096, t, gate_up, 2);
+    });
     report("gate/up group", t, 2.0 * up.bytes, 4.0 * t * up.n_in * up.n_out, tm);
   }
   for (Tensor* tp : {&*x4096, &*x11008, &*out_a, &*out_b, &*out_c, &*out_d, &*out_e}) be.free(*tp);
