@@ -113,8 +113,6 @@ VARIANTS = [
     # straight from the cache (attention_tc16.cu, the default from 1 token).
     ("KESTREL_CUDA_ATT_TC16_MIN=17", "b128 ub16"),
     ("KESTREL_CUDA_ATT_TC16_MIN=17", "llama2-7b tg128"),
-    # A decode step's Q, K and V with RoPE and the f16 KV store in one launch (opt-in).
-    ("KESTREL_CUDA_QKV_ROPE=1", "llama2-7b tg128"),
     # Prompt chunks' wgmma tiles all of 128 tokens (by default each launch picks 128 or 192 by
     # its waves of blocks), and Q, K, V / gate, up as a launch each (grouped by default).
     ("KESTREL_CUDA_WGMMA_BN=128", "=llama2-7b pp327"),

@@ -457,10 +457,6 @@ if ((TESTS)); then
       gtest-gpu-wgmma-bn128.xml KESTREL_CUDA_WGMMA_BN=128
     gpu_test_stage gpu-tests-wgmma-no-group '*GpuOpsChain*' gtest-gpu-wgmma-no-group.xml \
       KESTREL_CUDA_WGMMA_NO_GROUP=1
-    # A decode step's Q, K and V with RoPE and the f16 KV store in the products' launch
-    # (opt-in: KESTREL_CUDA_QKV_ROPE=1): its suite against the two ops, and the chains.
-    gpu_test_stage gpu-tests-qkv-rope '*GpuOpsQkvRope*:*GpuOpsChain*' gtest-gpu-qkv-rope.xml \
-      KESTREL_CUDA_QKV_ROPE=1
     # Decode steps as one persistent kernel a layer (decode_layer.cu, opt-in:
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
@@ -505,8 +501,6 @@ if ((TESTS && !QUICK)); then
     e2e e2e-wgmma-bn128 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_WGMMA_BN=128
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1
     e2e e2e-no-att-tc16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_TC16_MIN=17
-    E2E_ONLY=b1-ub1 e2e e2e-qkv-rope "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
-      KESTREL_CUDA_QKV_ROPE=1
     # The warm-up pass and, split (-ngl 1), micro-batches overlapping across CPU and GPU: the
     # same last logits as run one after the other (bit-identical), near the CPU's.
     if ! skipped overlap-cuda; then

@@ -23,14 +23,6 @@ Status Backend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_token
   return kv_store(k, v, n_tokens, positions, k_cache, v_cache);
 }
 
-Status Backend::qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv, const int32_t* positions,
-                                  const RopeParams& pq, const RopeParams& pk, Tensor& k_cache,
-                                  Tensor& v_cache) {
-  KESTREL_TRY(matmul_group(x, 1, qkv, 3));
-  return rope_kv_store(*qkv[0].out, *qkv[1].out, *qkv[2].out, 1, positions, pq, pk, k_cache,
-                       v_cache);
-}
-
 Status Backend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
   for (int i = 0; i < n_outs; ++i)
     KESTREL_TRY(matmul(*outs[i].w, x, n_tokens, *outs[i].out, outs[i].bias));

@@ -157,17 +157,6 @@ class Backend {
   virtual bool fuses_rope_kv_store(const Tensor& /*k_cache*/, const Tensor& /*v_cache*/) const {
     return false;
   }
-  // A decode step's Q, K and V (matmul_group of qkv[0..3) on one token), then rope_kv_store of
-  // them. A backend that runs them as one launch says so in fuses_qkv_rope_kv_store (the forward
-  // pass then times them as one op, "qkv+rope+kv_store"); the default runs the two ops.
-  virtual Status qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv, const int32_t* positions,
-                                   const RopeParams& pq, const RopeParams& pk, Tensor& k_cache,
-                                   Tensor& v_cache);
-  virtual bool fuses_qkv_rope_kv_store(const Tensor& /*x*/, const MatmulOut* /*qkv*/,
-                                       const RopeParams& /*pq*/, const RopeParams& /*pk*/,
-                                       const Tensor& /*k_cache*/, const Tensor& /*v_cache*/) const {
-    return false;
-  }
   // A decode step of a whole layer as one op: the result of the forward pass's op sequence for
   // one token (x updated in place, including the pending add; the cache row pos written), within
   // the op bounds. Called only when fuses_decode_layer says the backend takes this layer. The

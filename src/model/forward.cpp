@@ -241,19 +241,13 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
   const backend::MatmulOut qkv[] = {{L.wq.get(), &s.q, bias ? &L.bq : nullptr},   // q[T][q_dim]
                                     {L.wk.get(), &s.k, bias ? &L.bk : nullptr},   // k[T][kv_dim]
                                     {L.wv.get(), &s.v, bias ? &L.bv : nullptr}};  // v[T][kv_dim]
-  if (n == 1 && be.fuses_qkv_rope_kv_store(s.h, qkv, rope_q, rope_k, cache.k(il), cache.v(il))) {
-    // A decode step's Q, K and V with RoPE and the KV store in the products' launch.
-    OP(be, "qkv+rope+kv_store",
-       be.qkv_rope_kv_store(s.h, qkv, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
+  KESTREL_TRY(matmul_group(be, s.h, n, qkv));
+  if (be.fuses_rope_kv_store(cache.k(il), cache.v(il))) {
+    OP(be, "rope+kv_store",
+       be.rope_kv_store(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
   } else {
-    KESTREL_TRY(matmul_group(be, s.h, n, qkv));
-    if (be.fuses_rope_kv_store(cache.k(il), cache.v(il))) {
-      OP(be, "rope+kv_store",
-         be.rope_kv_store(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
-    } else {
-      OP(be, "rope", be.rope_qk(s.q, s.k, n, pos, rope_q, rope_k));
-      OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
-    }
+    OP(be, "rope", be.rope_qk(s.q, s.k, n, pos, rope_q, rope_k));
+    OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
   }
   OP(be, "attention",
      be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));     // att[T][q_dim]

@@ -110,11 +110,6 @@ inline constexpr Bound kBounds[] = {
     // rounding edge (an int8 activation, rarely a q4_0 cache code) moves the residual further,
     // by ~1e-5. A wrong row, head, position or missing add is O(1e-1).
     {"decode_layer", 2e-4, 2e-3},
-    // qkv_rope_kv_store (a decode step's Q, K, V products with RoPE and the KV store as one
-    // op) against the same backend's matmul_group, then rope_kv_store: the same int8
-    // activations, sums in the same order and the same RoPE arithmetic, so equal by
-    // construction; a wrong pair, row or angle is O(1).
-    {"qkv_rope_kv_store", 1e-6, 1e-6},
 };
 // kv_store has no numeric bound: f16 caches must equal quant::quantize_row byte for byte;
 // q8_0 / q4_0 blocks may differ from it by one f16 ulp of the scale d and one step of each

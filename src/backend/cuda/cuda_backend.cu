@@ -101,7 +101,6 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->fuse_add_ = !env_is("KESTREL_CUDA_NO_FUSED_ADD", "1");
   be->rope_qk_one_launch_ = !env_is("KESTREL_CUDA_NO_ROPE_QK", "1");
   be->fused_rope_kv_ = !env_is("KESTREL_CUDA_NO_FUSED_ROPE_KV", "1");
-  be->qkv_rope_store_ = env_is("KESTREL_CUDA_QKV_ROPE", "1");
   be->swiglu4_ = !env_is("KESTREL_CUDA_NO_SWIGLU4", "1");
   be->rows_rope_kv_ = !env_is("KESTREL_CUDA_NO_ROWS_ROPE_KV", "1");
   be->group_matmuls_ = !env_is("KESTREL_CUDA_NO_GROUP", "1");

@@ -131,15 +131,6 @@ class CudaBackend final : public Backend {
                        const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
                        Tensor& k_cache, Tensor& v_cache) override;
   bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const override;
-  // A decode step's Q, K and V with RoPE and the KV store (f16 caches, the normal layout, Q4_0 /
-  // Q8_0 weights) in the products' launch: opt-in, KESTREL_CUDA_QKV_ROPE=1 (correct, and no
-  // faster: H100 tg128 427 t/s against 431 without, twentieth session).
-  Status qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv, const int32_t* positions,
-                           const RopeParams& pq, const RopeParams& pk, Tensor& k_cache,
-                           Tensor& v_cache) override;
-  bool fuses_qkv_rope_kv_store(const Tensor& x, const MatmulOut* qkv, const RopeParams& pq,
-                               const RopeParams& pk, const Tensor& k_cache,
-                               const Tensor& v_cache) const override;
   // An error naming the first of positions[0, n_tokens) outside a cache of cache_rows rows.
   static Status check_cache_positions(const int32_t* positions, int n_tokens, int64_t cache_rows);
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
@@ -234,7 +225,6 @@ class CudaBackend final : public Backend {
   bool fuse_add_ = true;            // KESTREL_CUDA_NO_FUSED_ADD=1: add_rms_norm as two launches
   bool rope_qk_one_launch_ = true;  // KESTREL_CUDA_NO_ROPE_QK=1: RoPE of Q and K apart
   bool fused_rope_kv_ = true;       // KESTREL_CUDA_NO_FUSED_ROPE_KV=1: RoPE, then the KV store
-  bool qkv_rope_store_ = false;     // KESTREL_CUDA_QKV_ROPE=1: RoPE + store in decode's QKV
   bool swiglu4_ = true;             // KESTREL_CUDA_NO_SWIGLU4=1: SwiGLU one value a thread
   bool rows_rope_kv_ = true;   // KESTREL_CUDA_NO_ROWS_ROPE_KV=1: prompt chunks' fused RoPE + KV
                                // store on the block-per-head kernel too
@@ -426,21 +416,6 @@ struct MatvecPart {
 };
 Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
                           int n_tokens, cudaStream_t s);
-// Decode steps' products on the split-K kernel (KESTREL_CUDA_NO_MATVEC_KSPLIT=1: not).
-bool int8_matvec_ksplit();
-// A decode step's Q, K and V (qkv[0..3), one token, split-K kernel) with RoPE of Q and K (the
-// normal layout) and the store of K and V into row *pos of f16 caches in the same launch.
-struct MatvecRopeStore {
-  const int32_t* pos = nullptr;  // device: the token's position
-  int head_dim = 0;
-  uint8_t* k_cache = nullptr;  // f16 rows of row_bytes
-  uint8_t* v_cache = nullptr;
-  int64_t row_bytes = 0;
-};
-Status launch_matvec_int8_rope_store(const MatvecPart* qkv, const QuantizedActs& a,
-                                     const MatvecRopeStore& store, float freq_base, cudaStream_t s);
-// An error when w, x[n_tokens] and out do not make a product.
-Status check_matmul_shapes(const CudaWeight& w, const Tensor& x, int n_tokens, const Tensor& out);
 // Sums partial[splits][T][n_out] in a fixed order into out (+ bias).
 Status launch_reduce_splits(const float* partial, int splits, int n_tokens, int64_t n_out,
                             float* out, const float* bias, cudaStream_t s);

@@ -266,6 +266,8 @@ Status launch_matmul_small(const CudaWeight& w, const float* x, int n_tokens, fl
   return Status::ok();
 }
 
+namespace {
+
 Status check_matmul_shapes(const CudaWeight& w, const Tensor& x, int n_tokens, const Tensor& out) {
   if (x.cols != w.n_in || out.cols != w.n_out || n_tokens > x.rows || n_tokens > out.rows)
     return error("matmul '%s': shapes do not match (x %lld x %lld, weight %lld x %lld, out %lld)",
@@ -274,6 +276,8 @@ Status check_matmul_shapes(const CudaWeight& w, const Tensor& x, int n_tokens, c
                  static_cast<long long>(out.cols));
   return Status::ok();
 }
+
+}  // namespace
 
 // Q, K and V (or gate and up) in one launch when all of them take the dp4a path (decode), the
 // fragment path (5-16 tokens) or the wgmma path (prompt chunks) with one weight type: seven

@@ -12,12 +12,10 @@
 // (Q4_0), and every block's activations (two planes, 64 bytes per token) serve all of them.
 #include <cstdlib>
 #include <string>
-#include <type_traits>
 
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/matvec_device.cuh"
-#include "backend/cuda/rope_device.cuh"
 
 namespace kestrel::backend::cuda {
 
@@ -69,7 +67,6 @@ struct MatvecTarget {
   float* out;
   const float* bias;
   int first_block;
-  int part;
 };
 
 __device__ __forceinline__ MatvecTarget block_target(const MatvecArgs& args) {
@@ -77,11 +74,11 @@ __device__ __forceinline__ MatvecTarget block_target(const MatvecArgs& args) {
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
     if (p < args.n_parts && static_cast<int>(blockIdx.x) >= args.first_block[p]) part = p;
-  MatvecTarget m{args.qs[0], args.d[0], args.n_out[0], args.out[0], args.bias[0], 0, 0};
+  MatvecTarget m{args.qs[0], args.d[0], args.n_out[0], args.out[0], args.bias[0], 0};
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
     if (part == p)
-      m = {args.qs[p], args.d[p], args.n_out[p], args.out[p], args.bias[p], args.first_block[p], p};
+      m = {args.qs[p], args.d[p], args.n_out[p], args.out[p], args.bias[p], args.first_block[p]};
   return m;
 }
 
@@ -169,24 +166,8 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecAr
 // 4096 x 4096. The default for decode (KESTREL_CUDA_NO_MATVEC_KSPLIT=1: the warp-per-row
 // kernel); H200 tg128 366 t/s against 354 for the unchanged baseline row of the same run.
 constexpr int kKSplitRows = 4;
-
-// What the products' rows become: stored as they are (NoEpilogue), or, for a decode step's Q, K
-// and V (parts 0, 1, 2), Q and K rotated (RoPE, the normal layout's pairs 2i, 2i + 1: rows r0,
-// r0 + 1 and r0 + 2, r0 + 3 of a block) and K and V also stored into the f16 caches' row pos,
-// with the arithmetic of rope_kv_store_kernel (rope_device.cuh), so that the results are the
-// two launches' bit for bit. Opt-in (KESTREL_CUDA_QKV_ROPE=1): one launch a layer fewer, and no
-// faster under the decode graphs' dependent launches (H100, twentieth session: tg128 427 t/s
-// against 431; its GPU tests and e2e cases pass).
-struct NoEpilogue {};
-struct RopeStoreEpilogue {
-  MatvecRopeStore store;
-  RopeTable table;
-};
-
-template <DType T, typename Epilogue>
-__global__ void __launch_bounds__(kWarps * 32)
-    matvec_ksplit_kernel(const MatvecArgs args, const __grid_constant__ Epilogue ep) {
-  constexpr bool kRopeStore = std::is_same_v<Epilogue, RopeStoreEpilogue>;
+template <DType T>
+__global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const MatvecArgs args) {
   const MatvecTarget m = block_target(args);
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
   constexpr int kThreads = kWarps * 32;
@@ -229,40 +210,12 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (lane == 0) partial[warp][rr] = v;
   }
   __syncthreads();
-  if constexpr (!kRopeStore) {
-    if (threadIdx.x < kKSplitRows) {
-      const int64_t r = r0 + threadIdx.x;
-      float v = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kWarps; ++i) v += partial[i][threadIdx.x];
-      if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
-    }
-  } else {
-    if (warp != 0) return;
-    const int64_t r = r0 + lane;  // lanes 0 .. kKSplitRows - 1 finish the block's rows
+  if (threadIdx.x < kKSplitRows) {
+    const int64_t r = r0 + threadIdx.x;
     float v = 0.0f;
-    if (lane < kKSplitRows) {
 #pragma unroll
-      for (int i = 0; i < kWarps; ++i) v += partial[i][lane];
-      if (r < m.n_out) v = v + (m.bias ? m.bias[r] : 0.0f);
-    }
-    const float other = __shfl_xor_sync(0xffffffffu, v, 1);  // the pair's other element
-    if (lane < kKSplitRows && r < m.n_out) {
-      const int p = *ep.store.pos;
-      if (m.part < 2) {  // Q or K
-        const int e = static_cast<int>(r % ep.store.head_dim);
-        const bool first = (e & 1) == 0;
-        float sn, cn;
-        rope_sincos(p, ep.table.inv_freq[e / 2], sn, cn);
-        v = rope_rotate(first ? v : other, first ? other : v, sn, cn, first);
-      }
-      if (m.part > 0) {  // K or V into the cache
-        uint8_t* row = (m.part == 1 ? ep.store.k_cache : ep.store.v_cache) +
-                       static_cast<int64_t>(p) * ep.store.row_bytes;
-        reinterpret_cast<__half*>(row)[r] = __float2half_rn(v);
-      }
-      m.out[r] = v;
-    }
+    for (int i = 0; i < kWarps; ++i) v += partial[i][threadIdx.x];
+    if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
   }
 }
 
@@ -272,8 +225,8 @@ template <DType T>
 cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
   const int threads = kWarps * 32;
   if (ksplit)
-    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, NoEpilogue>, dim3(blocks),
-                            dim3(threads), s, args, NoEpilogue{});
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T>, dim3(blocks), dim3(threads), s,
+                            args);
   if (args.n_tokens <= 1)
     matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
   else if (args.n_tokens <= 4)
@@ -329,17 +282,15 @@ Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const Quant
   return Status::ok();
 }
 
-namespace {
-
-// The launch's arguments for parts[0, n_parts) and its block count.
-Status matvec_args(const MatvecPart* parts, int n_parts, const QuantizedActs& a, int n_tokens,
-                   bool ksplit, MatvecArgs& args, int& blocks) {
+Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
+                          int n_tokens, cudaStream_t s) {
   if (n_parts < 1 || n_parts > kMatvecMaxParts)
     return error("matmul (small batch, int8): %d products in one launch (1 to %d)", n_parts,
                  kMatvecMaxParts);
   const CudaWeight& w0 = *parts[0].w;
-  args = MatvecArgs{};
-  blocks = 0;
+  MatvecArgs args{};
+  const bool ksplit = n_tokens == 1 && ksplit_enabled();
+  int blocks = 0;
   for (int p = 0; p < n_parts; ++p) {
     const CudaWeight& w = *parts[p].w;
     if (w.type != w0.type || w.n_in != w0.n_in)
@@ -360,47 +311,10 @@ Status matvec_args(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
   args.meta = a.meta;
   args.n_tokens = n_tokens;
   args.dependent = ksplit && dependent_launches();
-  return Status::ok();
-}
-
-}  // namespace
-
-Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
-                          int n_tokens, cudaStream_t s) {
-  const bool ksplit = n_tokens == 1 && ksplit_enabled();
-  MatvecArgs args;
-  int blocks = 0;
-  KESTREL_TRY(matvec_args(parts, n_parts, a, n_tokens, ksplit, args, blocks));
-  CUDA_TRY(parts[0].w->type == DType::Q4_0 ? launch_matvec<DType::Q4_0>(args, blocks, ksplit, s)
-                                           : launch_matvec<DType::Q8_0>(args, blocks, ksplit, s),
+  CUDA_TRY(w0.type == DType::Q4_0 ? launch_matvec<DType::Q4_0>(args, blocks, ksplit, s)
+                                  : launch_matvec<DType::Q8_0>(args, blocks, ksplit, s),
            "matmul (small batch, int8)");
   LAUNCH_CHECK("matmul (small batch, int8)");
-  return Status::ok();
-}
-
-bool int8_matvec_ksplit() {
-  return ksplit_enabled();
-}
-
-Status launch_matvec_int8_rope_store(const MatvecPart* qkv, const QuantizedActs& a,
-                                     const MatvecRopeStore& store, float freq_base,
-                                     cudaStream_t s) {
-  if (!ksplit_enabled() || store.head_dim % 2 != 0 || store.head_dim / 2 > kRopeMaxPairs)
-    return error("qkv+rope+kv_store: head size %d or the decode kernel does not allow it",
-                 store.head_dim);
-  MatvecArgs args;
-  int blocks = 0;
-  KESTREL_TRY(matvec_args(qkv, 3, a, 1, /*ksplit=*/true, args, blocks));
-  RopeStoreEpilogue ep{store, rope_table(freq_base, store.head_dim)};
-  const dim3 grid(blocks), block(kWarps * 32);
-  CUDA_TRY(
-      qkv[0].w->type == DType::Q4_0
-          ? launch_dependent(args.dependent, matvec_ksplit_kernel<DType::Q4_0, RopeStoreEpilogue>,
-                             grid, block, s, args, ep)
-          : launch_dependent(args.dependent, matvec_ksplit_kernel<DType::Q8_0, RopeStoreEpilogue>,
-                             grid, block, s, args, ep),
-      "qkv+rope+kv_store");
-  LAUNCH_CHECK("qkv+rope+kv_store");
   return Status::ok();
 }
 
