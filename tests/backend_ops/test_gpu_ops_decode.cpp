@@ -9,8 +9,8 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <initializer_list>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gpu_ops_common.h"
@@ -62,23 +62,6 @@ std::unique_ptr<Weight> random_weight(Backend& be, std::mt19937& rng, LayerWeigh
 std::vector<float> cache_floats(Backend& be, const DevTensor& c) {
   const std::vector<uint8_t> bytes = fetch_bytes(be, c);
   return dequantize_rows(c->type, bytes.data(), c->rows, c->cols);
-}
-
-// Each named pair (a fused path's row, the op path's row) within bound `op`: the op path's values
-// are the reference.
-struct RowPair {
-  const char* name;
-  const DevTensor* got;
-  const DevTensor* want;
-};
-void check_same_rows(Backend& be, std::initializer_list<RowPair> pairs, const char* op,
-                     const std::string& log_key, const std::string& what) {
-  for (const RowPair& p : pairs) {
-    const std::vector<float> got = fetch(be, *p.got), want = fetch(be, *p.want);
-    const std::vector<double> ref(want.begin(), want.end());
-    check_err(compare_rows(got.data(), (*p.got)->cols, ref.data(), 1, (*p.got)->cols), op, log_key,
-              what + ": " + p.name);
-  }
 }
 
 // mixed: V and the down projection in Q8_0 beside the other weights' type (as some GGUF files
@@ -181,12 +164,16 @@ void check_layer(Backend& be, const std::string& backend, const LayerShape& s, D
   // failure says where the fused layer went wrong: v (the QKV product; q and k are rotated in
   // place by the op path only), the attention output, silu(gate) * up, then the residual.
   const std::string log_key = backend + " decode_layer/" + type_str(wtype) + "/" + type_str(ctype);
-  check_same_rows(be,
-                  {{"v", &fused.v, &ops.v},
-                   {"attention output", &fused.att, &ops.att},
-                   {"silu(gate) * up", &fused.gate, &ops.gate},
-                   {"x (the layer's output)", &fused.x, &ops.x}},
-                  "decode_layer", log_key, what);
+  for (const auto& [name, a, b] :
+       {std::tuple<const char*, const DevTensor*, const DevTensor*>{"v", &fused.v, &ops.v},
+        {"attention output", &fused.att, &ops.att},
+        {"silu(gate) * up", &fused.gate, &ops.gate},
+        {"x (the layer's output)", &fused.x, &ops.x}}) {
+    const std::vector<float> got = fetch(be, *a), want = fetch(be, *b);
+    const std::vector<double> ref(want.begin(), want.end());
+    check_err(compare_rows(got.data(), (*a)->cols, ref.data(), 1, (*a)->cols), "decode_layer",
+              log_key, what + ": " + name);
+  }
 
   // The cache: row pos within a step of the op path's, every other row untouched.
   for (int side = 0; side < 2; ++side) {

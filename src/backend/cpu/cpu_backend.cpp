@@ -496,8 +496,9 @@ void CpuBackend::attention_tiled(const Tensor& q, int n_tokens, const int32_t* p
 // converts only its own head's columns of the visible rows, K as rows and V already transposed.
 // attention_tiled's whole-cache dequantization and transposition have nothing to share here: 16
 // tokens over ~320 keys of llama2-7b's f16 cache took 2.14 ms a call on 2 threads against 0.95
-// this way (nineteenth session; 1.9 against 1.6 ms on the GPU machine's 16-thread host, where
-// the fork-join of each small op costs ~0.3 ms by itself).
+// this way (nineteenth session; 1.9 against 1.6 ms on the GPU machine's 16-thread host, in a
+// profile that waits for the GPU between ops, so that each op also pays ~0.3 ms to wake the
+// sleeping workers).
 void CpuBackend::attention_heads(const Tensor& q, int n_tokens, const int32_t* positions,
                                  const Tensor& k_cache, const Tensor& v_cache, int64_t n_kv,
                                  const AttentionParams& p, Tensor& out) {

@@ -83,7 +83,6 @@ struct WgmmaMapCacheDeleter {
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
 class CudaBackend;
 struct MatvecPart;
-struct QuantizedActs;
 
 class CudaWeight final : public Weight {
  public:
@@ -175,8 +174,6 @@ class CudaBackend final : public Backend {
   // The dp4a products `parts` of x (its int8 planes converted unless `held`), one launch.
   Status matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
                      int n_parts);
-  // x's int8 planes in the kActs scratch, quantized there unless `held` (already written).
-  Expected<QuantizedActs> int8_activations(const float* x, int n_tokens, int64_t n_in, bool held);
   // The 5-16-token tensor-core products `parts` of x (its f16 copy converted unless `held`), one
   // launch.
   Status matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,

@@ -344,17 +344,11 @@ Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool
   return launch_matmul_frag_v2(parts, n_parts, x16, n_tokens, partial, arrivals, stream_);
 }
 
-Expected<QuantizedActs> CudaBackend::int8_activations(const float* x, int n_tokens, int64_t n_in,
-                                                      bool held) {
+Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held,
+                                const MatvecPart* parts, int n_parts) {
   KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, n_in)));
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
-  return acts;
-}
-
-Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held,
-                                const MatvecPart* parts, int n_parts) {
-  KESTREL_ASSIGN_OR_RETURN(const QuantizedActs acts, int8_activations(x, n_tokens, n_in, held));
   return launch_matvec_int8(parts, n_parts, acts, n_tokens, stream_);
 }
 
