@@ -187,6 +187,27 @@ void check_large(Backend& be, const std::string& backend, DType type) {
                   shape_str(type, n_in, n_out, T, false));
     if (::testing::Test::HasFatalFailure()) return;
   }
+  // Rows of 11008 (a 7B ffn_down) in more 8-row tiles than an H100 has SMs, the last one short:
+  // CUDA's decode weight stream (matvec_stream.cu) gives each warp a K slice of every row there.
+  constexpr int kLongTokens = 3;
+  const int64_t long_in = 11008, long_out = 8 * 132 + 61;
+  const std::vector<float> x_long = randn(rng, static_cast<size_t>(kLongTokens * long_in));
+  const HostWeight lw = random_weight(rng, type, long_in, long_out);
+  const std::vector<double> long_ref = matmul_reference(lw, x_long, kLongTokens);
+  const std::vector<float> long_bias = randn(rng, static_cast<size_t>(long_out), 5.0f);
+  auto wl = be.load_weight(lw.matrix("blk.0.ffn_down.weight"));
+  ASSERT_TRUE(wl.has_value()) << type_str(type) << ": " << wl.message();
+  DevTensor xl(be, kLongTokens, long_in, x_long);
+  DevTensor lb(be, be.load_vector(long_bias.data(), long_out, "bias"));
+  DevTensor long_o(be, DType::F32, kLongTokens, long_out, "out");
+  for (int T : {1, 3}) {
+    const bool with_bias = T == 1;
+    run_and_check(be, **wl, xl, T, long_o, long_ref, with_bias ? &lb : nullptr,
+                  with_bias ? &long_bias : nullptr, matmul_bound_name(type),
+                  backend + " matmul-long/" + type_str(type) + "/T=" + std::to_string(T),
+                  shape_str(type, long_in, long_out, T, with_bias));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
 }
 
 // Activation rows with 1000x outliers: row t % 3 == 0 has one, t % 3 == 1 one in every

@@ -115,9 +115,12 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     KESTREL_ASSIGN_OR_RETURN(be->wgmma_, wgmma_available(device));
     if (be->wgmma_) be->wgmma_maps_.reset(new_wgmma_map_cache());
   }
+  be->smem_optin_ = prop.sharedMemPerBlockOptin;
   if (be->wgmma_ && !env_is("KESTREL_CUDA_STREAM16", "0")) {
     KESTREL_ASSIGN_OR_RETURN(be->stream16_, stream16_available(device));
-    be->smem_optin_ = prop.sharedMemPerBlockOptin;
+  }
+  if (matvec_stream_enabled()) {
+    KESTREL_ASSIGN_OR_RETURN(be->matvec_stream_, matvec_stream_available(device));
   }
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
     be->rows_max_tokens_ = std::clamp(std::atoi(rows), 0, 16);

@@ -38,9 +38,10 @@ enum ScratchSlot {
   kProbs,
   kPartial,
   kActs,
-  kArrivals,      // counters of the split-K kernels that reduce in their last block (kept zeroed)
-  kAttnArrivals,  // attention_split.cu's and attention_tc16.cu's counters, one a head (zeroed)
-  kAttnSplit,     // their partial softmaxes
+  kArrivals,       // counters of the split-K kernels that reduce in their last block (kept zeroed)
+  kAttnArrivals,   // attention_split.cu's and attention_tc16.cu's counters, one a head (zeroed)
+  kAttnSplit,      // their partial softmaxes
+  kStreamTickets,  // matvec_stream.cu's tile counters (kept zeroed)
   kSlots
 };
 
@@ -256,6 +257,11 @@ class CudaBackend final : public Backend {
   // may opt into.
   bool stream16_ = false;
   size_t smem_optin_ = 0;
+  // Decode's Q4_0 / Q8_0 matmuls of long rows (ffn down) on matvec_stream.cu (sm_90;
+  // KESTREL_CUDA_MATVEC_STREAM=0: never, =1: every shape), the rest on the block-a-4-rows kernel
+  // of matvec_int8.cu; each launch on the next of its counter pairs.
+  bool matvec_stream_ = false;
+  int matvec_stream_slot_ = 0;
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
@@ -413,6 +419,16 @@ struct MatvecPart {
 };
 Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
                           int n_tokens, cudaStream_t s);
+// matvec_stream.cu: one token's products `parts` (Q4_0 / Q8_0, n_in a multiple of 256) as a
+// weight stream through shared memory, one persistent block an SM (sm_90). `launched` false: the
+// shape or type does not fit it (nothing launched; use launch_matvec_int8). counters: a pair of
+// zeroed counters, left zero; a launch must not share its pair with the launch before it.
+bool matvec_stream_enabled();
+Expected<bool> matvec_stream_available(int device);
+int matvec_stream_counter_pairs();
+Status launch_matvec_stream(const MatvecPart* parts, int n_parts, const QuantizedActs& acts,
+                            unsigned* counters, int sms, size_t smem_optin, cudaStream_t s,
+                            bool& launched);
 // Sums partial[splits][T][n_out] in a fixed order into out (+ bias).
 Status launch_reduce_splits(const float* partial, int splits, int n_tokens, int64_t n_out,
                             float* out, const float* bias, cudaStream_t s);

@@ -349,6 +349,15 @@ Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool
   KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, n_in)));
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
+  if (matvec_stream_ && n_tokens == 1) {
+    const int pairs = matvec_stream_counter_pairs();
+    KESTREL_ASSIGN_OR_RETURN(unsigned* counters, arrival_counters(2 * pairs, kStreamTickets));
+    matvec_stream_slot_ = (matvec_stream_slot_ + 1) % pairs;
+    bool launched = false;
+    KESTREL_TRY(launch_matvec_stream(parts, n_parts, acts, counters + 2 * matvec_stream_slot_,
+                                     sm_count_, smem_optin_, stream_, launched));
+    if (launched) return Status::ok();
+  }
   return launch_matvec_int8(parts, n_parts, acts, n_tokens, stream_);
 }
 
