@@ -406,13 +406,10 @@ if ((TESTS)); then
     # dependent launch whose weights are asked of L2 while the kernel before it runs).
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
-    # Decode's matmuls all on the block-a-4-rows kernel (KESTREL_CUDA_MATVEC_STREAM=0; by default
-    # rows of 256 blocks or more stream through matvec_stream.cu), and every shape the stream
-    # takes on it (=1: Q, K, V, gate, up grouped, 4096-wide rows, the row-a-warp consumers).
+    # Decode's matmuls all on matvec_int8.cu's kernels (KESTREL_CUDA_MATVEC_STREAM=0; by default
+    # rows of 256-512 blocks, ffn down, stream through matvec_stream.cu).
     gpu_test_stage gpu-tests-no-matvec-stream '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-matvec-stream.xml KESTREL_CUDA_MATVEC_STREAM=0
-    gpu_test_stage gpu-tests-matvec-stream-all '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-matvec-stream-all.xml KESTREL_CUDA_MATVEC_STREAM=1
     # Q4_0 prompt chunks on the GEMM path instead of the wgmma kernel (the default since the
     # twelfth session, matmul_wgmma.cu; KESTREL_CUDA_WGMMA=0, which also turns stream16 off): the
     # suites whose ops take or write matmul inputs (the others never look at the matmul path).

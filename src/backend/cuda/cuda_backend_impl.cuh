@@ -258,8 +258,8 @@ class CudaBackend final : public Backend {
   bool stream16_ = false;
   size_t smem_optin_ = 0;
   // Decode's Q4_0 / Q8_0 matmuls of long rows (ffn down) on matvec_stream.cu (sm_90;
-  // KESTREL_CUDA_MATVEC_STREAM=0: never, =1: every shape), the rest on the block-a-4-rows kernel
-  // of matvec_int8.cu; each launch on the next of its counter pairs.
+  // KESTREL_CUDA_MATVEC_STREAM=0: never), the rest on matvec_int8.cu's kernels; each launch on the
+  // next of its counter pairs.
   bool matvec_stream_ = false;
   int matvec_stream_slot_ = 0;
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
@@ -419,10 +419,10 @@ struct MatvecPart {
 };
 Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
                           int n_tokens, cudaStream_t s);
-// matvec_stream.cu: one token's products `parts` (Q4_0 / Q8_0, n_in a multiple of 256) as a
-// weight stream through shared memory, one persistent block an SM (sm_90). `launched` false: the
-// shape or type does not fit it (nothing launched; use launch_matvec_int8). counters: a pair of
-// zeroed counters, left zero; a launch must not share its pair with the launch before it.
+// matvec_stream.cu: one token's products `parts` (Q4_0 / Q8_0, rows of 256-512 blocks of 32) as
+// a weight stream through shared memory, one persistent block an SM (sm_90). `launched` false:
+// the shape or type does not fit it (nothing launched; use launch_matvec_int8). counters: a pair
+// of zeroed counters, left zero; a launch must not share its pair with the launch before it.
 bool matvec_stream_enabled();
 Expected<bool> matvec_stream_available(int device);
 int matvec_stream_counter_pairs();
