@@ -94,6 +94,10 @@ VARIANTS = [
     # unchanged variant row on the H200). Compare the variants with this row.
     ("KESTREL_AB_BASELINE=1", "llama2-7b tg128"),
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
+    # Decode's ffn down on the block-a-4-rows matvec instead of the weight stream of
+    # matvec_stream.cu (H100: llama3-8b tg128 383 against 402, llama2-7b even).
+    ("KESTREL_AB_BASELINE=1", "llama3-8b tg128"),
+    ("KESTREL_CUDA_MATVEC_STREAM=0", "tg128"),
     # Micro-batches of 5-16 tokens of Q4_0 weights on the fragment kernel (matmul_frag_v2.cu)
     # instead of the copy-engine-fed wgmma kernel (matmul_stream16.cu, the default on sm_90a).
     ("KESTREL_CUDA_STREAM16=0", "b128 ub16"),
