@@ -410,6 +410,10 @@ if ((TESTS)); then
     # rows of 256-512 blocks, ffn down, stream through matvec_stream.cu).
     gpu_test_stage gpu-tests-no-matvec-stream '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-matvec-stream.xml KESTREL_CUDA_MATVEC_STREAM=0
+    # Decode's SwiGLU inside that stream's launch (opt-in KESTREL_CUDA_FUSED_SWIGLU=1; the matmul
+    # suite's SwigluMatmulIsTheTwoOps sets it for its own backend either way).
+    gpu_test_stage gpu-tests-fused-swiglu '*GpuOpsMatmulLarge*:*GpuOpsChain*' \
+      gtest-gpu-fused-swiglu.xml KESTREL_CUDA_FUSED_SWIGLU=1
     # Q4_0 prompt chunks on the GEMM path instead of the wgmma kernel (the default since the
     # twelfth session, matmul_wgmma.cu; KESTREL_CUDA_WGMMA=0, which also turns stream16 off): the
     # suites whose ops take or write matmul inputs (the others never look at the matmul path).

@@ -23,6 +23,12 @@ Status Backend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_token
   return kv_store(k, v, n_tokens, positions, k_cache, v_cache);
 }
 
+Status Backend::swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, const Weight& w,
+                              Tensor& out) {
+  KESTREL_TRY(swiglu(gate, up, n_tokens, gate));
+  return matmul(w, gate, n_tokens, out, nullptr);
+}
+
 Status Backend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
   for (int i = 0; i < n_outs; ++i)
     KESTREL_TRY(matmul(*outs[i].w, x, n_tokens, *outs[i].out, outs[i].bias));

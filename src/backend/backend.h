@@ -170,6 +170,13 @@ class Backend {
                            Tensor& out) = 0;
   // out[T][F] = silu(gate) * up
   virtual Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) = 0;
+  // out[T][n_out] = (silu(gate) * up) . W^T: SwiGLU and the feed-forward's down projection. The
+  // default runs swiglu into gate (overwritten), then matmul. A backend that runs both as one op
+  // says so in fuses_swiglu_matmul (the forward pass then times them as one op,
+  // "swiglu+matmul"); gate may then be left as it was: callers read neither afterwards.
+  virtual Status swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, const Weight& w,
+                               Tensor& out);
+  virtual bool fuses_swiglu_matmul(const Weight& /*w*/, int /*n_tokens*/) const { return false; }
   // x[T][E] += y[T][E]
   virtual Status add(Tensor& x, const Tensor& y, int n_tokens) = 0;
   // out[i][:] = x[rows[i]][:] (gathers the rows whose logits are wanted)

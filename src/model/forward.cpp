@@ -258,8 +258,12 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
   const backend::MatmulOut gate_up[] = {{L.w_gate.get(), &s.gate, nullptr},  // gate[T][F]
                                         {L.w_up.get(), &s.up, nullptr}};     // up[T][F]
   KESTREL_TRY(matmul_group(be, s.h, n, gate_up));
-  OP(be, "swiglu", be.swiglu(s.gate, s.up, n, s.gate));  // gate = silu(gate)*up
-  OP(be, matmul_kind(*L.w_down), be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
+  if (be.fuses_swiglu_matmul(*L.w_down, n)) {  // proj[T][E] = (silu(gate)*up) . w_down^T
+    OP(be, "swiglu+matmul", be.swiglu_matmul(s.gate, s.up, n, *L.w_down, s.proj));
+  } else {
+    OP(be, "swiglu", be.swiglu(s.gate, s.up, n, s.gate));  // gate = silu(gate)*up
+    OP(be, matmul_kind(*L.w_down), be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
+  }
   pending_add = true;  // x += proj: in the next layer's first norm, or flush_add
   return Status::ok();
 }

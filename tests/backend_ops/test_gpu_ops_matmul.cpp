@@ -406,6 +406,48 @@ TEST_P(GpuOpsMatmul, FragmentKernelIsTheTemplateBitForBit) {
   }
 }
 
+// SwiGLU and the down projection as one op (Backend::swiglu_matmul; CUDA fuses decode's with
+// KESTREL_CUDA_FUSED_SWIGLU=1, the stream kernel quantizing silu(gate) * up itself): the result of
+// the two ops bit for bit (the same int8 planes, the same kernel), and the double reference within
+// the matmul bound. Rows of 11008 (a 7B ffn down), a short last 8-row tile.
+TEST_P(GpuOpsMatmulLarge, SwigluMatmulIsTheTwoOps) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  const int64_t n_in = 11008, n_out = 8 * 132 + 61;
+  ScopedEnv fused_env("KESTREL_CUDA_FUSED_SWIGLU", "1");
+  auto fused = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(fused.has_value()) << fused.message();
+  for (DType type : {DType::Q4_0, DType::Q8_0}) {
+    SCOPED_TRACE(type_str(type));
+    const HostWeight hw = random_weight(rng, type, n_in, n_out);
+    const std::vector<float> gate = randn(rng, static_cast<size_t>(n_in), 2.0f);
+    const std::vector<float> up = randn(rng, static_cast<size_t>(n_in));
+    std::vector<float> h(static_cast<size_t>(n_in));
+    for (int64_t i = 0; i < n_in; ++i) {
+      const double g = gate[i];
+      h[i] = static_cast<float>(g / (1.0 + std::exp(-g)) * up[i]);
+    }
+    const std::vector<double> ref = matmul_reference(hw, h, 1);
+    std::vector<float> outs[2];
+    for (int f = 0; f < 2; ++f) {
+      Backend& b = f ? **fused : be();
+      SCOPED_TRACE(f ? "fused" : "two ops");
+      auto w = b.load_weight(hw.matrix("blk.0.ffn_down.weight"));
+      ASSERT_TRUE(w.has_value()) << w.message();
+      DevTensor g(b, 1, n_in, gate), u(b, 1, n_in, up), out(b, DType::F32, 1, n_out, "out");
+      const Status st = f ? b.swiglu_matmul(*g, *u, 1, **w, *out)
+                          : (b.swiglu(*g, *u, 1, *g).is_ok() ? b.matmul(**w, *g, 1, *out, nullptr)
+                                                             : Status(error("swiglu failed")));
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      outs[f] = fetch(b, out);
+      check_err(compare_rows(outs[f].data(), n_out, ref.data(), 1, n_out), matmul_bound_name(type),
+                GetParam() + " swiglu+matmul/" + type_str(type) + (f ? "/fused" : "/two-ops"),
+                shape_str(type, n_in, n_out, 1, false));
+    }
+    EXPECT_EQ(outs[0], outs[1]) << "the fused op differs from swiglu then matmul";
+  }
+}
+
 // ---- shape errors and the profiled path --------------------------------------------------------
 
 KESTREL_GPU_OPS_SUITE(GpuOpsMatmulBadInput);

@@ -122,6 +122,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   if (matvec_stream_enabled()) {
     KESTREL_ASSIGN_OR_RETURN(be->matvec_stream_, matvec_stream_available(device));
   }
+  be->fused_swiglu_ = env_is("KESTREL_CUDA_FUSED_SWIGLU", "1");
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
     be->rows_max_tokens_ = std::clamp(std::atoi(rows), 0, 16);
   if (const char* split = std::getenv("KESTREL_CUDA_ATT_SPLIT_MIN"))

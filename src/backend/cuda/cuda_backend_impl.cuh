@@ -139,6 +139,10 @@ class CudaBackend final : public Backend {
   bool fuses_decode_layer(const DecodeLayer& layer) const override;
   Status decode_layer(const DecodeLayer& layer) override;
   Status swiglu(const Tensor& gate, const Tensor& up, int n_tokens, Tensor& out) override;
+  // matmul.cu: decode's SwiGLU and ffn down as one matvec_stream.cu launch (opt-in).
+  Status swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, const Weight& w,
+                       Tensor& out) override;
+  bool fuses_swiglu_matmul(const Weight& w, int n_tokens) const override;
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;
@@ -262,6 +266,11 @@ class CudaBackend final : public Backend {
   // next of its counter pairs.
   bool matvec_stream_ = false;
   int matvec_stream_slot_ = 0;
+  // Opt-in (KESTREL_CUDA_FUSED_SWIGLU=1): decode's SwiGLU inside the stream's ffn down launch
+  // (swiglu_matmul), one kernel a layer fewer.
+  bool fused_swiglu_ = false;
+  // The next counter pair of matvec_stream.cu's launches.
+  Expected<unsigned*> matvec_stream_counters();
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
   // cache, few keys), 1 always (KESTREL_CUDA_FLASH=1), 0 never (=0).
   int flash_attention_ = -1;
@@ -426,7 +435,16 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
 bool matvec_stream_enabled();
 Expected<bool> matvec_stream_available(int device);
 int matvec_stream_counter_pairs();
-Status launch_matvec_stream(const MatvecPart* parts, int n_parts, const QuantizedActs& acts,
+// The activations: the int8 planes of acts, or (gate non-null) silu(gate) * up [n_in] in f32,
+// quantized by the kernel itself into the same planes.
+struct MatvecStreamInput {
+  QuantizedActs acts;
+  const float* gate = nullptr;
+  const float* up = nullptr;
+};
+// Whether launch_matvec_stream takes weight w (type, row width, alignment).
+bool matvec_stream_takes(const CudaWeight& w, size_t smem_optin);
+Status launch_matvec_stream(const MatvecPart* parts, int n_parts, const MatvecStreamInput& in,
                             unsigned* counters, int sms, size_t smem_optin, cudaStream_t s,
                             bool& launched);
 // Sums partial[splits][T][n_out] in a fixed order into out (+ bias).

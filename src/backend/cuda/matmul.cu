@@ -350,15 +350,54 @@ Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
   if (matvec_stream_ && n_tokens == 1) {
-    const int pairs = matvec_stream_counter_pairs();
-    KESTREL_ASSIGN_OR_RETURN(unsigned* counters, arrival_counters(2 * pairs, kStreamTickets));
-    matvec_stream_slot_ = (matvec_stream_slot_ + 1) % pairs;
+    KESTREL_ASSIGN_OR_RETURN(unsigned* counters, matvec_stream_counters());
     bool launched = false;
-    KESTREL_TRY(launch_matvec_stream(parts, n_parts, acts, counters + 2 * matvec_stream_slot_,
-                                     sm_count_, smem_optin_, stream_, launched));
+    KESTREL_TRY(launch_matvec_stream(parts, n_parts, MatvecStreamInput{acts}, counters, sm_count_,
+                                     smem_optin_, stream_, launched));
     if (launched) return Status::ok();
   }
   return launch_matvec_int8(parts, n_parts, acts, n_tokens, stream_);
+}
+
+Expected<unsigned*> CudaBackend::matvec_stream_counters() {
+  const int pairs = matvec_stream_counter_pairs();
+  KESTREL_ASSIGN_OR_RETURN(unsigned* counters, arrival_counters(2 * pairs, kStreamTickets));
+  matvec_stream_slot_ = (matvec_stream_slot_ + 1) % pairs;
+  return counters + 2 * matvec_stream_slot_;
+}
+
+bool CudaBackend::fuses_swiglu_matmul(const Weight& weight, int n_tokens) const {
+  const auto& w = static_cast<const CudaWeight&>(weight);
+  return fused_swiglu_ && matvec_stream_ && n_tokens == 1 &&
+         matmul_path(w.type, w.n_in, n_tokens) == MatmulPath::kInt8 &&
+         matvec_stream_takes(w, smem_optin_);
+}
+
+// The stream kernel reads gate and up and quantizes silu(gate) * up itself (the bytes SwiGLU
+// would have written); gate is left as it was.
+Status CudaBackend::swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens,
+                                  const Weight& weight, Tensor& out) {
+  if (!fuses_swiglu_matmul(weight, n_tokens))
+    return Backend::swiglu_matmul(gate, up, n_tokens, weight, out);
+  const auto& w = static_cast<const CudaWeight&>(weight);
+  KESTREL_TRY(check_matmul_shapes(w, gate, n_tokens, out));
+  if (up.cols != gate.cols || up.rows < n_tokens)
+    return error("swiglu+matmul '%s': up (%lld x %lld) does not match gate (%lld columns)",
+                 w.name.c_str(), static_cast<long long>(up.rows), static_cast<long long>(up.cols),
+                 static_cast<long long>(gate.cols));
+  forget_activations();
+  KESTREL_ASSIGN_OR_RETURN(unsigned* counters, matvec_stream_counters());
+  if (mode_ == Mode::Stage) return Status::ok();
+  const MatvecPart part{&w, static_cast<float*>(out.data), nullptr};
+  MatvecStreamInput in;
+  in.gate = static_cast<const float*>(gate.data);
+  in.up = static_cast<const float*>(up.data);
+  bool launched = false;
+  KESTREL_TRY(
+      launch_matvec_stream(&part, 1, in, counters, sm_count_, smem_optin_, stream_, launched));
+  if (!launched)
+    return error("swiglu+matmul '%s': the stream kernel did not take it", w.name.c_str());
+  return Status::ok();
 }
 
 Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,

@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/matvec_device.cuh"
 #include "backend/cuda/wgmma_ops.cuh"
@@ -56,14 +57,16 @@ struct StreamPart {
 struct MatvecStreamArgs {
   StreamPart parts[kMatvecMaxParts];
   int n_parts;
-  int nb;           // 32-weight blocks a row
-  int n_tiles;      // of all parts
-  int stages;       // of the ring
-  int stage_bytes;  // codes (code_cap bytes), then scales
-  int code_cap;     // kRows * nb * code bytes a block (a multiple of 16)
-  const int8_t* q1;
+  int nb;            // 32-weight blocks a row
+  int n_tiles;       // of all parts
+  int stages;        // of the ring
+  int stage_bytes;   // codes (code_cap bytes), then scales
+  int code_cap;      // kRows * nb * code bytes a block (a multiple of 16)
+  const int8_t* q1;  // the activations' int8 planes (matvec_int8.cu), or
   const int8_t* q2;
   const ActBlock* meta;
+  const float* gate;  // non-null: the activations are silu(gate) * up, quantized here
+  const float* up;
   unsigned* counters;  // [0]: tiles handed out, [1]: blocks finished (both left 0)
 };
 
@@ -148,6 +151,41 @@ __device__ void produce(const MatvecStreamArgs& a, uint32_t ring, int* tile_of, 
   }
 }
 
+// The int8 planes (words of 4 elements) and ActBlock of one 32-element block of silu(g) * u, as
+// SwiGLU's kernels write them (acts_device.cuh: the same functions, so the same bytes).
+__device__ __forceinline__ void swiglu_block(const float* g, const float* u, int* a1, int* a2,
+                                             ActBlock& am) {
+  float v[32];
+  float amax = 0.0f;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const float4 gq = reinterpret_cast<const float4*>(g)[q];
+    const float4 uq = reinterpret_cast<const float4*>(u)[q];
+    v[4 * q] = silu_times(gq.x, uq.x);
+    v[4 * q + 1] = silu_times(gq.y, uq.y);
+    v[4 * q + 2] = silu_times(gq.z, uq.z);
+    v[4 * q + 3] = silu_times(gq.w, uq.w);
+  }
+#pragma unroll
+  for (int e = 0; e < 32; ++e) amax = fmaxf(amax, fabsf(v[e]));
+  int sum = 0;
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    uint32_t w1 = 0, w2 = 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      int x1, x2;
+      quantize_two_planes(v[4 * q + k], amax, x1, x2);
+      sum += 128 * x1 + x2;
+      w1 |= (static_cast<uint32_t>(x1) & 0xFFu) << (8 * k);
+      w2 |= (static_cast<uint32_t>(x2) & 0xFFu) << (8 * k);
+    }
+    a1[q] = static_cast<int>(w1);
+    a2[q] = static_cast<int>(w2);
+  }
+  am = ActBlock{block_unit(amax), sum};
+}
+
 // The consumers: warp w takes the K slice [w nb / 8, (w + 1) nb / 8) (32-64 blocks) of every row
 // of the tile, lane i the slice's blocks i and i + 32, whose activations stay in registers. The
 // 8 warps' sums of a row meet in `red` (a slot a stage) and warp 0 adds them in a fixed order.
@@ -163,6 +201,10 @@ __device__ void consume(const MatvecStreamArgs& a, const uint8_t* ring, float* r
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int b = j == 0 || second ? bq[j] : bq[0];
+    if (a.gate) {
+      swiglu_block(a.gate + 32 * b, a.up + 32 * b, a1[j], a2[j], am[j]);
+      continue;
+    }
     const int4* p1 = reinterpret_cast<const int4*>(a.q1 + 32 * b);
     const int4* p2 = reinterpret_cast<const int4*>(a.q2 + 32 * b);
 #pragma unroll
@@ -327,26 +369,38 @@ int matvec_stream_counter_pairs() {
   return kTicketSlots;
 }
 
-Status launch_matvec_stream(const MatvecPart* parts, int n_parts, const QuantizedActs& acts,
+namespace {
+
+StreamPlan plan_for(const CudaWeight& w, size_t smem_optin) {
+  if ((w.type != DType::Q4_0 && w.type != DType::Q8_0) || w.n_in % 32 != 0 ||
+      (reinterpret_cast<uintptr_t>(w.qs) | reinterpret_cast<uintptr_t>(w.d)) % 16 != 0)
+    return StreamPlan{};
+  const int code_bytes =
+      4 * (w.type == DType::Q4_0 ? kQuantWords<DType::Q4_0> : kQuantWords<DType::Q8_0>);
+  return plan_stream(static_cast<int>(w.n_in / 32), code_bytes, smem_optin);
+}
+
+}  // namespace
+
+bool matvec_stream_takes(const CudaWeight& w, size_t smem_optin) {
+  return plan_for(w, smem_optin).stages > 0;
+}
+
+Status launch_matvec_stream(const MatvecPart* parts, int n_parts, const MatvecStreamInput& in,
                             unsigned* counters, int sms, size_t smem_optin, cudaStream_t s,
                             bool& launched) {
   launched = false;
+  if (n_parts < 1 || n_parts > kMatvecMaxParts) return Status::ok();
   const CudaWeight& w0 = *parts[0].w;
   const DType type = w0.type;
-  if ((type != DType::Q4_0 && type != DType::Q8_0) || n_parts < 1 || n_parts > kMatvecMaxParts ||
-      w0.n_in % 32 != 0)
-    return Status::ok();
   const int nb = static_cast<int>(w0.n_in / 32);
-  const int code_bytes =
-      4 * (type == DType::Q4_0 ? kQuantWords<DType::Q4_0> : kQuantWords<DType::Q8_0>);
-  const StreamPlan plan = plan_stream(nb, code_bytes, smem_optin);
+  const StreamPlan plan = plan_for(w0, smem_optin);
   if (plan.stages == 0) return Status::ok();
   MatvecStreamArgs a{};
   int tiles = 0;
   for (int p = 0; p < n_parts; ++p) {
     const CudaWeight& w = *parts[p].w;
-    if (w.type != type || w.n_in != w0.n_in ||
-        (reinterpret_cast<uintptr_t>(w.qs) | reinterpret_cast<uintptr_t>(w.d)) % 16 != 0)
+    if (w.type != type || w.n_in != w0.n_in || plan_for(w, smem_optin).stages == 0)
       return Status::ok();
     tiles += static_cast<int>(ceil_div(w.n_out, int64_t{kRows}));
     a.parts[p] = {w.qs, w.d, parts[p].out, parts[p].bias, w.n_out, tiles};
@@ -357,9 +411,11 @@ Status launch_matvec_stream(const MatvecPart* parts, int n_parts, const Quantize
   a.stages = plan.stages;
   a.stage_bytes = plan.stage_bytes;
   a.code_cap = plan.code_cap;
-  a.q1 = acts.q1;
-  a.q2 = acts.q2;
-  a.meta = acts.meta;
+  a.q1 = in.acts.q1;
+  a.q2 = in.acts.q2;
+  a.meta = in.acts.meta;
+  a.gate = in.gate;
+  a.up = in.up;
   a.counters = counters;
   const int grid = std::min(sms, tiles);
   const cudaError_t e =
