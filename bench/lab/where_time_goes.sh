@@ -10,8 +10,9 @@ work=/tmp/gcout
 mkdir -p "$out" "$work"
 GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET:-330} GPU_CHECK_SKIP="decode-timing ${GPU_CHECK_SKIP:-}" \
   GPU_BENCH_ARGS="--only tg128 --only ub16 --no-variants ${GPU_BENCH_ARGS:-}" OUT=$work \
-  bash scripts/gpu-check.sh --bench-only --no-opencl >"$work/gpu-check.out" 2>&1
-grep -E '^\| |^## |PASS|FAIL' "$work/gpu-check.out" | tail -n 60
+  bash scripts/gpu-check.sh --bench-only --no-opencl >/tmp/wtg-gpu-check.out 2>&1
+# (gpu-check empties its OUT folder first: its own log holds the tables)
+grep -E '^\| |^## |PASS|FAIL' "$work/gpu-check.log" | tail -n 60
 model=/tmp/kestrel-gpu-check/models/llama2-7b-q4_0.gguf
 bin=build-gpu/bin/kestrel
 for v in ${WTG_VARIANTS:--}; do
@@ -25,5 +26,4 @@ for v in ${WTG_VARIANTS:--}; do
   PASS_ARGS="-p 64 -n 0 -b 16 -ub 16 -ctk q4_0 -ctv q4_0" timeout 150 \
     bash bench/lab/decode_kernels.sh "$bin" "$model" "$work/mb-$v" "${vars[@]}"
 done
-cp "$work"/gpu-check.out "$work"/bench-gpu.json "$work"/matmul-bench-0.json "$out"/ 2>/dev/null
 tar -czf "$out/wtg.tar.gz" -C "$work" . 2>/dev/null
