@@ -4,7 +4,8 @@
 // so two 1-D bulk copies a tile) into a ring of shared-memory stages, and whose 8 consumer warps
 // each take a K slice of all 8 rows with the dp4a arithmetic of matvec_int8.cu
 // (matvec_device.cuh); a lane's activations (two blocks of the slice) stay in registers for the
-// whole launch, so a term costs one 16-byte and one 2-byte shared load.
+// whole launch, so a term costs one 16-byte and one 2-byte shared load. They are the int8 planes
+// the kernel before wrote, or (swiglu_matmul, opt-in) silu(gate) * up quantized by the lane itself.
 //
 // Why (bench/NOTES.md, twenty-first session): matvec_ksplit_kernel (a block of 4 rows whose
 // threads split K, each block one round of loads) takes a 4096 x 11008 ffn down in 14.7 us on
@@ -15,7 +16,8 @@
 // warp, activations in shared memory, or two row groups a warp): slower than the ksplit kernel
 // there (tg128 406 / 397 against 424 / 402), and deeper rings (200 KB) slower than 144 KB.
 //
-// As a programmatic dependent launch the ring fills while the kernel before (SwiGLU) still runs:
+// As a programmatic dependent launch the ring fills while the kernel before (SwiGLU, or gate and
+// up with the fused SwiGLU) still runs:
 // the weights depend on no kernel; only the consumers wait (grid_dependency_wait) before they
 // read the activations.
 //
