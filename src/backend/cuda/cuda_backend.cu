@@ -62,6 +62,18 @@ void CudaBackend::forget(const CudaWeight& w) {
     if (t.holds == w.id) t.holds = 0;
 }
 
+Expected<bool> probe_says_compiled(void (*probe)(int*), const char* what) {
+  int* flag = nullptr;
+  CUDA_TRY(cudaMalloc(&flag, sizeof(int)), (std::string(what) + " (allocation)").c_str());
+  int host = 0;
+  probe<<<1, 1>>>(flag);
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) e = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
+  cudaFree(flag);
+  CUDA_TRY(e, what);
+  return host == 1;
+}
+
 Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   KESTREL_TRY(probe());
   int n = 0;

@@ -397,6 +397,9 @@ struct Stream16Plan {
   size_t smem = 0;
 };
 Expected<bool> stream16_available(int device);
+// Runs probe<<<1, 1>>>(flag) and says whether it wrote 1: each optional kernel's file has a probe
+// that does so only when that kernel was compiled for the running device (errors name `what`).
+Expected<bool> probe_says_compiled(void (*probe)(int*), const char* what);
 // The launch plan of the products `parts` of n_tokens tokens on sms SMs with smem_limit bytes of
 // shared memory a block; splits == 0 when the kernel does not take them (not Q4_0, another token
 // count or width) or no split of K fits: they stay on the fragment kernel.

@@ -349,7 +349,7 @@ Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool
   KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, n_in)));
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
-  if (matvec_stream_ && n_tokens == 1) {
+  if (matvec_stream_ && n_tokens == 1 && matvec_stream_takes(*parts[0].w, smem_optin_)) {
     KESTREL_ASSIGN_OR_RETURN(unsigned* counters, matvec_stream_counters());
     bool launched = false;
     KESTREL_TRY(launch_matvec_stream(parts, n_parts, MatvecStreamInput{acts}, counters, sm_count_,

@@ -691,15 +691,9 @@ Expected<bool> stream16_available(int device) {
   cudaDeviceProp prop{};
   CUDA_TRY(cudaGetDeviceProperties(&prop, device), "stream16 probe (device properties)");
   if (prop.major != 9 || prop.minor != 0) return false;
-  int* flag = nullptr;
-  CUDA_TRY(cudaMalloc(&flag, sizeof(int)), "stream16 probe (allocation)");
-  int host = 0;
-  stream16_probe_kernel<<<1, 1>>>(flag);
-  cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) e = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
-  cudaFree(flag);
-  CUDA_TRY(e, "stream16 probe");
-  if (host != 1) return false;
+  KESTREL_ASSIGN_OR_RETURN(const bool compiled,
+                           probe_says_compiled(stream16_probe_kernel, "stream16 probe"));
+  if (!compiled) return false;
   const int smem = static_cast<int>(prop.sharedMemPerBlockOptin);
   for (const void* kernel : {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, false, 2>),
                              reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, false, 2>),

@@ -364,15 +364,9 @@ Expected<bool> wgmma_available(int device) {
     cudaGetLastError();
   });
   if (!encode_fn) return false;
-  int* flag = nullptr;
-  CUDA_TRY(cudaMalloc(&flag, sizeof(int)), "wgmma probe (allocation)");
-  int host = 0;
-  wgmma_probe_kernel<<<1, 1>>>(flag);
-  cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) e = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
-  cudaFree(flag);
-  CUDA_TRY(e, "wgmma probe");
-  if (host != 1) return false;
+  KESTREL_ASSIGN_OR_RETURN(const bool compiled,
+                           probe_says_compiled(wgmma_probe_kernel, "wgmma probe"));
+  if (!compiled) return false;
   CUDA_TRY(
       cudaFuncSetAttribute(matmul_wgmma_q4_0_kernel<1, 128>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<1, 128>::kSmemBytes),

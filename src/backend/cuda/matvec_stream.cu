@@ -350,15 +350,9 @@ Expected<bool> matvec_stream_available(int device) {
   cudaDeviceProp prop{};
   CUDA_TRY(cudaGetDeviceProperties(&prop, device), "matvec stream probe (device properties)");
   if (prop.major < 9) return false;
-  int* flag = nullptr;
-  CUDA_TRY(cudaMalloc(&flag, sizeof(int)), "matvec stream probe (allocation)");
-  int host = 0;
-  matvec_stream_probe_kernel<<<1, 1>>>(flag);
-  cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) e = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
-  cudaFree(flag);
-  CUDA_TRY(e, "matvec stream probe");
-  if (host != 1) return false;
+  KESTREL_ASSIGN_OR_RETURN(const bool compiled,
+                           probe_says_compiled(matvec_stream_probe_kernel, "matvec stream probe"));
+  if (!compiled) return false;
   const int smem = static_cast<int>(prop.sharedMemPerBlockOptin);
   for (const void* kernel : {reinterpret_cast<const void*>(matvec_stream_kernel<DType::Q4_0>),
                              reinterpret_cast<const void*>(matvec_stream_kernel<DType::Q8_0>)})
