@@ -98,8 +98,11 @@ VARIANTS = [
     # matvec_stream.cu (H100: llama3-8b tg128 383 against 402, llama2-7b even).
     ("KESTREL_AB_BASELINE=1", "llama3-8b tg128"),
     ("KESTREL_CUDA_MATVEC_STREAM=0", "tg128"),
-    # Decode's SwiGLU inside the ffn down stream launch (opt-in, not yet measured).
+    # Decode's SwiGLU inside the ffn down stream launch (opt-in: H100 tg128 352 against 411).
     ("KESTREL_CUDA_FUSED_SWIGLU=1", "tg128"),
+    # A decode layer as one persistent kernel whose weights come through a shared-memory ring
+    # (decode_layer.cu, decode_ring.cuh; opt-in).
+    ("KESTREL_CUDA_FUSED_DECODE=1", "tg128"),
     # Micro-batches of 5-16 tokens of Q4_0 weights on the fragment kernel (matmul_frag_v2.cu)
     # instead of the copy-engine-fed wgmma kernel (matmul_stream16.cu, the default on sm_90a).
     ("KESTREL_CUDA_STREAM16=0", "b128 ub16"),

@@ -118,7 +118,6 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->group_matmuls_ = !env_is("KESTREL_CUDA_NO_GROUP", "1");
   be->group_wgmma_ = !env_is("KESTREL_CUDA_WGMMA_NO_GROUP", "1");
   be->sm_count_ = prop.multiProcessorCount;
-  be->fused_decode_ = env_is("KESTREL_CUDA_FUSED_DECODE", "1") && prop.cooperativeLaunch;
   if (env_is("KESTREL_CUDA_FLASH", "0") || env_is("KESTREL_CUDA_FLASH", "1"))
     be->flash_attention_ = env_is("KESTREL_CUDA_FLASH", "1") ? 1 : 0;
   be->mma_attention_ = !env_is("KESTREL_CUDA_FLASH_MMA", "0");
@@ -135,6 +134,9 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     KESTREL_ASSIGN_OR_RETURN(be->matvec_stream_, matvec_stream_available(device));
   }
   be->fused_swiglu_ = env_is("KESTREL_CUDA_FUSED_SWIGLU", "1");
+  if (env_is("KESTREL_CUDA_FUSED_DECODE", "1")) {
+    KESTREL_ASSIGN_OR_RETURN(be->fused_decode_, decode_layer_available(device));
+  }
   if (const char* rows = std::getenv("KESTREL_CUDA_ROWS_MAX_TOKENS"))
     be->rows_max_tokens_ = std::clamp(std::atoi(rows), 0, 16);
   if (const char* split = std::getenv("KESTREL_CUDA_ATT_SPLIT_MIN"))

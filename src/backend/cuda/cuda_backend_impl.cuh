@@ -233,8 +233,8 @@ class CudaBackend final : public Backend {
   bool group_matmuls_ = true;  // KESTREL_CUDA_NO_GROUP=1: matmul_group as one launch each
   bool group_wgmma_ = true;    // KESTREL_CUDA_WGMMA_NO_GROUP=1: not on the wgmma path
   // Decode steps of Q4_0 / Q8_0 layers as one kernel a layer (decode_layer.cu) when
-  // KESTREL_CUDA_FUSED_DECODE=1 and the device has cooperative launches. Opt-in until it has run
-  // on a GPU (written in a session without one).
+  // KESTREL_CUDA_FUSED_DECODE=1 on sm_90 with cooperative launches. Opt-in: slower than the op
+  // sequence until it streams its weights at the matvecs' rate (bench/NOTES.md).
   bool fused_decode_ = false;
   unsigned long long* decode_barrier_ = nullptr;  // its grid barrier's counter
   // Per cache type (f16, q8_0, q4_0): the shared memory its kernel was last set up for and the
@@ -267,7 +267,8 @@ class CudaBackend final : public Backend {
   bool matvec_stream_ = false;
   int matvec_stream_slot_ = 0;
   // Opt-in (KESTREL_CUDA_FUSED_SWIGLU=1): decode's SwiGLU inside the stream's ffn down launch
-  // (swiglu_matmul), one kernel a layer fewer.
+  // (swiglu_matmul), one kernel a layer fewer. Slower (H100 tg128 352 against 411: every block
+  // reads all of gate and up from L2 and quantizes its slice, bench/NOTES.md), so it stays opt-in.
   bool fused_swiglu_ = false;
   // The next counter pair of matvec_stream.cu's launches.
   Expected<unsigned*> matvec_stream_counters();
@@ -400,6 +401,8 @@ Expected<bool> stream16_available(int device);
 // Runs probe<<<1, 1>>>(flag) and says whether it wrote 1: each optional kernel's file has a probe
 // that does so only when that kernel was compiled for the running device (errors name `what`).
 Expected<bool> probe_says_compiled(void (*probe)(int*), const char* what);
+// decode_layer.cu: whether the fused decode layer (sm_90: bulk copies, cooperative launch) runs.
+Expected<bool> decode_layer_available(int device);
 // The launch plan of the products `parts` of n_tokens tokens on sms SMs with smem_limit bytes of
 // shared memory a block; splits == 0 when the kernel does not take them (not Q4_0, another token
 // count or width) or no split of K fits: they stay on the fragment kernel.

@@ -11,7 +11,7 @@
 // Phases (T = 1; E = n_embd, F = n_ff):
 //   A  h = rms_norm(x (+ proj)) * attn_norm, quantized to int8 planes in each block's shared
 //      memory (every block computes it: 2 x 16 KB from L2 instead of a barrier)
-//   B  q, k, v = W{q,k,v} h                    (warps take units of two rows)
+//   B  q, k, v = W{q,k,v} h
 //   -- barrier --
 //   C1 RoPE of k, then k and v stored into cache row pos; x += proj when it was pending
 //   -- barrier --
@@ -24,17 +24,21 @@
 //      hf = silu(g) * u
 //   -- barrier --
 //   F  hf as planes in each block; x += Wdown hf
-// Each phase computes what the op-by-op path computes with the same device functions (the int8
-// planes, dp4a sums, RoPE, the cache quantization, attention), in another summation order for
-// the matvecs' f32 sums. Opt-in (KESTREL_CUDA_FUSED_DECODE=1): written in a session that had no
-// GPU, so it has not run yet; gpu-check.sh's gpu-tests-fused-decode and e2e-fused-decode stages
-// and gpu_bench.py's A/B rows test and measure it (bench/NOTES.md, tenth session).
+// The weights of B, D, E and F come through a ring of shared-memory stages that the copy engine
+// keeps filling across the barriers (decode_ring.cuh), so the memory stays busy while the
+// blocks norm, attend or wait. Each phase computes what the op-by-op path computes with the same
+// device functions (the int8 planes, dp4a sums, RoPE, the cache quantization, attention), in
+// another summation order for the matvecs' f32 sums. Opt-in (KESTREL_CUDA_FUSED_DECODE=1), sm_90
+// (bulk copies); gpu-check.sh's gpu-tests-fused-decode and e2e-fused-decode stages and
+// gpu_bench.py's A/B rows test and measure it (bench/NOTES.md, tenth and twenty-second sessions).
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/attention_rows.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/decode_ring.cuh"
 #include "backend/cuda/kv_store_device.cuh"
 #include "backend/cuda/matvec_device.cuh"
 #include "backend/cuda/rope_device.cuh"
@@ -47,16 +51,7 @@ namespace {
 
 constexpr int kThreads = kRowsThreads;  // the attention phase is attention_rows_block's
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnitRows = 2;  // rows of a warp's unit in the matvec phases
-constexpr int kPrefetchUnits = 2;
-
-struct LayerMatrix {
-  const uint8_t* qs = nullptr;
-  const __half* d = nullptr;
-  int64_t n_out = 0, n_in = 0;
-  const float* bias = nullptr;
-  bool q8 = false;  // Q8_0, else Q4_0
-};
+static_assert(kThreads == 512, "decode_ring.cuh's ring_phase takes 16 warps");
 
 struct DecodeParams {
   float* x;           // [E] the residual
@@ -65,13 +60,15 @@ struct DecodeParams {
   const float* ffn_norm;
   float eps;
   int64_t E, F;
-  LayerMatrix wqkv[3], wo, wg, wu, wd;
-  LayerMatrix next_qkv[3];  // the next decode layer's Q, K, V (asked of L2 at the end), or empty
-  float *q, *k, *v;         // [q_dim], [kv_dim], [kv_dim]
-  float* att;               // [q_dim]
-  MatmulInputOut att_in;    // its int8 planes (global)
-  float* hf;                // [F] silu(gate) * up
-  const int32_t* pos;       // [1]
+  RingPhase phase[kRingPhases];  // Q/K/V, output, gate/up, down
+  RingPhase next_qkv;            // the next decode layer's Q/K/V (asked of L2 at the end), or empty
+  RingShape ring;
+  int ring_offset;        // of the ring in dynamic shared memory (after the planes / attention)
+  float* att;             // [q_dim]
+  float *q, *k, *v;       // [q_dim], [kv_dim], [kv_dim]
+  MatmulInputOut att_in;  // its int8 planes (global)
+  float* hf;              // [F] silu(gate) * up
+  const int32_t* pos;     // [1]
   uint8_t* k_cache;
   uint8_t* v_cache;
   int64_t k_row_bytes, v_row_bytes;
@@ -82,6 +79,14 @@ struct DecodeParams {
   unsigned long long* barrier;  // arrivals at the grid barriers (0 between launches)
   unsigned long long* timing;   // PhaseClock's sums, or null
 };
+
+// The phase clock's sums (PhaseClock below): [kPhases][2], then the launches and their blocks.
+constexpr int kBarriers = 5, kPhases = kBarriers + 1;
+constexpr int kTimingSlots = 2 * kPhases + 2;
+
+// The device code below needs sm_90 (decode_ring.cuh); for older devices the kernel is empty
+// and decode_layer_available() says no.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
 // Shared-memory int8 planes of n activations (n a multiple of 32).
 struct SmemActs {
@@ -101,8 +106,6 @@ __device__ __forceinline__ SmemActs smem_acts(void* smem, int64_t n) {
 // summed over blocks) and block 0 the time between leaving two barriers (the phase's wall time);
 // the backend prints the means when it is destroyed. acc: [kPhases][2] sums (ns), then the
 // launches and the blocks they had.
-constexpr int kBarriers = 5, kPhases = kBarriers + 1;
-constexpr int kTimingSlots = 2 * kPhases + 2;
 struct PhaseClock {
   unsigned long long* acc;
   unsigned long long start = 0;
@@ -230,76 +233,6 @@ __device__ void copy_planes(const MatmulInputOut& src, int64_t n, const SmemActs
   __syncthreads();
 }
 
-struct RowRef {
-  const uint8_t* qs;
-  const __half* d;
-  int64_t r;
-};
-
-// The warp's sums of kRows rows (nb quant blocks each) against the block's planes, in every lane.
-// Lanes take blocks lane, lane + 32, ... (the decode matvec's scheme).
-template <DType T, int kRows>
-__device__ __forceinline__ void rows_dot(const RowRef (&rows)[kRows], int64_t nb, const SmemActs& a,
-                                         float (&acc)[kRows]) {
-  constexpr int kWords = kQuantWords<T>;
-  // Blocks of every row loaded before any is used: 4 Q4_0 blocks a lane in all (2 a row at 2
-  // rows, 1 at 4), half as many Q8_0 (the same bytes). More made the kernel spill at its 128
-  // registers (512 threads an SM).
-  constexpr int kAhead = 4 / kRows / (kWords / 4) > 0 ? 4 / kRows / (kWords / 4) : 1;
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int rr = 0; rr < kRows; ++rr) acc[rr] = 0.0f;
-  for (int64_t b0 = lane; b0 < nb; b0 += 32 * kAhead) {
-    int w[kAhead][kRows][kWords];
-    float dw[kAhead][kRows];
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) {
-      const int64_t b = b0 + 32 * u;
-#pragma unroll
-      for (int rr = 0; rr < kRows; ++rr)
-        if (b < nb)
-          dw[u][rr] = load_quant_block<T>(rows[rr].qs, rows[rr].d, nb, rows[rr].r, b, w[u][rr]);
-    }
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) {
-      const int64_t b = b0 + 32 * u;
-      if (b >= nb) break;
-      int a1[8], a2[8];
-      load_act_planes(a.q1, a.q2, b, a1, a2);
-      const ActBlock am = a.meta[b];
-#pragma unroll
-      for (int rr = 0; rr < kRows; ++rr) acc[rr] += block_term<T>(w[u][rr], dw[u][rr], a1, a2, am);
-    }
-  }
-#pragma unroll
-  for (int rr = 0; rr < kRows; ++rr) acc[rr] = warp_sum(acc[rr]);
-}
-
-template <int kRows>
-__device__ __forceinline__ void rows_dot(bool q8, const RowRef (&rows)[kRows], int64_t nb,
-                                         const SmemActs& a, float (&acc)[kRows]) {
-  if (q8)
-    rows_dot<DType::Q8_0, kRows>(rows, nb, a, acc);
-  else
-    rows_dot<DType::Q4_0, kRows>(rows, nb, a, acc);
-}
-
-// Asks L2 for rows [r0, r0 + n) of m (quants and scales), spread over the warp's lanes. Rows and
-// byte counts fit an int (the loops stay short and 32-bit: a unit's rows are a few KB).
-__device__ __forceinline__ void prefetch_rows(const LayerMatrix& m, int r0, int n) {
-  if (r0 >= m.n_out) return;
-  n = min(n, static_cast<int>(m.n_out) - r0);
-  const int lane = threadIdx.x % 32;
-  const int row_bytes = static_cast<int>(m.q8 ? m.n_in : m.n_in / 2),
-            nb = static_cast<int>(m.n_in / 32);
-  const uint8_t* q = m.qs + int64_t{r0} * row_bytes;
-#pragma unroll 1
-  for (int off = 128 * lane; off < n * row_bytes; off += 32 * 128) prefetch_l2(q + off);
-  const uint8_t* d = reinterpret_cast<const uint8_t*>(m.d + int64_t{r0} * nb);
-#pragma unroll 1
-  for (int off = 128 * lane; off < n * nb * 2; off += 32 * 128) prefetch_l2(d + off);
-}
-
 __device__ __forceinline__ int global_warp() {
   return static_cast<int>(blockIdx.x) * kWarps + static_cast<int>(threadIdx.x) / 32;
 }
@@ -307,102 +240,21 @@ __device__ __forceinline__ int grid_warps() {
   return static_cast<int>(gridDim.x) * kWarps;
 }
 
-// Unit u of Q, K and V: rows 2u, 2u + 1 of the three stacked (each has an even row count), the
-// matrix chosen by value (no pointer into the parameters, whose loads would be generic).
-struct QkvUnit {
-  LayerMatrix m;
-  float* out;
-  int r;
-};
-__device__ __forceinline__ QkvUnit qkv_unit(const LayerMatrix (&w)[3], float* const (&out)[3],
-                                            int u) {
-  const int r = kUnitRows * u, n0 = static_cast<int>(w[0].n_out), n1 = static_cast<int>(w[1].n_out);
-  if (r < n0) return {w[0], out[0], r};
-  if (r < n0 + n1) return {w[1], out[1], r - n0};
-  return {w[2], out[2], r - n0 - n1};
-}
-
-__device__ __forceinline__ int qkv_units(const LayerMatrix (&w)[3]) {
-  return static_cast<int>((w[0].n_out + w[1].n_out + w[2].n_out) / kUnitRows);
-}
-
-// The warp's first kPrefetchUnits units of Q, K and V (this layer's, or the next one's).
-__device__ void prefetch_qkv(const LayerMatrix (&w)[3]) {
-  const int units = qkv_units(w);
-  float* const none[3] = {nullptr, nullptr, nullptr};
-#pragma unroll 1
-  for (int i = 0; i < kPrefetchUnits; ++i) {
-    const int u = global_warp() + i * grid_warps();
-    if (u >= units) break;
-    const QkvUnit q = qkv_unit(w, none, u);
-    prefetch_rows(q.m, q.r, kUnitRows);
-  }
-}
-
-// Phase B.
-__device__ void qkv_phase(const DecodeParams& p, const SmemActs& a) {
-  const int units = qkv_units(p.wqkv);
-  const int lane = threadIdx.x % 32;
-  float* const out[3] = {p.q, p.k, p.v};
-  for (int u = global_warp(); u < units; u += grid_warps()) {
-    // The loads in flight a warp are few (registers): L2 is asked for the units ahead.
-    if (const int next = u + kPrefetchUnits * grid_warps(); next < units) {
-      const QkvUnit n = qkv_unit(p.wqkv, out, next);
-      prefetch_rows(n.m, n.r, kUnitRows);
-    }
-    const QkvUnit q = qkv_unit(p.wqkv, out, u);
-    const LayerMatrix& m = q.m;
-    const RowRef rows[kUnitRows] = {{m.qs, m.d, q.r}, {m.qs, m.d, q.r + 1}};
-    float acc[kUnitRows];
-    rows_dot<kUnitRows>(m.q8, rows, m.n_in / 32, a, acc);
-    if (lane < kUnitRows) {
-      const int r = q.r + lane;
-      q.out[r] = (lane == 0 ? acc[0] : acc[1]) + (m.bias ? m.bias[r] : 0.0f);
-    }
-  }
-}
-
-// Phases D and F: x[r] += (m . planes)[r].
-__device__ void residual_phase(const LayerMatrix& m, float* x, const SmemActs& a) {
-  const int units = static_cast<int>(m.n_out / kUnitRows);
-  const int lane = threadIdx.x % 32;
-  for (int u = global_warp(); u < units; u += grid_warps()) {
-    const int r0 = kUnitRows * u;
-    prefetch_rows(m, r0 + kUnitRows * kPrefetchUnits * grid_warps(), kUnitRows);
-    const RowRef rows[kUnitRows] = {{m.qs, m.d, r0}, {m.qs, m.d, r0 + 1}};
-    float acc[kUnitRows];
-    rows_dot<kUnitRows>(m.q8, rows, m.n_in / 32, a, acc);
-    if (lane < kUnitRows) x[r0 + lane] += lane == 0 ? acc[0] : acc[1];
-  }
-}
-
-// The warp's first `rounds` units of m (and of `also`, the same rows).
-__device__ void prefetch_units(const LayerMatrix& m, const LayerMatrix* also,
-                               int rounds = kPrefetchUnits) {
-#pragma unroll 1
-  for (int i = 0; i < rounds; ++i) {
-    const int r0 = kUnitRows * (global_warp() + i * grid_warps());
-    prefetch_rows(m, r0, kUnitRows);
-    if (also) prefetch_rows(*also, r0, kUnitRows);
-  }
-}
-
-// Phase E: a unit is rows r0, r0 + 1 of gate and of up.
-__device__ void gate_up_phase(const DecodeParams& p, const SmemActs& a) {
-  const int units = static_cast<int>(p.wg.n_out / kUnitRows);
-  const int lane = threadIdx.x % 32;
-  for (int u = global_warp(); u < units; u += grid_warps()) {
-    const int r0 = kUnitRows * u, ahead = r0 + kUnitRows * kPrefetchUnits * grid_warps();
-    prefetch_rows(p.wg, ahead, kUnitRows);
-    prefetch_rows(p.wu, ahead, kUnitRows);
-    const RowRef rows[2 * kUnitRows] = {{p.wg.qs, p.wg.d, r0},
-                                        {p.wg.qs, p.wg.d, r0 + 1},
-                                        {p.wu.qs, p.wu.d, r0},
-                                        {p.wu.qs, p.wu.d, r0 + 1}};
-    float acc[2 * kUnitRows];
-    rows_dot<2 * kUnitRows>(p.wg.q8, rows, p.wg.n_in / 32, a, acc);
-    if (lane == 0) p.hf[r0] = silu_times(acc[0], acc[2]);
-    if (lane == 1) p.hf[r0 + 1] = silu_times(acc[1], acc[3]);
+// Asks L2 for the block's first `count` items of ph (the next layer's first ring fill).
+__device__ void prefetch_items(const RingPhase& ph, int count) {
+  if (ph.n_parts == 0) return;
+  count = min(count, ring_mine(ph.n_items()));
+  for (int k = 0; k < count; ++k) {
+    int64_t row0;
+    const int item = static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x);
+    const RingMatrix m = ring_matrix(ph, ring_part(ph, item, row0));
+    const int rows = static_cast<int>(min(int64_t{ph.copy_rows}, m.n_out - row0));
+    const int64_t code_row = int64_t{ph.nb} * (m.q8 ? 32 : 16);
+    const uint8_t* q = m.qs + row0 * code_row;
+    for (int64_t off = 128 * threadIdx.x; off < rows * code_row; off += 128 * kThreads)
+      prefetch_l2(q + off);
+    const uint8_t* d = reinterpret_cast<const uint8_t*>(m.d + row0 * ph.nb);
+    if (128 * threadIdx.x < rows * ph.nb * 2) prefetch_l2(d + 128 * threadIdx.x);
   }
 }
 
@@ -460,50 +312,85 @@ __device__ void attention_phase(const DecodeParams& p, float* smem) {
   }
 }
 
+#endif  // !__CUDA_ARCH__ || __CUDA_ARCH__ >= 900
+
 template <DType CT>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_layer_kernel(const __grid_constant__ DecodeParams p) {
-  extern __shared__ int4 smem4[];
-  void* smem = smem4;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) uint8_t smem[];  // planes / attention, then the ring
+  __shared__ float red[2 * kWarps][kRingMaxRows];   // ring_phase's row sums, two items in turn
+  __shared__ __align__(8) unsigned long long bars[kRingMaxStages];
   const int64_t q_dim = int64_t{p.n_head} * p.D;
   PhaseClock clock(p.timing);
-  prefetch_qkv(p.wqkv);
-  norm_to_planes(p.x, p.proj, p.attn_norm, p.E, p.eps, smem_acts(smem, p.E));  // A
-  qkv_phase(p, smem_acts(smem, p.E));                                          // B
-  prefetch_units(p.wo, nullptr);
+  Ring ring{smem + p.ring_offset, smem_addr(smem + p.ring_offset), smem_addr(bars), p.ring};
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < p.ring.stages; ++s) barrier_init(ring.full + 8 * s, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // the first items, before anything else: weights need no input
+    const RingSeq seq(p.phase);
+    for (int s = 0; s < p.ring.stages; ++s)
+      seq.issue(p.phase, p.ring, s, ring.base_addr, ring.full);
+  }
+  float* x = p.x;
+  const SmemActs h = smem_acts(smem, p.E);
+  norm_to_planes(x, p.proj, p.attn_norm, p.E, p.eps, h);  // A
+  const RingPhase& qkv = p.phase[kRingQkv];
+  ring_phase(qkv, p.phase, ring, h.q1, h.q2, h.meta, red,  // B
+             [&](int part, int64_t row0, int j, float s, float) {
+               const RingMatrix m = ring_matrix(qkv, part);
+               if (const int64_t r = row0 + j; r < m.n_out)
+                 m.out[r] = s + (m.bias ? m.bias[r] : 0.0f);
+             });
   grid_barrier(p.barrier, clock);
   store_phase<CT>(p);  // C1
   grid_barrier(p.barrier, clock);
-  attention_phase<CT>(p, static_cast<float*>(smem));  // C2
-  // The blocks without a head (most: one a head) ask for gate and up while attention runs.
-  if (static_cast<int>(blockIdx.x) >= p.n_head) prefetch_units(p.wg, &p.wu, 1);
+  attention_phase<CT>(p, reinterpret_cast<float*>(smem));  // C2
   grid_barrier(p.barrier, clock);
-  copy_planes(p.att_in, q_dim, smem_acts(smem, q_dim));  // D
-  residual_phase(p.wo, p.x, smem_acts(smem, q_dim));
-  prefetch_units(p.wg, &p.wu);
+  const SmemActs att = smem_acts(smem, q_dim);
+  copy_planes(p.att_in, q_dim, att);  // D
+  const auto add_to_x = [&](int, int64_t row0, int j, float s, float) {
+    if (const int64_t r = row0 + j; r < p.E) x[r] += s;
+  };
+  ring_phase(p.phase[kRingOut], p.phase, ring, att.q1, att.q2, att.meta, red, add_to_x);
   grid_barrier(p.barrier, clock);
-  norm_to_planes(p.x, nullptr, p.ffn_norm, p.E, p.eps, smem_acts(smem, p.E));  // E
-  gate_up_phase(p, smem_acts(smem, p.E));
-  prefetch_units(p.wd, nullptr);
+  norm_to_planes(x, nullptr, p.ffn_norm, p.E, p.eps, h);  // E
+  ring_phase(p.phase[kRingGateUp], p.phase, ring, h.q1, h.q2, h.meta, red,
+             [&](int, int64_t row0, int j, float g, float u) {
+               if (const int64_t r = row0 + j; r < p.F) p.hf[r] = silu_times(g, u);
+             });
   grid_barrier(p.barrier, clock);
-  values_to_planes(p.hf, p.F, smem_acts(smem, p.F));  // F
-  residual_phase(p.wd, p.x, smem_acts(smem, p.F));
-  prefetch_qkv(p.next_qkv);  // warps done early: the next layer's first units, while others finish
+  const SmemActs hf = smem_acts(smem, p.F);
+  values_to_planes(p.hf, p.F, hf);  // F
+  ring_phase(p.phase[kRingDown], p.phase, ring, hf.q1, hf.q2, hf.meta, red, add_to_x);
+  prefetch_items(p.next_qkv, p.ring.stages);  // the next layer's first ring fill, from L2
   grid_exit(p.barrier, clock);
+#endif
+}
+
+// 1 when the kernel above was compiled for the running device (sm_90 or later).
+__global__ void decode_layer_probe_kernel(int* flag) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  *flag = 1;
+#else
+  *flag = 0;
+#endif
 }
 
 }  // namespace
 
 namespace {
 
-// Dynamic shared memory of the kernel: the largest activation planes (2 n + n / 32 ActBlocks)
+// Dynamic shared memory before the ring: the largest activation planes (2 n + n / 32 ActBlocks)
 // or attention_rows_block's q, partial outputs and scores of kRowsMaxKeys keys.
-size_t decode_smem_bytes(int64_t E, int64_t q_dim, int64_t F, int D) {
+int64_t decode_union_bytes(int64_t E, int64_t q_dim, int64_t F, int D) {
   const int64_t n = std::max({E, q_dim, F});
   const int64_t planes = 2 * n + (n / 32) * static_cast<int64_t>(sizeof(ActBlock));
   const int64_t attention =
       static_cast<int64_t>(sizeof(float)) * (int64_t{D} * (1 + kWarps) + kRowsMaxKeys);
-  return static_cast<size_t>((std::max(planes, attention) + 15) / 16 * 16);
+  return (std::max(planes, attention) + 127) / 128 * 128;
 }
 
 const CudaWeight* quant_weight(const Weight* w) {
@@ -512,14 +399,129 @@ const CudaWeight* quant_weight(const Weight* w) {
   return cw;
 }
 
-LayerMatrix layer_matrix(const Weight* w, const Tensor* bias) {
+RingMatrix ring_matrix_of(const Weight* w, const Tensor* bias, Tensor* out) {
   const CudaWeight& cw = *quant_weight(w);
   return {cw.qs,
           cw.d,
           cw.n_out,
-          cw.n_in,
           bias ? static_cast<const float*>(bias->data) : nullptr,
+          out ? static_cast<float*>(out->data) : nullptr,
           cw.type == DType::Q8_0};
+}
+
+// Codes of an item aimed at (bytes; KESTREL_CUDA_DECODE_ITEM_KB, default 18: 8 rows of 4096
+// Q4_0 weights, 3 of 11008, about an eighth of the default ring).
+int64_t item_code_bytes() {
+  static const int64_t kb = [] {
+    const char* e = std::getenv("KESTREL_CUDA_DECODE_ITEM_KB");
+    return int64_t{e ? std::clamp(std::atoi(e), 1, 64) : 18};
+  }();
+  return kb * 1024;
+}
+
+// Fills ph's layout from its parts (set by the caller, all n_in wide): the groups of threads and
+// the rows of an item (the most whose codes stay within item_code_bytes(), else the fewest that
+// fit) such that an item's scales are whole 16-byte units at 16-byte offsets, and the items of
+// each part. False: the width is not one the ring takes (more than 1024 blocks a row, or no row
+// count aligns).
+bool plan_phase(RingPhase& ph, int64_t n_in) {
+  if (n_in % 32 != 0 || n_in / 32 > kRingMaxKpt * kThreads || ph.n_parts < 1) return false;
+  const int nb = static_cast<int>(n_in / 32);
+  int code_bytes = 16;
+  for (int i = 0; i < ph.n_parts; ++i)
+    if (ph.parts[i].q8) code_bytes = 32;
+  ph.nb = nb;
+  // Two quant blocks a thread for rows of more than 256 (ffn down), so that two groups work at
+  // once; groups of at least two warps, at most kRingMaxGroups.
+  // KESTREL_CUDA_DECODE_KPT=2: two for every width (groups of half the threads, twice as many).
+  static const int forced_kpt = [] {
+    const char* e = std::getenv("KESTREL_CUDA_DECODE_KPT");
+    return e ? std::clamp(std::atoi(e), 1, kRingMaxKpt) : 0;
+  }();
+  ph.kpt = forced_kpt ? forced_kpt : nb > kThreads / 2 ? 2 : 1;
+  if (nb > ph.kpt * kThreads) return false;
+  const int per_thread = std::max((nb + ph.kpt - 1) / ph.kpt, kThreads / kRingMaxGroups);
+  ph.gsize = (per_thread + 31) / 32 * 32;
+  if (ph.gsize > kThreads) return false;
+  ph.groups = kThreads / ph.gsize;
+  ph.rows = 0;
+  for (int R = 1; R <= kRingMaxRows; ++R) {
+    const int copy = ph.paired ? R / 2 : R;
+    if ((ph.paired && R % 2 != 0) || (int64_t{copy} * nb) % 8 != 0) continue;
+    if (ph.rows == 0 || int64_t{R} * nb * code_bytes <= item_code_bytes()) ph.rows = R;
+  }
+  if (ph.rows == 0) return false;
+  ph.copy_rows = ph.paired ? ph.rows / 2 : ph.rows;
+  int items = 0;
+  for (int i = 0; i < ph.n_parts; ++i) {
+    if (ph.paired && i > 0) break;  // gate and up share their items
+    items += static_cast<int>((ph.parts[i].n_out + ph.copy_rows - 1) / ph.copy_rows);
+    ph.item_end[i] = items;
+  }
+  if (ph.paired) ph.n_parts = 1;  // items are numbered over gate's rows (up rides along)
+  return true;
+}
+
+// The ring's phases and stages for a layer; stages == 0 when the layer does not fit.
+// KESTREL_CUDA_DECODE_RING_KB: the ring's shared memory (default 152: 8 stages of 18.5 KB).
+struct RingPlan {
+  RingPhase phase[kRingPhases];
+  RingShape shape;
+  int64_t union_bytes = 0;
+  size_t smem = 0;
+};
+
+RingPlan plan_ring(const DecodeLayer& L, size_t smem_optin) {
+  static const int64_t ring_kb = [] {
+    const char* e = std::getenv("KESTREL_CUDA_DECODE_RING_KB");
+    return int64_t{e ? std::clamp(std::atoi(e), 16, 227) : 152};
+  }();
+  RingPlan plan;
+  RingPhase* ph = plan.phase;
+  ph[kRingQkv].parts[0] = ring_matrix_of(L.wq, L.bq, L.q);
+  ph[kRingQkv].parts[1] = ring_matrix_of(L.wk, L.bk, L.k);
+  ph[kRingQkv].parts[2] = ring_matrix_of(L.wv, L.bv, L.v);
+  ph[kRingQkv].n_parts = 3;
+  ph[kRingOut].parts[0] = ring_matrix_of(L.wo, nullptr, nullptr);
+  ph[kRingOut].n_parts = 1;
+  ph[kRingGateUp].parts[0] = ring_matrix_of(L.w_gate, nullptr, nullptr);
+  ph[kRingGateUp].parts[1] = ring_matrix_of(L.w_up, nullptr, nullptr);
+  ph[kRingGateUp].n_parts = 2;
+  ph[kRingGateUp].paired = true;
+  ph[kRingDown].parts[0] = ring_matrix_of(L.w_down, nullptr, nullptr);
+  ph[kRingDown].n_parts = 1;
+  const int64_t widths[kRingPhases] = {quant_weight(L.wq)->n_in, quant_weight(L.wo)->n_in,
+                                       quant_weight(L.w_gate)->n_in, quant_weight(L.w_down)->n_in};
+  int64_t code_cap = 0, scale_cap = 0;
+  for (int i = 0; i < kRingPhases; ++i) {
+    if (!plan_phase(ph[i], widths[i])) return RingPlan{};
+    const int64_t R = ph[i].rows;
+    int code_bytes = 16;
+    for (const RingMatrix& m : ph[i].parts)
+      if (m.qs && m.q8) code_bytes = 32;
+    code_cap = std::max(code_cap, R * ph[i].nb * code_bytes);
+    scale_cap = std::max(scale_cap, (R * ph[i].nb * 2 + 15) / 16 * 16);
+  }
+  const AttentionParams& a = L.attn;
+  plan.union_bytes =
+      decode_union_bytes(L.x->cols, int64_t{a.n_head} * a.head_dim, widths[kRingDown], a.head_dim);
+  RingShape& rs = plan.shape;
+  rs.code_cap = static_cast<int>(code_cap);
+  rs.stage_bytes = static_cast<int>((code_cap + scale_cap + 127) / 128 * 128);
+  // What the kernel's static shared memory (the row sums, the barriers, the norm's) leaves.
+  const int64_t room = static_cast<int64_t>(smem_optin) - plan.union_bytes - 2048;
+  const int64_t budget = std::min(ring_kb * 1024, room);
+  rs.stages = static_cast<int>(std::min<int64_t>(kRingMaxStages, budget / rs.stage_bytes));
+  // Stage = item % stages with stages a multiple of every phase's groups: within a phase each
+  // stage then belongs to one group, which reads its items in order (a group two rounds ahead
+  // of another could otherwise wait on a stage whose barrier has not reached the earlier item's
+  // phase yet, and take its parity for done).
+  int groups = 1;
+  for (const RingPhase& p : plan.phase) groups = std::max(groups, p.groups);
+  rs.stages -= rs.stages % groups;
+  if (rs.stages < groups || rs.stages < 2) return RingPlan{};
+  plan.smem = static_cast<size_t>(plan.union_bytes + int64_t{rs.stages} * rs.stage_bytes);
+  return plan;
 }
 
 // A cooperative launch of one block per SM (or as many as fit): the grid barriers need every
@@ -554,6 +556,13 @@ cudaError_t launch_decode_layer(const DecodeParams& p, size_t smem, int sm_count
 }
 
 }  // namespace
+
+Expected<bool> decode_layer_available(int device) {
+  cudaDeviceProp prop{};
+  CUDA_TRY(cudaGetDeviceProperties(&prop, device), "decode layer probe (device properties)");
+  if (prop.major < 9 || !prop.cooperativeLaunch) return false;
+  return probe_says_compiled(decode_layer_probe_kernel, "decode layer probe");
+}
 
 Status CudaBackend::init_decode_timing() {
   const size_t bytes = sizeof(unsigned long long) * kTimingSlots;
@@ -605,7 +614,7 @@ bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
     return false;
   const int64_t E = L.x->cols, q_dim = int64_t{a.n_head} * D, kv_dim = int64_t{a.n_head_kv} * D;
   const int64_t F = wg->n_out;
-  // Units of two rows: every row count even. Widths: whole quant blocks (the weights' types).
+  // Widths: whole quant blocks (the weights' types).
   if (E % 32 != 0 || F % 32 != 0) return false;
   if (wq->n_in != E || wk->n_in != E || wv->n_in != E || wg->n_in != E || wu->n_in != E ||
       wo->n_in != q_dim || wd->n_in != F || wq->n_out != q_dim || wk->n_out != kv_dim ||
@@ -617,9 +626,12 @@ bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
     return false;
   if (L.pos < 0 || L.pos >= std::min(kc->rows, vc->rows) || L.pos + 1 > kRowsMaxKeys) return false;
   if (L.pending_add && !L.proj) return false;
-  // Shared memory within what any sm_80+ block can have (the activation planes grow with n_ff).
-  if (decode_smem_bytes(E, q_dim, F, D) > 160 * 1024) return false;
-  return L.h && L.q && L.k && L.v && L.att && L.gate && L.up && L.gate->cols >= F;
+  if (!(L.h && L.q && L.k && L.v && L.att && L.gate && L.up && L.gate->cols >= F)) return false;
+  // The ring's bulk copies: 16-byte aligned codes and scales.
+  for (const CudaWeight* w : {wq, wk, wv, wo, wg, wu, wd})
+    if ((reinterpret_cast<uintptr_t>(w->qs) | reinterpret_cast<uintptr_t>(w->d)) % 16 != 0)
+      return false;
+  return plan_ring(L, smem_optin_).shape.stages > 0;
 }
 
 Status CudaBackend::decode_layer(const DecodeLayer& L) {
@@ -639,20 +651,21 @@ Status CudaBackend::decode_layer(const DecodeLayer& L) {
   p.eps = L.rms_eps;
   p.E = L.x->cols;
   p.F = L.w_gate->n_out;
-  p.wqkv[0] = layer_matrix(L.wq, L.bq);
-  p.wqkv[1] = layer_matrix(L.wk, L.bk);
-  p.wqkv[2] = layer_matrix(L.wv, L.bv);
+  const RingPlan plan = plan_ring(L, smem_optin_);
+  std::copy(plan.phase, plan.phase + kRingPhases, p.phase);
+  p.ring = plan.shape;
+  p.ring_offset = static_cast<int>(plan.union_bytes);
   // The layer that followed this one in the previous pass (decode passes repeat their order):
-  // its Q, K and V are asked of L2 at the end of this one.
+  // its first items are asked of L2 at the end of this one.
   const CudaWeight* wq = quant_weight(L.wq);
   if (decode_last_wq_) decode_next_[decode_last_wq_] = {L.wq, L.wk, L.wv};
   decode_last_wq_ = wq;
-  if (const auto it = decode_next_.find(wq); it != decode_next_.end())
-    for (int i = 0; i < 3; ++i) p.next_qkv[i] = layer_matrix(it->second[i], nullptr);
-  p.wo = layer_matrix(L.wo, nullptr);
-  p.wg = layer_matrix(L.w_gate, nullptr);
-  p.wu = layer_matrix(L.w_up, nullptr);
-  p.wd = layer_matrix(L.w_down, nullptr);
+  if (const auto it = decode_next_.find(wq); it != decode_next_.end()) {
+    RingPhase& n = p.next_qkv;
+    for (int i = 0; i < 3; ++i) n.parts[i] = ring_matrix_of(it->second[i], nullptr, nullptr);
+    n.n_parts = 3;
+    if (!plan_phase(n, quant_weight(it->second[0])->n_in)) n = RingPhase{};
+  }
   p.q = static_cast<float*>(L.q->data);
   p.k = static_cast<float*>(L.k->data);
   p.v = static_cast<float*>(L.v->data);
@@ -672,7 +685,7 @@ Status CudaBackend::decode_layer(const DecodeLayer& L) {
   p.rope = rope_table(L.rope_q.freq_base, a.head_dim);
   p.barrier = decode_barrier_;
   p.timing = decode_timing_;
-  const size_t smem = decode_smem_bytes(p.E, q_dim, p.F, p.D);
+  const size_t smem = plan.smem;
   cudaError_t e = cudaErrorInvalidValue;
   switch (L.k_cache->type) {
     case DType::F16:

@@ -1,0 +1,249 @@
+// The fused decode layer's weights as one stream through a ring of shared-memory stages
+// (decode_layer.cu). A block's items (tiles of whole rows of the layer's matrices, phase after
+// phase: Q/K/V, output, gate/up, down) are fixed by its index, so the copy engine can be asked
+// for the next ones while the block still works on an earlier phase or waits at a grid barrier:
+// the weights depend on nothing the layer computes. Thread 0 asks for item i + stages as soon as
+// every thread has read item i (the block barrier after the item's row sums), so the ring keeps
+// `stages` items in flight across the barriers, the norms and attention.
+//
+// Why: the first fused layer (tenth session) read its weights straight into registers, 4 blocks
+// a lane, and streamed at 1.2-2.2 TB/s (bench/NOTES.md): one block an SM keeps too few bytes in
+// flight that way, and nothing is in flight while a block waits at a barrier. The ring holds
+// ~144 KB an SM (19 MB on 132 SMs: all of the output projection while attention runs).
+//
+// An item is R rows (paired: R / 2 rows of gate, then the same rows of up), its codes then its
+// scales contiguous in the stage (the repacked layout: one or two 1-D bulk copies each). The
+// block's threads form `groups` groups of gsize (whole warps) that take the items of a phase in
+// turn, each on its own: thread l of a group takes quant blocks l, l + gsize, ... (kpt of them,
+// whose activations stay in registers for the phase) of every row of the item, the row sums meet
+// in the group's warps (warp sums, then `red` and the group's named barrier), and thread j of the
+// group finishes row j in a fixed order. Measured first with the whole block on each item (2
+// terms a thread between two block barriers): ~2 us an item, tg128 208 t/s against 411 for the
+// op sequence (bench/NOTES.md, twenty-second session).
+#pragma once
+
+#include "backend/cuda/matvec_device.cuh"
+#include "backend/cuda/wgmma_ops.cuh"
+
+namespace kestrel::backend::cuda {
+
+constexpr int kRingMaxStages = 16;
+constexpr int kRingMaxRows = 8;    // rows of an item (a thread's sums)
+constexpr int kRingMaxGroups = 8;  // named barriers 1..8
+constexpr int kRingMaxKpt = 2;     // quant blocks of a row a thread takes
+constexpr int kRingPhases = 4;     // Q/K/V, output, gate/up, down
+enum RingPhaseId { kRingQkv = 0, kRingOut = 1, kRingGateUp = 2, kRingDown = 3 };
+
+struct RingMatrix {
+  const uint8_t* qs = nullptr;
+  const __half* d = nullptr;
+  int64_t n_out = 0;
+  const float* bias = nullptr;
+  float* out = nullptr;  // Q/K/V's outputs (the other phases write x or hf)
+  bool q8 = false;       // Q8_0, else Q4_0
+};
+
+struct RingPhase {
+  RingMatrix parts[3];  // Q, K, V; gate, up (paired); or one matrix
+  int n_parts = 0;
+  bool paired = false;   // an item is copy_rows rows of parts[0], then the same rows of parts[1]
+  int nb = 0;            // 32-weight blocks a row
+  int kpt = 0;           // of them a thread takes (1 or 2)
+  int gsize = 0;         // threads of a group: nb / kpt rounded up to whole warps (64 at least)
+  int groups = 0;        // groups of the block (each takes whole items)
+  int rows = 0;          // R: rows of an item
+  int copy_rows = 0;     // rows of one part an item holds (R, or R / 2 when paired)
+  int item_end[3] = {};  // one past each part's last item (numbered part after part)
+  __host__ __device__ int n_items() const { return item_end[n_parts - 1]; }
+};
+
+struct RingShape {
+  int stages = 0, stage_bytes = 0, code_cap = 0;  // a stage: codes (code_cap bytes), scales
+};
+
+// This block's items of a phase with n items (blockIdx.x, + gridDim.x, ...).
+__device__ __forceinline__ int ring_mine(int n) {
+  const int b = static_cast<int>(blockIdx.x), g = static_cast<int>(gridDim.x);
+  return n > b ? (n - 1 - b) / g + 1 : 0;
+}
+
+// The part of an item and the item's first row in it.
+__device__ __forceinline__ int ring_part(const RingPhase& ph, int item, int64_t& row0) {
+  const int p = item < ph.item_end[0] ? 0 : item < ph.item_end[1] ? 1 : 2;
+  const int first = p == 0 ? 0 : ph.item_end[p - 1];
+  row0 = static_cast<int64_t>(item - first) * ph.copy_rows;
+  return p;
+}
+
+__device__ __forceinline__ RingMatrix ring_matrix(const RingPhase& ph, int p) {
+  return p == 0 ? ph.parts[0] : p == 1 ? ph.parts[1] : ph.parts[2];
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+
+// The copy engine brings `bytes` (a multiple of 16) from global src to shared dst, completing on
+// the barrier at `bar`.
+__device__ __forceinline__ void ring_bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                               uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+// The bytes of `rows` rows of m from row0: codes, and scales rounded up to 16 (the copy's unit;
+// the scales of a weight are followed by more memory of the same allocation or its padding).
+__device__ __forceinline__ uint32_t ring_code_bytes(const RingMatrix& m, int rows, int nb) {
+  return static_cast<uint32_t>(rows * nb * (m.q8 ? 32 : 16));
+}
+__device__ __forceinline__ uint32_t ring_scale_bytes(int rows, int nb) {
+  return static_cast<uint32_t>((rows * nb * 2 + 15) & ~15);
+}
+
+// Thread 0: asks for item `item` of phase ph into stage `stage`.
+__device__ void ring_issue(const RingPhase& ph, const RingShape& rs, int item, int stage,
+                           uint32_t ring, uint32_t full) {
+  int64_t row0;
+  const int p = ring_part(ph, item, row0);
+  const uint32_t dst = ring + stage * rs.stage_bytes, bar = full + 8 * stage;
+  const int halves = ph.paired ? 2 : 1;
+  uint32_t total = 0;
+  for (int h = 0; h < halves; ++h) {
+    const RingMatrix m = ring_matrix(ph, ph.paired ? h : p);
+    const int rows = static_cast<int>(min(int64_t{ph.copy_rows}, m.n_out - row0));
+    total += ring_code_bytes(m, rows, ph.nb) + ring_scale_bytes(rows, ph.nb);
+  }
+  barrier_expect(bar, static_cast<int>(total));
+  for (int h = 0; h < halves; ++h) {
+    const RingMatrix m = ring_matrix(ph, ph.paired ? h : p);
+    const int rows = static_cast<int>(min(int64_t{ph.copy_rows}, m.n_out - row0));
+    const int64_t code_row = ph.nb * (m.q8 ? 32 : 16);
+    ring_bulk_load(dst + h * ph.copy_rows * code_row, m.qs + row0 * code_row,
+                   ring_code_bytes(m, rows, ph.nb), bar);
+    ring_bulk_load(dst + rs.code_cap + h * ph.copy_rows * ph.nb * 2, m.d + row0 * ph.nb,
+                   ring_scale_bytes(rows, ph.nb), bar);
+  }
+}
+
+// The block's item sequence over the layer's phases: seq -> (phase, item). Thread 0 only.
+struct RingSeq {
+  int count[kRingPhases];  // this block's items of each phase
+  int total;
+  __device__ explicit RingSeq(const RingPhase (&ph)[kRingPhases]) : total(0) {
+#pragma unroll
+    for (int i = 0; i < kRingPhases; ++i) {
+      count[i] = ring_mine(ph[i].n_items());
+      total += count[i];
+    }
+  }
+  // Asks for item seq of the sequence (if there is one) into its stage.
+  __device__ void issue(const RingPhase (&ph)[kRingPhases], const RingShape& rs, int seq,
+                        uint32_t ring, uint32_t full) const {
+    if (seq >= total) return;
+    int k = seq;
+#pragma unroll
+    for (int i = 0; i < kRingPhases; ++i) {
+      if (k < count[i]) {
+        ring_issue(ph[i], rs, static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x),
+                   seq % rs.stages, ring, full);
+        return;
+      }
+      k -= count[i];
+    }
+  }
+};
+
+// One quant block's term from the stage (codes at c, 16-byte aligned).
+template <quant::DType T>
+__device__ __forceinline__ float ring_term(const uint8_t* c, float dw, const int* a1, const int* a2,
+                                           const ActBlock& am) {
+  constexpr int kWords = kQuantWords<T>;
+  int w[kWords];
+#pragma unroll
+  for (int v = 0; v < kWords / 4; ++v) {
+    const int4 q = reinterpret_cast<const int4*>(c)[v];
+    w[4 * v] = q.x, w[4 * v + 1] = q.y, w[4 * v + 2] = q.z, w[4 * v + 3] = q.w;
+  }
+  return block_term<T>(w, dw, a1, a2, am);
+}
+
+// The block's ring: its stages in shared memory, their barriers, and the next item to read.
+struct Ring {
+  const uint8_t* base;
+  uint32_t base_addr, full;
+  RingShape shape;
+  int seq = 0;  // the next item of the block's sequence to read
+};
+
+// Consumes the block's items of phase ph: for each item, row j's sum goes to
+// finish(item part, first row, j, sum of row j, sum of row j + R / 2) in thread j < R (paired:
+// j < R / 2) of the group that took the item. Activations: the planes `a1p`, `a2p`, `meta` (nb
+// blocks) in shared memory. The group's first thread asks for the item `stages` ahead once the
+// group has read the stage. red: [2][16 warps][kRingMaxRows].
+template <typename Finish>
+__device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhases], Ring& ring,
+                           const int8_t* a1p, const int8_t* a2p, const ActBlock* meta,
+                           float (*red)[kRingMaxRows], Finish finish) {
+  constexpr int kWarps = 16;  // decode_layer_kernel's 512 threads
+  const int nb = ph.nb, R = ph.rows, t = static_cast<int>(threadIdx.x);
+  const int g = t / ph.gsize, l = t % ph.gsize, warp = t / 32, lane = t % 32;
+  const int n = ring_mine(ph.n_items()), first_seq = ring.seq;
+  ring.seq += n;  // every thread: the sequence after this phase
+  if (g >= ph.groups) return;
+  int a1[kRingMaxKpt][8] = {}, a2[kRingMaxKpt][8] = {};
+  ActBlock am[kRingMaxKpt] = {};
+#pragma unroll
+  for (int i = 0; i < kRingMaxKpt; ++i) {
+    const int kb = l + i * ph.gsize;
+    if (i < ph.kpt && kb < nb) {
+      load_act_planes(a1p, a2p, kb, a1[i], a2[i]);
+      am[i] = meta[kb];
+    }
+  }
+  const RingSeq seq_of(all);
+  const int warps = ph.gsize / 32, w0 = g * warps;
+  for (int k = g, round = 0; k < n; k += ph.groups, ++round) {
+    const int seq = first_seq + k, stage = seq % ring.shape.stages;
+    barrier_wait(ring.full + 8 * stage, (seq / ring.shape.stages) & 1);
+    const int item = static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x);
+    int64_t row0;
+    const int p = ring_part(ph, item, row0);
+    const bool q8 = ring_matrix(ph, p).q8;
+    const uint8_t* codes = ring.base + stage * ring.shape.stage_bytes;
+    const __half* scales = reinterpret_cast<const __half*>(codes + ring.shape.code_cap);
+    float(*slot)[kRingMaxRows] = red + (round & 1) * kWarps;
+#pragma unroll
+    for (int j = 0; j < kRingMaxRows; ++j) {
+      if (j >= R) break;
+      float v = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kRingMaxKpt; ++i) {
+        const int kb = l + i * ph.gsize;
+        if (i < ph.kpt && kb < nb) {
+          const int e = j * nb + kb;
+          const float dw = __half2float(scales[e]);
+          v += q8 ? ring_term<quant::DType::Q8_0>(codes + 32 * e, dw, a1[i], a2[i], am[i])
+                  : ring_term<quant::DType::Q4_0>(codes + 16 * e, dw, a1[i], a2[i], am[i]);
+        }
+      }
+      v = warp_sum(v);
+      if (lane == 0) slot[warp][j] = v;
+    }
+    // The group has read the stage and written its sums.
+    asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(ph.gsize) : "memory");
+    if (l == 0) seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full);
+    if (l < (ph.paired ? R / 2 : R)) {
+      const auto row_sum = [&](int j) {  // the group's warps in a fixed order
+        float s = 0.0f;
+        for (int w = w0; w < w0 + warps; ++w) s += slot[w][j];
+        return s;
+      };
+      finish(p, row0, l, row_sum(l), ph.paired ? row_sum(l + R / 2) : 0.0f);
+    }
+  }
+}
+
+#endif  // !__CUDA_ARCH__ || __CUDA_ARCH__ >= 900
+
+}  // namespace kestrel::backend::cuda
