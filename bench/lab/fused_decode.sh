@@ -23,7 +23,7 @@ KESTREL_CUDA_FUSED_DECODE=1 build-gpu/bin/kestrel_tests --gtest_filter='*GpuOpsD
 echo "fused decode tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' /tmp/fd-tests.log | tr '\n' ' ')"
 grep -E 'Failure|error|expected|Which is|row |worst' /tmp/fd-tests.log | head -20
 if grep -q '^\[  FAILED  \]' /tmp/fd-tests.log; then  # where: the memory checker's first reports
-  KESTREL_CUDA_FUSED_DECODE=1 timeout 120 compute-sanitizer --tool memcheck --print-limit 5 \
+  KESTREL_CUDA_FUSED_DECODE=1 timeout 45 compute-sanitizer --tool memcheck --print-limit 5 \
     build-gpu/bin/kestrel_tests --gtest_filter='*GpuOpsDecodeLayer*' 2>&1 | grep -vE '^\[ ' | head -40
 fi
 [[ $# -gt 0 ]] && TEST_FILTER=${TEST_FILTER:-*GpuOpsMatmul*:*GpuOpsChain*} bash bench/lab/tests_only.sh "$@"
