@@ -2,14 +2,15 @@
 // (decode_layer.cu). A block's items (tiles of whole rows of the layer's matrices, phase after
 // phase: Q/K/V, output, gate/up, down) are fixed by its index, so the copy engine can be asked
 // for the next ones while the block still works on an earlier phase or waits at a grid barrier:
-// the weights depend on nothing the layer computes. Thread 0 asks for item i + stages as soon as
-// every thread has read item i (the block barrier after the item's row sums), so the ring keeps
-// `stages` items in flight across the barriers, the norms and attention.
+// the weights depend on nothing the layer computes. The first thread of the group that read item
+// i asks for item i + stages as soon as the group is done with the stage (the group's barrier
+// after the item's row sums), so the ring keeps `stages` items in flight across the barriers,
+// the norms and attention.
 //
 // Why: the first fused layer (tenth session) read its weights straight into registers, 4 blocks
 // a lane, and streamed at 1.2-2.2 TB/s (bench/NOTES.md): one block an SM keeps too few bytes in
 // flight that way, and nothing is in flight while a block waits at a barrier. The ring holds
-// ~144 KB an SM (19 MB on 132 SMs: all of the output projection while attention runs).
+// ~150 KB an SM (19 MB on 132 SMs: all of the output projection while attention runs).
 //
 // An item is R rows (paired: R / 2 rows of gate, then the same rows of up), its codes then its
 // scales contiguous in the stage (the repacked layout: one or two 1-D bulk copies each). The
