@@ -18,9 +18,11 @@ if [[ ! -s $model ]]; then
 fi
 bash bench/lab/build_gpu.sh kestrel_tests || exit 1
 bash bench/lab/build_gpu.sh kestrel || exit 1
-KESTREL_CUDA_FUSED_DECODE=1 build-gpu/bin/kestrel_tests --gtest_filter='*GpuOpsDecodeLayer*' \
-  >/tmp/fd-tests.log 2>&1
-echo "fused decode tests rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' /tmp/fd-tests.log | tr '\n' ' ')"
+# FD_ENV: more settings for the fused layer's tests, phase clock and e2e (e.g. its variant).
+read -r -a fd_env <<<"${FD_ENV:-}"
+env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" build-gpu/bin/kestrel_tests \
+  --gtest_filter='*GpuOpsDecodeLayer*' >/tmp/fd-tests.log 2>&1
+echo "fused decode tests [${FD_ENV:-}] rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' /tmp/fd-tests.log | tr '\n' ' ')"
 grep -E 'Failure|error|expected|Which is|row |worst' /tmp/fd-tests.log | head -20
 if grep -q '^\[  FAILED  \]' /tmp/fd-tests.log; then  # where: the memory checker's first reports
   KESTREL_CUDA_FUSED_DECODE=1 timeout 45 compute-sanitizer --tool memcheck --print-limit 5 \
@@ -38,10 +40,10 @@ for v in "${variants[@]}"; do
   echo "tg128 [$v] rc=$?: $(python3 -c 'import json,sys; r=json.load(open("/tmp/fd-bench.json"))[-1]; print(round(r["avg_ts"],1), "+-", round(r.get("stddev_ts",0),1))' 2>&1 | tail -n 1)"
   grep -iE 'error|fail|kestrel:' /tmp/fd-bench.err | head -5
 done
-((${#variants[@]} > 1)) && KESTREL_CUDA_FUSED_DECODE=1 KESTREL_CUDA_DECODE_TIMING=1 timeout 120 build-gpu/bin/kestrel bench \
+((${#variants[@]} > 1)) && env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" KESTREL_CUDA_DECODE_TIMING=1 timeout 120 build-gpu/bin/kestrel bench \
   -m "$model" -p 0 -n 64 -r 1 2>&1 | grep -E '^decode_layer timing|^[A-F][0-9+A-F]* |^phase'
 # End to end: the runs whose every token is a decode step, against the numpy reference.
-((${#variants[@]} > 1)) && KESTREL_CUDA_FUSED_DECODE=1 timeout 110 python3 tests/e2e/test_e2e.py \
+((${#variants[@]} > 1)) && env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" timeout 110 python3 tests/e2e/test_e2e.py \
   --kestrel build-gpu/bin/kestrel --workdir /tmp/fd-e2e --kestrel-args "--backend cuda -ngl 99" \
   --jobs 8 --budget 70 --timeout 30 --only b1-ub1 2>&1 | grep -E '^  FAIL|  FAIL  |^e2e: [0-9]' | tail -n 8
 true

@@ -329,10 +329,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if (threadIdx.x == 0) {  // the first items, before anything else: weights need no input
+  if (p.ring.cp_async || threadIdx.x == 0) {  // the first items: weights need no input
     const RingSeq seq(p.phase);
     for (int s = 0; s < p.ring.stages; ++s)
-      seq.issue(p.phase, p.ring, s, ring.base_addr, ring.full);
+      seq.issue(p.phase, p.ring, s, ring.base_addr, ring.full, static_cast<int>(threadIdx.x),
+                kThreads);
+    if (p.ring.cp_async) asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
   float* x = p.x;
   const SmemActs h = smem_acts(smem, p.E);
@@ -506,6 +508,14 @@ RingPlan plan_ring(const DecodeLayer& L, size_t smem_optin) {
   plan.union_bytes =
       decode_union_bytes(L.x->cols, int64_t{a.n_head} * a.head_dim, widths[kRingDown], a.head_dim);
   RingShape& rs = plan.shape;
+  // KESTREL_CUDA_DECODE_CP_ASYNC=1: the ring filled by the groups' threads, 16 bytes each,
+  // instead of bulk copies (whose rate at one block an SM, ~10-19 GB/s an SM in every kernel
+  // that used them for decode, bounds the ring: bench/NOTES.md, twenty-second session).
+  static const bool cp_async = [] {
+    const char* e = std::getenv("KESTREL_CUDA_DECODE_CP_ASYNC");
+    return e && e[0] == '1' && e[1] == '\0';
+  }();
+  rs.cp_async = cp_async;
   rs.code_cap = static_cast<int>(code_cap);
   rs.stage_bytes = static_cast<int>((code_cap + scale_cap + 127) / 128 * 128);
   // What the kernel's static shared memory (the row sums, the barriers, the norm's) leaves.

@@ -60,6 +60,7 @@ struct RingPhase {
 
 struct RingShape {
   int stages = 0, stage_bytes = 0, code_cap = 0;  // a stage: codes (code_cap bytes), scales
+  bool cp_async = false;  // the group's threads copy 16 bytes each (else one bulk copy each)
 };
 
 // This block's items of a phase with n items (blockIdx.x, + gridDim.x, ...).
@@ -102,32 +103,50 @@ __device__ __forceinline__ uint32_t ring_scale_bytes(int rows, int nb) {
   return static_cast<uint32_t>((rows * nb * 2 + 15) & ~15);
 }
 
-// Thread 0: asks for item `item` of phase ph into stage `stage`.
+// Copies `bytes` (a multiple of 16) from global src to shared dst: one bulk copy completing on
+// the barrier at `bar` (thread l == 0), or 16 bytes a thread l of n (cp.async: the caller
+// commits, waits and meets its group).
+__device__ __forceinline__ void ring_copy(const RingShape& rs, uint32_t dst, const uint8_t* src,
+                                          uint32_t bytes, uint32_t bar, int l, int n) {
+  if (!rs.cp_async) {
+    ring_bulk_load(dst, src, bytes, bar);
+    return;
+  }
+  for (uint32_t c = l; c < bytes / 16; c += n)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + 16 * c),
+                 "l"(src + 16 * c)
+                 : "memory");
+}
+
+// Asks for item `item` of phase ph into stage `stage`: thread l of n (bulk copies: l == 0 only).
 __device__ void ring_issue(const RingPhase& ph, const RingShape& rs, int item, int stage,
-                           uint32_t ring, uint32_t full) {
+                           uint32_t ring, uint32_t full, int l, int n) {
   int64_t row0;
   const int p = ring_part(ph, item, row0);
   const uint32_t dst = ring + stage * rs.stage_bytes, bar = full + 8 * stage;
   const int halves = ph.paired ? 2 : 1;
-  uint32_t total = 0;
-  for (int h = 0; h < halves; ++h) {
-    const RingMatrix m = ring_matrix(ph, ph.paired ? h : p);
-    const int rows = static_cast<int>(min(int64_t{ph.copy_rows}, m.n_out - row0));
-    total += ring_code_bytes(m, rows, ph.nb) + ring_scale_bytes(rows, ph.nb);
+  if (!rs.cp_async) {
+    uint32_t total = 0;
+    for (int h = 0; h < halves; ++h) {
+      const RingMatrix m = ring_matrix(ph, ph.paired ? h : p);
+      const int rows = static_cast<int>(min(int64_t{ph.copy_rows}, m.n_out - row0));
+      total += ring_code_bytes(m, rows, ph.nb) + ring_scale_bytes(rows, ph.nb);
+    }
+    barrier_expect(bar, static_cast<int>(total));
   }
-  barrier_expect(bar, static_cast<int>(total));
   for (int h = 0; h < halves; ++h) {
     const RingMatrix m = ring_matrix(ph, ph.paired ? h : p);
     const int rows = static_cast<int>(min(int64_t{ph.copy_rows}, m.n_out - row0));
     const int64_t code_row = ph.nb * (m.q8 ? 32 : 16);
-    ring_bulk_load(dst + h * ph.copy_rows * code_row, m.qs + row0 * code_row,
-                   ring_code_bytes(m, rows, ph.nb), bar);
-    ring_bulk_load(dst + rs.code_cap + h * ph.copy_rows * ph.nb * 2, m.d + row0 * ph.nb,
-                   ring_scale_bytes(rows, ph.nb), bar);
+    ring_copy(rs, dst + h * ph.copy_rows * code_row, m.qs + row0 * code_row,
+              ring_code_bytes(m, rows, ph.nb), bar, l, n);
+    ring_copy(rs, dst + rs.code_cap + h * ph.copy_rows * ph.nb * 2,
+              reinterpret_cast<const uint8_t*>(m.d + row0 * ph.nb), ring_scale_bytes(rows, ph.nb),
+              bar, l, n);
   }
 }
 
-// The block's item sequence over the layer's phases: seq -> (phase, item). Thread 0 only.
+// The block's item sequence over the layer's phases: seq -> (phase, item).
 struct RingSeq {
   int count[kRingPhases];  // this block's items of each phase
   int total;
@@ -138,16 +157,16 @@ struct RingSeq {
       total += count[i];
     }
   }
-  // Asks for item seq of the sequence (if there is one) into its stage.
+  // Asks for item seq of the sequence (if there is one) into its stage: thread l of n.
   __device__ void issue(const RingPhase (&ph)[kRingPhases], const RingShape& rs, int seq,
-                        uint32_t ring, uint32_t full) const {
+                        uint32_t ring, uint32_t full, int l = 0, int n = 1) const {
     if (seq >= total) return;
     int k = seq;
 #pragma unroll
     for (int i = 0; i < kRingPhases; ++i) {
       if (k < count[i]) {
         ring_issue(ph[i], rs, static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x),
-                   seq % rs.stages, ring, full);
+                   seq % rs.stages, ring, full, l, n);
         return;
       }
       k -= count[i];
@@ -167,6 +186,27 @@ __device__ __forceinline__ float ring_term(const uint8_t* c, float dw, const int
     w[4 * v] = q.x, w[4 * v + 1] = q.y, w[4 * v + 2] = q.z, w[4 * v + 3] = q.w;
   }
   return block_term<T>(w, dw, a1, a2, am);
+}
+
+// Waits until at most n of the thread's cp.async groups are pending (n: 0, 1, 3, 7 or 15).
+__device__ __forceinline__ void ring_cp_async_wait(int n) {
+  switch (n) {
+    case 1:
+      asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+      break;
+    case 3:
+      asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+      break;
+    case 7:
+      asm volatile("cp.async.wait_group 7;\n" ::: "memory");
+      break;
+    case 15:
+      asm volatile("cp.async.wait_group 15;\n" ::: "memory");
+      break;
+    default:
+      asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+      break;
+  }
 }
 
 // The block's ring: its stages in shared memory, their barriers, and the next item to read.
@@ -191,6 +231,14 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
   const int g = t / ph.gsize, l = t % ph.gsize, warp = t / 32, lane = t % 32;
   const int n = ring_mine(ph.n_items()), first_seq = ring.seq;
   ring.seq += n;  // every thread: the sequence after this phase
+  const bool cp_async = ring.shape.cp_async;
+  // cp.async: the items asked for before this phase (by other threads) have landed and are seen.
+  // A group then waits for its own copies: those of round r were asked for at round r - depth.
+  const int depth = ring.shape.stages / ph.groups;
+  if (cp_async) {
+    ring_cp_async_wait(0);
+    __syncthreads();
+  }
   if (g >= ph.groups) return;
   int a1[kRingMaxKpt][8] = {}, a2[kRingMaxKpt][8] = {};
   ActBlock am[kRingMaxKpt] = {};
@@ -206,7 +254,12 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
   const int warps = ph.gsize / 32, w0 = g * warps;
   for (int k = g, round = 0; k < n; k += ph.groups, ++round) {
     const int seq = first_seq + k, stage = seq % ring.shape.stages;
-    barrier_wait(ring.full + 8 * stage, (seq / ring.shape.stages) & 1);
+    if (!cp_async) {
+      barrier_wait(ring.full + 8 * stage, (seq / ring.shape.stages) & 1);
+    } else if (round >= depth) {
+      ring_cp_async_wait(depth - 1);
+      asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(ph.gsize) : "memory");
+    }
     const int item = static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x);
     int64_t row0;
     const int p = ring_part(ph, item, row0);
@@ -233,7 +286,13 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
     }
     // The group has read the stage and written its sums.
     asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(ph.gsize) : "memory");
-    if (l == 0) seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full);
+    if (cp_async) {  // every thread commits a group, empty or not, so the counts stay in step
+      seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full, l,
+                   ph.gsize);
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+    } else if (l == 0) {
+      seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full);
+    }
     if (l < (ph.paired ? R / 2 : R)) {
       const auto row_sum = [&](int j) {  // the group's warps in a fixed order
         float s = 0.0f;
