@@ -469,6 +469,9 @@ if ((TESTS)); then
     # KESTREL_CUDA_FUSED_DECODE=1): its own suite against the op sequence, and the ops it replaces.
     gpu_test_stage gpu-tests-fused-decode '*GpuOpsDecodeLayer*:*GpuOpsChain*:*GpuOpsAttention*' \
       gtest-gpu-fused-decode.xml KESTREL_CUDA_FUSED_DECODE=1
+    # Its ring filled by cp.async from the threads instead of bulk copies (decode_ring.cuh).
+    gpu_test_stage gpu-tests-fused-decode-cp-async '*GpuOpsDecodeLayer*' \
+      gtest-gpu-fused-decode-cp-async.xml KESTREL_CUDA_FUSED_DECODE=1 KESTREL_CUDA_DECODE_CP_ASYNC=1
     # RoPE and the KV store as two launches (KESTREL_CUDA_NO_FUSED_ROPE_KV=1; by default one).
     gpu_test_stage gpu-tests-no-fused-rope-kv '*GpuOpsAttention*:*GpuOpsChain*:*GpuOpsElementwise*Rope*' \
       gtest-gpu-no-fused-rope-kv.xml KESTREL_CUDA_NO_FUSED_ROPE_KV=1
