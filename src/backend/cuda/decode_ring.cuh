@@ -220,8 +220,8 @@ struct Ring {
 // Consumes the block's items of phase ph: for each item, row j's sum goes to
 // finish(item part, first row, j, sum of row j, sum of row j + R / 2) in thread j < R (paired:
 // j < R / 2) of the group that took the item. Activations: the planes `a1p`, `a2p`, `meta` (nb
-// blocks) in shared memory. The group's first thread asks for the item `stages` ahead once the
-// group has read the stage. red: [2][16 warps][kRingMaxRows].
+// blocks) in shared memory. The group's first thread (cp.async: all its threads) asks for the
+// item `stages` ahead once the group has read the stage. red: [2][16 warps][kRingMaxRows].
 template <typename Finish>
 __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhases], Ring& ring,
                            const int8_t* a1p, const int8_t* a2p, const ActBlock* meta,
