@@ -2,8 +2,9 @@
 # One GPU call for the fused decode layer (decode_layer.cu, KESTREL_CUDA_FUSED_DECODE=1): build
 # kestrel and the tests (build-gpu, sm_90a) while llama2-7b Q4_0 is synthesized, the fused layer's
 # op tests (and TEST_FILTER's, with each of the VAR=VALUE arguments), then tg128 with and without
-# the fused layer and its phase clock (KESTREL_CUDA_DECODE_TIMING=1). Run from the repository root
-# on the GPU machine with .gpu-deps carried.
+# the fused layer and its phase clock (KESTREL_CUDA_DECODE_TIMING=1), and e2e b1-ub1 with it. Run
+# from the repository root on the GPU machine with .gpu-deps carried. FD_ENV: settings for the
+# fused layer's tests, clock and e2e; BENCH_VARIANTS: more tg128 rows (VAR=VALUE[,VAR=VALUE]).
 set -uo pipefail
 models=${MODELS:-/tmp/kestrel-models}
 model=$models/llama2-7b-q4_0.gguf
@@ -25,7 +26,7 @@ env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" build-gpu/bin/kestrel_tests \
 echo "fused decode tests [${FD_ENV:-}] rc=$?: $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' /tmp/fd-tests.log | tr '\n' ' ')"
 grep -E 'Failure|error|expected|Which is|row |worst' /tmp/fd-tests.log | head -20
 if grep -q '^\[  FAILED  \]' /tmp/fd-tests.log; then  # where: the memory checker's first reports
-  KESTREL_CUDA_FUSED_DECODE=1 timeout 45 compute-sanitizer --tool memcheck --print-limit 5 \
+  env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" timeout 45 compute-sanitizer --tool memcheck --print-limit 5 \
     build-gpu/bin/kestrel_tests --gtest_filter='*GpuOpsDecodeLayer*' 2>&1 | grep -vE '^\[ ' | head -40
 fi
 [[ $# -gt 0 ]] && TEST_FILTER=${TEST_FILTER:-*GpuOpsMatmul*:*GpuOpsChain*} bash bench/lab/tests_only.sh "$@"
