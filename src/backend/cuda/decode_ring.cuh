@@ -83,17 +83,6 @@ __device__ __forceinline__ RingMatrix ring_matrix(const RingPhase& ph, int p) {
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 
-// The copy engine brings `bytes` (a multiple of 16) from global src to shared dst, completing on
-// the barrier at `bar`.
-__device__ __forceinline__ void ring_bulk_load(uint32_t dst, const void* src, uint32_t bytes,
-                                               uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(dst),
-      "l"(src), "r"(bytes), "r"(bar)
-      : "memory");
-}
-
 // The bytes of `rows` rows of m from row0: codes, and scales rounded up to 16 (the copy's unit;
 // the scales of a weight are followed by more memory of the same allocation or its padding).
 __device__ __forceinline__ uint32_t ring_code_bytes(const RingMatrix& m, int rows, int nb) {
@@ -109,7 +98,7 @@ __device__ __forceinline__ uint32_t ring_scale_bytes(int rows, int nb) {
 __device__ __forceinline__ void ring_copy(const RingShape& rs, uint32_t dst, const uint8_t* src,
                                           uint32_t bytes, uint32_t bar, int l, int n) {
   if (!rs.cp_async) {
-    ring_bulk_load(dst, src, bytes, bar);
+    bulk_load(dst, src, bytes, bar);
     return;
   }
   for (uint32_t c = l; c < bytes / 16; c += n)

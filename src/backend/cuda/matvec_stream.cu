@@ -74,17 +74,6 @@ struct MatvecStreamArgs {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
-// The copy engine brings `bytes` (a multiple of 16) from global src to shared dst, completing on
-// the barrier at `bar`.
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
-                                          uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(dst),
-      "l"(src), "r"(bytes), "r"(bar)
-      : "memory");
-}
-
 // The part of tile `tile` and its first row in that part.
 __device__ __forceinline__ int part_of_tile(const MatvecStreamArgs& a, int tile, int rows,
                                             int64_t& row0) {

@@ -39,6 +39,17 @@ __device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
+// The copy engine brings `bytes` (a multiple of 16) from global src to shared dst, completing on
+// the barrier at `bar`.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
+                                          uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
 // The box of `map` at (c0, c1) (c0 along the contiguous dimension) into shared memory at dst,
 // completing on `bar`.
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, int c0, int c1,
