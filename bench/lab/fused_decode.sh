@@ -41,8 +41,16 @@ for v in "${variants[@]}"; do
   echo "tg128 [$v] rc=$?: $(python3 -c 'import json,sys; r=json.load(open("/tmp/fd-bench.json"))[-1]; print(round(r["avg_ts"],1), "+-", round(r.get("stddev_ts",0),1))' 2>&1 | tail -n 1)"
   grep -iE 'error|fail|kestrel:' /tmp/fd-bench.err | head -5
 done
-((${#variants[@]} > 1)) && env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" KESTREL_CUDA_DECODE_TIMING=1 timeout 120 build-gpu/bin/kestrel bench \
-  -m "$model" -p 0 -n 64 -r 1 2>&1 | grep -E '^decode_layer timing|^[A-F][0-9+A-F]* |^phase'
+# The phase clock with the defaults, then with FD_ENV when it is set.
+clocks=("")
+[[ -n ${FD_ENV:-} ]] && clocks+=("${FD_ENV}")
+for c in "${clocks[@]}"; do
+  ((${#variants[@]} > 1)) || break
+  read -r -a c_env <<<"$c"
+  echo "phase clock [$c]:"
+  env KESTREL_CUDA_FUSED_DECODE=1 "${c_env[@]}" KESTREL_CUDA_DECODE_TIMING=1 timeout 120 build-gpu/bin/kestrel bench \
+    -m "$model" -p 0 -n 64 -r 1 2>&1 | grep -E '^decode_layer timing|^[A-F][0-9+A-F]* |^phase'
+done
 # End to end: the runs whose every token is a decode step, against the numpy reference.
 ((${#variants[@]} > 1)) && env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" timeout 110 python3 tests/e2e/test_e2e.py \
   --kestrel build-gpu/bin/kestrel --workdir /tmp/fd-e2e --kestrel-args "--backend cuda -ngl 99" \

@@ -177,6 +177,12 @@ __device__ __forceinline__ float ring_term(const uint8_t* c, float dw, const int
   return block_term<T>(w, dw, a1, a2, am);
 }
 
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Waits until at most n of the thread's cp.async groups are pending (n: 0, 1, 3, 7 or 15).
 __device__ __forceinline__ void ring_cp_async_wait(int n) {
   switch (n) {
@@ -211,10 +217,12 @@ struct Ring {
 // j < R / 2) of the group that took the item. Activations: the planes `a1p`, `a2p`, `meta` (nb
 // blocks) in shared memory. The group's first thread (cp.async: all its threads) asks for the
 // item `stages` ahead once the group has read the stage. red: [2][16 warps][kRingMaxRows].
+// waited (the phase clock's, or null): the time the groups' first threads spent waiting for
+// their stages (ns, summed), which tells a ring the copies hold back from consumers that do.
 template <typename Finish>
 __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhases], Ring& ring,
                            const int8_t* a1p, const int8_t* a2p, const ActBlock* meta,
-                           float (*red)[kRingMaxRows], Finish finish) {
+                           float (*red)[kRingMaxRows], unsigned long long* waited, Finish finish) {
   constexpr int kWarps = 16;  // decode_layer_kernel's 512 threads
   const int nb = ph.nb, R = ph.rows, t = static_cast<int>(threadIdx.x);
   const int g = t / ph.gsize, l = t % ph.gsize, warp = t / 32, lane = t % 32;
@@ -243,12 +251,14 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
   const int warps = ph.gsize / 32, w0 = g * warps;
   for (int k = g, round = 0; k < n; k += ph.groups, ++round) {
     const int seq = first_seq + k, stage = seq % ring.shape.stages;
+    const unsigned long long t0 = waited && l == 0 ? global_ns() : 0;
     if (!cp_async) {
       barrier_wait(ring.full + 8 * stage, (seq / ring.shape.stages) & 1);
     } else if (round >= depth) {
       ring_cp_async_wait(depth - 1);
       asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(ph.gsize) : "memory");
     }
+    if (waited && l == 0) atomicAdd(waited, global_ns() - t0);
     const int item = static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x);
     int64_t row0;
     const int p = ring_part(ph, item, row0);
