@@ -615,8 +615,11 @@ void CudaBackend::print_decode_timing() const {
   }
 }
 
-bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
-  if (!fused_decode_ || !decode_barrier_ || !L.x || !L.x->data) return false;
+namespace {
+
+// Whether the layer's weights, shapes and cache are ones the kernel takes.
+bool decode_layer_shapes_fit(const DecodeLayer& L) {
+  if (!L.x || !L.x->data) return false;
   const CudaWeight *wq = quant_weight(L.wq), *wk = quant_weight(L.wk), *wv = quant_weight(L.wv),
                    *wo = quant_weight(L.wo), *wg = quant_weight(L.w_gate),
                    *wu = quant_weight(L.w_up), *wd = quant_weight(L.w_down);
@@ -649,12 +652,26 @@ bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
   for (const CudaWeight* w : {wq, wk, wv, wo, wg, wu, wd})
     if ((reinterpret_cast<uintptr_t>(w->qs) | reinterpret_cast<uintptr_t>(w->d)) % 16 != 0)
       return false;
-  return plan_ring(L, smem_optin_).shape.stages > 0;
+  return true;
+}
+
+// The layer's ring; stages == 0 when the layer cannot run as one kernel. Planned once a call of
+// fuses_decode_layer and of decode_layer (host integer work; once a recording under graphs).
+RingPlan plan_decode_layer(const DecodeLayer& L, size_t smem_optin) {
+  return decode_layer_shapes_fit(L) ? plan_ring(L, smem_optin) : RingPlan{};
+}
+
+}  // namespace
+
+bool CudaBackend::fuses_decode_layer(const DecodeLayer& L) const {
+  return fused_decode_ && decode_barrier_ && plan_decode_layer(L, smem_optin_).shape.stages > 0;
 }
 
 Status CudaBackend::decode_layer(const DecodeLayer& L) {
   forget_activations();
-  if (!fuses_decode_layer(L))
+  const RingPlan plan =
+      fused_decode_ && decode_barrier_ ? plan_decode_layer(L, smem_optin_) : RingPlan{};
+  if (plan.shape.stages == 0)
     return error("decode_layer: this layer's weights, shapes or cache cannot run as one kernel");
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(&L.pos, 1));
   const AttentionParams& a = L.attn;
@@ -669,7 +686,6 @@ Status CudaBackend::decode_layer(const DecodeLayer& L) {
   p.eps = L.rms_eps;
   p.E = L.x->cols;
   p.F = L.w_gate->n_out;
-  const RingPlan plan = plan_ring(L, smem_optin_);
   std::copy(plan.phase, plan.phase + kRingPhases, p.phase);
   p.ring = plan.shape;
   p.ring_offset = static_cast<int>(plan.union_bytes);
