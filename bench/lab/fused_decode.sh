@@ -49,7 +49,7 @@ for c in "${clocks[@]}"; do
   read -r -a c_env <<<"$c"
   echo "phase clock [$c]:"
   env KESTREL_CUDA_FUSED_DECODE=1 "${c_env[@]}" KESTREL_CUDA_DECODE_TIMING=1 timeout 120 build-gpu/bin/kestrel bench \
-    -m "$model" -p 0 -n 64 -r 1 2>&1 | grep -E '^decode_layer timing|^[A-F][0-9+A-F]* |^phase'
+    -m "$model" -p 0 -n 64 -r 1 2>&1 | grep -E '^decode_layer timing|^[A-F][0-9+A-F]* |^phase|^ring'
 done
 # End to end: the runs whose every token is a decode step, against the numpy reference.
 ((${#variants[@]} > 1)) && env KESTREL_CUDA_FUSED_DECODE=1 "${fd_env[@]}" timeout 110 python3 tests/e2e/test_e2e.py \

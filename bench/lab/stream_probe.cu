@@ -156,6 +156,7 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDevice(&dev));
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  smem_optin -= 1024;  // the kernels' static shared memory
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, dev));
   uint8_t* buf = nullptr;

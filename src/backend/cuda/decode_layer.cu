@@ -81,11 +81,10 @@ struct DecodeParams {
 };
 
 // The phase clock's sums (PhaseClock below): [kPhases][2], the launches and their blocks, then
-// the ring's waits of each ring phase (B, D, E, F).
+// ring_phase's step clock of each ring phase (B, D, E, F).
 constexpr int kBarriers = 5, kPhases = kBarriers + 1;
-constexpr int kWaitSlots = 2 * kPhases + 2;
-constexpr int kTimingSlots = kWaitSlots + kRingPhases;
-constexpr int kRingClockPhase[kRingPhases] = {0, 3, 4, 5};  // the clock phase of each ring phase
+constexpr int kRingSlots = 2 * kPhases + 2;
+constexpr int kTimingSlots = kRingSlots + kRingClockSlots * kRingPhases;
 
 // The device code below needs sm_90 (decode_ring.cuh); for older devices the kernel is empty
 // and decode_layer_available() says no.
@@ -113,9 +112,13 @@ struct PhaseClock {
   unsigned long long* acc;
   unsigned long long start = 0;
   int phase = 0;
-  __device__ static unsigned long long now() { return global_ns(); }
-  __device__ unsigned long long* waited(RingPhaseId ph) const {
-    return acc ? acc + kWaitSlots + ph : nullptr;
+  __device__ static unsigned long long now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+  }
+  __device__ unsigned long long* ring(RingPhaseId ph) const {  // ring_phase's step clock
+    return acc ? acc + kRingSlots + kRingClockSlots * ph : nullptr;
   }
   __device__ explicit PhaseClock(unsigned long long* a) : acc(a) {
     if (acc && threadIdx.x == 0) start = now();
@@ -342,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SmemActs h = smem_acts(smem, p.E);
   norm_to_planes(x, p.proj, p.attn_norm, p.E, p.eps, h);  // A
   const RingPhase& qkv = p.phase[kRingQkv];
-  ring_phase(qkv, p.phase, ring, h.q1, h.q2, h.meta, red, clock.waited(kRingQkv),  // B
+  ring_phase(qkv, p.phase, ring, h.q1, h.q2, h.meta, red, clock.ring(kRingQkv),  // B
              [&](int part, int64_t row0, int j, float s, float) {
                const RingMatrix m = ring_matrix(qkv, part);
                if (const int64_t r = row0 + j; r < m.n_out)
@@ -358,18 +361,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto add_to_x = [&](int, int64_t row0, int j, float s, float) {
     if (const int64_t r = row0 + j; r < p.E) x[r] += s;
   };
-  ring_phase(p.phase[kRingOut], p.phase, ring, att.q1, att.q2, att.meta, red,
-             clock.waited(kRingOut), add_to_x);
+  ring_phase(p.phase[kRingOut], p.phase, ring, att.q1, att.q2, att.meta, red, clock.ring(kRingOut),
+             add_to_x);
   grid_barrier(p.barrier, clock);
   norm_to_planes(x, nullptr, p.ffn_norm, p.E, p.eps, h);  // E
-  ring_phase(p.phase[kRingGateUp], p.phase, ring, h.q1, h.q2, h.meta, red,
-             clock.waited(kRingGateUp), [&](int, int64_t row0, int j, float g, float u) {
+  ring_phase(p.phase[kRingGateUp], p.phase, ring, h.q1, h.q2, h.meta, red, clock.ring(kRingGateUp),
+             [&](int, int64_t row0, int j, float g, float u) {
                if (const int64_t r = row0 + j; r < p.F) p.hf[r] = silu_times(g, u);
              });
   grid_barrier(p.barrier, clock);
   const SmemActs hf = smem_acts(smem, p.F);
   values_to_planes(p.hf, p.F, hf);  // F
-  ring_phase(p.phase[kRingDown], p.phase, ring, hf.q1, hf.q2, hf.meta, red, clock.waited(kRingDown),
+  ring_phase(p.phase[kRingDown], p.phase, ring, hf.q1, hf.q2, hf.meta, red, clock.ring(kRingDown),
              add_to_x);
   prefetch_items(p.next_qkv, p.ring.stages);  // the next layer's first ring fill, from L2
   grid_exit(p.barrier, clock);
@@ -599,19 +602,25 @@ void CudaBackend::print_decode_timing() const {
                                               "E norm, gate/up", "F down projection"};
   std::fprintf(stderr,
                "decode_layer timing (KESTREL_CUDA_DECODE_TIMING=1): %.0f launches of %.0f "
-               "blocks\n%-22s %14s %16s %22s\n",
-               launches, blocks / launches, "phase", "wall us/layer", "busy us/block",
-               "ring wait us/block");
+               "blocks\n%-22s %14s %16s\n",
+               launches, blocks / launches, "phase", "wall us/layer", "busy us/block");
   for (int i = 0; i < kPhases; ++i) {
-    const double busy = static_cast<double>(acc[2 * i + 1]) / blocks / 1e3;
-    double wait = -1;  // summed over the block's groups (each waits for its own stages)
-    for (int r = 0; r < kRingPhases; ++r)
-      if (kRingClockPhase[r] == i) wait = static_cast<double>(acc[kWaitSlots + r]) / blocks / 1e3;
-    char wall[32] = "-", waits[32] = "-";
-    if (i + 1 < kPhases)  // no barrier after F: its wall time is the slowest block's busy time
+    char wall[32] = "-";  // no barrier after F: its wall time is the slowest block's busy time
+    if (i + 1 < kPhases)
       std::snprintf(wall, sizeof(wall), "%.2f", static_cast<double>(acc[2 * i]) / launches / 1e3);
-    if (wait >= 0) std::snprintf(waits, sizeof(waits), "%.2f", wait);
-    std::fprintf(stderr, "%-22s %14s %16.2f %22s\n", kNames[i], wall, busy, waits);
+    std::fprintf(stderr, "%-22s %14s %16.2f\n", kNames[i], wall,
+                 static_cast<double>(acc[2 * i + 1]) / blocks / 1e3);
+  }
+  // ring_phase's steps, measured by each group's first thread (SM cycles an item).
+  static const char* const kRingNames[kRingPhases] = {"B", "D", "E", "F"};
+  std::fprintf(stderr, "ring phase: items/block, then SM cycles an item: %s\n",
+               "wait for stage, sums, group barrier, ask next, finish rows");
+  for (int r = 0; r < kRingPhases; ++r) {
+    const unsigned long long* c = acc + kRingSlots + kRingClockSlots * r;
+    const double items = static_cast<double>(std::max(c[0], 1ull));
+    std::fprintf(stderr, "ring %s %8.2f %8.0f %8.0f %8.0f %8.0f %8.0f\n", kRingNames[r],
+                 static_cast<double>(c[0]) / blocks, c[1] / items, c[2] / items, c[3] / items,
+                 c[4] / items, c[5] / items);
   }
 }
 

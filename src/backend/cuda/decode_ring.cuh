@@ -29,10 +29,11 @@
 namespace kestrel::backend::cuda {
 
 constexpr int kRingMaxStages = 16;
-constexpr int kRingMaxRows = 8;    // rows of an item (a thread's sums)
-constexpr int kRingMaxGroups = 8;  // named barriers 1..8
-constexpr int kRingMaxKpt = 2;     // quant blocks of a row a thread takes
-constexpr int kRingPhases = 4;     // Q/K/V, output, gate/up, down
+constexpr int kRingMaxRows = 8;     // rows of an item (a thread's sums)
+constexpr int kRingMaxGroups = 8;   // named barriers 1..8
+constexpr int kRingMaxKpt = 2;      // quant blocks of a row a thread takes
+constexpr int kRingPhases = 4;      // Q/K/V, output, gate/up, down
+constexpr int kRingClockSlots = 6;  // ring_phase's clock: items, then the cycles of 5 steps
 enum RingPhaseId { kRingQkv = 0, kRingOut = 1, kRingGateUp = 2, kRingDown = 3 };
 
 struct RingMatrix {
@@ -177,12 +178,6 @@ __device__ __forceinline__ float ring_term(const uint8_t* c, float dw, const int
   return block_term<T>(w, dw, a1, a2, am);
 }
 
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 // Waits until at most n of the thread's cp.async groups are pending (n: 0, 1, 3, 7 or 15).
 __device__ __forceinline__ void ring_cp_async_wait(int n) {
   switch (n) {
@@ -217,12 +212,14 @@ struct Ring {
 // j < R / 2) of the group that took the item. Activations: the planes `a1p`, `a2p`, `meta` (nb
 // blocks) in shared memory. The group's first thread (cp.async: all its threads) asks for the
 // item `stages` ahead once the group has read the stage. red: [2][16 warps][kRingMaxRows].
-// waited (the phase clock's, or null): the time the groups' first threads spent waiting for
-// their stages (ns, summed), which tells a ring the copies hold back from consumers that do.
+// clock (the phase clock's, or null): [kRingClockSlots] sums over the groups' first threads: the
+// items, then the SM cycles of their steps (waiting for the stage, the sums, the group's
+// barrier, asking for the next item, finishing the rows), which tell a ring the copies hold
+// back from consumers that do.
 template <typename Finish>
 __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhases], Ring& ring,
                            const int8_t* a1p, const int8_t* a2p, const ActBlock* meta,
-                           float (*red)[kRingMaxRows], unsigned long long* waited, Finish finish) {
+                           float (*red)[kRingMaxRows], unsigned long long* clock, Finish finish) {
   constexpr int kWarps = 16;  // decode_layer_kernel's 512 threads
   const int nb = ph.nb, R = ph.rows, t = static_cast<int>(threadIdx.x);
   const int g = t / ph.gsize, l = t % ph.gsize, warp = t / 32, lane = t % 32;
@@ -249,16 +246,25 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
   }
   const RingSeq seq_of(all);
   const int warps = ph.gsize / 32, w0 = g * warps;
+  const bool timed = clock && l == 0;
+  long long steps[kRingClockSlots] = {}, c0 = 0;
+  const auto lap = [&](int slot) {  // the step just done, in SM cycles
+    if (!timed) return;
+    const long long c = clock64();
+    if (slot > 0) steps[slot] += c - c0;
+    c0 = c;
+  };
   for (int k = g, round = 0; k < n; k += ph.groups, ++round) {
     const int seq = first_seq + k, stage = seq % ring.shape.stages;
-    const unsigned long long t0 = waited && l == 0 ? global_ns() : 0;
+    lap(0);
+    ++steps[0];
     if (!cp_async) {
       barrier_wait(ring.full + 8 * stage, (seq / ring.shape.stages) & 1);
     } else if (round >= depth) {
       ring_cp_async_wait(depth - 1);
       asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(ph.gsize) : "memory");
     }
-    if (waited && l == 0) atomicAdd(waited, global_ns() - t0);
+    lap(1);
     const int item = static_cast<int>(blockIdx.x) + k * static_cast<int>(gridDim.x);
     int64_t row0;
     const int p = ring_part(ph, item, row0);
@@ -283,8 +289,10 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
       v = warp_sum(v);
       if (lane == 0) slot[warp][j] = v;
     }
+    lap(2);
     // The group has read the stage and written its sums.
     asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(ph.gsize) : "memory");
+    lap(3);
     if (cp_async) {  // every thread commits a group, empty or not, so the counts stay in step
       seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full, l,
                    ph.gsize);
@@ -292,6 +300,7 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
     } else if (l == 0) {
       seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full);
     }
+    lap(4);
     if (l < (ph.paired ? R / 2 : R)) {
       const auto row_sum = [&](int j) {  // the group's warps in a fixed order
         float s = 0.0f;
@@ -300,7 +309,11 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
       };
       finish(p, row0, l, row_sum(l), ph.paired ? row_sum(l + R / 2) : 0.0f);
     }
+    lap(5);
   }
+  if (timed)
+    for (int i = 0; i < kRingClockSlots; ++i)
+      atomicAdd(clock + i, static_cast<unsigned long long>(steps[i]));
 }
 
 #endif  // !__CUDA_ARCH__ || __CUDA_ARCH__ >= 900
