@@ -183,8 +183,8 @@ __device__ __forceinline__ float4 residual4(const float* x, const float* proj, i
 
 // Phase A / E: rms_norm(x (+ proj)) * g of E values into the block's planes, as rms_norm_kernel
 // computes it (f32 squares per thread and warp, the total and the scale in double).
-__device__ void norm_to_planes(const float* x, const float* proj, const float* g, int64_t E,
-                               float eps, const SmemActs& a) {
+__device__ __noinline__ void norm_to_planes(const float* x, const float* proj, const float* g,
+                                            int64_t E, float eps, const SmemActs& a) {
   __shared__ float red[kWarps];
   __shared__ float inv;
   const int nv = static_cast<int>(E / 4), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -326,6 +326,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) uint8_t smem[];  // planes / attention, then the ring
   __shared__ float red[2 * kWarps][kRingMaxRows];   // ring_phase's row sums, two items in turn
   __shared__ __align__(8) unsigned long long bars[kRingMaxStages];
+  // The ring's phases in shared memory: ring_phase (not inlined) reads them through pointers,
+  // which would otherwise be generic loads of the kernel's parameters.
+  __shared__ RingPhase ph[kRingPhases];
+  if (threadIdx.x < kRingPhases) ph[threadIdx.x] = p.phase[threadIdx.x];
   const int64_t q_dim = int64_t{p.n_head} * p.D;
   PhaseClock clock(p.timing);
   Ring ring{smem + p.ring_offset, smem_addr(smem + p.ring_offset), smem_addr(bars), p.ring};
@@ -335,22 +339,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   if (p.ring.cp_async || threadIdx.x == 0) {  // the first items: weights need no input
-    const RingSeq seq(p.phase);
+    const RingSeq seq(ph);
     for (int s = 0; s < p.ring.stages; ++s)
-      seq.issue(p.phase, p.ring, s, ring.base_addr, ring.full, static_cast<int>(threadIdx.x),
-                kThreads);
+      seq.issue(ph, p.ring, s, ring.base_addr, ring.full, static_cast<int>(threadIdx.x), kThreads);
     if (p.ring.cp_async) asm volatile("cp.async.commit_group;\n" ::: "memory");
   }
   float* x = p.x;
   const SmemActs h = smem_acts(smem, p.E);
-  norm_to_planes(x, p.proj, p.attn_norm, p.E, p.eps, h);  // A
-  const RingPhase& qkv = p.phase[kRingQkv];
-  ring_phase(qkv, p.phase, ring, h.q1, h.q2, h.meta, red, clock.ring(kRingQkv),  // B
-             [&](int part, int64_t row0, int j, float s, float) {
-               const RingMatrix m = ring_matrix(qkv, part);
-               if (const int64_t r = row0 + j; r < m.n_out)
-                 m.out[r] = s + (m.bias ? m.bias[r] : 0.0f);
-             });
+  norm_to_planes(x, p.proj, p.attn_norm, p.E, p.eps, h);                             // A
+  ring_phase(ph[kRingQkv], ph, ring, h.q1, h.q2, h.meta, red, clock.ring(kRingQkv),  // B
+             {RingFinish::kStore, nullptr, 0});
   grid_barrier(p.barrier, clock);
   store_phase<CT>(p);  // C1
   grid_barrier(p.barrier, clock);
@@ -358,22 +356,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   grid_barrier(p.barrier, clock);
   const SmemActs att = smem_acts(smem, q_dim);
   copy_planes(p.att_in, q_dim, att);  // D
-  const auto add_to_x = [&](int, int64_t row0, int j, float s, float) {
-    if (const int64_t r = row0 + j; r < p.E) x[r] += s;
-  };
-  ring_phase(p.phase[kRingOut], p.phase, ring, att.q1, att.q2, att.meta, red, clock.ring(kRingOut),
-             add_to_x);
+  ring_phase(ph[kRingOut], ph, ring, att.q1, att.q2, att.meta, red, clock.ring(kRingOut),
+             {RingFinish::kAddTo, x, p.E});
   grid_barrier(p.barrier, clock);
   norm_to_planes(x, nullptr, p.ffn_norm, p.E, p.eps, h);  // E
-  ring_phase(p.phase[kRingGateUp], p.phase, ring, h.q1, h.q2, h.meta, red, clock.ring(kRingGateUp),
-             [&](int, int64_t row0, int j, float g, float u) {
-               if (const int64_t r = row0 + j; r < p.F) p.hf[r] = silu_times(g, u);
-             });
+  ring_phase(ph[kRingGateUp], ph, ring, h.q1, h.q2, h.meta, red, clock.ring(kRingGateUp),
+             {RingFinish::kSwiglu, p.hf, p.F});
   grid_barrier(p.barrier, clock);
   const SmemActs hf = smem_acts(smem, p.F);
   values_to_planes(p.hf, p.F, hf);  // F
-  ring_phase(p.phase[kRingDown], p.phase, ring, hf.q1, hf.q2, hf.meta, red, clock.ring(kRingDown),
-             add_to_x);
+  ring_phase(ph[kRingDown], ph, ring, hf.q1, hf.q2, hf.meta, red, clock.ring(kRingDown),
+             {RingFinish::kAddTo, x, p.E});
   prefetch_items(p.next_qkv, p.ring.stages);  // the next layer's first ring fill, from L2
   grid_exit(p.barrier, clock);
 #endif

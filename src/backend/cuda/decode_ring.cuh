@@ -23,6 +23,7 @@
 // op sequence (bench/NOTES.md, twenty-second session).
 #pragma once
 
+#include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/matvec_device.cuh"
 #include "backend/cuda/wgmma_ops.cuh"
 
@@ -109,8 +110,8 @@ __device__ __forceinline__ void ring_copy(const RingShape& rs, uint32_t dst, con
 }
 
 // Asks for item `item` of phase ph into stage `stage`: thread l of n (bulk copies: l == 0 only).
-__device__ void ring_issue(const RingPhase& ph, const RingShape& rs, int item, int stage,
-                           uint32_t ring, uint32_t full, int l, int n) {
+__device__ __noinline__ void ring_issue(const RingPhase& ph, const RingShape& rs, int item,
+                                        int stage, uint32_t ring, uint32_t full, int l, int n) {
   int64_t row0;
   const int p = ring_part(ph, item, row0);
   const uint32_t dst = ring + stage * rs.stage_bytes, bar = full + 8 * stage;
@@ -207,19 +208,42 @@ struct Ring {
   int seq = 0;  // the next item of the block's sequence to read
 };
 
-// Consumes the block's items of phase ph: for each item, row j's sum goes to
-// finish(item part, first row, j, sum of row j, sum of row j + R / 2) in thread j < R (paired:
-// j < R / 2) of the group that took the item. Activations: the planes `a1p`, `a2p`, `meta` (nb
-// blocks) in shared memory. The group's first thread (cp.async: all its threads) asks for the
-// item `stages` ahead once the group has read the stage. red: [2][16 warps][kRingMaxRows].
-// clock (the phase clock's, or null): [kRingClockSlots] sums over the groups' first threads: the
-// items, then the SM cycles of their steps (waiting for the stage, the sums, the group's
-// barrier, asking for the next item, finishing the rows), which tell a ring the copies hold
+// What a group does with an item's row sums (ring_phase's finish): one function for every phase,
+// so that the kernel holds one copy of ring_phase (a copy a call site made the kernel 285 KB of
+// code, which the instruction cache could not hold: bench/NOTES.md, twenty-third session).
+enum class RingFinish { kStore, kAddTo, kSwiglu };
+struct RingOut {
+  RingFinish kind;
+  float* dst;  // kAddTo: the residual; kSwiglu: silu(gate) * up (kStore: the part's out)
+  int64_t n;   // dst's length (kAddTo, kSwiglu)
+};
+
+// Row r of the phase's part p is done: sum s (and u, gate/up's up row).
+__device__ __forceinline__ void ring_finish(const RingPhase& ph, const RingOut& out, int p,
+                                            int64_t r, float s, float u) {
+  if (out.kind == RingFinish::kStore) {
+    const RingMatrix m = ring_matrix(ph, p);
+    if (r < m.n_out) m.out[r] = s + (m.bias ? m.bias[r] : 0.0f);
+  } else if (r < out.n) {
+    if (out.kind == RingFinish::kAddTo)
+      out.dst[r] += s;
+    else
+      out.dst[r] = silu_times(s, u);
+  }
+}
+
+// Consumes the block's items of phase ph: for each item, thread j < R (paired: j < R / 2) of the
+// group that took it finishes row j (ring_finish: out says how). Activations: the planes `a1p`,
+// `a2p`, `meta` (nb blocks) in shared memory. The group's first thread (cp.async: all its threads)
+// asks for the item `stages` ahead once the group has read the stage. red: [2][16
+// warps][kRingMaxRows]. clock (the phase clock's, or null): [kRingClockSlots] sums over the groups'
+// first threads: the items, then the SM cycles of their steps (waiting for the stage, the sums, the
+// group's barrier, asking for the next item, finishing the rows), which tell a ring the copies hold
 // back from consumers that do.
-template <typename Finish>
-__device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhases], Ring& ring,
-                           const int8_t* a1p, const int8_t* a2p, const ActBlock* meta,
-                           float (*red)[kRingMaxRows], unsigned long long* clock, Finish finish) {
+__device__ __noinline__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhases],
+                                        Ring& ring, const int8_t* a1p, const int8_t* a2p,
+                                        const ActBlock* meta, float (*red)[kRingMaxRows],
+                                        unsigned long long* clock, RingOut out) {
   constexpr int kWarps = 16;  // decode_layer_kernel's 512 threads
   const int nb = ph.nb, R = ph.rows, t = static_cast<int>(threadIdx.x);
   const int g = t / ph.gsize, l = t % ph.gsize, warp = t / 32, lane = t % 32;
@@ -272,9 +296,8 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
     const uint8_t* codes = ring.base + stage * ring.shape.stage_bytes;
     const __half* scales = reinterpret_cast<const __half*>(codes + ring.shape.code_cap);
     float(*slot)[kRingMaxRows] = red + (round & 1) * kWarps;
-#pragma unroll
-    for (int j = 0; j < kRingMaxRows; ++j) {
-      if (j >= R) break;
+#pragma unroll 1
+    for (int j = 0; j < R; ++j) {
       float v = 0.0f;
 #pragma unroll
       for (int i = 0; i < kRingMaxKpt; ++i) {
@@ -307,7 +330,7 @@ __device__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhas
         for (int w = w0; w < w0 + warps; ++w) s += slot[w][j];
         return s;
       };
-      finish(p, row0, l, row_sum(l), ph.paired ? row_sum(l + R / 2) : 0.0f);
+      ring_finish(ph, out, p, row0 + l, row_sum(l), ph.paired ? row_sum(l + R / 2) : 0.0f);
     }
     lap(5);
   }
