@@ -21,7 +21,9 @@ namespace kestrel::backend::cuda {
 constexpr int kRowsThreads = 512, kRowsMaxDim = 256;
 // Keys whose scores fit the shared memory of attention_rows_block.
 constexpr int64_t kRowsMaxKeys = 8192;
-template <quant::DType KT, quant::DType VT, int kTB, class QAt>
+// kKeyUnroll: keys of the P.V loop unrolled (the fused decode layer takes 1: its kernel must stay
+// small enough for the instruction cache; the same sums in the same order either way).
+template <quant::DType KT, quant::DType VT, int kTB, class QAt, int kKeyUnroll = 4>
 __device__ __forceinline__ void attention_rows_block(int h, int t0, const QAt& q_at, int n_tokens,
                                                      const int32_t* pos, const uint8_t* kc,
                                                      int64_t k_row_bytes, const uint8_t* vc,
@@ -132,7 +134,7 @@ __device__ __forceinline__ void attention_rows_block(int h, int t0, const QAt& q
   for (int tb = 0; tb < kTB; ++tb)
 #pragma unroll
     for (int j = 0; j < kRowsMaxDim / 32; ++j) acc[tb][j] = 0.0f;
-#pragma unroll 4
+#pragma unroll kKeyUnroll
   for (int64_t k = warp; k < n_kv; k += kWarps) {
 #pragma unroll
     for (int j = 0; j < kRowsMaxDim / 32; ++j) {

@@ -310,9 +310,9 @@ __device__ void attention_phase(const DecodeParams& p, float* smem) {
       rope_sincos(pos, p.rope.inv_freq[i], sn, cn);
       return rope_rotate(qh[i0], qh[i1], sn, cn, d == i0);
     };
-    attention_rows_block<CT, CT, 1>(h, 0, q_at, 1, p.pos, p.k_cache, p.k_row_bytes, p.v_cache,
-                                    p.v_row_bytes, p.n_head, p.n_head / p.n_head_kv, D,
-                                    kRowsMaxKeys, p.scale, p.att, p.att_in, smem);
+    attention_rows_block<CT, CT, 1, decltype(q_at), 1>(
+        h, 0, q_at, 1, p.pos, p.k_cache, p.k_row_bytes, p.v_cache, p.v_row_bytes, p.n_head,
+        p.n_head / p.n_head_kv, D, kRowsMaxKeys, p.scale, p.att, p.att_in, smem);
     __syncthreads();  // the next head reuses the shared memory
   }
 }
