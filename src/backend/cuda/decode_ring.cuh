@@ -218,18 +218,57 @@ struct RingOut {
   int64_t n;   // dst's length (kAddTo, kSwiglu)
 };
 
-// Row r of the phase's part p is done: sum s (and u, gate/up's up row).
+// Row r of the phase's part p is done: sum s (and u, gate/up's up row); old: dst[r] read before
+// the item's sums (kAddTo), so that the finishing thread does not wait for it.
 __device__ __forceinline__ void ring_finish(const RingPhase& ph, const RingOut& out, int p,
-                                            int64_t r, float s, float u) {
+                                            int64_t r, float s, float u, float old) {
   if (out.kind == RingFinish::kStore) {
     const RingMatrix m = ring_matrix(ph, p);
     if (r < m.n_out) m.out[r] = s + (m.bias ? m.bias[r] : 0.0f);
   } else if (r < out.n) {
-    if (out.kind == RingFinish::kAddTo)
-      out.dst[r] += s;
-    else
-      out.dst[r] = silu_times(s, u);
+    out.dst[r] = out.kind == RingFinish::kAddTo ? old + s : silu_times(s, u);
   }
+}
+
+// The item's row sums of this thread's quant blocks (rows j >= R left 0): the rows unrolled, so
+// that their loads and dp4a chains overlap.
+template <quant::DType T>
+__device__ __forceinline__ void ring_item_terms(const uint8_t* codes, const __half* scales,
+                                                const RingPhase& ph, int l,
+                                                const int (&a1)[kRingMaxKpt][8],
+                                                const int (&a2)[kRingMaxKpt][8],
+                                                const ActBlock (&am)[kRingMaxKpt],
+                                                float (&v)[kRingMaxRows]) {
+  constexpr int kBytes = T == quant::DType::Q8_0 ? 32 : 16;
+#pragma unroll
+  for (int j = 0; j < kRingMaxRows; ++j) {
+    v[j] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kRingMaxKpt; ++i) {
+      const int kb = l + i * ph.gsize;
+      if (j < ph.rows && i < ph.kpt && kb < ph.nb) {
+        const int e = j * ph.nb + kb;
+        v[j] += ring_term<T>(codes + kBytes * e, __half2float(scales[e]), a1[i], a2[i], am[i]);
+      }
+    }
+  }
+}
+
+// The warp's sums of 8 values a lane: 9 shuffles, not 8 x 5. Each step a lane keeps half of its
+// values and adds its partner's other half; lane l ends with the sum of value
+// 4 (l >> 4 & 1) + 2 (l >> 3 & 1) + (l >> 2 & 1).
+__device__ __forceinline__ float warp_sum8(const float (&v)[8], int lane) {
+  const bool h16 = lane & 16, h8 = lane & 8, h4 = lane & 4;
+  float a[4], b[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    a[i] = (h16 ? v[i + 4] : v[i]) + __shfl_xor_sync(0xffffffffu, h16 ? v[i] : v[i + 4], 16);
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+    b[i] = (h8 ? a[i + 2] : a[i]) + __shfl_xor_sync(0xffffffffu, h8 ? a[i] : a[i + 2], 8);
+  float c = (h4 ? b[1] : b[0]) + __shfl_xor_sync(0xffffffffu, h4 ? b[0] : b[1], 4);
+  c += __shfl_xor_sync(0xffffffffu, c, 2);
+  return c + __shfl_xor_sync(0xffffffffu, c, 1);
 }
 
 // Consumes the block's items of phase ph: for each item, thread j < R (paired: j < R / 2) of the
@@ -246,6 +285,7 @@ __device__ __noinline__ void ring_phase(const RingPhase& ph, const RingPhase (&a
                                         unsigned long long* clock, RingOut out) {
   constexpr int kWarps = 16;  // decode_layer_kernel's 512 threads
   const int nb = ph.nb, R = ph.rows, t = static_cast<int>(threadIdx.x);
+  const int fin_rows = ph.paired ? R / 2 : R;  // rows a group's item finishes
   const int g = t / ph.gsize, l = t % ph.gsize, warp = t / 32, lane = t % 32;
   const int n = ring_mine(ph.n_items()), first_seq = ring.seq;
   ring.seq += n;  // every thread: the sequence after this phase
@@ -296,22 +336,17 @@ __device__ __noinline__ void ring_phase(const RingPhase& ph, const RingPhase (&a
     const uint8_t* codes = ring.base + stage * ring.shape.stage_bytes;
     const __half* scales = reinterpret_cast<const __half*>(codes + ring.shape.code_cap);
     float(*slot)[kRingMaxRows] = red + (round & 1) * kWarps;
-#pragma unroll 1
-    for (int j = 0; j < R; ++j) {
-      float v = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kRingMaxKpt; ++i) {
-        const int kb = l + i * ph.gsize;
-        if (i < ph.kpt && kb < nb) {
-          const int e = j * nb + kb;
-          const float dw = __half2float(scales[e]);
-          v += q8 ? ring_term<quant::DType::Q8_0>(codes + 32 * e, dw, a1[i], a2[i], am[i])
-                  : ring_term<quant::DType::Q4_0>(codes + 16 * e, dw, a1[i], a2[i], am[i]);
-        }
-      }
-      v = warp_sum(v);
-      if (lane == 0) slot[warp][j] = v;
-    }
+    float old = 0.0f;  // the finishing thread's row of x, asked for before the sums
+    if (out.kind == RingFinish::kAddTo && l < fin_rows && row0 + l < out.n) old = out.dst[row0 + l];
+    float v[kRingMaxRows];
+    if (q8)
+      ring_item_terms<quant::DType::Q8_0>(codes, scales, ph, l, a1, a2, am, v);
+    else
+      ring_item_terms<quant::DType::Q4_0>(codes, scales, ph, l, a1, a2, am, v);
+    const float sum = warp_sum8(v, lane);
+    if (const int j = 4 * (lane >> 4 & 1) + 2 * (lane >> 3 & 1) + (lane >> 2 & 1);
+        lane % 4 == 0 && j < R)
+      slot[warp][j] = sum;
     lap(2);
     // The group has read the stage and written its sums.
     asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(ph.gsize) : "memory");
@@ -320,17 +355,17 @@ __device__ __noinline__ void ring_phase(const RingPhase& ph, const RingPhase (&a
       seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full, l,
                    ph.gsize);
       asm volatile("cp.async.commit_group;\n" ::: "memory");
-    } else if (l == 0) {
+    } else if (l == 32) {  // the group's second warp; the first finishes the rows meanwhile
       seq_of.issue(all, ring.shape, seq + ring.shape.stages, ring.base_addr, ring.full);
     }
     lap(4);
-    if (l < (ph.paired ? R / 2 : R)) {
+    if (l < fin_rows) {
       const auto row_sum = [&](int j) {  // the group's warps in a fixed order
         float s = 0.0f;
         for (int w = w0; w < w0 + warps; ++w) s += slot[w][j];
         return s;
       };
-      ring_finish(ph, out, p, row0 + l, row_sum(l), ph.paired ? row_sum(l + R / 2) : 0.0f);
+      ring_finish(ph, out, p, row0 + l, row_sum(l), ph.paired ? row_sum(l + R / 2) : 0.0f, old);
     }
     lap(5);
   }
