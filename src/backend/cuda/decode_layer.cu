@@ -338,11 +338,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if (p.ring.cp_async || threadIdx.x == 0) {  // the first items: weights need no input
-    const RingSeq seq(ph);
+  // The first items (weights need no input): bulk copies a thread a stage, so that the norm
+  // does not wait for one thread asking for all of them; cp.async: every thread a part of each.
+  const RingSeq seq(ph);
+  if (p.ring.cp_async) {
     for (int s = 0; s < p.ring.stages; ++s)
       seq.issue(ph, p.ring, s, ring.base_addr, ring.full, static_cast<int>(threadIdx.x), kThreads);
-    if (p.ring.cp_async) asm volatile("cp.async.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  } else if (static_cast<int>(threadIdx.x) < p.ring.stages) {
+    seq.issue(ph, p.ring, static_cast<int>(threadIdx.x), ring.base_addr, ring.full);
   }
   float* x = p.x;
   const SmemActs h = smem_acts(smem, p.E);
