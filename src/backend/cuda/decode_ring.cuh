@@ -2,7 +2,7 @@
 // (decode_layer.cu). A block's items (tiles of whole rows of the layer's matrices, phase after
 // phase: Q/K/V, output, gate/up, down) are fixed by its index, so the copy engine can be asked
 // for the next ones while the block still works on an earlier phase or waits at a grid barrier:
-// the weights depend on nothing the layer computes. The first thread of the group that read item
+// the weights depend on nothing the layer computes. A thread of the group that read item
 // i asks for item i + stages as soon as the group is done with the stage (the group's barrier
 // after the item's row sums), so the ring keeps `stages` items in flight across the barriers,
 // the norms and attention.
@@ -272,12 +272,13 @@ __device__ __forceinline__ float warp_sum8(const float (&v)[8], int lane) {
 }
 
 // Consumes the block's items of phase ph: for each item, thread j < R (paired: j < R / 2) of the
-// group that took it finishes row j (ring_finish: out says how). Activations: the planes `a1p`,
-// `a2p`, `meta` (nb blocks) in shared memory. The group's first thread (cp.async: all its threads)
-// asks for the item `stages` ahead once the group has read the stage. red: [2][16
-// warps][kRingMaxRows]. clock (the phase clock's, or null): [kRingClockSlots] sums over the groups'
-// first threads: the items, then the SM cycles of their steps (waiting for the stage, the sums, the
-// group's barrier, asking for the next item, finishing the rows), which tell a ring the copies hold
+// group that took it finishes row j (ring_finish: out says how), while the first thread of the
+// group's second warp (cp.async: all its threads) asks for the item `stages` ahead, once the
+// group has read the stage. Activations: the planes `a1p`, `a2p`, `meta` (nb blocks) in shared
+// memory. red: [2][16 warps][kRingMaxRows]. clock (the phase clock's, or null):
+// [kRingClockSlots] sums over the groups' first threads: the items, then the SM cycles of their
+// steps (waiting for the stage, the sums, the group's barrier, asking for the next item (bulk
+// copies: the second warp's, so ~0 here), finishing the rows), which tell a ring the copies hold
 // back from consumers that do.
 __device__ __noinline__ void ring_phase(const RingPhase& ph, const RingPhase (&all)[kRingPhases],
                                         Ring& ring, const int8_t* a1p, const int8_t* a2p,
