@@ -50,26 +50,31 @@ __global__ void ldg_kernel(const int4* src, int64_t n16, int* sink) {
   if (acc == 0x7fffffff) *sink = acc;  // keeps the loads
 }
 
+// One thread's ring of `stages` stages (barriers at bars): asks for items 0..stages-1, then for
+// each item k waits for it and asks for k + stages (issue(k, stage) starts item k's copies).
+template <class Issue>
+__device__ void run_ring(uint32_t bars, int stages, int64_t mine, Issue issue) {
+  for (int s = 0; s < stages; ++s) barrier_init(bars + 8 * s, 1);
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  for (int64_t k = 0; k < min(int64_t{stages}, mine); ++k) issue(k, static_cast<int>(k % stages));
+  for (int64_t k = 0; k < mine; ++k) {
+    barrier_wait(bars + 8 * (k % stages), static_cast<uint32_t>((k / stages) & 1));
+    if (k + stages < mine) issue(k + stages, static_cast<int>(k % stages));
+  }
+}
+
 // Chunks b, b + grid, ... of `chunk` bytes through `stages` stages; thread 0 asks and waits.
 __global__ void bulk_kernel(const uint8_t* src, int64_t n_chunks, int chunk, int stages) {
   extern __shared__ __align__(128) uint8_t ring[];
   __shared__ __align__(8) unsigned long long full[kMaxStages];
   if (threadIdx.x != 0) return;
   const uint32_t base = smem_addr(ring), bars = smem_addr(full);
-  for (int s = 0; s < stages; ++s) barrier_init(bars + 8 * s, 1);
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   const int64_t g = gridDim.x;
-  int64_t mine = n_chunks > blockIdx.x ? (n_chunks - 1 - blockIdx.x) / g + 1 : 0;
-  const auto issue = [&](int64_t k) {
-    const int s = static_cast<int>(k % stages);
+  const int64_t mine = n_chunks > blockIdx.x ? (n_chunks - 1 - blockIdx.x) / g + 1 : 0;
+  run_ring(bars, stages, mine, [&](int64_t k, int s) {
     barrier_expect(bars + 8 * s, chunk);
     bulk_load(base + s * chunk, src + (blockIdx.x + k * g) * chunk, chunk, bars + 8 * s);
-  };
-  for (int64_t k = 0; k < min(int64_t{stages}, mine); ++k) issue(k);
-  for (int64_t k = 0; k < mine; ++k) {
-    barrier_wait(bars + 8 * (k % stages), static_cast<uint32_t>((k / stages) & 1));
-    if (k + stages < mine) issue(k + stages);
-  }
+  });
 }
 
 // The same ring filled by every thread's 16-byte cp.async, a commit group a chunk.
@@ -101,27 +106,19 @@ __global__ void box_kernel(const __grid_constant__ CUtensorMap map, int64_t row_
   __shared__ __align__(8) unsigned long long full[kMaxStages];
   if (threadIdx.x != 0) return;
   const uint32_t base = smem_addr(ring), bars = smem_addr(full);
-  for (int s = 0; s < stages; ++s) barrier_init(bars + 8 * s, 1);
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   const int steps = row_bytes / (box_w * boxes);
   const int box_bytes = 64 * box_w, stage_bytes = box_bytes * boxes;
   const int64_t per = (row_groups + gridDim.x - 1) / gridDim.x;
   const int64_t g0 = blockIdx.x * per, g1 = min(row_groups, g0 + per);
   const int64_t mine = g1 > g0 ? (g1 - g0) * steps : 0;
-  const auto issue = [&](int64_t k) {
-    const int s = static_cast<int>(k % stages);
+  run_ring(bars, stages, mine, [&](int64_t k, int s) {
     const int64_t rg = g0 + k / steps;
     const int step = static_cast<int>(k % steps);
     barrier_expect(bars + 8 * s, stage_bytes);
     for (int b = 0; b < boxes; ++b)
       tma_load(base + s * stage_bytes + b * box_bytes, map, (step * boxes + b) * box_w,
                static_cast<int>(rg * 64), bars + 8 * s);
-  };
-  for (int64_t k = 0; k < min(int64_t{stages}, mine); ++k) issue(k);
-  for (int64_t k = 0; k < mine; ++k) {
-    barrier_wait(bars + 8 * (k % stages), static_cast<uint32_t>((k / stages) & 1));
-    if (k + stages < mine) issue(k + stages);
-  }
+  });
 }
 
 struct Timer {
