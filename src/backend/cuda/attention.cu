@@ -333,7 +333,7 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
     KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals, arrival_counters(H, kAttnArrivals));
     KESTREL_ASSIGN_OR_RETURN(void* partials,
                              scratch(kAttnSplit, attention_split_scratch_bytes(p, splits)));
-    if (mode_ == Mode::Stage) return Status::ok();
+    if (mode_ == Mode::Stage || lab_skips("attention")) return Status::ok();
     if (tc16)
       return launch_attention_tc16(static_cast<const float*>(q.data), n_tokens, pos_dev, k_cache,
                                    v_cache, p, splits, arrivals, partials,

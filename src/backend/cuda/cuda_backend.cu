@@ -501,7 +501,7 @@ Status CudaBackend::rms_norm(const Tensor& x, int n_tokens, const Tensor& weight
   forget_activations();
   KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
                            fused_matmul_input(static_cast<float*>(out.data), n_tokens, out.cols));
-  if (mode_ == Mode::Stage) return Status::ok();
+  if (mode_ == Mode::Stage || lab_skips("norm")) return Status::ok();
   return launch_rms_norm(static_cast<float*>(x.data), nullptr, n_tokens, x.cols,
                          static_cast<const float*>(weight.data), eps, static_cast<float*>(out.data),
                          also, stream_);
@@ -513,7 +513,7 @@ Status CudaBackend::add_rms_norm(Tensor& x, const Tensor& y, int n_tokens, const
   forget_activations();
   KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
                            fused_matmul_input(static_cast<float*>(out.data), n_tokens, out.cols));
-  if (mode_ == Mode::Stage) return Status::ok();
+  if (mode_ == Mode::Stage || lab_skips("norm")) return Status::ok();
   return launch_rms_norm(static_cast<float*>(x.data), static_cast<const float*>(y.data), n_tokens,
                          x.cols, static_cast<const float*>(weight.data), eps,
                          static_cast<float*>(out.data), also, stream_);
@@ -544,7 +544,7 @@ Status CudaBackend::swiglu(const Tensor& gate, const Tensor& up, int n_tokens, T
   forget_activations();
   KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
                            fused_matmul_input(static_cast<float*>(out.data), n_tokens, out.cols));
-  if (mode_ == Mode::Stage) return Status::ok();
+  if (mode_ == Mode::Stage || lab_skips("swiglu")) return Status::ok();
   return launch_swiglu(static_cast<const float*>(gate.data), static_cast<const float*>(up.data),
                        static_cast<int64_t>(n_tokens) * gate.cols, static_cast<float*>(out.data),
                        also, swiglu4_, stream_);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #include "core/status.h"
@@ -95,6 +96,20 @@ inline bool chained_launches() {
     return dependent_launches() && !(e && e[0] == '0' && e[1] == '\0');
   }();
   return on;
+}
+
+// Lab switch, never for real use: KESTREL_CUDA_LAB_SKIP=norm,rope,attention,swiglu,matmul (or +
+// between) makes the named ops launch nothing (their outputs keep whatever they held), so that a
+// tg128 or seed row shows what those ops cost inside the recorded graph, gaps included. Results are
+// wrong.
+inline bool lab_skips(const char* op) {
+  static const char* list = std::getenv("KESTREL_CUDA_LAB_SKIP");
+  if (!list) return false;
+  const size_t n = std::strlen(op);
+  for (const char* p = list; (p = std::strstr(p, op)) != nullptr; p += n)
+    if ((p == list || p[-1] == ',' || p[-1] == '+') && (p[n] == ',' || p[n] == '+' || !p[n]))
+      return true;
+  return false;
 }
 
 // Launches kernel<<<grid, block, smem, s>>>(args...), as a programmatic dependent launch when

@@ -325,6 +325,7 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
 
 Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held,
                                 const MatvecPart* parts, int n_parts) {
+  if (lab_skips("matmul")) return Status::ok();
   KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(x, n_tokens, n_in, held));
   if (stream16_) {
     const Stream16Plan plan = stream16_plan(parts, n_parts, n_tokens, sm_count_, smem_optin_);
@@ -348,6 +349,7 @@ Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool
                                 const MatvecPart* parts, int n_parts) {
   KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, n_in)));
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
+  if (lab_skips("matmul")) return Status::ok();
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
   if (matvec_stream_ && n_tokens == 1 && matvec_stream_takes(*parts[0].w, smem_optin_)) {
     KESTREL_ASSIGN_OR_RETURN(unsigned* counters, matvec_stream_counters());

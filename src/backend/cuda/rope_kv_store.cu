@@ -207,7 +207,7 @@ Status CudaBackend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_t
   if (n_tokens <= 0) return Status::ok();
   KESTREL_TRY(check_cache_positions(positions, n_tokens, std::min(k_cache.rows, v_cache.rows)));
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos, upload_ints(positions, n_tokens));
-  if (mode_ == Mode::Stage) return Status::ok();
+  if (mode_ == Mode::Stage || lab_skips("rope")) return Status::ok();
   // More than 16 tokens (prompt chunks) on the rows kernel; decode and the seed's micro-batches
   // keep the block per (token, head), measured faster there.
   const bool rows = n_tokens > 16 && rows_fit(D) && rows_rope_kv_;
