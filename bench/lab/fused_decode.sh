@@ -6,17 +6,7 @@
 # from the repository root on the GPU machine with .gpu-deps carried. FD_ENV: settings for the
 # fused layer's tests, clock and e2e; BENCH_VARIANTS: more tg128 rows (VAR=VALUE[,VAR=VALUE]).
 set -uo pipefail
-models=${MODELS:-/tmp/kestrel-models}
-model=$models/llama2-7b-q4_0.gguf
-mkdir -p "$models"
-if ! python3 -c 'import gguf' 2>/dev/null; then  # as gpu-check.sh: the carried wheel
-  python3 -m zipfile -e "$(find .gpu-deps/wheels -name 'gguf-*.whl' | head -n 1)" /tmp/gguf-site
-  export PYTHONPATH=/tmp/gguf-site${PYTHONPATH:+:$PYTHONPATH}
-fi
-if [[ ! -s $model ]]; then
-  (python3 scripts/synth_gguf.py --out "$model.tmp" --shape llama2-7b --type q4_0 \
-    --scale-range 0.002,0.02 >/tmp/synth.log 2>&1 && mv "$model.tmp" "$model") &
-fi
+source bench/lab/synth_model.sh  # sets model; synthesizes it in the background
 bash bench/lab/build_gpu.sh kestrel_tests || exit 1
 bash bench/lab/build_gpu.sh kestrel || exit 1
 # FD_ENV: more settings for the fused layer's tests, phase clock and e2e (e.g. its variant).

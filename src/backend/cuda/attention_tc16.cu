@@ -26,6 +26,9 @@
 // enters as hi + lo parts against V's exact codes. An f16 cache enters as it is.
 #include <cuda_pipeline_primitives.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/attention_frag.cuh"
 #include "backend/cuda/attention_merge.cuh"
@@ -83,6 +86,7 @@ struct Tc16Args {
   unsigned* arrivals;
   float* out;
   MatmulInputOut also;
+  int warp_subs;  // sub-tiles a warp takes before another split gets keys (tc16_warp_subs)
 };
 
 // Rows r0 .. r0 + 15 of KV head kvh (its slice of each cache row) into dst (row stride
@@ -270,7 +274,8 @@ __global__ void __launch_bounds__(kThreads) attention_tc16_kernel(const Tc16Args
   const int lane_pos = warp_positions(a.pos, nt, n_kv);  // token `lane`'s position, -1 past nt
   const int n_sub = (n_kv + kSub - 1) / kSub;
   // Splits with work (the grid is sized for the longest cache; a replayed graph meets shorter).
-  const int splits = min(static_cast<int>(gridDim.y), (n_sub + kWarps - 1) / kWarps);
+  const int per_split = kWarps * a.warp_subs;
+  const int splits = min(static_cast<int>(gridDim.y), (n_sub + per_split - 1) / per_split);
   if (split >= splits) return;
 
   // Q's A fragments: a[0] = (row g, dims 2c, 2c+1), a[1] = row g + 8, a[2] / a[3] dims + 8.
@@ -377,6 +382,17 @@ __global__ void __launch_bounds__(kThreads) attention_tc16_kernel(const Tc16Args
                                                         reinterpret_cast<float*>(qfrag), D);
 }
 
+// Sub-tiles of 16 keys a warp takes before the keys are split over another block (whose partial
+// then costs a merge: a write, an arrival and the last block's read of every split's partial).
+// KESTREL_CUDA_TC16_WARP_SUBS=N (1-64); 1, a sub-tile a warp, was the only choice before.
+int tc16_warp_subs() {
+  static const int n = [] {
+    const char* e = std::getenv("KESTREL_CUDA_TC16_WARP_SUBS");
+    return e ? std::clamp(std::atoi(e), 1, 64) : 1;
+  }();
+  return n;
+}
+
 template <DType KT, DType VT, int D>
 Status launch_typed(const Tc16Args& a, int splits, cudaStream_t s) {
   constexpr size_t smem = tc16_smem_bytes<KT, VT, D>();
@@ -432,7 +448,8 @@ Status launch_attention_tc16(const float* q, int n_tokens, const int32_t* pos, c
                    ml,
                    arrivals,
                    out,
-                   also};
+                   also,
+                   tc16_warp_subs()};
   Status st = Status::ok();
   with_cache_types(kc.type, vc.type, [&](auto types) {
     using T = decltype(types);
