@@ -315,6 +315,20 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
+  if (att_decode_ && attention_decode_fits(p, n_tokens, k_cache, v_cache)) {
+    KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
+    KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
+                             fused_matmul_input(static_cast<float*>(out.data), n_tokens, q_dim));
+    // The grid by the cache's rows, not by this step's keys: a recorded step serves them all.
+    const int splits = attention_decode_splits(std::min(k_cache.rows, v_cache.rows));
+    KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals, arrival_counters(H, kAttnArrivals));
+    KESTREL_ASSIGN_OR_RETURN(void* partials,
+                             scratch(kAttnSplit, attention_decode_scratch_bytes(p, splits)));
+    if (mode_ == Mode::Stage || lab_skips("attention")) return Status::ok();
+    return launch_attention_decode(static_cast<const float*>(q.data), pos_dev, k_cache, v_cache, p,
+                                   splits, arrivals, partials, static_cast<float*>(out.data), also,
+                                   stream_);
+  }
   // (The split-key kernel is opt-in: where it was asked for, it goes before tc16.)
   const bool split = n_tokens >= att_split_min_tokens_ && attention_split_fits(p, n_tokens);
   const bool tc16 = !split && n_tokens >= att_tc16_min_tokens_ &&

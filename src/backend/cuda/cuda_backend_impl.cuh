@@ -302,6 +302,9 @@ class CudaBackend final : public Backend {
   // on the rows kernel; decode steps too: tg128 on an H200 462 against 427);
   // KESTREL_CUDA_ATT_TC16_MIN=N sets it (17: never, the rows kernel).
   int att_tc16_min_tokens_ = 1;
+  // Decode steps (1 token) on attention_decode.cu (KESTREL_CUDA_ATT_DECODE=0: on the kernels
+  // above).
+  bool att_decode_ = true;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
@@ -559,6 +562,16 @@ Status launch_attention_split(const float* q, int n_tokens, const int32_t* pos, 
 // Attention of 1-16 tokens on the tensor cores straight from an f16, q8_0 or q4_0 cache, the keys
 // split among blocks (attention_tc16.cu): whether it fits (head sizes 64 and 128), the split
 // count for a device of sm_count SMs (its scratch: attention_split_scratch_bytes), the launch.
+// Attention of one token (a decode step) in f32 (attention_decode.cu): grid (KV head, splits),
+// splits by the cache's rows (attention_decode_splits), scratch for their partials.
+bool attention_decode_fits(const AttentionParams& p, int n_tokens, const Tensor& kc,
+                           const Tensor& vc);
+int attention_decode_splits(int64_t cache_rows);
+size_t attention_decode_scratch_bytes(const AttentionParams& p, int splits);
+Status launch_attention_decode(const float* q, const int32_t* pos, const Tensor& kc,
+                               const Tensor& vc, const AttentionParams& p, int splits,
+                               unsigned* arrivals, void* scratch, float* out,
+                               const MatmulInputOut& also, cudaStream_t s);
 bool attention_tc16_fits(const AttentionParams& p, int n_tokens, const Tensor& kc,
                          const Tensor& vc);
 int attention_tc16_count(const AttentionParams& p, int sm_count);
