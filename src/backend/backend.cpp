@@ -23,6 +23,14 @@ Status Backend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_token
   return kv_store(k, v, n_tokens, positions, k_cache, v_cache);
 }
 
+Status Backend::rope_kv_attention(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                                  const int32_t* positions, const RopeParams& pq,
+                                  const RopeParams& pk, Tensor& k_cache, Tensor& v_cache,
+                                  const AttentionParams& p, Tensor& out) {
+  KESTREL_TRY(rope_kv_store(q, k, v, n_tokens, positions, pq, pk, k_cache, v_cache));
+  return attention(q, n_tokens, positions, k_cache, v_cache, p, out);
+}
+
 Status Backend::swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, const Weight& w,
                               Tensor& out) {
   KESTREL_TRY(swiglu(gate, up, n_tokens, gate));

@@ -157,6 +157,18 @@ class Backend {
   virtual bool fuses_rope_kv_store(const Tensor& /*k_cache*/, const Tensor& /*v_cache*/) const {
     return false;
   }
+  // rope_kv_store, then attention of the rotated q into out: a layer's attention as one op. A
+  // backend that runs it as one says so in fuses_rope_kv_attention (the forward pass then times
+  // it as one op, "rope+kv_store+attention"); q and k may then be left unrotated (callers read
+  // neither afterwards). The default runs the two ops.
+  virtual Status rope_kv_attention(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                                   const int32_t* positions, const RopeParams& pq,
+                                   const RopeParams& pk, Tensor& k_cache, Tensor& v_cache,
+                                   const AttentionParams& p, Tensor& out);
+  virtual bool fuses_rope_kv_attention(int /*n_tokens*/, const Tensor& /*k_cache*/,
+                                       const Tensor& /*v_cache*/) const {
+    return false;
+  }
   // A decode step of a whole layer as one op: the result of the forward pass's op sequence for
   // one token (x updated in place, including the pending add; the cache row pos written), within
   // the op bounds. Called only when fuses_decode_layer says the backend takes this layer. The

@@ -242,15 +242,21 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
                                     {L.wk.get(), &s.k, bias ? &L.bk : nullptr},   // k[T][kv_dim]
                                     {L.wv.get(), &s.v, bias ? &L.bv : nullptr}};  // v[T][kv_dim]
   KESTREL_TRY(matmul_group(be, s.h, n, qkv));
-  if (be.fuses_rope_kv_store(cache.k(il), cache.v(il))) {
-    OP(be, "rope+kv_store",
-       be.rope_kv_store(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
+  if (be.fuses_rope_kv_attention(n, cache.k(il), cache.v(il))) {  // att[T][q_dim]
+    OP(be, "rope+kv_store+attention",
+       be.rope_kv_attention(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il), attn,
+                            s.att));
   } else {
-    OP(be, "rope", be.rope_qk(s.q, s.k, n, pos, rope_q, rope_k));
-    OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
+    if (be.fuses_rope_kv_store(cache.k(il), cache.v(il))) {
+      OP(be, "rope+kv_store",
+         be.rope_kv_store(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
+    } else {
+      OP(be, "rope", be.rope_qk(s.q, s.k, n, pos, rope_q, rope_k));
+      OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
+    }
+    OP(be, "attention",
+       be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));  // att[T][q_dim]
   }
-  OP(be, "attention",
-     be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));     // att[T][q_dim]
   OP(be, matmul_kind(*L.wo), be.matmul(*L.wo, s.att, n, s.proj, nullptr));  // proj[T][E]
 
   // Feed-forward block (SwiGLU). x += proj, then h = norm(x).

@@ -394,6 +394,64 @@ TEST_P(GpuOpsAttention, RopeKvStoreIsRopeThenStore) {
     }
 }
 
+// rope_kv_attention (on CUDA, a decode step's RoPE and KV store in the attention kernel's
+// prologue) is exactly rope_kv_store, then attention: the same output and cache bytes for every
+// cache type pair, both layouts, GQA and head sizes 64 and 128, over random older rows (a short
+// cache, and one of several key splits). Three tokens take the two ops on every backend.
+TEST_P(GpuOpsAttention, RopeKvAttentionIsTheOps) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  const int shapes[][3] = {{8, 2, 64}, {8, 2, 128}, {32, 32, 128}, {9, 3, 64}};
+  const std::pair<DType, DType> cache_types[] = {{DType::F16, DType::F16},
+                                                 {DType::Q8_0, DType::Q8_0},
+                                                 {DType::Q4_0, DType::Q4_0},
+                                                 {DType::Q8_0, DType::Q4_0}};
+  const std::pair<int, int> steps[] = {{1, 0}, {1, 37}, {1, 700}, {3, 20}};  // (tokens, p0)
+  for (const auto& sh : shapes)
+    for (const auto& [kt, vt] : cache_types)
+      for (const auto& [T, p0] : steps)
+        for (RopeLayout layout : {RopeLayout::Normal, RopeLayout::NeoX}) {
+          const int n_head = sh[0], n_kv = sh[1], hd = sh[2];
+          const int q_dim = n_head * hd, kv_dim = n_kv * hd, n_ctx = p0 + T + 3;
+          SCOPED_TRACE(std::to_string(n_head) + "/" + std::to_string(n_kv) + " heads of " +
+                       std::to_string(hd) + ", " + type_str(kt) + "/" + type_str(vt) + ", " +
+                       std::to_string(T) + " tokens at " + std::to_string(p0) +
+                       (layout == RopeLayout::NeoX ? " neox" : " normal"));
+          const RopeParams pq{n_head, hd, 10000.0f, layout}, pk{n_kv, hd, 10000.0f, layout};
+          const AttentionParams ap{n_head, n_kv, hd, 1.0f / std::sqrt(static_cast<float>(hd))};
+          const std::vector<float> q = randn(rng, static_cast<size_t>(T) * q_dim);
+          const std::vector<float> k = randn(rng, static_cast<size_t>(T) * kv_dim);
+          const std::vector<float> v = randn(rng, static_cast<size_t>(T) * kv_dim);
+          const std::vector<float> k_old = randn(rng, static_cast<size_t>(n_ctx) * kv_dim);
+          const std::vector<float> v_old = randn(rng, static_cast<size_t>(n_ctx) * kv_dim);
+          std::vector<int32_t> pos(T);
+          std::iota(pos.begin(), pos.end(), p0);
+          DevTensor q1(be(), T, q_dim, q), k1(be(), T, kv_dim, k), v1(be(), T, kv_dim, v);
+          DevTensor q2(be(), T, q_dim, q), k2(be(), T, kv_dim, k), v2(be(), T, kv_dim, v);
+          DevTensor kc1(be(), kt, n_ctx, kv_dim, "k_cache"), vc1(be(), vt, n_ctx, kv_dim, "v");
+          DevTensor kc2(be(), kt, n_ctx, kv_dim, "k_cache"), vc2(be(), vt, n_ctx, kv_dim, "v");
+          ASSERT_TRUE(kc1 && vc1 && kc2 && vc2);
+          const std::vector<uint8_t> kq = quantize_rows(kt, k_old, n_ctx, kv_dim);
+          const std::vector<uint8_t> vq = quantize_rows(vt, v_old, n_ctx, kv_dim);
+          for (DevTensor* c : {&kc1, &kc2})
+            ASSERT_TRUE(be().upload(**c, 0, n_ctx, kq.data()).is_ok());
+          for (DevTensor* c : {&vc1, &vc2})
+            ASSERT_TRUE(be().upload(**c, 0, n_ctx, vq.data()).is_ok());
+          DevTensor out1(be(), DType::F32, T, q_dim), out2(be(), DType::F32, T, q_dim);
+          Status s =
+              be().rope_kv_attention(*q1, *k1, *v1, T, pos.data(), pq, pk, *kc1, *vc1, ap, *out1);
+          ASSERT_TRUE(s.is_ok()) << s.message();
+          s = be().rope_kv_store(*q2, *k2, *v2, T, pos.data(), pq, pk, *kc2, *vc2);
+          ASSERT_TRUE(s.is_ok()) << s.message();
+          s = be().attention(*q2, T, pos.data(), *kc2, *vc2, ap, *out2);
+          ASSERT_TRUE(s.is_ok()) << s.message();
+          EXPECT_EQ(fetch(be(), out1), fetch(be(), out2)) << "output";
+          EXPECT_EQ(fetch_bytes(be(), kc1), fetch_bytes(be(), kc2)) << "K cache";
+          EXPECT_EQ(fetch_bytes(be(), vc1), fetch_bytes(be(), vc2)) << "V cache";
+          if (HasFailure()) return;
+        }
+}
+
 // The OpenCL backend divides the keys of a micro-batch among work-groups when its (head, 16-query)
 // work-groups are too few for the device (32 heads x 1 for micro-batches of 16 on a 132-unit GPU),
 // merging the partial softmaxes in a second kernel. PoCL's few units never ask for it, so

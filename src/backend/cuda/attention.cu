@@ -291,10 +291,9 @@ Status launch_split_f16(const float* x, int64_t n, __half* hi, __half* lo, cudaS
   return Status::ok();
 }
 
-Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
-                              const Tensor& k_cache, const Tensor& v_cache,
-                              const AttentionParams& p, Tensor& out) {
-  forget_activations();
+Status CudaBackend::check_attention_shapes(const Tensor& q, int n_tokens, const Tensor& k_cache,
+                                           const Tensor& v_cache, const AttentionParams& p,
+                                           const Tensor& out) {
   const int D = p.head_dim, H = p.n_head, Hkv = p.n_head_kv;
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0 || D % 32 != 0 || k_cache.cols != int64_t{Hkv} * D ||
       v_cache.cols != k_cache.cols || q.cols != int64_t{H} * D || out.cols != q.cols ||
@@ -304,6 +303,68 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
         "%lld / %lld or the output",
         H, Hkv, D, static_cast<long long>(q.cols), static_cast<long long>(k_cache.cols),
         static_cast<long long>(v_cache.cols));
+  return Status::ok();
+}
+
+// The decode kernel with its scratch: after attention's checks, or rope_kv_attention's.
+Status CudaBackend::decode_attention(const Tensor& q, const int32_t* positions,
+                                     const Tensor& k_cache, const Tensor& v_cache,
+                                     const AttentionParams& p, const DecodeRope& rope,
+                                     Tensor& out) {
+  const int64_t q_dim = int64_t{p.n_head} * p.head_dim;
+  KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, 1));
+  KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
+                           fused_matmul_input(static_cast<float*>(out.data), 1, q_dim));
+  // The grid by the cache's rows, not by this step's keys: a recorded step serves them all.
+  const int splits = attention_decode_splits(std::min(k_cache.rows, v_cache.rows));
+  KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals, arrival_counters(p.n_head, kAttnArrivals));
+  KESTREL_ASSIGN_OR_RETURN(void* partials,
+                           scratch(kAttnSplit, attention_decode_scratch_bytes(p, splits)));
+  if (mode_ == Mode::Stage || lab_skips("attention")) return Status::ok();
+  return launch_attention_decode(static_cast<const float*>(q.data), pos_dev, k_cache, v_cache, p,
+                                 rope, splits, arrivals, partials, static_cast<float*>(out.data),
+                                 also, stream_);
+}
+
+bool CudaBackend::fuses_rope_kv_attention(int n_tokens, const Tensor& k_cache,
+                                          const Tensor& v_cache) const {
+  return att_decode_ && rope_attention_ && n_tokens == 1 &&
+         with_cache_types(k_cache.type, v_cache.type, [](auto) {});
+}
+
+Status CudaBackend::rope_kv_attention(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                                      const int32_t* positions, const RopeParams& pq,
+                                      const RopeParams& pk, Tensor& k_cache, Tensor& v_cache,
+                                      const AttentionParams& p, Tensor& out) {
+  const int D = p.head_dim;
+  const int64_t kv_dim = int64_t{p.n_head_kv} * D;
+  const bool fits = fuses_rope_kv_attention(n_tokens, k_cache, v_cache) &&
+                    attention_decode_fits(p, n_tokens, k_cache, v_cache) && pq.head_dim == D &&
+                    pk.head_dim == D && pq.n_heads == p.n_head && pk.n_heads == p.n_head_kv &&
+                    pq.freq_base == pk.freq_base && pq.layout == pk.layout &&
+                    D <= 2 * kRopeMaxPairs && k.cols == kv_dim && v.cols == kv_dim && k.rows >= 1 &&
+                    v.rows >= 1;
+  // Anything else (and its errors) as the two ops.
+  if (!fits)
+    return Backend::rope_kv_attention(q, k, v, n_tokens, positions, pq, pk, k_cache, v_cache, p,
+                                      out);
+  forget_activations();
+  KESTREL_TRY(check_attention_shapes(q, n_tokens, k_cache, v_cache, p, out));
+  KESTREL_TRY(check_cache_positions(positions, n_tokens, std::min(k_cache.rows, v_cache.rows)));
+  DecodeRope rope;
+  rope.k_new = static_cast<const float*>(k.data);
+  rope.v_new = static_cast<const float*>(v.data);
+  rope.table = &rope_table(pq.freq_base, D);
+  rope.neox = pq.layout == RopeLayout::NeoX;
+  return decode_attention(q, positions, k_cache, v_cache, p, rope, out);
+}
+
+Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* positions,
+                              const Tensor& k_cache, const Tensor& v_cache,
+                              const AttentionParams& p, Tensor& out) {
+  forget_activations();
+  const int D = p.head_dim, H = p.n_head, Hkv = p.n_head_kv;
+  KESTREL_TRY(check_attention_shapes(q, n_tokens, k_cache, v_cache, p, out));
   if (n_tokens <= 0) return Status::ok();
   int max_pos = 0;
   for (int t = 0; t < n_tokens; ++t) {
@@ -315,20 +376,8 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
-  if (att_decode_ && attention_decode_fits(p, n_tokens, k_cache, v_cache)) {
-    KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, n_tokens));
-    KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
-                             fused_matmul_input(static_cast<float*>(out.data), n_tokens, q_dim));
-    // The grid by the cache's rows, not by this step's keys: a recorded step serves them all.
-    const int splits = attention_decode_splits(std::min(k_cache.rows, v_cache.rows));
-    KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals, arrival_counters(H, kAttnArrivals));
-    KESTREL_ASSIGN_OR_RETURN(void* partials,
-                             scratch(kAttnSplit, attention_decode_scratch_bytes(p, splits)));
-    if (mode_ == Mode::Stage || lab_skips("attention")) return Status::ok();
-    return launch_attention_decode(static_cast<const float*>(q.data), pos_dev, k_cache, v_cache, p,
-                                   splits, arrivals, partials, static_cast<float*>(out.data), also,
-                                   stream_);
-  }
+  if (att_decode_ && attention_decode_fits(p, n_tokens, k_cache, v_cache))
+    return decode_attention(q, positions, k_cache, v_cache, p, DecodeRope{}, out);
   // (The split-key kernel is opt-in: where it was asked for, it goes before tc16.)
   const bool split = n_tokens >= att_split_min_tokens_ && attention_split_fits(p, n_tokens);
   const bool tc16 = !split && n_tokens >= att_tc16_min_tokens_ &&

@@ -24,6 +24,8 @@
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/attention_merge.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
+#include "backend/cuda/kv_store_device.cuh"
+#include "backend/cuda/rope_device.cuh"
 
 namespace kestrel::backend::cuda {
 
@@ -64,7 +66,23 @@ struct DecodeAttnArgs {
   unsigned* arrivals;
   float* out;
   MatmulInputOut also;
+  // With rope: q, k_new and v_new are unrotated; the kernel rotates Q and K and stores K and V
+  // at the token's position (kc_w, vc_w: the caches) as rope_kv_store_kernel would.
+  bool rope, neox;
+  const float *k_new, *v_new;
+  uint8_t *kc_w, *vc_w;
+  RopeTable table;
 };
+
+// Element col of a cache row (quantized: the whole warp calls it, lane j holding element j of
+// a 32-element block), as the KV store writes it.
+template <DType T>
+__device__ __forceinline__ void store_cache_element(uint8_t* row, int64_t col, float x) {
+  if constexpr (T == DType::F16)
+    reinterpret_cast<__half*>(row)[col] = __float2half_rn(x);
+  else
+    store_kv_block<T>(x, static_cast<int>(col % 32), row, col / 32);
+}
 
 // Byte i of a slice held as 32-bit words (i a compile-time constant after unrolling).
 template <int N>
@@ -186,7 +204,28 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   const int64_t q_dim = int64_t{a.n_head} * D;
   const float* q = a.q + int64_t{kvh} * g * D;              // the group's heads are adjacent
   const float scale_log2 = a.scale * 1.44269504088896341f;  // exp(x) = 2^(x log2 e)
-  for (int i = t; i < g * D; i += kThreads) qs[i] = q[i] * scale_log2;
+  if (a.rope) {
+    const int p = n_kv - 1;  // the token's position: its key is the last
+    if (t < D) {             // element t of each head, rotated as rope_kv_store_kernel does
+      const int half = D / 2, i = a.neox ? t % half : t / 2;
+      const int i0 = a.neox ? i : 2 * i, i1 = a.neox ? i + half : 2 * i + 1;
+      float sn, cn;
+      rope_sincos(p, a.table.inv_freq[i], sn, cn);
+      for (int h = 0; h < g; ++h)
+        qs[h * D + t] = rope_rotate(q[h * D + i0], q[h * D + i1], sn, cn, t == i0) * scale_log2;
+      if (split == splits - 1) {  // the split holding the token's key stores its K and V rows
+        const float* kh = a.k_new + int64_t{kvh} * D;
+        const int64_t col = int64_t{kvh} * D + t;
+        store_cache_element<KT>(a.kc_w + p * a.k_row_bytes, col,
+                                rope_rotate(kh[i0], kh[i1], sn, cn, t == i0));
+        store_cache_element<VT>(a.vc_w + p * a.v_row_bytes, col, a.v_new[col]);
+        __threadfence();
+      }
+    }
+    __syncthreads();  // the stored rows before any thread reads the cache
+  } else {
+    for (int i = t; i < g * D; i += kThreads) qs[i] = q[i] * scale_log2;
+  }
 
   float m_run[kMaxGroup], l_run[kMaxGroup], o[kMaxGroup][2];
 #pragma unroll
@@ -352,8 +391,8 @@ size_t attention_decode_scratch_bytes(const AttentionParams& p, int splits) {
 }
 
 Status launch_attention_decode(const float* q, const int32_t* pos, const Tensor& kc,
-                               const Tensor& vc, const AttentionParams& p, int splits,
-                               unsigned* arrivals, void* scratch, float* out,
+                               const Tensor& vc, const AttentionParams& p, const DecodeRope& rope,
+                               int splits, unsigned* arrivals, void* scratch, float* out,
                                const MatmulInputOut& also, cudaStream_t s) {
   if (!attention_decode_fits(p, 1, kc, vc) || splits < 1 || splits > kMaxSplits)
     return error("attention (decode): %d / %d heads of %d, %d splits", p.n_head, p.n_head_kv,
@@ -361,21 +400,33 @@ Status launch_attention_decode(const float* q, const int32_t* pos, const Tensor&
   // scratch: the (max, sum) pairs, then the partial outputs.
   float2* ml = static_cast<float2*>(scratch);
   float* part = reinterpret_cast<float*>(ml + static_cast<size_t>(p.n_head) * splits);
-  const DecodeAttnArgs a{q,
-                         pos,
-                         static_cast<const uint8_t*>(kc.data),
-                         static_cast<const uint8_t*>(vc.data),
-                         static_cast<int64_t>(kc.row_bytes()),
-                         static_cast<int64_t>(vc.row_bytes()),
-                         p.n_head,
-                         p.n_head / p.n_head_kv,
-                         p.scale,
-                         decode_min_keys(),
-                         part,
-                         ml,
-                         arrivals,
-                         out,
-                         also};
+  DecodeAttnArgs a{};
+  a.q = q;
+  a.pos = pos;
+  a.kc = static_cast<const uint8_t*>(kc.data);
+  a.vc = static_cast<const uint8_t*>(vc.data);
+  a.k_row_bytes = static_cast<int64_t>(kc.row_bytes());
+  a.v_row_bytes = static_cast<int64_t>(vc.row_bytes());
+  a.n_head = p.n_head;
+  a.group = p.n_head / p.n_head_kv;
+  a.scale = p.scale;
+  a.min_keys = decode_min_keys();
+  a.part = part;
+  a.ml = ml;
+  a.arrivals = arrivals;
+  a.out = out;
+  a.also = also;
+  a.rope = rope.table != nullptr;
+  if (a.rope) {
+    if (p.head_dim > 2 * kRopeMaxPairs || !rope.k_new || !rope.v_new)
+      return error("attention (decode): RoPE of head size %d without its K and V rows", p.head_dim);
+    a.neox = rope.neox;
+    a.k_new = rope.k_new;
+    a.v_new = rope.v_new;
+    a.kc_w = static_cast<uint8_t*>(kc.data);  // (the cache tensors' data: writable memory)
+    a.vc_w = static_cast<uint8_t*>(vc.data);
+    a.table = *rope.table;
+  }
   Status st = Status::ok();
   with_cache_types(kc.type, vc.type, [&](auto types) {
     using T = decltype(types);

@@ -25,6 +25,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/rope_device.cuh"
 
 namespace kestrel::backend::cuda {
 
@@ -80,6 +81,15 @@ struct WgmmaMapCacheDeleter {
   void operator()(WgmmaMapCache* c) const;
 };
 
+// With `rope`, q, k_new and v_new are the token's unrotated Q, K and V rows: the launch rotates
+// Q and K (rope_device.cuh) and stores K and V at the token's position before it reads the cache.
+struct DecodeRope {
+  const float* k_new = nullptr;
+  const float* v_new = nullptr;
+  const RopeTable* table = nullptr;  // nullptr: q is rotated and the cache row stored already
+  bool neox = false;
+};
+
 // A weight on the device. Q4_0 and Q8_0 are repacked into separate arrays of quants (16-byte
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
 class CudaBackend;
@@ -131,7 +141,20 @@ class CudaBackend final : public Backend {
                        const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
                        Tensor& k_cache, Tensor& v_cache) override;
   bool fuses_rope_kv_store(const Tensor& k_cache, const Tensor& v_cache) const override;
+  // attention_decode.cu with RoPE and the KV store in its prologue (decode steps).
+  Status rope_kv_attention(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
+                           const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
+                           Tensor& k_cache, Tensor& v_cache, const AttentionParams& p,
+                           Tensor& out) override;
+  bool fuses_rope_kv_attention(int n_tokens, const Tensor& k_cache,
+                               const Tensor& v_cache) const override;
   // An error naming the first of positions[0, n_tokens) outside a cache of cache_rows rows.
+  Status decode_attention(const Tensor& q, const int32_t* positions, const Tensor& k_cache,
+                          const Tensor& v_cache, const AttentionParams& p, const DecodeRope& rope,
+                          Tensor& out);
+  static Status check_attention_shapes(const Tensor& q, int n_tokens, const Tensor& k_cache,
+                                       const Tensor& v_cache, const AttentionParams& p,
+                                       const Tensor& out);
   static Status check_cache_positions(const int32_t* positions, int n_tokens, int64_t cache_rows);
   Status attention(const Tensor& q, int n_tokens, const int32_t* positions, const Tensor& k_cache,
                    const Tensor& v_cache, const AttentionParams& p, Tensor& out) override;
@@ -303,8 +326,9 @@ class CudaBackend final : public Backend {
   // KESTREL_CUDA_ATT_TC16_MIN=N sets it (17: never, the rows kernel).
   int att_tc16_min_tokens_ = 1;
   // Decode steps (1 token) on attention_decode.cu (KESTREL_CUDA_ATT_DECODE=0: on the kernels
-  // above).
+  // above), with RoPE and the KV store in its launch (KESTREL_CUDA_ROPE_ATTENTION=0: not).
   bool att_decode_ = true;
+  bool rope_attention_ = true;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
   cublasHandle_t cublas_ = nullptr;
@@ -569,8 +593,8 @@ bool attention_decode_fits(const AttentionParams& p, int n_tokens, const Tensor&
 int attention_decode_splits(int64_t cache_rows);
 size_t attention_decode_scratch_bytes(const AttentionParams& p, int splits);
 Status launch_attention_decode(const float* q, const int32_t* pos, const Tensor& kc,
-                               const Tensor& vc, const AttentionParams& p, int splits,
-                               unsigned* arrivals, void* scratch, float* out,
+                               const Tensor& vc, const AttentionParams& p, const DecodeRope& rope,
+                               int splits, unsigned* arrivals, void* scratch, float* out,
                                const MatmulInputOut& also, cudaStream_t s);
 bool attention_tc16_fits(const AttentionParams& p, int n_tokens, const Tensor& kc,
                          const Tensor& vc);
