@@ -39,10 +39,9 @@ constexpr int kMaxGroup = 8;         // query heads a KV head serves
 constexpr int kMaxSplits = 16;
 constexpr int kWarps = kThreads / 32;
 
-// Bytes of one KV head's part of a cache row (D elements).
 template <DType T, int D>
 constexpr int slice_bytes() {
-  return T == DType::F16 ? 2 * D : D / 32 * (T == DType::Q8_0 ? 34 : 18);
+  return cache_slice_bytes<T, D>();
 }
 
 // Shared memory: Q ([kMaxGroup][D] f32), P ([kMaxGroup][kPassKeys]), the key groups' outputs
@@ -370,14 +369,9 @@ int decode_min_keys() {
 
 bool attention_decode_fits(const AttentionParams& p, int n_tokens, const Tensor& kc,
                            const Tensor& vc) {
-  // Rows the loads can take (16-byte pieces of f16 rows, 4 of quantized ones).
-  const auto rows_aligned = [&](const Tensor& t) {
-    return t.type == DType::F16 ? t.row_bytes() % 16 == 0 : t.row_bytes() % 4 == 0;
-  };
-  const bool types = with_cache_types(kc.type, vc.type, [](auto) {});
-  return types && n_tokens == 1 && p.n_head_kv > 0 && p.n_head % p.n_head_kv == 0 &&
-         p.n_head / p.n_head_kv <= kMaxGroup && (p.head_dim == 64 || p.head_dim == 128) &&
-         rows_aligned(kc) && rows_aligned(vc);
+  return cache_rows_copyable(kc, vc) && n_tokens == 1 && p.n_head_kv > 0 &&
+         p.n_head % p.n_head_kv == 0 && p.n_head / p.n_head_kv <= kMaxGroup &&
+         (p.head_dim == 64 || p.head_dim == 128);
 }
 
 int attention_decode_splits(int64_t cache_rows) {

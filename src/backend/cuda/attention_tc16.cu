@@ -49,7 +49,7 @@ constexpr int kMaxSplits = 16;
 // f16 row padded by 16 bytes: the 8 rows one ldmatrix reads start in distinct bank groups).
 template <DType T, int D>
 constexpr int slice_bytes() {
-  return T == DType::F16 ? 2 * D : D / 32 * (T == DType::Q8_0 ? 34 : 18);
+  return cache_slice_bytes<T, D>();
 }
 template <DType T, int D>
 constexpr int row_bytes_smem() {
@@ -410,13 +410,8 @@ Status launch_typed(const Tc16Args& a, int splits, cudaStream_t s) {
 
 bool attention_tc16_fits(const AttentionParams& p, int n_tokens, const Tensor& kc,
                          const Tensor& vc) {
-  // Rows the stages' cp.async copies can take (16-byte pieces of f16 rows, 4 of quantized ones).
-  const auto rows_aligned = [&](const Tensor& t) {
-    return t.type == DType::F16 ? t.row_bytes() % 16 == 0 : t.row_bytes() % 4 == 0;
-  };
-  const bool types = with_cache_types(kc.type, vc.type, [](auto) {});
-  return types && n_tokens >= 1 && n_tokens <= kMaxTokens &&
-         (p.head_dim == 64 || p.head_dim == 128) && rows_aligned(kc) && rows_aligned(vc);
+  return cache_rows_copyable(kc, vc) && n_tokens >= 1 && n_tokens <= kMaxTokens &&
+         (p.head_dim == 64 || p.head_dim == 128);
 }
 
 int attention_tc16_count(const AttentionParams& p, int sm_count) {

@@ -563,6 +563,19 @@ bool with_cache_types(quant::DType kt, quant::DType vt, F&& f) {
       return false;
   }
 }
+// Bytes of one KV head's part of a cache row (D elements of an f16, q8_0 or q4_0 cache).
+template <quant::DType T, int D>
+constexpr int cache_slice_bytes() {
+  return T == quant::DType::F16 ? 2 * D : D / 32 * (T == quant::DType::Q8_0 ? 34 : 18);
+}
+// Whether the few-token attention kernels (tc16, decode) can copy K and V rows of these caches:
+// types with_cache_types takes, rows in 16-byte pieces (f16) or 4-byte ones (quantized).
+inline bool cache_rows_copyable(const Tensor& kc, const Tensor& vc) {
+  const auto aligned = [](const Tensor& t) {
+    return t.type == quant::DType::F16 ? t.row_bytes() % 16 == 0 : t.row_bytes() % 4 == 0;
+  };
+  return with_cache_types(kc.type, vc.type, [](auto) {}) && aligned(kc) && aligned(vc);
+}
 // Fused causal attention on the tensor cores (attention_mma.cu): K and V as f16 [rows][kv_dim]
 // (an f16 cache), or as hi + lo parts (a quantized cache expanded); head sizes 64 and 128.
 bool mma_attention_fits(const AttentionParams& p, int64_t kv_dim);
