@@ -380,8 +380,17 @@ int attention_decode_splits(int64_t cache_rows) {
   return static_cast<int>(std::clamp<int64_t>(by_keys, 1, kMaxSplits));
 }
 
+namespace {
+// The (max, sum) pairs' bytes, rounded up to 16: the merge reads the partials after them as
+// float4 (an odd n_head x splits, e.g. 9 heads x 3 splits, would leave them 8-byte aligned).
+size_t decode_ml_bytes(const AttentionParams& p, int splits) {
+  return (static_cast<size_t>(p.n_head) * splits * sizeof(float2) + 15) / 16 * 16;
+}
+}  // namespace
+
 size_t attention_decode_scratch_bytes(const AttentionParams& p, int splits) {
-  return static_cast<size_t>(p.n_head) * splits * (sizeof(float2) + sizeof(float) * p.head_dim);
+  return decode_ml_bytes(p, splits) +
+         static_cast<size_t>(p.n_head) * splits * sizeof(float) * p.head_dim;
 }
 
 Status launch_attention_decode(const float* q, const int32_t* pos, const Tensor& kc,
@@ -393,7 +402,8 @@ Status launch_attention_decode(const float* q, const int32_t* pos, const Tensor&
                  p.head_dim, splits);
   // scratch: the (max, sum) pairs, then the partial outputs.
   float2* ml = static_cast<float2*>(scratch);
-  float* part = reinterpret_cast<float*>(ml + static_cast<size_t>(p.n_head) * splits);
+  float* part =
+      reinterpret_cast<float*>(static_cast<uint8_t*>(scratch) + decode_ml_bytes(p, splits));
   DecodeAttnArgs a{};
   a.q = q;
   a.pos = pos;
