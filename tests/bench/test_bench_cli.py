@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""`kestrel bench` as a command: output formats, the cartesian product of the settings, the
-llama-bench comparison, --history, --config, and refusal of bad input. No timing is judged
-(timings on a shared machine are noise); only structure and counts.
+"""`kestrel bench` as a command: output formats, the cartesian product of the settings, depths
+(-d), the llama-bench comparison, --history, --config, and refusal of bad input. No timing is
+judged (timings on a shared machine are noise); only structure and counts.
 
     python3 tests/bench/test_bench_cli.py --kestrel build/bin/kestrel --workdir build/bench_cli
 
@@ -133,6 +133,23 @@ def test_product(b: Bench) -> None:
     check(len(results) == 3, "-m A,B -m C: three models measured")
 
 
+def test_depth(b: Bench, work: Path) -> None:
+    results = b.json("-p", "8", "-n", "2", "-d", "0,16", *FAST)
+    check([r["test"] for r in results] == ["pp8", "tg2", "pp8 @ d16", "tg2 @ d16"] and
+          [r["n_depth"] for r in results] == [0, 0, 16, 16],
+          "-d 0,16: every test at every depth, depth outermost, n_depth in the results")
+    pp = results[2]
+    check(abs(pp["samples_ts"][0] - 8 * 1e9 / pp["samples_ns"][0]) < 1e-6 * pp["samples_ts"][0],
+          "-d: t/s counts the test's tokens, not the depth's")
+    _, rows = md_table(b.ok("-p", "8", "-n", "0", "-d", "16", *FAST))
+    check(len(rows) == 1 and "pp8 @ d16" in rows[0], "-d 16: md test column 'pp8 @ d16'")
+    ref = work / "llama-bench-depth.json"
+    ref.write_text(json.dumps([{"n_prompt": 8, "n_gen": 0, "n_depth": 16, "avg_ts": 10.0}]))
+    results = b.json("-p", "8", "-n", "0", "-d", "0,16", "--vs-llama-bench", str(ref), *FAST)
+    check(results[0]["vs_llama_cpp"] is None and results[1]["vs_llama_cpp"] is not None,
+          "--vs-llama-bench: a test matches llama-bench's test of the same depth only")
+
+
 def test_vs_llama_bench(b: Bench, work: Path) -> None:
     ref = [
         {"model_filename": "/elsewhere/" + b.model.name, "n_prompt": 16, "n_gen": 0,
@@ -222,6 +239,7 @@ def test_bad_input(b: Bench, work: Path) -> None:
         (["-b", "0"], "-b 0"),
         (["-pg", "512"], "-pg 512"),
         (["-p", "0", "-n", "0"], "nothing to measure"),
+        (["--n-depth=-1"], "-d -1"),
         (["--vs-llama-bench", str(bad_ref)], "n_gen"),
         (["--vs-llama-bench", str(work / "absent.json")], "absent.json"),
         (["--config", str(work / "absent-settings.json")], "absent-settings.json"),
@@ -252,7 +270,7 @@ def main() -> int:
     b = Bench(args.kestrel, model)
     for test in (test_formats, test_product, test_profile):
         test(b)
-    for test in (test_vs_llama_bench, test_history, test_config, test_bad_input):
+    for test in (test_depth, test_vs_llama_bench, test_history, test_config, test_bad_input):
         test(b, work)
     print(f"\n{len(failures)} failure(s)" if failures else "\nall passed")
     return 1 if failures else 0

@@ -31,6 +31,7 @@ constexpr int kProfileTop = 8;  // op kinds shown per test in the markdown profi
 struct Test {
   int n_prompt = 0;
   int n_gen = 0;
+  int n_depth = 0;  // tokens put in the context before the test, untimed (-d)
 };
 
 // One combination of settings; every test runs on it.
@@ -75,7 +76,7 @@ Expected<Test> parse_prompt_gen(const std::string& s) {
   if (std::sscanf(s.c_str(), "%d,%d%c", &n, &m, &tail) != 2 || n <= 0 || m <= 0)
     return error("-pg %s: expected two positive counts, prompt then generation, e.g. -pg 512,128",
                  s.c_str());
-  return Test{n, m};
+  return Test{n, m, 0};
 }
 
 Status check_positive(const std::vector<int>& values, const char* flag, int min) {
@@ -96,17 +97,24 @@ Status check_kv_types(const std::vector<std::string>& types, const char* flag) {
 Expected<std::vector<Test>> make_tests(const BenchOptions& o) {
   KESTREL_TRY(check_positive(o.n_prompt, "-p", 0));
   KESTREL_TRY(check_positive(o.n_gen, "-n", 0));
+  KESTREL_TRY(check_positive(o.n_depth, "-d", 0));
   std::vector<Test> tests;
   for (int p : o.n_prompt)
-    if (p > 0) tests.push_back({p, 0});
+    if (p > 0) tests.push_back({p, 0, 0});
   for (int n : o.n_gen)
-    if (n > 0) tests.push_back({0, n});
+    if (n > 0) tests.push_back({0, n, 0});
   for (const std::string& pg : o.prompt_gen) {
     KESTREL_ASSIGN_OR_RETURN(Test t, parse_prompt_gen(pg));
     tests.push_back(t);
   }
   if (tests.empty()) return error("nothing to measure: give -p N, -n N or -pg N,M above 0");
-  return tests;
+  std::vector<Test> at_depths;  // every test at every depth, depth outermost (as llama-bench)
+  for (int d : o.n_depth)
+    for (Test t : tests) {
+      t.n_depth = d;
+      at_depths.push_back(t);
+    }
+  return at_depths;
 }
 
 // Every setting is checked before anything is loaded or measured.
@@ -235,19 +243,29 @@ class TokenSource {
   int32_t bos_ = -1;
 };
 
-// One run of a test from an empty context: the prompt in chunks, then one decode step per
-// generated token (random ids: no sampling is timed). Returns its wall time in ns.
+// One run of a test from a context of t.n_depth tokens (filled by fill_depth): the prompt in
+// chunks, then one decode step per generated token (random ids: no sampling is timed). Returns
+// its wall time in ns.
 Expected<uint64_t> run_test_once(runtime::Session& s, TokenSource& tokens, const Test& t) {
-  s.truncate(0);
+  s.truncate(t.n_depth);
   s.reset_chunk_stats();
-  const std::vector<int32_t> prompt = tokens.sequence(t.n_prompt, true);
-  const std::vector<int32_t> gen = tokens.sequence(t.n_gen, t.n_prompt == 0);
+  const bool at_start = t.n_depth == 0;
+  const std::vector<int32_t> prompt = tokens.sequence(t.n_prompt, at_start);
+  const std::vector<int32_t> gen = tokens.sequence(t.n_gen, at_start && t.n_prompt == 0);
   const auto t0 = std::chrono::steady_clock::now();
   if (!prompt.empty()) KESTREL_TRY(s.prefill(prompt, nullptr));
   for (int32_t id : gen) KESTREL_TRY(s.decode(id));
   const auto ns =
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0);
   return static_cast<uint64_t>(ns.count());
+}
+
+// The test's depth: n_depth random tokens (from BOS where the model adds one) prefilled once,
+// untimed; every run keeps them (truncates back to them) and adds its own tokens after.
+Status fill_depth(runtime::Session& s, TokenSource& tokens, const Test& t) {
+  s.truncate(0);
+  if (t.n_depth == 0) return Status::ok();
+  return s.prefill(tokens.sequence(t.n_depth, true), nullptr);
 }
 
 std::string utc_now() {
@@ -291,7 +309,7 @@ Status ensure_loaded(const Combo& c, LoadedModel* lm) {
 
 runtime::SessionParams session_params(const Combo& c, const Test& t) {
   runtime::SessionParams sp;
-  sp.n_ctx = t.n_prompt + t.n_gen;
+  sp.n_ctx = t.n_depth + t.n_prompt + t.n_gen;
   sp.n_batch = c.n_batch;
   sp.n_ubatch = c.n_ubatch;
   quant::parse_type(c.type_k.c_str(), &sp.type_k);
@@ -320,6 +338,7 @@ BenchResult describe_result(const Combo& c, const Test& t, const LoadedModel& lm
   r.chunking = c.chunking;
   r.n_prompt = t.n_prompt;
   r.n_gen = t.n_gen;
+  r.n_depth = t.n_depth;
   r.test_time = utc_now();
   return r;
 }
@@ -341,9 +360,12 @@ Status measure(const BenchOptions& o, const Combo& c, const Test& t, LoadedModel
                  step.c_str());
   };
   if (c.n_ubatch == 0) say("ub " + std::to_string(r->n_ubatch) + ", the backend's choice");
+  if (t.n_depth > 0) say("depth: " + std::to_string(t.n_depth) + " tokens, untimed");
+  KESTREL_TRY(fill_depth(*session, tokens, t));
   if (!o.no_warmup) {
     say("warm-up");
-    KESTREL_TRY(run_test_once(*session, tokens, {t.n_prompt, std::min(t.n_gen, 1)}).status());
+    KESTREL_TRY(
+        run_test_once(*session, tokens, {t.n_prompt, std::min(t.n_gen, 1), t.n_depth}).status());
   }
   runtime::OpProfiler profile;  // the timed repetitions only, not the warm-up
   if (o.profile) session->set_profiler(&profile);
@@ -428,6 +450,11 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
       ->delimiter(',')
       ->capture_default_str();
   b->add_option("--prompt-gen", o.prompt_gen, "(-pg N,M) prompt then generation; repeatable");
+  b->add_option("-d,--n-depth", o.n_depth,
+                "tokens already in the context before each test (prefilled untimed), as "
+                "llama-bench's -d")
+      ->delimiter(',')
+      ->capture_default_str();
   b->add_option("-r,--repetitions", o.repetitions, "timed runs per test, after one warm-up")
       ->capture_default_str();
   b->add_option("-b,--batch-size", o.n_batch, "chunk sizes")->delimiter(',')->capture_default_str();

@@ -49,9 +49,10 @@ std::string human_params(uint64_t n) {
 }  // namespace
 
 std::string BenchResult::test_name() const {
-  if (n_gen == 0) return "pp" + std::to_string(n_prompt);
-  if (n_prompt == 0) return "tg" + std::to_string(n_gen);
-  return "pp" + std::to_string(n_prompt) + "+tg" + std::to_string(n_gen);
+  const std::string at = n_depth > 0 ? " @ d" + std::to_string(n_depth) : "";
+  if (n_gen == 0) return "pp" + std::to_string(n_prompt) + at;
+  if (n_prompt == 0) return "tg" + std::to_string(n_gen) + at;
+  return "pp" + std::to_string(n_prompt) + "+tg" + std::to_string(n_gen) + at;
 }
 
 std::vector<double> BenchResult::samples_ts() const {
@@ -101,7 +102,7 @@ nlohmann::ordered_json bench_result_json(const BenchResult& r) {
   j["chunking"] = r.chunking;
   j["n_prompt"] = r.n_prompt;
   j["n_gen"] = r.n_gen;
-  j["n_depth"] = 0;
+  j["n_depth"] = r.n_depth;
   j["test"] = r.test_name();
   j["test_time"] = r.test_time;
   j["avg_ns"] = static_cast<uint64_t>(std::llround(r.avg_ns()));
@@ -353,7 +354,7 @@ std::optional<double> match_llama_bench(const std::vector<LlamaBenchEntry>& entr
   const bool any_model = models.size() == 1;
   auto same = [](const auto& theirs, const auto& ours) { return !theirs || *theirs == ours; };
   for (const LlamaBenchEntry& e : entries) {
-    if (e.n_prompt != r.n_prompt || e.n_gen != r.n_gen || e.n_depth != 0) continue;
+    if (e.n_prompt != r.n_prompt || e.n_gen != r.n_gen || e.n_depth != r.n_depth) continue;
     if (!any_model && base_name(e.model_filename) != base_name(r.model_filename)) continue;
     if (!same(e.n_batch, r.n_batch) || !same(e.n_ubatch, r.n_ubatch) ||
         !same(e.n_threads, r.n_threads) || !same(e.type_k, r.type_k) || !same(e.type_v, r.type_v))

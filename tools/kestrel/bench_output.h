@@ -35,6 +35,7 @@ struct BenchResult {
   std::string chunking;
   int n_prompt = 0;
   int n_gen = 0;
+  int n_depth = 0;        // tokens already in the context (-d), not counted in t/s
   std::string test_time;  // RFC 3339, UTC
   std::vector<uint64_t> samples_ns;
   bool compared = false;                 // --vs-llama-bench was given
@@ -45,7 +46,7 @@ struct BenchResult {
   nlohmann::json device_memory;
   std::string profile_markdown;  // the same, the top entries as a markdown table
 
-  std::string test_name() const;  // pp512, tg128, pp512+tg128
+  std::string test_name() const;  // pp512, tg128, pp512+tg128; "tg128 @ d4096" at a depth
   std::vector<double> samples_ts() const;
   double avg_ns() const;
   double stddev_ns() const;

@@ -70,6 +70,7 @@ struct BenchOptions {  // bench.cpp; every list is a comma list, every combinati
   std::vector<int> n_prompt{512};               // -p
   std::vector<int> n_gen{128};                  // -n
   std::vector<std::string> prompt_gen;          // -pg N,M (repeatable)
+  std::vector<int> n_depth{0};                  // -d: tokens in the context before each test
   std::vector<int> n_batch{2048}, n_ubatch{0};  // -b, -ub (0: the backend's choice)
   // -t, -ngl (-1: all layers and the head when on a GPU, as llama-bench's 99)
   std::vector<int> n_threads{0}, n_gpu_layers{-1};
