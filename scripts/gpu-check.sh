@@ -414,14 +414,14 @@ if ((TESTS)); then
     # suite's SwigluMatmulIsTheTwoOps sets it for its own backend either way).
     gpu_test_stage gpu-tests-fused-swiglu '*GpuOpsMatmulLarge*:*GpuOpsChain*' \
       gtest-gpu-fused-swiglu.xml KESTREL_CUDA_FUSED_SWIGLU=1
-    # Decode steps' attention on attention_decode.cu, with RoPE and the KV store in its launch
-    # (opt-in KESTREL_CUDA_ATT_DECODE=1: written in the twenty-fourth session, not yet run on a
-    # GPU; RopeKvAttentionIsTheOps compares the fused op with the two ops bit for bit), and with
-    # a split every 128 keys (more of them merged).
-    gpu_test_stage gpu-tests-att-decode '*GpuOpsAttention*:*GpuOpsChain*' \
-      gtest-gpu-att-decode.xml KESTREL_CUDA_ATT_DECODE=1
+    # Decode steps' attention on tc16 with RoPE and the KV store a launch of their own
+    # (KESTREL_CUDA_ATT_DECODE=0; by default attention_decode.cu with both in its launch, which
+    # RopeKvAttentionIsTheOps compares with the two ops bit for bit), and the decode kernel with
+    # a split every 128 keys (more of them merged; by default 256).
+    gpu_test_stage gpu-tests-no-att-decode '*GpuOpsAttention*:*GpuOpsChain*' \
+      gtest-gpu-no-att-decode.xml KESTREL_CUDA_ATT_DECODE=0
     gpu_test_stage gpu-tests-att-decode-128 '*GpuOpsAttention*' \
-      gtest-gpu-att-decode-128.xml KESTREL_CUDA_ATT_DECODE=1 KESTREL_CUDA_ATT_DECODE_KEYS=128
+      gtest-gpu-att-decode-128.xml KESTREL_CUDA_ATT_DECODE_KEYS=128
     # Q4_0 prompt chunks on the GEMM path instead of the wgmma kernel (the default since the
     # twelfth session, matmul_wgmma.cu; KESTREL_CUDA_WGMMA=0, which also turns stream16 off): the
     # suites whose ops take or write matmul inputs (the others never look at the matmul path).
@@ -516,9 +516,9 @@ if ((TESTS && !QUICK)); then
     # The opt-in fused decode layer on the runs whose every token is a decode step.
     E2E_ONLY=b1-ub1 e2e e2e-fused-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_FUSED_DECODE=1
-    # The opt-in decode attention with RoPE and the KV store in its launch, the same runs.
-    E2E_ONLY=b1-ub1 e2e e2e-att-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
-      KESTREL_CUDA_ATT_DECODE=1
+    # Decode steps' attention on tc16 (KESTREL_CUDA_ATT_DECODE=0), the same runs.
+    E2E_ONLY=b1-ub1 e2e e2e-no-att-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
+      KESTREL_CUDA_ATT_DECODE=0
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-wgmma-bn128 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_WGMMA_BN=128
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1

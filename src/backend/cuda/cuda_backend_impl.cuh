@@ -325,10 +325,10 @@ class CudaBackend final : public Backend {
   // on the rows kernel; decode steps too: tg128 on an H200 462 against 427);
   // KESTREL_CUDA_ATT_TC16_MIN=N sets it (17: never, the rows kernel).
   int att_tc16_min_tokens_ = 1;
-  // Decode steps (1 token) on attention_decode.cu with KESTREL_CUDA_ATT_DECODE=1 (opt-in until
-  // measured on a GPU), with RoPE and the KV store in its launch (KESTREL_CUDA_ROPE_ATTENTION=0:
-  // not).
-  bool att_decode_ = false;
+  // Decode steps (1 token) on attention_decode.cu (KESTREL_CUDA_ATT_DECODE=0: on tc16), with
+  // RoPE and the KV store in its launch (KESTREL_CUDA_ROPE_ATTENTION=0: not). tg128 on an H100
+  // 428 against 406 (bench/NOTES.md, twenty-fifth session).
+  bool att_decode_ = true;
   bool rope_attention_ = true;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
