@@ -422,6 +422,9 @@ if ((TESTS)); then
       gtest-gpu-no-att-decode.xml KESTREL_CUDA_ATT_DECODE=0
     gpu_test_stage gpu-tests-att-decode-128 '*GpuOpsAttention*' \
       gtest-gpu-att-decode-128.xml KESTREL_CUDA_ATT_DECODE_KEYS=128
+    # tc16 with a 16-key sub-tile a warp before another split (more merges; by default 8).
+    gpu_test_stage gpu-tests-tc16-subs-1 '*GpuOpsAttention*:*GpuOpsChain*' \
+      gtest-gpu-tc16-subs-1.xml KESTREL_CUDA_TC16_WARP_SUBS=1
     # Q4_0 prompt chunks on the GEMM path instead of the wgmma kernel (the default since the
     # twelfth session, matmul_wgmma.cu; KESTREL_CUDA_WGMMA=0, which also turns stream16 off): the
     # suites whose ops take or write matmul inputs (the others never look at the matmul path).
@@ -519,6 +522,9 @@ if ((TESTS && !QUICK)); then
     # Decode steps' attention on tc16 (KESTREL_CUDA_ATT_DECODE=0), the same runs.
     E2E_ONLY=b1-ub1 e2e e2e-no-att-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_ATT_DECODE=0
+    # ... and leaving it for tc16 past 40 keys, mid-run (recorded steps keyed by the kernel).
+    E2E_ONLY=b1-ub1 e2e e2e-att-decode-40 "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
+      KESTREL_CUDA_ATT_DECODE_MAX_KEYS=40
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-wgmma-bn128 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_WGMMA_BN=128
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1

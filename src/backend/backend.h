@@ -204,6 +204,14 @@ class Backend {
     (void)key;
     return body();
   }
+  // What, besides the batch's shape, fixes the kernels of a pass whose last token sees n_keys
+  // keys: the caller puts it in run_recorded's key, so that a recording is replayed only for
+  // passes that would choose the same kernels (CUDA: a decode step's attention kernel by the
+  // cache's length). The default: nothing.
+  virtual int record_bucket(int n_keys) const {
+    (void)n_keys;
+    return 0;
+  }
   // Bytes that can still be allocated on the device (host: MemAvailable), or -1 if unknown.
   // Checked before large allocations so that they fail with numbers, not half-way.
   virtual int64_t available_memory() const { return -1; }

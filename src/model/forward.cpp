@@ -94,12 +94,14 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
 
   // A pass of a few tokens with every op on one backend may be recorded and replayed (CUDA
   // graphs): the key names what fixes its kernels -- the shape of the batch, whether attention
-  // stays on its few-token path, and the buffers it works on.
+  // stays on its few-token path, what the backend's record_bucket says of the keys, and the
+  // buffers it works on.
   Backend* in = model_.input_backend();
   if (!profiler_ && one_backend_ && n <= kRecordMaxTokens) {
     const bool short_context = pos0 + n <= kRecordMaxContext;
     uint64_t key = static_cast<uint64_t>(n) | static_cast<uint64_t>(n_logit_rows) << 16 |
-                   static_cast<uint64_t>(short_context) << 32;
+                   static_cast<uint64_t>(short_context) << 32 |
+                   static_cast<uint64_t>(in->record_bucket(pos0 + n) & 0xff) << 33;
     key ^= std::hash<const void*>{}(cache.k(0).data) * 31 +
            std::hash<const void*>{}(scratch_[in].x.data);
     KESTREL_TRY(

@@ -315,8 +315,10 @@ Status CudaBackend::decode_attention(const Tensor& q, const int32_t* positions,
   KESTREL_ASSIGN_OR_RETURN(const int32_t* pos_dev, upload_ints(positions, 1));
   KESTREL_ASSIGN_OR_RETURN(const MatmulInputOut also,
                            fused_matmul_input(static_cast<float*>(out.data), 1, q_dim));
-  // The grid by the cache's rows, not by this step's keys: a recorded step serves them all.
-  const int splits = attention_decode_splits(std::min(k_cache.rows, v_cache.rows));
+  // The grid by the most keys this kernel takes (the cache's rows, at most att_decode_max_keys_),
+  // not by this step's: a recorded step serves them all.
+  const int splits = attention_decode_splits(
+      std::min({k_cache.rows, v_cache.rows, int64_t{att_decode_max_keys_}}));
   KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals, arrival_counters(p.n_head, kAttnArrivals));
   KESTREL_ASSIGN_OR_RETURN(void* partials,
                            scratch(kAttnSplit, attention_decode_scratch_bytes(p, splits)));
@@ -332,18 +334,22 @@ bool CudaBackend::fuses_rope_kv_attention(int n_tokens, const Tensor& k_cache,
          with_cache_types(k_cache.type, v_cache.type, [](auto) {});
 }
 
+int CudaBackend::record_bucket(int n_keys) const {
+  return att_decode_ && !decode_kernel_for(n_keys - 1) ? 1 : 0;
+}
+
 Status CudaBackend::rope_kv_attention(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
                                       const int32_t* positions, const RopeParams& pq,
                                       const RopeParams& pk, Tensor& k_cache, Tensor& v_cache,
                                       const AttentionParams& p, Tensor& out) {
   const int D = p.head_dim;
   const int64_t kv_dim = int64_t{p.n_head_kv} * D;
-  const bool fits = fuses_rope_kv_attention(n_tokens, k_cache, v_cache) &&
-                    attention_decode_fits(p, n_tokens, k_cache, v_cache) && pq.head_dim == D &&
-                    pk.head_dim == D && pq.n_heads == p.n_head && pk.n_heads == p.n_head_kv &&
-                    pq.freq_base == pk.freq_base && pq.layout == pk.layout &&
-                    D <= 2 * kRopeMaxPairs && k.cols == kv_dim && v.cols == kv_dim && k.rows >= 1 &&
-                    v.rows >= 1;
+  const bool fits =
+      fuses_rope_kv_attention(n_tokens, k_cache, v_cache) && n_tokens == 1 &&
+      decode_kernel_for(positions[0]) && attention_decode_fits(p, n_tokens, k_cache, v_cache) &&
+      pq.head_dim == D && pk.head_dim == D && pq.n_heads == p.n_head && pk.n_heads == p.n_head_kv &&
+      pq.freq_base == pk.freq_base && pq.layout == pk.layout && D <= 2 * kRopeMaxPairs &&
+      k.cols == kv_dim && v.cols == kv_dim && k.rows >= 1 && v.rows >= 1;
   // Anything else (and its errors) as the two ops.
   if (!fits)
     return Backend::rope_kv_attention(q, k, v, n_tokens, positions, pq, pk, k_cache, v_cache, p,
@@ -376,7 +382,7 @@ Status CudaBackend::attention(const Tensor& q, int n_tokens, const int32_t* posi
   const int group = H / Hkv;
   const int64_t kv_dim = k_cache.cols, q_dim = int64_t{H} * D;
   const int64_t n_kv_all = max_pos + 1;
-  if (att_decode_ && attention_decode_fits(p, n_tokens, k_cache, v_cache))
+  if (decode_kernel_for(max_pos) && attention_decode_fits(p, n_tokens, k_cache, v_cache))
     return decode_attention(q, positions, k_cache, v_cache, p, DecodeRope{}, out);
   // (The split-key kernel is opt-in: where it was asked for, it goes before tc16.)
   const bool split = n_tokens >= att_split_min_tokens_ && attention_split_fits(p, n_tokens);

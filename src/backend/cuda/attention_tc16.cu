@@ -384,11 +384,13 @@ __global__ void __launch_bounds__(kThreads) attention_tc16_kernel(const Tc16Args
 
 // Sub-tiles of 16 keys a warp takes before the keys are split over another block (whose partial
 // then costs a merge: a write, an arrival and the last block's read of every split's partial).
-// KESTREL_CUDA_TC16_WARP_SUBS=N (1-64); 1, a sub-tile a warp, was the only choice before.
+// KESTREL_CUDA_TC16_WARP_SUBS=N (1-64); 1, a sub-tile a warp, was the only choice before the
+// twenty-fifth session; 8, the default since, gave the seed's b128 ub16 +1-3% in four A/B pairs
+// on the H100 (each inside the run's sd; bench/NOTES.md).
 int tc16_warp_subs() {
   static const int n = [] {
     const char* e = std::getenv("KESTREL_CUDA_TC16_WARP_SUBS");
-    return e ? std::clamp(std::atoi(e), 1, 64) : 1;
+    return e ? std::clamp(std::atoi(e), 1, 64) : 8;
   }();
   return n;
 }

@@ -142,6 +142,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   if (const char* split = std::getenv("KESTREL_CUDA_ATT_SPLIT_MIN"))
     be->att_split_min_tokens_ = std::clamp(std::atoi(split), 1, 17);
   be->att_decode_ = !env_is("KESTREL_CUDA_ATT_DECODE", "0");
+  if (const char* keys = std::getenv("KESTREL_CUDA_ATT_DECODE_MAX_KEYS"))
+    be->att_decode_max_keys_ = std::max(0, std::atoi(keys));
   be->rope_attention_ = !env_is("KESTREL_CUDA_ROPE_ATTENTION", "0");
   if (const char* tc16 = std::getenv("KESTREL_CUDA_ATT_TC16_MIN"))
     be->att_tc16_min_tokens_ = std::clamp(std::atoi(tc16), 1, 17);

@@ -148,6 +148,13 @@ class CudaBackend final : public Backend {
                            Tensor& out) override;
   bool fuses_rope_kv_attention(int n_tokens, const Tensor& k_cache,
                                const Tensor& v_cache) const override;
+  // 1 where a decode step over n_keys keys leaves attention_decode.cu for tc16 (a recorded step
+  // must replay only where it would choose the same kernel), else 0.
+  int record_bucket(int n_keys) const override;
+  // Whether a decode step whose last position is max_pos goes to attention_decode.cu.
+  bool decode_kernel_for(int max_pos) const {
+    return att_decode_ && max_pos < att_decode_max_keys_;
+  }
   // An error naming the first of positions[0, n_tokens) outside a cache of cache_rows rows.
   Status decode_attention(const Tensor& q, const int32_t* positions, const Tensor& k_cache,
                           const Tensor& v_cache, const AttentionParams& p, const DecodeRope& rope,
@@ -329,6 +336,11 @@ class CudaBackend final : public Backend {
   // RoPE and the KV store in its launch (KESTREL_CUDA_ROPE_ATTENTION=0: not). tg128 on an H100
   // 428 against 406 (bench/NOTES.md, twenty-fifth session).
   bool att_decode_ = true;
+  // ... while the cache holds at most this many keys (KESTREL_CUDA_ATT_DECODE_MAX_KEYS), tc16
+  // beyond: at 3,968 keys (llama2-7b) tc16's double-buffered 16-key sub-tiles stream the cache
+  // faster (tg128 291 against 276), at 960-1,984 the decode kernel (350 / 328 against 344 / 323;
+  // H100, bench/NOTES.md, twenty-fifth session).
+  int att_decode_max_keys_ = 2048;
   bool rope_attention_ = true;
   cudaStream_t stream_ = nullptr;
   cudaStream_t aux_ = nullptr;  // prefetching dequantization
