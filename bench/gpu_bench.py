@@ -80,6 +80,9 @@ GROUPS = {
                  "-ngl 31, b128 ub16, f16 KV"),
     "l3-default": ("llama3-8b", ["-p", "512", "-n", "128"],
                    "defaults (b2048, ub Kestrel's; f16 KV, all layers)"),
+    # Decode over a long cache: 3,968 tokens already in the context (llama2's 4,096 less tg128).
+    "l2-depth": ("llama2-7b", ["-p", "0", "-n", "128", "-d", "3968"],
+                 "defaults, after 3,968 tokens in the context (-d 3968)"),
 }
 # Environment variables a group's kestrel bench call runs with (the variant groups, below).
 GROUP_ENV: dict[str, dict[str, str]] = {}
@@ -122,6 +125,11 @@ VARIANTS = [
     # straight from the cache (attention_tc16.cu, the default from 1 token).
     ("KESTREL_CUDA_ATT_TC16_MIN=17", "b128 ub16"),
     ("KESTREL_CUDA_ATT_TC16_MIN=17", "llama2-7b tg128"),
+    # Decode steps' attention on attention_decode.cu up to 2,048 keys and tc16 past them (by
+    # default): over a long cache, with the decode kernel for every length (H100 tg128 @ d3968
+    # 276 against 291), and tg128 with tc16 at short caches too (KESTREL_CUDA_ATT_DECODE=0).
+    ("KESTREL_CUDA_ATT_DECODE_MAX_KEYS=1000000", "tg128 @ d3968"),
+    ("KESTREL_CUDA_ATT_DECODE=0", "llama2-7b tg128"),
     # Prompt chunks' wgmma tiles all of 128 tokens (by default each launch picks 128 or 192 by
     # its waves of blocks), and Q, K, V / gate, up as a launch each (grouped by default).
     ("KESTREL_CUDA_WGMMA_BN=128", "=llama2-7b pp327"),
@@ -143,6 +151,7 @@ LLAMA_BENCH_FLAGS = {
     "l2-seed": ["-ngl", "99", "-fa", "1", "-b", "128", "-ub", "16", "-ctk", "q4_0", "-ctv", "q4_0"],
     "l2-ngl31": ["-ngl", "31", "-fa", "1", "-b", "128", "-ub", "16"],
     "l3-default": ["-ngl", "99", "-fa", "1"],
+    "l2-depth": ["-ngl", "99", "-fa", "1", "-d", "3968"],
 }
 # Groups that differ from another only in Kestrel's environment take that group's llama-bench run.
 PEER_OF: dict[str, str] = {}
@@ -163,12 +172,14 @@ CASES = [
          ("llama2-7b", "b128 ub16, 31 layers on GPU"), 1278),
     Case("llama3-8b pp512", "l3-default", "pp512", ("llama3-8b", "all layers, flash attention"), 31419),
     Case("llama3-8b tg128", "l3-default", "tg128", ("llama3-8b", "all layers, flash attention"), None),
+    Case("llama2-7b tg128 @ d3968", "l2-depth", "tg128 @ d3968", None, None),
 ]
 
 
 def add_variants(cases: list[Case], variants: list[tuple[str, str]]) -> list[Case]:
     """The cases followed, each, by its variants: the same test in a group of its own that runs
-    with VAR=VALUE (GROUPS, GROUP_ENV and PEER_OF entries are added for it)."""
+    with VAR=VALUE (GROUPS, GROUP_ENV and PEER_OF entries are added for it). A case at a depth
+    ("@ d3968") takes only the variants whose pattern names the depth too."""
     out = []
     for c in cases:
         out.append(c)
@@ -176,6 +187,8 @@ def add_variants(cases: list[Case], variants: list[tuple[str, str]]) -> list[Cas
         for assign, pattern in variants:
             exact = pattern.startswith("=")
             if (c.name != pattern[1:] if exact else pattern not in c.name) or assign in done:
+                continue
+            if " @ d" in c.name and " @ d" not in pattern:
                 continue
             done.add(assign)
             var, _, value = assign.partition("=")
@@ -247,7 +260,9 @@ def run_llama_bench(llama_bench: str, model: Path, flags: list[str], reps: int,
             r = None
         if r:
             n_p, n_g = int(r.get("n_prompt", 0)), int(r.get("n_gen", 0))
-            by_test[f"pp{n_p}" if n_g == 0 else f"tg{n_g}" if n_p == 0 else f"pg{n_p},{n_g}"] = r
+            n_d = int(r.get("n_depth", 0))
+            name = f"pp{n_p}" if n_g == 0 else f"tg{n_g}" if n_p == 0 else f"pg{n_p},{n_g}"
+            by_test[name + (f" @ d{n_d}" if n_d else "")] = r
     err = ""
     if p.returncode != 0:
         tail = " | ".join(p.stderr.decode("utf-8", "replace").strip().splitlines()[-3:])[-300:]
@@ -256,7 +271,9 @@ def run_llama_bench(llama_bench: str, model: Path, flags: list[str], reps: int,
 
 
 def group_flags(flags: list[str], tests: list[str]) -> list[str]:
-    """The group's flags with -p / -n narrowed to the selected tests (pp N -> -p, tg N -> -n)."""
+    """The group's flags with -p / -n narrowed to the selected tests (pp N -> -p, tg N -> -n; a
+    test's depth, "tg128 @ d3968", is the group's -d)."""
+    tests = [t.split(" @ ")[0] for t in tests]
     rest, i = [], 0
     while i < len(flags):
         if flags[i] in ("-p", "-n"):
