@@ -414,6 +414,11 @@ if ((TESTS)); then
     # suite's SwigluMatmulIsTheTwoOps sets it for its own backend either way).
     gpu_test_stage gpu-tests-fused-swiglu '*GpuOpsMatmulLarge*:*GpuOpsChain*' \
       gtest-gpu-fused-swiglu.xml KESTREL_CUDA_FUSED_SWIGLU=1
+    # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in KESTREL_CUDA_MATMUL_SWIGLU=1,
+    # written in the twenty-fifth session; the matmul suite's MatmulSwigluIsTheTwoOps sets it for
+    # its own backend either way).
+    gpu_test_stage gpu-tests-matmul-swiglu '*GpuOpsMatmul*:*GpuOpsChain*' \
+      gtest-gpu-matmul-swiglu.xml KESTREL_CUDA_MATMUL_SWIGLU=1
     # Decode steps' attention on tc16 with RoPE and the KV store a launch of their own
     # (KESTREL_CUDA_ATT_DECODE=0; by default attention_decode.cu with both in its launch, which
     # RopeKvAttentionIsTheOps compares with the two ops bit for bit), and the decode kernel with
@@ -525,6 +530,9 @@ if ((TESTS && !QUICK)); then
     # ... and leaving it for tc16 past 40 keys, mid-run (recorded steps keyed by the kernel).
     E2E_ONLY=b1-ub1 e2e e2e-att-decode-40 "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_ATT_DECODE_MAX_KEYS=40
+    # The opt-in SwiGLU in the gate/up matvec's epilogue, the same runs.
+    E2E_ONLY=b1-ub1 e2e e2e-matmul-swiglu "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
+      KESTREL_CUDA_MATMUL_SWIGLU=1
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-wgmma-bn128 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_WGMMA_BN=128
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1

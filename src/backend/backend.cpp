@@ -37,6 +37,13 @@ Status Backend::swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, cons
   return matmul(w, gate, n_tokens, out, nullptr);
 }
 
+Status Backend::matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gate,
+                              const Weight& w_up, Tensor& gate, Tensor& up) {
+  const MatmulOut outs[] = {{&w_gate, &gate, nullptr}, {&w_up, &up, nullptr}};
+  KESTREL_TRY(matmul_group(x, n_tokens, outs, 2));
+  return swiglu(gate, up, n_tokens, gate);
+}
+
 Status Backend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
   for (int i = 0; i < n_outs; ++i)
     KESTREL_TRY(matmul(*outs[i].w, x, n_tokens, *outs[i].out, outs[i].bias));

@@ -189,6 +189,16 @@ class Backend {
   virtual Status swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, const Weight& w,
                                Tensor& out);
   virtual bool fuses_swiglu_matmul(const Weight& /*w*/, int /*n_tokens*/) const { return false; }
+  // gate[T][F] = silu(x . W_gate^T) * (x . W_up^T), up[T][F] = x . W_up^T: the feed-forward's two
+  // projections and SwiGLU. The default runs matmul_group, then swiglu into gate. A backend that
+  // runs them as one op says so in fuses_matmul_swiglu (the forward pass then times them as one
+  // op, "matmul+swiglu").
+  virtual Status matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gate,
+                               const Weight& w_up, Tensor& gate, Tensor& up);
+  virtual bool fuses_matmul_swiglu(const Weight& /*w_gate*/, const Weight& /*w_up*/,
+                                   int /*n_tokens*/) const {
+    return false;
+  }
   // x[T][E] += y[T][E]
   virtual Status add(Tensor& x, const Tensor& y, int n_tokens) = 0;
   // out[i][:] = x[rows[i]][:] (gathers the rows whose logits are wanted)

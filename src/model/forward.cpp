@@ -263,16 +263,20 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
 
   // Feed-forward block (SwiGLU). x += proj, then h = norm(x).
   OP(be, "add_rms_norm", be.add_rms_norm(s.x, s.proj, n, L.ffn_norm, c.rms_eps, s.h));  // h[T][E]
-  const backend::MatmulOut gate_up[] = {{L.w_gate.get(), &s.gate, nullptr},  // gate[T][F]
-                                        {L.w_up.get(), &s.up, nullptr}};     // up[T][F]
-  KESTREL_TRY(matmul_group(be, s.h, n, gate_up));
-  if (be.fuses_swiglu_matmul(*L.w_down, n)) {  // proj[T][E] = (silu(gate)*up) . w_down^T
-    OP(be, "swiglu+matmul", be.swiglu_matmul(s.gate, s.up, n, *L.w_down, s.proj));
+  pending_add = true;  // x += proj (below): in the next layer's first norm, or flush_add
+  if (be.fuses_matmul_swiglu(*L.w_gate, *L.w_up, n)) {  // gate[T][F] = silu(h.Wg^T) * h.Wu^T
+    OP(be, "matmul+swiglu", be.matmul_swiglu(s.h, n, *L.w_gate, *L.w_up, s.gate, s.up));
   } else {
+    const backend::MatmulOut gate_up[] = {{L.w_gate.get(), &s.gate, nullptr},  // gate[T][F]
+                                          {L.w_up.get(), &s.up, nullptr}};     // up[T][F]
+    KESTREL_TRY(matmul_group(be, s.h, n, gate_up));
+    if (be.fuses_swiglu_matmul(*L.w_down, n)) {  // proj[T][E] = (silu(gate)*up) . w_down^T
+      OP(be, "swiglu+matmul", be.swiglu_matmul(s.gate, s.up, n, *L.w_down, s.proj));
+      return Status::ok();
+    }
     OP(be, "swiglu", be.swiglu(s.gate, s.up, n, s.gate));  // gate = silu(gate)*up
-    OP(be, matmul_kind(*L.w_down), be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
   }
-  pending_add = true;  // x += proj: in the next layer's first norm, or flush_add
+  OP(be, matmul_kind(*L.w_down), be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
   return Status::ok();
 }
 

@@ -448,6 +448,56 @@ TEST_P(GpuOpsMatmulLarge, SwigluMatmulIsTheTwoOps) {
   }
 }
 
+// The feed-forward's gate and up with SwiGLU as one op (Backend::matmul_swiglu; CUDA fuses
+// decode's with KESTREL_CUDA_MATMUL_SWIGLU=1: SwiGLU in the gate/up matvec's epilogue, which
+// also writes the down projection's int8 planes): gate, up and the down projection that reads
+// gate afterwards are matmul_group then swiglu's bit for bit (the two ops are held to the
+// references by the suites above). 35 blocks of 32 rows, rows of 1024 and 1120 (a 7B's
+// shapes in miniature).
+TEST_P(GpuOpsMatmulLarge, MatmulSwigluIsTheTwoOps) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  const int64_t n_embd = 1024, n_ff = 32 * 35, n_down = 8 * 132 + 61;
+  ScopedEnv fused_env("KESTREL_CUDA_MATMUL_SWIGLU", "1");
+  auto fused = create_backend(GetParam(), BackendOptions{});
+  ASSERT_TRUE(fused.has_value()) << fused.message();
+  for (DType type : {DType::Q4_0, DType::Q8_0}) {
+    SCOPED_TRACE(type_str(type));
+    const HostWeight hg = random_weight(rng, type, n_embd, n_ff);
+    const HostWeight hu = random_weight(rng, type, n_embd, n_ff);
+    const HostWeight hd = random_weight(rng, type, n_ff, n_down);
+    const std::vector<float> x = randn(rng, static_cast<size_t>(n_embd));
+    std::vector<float> gates[2], ups[2], outs[2];
+    for (int f = 0; f < 2; ++f) {
+      Backend& b = f ? **fused : be();
+      SCOPED_TRACE(f ? "fused" : "two ops");
+      auto wg = b.load_weight(hg.matrix("blk.0.ffn_gate.weight"));
+      auto wu = b.load_weight(hu.matrix("blk.0.ffn_up.weight"));
+      auto wd = b.load_weight(hd.matrix("blk.0.ffn_down.weight"));
+      ASSERT_TRUE(wg.has_value() && wu.has_value() && wd.has_value());
+      DevTensor xt(b, 1, n_embd, x), g(b, DType::F32, 1, n_ff, "gate"),
+          u(b, DType::F32, 1, n_ff, "up"), out(b, DType::F32, 1, n_down, "out");
+      Status st = Status::ok();
+      if (f) {
+        st = b.matmul_swiglu(*xt, 1, **wg, **wu, *g, *u);
+      } else {
+        const MatmulOut gate_up[] = {{&**wg, &*g, nullptr}, {&**wu, &*u, nullptr}};
+        st = b.matmul_group(*xt, 1, gate_up, 2);
+        if (st) st = b.swiglu(*g, *u, 1, *g);
+      }
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      st = b.matmul(**wd, *g, 1, *out, nullptr);
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      gates[f] = fetch(b, g);
+      ups[f] = fetch(b, u);
+      outs[f] = fetch(b, out);
+    }
+    EXPECT_EQ(gates[0], gates[1]) << "silu(gate) * up differs";
+    EXPECT_EQ(ups[0], ups[1]) << "up differs";
+    EXPECT_EQ(outs[0], outs[1]) << "the down projection of it differs";
+  }
+}
+
 // ---- shape errors and the profiled path --------------------------------------------------------
 
 KESTREL_GPU_OPS_SUITE(GpuOpsMatmulBadInput);

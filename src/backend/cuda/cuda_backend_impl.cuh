@@ -39,10 +39,12 @@ enum ScratchSlot {
   kProbs,
   kPartial,
   kActs,
-  kArrivals,       // counters of the split-K kernels that reduce in their last block (kept zeroed)
-  kAttnArrivals,   // attention_split.cu's and attention_tc16.cu's counters, one a head (zeroed)
-  kAttnSplit,      // their partial softmaxes
-  kStreamTickets,  // matvec_stream.cu's tile counters (kept zeroed)
+  kArrivals,        // counters of the split-K kernels that reduce in their last block (kept zeroed)
+  kAttnArrivals,    // attention_split.cu's and attention_tc16.cu's counters, one a head (zeroed)
+  kAttnSplit,       // their partial softmaxes
+  kStreamTickets,   // matvec_stream.cu's tile counters (kept zeroed)
+  kActs2,           // int8 planes written while a launch reads kActs' (matmul_swiglu)
+  kSwigluArrivals,  // matmul_swiglu's counters, one a 32-row block (zeroed)
   kSlots
 };
 
@@ -173,6 +175,10 @@ class CudaBackend final : public Backend {
   Status swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, const Weight& w,
                        Tensor& out) override;
   bool fuses_swiglu_matmul(const Weight& w, int n_tokens) const override;
+  // Decode's gate and up with SwiGLU in the matvec's epilogue (launch_matvec_swiglu), opt-in.
+  Status matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gate, const Weight& w_up,
+                       Tensor& gate, Tensor& up) override;
+  bool fuses_matmul_swiglu(const Weight& w_gate, const Weight& w_up, int n_tokens) const override;
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;
@@ -206,9 +212,10 @@ class CudaBackend final : public Backend {
   // x [n_tokens][k] rounded to f16 in the kX16 scratch; converted again unless `held` (the
   // scratch already holds it: x16_).
   Expected<const __half*> f16_activations(const float* x, int n_tokens, int64_t k, bool held);
-  // The dp4a products `parts` of x (its int8 planes converted unless `held`), one launch.
+  // The dp4a products `parts` of x (its int8 planes converted into kActs unless `held`, then in
+  // `planes`), one launch.
   Status matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
-                     int n_parts);
+                     int n_parts, int planes);
   // The 5-16-token tensor-core products `parts` of x (its f16 copy converted unless `held`), one
   // launch.
   Status matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
@@ -216,7 +223,9 @@ class CudaBackend final : public Backend {
   // Where an op writing out [n_tokens][k] also writes it as the input of a Q4_0 matmul of that
   // size (int8 planes or f16, in their scratch, remembered as held for `out`); nothing when the
   // matmul would read f32 or KESTREL_CUDA_NO_FUSED_INPUTS=1. Call after forget_activations().
-  Expected<MatmulInputOut> fused_matmul_input(const float* out, int n_tokens, int64_t k);
+  // (Int8 planes in the `planes` scratch.)
+  Expected<MatmulInputOut> fused_matmul_input(const float* out, int n_tokens, int64_t k,
+                                              int planes = kActs);
   // n zeroed counters in the `slot` scratch (zeroed again when it grows): the kernels that take
   // them leave them zero.
   Expected<unsigned*> arrival_counters(int n, int slot = kArrivals);
@@ -300,6 +309,10 @@ class CudaBackend final : public Backend {
   // (swiglu_matmul), one kernel a layer fewer. Slower (H100 tg128 352 against 411: every block
   // reads all of gate and up from L2 and quantizes its slice, bench/NOTES.md), so it stays opt-in.
   bool fused_swiglu_ = false;
+  // Opt-in (KESTREL_CUDA_MATMUL_SWIGLU=1, written in the twenty-fifth session, not yet run on a
+  // GPU): decode's SwiGLU in the gate/up matvec's epilogue (matmul_swiglu), the SwiGLU launch
+  // gone (2.6 us a layer inside the tg128 graph, bench/NOTES.md).
+  bool matmul_swiglu_ = false;
   // The next counter pair of matvec_stream.cu's launches.
   Expected<unsigned*> matvec_stream_counters();
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
@@ -318,6 +331,7 @@ class CudaBackend final : public Backend {
     const float* x = nullptr;
     int n_tokens = 0;
     int64_t k = 0;
+    int slot = kActs;  // acts_: the scratch that holds the planes (kActs2 after matmul_swiglu)
     bool holds(const float* x_, int n, int64_t k_) const {
       return valid && x == x_ && n_tokens == n && k == k_;
     }
@@ -474,6 +488,13 @@ struct MatvecPart {
 };
 Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
                           int n_tokens, cudaStream_t s);
+// One token's gate and up (parts 0 and 1: Q4_0 or Q8_0, of one shape, rows a multiple of 32, no
+// bias) from x's planes `a`, then gate = silu(gate) * up, also written as the down projection's
+// input `also` (which must not be `a`'s buffer: the launch still reads it). arrivals: n_out / 32
+// zeroed counters, left zero. matvec_int8.cu.
+bool matvec_swiglu_fits(const CudaWeight& gate, const CudaWeight& up);
+Status launch_matvec_swiglu(const MatvecPart (&parts)[2], const QuantizedActs& a,
+                            unsigned* arrivals, const MatmulInputOut& also, cudaStream_t s);
 // matvec_stream.cu: one token's products `parts` (Q4_0 / Q8_0, rows of 256-512 blocks of 32) as
 // a weight stream through shared memory, one persistent block an SM (sm_90). `launched` false:
 // the shape or type does not fit it (nothing launched; use launch_matvec_int8). counters: a pair

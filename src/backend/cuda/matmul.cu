@@ -316,11 +316,12 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
     return launch_matmul_wgmma(*wgmma_maps_, parts, n_outs, x16, n_tokens, sm_count_, stream_);
   }
   const bool int8_held = acts_.holds(xp, n_tokens, n_in);
-  acts_ = {true, xp, n_tokens, n_in};
+  const int planes = int8_held ? acts_.slot : kActs;
+  acts_ = {true, xp, n_tokens, n_in, planes};
   for (int i = 0; i < n_outs; ++i)
     if (parts[i].out == x16_.x) x16_.valid = false;
   if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
-  return matvec_int8(xp, n_tokens, n_in, int8_held, parts, n_outs);
+  return matvec_int8(xp, n_tokens, n_in, int8_held, parts, n_outs, planes);
 }
 
 Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held,
@@ -346,8 +347,9 @@ Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool
 }
 
 Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held,
-                                const MatvecPart* parts, int n_parts) {
-  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, n_in)));
+                                const MatvecPart* parts, int n_parts, int planes) {
+  KESTREL_ASSIGN_OR_RETURN(void* buf,
+                           scratch(held ? planes : kActs, QuantizedActs::bytes(n_tokens, n_in)));
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
   if (lab_skips("matmul")) return Status::ok();
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
@@ -402,6 +404,47 @@ Status CudaBackend::swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens,
   return Status::ok();
 }
 
+bool CudaBackend::fuses_matmul_swiglu(const Weight& w_gate, const Weight& w_up,
+                                      int n_tokens) const {
+  const auto& g = static_cast<const CudaWeight&>(w_gate);
+  const auto& u = static_cast<const CudaWeight&>(w_up);
+  return matmul_swiglu_ && fuse_inputs_ && n_tokens == 1 &&
+         matmul_path(g.type, g.n_in, n_tokens) == MatmulPath::kInt8 &&
+         matmul_path(DType::Q4_0, g.n_out, n_tokens) == MatmulPath::kInt8 &&
+         matvec_swiglu_fits(g, u);
+}
+
+// x's planes are read from one scratch while silu(gate) * up is written as the down projection's
+// planes into the other (kActs / kActs2 in turn): the launch's early blocks finish their
+// epilogues while later ones still read x's.
+Status CudaBackend::matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gate,
+                                  const Weight& w_up, Tensor& gate, Tensor& up) {
+  if (!fuses_matmul_swiglu(w_gate, w_up, n_tokens))
+    return Backend::matmul_swiglu(x, n_tokens, w_gate, w_up, gate, up);
+  const auto& g = static_cast<const CudaWeight&>(w_gate);
+  const auto& u = static_cast<const CudaWeight&>(w_up);
+  KESTREL_TRY(check_matmul_shapes(g, x, n_tokens, gate));
+  KESTREL_TRY(check_matmul_shapes(u, x, n_tokens, up));
+  if (gate.data == x.data || up.data == x.data || gate.data == up.data)
+    return error("matmul+swiglu '%s': x, gate and up must be three buffers", g.name.c_str());
+  const float* xp = static_cast<const float*>(x.data);
+  const bool held = acts_.holds(xp, n_tokens, g.n_in);
+  const int planes = held ? acts_.slot : kActs;
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(planes, QuantizedActs::bytes(n_tokens, g.n_in)));
+  const QuantizedActs in = QuantizedActs::in(buf, n_tokens, g.n_in);
+  forget_activations();
+  float* gp = static_cast<float*>(gate.data);
+  KESTREL_ASSIGN_OR_RETURN(
+      const MatmulInputOut also,
+      fused_matmul_input(gp, n_tokens, g.n_out, planes == kActs ? kActs2 : kActs));
+  KESTREL_ASSIGN_OR_RETURN(unsigned* arrivals,
+                           arrival_counters(static_cast<int>(g.n_out / 32), kSwigluArrivals));
+  if (mode_ == Mode::Stage || lab_skips("matmul")) return Status::ok();
+  if (!held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, g.n_in, in, stream_));
+  const MatvecPart parts[2] = {{&g, gp, nullptr}, {&u, static_cast<float*>(up.data), nullptr}};
+  return launch_matvec_swiglu(parts, in, arrivals, also, stream_);
+}
+
 Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
                            const Tensor* bias) {
   const auto& w = static_cast<const CudaWeight&>(weight);
@@ -417,8 +460,9 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
       path == MatmulPath::kFrag || path == MatmulPath::kMma || path == MatmulPath::kWgmma ||
       (path == MatmulPath::kGemm && w.type != DType::F32 && w.type != DType::F16);
   const bool int8_held = acts_.holds(xp, n_tokens, w.n_in);
+  const int planes = int8_held ? acts_.slot : kActs;
   const bool x16_held = x16_.holds(xp, n_tokens, w.n_in);
-  if (path == MatmulPath::kInt8) acts_ = {true, xp, n_tokens, w.n_in};
+  if (path == MatmulPath::kInt8) acts_ = {true, xp, n_tokens, w.n_in, planes};
   if (reads_x16) x16_ = {true, xp, n_tokens, w.n_in};
   if (path == MatmulPath::kGemm && w.type == DType::F16) x16_.valid = false;
   if (op == acts_.x) acts_.valid = false;
@@ -431,7 +475,7 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
     }
     case MatmulPath::kInt8: {
       const MatvecPart part{&w, op, b};
-      return matvec_int8(xp, n_tokens, w.n_in, int8_held, &part, 1);
+      return matvec_int8(xp, n_tokens, w.n_in, int8_held, &part, 1, planes);
     }
     case MatmulPath::kSmall:
       return launch_matmul_small(w, xp, n_tokens, op, b, stream_);
@@ -465,14 +509,14 @@ MatmulPath CudaBackend::matmul_path(DType type, int64_t n_in, int n_tokens) cons
   return MatmulPath::kGemm;
 }
 
-Expected<MatmulInputOut> CudaBackend::fused_matmul_input(const float* out, int n_tokens,
-                                                         int64_t k) {
+Expected<MatmulInputOut> CudaBackend::fused_matmul_input(const float* out, int n_tokens, int64_t k,
+                                                         int planes) {
   MatmulInputOut m;
   if (!fuse_inputs_ || n_tokens <= 0 || k % 32 != 0) return m;
   switch (matmul_path(DType::Q4_0, k, n_tokens)) {
     case MatmulPath::kInt8: {
-      KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(kActs, QuantizedActs::bytes(n_tokens, k)));
-      acts_ = {true, out, n_tokens, k};
+      KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(planes, QuantizedActs::bytes(n_tokens, k)));
+      acts_ = {true, out, n_tokens, k, planes};
       return QuantizedActs::in(buf, n_tokens, k).as_output();
     }
     case MatmulPath::kFrag:

@@ -56,6 +56,10 @@ struct MatvecArgs {
   const ActBlock* meta;
   int n_tokens;
   bool dependent;  // matvec_ksplit_kernel as a programmatic dependent launch
+  // launch_matvec_swiglu: parts 0 and 1 are gate and up; a counter a 32-row block of them, and
+  // where silu(gate) * up goes as the down projection's input.
+  unsigned* swiglu_arrivals;
+  MatmulInputOut swiglu_also;
 };
 
 // The product this block computes, its fields picked without indexing the parameter arrays by a
@@ -166,7 +170,30 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecAr
 // 4096 x 4096. The default for decode (KESTREL_CUDA_NO_MATVEC_KSPLIT=1: the warp-per-row
 // kernel); H200 tg128 366 t/s against 354 for the unchanged baseline row of the same run.
 constexpr int kKSplitRows = 4;
-template <DType T>
+
+// launch_matvec_swiglu's epilogue, after a block wrote its kKSplitRows rows of gate or of up: the
+// last of the 2 x 32 / kKSplitRows blocks that write one 32-row block of both (counted on that
+// block's counter, as attention_merge.cuh counts a head's splits) computes silu(gate) * up for it
+// with one warp, writes it over gate and as the down projection's int8 planes (the warp is one
+// block of them), and sets the counter back to zero. No block waits for another.
+__device__ __forceinline__ void swiglu_epilogue(const MatvecArgs& args, int64_t r0) {
+  constexpr unsigned kBlocks = 2 * (32 / kKSplitRows);
+  __shared__ bool last;
+  __threadfence();  // this block's rows, before they are counted
+  __syncthreads();
+  const int64_t ab = r0 / 32;
+  if (threadIdx.x == 0) last = atomicAdd(&args.swiglu_arrivals[ab], 1u) == kBlocks - 1;
+  __syncthreads();
+  if (!last || threadIdx.x >= 32) return;
+  __threadfence();
+  const int64_t i = 32 * ab + threadIdx.x;  // (other blocks wrote them: read past L1)
+  const float r = silu_times(__ldcg(args.out[0] + i), __ldcg(args.out[1] + i));
+  args.out[0][i] = r;
+  write_matmul_input1(args.swiglu_also, i, r);
+  if (threadIdx.x == 0) args.swiglu_arrivals[ab] = 0;  // ready for the next launch
+}
+
+template <DType T, bool kSwiglu>
 __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const MatvecArgs args) {
   const MatvecTarget m = block_target(args);
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
@@ -217,6 +244,7 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
     for (int i = 0; i < kWarps; ++i) v += partial[i][threadIdx.x];
     if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
   }
+  if constexpr (kSwiglu) swiglu_epilogue(args, r0);
 }
 
 // The launch's own error (cudaLaunchKernelEx returns it); the <<<>>> launches leave theirs to
@@ -224,9 +252,12 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
 template <DType T>
 cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
   const int threads = kWarps * 32;
+  if (ksplit && args.swiglu_arrivals)
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, true>, dim3(blocks),
+                            dim3(threads), s, args);
   if (ksplit)
-    return launch_dependent(args.dependent, matvec_ksplit_kernel<T>, dim3(blocks), dim3(threads), s,
-                            args);
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, false>, dim3(blocks),
+                            dim3(threads), s, args);
   if (args.n_tokens <= 1)
     matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
   else if (args.n_tokens <= 4)
@@ -282,8 +313,13 @@ Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const Quant
   return Status::ok();
 }
 
-Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
-                          int n_tokens, cudaStream_t s) {
+namespace {
+
+// The products `parts` of one launch; with swiglu_arrivals, gate and up with SwiGLU's epilogue
+// into `also` (launch_matvec_swiglu).
+Status launch_matvec_parts(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
+                           int n_tokens, unsigned* swiglu_arrivals, const MatmulInputOut& also,
+                           cudaStream_t s) {
   if (n_parts < 1 || n_parts > kMatvecMaxParts)
     return error("matmul (small batch, int8): %d products in one launch (1 to %d)", n_parts,
                  kMatvecMaxParts);
@@ -311,11 +347,36 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
   args.meta = a.meta;
   args.n_tokens = n_tokens;
   args.dependent = ksplit && dependent_launches();
+  args.swiglu_arrivals = swiglu_arrivals;
+  args.swiglu_also = also;
+  if (swiglu_arrivals && !ksplit)
+    return error("matmul+swiglu: decode's K-split matvec is switched off");
   CUDA_TRY(w0.type == DType::Q4_0 ? launch_matvec<DType::Q4_0>(args, blocks, ksplit, s)
                                   : launch_matvec<DType::Q8_0>(args, blocks, ksplit, s),
            "matmul (small batch, int8)");
-  LAUNCH_CHECK("matmul (small batch, int8)");
+  LAUNCH_CHECK(swiglu_arrivals ? "matmul+swiglu" : "matmul (small batch, int8)");
   return Status::ok();
+}
+
+}  // namespace
+
+Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
+                          int n_tokens, cudaStream_t s) {
+  return launch_matvec_parts(parts, n_parts, a, n_tokens, nullptr, MatmulInputOut{}, s);
+}
+
+bool matvec_swiglu_fits(const CudaWeight& gate, const CudaWeight& up) {
+  return ksplit_enabled() && (gate.type == DType::Q4_0 || gate.type == DType::Q8_0) &&
+         up.type == gate.type && up.n_in == gate.n_in && up.n_out == gate.n_out &&
+         gate.n_in % 32 == 0 && gate.n_out % 32 == 0;
+}
+
+Status launch_matvec_swiglu(const MatvecPart (&parts)[2], const QuantizedActs& a,
+                            unsigned* arrivals, const MatmulInputOut& also, cudaStream_t s) {
+  if (!matvec_swiglu_fits(*parts[0].w, *parts[1].w) || !arrivals || parts[0].bias || parts[1].bias)
+    return error("matmul+swiglu: '%s' and '%s' do not fit the fused launch",
+                 parts[0].w->name.c_str(), parts[1].w->name.c_str());
+  return launch_matvec_parts(parts, 2, a, 1, arrivals, also, s);
 }
 
 }  // namespace kestrel::backend::cuda
