@@ -212,8 +212,8 @@ class CudaBackend final : public Backend {
   // x [n_tokens][k] rounded to f16 in the kX16 scratch; converted again unless `held` (the
   // scratch already holds it: x16_).
   Expected<const __half*> f16_activations(const float* x, int n_tokens, int64_t k, bool held);
-  // The dp4a products `parts` of x (its int8 planes converted into kActs unless `held`, then in
-  // `planes`), one launch.
+  // The dp4a products `parts` of x from its int8 planes in the `planes` scratch (kActs unless
+  // they are `held` elsewhere; converted there unless `held`), one launch.
   Status matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
                      int n_parts, int planes);
   // The 5-16-token tensor-core products `parts` of x (its f16 copy converted unless `held`), one

@@ -348,8 +348,7 @@ Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool
 
 Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held,
                                 const MatvecPart* parts, int n_parts, int planes) {
-  KESTREL_ASSIGN_OR_RETURN(void* buf,
-                           scratch(held ? planes : kActs, QuantizedActs::bytes(n_tokens, n_in)));
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(planes, QuantizedActs::bytes(n_tokens, n_in)));
   const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
   if (lab_skips("matmul")) return Status::ok();
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
