@@ -105,6 +105,8 @@ VARIANTS = [
     ("KESTREL_CUDA_FUSED_SWIGLU=1", "tg128"),
     # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in, not yet measured).
     ("KESTREL_CUDA_MATMUL_SWIGLU=1", "tg128"),
+    # Decode's residual add and norm in the output / down projections' epilogues (opt-in).
+    ("KESTREL_CUDA_MATMUL_ADD_NORM=1", "tg128"),
     # A decode layer as one persistent kernel whose weights come through a shared-memory ring
     # (decode_layer.cu, decode_ring.cuh; opt-in).
     ("KESTREL_CUDA_FUSED_DECODE=1", "tg128"),

@@ -419,6 +419,10 @@ if ((TESTS)); then
     # its own backend either way).
     gpu_test_stage gpu-tests-matmul-swiglu '*GpuOpsMatmul*:*GpuOpsChain*' \
       gtest-gpu-matmul-swiglu.xml KESTREL_CUDA_MATMUL_SWIGLU=1
+    # Decode's residual add and norm in the output and down projections' epilogues (opt-in
+    # KESTREL_CUDA_MATMUL_ADD_NORM=1; GpuOpsFusedNorm sets it for its own backend either way).
+    gpu_test_stage gpu-tests-matmul-add-norm '*GpuOpsMatmul*:*GpuOpsChain*:*GpuOpsFusedNorm*' \
+      gtest-gpu-matmul-add-norm.xml KESTREL_CUDA_MATMUL_ADD_NORM=1
     # Decode steps' attention on tc16 with RoPE and the KV store a launch of their own
     # (KESTREL_CUDA_ATT_DECODE=0; by default attention_decode.cu with both in its launch, which
     # RopeKvAttentionIsTheOps compares with the two ops bit for bit), and the decode kernel with
@@ -533,6 +537,9 @@ if ((TESTS && !QUICK)); then
     # The opt-in SwiGLU in the gate/up matvec's epilogue, the same runs.
     E2E_ONLY=b1-ub1 e2e e2e-matmul-swiglu "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_MATMUL_SWIGLU=1
+    # The opt-in add and norm in the projections' epilogues, the same runs.
+    E2E_ONLY=b1-ub1 e2e e2e-matmul-add-norm "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
+      KESTREL_CUDA_MATMUL_ADD_NORM=1
     e2e e2e-no-stream16 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_STREAM16=0
     e2e e2e-wgmma-bn128 "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_WGMMA_BN=128
     e2e e2e-att-split "--backend cuda -ngl 99" 90 $((bench_reserve + 10)) KESTREL_CUDA_ATT_SPLIT_MIN=1

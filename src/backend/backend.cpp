@@ -44,6 +44,12 @@ Status Backend::matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gat
   return swiglu(gate, up, n_tokens, gate);
 }
 
+Status Backend::matmul_add_rms_norm(const Weight& w, const Tensor& in, int n_tokens, Tensor& proj,
+                                    Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+  KESTREL_TRY(matmul(w, in, n_tokens, proj, nullptr));
+  return add_rms_norm(x, proj, n_tokens, weight, eps, out);
+}
+
 Status Backend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
   for (int i = 0; i < n_outs; ++i)
     KESTREL_TRY(matmul(*outs[i].w, x, n_tokens, *outs[i].out, outs[i].bias));

@@ -199,6 +199,18 @@ class Backend {
                                    int /*n_tokens*/) const {
     return false;
   }
+  // proj[T][E] = in . W^T, x += proj, then out = rms_norm(x) * weight: a block's last
+  // projection, the residual add and the next block's norm. `next` are all the matmuls that read
+  // out afterwards (Q, K and V; gate and up). The default runs matmul, then add_rms_norm. A
+  // backend that runs them as one op says so in fuses_matmul_add_rms_norm (the forward pass then
+  // times them as one op, "matmul+add_rms_norm"); proj and out may then be left as only `next`
+  // reads them: no other op may read either afterwards.
+  virtual Status matmul_add_rms_norm(const Weight& w, const Tensor& in, int n_tokens, Tensor& proj,
+                                     Tensor& x, const Tensor& weight, float eps, Tensor& out);
+  virtual bool fuses_matmul_add_rms_norm(const Weight& /*w*/, int /*n_tokens*/,
+                                         const Weight* const* /*next*/, int /*n_next*/) const {
+    return false;
+  }
   // x[T][E] += y[T][E]
   virtual Status add(Tensor& x, const Tensor& y, int n_tokens) = 0;
   // out[i][:] = x[rows[i]][:] (gathers the rows whose logits are wanted)

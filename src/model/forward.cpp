@@ -123,17 +123,17 @@ Status Forward::enqueue(const int32_t* tokens, int n, kv::KvCache& cache, const 
   const Config& c = model_.config();
   Backend* where = model_.input_backend();
   OP(*where, "embed", where->embed(model_.token_embd(), tokens, n, scratch_[where].x));  // x[T][E]
-  bool pending_add = false;  // x += proj of the last layer, not yet run
+  Pending pending = Pending::kNothing;  // what the last layer left to do
   for (int il = 0; il < c.n_layer; ++il) {
     Backend* be = model_.layer(il).backend;
     if (be != where) {
-      KESTREL_TRY(flush_add(where, n, pending_add));
+      KESTREL_TRY(flush_add(where, n, pending));
       KESTREL_TRY(move_residual(where, be, n));
       where = be;
     }
-    KESTREL_TRY(run_layer(il, n, positions_.data(), cache, pending_add));
+    KESTREL_TRY(run_layer(il, n, positions_.data(), cache, pending));
   }
-  KESTREL_TRY(flush_add(where, n, pending_add));
+  KESTREL_TRY(flush_add(where, n, pending));
   if (n_logit_rows == 0) return Status::ok();
   if (where != model_.head_backend()) {
     KESTREL_TRY(move_residual(where, model_.head_backend(), n));
@@ -157,9 +157,10 @@ Status Forward::matmul_group(Backend& be, const backend::Tensor& x, int n,
   return Status::ok();
 }
 
-Status Forward::flush_add(Backend* be, int n, bool& pending_add) {
-  if (!pending_add) return Status::ok();
-  pending_add = false;
+Status Forward::flush_add(Backend* be, int n, Pending& pending) {
+  // (kNormedInput is left only for a next layer on the same backend, which takes it.)
+  if (pending != Pending::kAdd) return Status::ok();
+  pending = Pending::kNothing;
   Scratch& s = scratch_[be];
   OP(*be, "add", be->add(s.x, s.proj, n));  // x += proj
   return Status::ok();
@@ -216,30 +217,29 @@ backend::DecodeLayer Forward::decode_layer_args(int il, int32_t pos, kv::KvCache
       .up = &s.up};
 }
 
-Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
-                          bool& pending_add) {
+Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache, Pending& pending) {
   const Config& c = model_.config();
   const LayerWeights& L = model_.layer(il);
   Backend& be = *L.backend;
   Scratch& s = scratch_[&be];
   // The layer's tensors and parameters as the fused op takes them (RoPE, attention, biases).
-  const backend::DecodeLayer d = decode_layer_args(il, pos[0], cache, pending_add);
+  const backend::DecodeLayer d = decode_layer_args(il, pos[0], cache, pending == Pending::kAdd);
   const backend::RopeParams &rope_q = d.rope_q, &rope_k = d.rope_k;
   const backend::AttentionParams& attn = d.attn;
   const bool bias = c.qkv_bias;
 
-  if (n == 1 && be.fuses_decode_layer(d)) {  // a decode step as one op
+  if (n == 1 && pending != Pending::kNormedInput && be.fuses_decode_layer(d)) {  // one op
     OP(be, "decode_layer", be.decode_layer(d));
-    pending_add = false;  // x holds the whole layer's output
+    pending = Pending::kNothing;  // x holds the whole layer's output
     return Status::ok();
   }
 
   // Attention block.
-  if (pending_add)  // x += proj of the previous layer, then h = norm(x)
+  if (pending == Pending::kAdd)  // x += proj of the previous layer, then h = norm(x)
     OP(be, "add_rms_norm", be.add_rms_norm(s.x, s.proj, n, L.attn_norm, c.rms_eps, s.h));
-  else
+  else if (pending == Pending::kNothing)
     OP(be, "rms_norm", be.rms_norm(s.x, n, L.attn_norm, c.rms_eps, s.h));  // h[T][E]
-  pending_add = false;
+  pending = Pending::kNothing;
   const backend::MatmulOut qkv[] = {{L.wq.get(), &s.q, bias ? &L.bq : nullptr},   // q[T][q_dim]
                                     {L.wk.get(), &s.k, bias ? &L.bk : nullptr},   // k[T][kv_dim]
                                     {L.wv.get(), &s.v, bias ? &L.bv : nullptr}};  // v[T][kv_dim]
@@ -259,11 +259,23 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
     OP(be, "attention",
        be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));  // att[T][q_dim]
   }
-  OP(be, matmul_kind(*L.wo), be.matmul(*L.wo, s.att, n, s.proj, nullptr));  // proj[T][E]
+  // proj[T][E] = att . wo^T; x += proj, then h = norm(x) (h[T][E]).
+  const backend::Weight* ffn_in[] = {L.w_gate.get(), L.w_up.get()};
+  if (be.fuses_matmul_add_rms_norm(*L.wo, n, ffn_in, 2)) {
+    OP(be, "matmul+add_rms_norm",
+       be.matmul_add_rms_norm(*L.wo, s.att, n, s.proj, s.x, L.ffn_norm, c.rms_eps, s.h));
+  } else {
+    OP(be, matmul_kind(*L.wo), be.matmul(*L.wo, s.att, n, s.proj, nullptr));
+    OP(be, "add_rms_norm", be.add_rms_norm(s.x, s.proj, n, L.ffn_norm, c.rms_eps, s.h));
+  }
+  return run_ffn(il, n, pos, cache, pending);
+}
 
-  // Feed-forward block (SwiGLU). x += proj, then h = norm(x).
-  OP(be, "add_rms_norm", be.add_rms_norm(s.x, s.proj, n, L.ffn_norm, c.rms_eps, s.h));  // h[T][E]
-  pending_add = true;  // x += proj (below): in the next layer's first norm, or flush_add
+Status Forward::run_ffn(int il, int n, const int32_t* pos, kv::KvCache& cache, Pending& pending) {
+  const Config& c = model_.config();
+  const LayerWeights& L = model_.layer(il);
+  Backend& be = *L.backend;
+  Scratch& s = scratch_[&be];
   if (be.fuses_matmul_swiglu(*L.w_gate, *L.w_up, n)) {  // gate[T][F] = silu(h.Wg^T) * h.Wu^T
     OP(be, "matmul+swiglu", be.matmul_swiglu(s.h, n, *L.w_gate, *L.w_up, s.gate, s.up));
   } else {
@@ -272,11 +284,26 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
     KESTREL_TRY(matmul_group(be, s.h, n, gate_up));
     if (be.fuses_swiglu_matmul(*L.w_down, n)) {  // proj[T][E] = (silu(gate)*up) . w_down^T
       OP(be, "swiglu+matmul", be.swiglu_matmul(s.gate, s.up, n, *L.w_down, s.proj));
+      pending = Pending::kAdd;  // x += proj: in the next layer's first norm, or flush_add
       return Status::ok();
     }
     OP(be, "swiglu", be.swiglu(s.gate, s.up, n, s.gate));  // gate = silu(gate)*up
   }
+  // proj[T][E] = gate . w_down^T; x += proj in the next layer's first norm (or flush_add), or
+  // here with that norm when the backend fuses the three and the next layer runs its op sequence.
+  if (il + 1 < c.n_layer && model_.layer(il + 1).backend == &be) {
+    const LayerWeights& next = model_.layer(il + 1);
+    const backend::Weight* qkv_in[] = {next.wq.get(), next.wk.get(), next.wv.get()};
+    if (be.fuses_matmul_add_rms_norm(*L.w_down, n, qkv_in, 3) &&
+        !(n == 1 && be.fuses_decode_layer(decode_layer_args(il + 1, pos[0], cache, true)))) {
+      OP(be, "matmul+add_rms_norm",
+         be.matmul_add_rms_norm(*L.w_down, s.gate, n, s.proj, s.x, next.attn_norm, c.rms_eps, s.h));
+      pending = Pending::kNormedInput;
+      return Status::ok();
+    }
+  }
   OP(be, matmul_kind(*L.w_down), be.matmul(*L.w_down, s.gate, n, s.proj, nullptr));  // proj[T][E]
+  pending = Pending::kAdd;
   return Status::ok();
 }
 

@@ -64,12 +64,16 @@ class Forward {
   Forward(const Model& model, int max_tokens) : model_(model), max_tokens_(max_tokens) {}
   Status alloc_scratch(backend::Backend* be);
   Status move_residual(backend::Backend* from, backend::Backend* to, int n);
-  // One layer. Its last residual add (x += proj) is left pending (`pending_add` set on return)
-  // so that the next layer on the same backend can fuse it into its first norm; a pending add
-  // of the previous layer is taken in the same way. flush_add runs one that has no next norm.
-  Status run_layer(int il, int n, const int32_t* positions, kv::KvCache& cache, bool& pending_add);
+  // What a layer leaves to the next: nothing, its last residual add (x += proj, so that the next
+  // layer on the same backend can fuse it into its first norm; flush_add runs one that has no
+  // next norm), or the add done and the next layer's normed input already in h (a backend that
+  // fuses the down projection, the add and that norm: Backend::matmul_add_rms_norm).
+  enum class Pending { kNothing, kAdd, kNormedInput };
+  Status run_layer(int il, int n, const int32_t* positions, kv::KvCache& cache, Pending& pending);
+  // The layer's feed-forward block (h holds its normed input); sets `pending`.
+  Status run_ffn(int il, int n, const int32_t* positions, kv::KvCache& cache, Pending& pending);
   backend::DecodeLayer decode_layer_args(int il, int32_t pos, kv::KvCache& cache, bool pending_add);
-  Status flush_add(backend::Backend* be, int n, bool& pending_add);
+  Status flush_add(backend::Backend* be, int n, Pending& pending);
   Status matmul_group(backend::Backend& be, const backend::Tensor& x, int n,
                       std::span<const backend::MatmulOut> outs);
   Status enqueue(const int32_t* tokens, int n, kv::KvCache& cache, const int32_t* logit_rows,

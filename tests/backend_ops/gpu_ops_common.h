@@ -110,6 +110,12 @@ inline constexpr Bound kBounds[] = {
     // rounding edge (an int8 activation, rarely a q4_0 cache code) moves the residual further,
     // by ~1e-5. A wrong row, head, position or missing add is O(1e-1).
     {"decode_layer", 2e-4, 2e-3},
+    // The matmuls that read matmul_add_rms_norm's output, against the same backend's three ops:
+    // the same int8 planes up to the row's 1 / rms, which the readers apply to their sums
+    // instead of the norm to the activations (f32, ~1e-7 relative); an activation on a rounding
+    // edge moves by one step of its second plane (~1e-6 of the block's largest), rarely one of
+    // the first plane made up by the second. A wrong block, missing add or wrong rms is O(1e-2).
+    {"matmul+add_rms_norm", 1e-4, 1e-3},
 };
 // kv_store has no numeric bound: f16 caches must equal quant::quantize_row byte for byte;
 // q8_0 / q4_0 blocks may differ from it by one f16 ulp of the scale d and one step of each

@@ -88,4 +88,18 @@ __device__ __forceinline__ void write_matmul_input1(const MatmulInputOut& m, int
   if (i % 32 == 0) m.meta[i / 32] = ActBlock{block_unit(amax), sum};
 }
 
+// The add and norm epilogue's work for 32-row block ab of x (AddNormOut), by one whole warp, once
+// every row of the block is in x: its sum of squares and x * weight as the readers' planes; the
+// block's counter back to zero for the next launch.
+__device__ __forceinline__ void add_norm_block(const AddNormOut& o, int64_t ab, int lane) {
+  const int64_t i = 32 * ab + lane;
+  const float v = __ldcg(o.x + i);  // (other blocks wrote them: read past L1)
+  const float ss = warp_sum(v * v);
+  write_matmul_input1(o.planes, i, v * o.weight[i]);
+  if (lane == 0) {
+    o.ss[ab] = ss;
+    o.arrivals[ab] = 0;
+  }
+}
+
 }  // namespace kestrel::backend::cuda

@@ -45,6 +45,8 @@ enum ScratchSlot {
   kStreamTickets,   // matvec_stream.cu's tile counters (kept zeroed)
   kActs2,           // int8 planes written while a launch reads kActs' (matmul_swiglu)
   kSwigluArrivals,  // matmul_swiglu's counters, one a 32-row block (zeroed)
+  kNormArrivals,    // matmul_add_rms_norm's counters, one a 32-row block (zeroed)
+  kNormSums,        // its sums of squares, one a 32-row block
   kSlots
 };
 
@@ -71,6 +73,17 @@ struct MatmulInputOut {
   ActBlock* meta = nullptr;
   __half* x16 = nullptr;
 };
+// Where a decode matvec adds its rows into the residual x and, for each 32-row block, the last of
+// its writers turns that block into the next matmuls' input (matmul_add_rms_norm): x * weight as
+// int8 planes, not yet divided by rms(x) (the readers apply it: QuantizedActs::row_ss), and the
+// block's sum of squares of x.
+struct AddNormOut {
+  float* x = nullptr;             // [n] the residual (+= the product)
+  const float* weight = nullptr;  // [n] the norm's
+  float* ss = nullptr;            // [n / 32]
+  unsigned* arrivals = nullptr;   // [n / 32] zeroed counters, left zero
+  MatmulInputOut planes;          // the int8 planes (q1, q2, meta)
+};
 
 // The kernels a matmul runs on (CudaBackend::matmul_path): weights decoded into tensor-core
 // fragments, dp4a on int8 activations, fused small-batch kernels, the shared-memory tile kernel,
@@ -96,6 +109,7 @@ struct DecodeRope {
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
 class CudaBackend;
 struct MatvecPart;
+struct QuantizedActs;
 
 class CudaWeight final : public Weight {
  public:
@@ -179,6 +193,12 @@ class CudaBackend final : public Backend {
   Status matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gate, const Weight& w_up,
                        Tensor& gate, Tensor& up) override;
   bool fuses_matmul_swiglu(const Weight& w_gate, const Weight& w_up, int n_tokens) const override;
+  // Decode's output / down projection with the residual add and the next norm in the matvec's
+  // epilogue (launch_matvec_add_norm): the norm launch gone.
+  Status matmul_add_rms_norm(const Weight& w, const Tensor& in, int n_tokens, Tensor& proj,
+                             Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
+  bool fuses_matmul_add_rms_norm(const Weight& w, int n_tokens, const Weight* const* next,
+                                 int n_next) const override;
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;
@@ -216,6 +236,16 @@ class CudaBackend final : public Backend {
   // they are `held` elsewhere; converted there unless `held`), one launch.
   Status matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
                      int n_parts, int planes);
+  // The held planes of x (`planes` scratch), with their pending row scale (acts_) if `held`.
+  Expected<QuantizedActs> int8_activations(const float* x, int n_tokens, int64_t n_in, bool held,
+                                           int planes);
+  // acts_ names x's planes from now on (in the scratch that holds them, or kActs where they are
+  // to be converted; a held row scale stays); returns that scratch.
+  int hold_int8(const float* x, int n_tokens, int64_t k, bool held);
+  // An error when x exists only as int8 planes with a row scale (matmul_add_rms_norm) and the
+  // matmul of w would read it on another path.
+  Status check_planes_only(const CudaWeight& w, const float* x, int n_tokens,
+                           MatmulPath path) const;
   // The 5-16-token tensor-core products `parts` of x (its f16 copy converted unless `held`), one
   // launch.
   Status matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
@@ -313,6 +343,9 @@ class CudaBackend final : public Backend {
   // GPU): decode's SwiGLU in the gate/up matvec's epilogue (matmul_swiglu), the SwiGLU launch
   // gone (2.6 us a layer inside the tg128 graph, bench/NOTES.md).
   bool matmul_swiglu_ = false;
+  // Decode's residual add and norm in the output and down projections' epilogues
+  // (matmul_add_rms_norm; KESTREL_CUDA_MATMUL_ADD_NORM=1, opt-in until measured on a GPU).
+  bool matmul_add_norm_ = false;
   // The next counter pair of matvec_stream.cu's launches.
   Expected<unsigned*> matvec_stream_counters();
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
@@ -332,6 +365,10 @@ class CudaBackend final : public Backend {
     int n_tokens = 0;
     int64_t k = 0;
     int slot = kActs;  // acts_: the scratch that holds the planes (kActs2 after matmul_swiglu)
+    // acts_ after matmul_add_rms_norm: the planes are of x * weight, their row scale 1 / rms
+    // still to apply from these sums of squares (QuantizedActs::row_ss); no f32 copy exists.
+    const float* row_ss = nullptr;
+    float eps = 0.0f;
     bool holds(const float* x_, int n, int64_t k_) const {
       return valid && x == x_ && n_tokens == n && k == k_;
     }
@@ -471,6 +508,10 @@ struct QuantizedActs {
   int8_t* q1 = nullptr;      // [T][k]
   int8_t* q2 = nullptr;      // [T][k]
   ActBlock* meta = nullptr;  // [T][k / 32]
+  // Non-null: the planes are of x * w, whose rms norm 1 / sqrt(sum(row_ss) / k + eps) the
+  // reading matvec applies to its sums (one token; matmul_add_rms_norm wrote them).
+  const float* row_ss = nullptr;  // [k / 32] sums of squares of x
+  float eps = 0.0f;
   static QuantizedActs in(void* buffer, int n_tokens, int64_t k);
   MatmulInputOut as_output() const { return {q1, q2, meta, nullptr}; }  // for their writers
   static size_t bytes(int n_tokens, int64_t k);
@@ -495,6 +536,12 @@ Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedA
 bool matvec_swiglu_fits(const CudaWeight& gate, const CudaWeight& up);
 Status launch_matvec_swiglu(const MatvecPart (&parts)[2], const QuantizedActs& a,
                             unsigned* arrivals, const MatmulInputOut& also, cudaStream_t s);
+// One token's product `part` (no bias) from x's planes `a`, added into the residual o.x (the
+// part's out is ignored), then o's planes and sums of squares for each 32-row block (rows a
+// multiple of 32; o.planes must not be `a`'s buffer), on matvec_ksplit_kernel.
+bool matvec_add_norm_fits(const CudaWeight& w);
+Status launch_matvec_add_norm(const MatvecPart& part, const QuantizedActs& a, const AddNormOut& o,
+                              cudaStream_t s);
 // matvec_stream.cu: one token's products `parts` (Q4_0 / Q8_0, rows of 256-512 blocks of 32) as
 // a weight stream through shared memory, one persistent block an SM (sm_90). `launched` false:
 // the shape or type does not fit it (nothing launched; use launch_matvec_int8). counters: a pair
@@ -508,6 +555,9 @@ struct MatvecStreamInput {
   QuantizedActs acts;
   const float* gate = nullptr;
   const float* up = nullptr;
+  // With add_norm.arrivals: one part, its product added into add_norm.x (the part's out is not
+  // written), then the add and norm epilogue for each 32-row block (matmul_add_rms_norm).
+  AddNormOut add_norm = {};
 };
 // Whether launch_matvec_stream takes weight w (type, row width, alignment).
 bool matvec_stream_takes(const CudaWeight& w, size_t smem_optin);

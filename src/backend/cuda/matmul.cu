@@ -296,6 +296,7 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
   if (!one_launch) return Backend::matmul_group(x, n_tokens, outs, n_outs);
   MatvecPart parts[kMatvecMaxParts];
   const float* xp = static_cast<const float*>(x.data);
+  KESTREL_TRY(check_planes_only(w0, xp, n_tokens, path));
   const int64_t n_in = static_cast<const CudaWeight&>(*outs[0].w).n_in;
   for (int i = 0; i < n_outs; ++i) {
     const auto& w = static_cast<const CudaWeight&>(*outs[i].w);
@@ -316,8 +317,7 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
     return launch_matmul_wgmma(*wgmma_maps_, parts, n_outs, x16, n_tokens, sm_count_, stream_);
   }
   const bool int8_held = acts_.holds(xp, n_tokens, n_in);
-  const int planes = int8_held ? acts_.slot : kActs;
-  acts_ = {true, xp, n_tokens, n_in, planes};
+  const int planes = hold_int8(xp, n_tokens, n_in, int8_held);
   for (int i = 0; i < n_outs; ++i)
     if (parts[i].out == x16_.x) x16_.valid = false;
   if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
@@ -348,11 +348,12 @@ Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool
 
 Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool held,
                                 const MatvecPart* parts, int n_parts, int planes) {
-  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(planes, QuantizedActs::bytes(n_tokens, n_in)));
-  const QuantizedActs acts = QuantizedActs::in(buf, n_tokens, n_in);
+  KESTREL_ASSIGN_OR_RETURN(const QuantizedActs acts,
+                           int8_activations(x, n_tokens, n_in, held, planes));
   if (lab_skips("matmul")) return Status::ok();
   if (!held) KESTREL_TRY(launch_quantize_acts(x, n_tokens, n_in, acts, stream_));
-  if (matvec_stream_ && n_tokens == 1 && matvec_stream_takes(*parts[0].w, smem_optin_)) {
+  if (matvec_stream_ && n_tokens == 1 && !acts.row_ss &&
+      matvec_stream_takes(*parts[0].w, smem_optin_)) {
     KESTREL_ASSIGN_OR_RETURN(unsigned* counters, matvec_stream_counters());
     bool launched = false;
     KESTREL_TRY(launch_matvec_stream(parts, n_parts, MatvecStreamInput{acts}, counters, sm_count_,
@@ -360,6 +361,37 @@ Status CudaBackend::matvec_int8(const float* x, int n_tokens, int64_t n_in, bool
     if (launched) return Status::ok();
   }
   return launch_matvec_int8(parts, n_parts, acts, n_tokens, stream_);
+}
+
+Expected<QuantizedActs> CudaBackend::int8_activations(const float* x, int n_tokens, int64_t n_in,
+                                                      bool held, int planes) {
+  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(planes, QuantizedActs::bytes(n_tokens, n_in)));
+  QuantizedActs a = QuantizedActs::in(buf, n_tokens, n_in);
+  if (held && acts_.holds(x, n_tokens, n_in)) {
+    a.row_ss = acts_.row_ss;
+    a.eps = acts_.eps;
+  }
+  return a;
+}
+
+int CudaBackend::hold_int8(const float* x, int n_tokens, int64_t k, bool held) {
+  ActivationSource a{true, x, n_tokens, k, held ? acts_.slot : kActs};
+  if (held) {
+    a.row_ss = acts_.row_ss;
+    a.eps = acts_.eps;
+  }
+  acts_ = a;
+  return a.slot;
+}
+
+Status CudaBackend::check_planes_only(const CudaWeight& w, const float* x, int n_tokens,
+                                      MatmulPath path) const {
+  if (path != MatmulPath::kInt8 && acts_.holds(x, n_tokens, w.n_in) && acts_.row_ss)
+    return error(
+        "matmul '%s': its input exists only as decode's int8 planes "
+        "(matmul_add_rms_norm wrote it for other matmuls)",
+        w.name.c_str());
+  return Status::ok();
 }
 
 Expected<unsigned*> CudaBackend::matvec_stream_counters() {
@@ -429,8 +461,8 @@ Status CudaBackend::matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w
   const float* xp = static_cast<const float*>(x.data);
   const bool held = acts_.holds(xp, n_tokens, g.n_in);
   const int planes = held ? acts_.slot : kActs;
-  KESTREL_ASSIGN_OR_RETURN(void* buf, scratch(planes, QuantizedActs::bytes(n_tokens, g.n_in)));
-  const QuantizedActs in = QuantizedActs::in(buf, n_tokens, g.n_in);
+  KESTREL_ASSIGN_OR_RETURN(const QuantizedActs in,
+                           int8_activations(xp, n_tokens, g.n_in, held, planes));
   forget_activations();
   float* gp = static_cast<float*>(gate.data);
   KESTREL_ASSIGN_OR_RETURN(
@@ -442,6 +474,85 @@ Status CudaBackend::matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w
   if (!held) KESTREL_TRY(launch_quantize_acts(xp, n_tokens, g.n_in, in, stream_));
   const MatvecPart parts[2] = {{&g, gp, nullptr}, {&u, static_cast<float*>(up.data), nullptr}};
   return launch_matvec_swiglu(parts, in, arrivals, also, stream_);
+}
+
+bool CudaBackend::fuses_matmul_add_rms_norm(const Weight& weight, int n_tokens,
+                                            const Weight* const* next, int n_next) const {
+  const auto& w = static_cast<const CudaWeight&>(weight);
+  if (!matmul_add_norm_ || !fuse_inputs_ || n_tokens != 1 || n_next < 1 ||
+      matmul_path(w.type, w.n_in, n_tokens) != MatmulPath::kInt8 || !matvec_add_norm_fits(w) ||
+      matmul_path(DType::Q4_0, w.n_out, n_tokens) != MatmulPath::kInt8)
+    return false;
+  // Every reader must take the planes on the K-split matvec (the kernel that applies the row
+  // scale): not the stream kernel, which would otherwise take its rows.
+  for (int i = 0; i < n_next; ++i) {
+    const auto& r = static_cast<const CudaWeight&>(*next[i]);
+    if (r.n_in != w.n_out || matmul_path(r.type, r.n_in, n_tokens) != MatmulPath::kInt8 ||
+        !matvec_add_norm_fits(r) || (matvec_stream_ && matvec_stream_takes(r, smem_optin_)))
+      return false;
+  }
+  return true;
+}
+
+// The product is added into x by the matvec itself (proj is not written: the K-split kernel, or
+// the weight stream for the rows it takes); the last writer of
+// each 32-row block of x writes its planes of x * weight (into the other planes buffer: the
+// launch still reads in's) and its sum of squares, and out is remembered as those planes with
+// their row scale still to apply (acts_.row_ss): its f32 rows are not written.
+Status CudaBackend::matmul_add_rms_norm(const Weight& weight, const Tensor& in, int n_tokens,
+                                        Tensor& proj, Tensor& x, const Tensor& norm_weight,
+                                        float eps, Tensor& out) {
+  const auto& w = static_cast<const CudaWeight&>(weight);
+  const bool fused = matmul_add_norm_ && fuse_inputs_ && n_tokens == 1 &&
+                     matmul_path(w.type, w.n_in, n_tokens) == MatmulPath::kInt8 &&
+                     matvec_add_norm_fits(w) &&
+                     matmul_path(DType::Q4_0, w.n_out, n_tokens) == MatmulPath::kInt8;
+  if (!fused)
+    return Backend::matmul_add_rms_norm(weight, in, n_tokens, proj, x, norm_weight, eps, out);
+  KESTREL_TRY(check_matmul_shapes(w, in, n_tokens, x));
+  KESTREL_TRY(check_matmul_shapes(w, in, n_tokens, out));
+  if (norm_weight.cols != w.n_out)
+    return error("matmul+add_rms_norm '%s': the norm weight has %lld values for rows of %lld",
+                 w.name.c_str(), static_cast<long long>(norm_weight.cols),
+                 static_cast<long long>(w.n_out));
+  if (in.data == x.data || in.data == out.data || x.data == out.data)
+    return error("matmul+add_rms_norm '%s': in, x and out must be three buffers", w.name.c_str());
+  const float* ip = static_cast<const float*>(in.data);
+  const bool held = acts_.holds(ip, n_tokens, w.n_in);
+  const int planes = held ? acts_.slot : kActs;
+  KESTREL_ASSIGN_OR_RETURN(const QuantizedActs in_acts,
+                           int8_activations(ip, n_tokens, w.n_in, held, planes));
+  forget_activations();
+  float* op = static_cast<float*>(out.data);
+  AddNormOut o;
+  KESTREL_ASSIGN_OR_RETURN(
+      o.planes, fused_matmul_input(op, n_tokens, w.n_out, planes == kActs ? kActs2 : kActs));
+  const int blocks = static_cast<int>(w.n_out / 32);
+  KESTREL_ASSIGN_OR_RETURN(void* ss, scratch(kNormSums, sizeof(float) * blocks));
+  KESTREL_ASSIGN_OR_RETURN(o.arrivals, arrival_counters(blocks, kNormArrivals));
+  o.x = static_cast<float*>(x.data);
+  o.weight = static_cast<const float*>(norm_weight.data);
+  o.ss = static_cast<float*>(ss);
+  acts_.row_ss = o.ss;
+  acts_.eps = eps;
+  // Rows of 256-512 blocks (ffn down) on the weight stream, as matvec_int8 would run them.
+  const bool stream = matvec_stream_ && !in_acts.row_ss && matvec_stream_takes(w, smem_optin_);
+  unsigned* counters = nullptr;
+  if (stream) {
+    KESTREL_ASSIGN_OR_RETURN(counters, matvec_stream_counters());
+  }
+  if (mode_ == Mode::Stage || lab_skips("matmul")) return Status::ok();
+  if (!held) KESTREL_TRY(launch_quantize_acts(ip, n_tokens, w.n_in, in_acts, stream_));
+  if (stream) {
+    MatvecStreamInput si{in_acts};
+    si.add_norm = o;
+    const MatvecPart part{&w, o.x, nullptr};
+    bool launched = false;
+    KESTREL_TRY(
+        launch_matvec_stream(&part, 1, si, counters, sm_count_, smem_optin_, stream_, launched));
+    if (launched) return Status::ok();
+  }
+  return launch_matvec_add_norm(MatvecPart{&w, nullptr, nullptr}, in_acts, o, stream_);
 }
 
 Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, Tensor& out,
@@ -458,10 +569,11 @@ Status CudaBackend::matmul(const Weight& weight, const Tensor& x, int n_tokens, 
   const bool reads_x16 =
       path == MatmulPath::kFrag || path == MatmulPath::kMma || path == MatmulPath::kWgmma ||
       (path == MatmulPath::kGemm && w.type != DType::F32 && w.type != DType::F16);
+  KESTREL_TRY(check_planes_only(w, xp, n_tokens, path));
   const bool int8_held = acts_.holds(xp, n_tokens, w.n_in);
   const int planes = int8_held ? acts_.slot : kActs;
   const bool x16_held = x16_.holds(xp, n_tokens, w.n_in);
-  if (path == MatmulPath::kInt8) acts_ = {true, xp, n_tokens, w.n_in, planes};
+  if (path == MatmulPath::kInt8) hold_int8(xp, n_tokens, w.n_in, int8_held);
   if (reads_x16) x16_ = {true, xp, n_tokens, w.n_in};
   if (path == MatmulPath::kGemm && w.type == DType::F16) x16_.valid = false;
   if (op == acts_.x) acts_.valid = false;

@@ -60,6 +60,11 @@ struct MatvecArgs {
   // where silu(gate) * up goes as the down projection's input.
   unsigned* swiglu_arrivals;
   MatmulInputOut swiglu_also;
+  // The activations' pending row scale (QuantizedActs::row_ss; K-split kernel only), and
+  // launch_matvec_add_norm's epilogue.
+  const float* in_ss;
+  float in_eps;
+  AddNormOut add_norm;
 };
 
 // The product this block computes, its fields picked without indexing the parameter arrays by a
@@ -193,7 +198,42 @@ __device__ __forceinline__ void swiglu_epilogue(const MatvecArgs& args, int64_t 
   if (threadIdx.x == 0) args.swiglu_arrivals[ab] = 0;  // ready for the next launch
 }
 
-template <DType T, bool kSwiglu>
+// launch_matvec_add_norm's epilogue, after a block added its kKSplitRows rows into x: the last of
+// the 32 / kKSplitRows blocks that write one 32-row block of x writes that block's sum of
+// squares and x * weight as the next matmuls' planes (their readers divide by rms(x) from the
+// sums: QuantizedActs::row_ss), and sets the counter back to zero.
+__device__ __forceinline__ void add_norm_epilogue(const AddNormOut& o, int64_t r0) {
+  constexpr unsigned kBlocks = 32 / kKSplitRows;
+  __shared__ bool last;
+  __threadfence();  // this block's rows, before they are counted
+  __syncthreads();
+  const int64_t ab = r0 / 32;
+  if (threadIdx.x == 0) last = atomicAdd(&o.arrivals[ab], 1u) == kBlocks - 1;
+  __syncthreads();
+  if (!last || threadIdx.x >= 32) return;
+  __threadfence();
+  add_norm_block(o, ab, threadIdx.x);
+}
+
+// 1 / rms of activations whose planes are of x * w (QuantizedActs::row_ss): the block's threads
+// sum the nb blocks' sums of squares in a fixed order, so every block gets the same value.
+__device__ __forceinline__ float row_inv_rms(const float* ss, int64_t nb, int64_t n, float eps) {
+  constexpr int kThreads = kWarps * 32;
+  __shared__ float part[kWarps];
+  float s = 0.0f;
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) s += ss[b];
+  s = warp_sum(s);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  double total = 0.0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += part[w];
+  return static_cast<float>(1.0 / sqrt(total / static_cast<double>(n) + eps));
+}
+
+enum MatvecEpilogue { kStoreRows, kSwigluRows, kAddNormRows };
+
+template <DType T, int kEpilogue>
 __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const MatvecArgs args) {
   const MatvecTarget m = block_target(args);
   constexpr int kWords = T == DType::Q4_0 ? 4 : 8;
@@ -215,6 +255,7 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
     grid_dependency_wait();
   }
   if (r0 >= m.n_out) return;  // the whole block
+  const float scale = args.in_ss ? row_inv_rms(args.in_ss, nb, args.n_in, args.in_eps) : 1.0f;
   float acc[kKSplitRows] = {};
 #pragma unroll 2
   for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
@@ -242,9 +283,16 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
     float v = 0.0f;
 #pragma unroll
     for (int i = 0; i < kWarps; ++i) v += partial[i][threadIdx.x];
-    if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
+    if (r < m.n_out) {
+      v = v * scale + (m.bias ? m.bias[r] : 0.0f);
+      if constexpr (kEpilogue == kAddNormRows)
+        m.out[r] += v;  // out is the residual x
+      else
+        m.out[r] = v;
+    }
   }
-  if constexpr (kSwiglu) swiglu_epilogue(args, r0);
+  if constexpr (kEpilogue == kSwigluRows) swiglu_epilogue(args, r0);
+  if constexpr (kEpilogue == kAddNormRows) add_norm_epilogue(args.add_norm, r0);
 }
 
 // The launch's own error (cudaLaunchKernelEx returns it); the <<<>>> launches leave theirs to
@@ -253,10 +301,13 @@ template <DType T>
 cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
   const int threads = kWarps * 32;
   if (ksplit && args.swiglu_arrivals)
-    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, true>, dim3(blocks),
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, kSwigluRows>, dim3(blocks),
+                            dim3(threads), s, args);
+  if (ksplit && args.add_norm.arrivals)
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, kAddNormRows>, dim3(blocks),
                             dim3(threads), s, args);
   if (ksplit)
-    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, false>, dim3(blocks),
+    return launch_dependent(args.dependent, matvec_ksplit_kernel<T, kStoreRows>, dim3(blocks),
                             dim3(threads), s, args);
   if (args.n_tokens <= 1)
     matvec_int8_kernel<T, 1><<<blocks, threads, 0, s>>>(args);
@@ -316,10 +367,11 @@ Status launch_quantize_acts(const float* x, int n_tokens, int64_t k, const Quant
 namespace {
 
 // The products `parts` of one launch; with swiglu_arrivals, gate and up with SwiGLU's epilogue
-// into `also` (launch_matvec_swiglu).
+// into `also` (launch_matvec_swiglu); with add_norm.arrivals, the residual add and the norm's
+// epilogue (launch_matvec_add_norm).
 Status launch_matvec_parts(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
                            int n_tokens, unsigned* swiglu_arrivals, const MatmulInputOut& also,
-                           cudaStream_t s) {
+                           const AddNormOut& add_norm, cudaStream_t s) {
   if (n_parts < 1 || n_parts > kMatvecMaxParts)
     return error("matmul (small batch, int8): %d products in one launch (1 to %d)", n_parts,
                  kMatvecMaxParts);
@@ -349,12 +401,20 @@ Status launch_matvec_parts(const MatvecPart* parts, int n_parts, const Quantized
   args.dependent = ksplit && dependent_launches();
   args.swiglu_arrivals = swiglu_arrivals;
   args.swiglu_also = also;
-  if (swiglu_arrivals && !ksplit)
-    return error("matmul+swiglu: decode's K-split matvec is switched off");
+  args.in_ss = a.row_ss;
+  args.in_eps = a.eps;
+  args.add_norm = add_norm;
+  if ((swiglu_arrivals || add_norm.arrivals || a.row_ss) && !ksplit)
+    return error(
+        "matmul '%s': a fused epilogue or a normed input needs decode's K-split matvec "
+        "(one token, KESTREL_CUDA_NO_MATVEC_KSPLIT unset)",
+        w0.name.c_str());
   CUDA_TRY(w0.type == DType::Q4_0 ? launch_matvec<DType::Q4_0>(args, blocks, ksplit, s)
                                   : launch_matvec<DType::Q8_0>(args, blocks, ksplit, s),
            "matmul (small batch, int8)");
-  LAUNCH_CHECK(swiglu_arrivals ? "matmul+swiglu" : "matmul (small batch, int8)");
+  LAUNCH_CHECK(swiglu_arrivals     ? "matmul+swiglu"
+               : add_norm.arrivals ? "matmul+add_rms_norm"
+                                   : "matmul (small batch, int8)");
   return Status::ok();
 }
 
@@ -362,7 +422,8 @@ Status launch_matvec_parts(const MatvecPart* parts, int n_parts, const Quantized
 
 Status launch_matvec_int8(const MatvecPart* parts, int n_parts, const QuantizedActs& a,
                           int n_tokens, cudaStream_t s) {
-  return launch_matvec_parts(parts, n_parts, a, n_tokens, nullptr, MatmulInputOut{}, s);
+  return launch_matvec_parts(parts, n_parts, a, n_tokens, nullptr, MatmulInputOut{}, AddNormOut{},
+                             s);
 }
 
 bool matvec_swiglu_fits(const CudaWeight& gate, const CudaWeight& up) {
@@ -376,7 +437,21 @@ Status launch_matvec_swiglu(const MatvecPart (&parts)[2], const QuantizedActs& a
   if (!matvec_swiglu_fits(*parts[0].w, *parts[1].w) || !arrivals || parts[0].bias || parts[1].bias)
     return error("matmul+swiglu: '%s' and '%s' do not fit the fused launch",
                  parts[0].w->name.c_str(), parts[1].w->name.c_str());
-  return launch_matvec_parts(parts, 2, a, 1, arrivals, also, s);
+  return launch_matvec_parts(parts, 2, a, 1, arrivals, also, AddNormOut{}, s);
+}
+
+bool matvec_add_norm_fits(const CudaWeight& w) {
+  return ksplit_enabled() && (w.type == DType::Q4_0 || w.type == DType::Q8_0) && w.n_in % 32 == 0 &&
+         w.n_out % 32 == 0;
+}
+
+Status launch_matvec_add_norm(const MatvecPart& part, const QuantizedActs& a, const AddNormOut& o,
+                              cudaStream_t s) {
+  if (!matvec_add_norm_fits(*part.w) || part.bias || !o.x || !o.weight || !o.ss || !o.arrivals ||
+      !o.planes.q1)
+    return error("matmul+add_rms_norm: '%s' does not fit the fused launch", part.w->name.c_str());
+  const MatvecPart p{part.w, o.x, nullptr};
+  return launch_matvec_parts(&p, 1, a, 1, nullptr, MatmulInputOut{}, o, s);
 }
 
 }  // namespace kestrel::backend::cuda

@@ -69,7 +69,8 @@ struct MatvecStreamArgs {
   const ActBlock* meta;
   const float* gate;  // non-null: the activations are silu(gate) * up, quantized here
   const float* up;
-  unsigned* counters;  // [0]: tiles handed out, [1]: blocks finished (both left 0)
+  unsigned* counters;   // [0]: tiles handed out, [1]: blocks finished (both left 0)
+  AddNormOut add_norm;  // arrivals non-null: rows added into x, then the norm's epilogue
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -177,6 +178,20 @@ __device__ __forceinline__ void swiglu_block(const float* g, const float* u, int
   am = ActBlock{block_unit(amax), sum};
 }
 
+// After warp 0 added a tile's kRows rows into x: the last of the 32 / kRows tiles of a 32-row
+// block to arrive runs the add and norm epilogue for it (matvec_int8.cu's K-split kernel does the
+// same with its blocks).
+__device__ __forceinline__ void add_norm_tile(const AddNormOut& o, int64_t row0, int lane) {
+  __threadfence();  // each lane's row, before the tile is counted
+  __syncwarp();
+  const int64_t ab = row0 / 32;
+  bool last = false;
+  if (lane == 0) last = atomicAdd(&o.arrivals[ab], 1u) == 32 / kRows - 1;
+  if (!__shfl_sync(0xffffffffu, last, 0)) return;
+  __threadfence();
+  add_norm_block(o, ab, lane);
+}
+
 // The consumers: warp w takes the K slice [w nb / 8, (w + 1) nb / 8) (32-64 blocks) of every row
 // of the tile, lane i the slice's blocks i and i + 32, whose activations stay in registers. The
 // 8 warps' sums of a row meet in `red` (a slot a stage) and warp 0 adds them in a fixed order.
@@ -249,8 +264,15 @@ __device__ void consume(const MatvecStreamArgs& a, const uint8_t* ring, float* r
 #pragma unroll
       for (int w = 0; w < kConsumerWarps; ++w) v += slot[w * kRows + lane];
       const int64_t r = row0 + lane;
-      if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
+      if (r < m.n_out) {
+        v += m.bias ? m.bias[r] : 0.0f;
+        if (a.add_norm.arrivals)
+          a.add_norm.x[r] += v;
+        else
+          m.out[r] = v;
+      }
     }
+    if (warp == 0 && a.add_norm.arrivals) add_norm_tile(a.add_norm, row0, lane);
   }
 }
 
@@ -402,6 +424,8 @@ Status launch_matvec_stream(const MatvecPart* parts, int n_parts, const MatvecSt
   a.gate = in.gate;
   a.up = in.up;
   a.counters = counters;
+  a.add_norm = in.add_norm;
+  if (in.add_norm.arrivals && (n_parts != 1 || w0.n_out % 32 != 0)) return Status::ok();
   const int grid = std::min(sms, tiles);
   const cudaError_t e =
       type == DType::Q4_0
