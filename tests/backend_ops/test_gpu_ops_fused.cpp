@@ -74,6 +74,7 @@ TEST_P(GpuOpsFusedNorm, MatmulAddRmsNormIsTheThreeOps) {
       const std::vector<float> x0 = randn(rng, static_cast<size_t>(n_embd), 4.0f);
       std::vector<float> norm_w = randn(rng, static_cast<size_t>(n_embd), 0.3f);
       for (float& g : norm_w) g += 1.0f;
+      const std::vector<float> dense = randn(rng, static_cast<size_t>(n_embd * 8));
       std::vector<float> xs[2], gates[2], ups[2];
       for (int f = 0; f < 2; ++f) {
         Backend& b = f ? **fused : be();
@@ -87,6 +88,10 @@ TEST_P(GpuOpsFusedNorm, MatmulAddRmsNormIsTheThreeOps) {
         DevTensor it(b, 1, n_in, in), xt(b, 1, n_embd, x0), proj(b, DType::F32, 1, n_embd, "proj"),
             h(b, DType::F32, 1, n_embd, "h"), gt(b, DType::F32, 1, n_ff, "gate"),
             ut(b, DType::F32, 1, n_ff, "up");
+        // (Made before the fused op: an upload in between drops what the backend holds.)
+        auto wf = b.load_weight(HostMatrix{DType::F32, n_embd, 8, dense.data(), "dense"});
+        ASSERT_TRUE(wf.has_value()) << wf.message();
+        DevTensor dense_out(b, DType::F32, 1, 8, "dense out");
         const Weight* readers[] = {&**g, &**u};
         const bool fuses = b.fuses_matmul_add_rms_norm(**o, 1, readers, 2);
         if (f == 1 && GetParam() == "cuda") {
@@ -97,11 +102,7 @@ TEST_P(GpuOpsFusedNorm, MatmulAddRmsNormIsTheThreeOps) {
         if (st && !f) st = b.add_rms_norm(*xt, *proj, 1, *nw, eps, *h);
         ASSERT_TRUE(st.is_ok()) << st.message();
         if (f == 1 && fuses) {  // h as f32 (an F32 weight's product): refused, naming the weight
-          const std::vector<float> dense = randn(rng, static_cast<size_t>(n_embd * 8));
-          auto wf = b.load_weight(HostMatrix{DType::F32, n_embd, 8, dense.data(), "dense"});
-          ASSERT_TRUE(wf.has_value()) << wf.message();
-          DevTensor out(b, DType::F32, 1, 8, "out");
-          const Status bad = b.matmul(**wf, *h, 1, *out, nullptr);
+          const Status bad = b.matmul(**wf, *h, 1, *dense_out, nullptr);
           EXPECT_FALSE(bad.is_ok()) << "an f32 read of the fused op's planes-only output";
           EXPECT_NE(bad.message().find("'dense'"), std::string::npos) << bad.message();
         }

@@ -56,6 +56,7 @@ struct MatvecArgs {
   const ActBlock* meta;
   int n_tokens;
   bool dependent;  // matvec_ksplit_kernel as a programmatic dependent launch
+  bool trigger;    // ... letting its own dependents start once it has its inputs
   // launch_matvec_swiglu: parts 0 and 1 are gate and up; a counter a 32-row block of them, and
   // where silu(gate) * up goes as the down projection's input.
   unsigned* swiglu_arrivals;
@@ -254,6 +255,7 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
     }
     grid_dependency_wait();
   }
+  if (args.trigger) grid_dependents_launch();
   if (r0 >= m.n_out) return;  // the whole block
   const float scale = args.in_ss ? row_inv_rms(args.in_ss, nb, args.n_in, args.in_eps) : 1.0f;
   float acc[kKSplitRows] = {};
@@ -336,6 +338,17 @@ bool ksplit_enabled() {
   return on;
 }
 
+// Whether the K-split matvec lets the next kernel start (its blocks up to their wait: the next
+// matvec asks L2 for its rows, the weight stream fills its ring) once every block of it has its
+// inputs (KESTREL_CUDA_KSPLIT_TRIGGER=1); by default the next kernel starts when it ends.
+bool ksplit_triggers() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_KSPLIT_TRIGGER");
+    return e && std::string(e) == "1";
+  }();
+  return on;
+}
+
 }  // namespace
 
 QuantizedActs QuantizedActs::in(void* buffer, int n_tokens, int64_t k) {
@@ -399,6 +412,7 @@ Status launch_matvec_parts(const MatvecPart* parts, int n_parts, const Quantized
   args.meta = a.meta;
   args.n_tokens = n_tokens;
   args.dependent = ksplit && dependent_launches();
+  args.trigger = args.dependent && ksplit_triggers();
   args.swiglu_arrivals = swiglu_arrivals;
   args.swiglu_also = also;
   args.in_ss = a.row_ss;
