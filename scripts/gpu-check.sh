@@ -414,9 +414,8 @@ if ((TESTS)); then
     # suite's SwigluMatmulIsTheTwoOps sets it for its own backend either way).
     gpu_test_stage gpu-tests-fused-swiglu '*GpuOpsMatmulLarge*:*GpuOpsChain*' \
       gtest-gpu-fused-swiglu.xml KESTREL_CUDA_FUSED_SWIGLU=1
-    # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in KESTREL_CUDA_MATMUL_SWIGLU=1,
-    # written in the twenty-fifth session; the matmul suite's MatmulSwigluIsTheTwoOps sets it for
-    # its own backend either way).
+    # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in KESTREL_CUDA_MATMUL_SWIGLU=1, slower
+    # so far; the matmul suite's MatmulSwigluIsTheTwoOps sets it for its own backend either way).
     gpu_test_stage gpu-tests-matmul-swiglu '*GpuOpsMatmul*:*GpuOpsChain*' \
       gtest-gpu-matmul-swiglu.xml KESTREL_CUDA_MATMUL_SWIGLU=1
     # Decode's residual add and norm in the output and down projections' epilogues (opt-in

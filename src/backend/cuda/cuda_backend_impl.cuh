@@ -339,12 +339,12 @@ class CudaBackend final : public Backend {
   // (swiglu_matmul), one kernel a layer fewer. Slower (H100 tg128 352 against 411: every block
   // reads all of gate and up from L2 and quantizes its slice, bench/NOTES.md), so it stays opt-in.
   bool fused_swiglu_ = false;
-  // Opt-in (KESTREL_CUDA_MATMUL_SWIGLU=1, written in the twenty-fifth session, not yet run on a
-  // GPU): decode's SwiGLU in the gate/up matvec's epilogue (matmul_swiglu), the SwiGLU launch
-  // gone (2.6 us a layer inside the tg128 graph, bench/NOTES.md).
+  // Opt-in (KESTREL_CUDA_MATMUL_SWIGLU=1): decode's SwiGLU in the gate/up matvec's epilogue
+  // (matmul_swiglu), the SwiGLU launch gone. Slower: H100 tg128 384 against 422-427 (the epilogue's
+  // fence and count in every block, and the next kernel no longer starts early; bench/NOTES.md).
   bool matmul_swiglu_ = false;
-  // Decode's residual add and norm in the output and down projections' epilogues
-  // (matmul_add_rms_norm; KESTREL_CUDA_MATMUL_ADD_NORM=1, opt-in until measured on a GPU).
+  // Opt-in (KESTREL_CUDA_MATMUL_ADD_NORM=1): decode's residual add and norm in the output and down
+  // projections' epilogues (matmul_add_rms_norm). Slower, as above: tg128 375 against 422-427.
   bool matmul_add_norm_ = false;
   // The next counter pair of matvec_stream.cu's launches.
   Expected<unsigned*> matvec_stream_counters();
