@@ -204,7 +204,8 @@ class Backend {
   // out afterwards (Q, K and V; gate and up). The default runs matmul, then add_rms_norm. A
   // backend that runs them as one op says so in fuses_matmul_add_rms_norm (the forward pass then
   // times them as one op, "matmul+add_rms_norm"); proj and out may then be left as only `next`
-  // reads them: no other op may read either afterwards.
+  // reads them: no other op may read either afterwards, and `next` must follow at once (an
+  // upload or free in between may drop what the backend holds for them).
   virtual Status matmul_add_rms_norm(const Weight& w, const Tensor& in, int n_tokens, Tensor& proj,
                                      Tensor& x, const Tensor& weight, float eps, Tensor& out);
   virtual bool fuses_matmul_add_rms_norm(const Weight& /*w*/, int /*n_tokens*/,
