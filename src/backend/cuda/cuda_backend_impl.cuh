@@ -199,6 +199,8 @@ class CudaBackend final : public Backend {
                              Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
   bool fuses_matmul_add_rms_norm(const Weight& w, int n_tokens, const Weight* const* next,
                                  int n_next) const override;
+  // Whether matmul_add_rms_norm runs w's product as the fused launch (the readers aside).
+  bool add_norm_producer(const CudaWeight& w, int n_tokens) const;
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;

@@ -476,13 +476,16 @@ Status CudaBackend::matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w
   return launch_matvec_swiglu(parts, in, arrivals, also, stream_);
 }
 
+bool CudaBackend::add_norm_producer(const CudaWeight& w, int n_tokens) const {
+  return matmul_add_norm_ && fuse_inputs_ && n_tokens == 1 &&
+         matmul_path(w.type, w.n_in, n_tokens) == MatmulPath::kInt8 && matvec_add_norm_fits(w) &&
+         matmul_path(DType::Q4_0, w.n_out, n_tokens) == MatmulPath::kInt8;
+}
+
 bool CudaBackend::fuses_matmul_add_rms_norm(const Weight& weight, int n_tokens,
                                             const Weight* const* next, int n_next) const {
   const auto& w = static_cast<const CudaWeight&>(weight);
-  if (!matmul_add_norm_ || !fuse_inputs_ || n_tokens != 1 || n_next < 1 ||
-      matmul_path(w.type, w.n_in, n_tokens) != MatmulPath::kInt8 || !matvec_add_norm_fits(w) ||
-      matmul_path(DType::Q4_0, w.n_out, n_tokens) != MatmulPath::kInt8)
-    return false;
+  if (n_next < 1 || !add_norm_producer(w, n_tokens)) return false;
   // Every reader must take the planes on the K-split matvec (the kernel that applies the row
   // scale): not the stream kernel, which would otherwise take its rows.
   for (int i = 0; i < n_next; ++i) {
@@ -503,11 +506,7 @@ Status CudaBackend::matmul_add_rms_norm(const Weight& weight, const Tensor& in, 
                                         Tensor& proj, Tensor& x, const Tensor& norm_weight,
                                         float eps, Tensor& out) {
   const auto& w = static_cast<const CudaWeight&>(weight);
-  const bool fused = matmul_add_norm_ && fuse_inputs_ && n_tokens == 1 &&
-                     matmul_path(w.type, w.n_in, n_tokens) == MatmulPath::kInt8 &&
-                     matvec_add_norm_fits(w) &&
-                     matmul_path(DType::Q4_0, w.n_out, n_tokens) == MatmulPath::kInt8;
-  if (!fused)
+  if (!add_norm_producer(w, n_tokens))
     return Backend::matmul_add_rms_norm(weight, in, n_tokens, proj, x, norm_weight, eps, out);
   KESTREL_TRY(check_matmul_shapes(w, in, n_tokens, x));
   KESTREL_TRY(check_matmul_shapes(w, in, n_tokens, out));
