@@ -215,13 +215,29 @@ __device__ __forceinline__ void add_norm_epilogue(const AddNormOut& o, int64_t r
   add_norm_block(o, ab, threadIdx.x);
 }
 
-// 1 / rms of activations whose planes are of x * w (QuantizedActs::row_ss): the block's threads
-// sum the nb blocks' sums of squares in a fixed order, so every block gets the same value.
-__device__ __forceinline__ float row_inv_rms(const float* ss, int64_t nb, int64_t n, float eps) {
+// 1 / rms of activations whose planes are of x * w (QuantizedActs::row_ss), in two steps so that
+// the sums' loads do not hold up the weights' (a block asked L2 for them first and then waited a
+// round trip and a barrier before its first weight load): load_row_ss before the weights, each
+// thread its first kRowSsEarly of the nb sums, and row_inv_rms after them, the block's threads
+// summing in a fixed order so that every block gets the same value.
+constexpr int kRowSsEarly = 4;
+
+__device__ __forceinline__ void load_row_ss(const float* ss, int64_t nb, float* v) {
+#pragma unroll
+  for (int i = 0; i < kRowSsEarly; ++i) {
+    const int64_t b = threadIdx.x + i * int64_t{kWarps * 32};
+    v[i] = ss && b < nb ? ss[b] : 0.0f;
+  }
+}
+
+__device__ __forceinline__ float row_inv_rms(const float* v, const float* ss, int64_t nb, int64_t n,
+                                             float eps) {
   constexpr int kThreads = kWarps * 32;
   __shared__ float part[kWarps];
   float s = 0.0f;
-  for (int64_t b = threadIdx.x; b < nb; b += kThreads) s += ss[b];
+#pragma unroll
+  for (int i = 0; i < kRowSsEarly; ++i) s += v[i];
+  for (int64_t b = threadIdx.x + kRowSsEarly * kThreads; b < nb; b += kThreads) s += ss[b];
   s = warp_sum(s);
   if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
   __syncthreads();
@@ -256,7 +272,8 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
   }
   if (args.trigger) grid_dependents_launch();
   if (r0 >= m.n_out) return;  // the whole block
-  const float scale = args.in_ss ? row_inv_rms(args.in_ss, nb, args.n_in, args.in_eps) : 1.0f;
+  float row_ss[kRowSsEarly];
+  load_row_ss(args.in_ss, nb, row_ss);
   float acc[kKSplitRows] = {};
 #pragma unroll 2
   for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
@@ -271,6 +288,8 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
 #pragma unroll
     for (int rr = 0; rr < kKSplitRows; ++rr) acc[rr] += block_term<T>(w[rr], dw[rr], a1, a2, am);
   }
+  const float scale =
+      args.in_ss ? row_inv_rms(row_ss, args.in_ss, nb, args.n_in, args.in_eps) : 1.0f;
   __shared__ float partial[kWarps][kKSplitRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
