@@ -88,6 +88,21 @@ __device__ __forceinline__ void write_matmul_input1(const MatmulInputOut& m, int
   if (i % 32 == 0) m.meta[i / 32] = ActBlock{block_unit(amax), sum};
 }
 
+// Whether the calling warp's block (or tile) is the last of `writers` to count itself on
+// *counter, after its lanes' stores of the rows it owns (every lane gets the answer; the last one
+// then reads what the others wrote). One warp, so that the rest of a block need not wait for the
+// fence and the atomic's round trips (bench/NOTES.md, twenty-seventh session: a K-split matvec
+// block lives one round of loads, and whatever lengthens it slows the launch).
+__device__ __forceinline__ bool last_to_arrive(unsigned* counter, unsigned writers, int lane) {
+  __threadfence();  // this warp's rows, before they are counted
+  __syncwarp();
+  unsigned before = 0;
+  if (lane == 0) before = atomicAdd(counter, 1u);
+  const bool last = __shfl_sync(0xffffffffu, before, 0) == writers - 1;
+  if (last) __threadfence();
+  return last;
+}
+
 // The add and norm epilogue's work for 32-row block ab of x (AddNormOut), by one whole warp, once
 // every row of the block is in x: its sum of squares and x * weight as the readers' planes; the
 // block's counter back to zero for the next launch.

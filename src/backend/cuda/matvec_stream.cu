@@ -182,22 +182,18 @@ __device__ __forceinline__ void swiglu_block(const float* g, const float* u, int
 // block to arrive runs the add and norm epilogue for it (matvec_int8.cu's K-split kernel does the
 // same with its blocks).
 __device__ __forceinline__ void add_norm_tile(const AddNormOut& o, int64_t row0, int lane) {
-  __threadfence();  // each lane's row, before the tile is counted
-  __syncwarp();
   const int64_t ab = row0 / 32;
-  bool last = false;
-  if (lane == 0) last = atomicAdd(&o.arrivals[ab], 1u) == 32 / kRows - 1;
-  if (!__shfl_sync(0xffffffffu, last, 0)) return;
-  __threadfence();
-  add_norm_block(o, ab, lane);
+  if (last_to_arrive(&o.arrivals[ab], 32 / kRows, lane)) add_norm_block(o, ab, lane);
 }
 
 // The consumers: warp w takes the K slice [w nb / 8, (w + 1) nb / 8) (32-64 blocks) of every row
 // of the tile, lane i the slice's blocks i and i + 32, whose activations stay in registers. The
-// 8 warps' sums of a row meet in `red` (a slot a stage) and warp 0 adds them in a fixed order.
+// 8 warps' sums of a row meet in `red` (a slot a stage) and one warp, in turn, adds them in a
+// fixed order.
 template <DType T>
 __device__ void consume(const MatvecStreamArgs& a, const uint8_t* ring, float* red,
-                        const int* tile_of, uint32_t full, uint32_t empty, int warp, int lane) {
+                        const int* tile_of, uint32_t full, uint32_t empty, uint32_t sums, int warp,
+                        int lane) {
   constexpr int kWords = kQuantWords<T>;
   const int nb = a.nb, slice = nb / kConsumerWarps;
   const int bq[2] = {warp * slice + lane, warp * slice + lane + 32};
@@ -250,29 +246,41 @@ __device__ void consume(const MatvecStreamArgs& a, const uint8_t* ring, float* r
         acc[r] += block_term<T>(w, __half2float(scales[i]), a1[j], a2[j], am[j]);
       }
     }
-    __syncwarp();
-    if (lane == 0) barrier_arrive(empty + 8 * stage);  // the warp has read the stage
+    // The warp's sums into the stage's slot, counted on the stage's `sums` barrier. Warp
+    // it % kConsumerWarps finishes the tile; the others go on to the next stage at once (with a
+    // block barrier here every warp waited each tile for the finisher's stores, and with the
+    // add + norm epilogue for its fence and atomic too).
     float* slot = red + stage * kConsumerWarps * kRows;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const float v = warp_sum(acc[r]);
       if (lane == 0) slot[warp * kRows + r] = v;
     }
-    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerWarps * 32) : "memory");
-    if (warp == 0 && lane < kRows) {
-      float v = 0.0f;
+    const bool finishes = it % kConsumerWarps == warp;
+    if (lane == 0) {
+      // The stage's codes are read; the finisher gives it back only once it has read the slot
+      // too (the slot's next writers wait for the stage's next fill).
+      if (!finishes) barrier_arrive(empty + 8 * stage);
+      barrier_arrive(sums + 8 * stage);
+    }
+    if (!finishes) continue;
+    barrier_wait(sums + 8 * stage, (it / a.stages) & 1);
+    float v = 0.0f;
+    if (lane < kRows) {
 #pragma unroll
       for (int w = 0; w < kConsumerWarps; ++w) v += slot[w * kRows + lane];
-      const int64_t r = row0 + lane;
-      if (r < m.n_out) {
-        v += m.bias ? m.bias[r] : 0.0f;
-        if (a.add_norm.arrivals)
-          a.add_norm.x[r] += v;
-        else
-          m.out[r] = v;
-      }
     }
-    if (warp == 0 && a.add_norm.arrivals) add_norm_tile(a.add_norm, row0, lane);
+    __syncwarp();
+    if (lane == 0) barrier_arrive(empty + 8 * stage);
+    const int64_t r = row0 + lane;
+    if (lane < kRows && r < m.n_out) {
+      v += m.bias ? m.bias[r] : 0.0f;
+      if (a.add_norm.arrivals)
+        a.add_norm.x[r] += v;
+      else
+        m.out[r] = v;
+    }
+    if (a.add_norm.arrivals) add_norm_tile(a.add_norm, row0, lane);
   }
 }
 
@@ -287,12 +295,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   uint8_t* ring = smem;
   float* red = reinterpret_cast<float*>(smem + a.stages * a.stage_bytes);
   int* tile_of = reinterpret_cast<int*>(red + kRedFloats);
-  const uint32_t full = (smem_addr(tile_of + kMaxStages) + 7) & ~7u, empty = full + 8 * kMaxStages;
+  const uint32_t full = (smem_addr(tile_of + kMaxStages) + 7) & ~7u, empty = full + 8 * kMaxStages,
+                 sums = empty + 8 * kMaxStages;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   if (tid == 0) {
     for (int s = 0; s < a.stages; ++s) {
       barrier_init(full + 8 * s, 1);
       barrier_init(empty + 8 * s, kConsumerWarps);
+      barrier_init(sums + 8 * s, kConsumerWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -301,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (lane == 0) produce<T>(a, smem_addr(ring), tile_of, full, empty);
   } else {
     grid_dependency_wait();  // the activations are the kernel before's output
-    consume<T>(a, ring, red, tile_of, full, empty, warp, lane);
+    consume<T>(a, ring, red, tile_of, full, empty, sums, warp, lane);
   }
   // Every weight is asked for: the next kernel (a programmatic dependent launch waiting for this
   // one to end) may be scheduled.
@@ -336,7 +346,7 @@ StreamPlan plan_stream(int nb, int code_bytes, size_t optin) {
   }();
   StreamPlan p;
   if (nb < 32 * kConsumerWarps || nb > 64 * kConsumerWarps || nb % kConsumerWarps != 0) return p;
-  const size_t fixed = sizeof(float) * kRedFloats + 4 * kMaxStages + 16 * kMaxStages + 16;
+  const size_t fixed = sizeof(float) * kRedFloats + 4 * kMaxStages + 24 * kMaxStages + 16;
   p.code_cap = kRows * nb * code_bytes;
   p.stage_bytes = p.code_cap + ((kRows * nb * 2 + 15) & ~15);
   const size_t budget = std::min(kb * 1024, optin);
