@@ -103,10 +103,10 @@ VARIANTS = [
     ("KESTREL_CUDA_MATVEC_STREAM=0", "tg128"),
     # Decode's SwiGLU inside the ffn down stream launch (opt-in: H100 tg128 352 against 411).
     ("KESTREL_CUDA_FUSED_SWIGLU=1", "tg128"),
-    # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in: H100 tg128 384 against 422-427).
+    # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in: H100 tg128 402 against 439-441).
     ("KESTREL_CUDA_MATMUL_SWIGLU=1", "tg128"),
     # Decode's residual add and norm in the output / down projections' epilogues (opt-in: H100
-    # tg128 375 against 422-427).
+    # tg128 383 against 439-441).
     ("KESTREL_CUDA_MATMUL_ADD_NORM=1", "tg128"),
     # A decode layer as one persistent kernel whose weights come through a shared-memory ring
     # (decode_layer.cu, decode_ring.cuh; opt-in).

@@ -342,11 +342,12 @@ class CudaBackend final : public Backend {
   // reads all of gate and up from L2 and quantizes its slice, bench/NOTES.md), so it stays opt-in.
   bool fused_swiglu_ = false;
   // Opt-in (KESTREL_CUDA_MATMUL_SWIGLU=1): decode's SwiGLU in the gate/up matvec's epilogue
-  // (matmul_swiglu), the SwiGLU launch gone. Slower: H100 tg128 384 against 422-427 (the epilogue's
-  // fence and count in every block, and the next kernel no longer starts early; bench/NOTES.md).
+  // (matmul_swiglu), the SwiGLU launch gone. Slower: H100 tg128 402 against 439-441 (the
+  // epilogue's fence and count lengthen every block of the launch; bench/NOTES.md).
   bool matmul_swiglu_ = false;
   // Opt-in (KESTREL_CUDA_MATMUL_ADD_NORM=1): decode's residual add and norm in the output and down
-  // projections' epilogues (matmul_add_rms_norm). Slower, as above: tg128 375 against 422-427.
+  // projections' epilogues (matmul_add_rms_norm). Slower, as above: tg128 383 against 439-441
+  // (ncu: the weight stream +9 us a launch, the K-split launches +6 us a layer).
   bool matmul_add_norm_ = false;
   // The next counter pair of matvec_stream.cu's launches.
   Expected<unsigned*> matvec_stream_counters();
