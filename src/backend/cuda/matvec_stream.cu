@@ -178,9 +178,9 @@ __device__ __forceinline__ void swiglu_block(const float* g, const float* u, int
   am = ActBlock{block_unit(amax), sum};
 }
 
-// After warp 0 added a tile's kRows rows into x: the last of the 32 / kRows tiles of a 32-row
-// block to arrive runs the add and norm epilogue for it (matvec_int8.cu's K-split kernel does the
-// same with its blocks).
+// After the tile's finisher warp added its kRows rows into x: the last of the 32 / kRows tiles of
+// a 32-row block to arrive runs the add and norm epilogue for it (matvec_int8.cu's K-split kernel
+// does the same with its blocks).
 __device__ __forceinline__ void add_norm_tile(const AddNormOut& o, int64_t row0, int lane) {
   const int64_t ab = row0 / 32;
   if (last_to_arrive(&o.arrivals[ab], 32 / kRows, lane)) add_norm_block(o, ab, lane);
