@@ -97,12 +97,13 @@ VARIANTS = [
     # unchanged variant row on the H200). Compare the variants with this row.
     ("KESTREL_AB_BASELINE=1", "llama2-7b tg128"),
     ("KESTREL_AB_BASELINE=1", "seed case, b128 ub16"),
-    # Decode's ffn down on the block-a-4-rows matvec instead of the weight stream of
-    # matvec_stream.cu (H100: llama3-8b tg128 383 against 402, llama2-7b even).
+    # Decode's ffn down as the weight stream of matvec_stream.cu instead of the block-a-4-rows
+    # matvec (opt-in since the twenty-seventh session, H100: llama2-7b tg128 440 against 475,
+    # llama3-8b 396 against 400).
     ("KESTREL_AB_BASELINE=1", "llama3-8b tg128"),
-    ("KESTREL_CUDA_MATVEC_STREAM=0", "tg128"),
-    # Decode's SwiGLU inside the ffn down stream launch (opt-in: H100 tg128 352 against 411).
-    ("KESTREL_CUDA_FUSED_SWIGLU=1", "tg128"),
+    ("KESTREL_CUDA_MATVEC_STREAM=1", "tg128"),
+    # (Decode's SwiGLU inside the ffn down stream launch, KESTREL_CUDA_FUSED_SWIGLU=1, needs the
+    # stream, KESTREL_CUDA_MATVEC_STREAM=1, as well: no row; H100 tg128 352 against 411.)
     # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in: H100 tg128 402 against 439-441).
     ("KESTREL_CUDA_MATMUL_SWIGLU=1", "tg128"),
     # Decode's residual add and norm in the output / down projections' epilogues (opt-in: H100

@@ -406,14 +406,14 @@ if ((TESTS)); then
     # dependent launch whose weights are asked of L2 while the kernel before it runs).
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
-    # Decode's matmuls all on matvec_int8.cu's kernels (KESTREL_CUDA_MATVEC_STREAM=0; by default
-    # rows of 256-512 blocks, ffn down, stream through matvec_stream.cu).
-    gpu_test_stage gpu-tests-no-matvec-stream '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
-      gtest-gpu-no-matvec-stream.xml KESTREL_CUDA_MATVEC_STREAM=0
-    # Decode's SwiGLU inside that stream's launch (opt-in KESTREL_CUDA_FUSED_SWIGLU=1; the matmul
-    # suite's SwigluMatmulIsTheTwoOps sets it for its own backend either way).
+    # Decode's rows of 256-512 blocks (ffn down) streamed through matvec_stream.cu (opt-in
+    # KESTREL_CUDA_MATVEC_STREAM=1; by default all on matvec_int8.cu's kernels).
+    gpu_test_stage gpu-tests-matvec-stream '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*:*GpuOpsFusedNorm*' \
+      gtest-gpu-matvec-stream.xml KESTREL_CUDA_MATVEC_STREAM=1
+    # Decode's SwiGLU inside that stream's launch (opt-in KESTREL_CUDA_FUSED_SWIGLU=1 with the
+    # stream on; the matmul suite's SwigluMatmulIsTheTwoOps sets the first for its own backend).
     gpu_test_stage gpu-tests-fused-swiglu '*GpuOpsMatmulLarge*:*GpuOpsChain*' \
-      gtest-gpu-fused-swiglu.xml KESTREL_CUDA_FUSED_SWIGLU=1
+      gtest-gpu-fused-swiglu.xml KESTREL_CUDA_MATVEC_STREAM=1 KESTREL_CUDA_FUSED_SWIGLU=1
     # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in KESTREL_CUDA_MATMUL_SWIGLU=1, slower
     # so far; the matmul suite's MatmulSwigluIsTheTwoOps sets it for its own backend either way).
     gpu_test_stage gpu-tests-matmul-swiglu '*GpuOpsMatmul*:*GpuOpsChain*' \

@@ -332,9 +332,9 @@ class CudaBackend final : public Backend {
   // may opt into.
   bool stream16_ = false;
   size_t smem_optin_ = 0;
-  // Decode's Q4_0 / Q8_0 matmuls of long rows (ffn down) on matvec_stream.cu (sm_90;
-  // KESTREL_CUDA_MATVEC_STREAM=0: never), the rest on matvec_int8.cu's kernels; each launch on the
-  // next of its counter pairs.
+  // Opt-in (KESTREL_CUDA_MATVEC_STREAM=1, sm_90): decode's Q4_0 / Q8_0 matmuls of long rows (ffn
+  // down) on matvec_stream.cu, the rest on matvec_int8.cu's kernels; each launch on the next of
+  // its counter pairs. Off by default: slower than the K-split matvec now (bench/NOTES.md).
   bool matvec_stream_ = false;
   int matvec_stream_slot_ = 0;
   // Opt-in (KESTREL_CUDA_FUSED_SWIGLU=1): decode's SwiGLU inside the stream's ffn down launch

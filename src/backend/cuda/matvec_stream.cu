@@ -12,6 +12,9 @@
 // the H100 (52% of the bandwidth), a 4096 x 14336 one (llama3-8b) in more rounds still; this
 // kernel in 11.4 us. llama3-8b tg128 402 t/s against 383, llama2-7b even (its down is prefetched
 // into L2 by the ksplit kernel's blocks while SwiGLU runs, which the isolated timing misses).
+// Opt-in since the twenty-seventh session (KESTREL_CUDA_MATVEC_STREAM=1): with the decode graph
+// as it is now the K-split matvec takes ffn down faster in the graph (H100 tg128: llama2-7b 475
+// against 440, llama3-8b 400 against 396; ncu: this kernel 17.5 us a launch serialized).
 // Measured and dropped: the same stream for every decode shape (4096-wide rows with the rows a
 // warp, activations in shared memory, or two row groups a warp): slower than the ksplit kernel
 // there (tg128 406 / 397 against 424 / 402), and deeper rings (200 KB) slower than 144 KB.
@@ -358,11 +361,13 @@ StreamPlan plan_stream(int nb, int code_bytes, size_t optin) {
 
 }  // namespace
 
-// KESTREL_CUDA_MATVEC_STREAM=0: every decode matmul on matvec_int8.cu's kernels.
+// Opt-in (KESTREL_CUDA_MATVEC_STREAM=1): by default every decode matmul is on matvec_int8.cu's
+// kernels, since the K-split matvec became the faster for ffn down too (H100, twenty-seventh
+// session, same call: llama2-7b tg128 475 against 440 with the stream, llama3-8b 400 against 396).
 bool matvec_stream_enabled() {
   static const bool on = [] {
     const char* e = std::getenv("KESTREL_CUDA_MATVEC_STREAM");
-    return !(e && std::string(e) == "0");
+    return e && std::string(e) == "1";
   }();
   return on;
 }
