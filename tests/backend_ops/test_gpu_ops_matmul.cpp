@@ -408,8 +408,8 @@ TEST_P(GpuOpsMatmul, FragmentKernelIsTheTemplateBitForBit) {
 
 // SwiGLU and the down projection as one op (Backend::swiglu_matmul; CUDA fuses decode's with
 // KESTREL_CUDA_FUSED_SWIGLU=1, the stream kernel quantizing silu(gate) * up itself, where the
-// stream is on: KESTREL_CUDA_MATVEC_STREAM=1 for the process, gpu-check's stage
-// gpu-tests-fused-swiglu; else the two ops): the result of
+// stream is on: KESTREL_CUDA_MATVEC_STREAM=1, as gpu-check's stage gpu-tests-fused-swiglu sets
+// it; else the two ops): the result of
 // the two ops bit for bit (the same int8 planes, the same kernel), and the double reference within
 // the matmul bound. Rows of 11008 (a 7B ffn down), a short last 8-row tile.
 TEST_P(GpuOpsMatmulLarge, SwigluMatmulIsTheTwoOps) {

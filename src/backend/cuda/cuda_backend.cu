@@ -130,7 +130,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   if (be->wgmma_ && !env_is("KESTREL_CUDA_STREAM16", "0")) {
     KESTREL_ASSIGN_OR_RETURN(be->stream16_, stream16_available(device));
   }
-  if (matvec_stream_enabled()) {
+  if (env_is("KESTREL_CUDA_MATVEC_STREAM", "1")) {
     KESTREL_ASSIGN_OR_RETURN(be->matvec_stream_, matvec_stream_available(device));
   }
   be->fused_swiglu_ = env_is("KESTREL_CUDA_FUSED_SWIGLU", "1");

@@ -334,7 +334,8 @@ class CudaBackend final : public Backend {
   size_t smem_optin_ = 0;
   // Opt-in (KESTREL_CUDA_MATVEC_STREAM=1, sm_90): decode's Q4_0 / Q8_0 matmuls of long rows (ffn
   // down) on matvec_stream.cu, the rest on matvec_int8.cu's kernels; each launch on the next of
-  // its counter pairs. Off by default: slower than the K-split matvec now (bench/NOTES.md).
+  // its counter pairs. Off by default: slower than the K-split matvec now (H100, twenty-seventh
+  // session: llama2-7b tg128 475 against 440 with it, llama3-8b 400 against 396; bench/NOTES.md).
   bool matvec_stream_ = false;
   int matvec_stream_slot_ = 0;
   // Opt-in (KESTREL_CUDA_FUSED_SWIGLU=1): decode's SwiGLU inside the stream's ffn down launch
@@ -549,7 +550,6 @@ Status launch_matvec_add_norm(const MatvecPart& part, const QuantizedActs& a, co
 // a weight stream through shared memory, one persistent block an SM (sm_90). `launched` false:
 // the shape or type does not fit it (nothing launched; use launch_matvec_int8). counters: a pair
 // of zeroed counters, left zero; a launch must not share its pair with the launch before it.
-bool matvec_stream_enabled();
 Expected<bool> matvec_stream_available(int device);
 int matvec_stream_counter_pairs();
 // The activations: the int8 planes of acts, or (gate non-null) silu(gate) * up [n_in] in f32,

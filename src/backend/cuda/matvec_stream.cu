@@ -31,7 +31,6 @@
 // never meets a counter the one before it still uses.
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 
 #include "backend/cuda/acts_device.cuh"
 #include "backend/cuda/cuda_backend_impl.cuh"
@@ -360,17 +359,6 @@ StreamPlan plan_stream(int nb, int code_bytes, size_t optin) {
 }
 
 }  // namespace
-
-// Opt-in (KESTREL_CUDA_MATVEC_STREAM=1): by default every decode matmul is on matvec_int8.cu's
-// kernels, since the K-split matvec became the faster for ffn down too (H100, twenty-seventh
-// session, same call: llama2-7b tg128 475 against 440 with the stream, llama3-8b 400 against 396).
-bool matvec_stream_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("KESTREL_CUDA_MATVEC_STREAM");
-    return e && std::string(e) == "1";
-  }();
-  return on;
-}
 
 Expected<bool> matvec_stream_available(int device) {
   cudaDeviceProp prop{};
