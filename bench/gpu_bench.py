@@ -102,6 +102,10 @@ VARIANTS = [
     # llama3-8b 396 against 400).
     ("KESTREL_AB_BASELINE=1", "llama3-8b tg128"),
     ("KESTREL_CUDA_MATVEC_STREAM=1", "tg128"),
+    # Decode's ffn down on the K-split matvec instead of its pipelined version (the default since
+    # the twenty-eighth session, H100: llama2-7b tg128 481 against 472, llama3-8b 396-399 against
+    # 391-394).
+    ("KESTREL_CUDA_MATVEC_PIPE=0", "tg128"),
     # (Decode's SwiGLU inside the ffn down stream launch, KESTREL_CUDA_FUSED_SWIGLU=1, needs the
     # stream, KESTREL_CUDA_MATVEC_STREAM=1, as well: no row; H100 tg128 352 against 411.)
     # Decode's SwiGLU in the gate/up matvec's epilogue (opt-in: H100 tg128 402 against 439-441).

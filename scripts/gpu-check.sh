@@ -406,6 +406,13 @@ if ((TESTS)); then
     # dependent launch whose weights are asked of L2 while the kernel before it runs).
     gpu_test_stage gpu-tests-no-pdl '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
       gtest-gpu-no-pdl.xml KESTREL_CUDA_PDL=0
+    # Decode's products on the K-split kernel alone (KESTREL_CUDA_MATVEC_PIPE=0; by default rows
+    # wider than 4096 go on its pipelined version, matvec_pipe_kernel), and all on the pipelined
+    # one (=1).
+    gpu_test_stage gpu-tests-matvec-no-pipe '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-matvec-no-pipe.xml KESTREL_CUDA_MATVEC_PIPE=0
+    gpu_test_stage gpu-tests-matvec-pipe-all '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*' \
+      gtest-gpu-matvec-pipe-all.xml KESTREL_CUDA_MATVEC_PIPE=1
     # Decode's rows of 256-512 blocks (ffn down) streamed through matvec_stream.cu (opt-in
     # KESTREL_CUDA_MATVEC_STREAM=1; by default all on matvec_int8.cu's kernels).
     gpu_test_stage gpu-tests-matvec-stream '*GpuOpsMatmul*.Q4_0/*:*GpuOpsMatmul*.Q8_0/*:*GpuOpsChain*:*GpuOpsFusedNorm*' \

@@ -188,7 +188,9 @@ void check_large(Backend& be, const std::string& backend, DType type) {
     if (::testing::Test::HasFatalFailure()) return;
   }
   // Rows of 11008 (a 7B ffn_down) in more 8-row tiles than an H100 has SMs, the last one short:
-  // CUDA's decode weight stream (matvec_stream.cu) gives each warp a K slice of every row there.
+  // CUDA's decode weight stream (matvec_stream.cu) gives each warp a K slice of every row there,
+  // and its pipelined K-split (matvec_pipe_kernel) a thread three K-blocks a row, the last
+  // 4-row group one row.
   constexpr int kLongTokens = 3;
   const int64_t long_in = 11008, long_out = 8 * 132 + 61;
   const std::vector<float> x_long = randn(rng, static_cast<size_t>(kLongTokens * long_in));

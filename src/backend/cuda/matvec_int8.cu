@@ -10,6 +10,7 @@
 // Layout: a warp owns kRowsFor<NT> consecutive output rows; its lanes take the rows' 32-element
 // blocks lane, lane + 32, ... so that a warp's weight loads are 512 contiguous bytes per row
 // (Q4_0), and every block's activations (two planes, 64 bytes per token) serve all of them.
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -79,17 +80,21 @@ struct MatvecTarget {
   int first_block;
 };
 
-__device__ __forceinline__ MatvecTarget block_target(const MatvecArgs& args) {
+__device__ __forceinline__ MatvecTarget target_of(const MatvecArgs& args, int block) {
   int part = 0;
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
-    if (p < args.n_parts && static_cast<int>(blockIdx.x) >= args.first_block[p]) part = p;
+    if (p < args.n_parts && block >= args.first_block[p]) part = p;
   MatvecTarget m{args.qs[0], args.d[0], args.n_out[0], args.out[0], args.bias[0], 0};
 #pragma unroll
   for (int p = 1; p < kMatvecMaxParts; ++p)
     if (part == p)
       m = {args.qs[p], args.d[p], args.n_out[p], args.out[p], args.bias[p], args.first_block[p]};
   return m;
+}
+
+__device__ __forceinline__ MatvecTarget block_target(const MatvecArgs& args) {
+  return target_of(args, static_cast<int>(blockIdx.x));
 }
 
 // The two activation planes of block b of token t (words a1[i], a2[i] hold elements 4i..4i+3).
@@ -304,11 +309,133 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
   if constexpr (kEpilogue == kAddNormRows) add_norm_epilogue(args.add_norm, r0);
 }
 
-// The launch's own error (cudaLaunchKernelEx returns it); the <<<>>> launches leave theirs to
-// the caller's LAUNCH_CHECK.
+// Decode's K-split matvec as a pipeline of resident blocks: the default for rows wider than
+// 4096 (more than one K-block a thread: llama2's ffn down, 11008), KESTREL_CUDA_MATVEC_PIPE
+// below. Why: a block of matvec_ksplit_kernel lives one round of loads (two with unroll 2, and a
+// third for 11008: 2.7 K-blocks a thread), and a 4096-row matrix is 1,024 blocks against the 924
+// that fit at once (7 an SM at 72 registers), so ~10% of them run as a second wave on an
+// otherwise idle card. Here the grid is what fits (or fewer), each block takes the same number of
+// 4-row groups (blockIdx.x, + gridDim.x, ...), and a thread walks its steps (group, K-block of
+// the group) in order with the next step's weights loaded before this step's dot products. A
+// group's rows are summed as the K-split kernel sums them (the same results bit for bit). As a
+// dependent launch, a block's first step is loaded before it waits for the kernel before.
+// Measured (H100, ncu, us a launch, K-split / pipeline): ffn down 15.0 / 12.6, but Q/K/V 12.5 /
+// 14.3, output 6.4 / 7.2, gate/up 19.8 / 21.5 (one step a group there: a block barrier every
+// step, one step in flight across it); tg128 481 against 472 with ffn down alone on it, 461-463
+// with every product (bench/NOTES.md, twenty-eighth session).
+struct PipeStep {  // where a thread's step is: group g (launch-wide), K-block b
+  int g;
+  int64_t b;
+};
+
 template <DType T>
-cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, cudaStream_t s) {
+__device__ __forceinline__ void load_pipe_step(const MatvecArgs& args, PipeStep st, int64_t nb,
+                                               int groups, int (&w)[kKSplitRows][kQuantWords<T>],
+                                               float (&dw)[kKSplitRows]) {
+  if (st.g >= groups || st.b >= nb) return;
+  const MatvecTarget m = target_of(args, st.g);
+  const int64_t r0 = static_cast<int64_t>(st.g - m.first_block) * kKSplitRows;
+#pragma unroll
+  for (int rr = 0; rr < kKSplitRows; ++rr)
+    dw[rr] = load_weight_block<T>(m, nb, min(r0 + rr, m.n_out - 1), st.b, w[rr]);
+}
+
+// One step: the next step's loads, this step's dot products, and at a group's last step the
+// group's sums (partial: two sets by the group's parity, so one barrier a group suffices).
+template <DType T>
+__device__ __forceinline__ void pipe_step(const MatvecArgs& args, PipeStep& st, int& k, int its,
+                                          int64_t nb, int groups, float (&acc)[kKSplitRows],
+                                          const int (&w)[kKSplitRows][kQuantWords<T>],
+                                          const float (&dw)[kKSplitRows],
+                                          int (&next_w)[kKSplitRows][kQuantWords<T>],
+                                          float (&next_dw)[kKSplitRows], int& parity,
+                                          float (*partial)[kWarps][kKSplitRows]) {
+  constexpr int kThreads = kWarps * 32;
+  const bool group_end = k == its - 1;
+  const PipeStep next =
+      group_end ? PipeStep{st.g + static_cast<int>(gridDim.x), static_cast<int64_t>(threadIdx.x)}
+                : PipeStep{st.g, st.b + kThreads};
+  load_pipe_step<T>(args, next, nb, groups, next_w, next_dw);
+  if (st.b < nb) {
+    int a1[8], a2[8];
+    load_act_block(args, 0, st.b, a1, a2);
+    const ActBlock am = args.meta[st.b];
+#pragma unroll
+    for (int rr = 0; rr < kKSplitRows; ++rr) acc[rr] += block_term<T>(w[rr], dw[rr], a1, a2, am);
+  }
+  if (group_end) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int rr = 0; rr < kKSplitRows; ++rr) {
+      const float sum = warp_sum(acc[rr]);
+      if (lane == 0) partial[parity][warp][rr] = sum;
+      acc[rr] = 0.0f;
+    }
+    __syncthreads();
+    if (threadIdx.x < kKSplitRows) {
+      const MatvecTarget m = target_of(args, st.g);
+      const int64_t r = static_cast<int64_t>(st.g - m.first_block) * kKSplitRows + threadIdx.x;
+      float v = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) v += partial[parity][i][threadIdx.x];
+      if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
+    }
+    parity ^= 1;
+  }
+  st = next;
+  k = group_end ? 0 : k + 1;
+}
+
+// Registers capped for 6 blocks an SM (Q4_0: 80, no spills; 96 uncapped).
+template <DType T>
+__global__ void __launch_bounds__(kWarps * 32, T == DType::Q4_0 ? 6 : 4)
+    matvec_pipe_kernel(const MatvecArgs args, int groups, int its) {
+  constexpr int kWords = kQuantWords<T>;
+  const int64_t nb = args.n_in / 32;
+  __shared__ float partial[2][kWarps][kKSplitRows];
+  int w0[kKSplitRows][kWords], w1[kKSplitRows][kWords];
+  float d0[kKSplitRows], d1[kKSplitRows];
+  PipeStep st{static_cast<int>(blockIdx.x), static_cast<int64_t>(threadIdx.x)};
+  load_pipe_step<T>(args, st, nb, groups, w0, d0);
+  if (args.dependent) grid_dependency_wait();
+  if (args.trigger) grid_dependents_launch();
+  const int block_groups = (groups - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
+  const int steps = block_groups * its;
+  float acc[kKSplitRows] = {};
+  int k = 0, parity = 0;
+  for (int s = 0; s < steps; s += 2) {  // two steps a turn: the buffers' roles fixed in code
+    pipe_step<T>(args, st, k, its, nb, groups, acc, w0, d0, w1, d1, parity, partial);
+    if (s + 1 < steps)
+      pipe_step<T>(args, st, k, its, nb, groups, acc, w1, d1, w0, d0, parity, partial);
+  }
+}
+
+// matvec_pipe_kernel's launch over `groups` 4-row groups: at most the blocks that fit on the card
+// at once, every block the same number of groups (no block's last turn is shorter).
+template <DType T>
+cudaError_t launch_pipe(const MatvecArgs& args, int groups, cudaStream_t s) {
+  constexpr int kThreads = kWarps * 32;
+  static int fit = 0;  // blocks resident at once on the card (the same device for the process)
+  if (fit == 0) {
+    int device = 0, sms = 0, per_sm = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess)
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matvec_pipe_kernel<T>, kThreads,
+                                                        0);
+    if (e != cudaSuccess) return e;
+    fit = std::max(1, sms * per_sm);
+  }
+  const int grid = ceil_div(groups, ceil_div(groups, fit));
+  const int its = ceil_div(args.n_in / 32, kThreads);
+  return launch_dependent(args.dependent, matvec_pipe_kernel<T>, dim3(grid), dim3(kThreads), s,
+                          args, groups, its);
+}
+
+template <DType T>
+cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, bool pipe, cudaStream_t s) {
   const int threads = kWarps * 32;
+  if (ksplit && pipe) return launch_pipe<T>(args, blocks, s);
   if (ksplit && args.swiglu_arrivals)
     return launch_dependent(args.dependent, matvec_ksplit_kernel<T, kSwigluRows>, dim3(blocks),
                             dim3(threads), s, args);
@@ -354,6 +481,16 @@ bool ksplit_triggers() {
     return e && std::string(e) == "1";
   }();
   return on;
+}
+
+// Which of decode's plain products go on matvec_pipe_kernel (KESTREL_CUDA_MATVEC_PIPE): 2 (the
+// default) those of more than one K-block a thread (rows wider than 4096), 1 all of them, 0 none.
+bool pipe_takes(int64_t n_in) {
+  static const int mode = [] {
+    const char* e = std::getenv("KESTREL_CUDA_MATVEC_PIPE");
+    return e && (e[0] == '0' || e[0] == '1') && !e[1] ? e[0] - '0' : 2;
+  }();
+  return mode == 1 || (mode == 2 && n_in > int64_t{32} * kWarps * 32);
 }
 
 }  // namespace
@@ -430,8 +567,11 @@ Status launch_matvec_parts(const MatvecPart* parts, int n_parts, const Quantized
         "matmul '%s': a fused epilogue or a normed input needs decode's K-split matvec "
         "(one token, KESTREL_CUDA_NO_MATVEC_KSPLIT unset)",
         w0.name.c_str());
-  CUDA_TRY(w0.type == DType::Q4_0 ? launch_matvec<DType::Q4_0>(args, blocks, ksplit, s)
-                                  : launch_matvec<DType::Q8_0>(args, blocks, ksplit, s),
+  // The pipeline takes the plain products (no epilogue, no pending row scale).
+  const bool pipe =
+      ksplit && !swiglu_arrivals && !add_norm.arrivals && !a.row_ss && pipe_takes(w0.n_in);
+  CUDA_TRY(w0.type == DType::Q4_0 ? launch_matvec<DType::Q4_0>(args, blocks, ksplit, pipe, s)
+                                  : launch_matvec<DType::Q8_0>(args, blocks, ksplit, pipe, s),
            "matmul (small batch, int8)");
   LAUNCH_CHECK(swiglu_arrivals     ? "matmul+swiglu"
                : add_norm.arrivals ? "matmul+add_rms_norm"
