@@ -10,8 +10,8 @@
 // Layout: a warp owns kRowsFor<NT> consecutive output rows; its lanes take the rows' 32-element
 // blocks lane, lane + 32, ... so that a warp's weight loads are 512 contiguous bytes per row
 // (Q4_0), and every block's activations (two planes, 64 bytes per token) serve all of them.
-#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "backend/cuda/acts_device.cuh"
@@ -411,21 +411,23 @@ __global__ void __launch_bounds__(kWarps * 32, T == DType::Q4_0 ? 6 : 4)
 }
 
 // matvec_pipe_kernel's launch over `groups` 4-row groups: at most the blocks that fit on the card
-// at once, every block the same number of groups (no block's last turn is shorter).
+// at once, every block the same number of groups (no block's last turn is shorter). Should the
+// card not say what fits, a block a group (correct, as the K-split kernel's grid).
 template <DType T>
 cudaError_t launch_pipe(const MatvecArgs& args, int groups, cudaStream_t s) {
   constexpr int kThreads = kWarps * 32;
-  static int fit = 0;  // blocks resident at once on the card (the same device for the process)
-  if (fit == 0) {
+  static const int fit = [] {  // blocks resident at once (one device a process)
     int device = 0, sms = 0, per_sm = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (e == cudaSuccess)
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matvec_pipe_kernel<T>, kThreads,
-                                                        0);
-    if (e != cudaSuccess) return e;
-    fit = std::max(1, sms * per_sm);
-  }
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, matvec_pipe_kernel<T>, kThreads,
+                                                      0) != cudaSuccess ||
+        sms * per_sm < 1) {
+      (void)cudaGetLastError();  // not left for the next launch check
+      return std::numeric_limits<int>::max();
+    }
+    return sms * per_sm;
+  }();
   const int grid = ceil_div(groups, ceil_div(groups, fit));
   const int its = ceil_div(args.n_in / 32, kThreads);
   return launch_dependent(args.dependent, matvec_pipe_kernel<T>, dim3(grid), dim3(kThreads), s,
