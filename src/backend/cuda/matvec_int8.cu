@@ -182,6 +182,26 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_int8_kernel(const MatvecAr
 // kernel); H200 tg128 366 t/s against 354 for the unchanged baseline row of the same run.
 constexpr int kKSplitRows = 4;
 
+// The sum over the block's threads of each of its kKSplitRows rows, in a fixed order (warp sums,
+// then the warps in turn through `partial`): thread rr < kKSplitRows gets row rr's, the others 0.
+// One block barrier; the K-split and pipelined kernels share it, so their results agree bit for
+// bit.
+__device__ __forceinline__ float block_row_sums(const float (&acc)[kKSplitRows],
+                                                float (*partial)[kKSplitRows]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int rr = 0; rr < kKSplitRows; ++rr) {
+    const float v = warp_sum(acc[rr]);
+    if (lane == 0) partial[warp][rr] = v;
+  }
+  __syncthreads();
+  float v = 0.0f;
+  if (threadIdx.x < kKSplitRows)
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) v += partial[i][threadIdx.x];
+  return v;
+}
+
 // launch_matvec_swiglu's epilogue, after a block wrote its kKSplitRows rows of gate or of up: the
 // last of the 2 x 32 / kKSplitRows blocks that write one 32-row block of both (counted on that
 // block's counter, as attention_merge.cuh counts a head's splits) computes silu(gate) * up for it
@@ -285,18 +305,9 @@ __global__ void __launch_bounds__(kWarps * 32) matvec_ksplit_kernel(const Matvec
   const float scale =
       args.in_ss ? row_inv_rms(row_ss, args.in_ss, nb, args.n_in, args.in_eps) : 1.0f;
   __shared__ float partial[kWarps][kKSplitRows];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int rr = 0; rr < kKSplitRows; ++rr) {
-    const float v = warp_sum(acc[rr]);
-    if (lane == 0) partial[warp][rr] = v;
-  }
-  __syncthreads();
+  float v = block_row_sums(acc, partial);
   if (threadIdx.x < kKSplitRows) {
     const int64_t r = r0 + threadIdx.x;
-    float v = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kWarps; ++i) v += partial[i][threadIdx.x];
     if (r < m.n_out) {
       v = v * scale + (m.bias ? m.bias[r] : 0.0f);
       if constexpr (kEpilogue == kAddNormRows)
@@ -364,20 +375,12 @@ __device__ __forceinline__ void pipe_step(const MatvecArgs& args, PipeStep& st, 
     for (int rr = 0; rr < kKSplitRows; ++rr) acc[rr] += block_term<T>(w[rr], dw[rr], a1, a2, am);
   }
   if (group_end) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const float v = block_row_sums(acc, partial[parity]);
 #pragma unroll
-    for (int rr = 0; rr < kKSplitRows; ++rr) {
-      const float sum = warp_sum(acc[rr]);
-      if (lane == 0) partial[parity][warp][rr] = sum;
-      acc[rr] = 0.0f;
-    }
-    __syncthreads();
+    for (int rr = 0; rr < kKSplitRows; ++rr) acc[rr] = 0.0f;
     if (threadIdx.x < kKSplitRows) {
       const MatvecTarget m = target_of(args, st.g);
       const int64_t r = static_cast<int64_t>(st.g - m.first_block) * kKSplitRows + threadIdx.x;
-      float v = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kWarps; ++i) v += partial[parity][i][threadIdx.x];
       if (r < m.n_out) m.out[r] = v + (m.bias ? m.bias[r] : 0.0f);
     }
     parity ^= 1;
@@ -434,6 +437,8 @@ cudaError_t launch_pipe(const MatvecArgs& args, int groups, cudaStream_t s) {
                           args, groups, its);
 }
 
+// The launch's own error (cudaLaunchKernelEx returns it); the <<<>>> launches leave theirs to
+// the caller's LAUNCH_CHECK.
 template <DType T>
 cudaError_t launch_matvec(MatvecArgs args, int blocks, bool ksplit, bool pipe, cudaStream_t s) {
   const int threads = kWarps * 32;
