@@ -164,6 +164,11 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     be->decode_barrier_ = static_cast<unsigned long long*>(counter);
     if (env_is("KESTREL_CUDA_DECODE_TIMING", "1")) KESTREL_TRY(be->init_decode_timing());
   }
+  if (be->stream16_ && env_is("KESTREL_CUDA_STREAM16_TIMING", "1")) {
+    KESTREL_ASSIGN_OR_RETURN(void* acc, be->device_alloc(stream16_timing_bytes(), "timing"));
+    CUDA_TRY(cudaMemset(acc, 0, stream16_timing_bytes()), "cudaMemset");
+    be->stream16_timing_ = static_cast<unsigned long long*>(acc);
+  }
   return Expected<std::unique_ptr<CudaBackend>>(std::move(be));
 }
 
@@ -190,6 +195,10 @@ CudaBackend::~CudaBackend() {
   if (decode_timing_) {
     print_decode_timing();
     device_free(decode_timing_);
+  }
+  if (stream16_timing_) {
+    print_stream16_timing(stream16_timing_);
+    device_free(stream16_timing_);
   }
   if (slots_host_) cudaFreeHost(slots_host_);
   if (ring_dev_) device_free(ring_dev_);

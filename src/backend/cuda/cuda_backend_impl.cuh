@@ -332,6 +332,7 @@ class CudaBackend final : public Backend {
   // may opt into.
   bool stream16_ = false;
   size_t smem_optin_ = 0;
+  unsigned long long* stream16_timing_ = nullptr;  // KESTREL_CUDA_STREAM16_TIMING=1 (lab)
   // Opt-in (KESTREL_CUDA_MATVEC_STREAM=1, sm_90): decode's Q4_0 / Q8_0 matmuls of long rows (ffn
   // down) on matvec_stream.cu, the rest on matvec_int8.cu's kernels; each launch on the next of
   // its counter pairs. Off by default: slower than the K-split matvec now (H100, twenty-seventh
@@ -505,7 +506,11 @@ Stream16Plan stream16_plan(const MatvecPart* parts, int n_parts, int n_tokens, i
                            size_t smem_limit);
 Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
                               const __half* x16, int n_tokens, const Stream16Plan& plan,
-                              cudaStream_t s);
+                              unsigned long long* timing, cudaStream_t s);
+// KESTREL_CUDA_STREAM16_TIMING=1: the device buffer of the kernel's clock sums, and their table
+// (stderr; when the backend is destroyed).
+size_t stream16_timing_bytes();
+void print_stream16_timing(const unsigned long long* timing);
 // matvec_int8.cu: activations quantized into two int8 planes per 32-element block,
 // x ~= unit * (128 * q1 + q2), for the dp4a kernels of small batches of Q4_0 / Q8_0 weights.
 struct QuantizedActs {

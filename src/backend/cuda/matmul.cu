@@ -331,7 +331,8 @@ Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool
   if (stream16_) {
     const Stream16Plan plan = stream16_plan(parts, n_parts, n_tokens, sm_count_, smem_optin_);
     if (plan.splits > 0)
-      return launch_matmul_stream16(*wgmma_maps_, parts, n_parts, x16, n_tokens, plan, stream_);
+      return launch_matmul_stream16(*wgmma_maps_, parts, n_parts, x16, n_tokens, plan,
+                                    stream16_timing_, stream_);
   }
   const int row_blocks = frag_v2_row_blocks(parts, n_parts);
   float* partial = nullptr;

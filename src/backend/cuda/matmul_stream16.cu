@@ -49,11 +49,13 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/frag_common.cuh"
@@ -106,9 +108,26 @@ struct Stream16Args {
   uint32_t half2_magic;  // 0x64006400 (codes_to_half2)
   int act_steps;         // 1: a barrier for each step's activations (below), 0: one for all
   int relaxed_exit;      // 1: the cluster's last barrier without release semantics (the end)
+  int own_groups;        // 1: the warpgroups take whole row groups where they pair up (above)
+  unsigned long long* clock;  // KESTREL_CUDA_STREAM16_TIMING=1: this launch's shape's sums, or null
 };
 
 constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
+
+// KESTREL_CUDA_STREAM16_TIMING's fields a shape (launches are counted by the host).
+enum ClockField {
+  kClockLaunches,
+  kClockBlocks,
+  kClockEarly,     // kernel entry to grid_dependency_wait's return (warpgroup 0)
+  kClockActs,      // to the first step's activations (warpgroup 0)
+  kClockProducts,  // to the warpgroup's last group stored (2 fields: warpgroups 0, 1)
+  kClockEnd = kClockProducts + 2,         // to the block's exit (after the cluster's sum)
+  kClockMaxEnd,                           // the slowest block's
+  kClockWeightWait,                       // waiting for full stages (2 fields)
+  kClockGroupEnd = kClockWeightWait + 2,  // groups' ends: last wgmmas, exchange, store (2)
+  kClockFields = kClockGroupEnd + 2,
+};
+constexpr int kClockShapes = 8;
 
 // Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
 // results kept for the cluster's sum (splits > 1), the barriers (the rings', one for each step's
@@ -156,44 +175,54 @@ __device__ void load_acts(const Stream16Args& a, int ks0, int ks1, uint32_t acts
   }
 }
 
-// The producer thread: for each row group, each step of the block's K range into the ring of the
-// warpgroup that takes it (steps ks0 + w, + kWGs, ...: warpgroup w). The weights depend on no
-// kernel, so the rings fill first, then the activations come (load_acts): launched early, the
-// block has its first ~100 KB of weights on the way while the kernel before it finishes.
+// Row groups [g0, g0 + owned) are taken whole, group g0 + j by warpgroup j % kWGs (own_groups:
+// no exchange between the warpgroups); the rest, [g0 + owned, g1), step by step in turn.
+__device__ __forceinline__ int owned_groups(const Stream16Args& a, int n_groups, int n_wgs) {
+  return a.own_groups && n_groups >= n_wgs ? n_groups / n_wgs * n_wgs : 0;
+}
+
+// The producer thread: each step of the block's K range of each row group into the ring of the
+// warpgroup that takes it, in the order that warpgroup takes them (owned groups: all their steps,
+// the warpgroups' groups side by side; the others: steps ks0 + w, + kWGs, ...: warpgroup w). The
+// weights depend on no kernel, so the rings fill first, then the activations come (load_acts):
+// launched early, the block has its first ~100 KB of weights on the way while the kernel before
+// it finishes.
 template <int B, int kWGs>
 __device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1, uint32_t stages,
                         uint32_t full, uint32_t empty, uint32_t acts, uint32_t act_bar) {
   using C = Cfg<B, kWGs>;
   bool acts_loaded = false;
   int filled[kWGs] = {};
-  for (int group = g0; group < g1; ++group) {
+  const auto issue = [&](int w, int group, int ks) {
     int row0 = 0;
     const int p = part_of_group(a, group, row0);
-    for (int ks2 = ks0; ks2 < ks1; ks2 += kWGs) {
-#pragma unroll
-      for (int w = 0; w < kWGs; ++w) {
-        const int ks = ks2 + w;
-        if (ks >= ks1) continue;
-        const int slot = filled[w] % C::kStages, use = filled[w] / C::kStages;
-        const int stage = w * C::kStages + slot;
-        if (use > 0) {
-          if (!acts_loaded) load_acts<B>(a, ks0, ks1, acts, act_bar);
-          acts_loaded = true;
-          barrier_wait(empty + 8 * stage, (use - 1) & 1);
-        }
-        const uint32_t dst = stages + stage * C::kStageBytes, bar = full + 8 * stage;
-        barrier_expect(bar, C::kStageBytes);
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-          const int kb = ks * B + b;  // box of K (past n_in: zeros)
-          tma_load(dst + b * kBoxCodeBytes, a.codes[p], kb * (kBoxK / 2), row0, bar);
-          tma_load(dst + C::kCodeBytes + b * kBoxScaleBytes, a.scales[p], kb * (kBoxK / 32), row0,
-                   bar);
-        }
-        ++filled[w];
-      }
+    const int slot = filled[w] % C::kStages, use = filled[w] / C::kStages;
+    const int stage = w * C::kStages + slot;
+    if (use > 0) {
+      if (!acts_loaded) load_acts<B>(a, ks0, ks1, acts, act_bar);
+      acts_loaded = true;
+      barrier_wait(empty + 8 * stage, (use - 1) & 1);
     }
-  }
+    const uint32_t dst = stages + stage * C::kStageBytes, bar = full + 8 * stage;
+    barrier_expect(bar, C::kStageBytes);
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int kb = ks * B + b;  // box of K (past n_in: zeros)
+      tma_load(dst + b * kBoxCodeBytes, a.codes[p], kb * (kBoxK / 2), row0, bar);
+      tma_load(dst + C::kCodeBytes + b * kBoxScaleBytes, a.scales[p], kb * (kBoxK / 32), row0, bar);
+    }
+    ++filled[w];
+  };
+  const int owned = owned_groups(a, g1 - g0, kWGs);
+  for (int j = 0; j < owned; j += kWGs)
+    for (int ks = ks0; ks < ks1; ++ks)
+#pragma unroll
+      for (int w = 0; w < kWGs; ++w) issue(w, g0 + j + w, ks);
+  for (int group = g0 + owned; group < g1; ++group)
+    for (int ks2 = ks0; ks2 < ks1; ks2 += kWGs)
+#pragma unroll
+      for (int w = 0; w < kWGs; ++w)
+        if (ks2 + w < ks1) issue(w, group, ks2 + w);
   if (!acts_loaded) load_acts<B>(a, ks0, ks1, acts, act_bar);
 }
 
@@ -324,6 +353,13 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
+// KESTREL_CUDA_STREAM16_TIMING=1: where a launch's time goes, in SM cycles summed over its blocks
+// (clock64 of one SM; times from the block's grid_dependency_wait, when the kernel before has
+// finished). Thread 0 (warpgroup 0) and thread 128 (warpgroup 1) record.
+__device__ __forceinline__ void clock_add(unsigned long long* clk, int field, long long cycles) {
+  if (clk) atomicAdd(clk + field, static_cast<unsigned long long>(cycles > 0 ? cycles : 0));
+}
+
 // kAccs accumulator sets taken in turn by the 64-K slices, added at the group's end: chains of
 // dependent wgmmas kAccs times shorter. kPerm: the activations reordered once (permute_acts) so
 // that the weights decode without byte permutes (decode_pair_perm).
@@ -353,6 +389,9 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
                      smem_addr(xch + (kWGs - 1 + (split ? a.groups_per_block : 0)) * kGroupFloats),
                  empty = full + 8 * kWGs * C::kStages, act_bar = empty + 8 * kWGs * C::kStages;
   const int tid = threadIdx.x;
+  const long long c_start = clock64();
+  long long c_dep = c_start;
+  unsigned long long* const clk = a.clock && tid < kWGs * 128 && tid % 128 == 0 ? a.clock : nullptr;
   if (tid == 0) {
     for (int s = 0; s < kWGs * C::kStages; ++s) {
       barrier_init(full + 8 * s, 1);
@@ -374,6 +413,8 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     int used = 0;  // stages of this warpgroup's ring consumed so far
     uint8_t* const act_smem = base + kWGs * C::kStages * C::kStageBytes;
     grid_dependency_wait();  // before any result is stored (the producer waited already)
+    c_dep = clock64();
+    if (w == 0) clock_add(clk, kClockEarly, c_dep - c_start);
     if (!a.act_steps) {
       barrier_wait(act_bar, 0);
       if constexpr (kPerm) {
@@ -381,56 +422,87 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
         fence_acts<2, kWGs * 128>();
       }
     }
-    for (int group = g0; group < g1; ++group) {
-#pragma unroll
-      for (int e = 0; e < 8 * kAccs; ++e) acc[e / 8][e % 8] = 0.0f;
-      for (int ks = ks0 + w; ks < ks1; ks += kWGs, ++used) {
-        const int stage = w * C::kStages + used % C::kStages;
-        if (a.act_steps && group == g0) {  // the step's activations, first met here
-          barrier_wait(act_bar + 8 * (ks - ks0), 0);
-          if constexpr (kPerm) {  // this warpgroup's steps only: its own barrier
-            permute_acts(act_smem + (ks - ks0) * 4 * B * kActBox, 4 * B, tid % 128, 128);
-            static_assert(kWGs == 2, "a named barrier for each warpgroup");
+    // One step of K (ks) into acc: its activations permuted where first met (the warpgroup's
+    // first group; `together`: both warpgroups meet every step there and each permutes half of
+    // its boxes, else each its own steps), then the stage's weights, 4 B wgmmas.
+    const auto step = [&](int ks, bool first, bool together) {
+      const int stage = w * C::kStages + used % C::kStages;
+      if (a.act_steps && first) {
+        barrier_wait(act_bar + 8 * (ks - ks0), 0);
+        if (ks == ks0 && w == 0) clock_add(clk, kClockActs, clock64() - c_dep);
+        if constexpr (kPerm) {
+          static_assert(kWGs == 2, "a named barrier for each warpgroup");
+          uint8_t* step_acts = act_smem + (ks - ks0) * 4 * B * kActBox;
+          if (together) {
+            permute_acts(step_acts + w * 2 * B * kActBox, 2 * B, tid % 128, 128);
+            fence_acts<2, kWGs * 128>();
+          } else {
+            permute_acts(step_acts, 4 * B, tid % 128, 128);
             if (w == 0)
               fence_acts<3, 128>();
             else
               fence_acts<4, 128>();
           }
         }
-        barrier_wait(full + 8 * stage, (used / C::kStages) & 1);
-        const uint8_t* st = base + stage * C::kStageBytes;
+      }
+      const long long c_wait = clk ? clock64() : 0;
+      barrier_wait(full + 8 * stage, (used / C::kStages) & 1);
+      if (clk) clock_add(clk, kClockWeightWait + w, clock64() - c_wait);
+      const uint8_t* st = base + stage * C::kStageBytes;
 #pragma unroll
-        for (int b = 0; b < B; ++b) {
-          const uint8_t* codes = st + b * kBoxCodeBytes + rig * 128 + 4 * (kPerm ? t : t / 2);
-          const uint8_t* scales = st + C::kCodeBytes + b * kBoxScaleBytes;
-          uint4 sc[2];
-          sc[0] = *reinterpret_cast<const uint4*>(scales + rig * 16);
-          sc[1] = *reinterpret_cast<const uint4*>(scales + (rig + 8) * 16);
-          const uint32_t act_box = acts + ((ks - ks0) * B + b) * 4 * kActBox;
+      for (int b = 0; b < B; ++b) {
+        const uint8_t* codes = st + b * kBoxCodeBytes + rig * 128 + 4 * (kPerm ? t : t / 2);
+        const uint8_t* scales = st + C::kCodeBytes + b * kBoxScaleBytes;
+        uint4 sc[2];
+        sc[0] = *reinterpret_cast<const uint4*>(scales + rig * 16);
+        sc[1] = *reinterpret_cast<const uint4*>(scales + (rig + 8) * 16);
+        const uint32_t act_box = acts + ((ks - ks0) * B + b) * 4 * kActBox;
 #pragma unroll
-          for (int sub = 0; sub < 4; ++sub) {
-            uint32_t(&A)[16] = sub % 2 ? A1 : A0;
-            wgmma_wait<1>();  // the wgmmas two slices back, which read this register set, are done
-            if constexpr (kPerm)
-              decode_pair_perm(codes, g, sc, sub, a.half2_magic, A);
-            else
-              decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
-            if (b == B - 1 && sub == 3)
-              barrier_arrive(empty + 8 * stage);  // decoded: the stage may refill
-            uint64_t desc[4];
+        for (int sub = 0; sub < 4; ++sub) {
+          uint32_t(&A)[16] = sub % 2 ? A1 : A0;
+          wgmma_wait<1>();  // the wgmmas two slices back, which read this register set, are done
+          if constexpr (kPerm)
+            decode_pair_perm(codes, g, sc, sub, a.half2_magic, A);
+          else
+            decode_pair(codes, g, sc, sub, sel, a.half2_magic, A);
+          if (b == B - 1 && sub == 3)
+            barrier_arrive(empty + 8 * stage);  // decoded: the stage may refill
+          uint64_t desc[4];
 #pragma unroll
-            for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(act_box + sub * kActBox + 32 * s);
-            wgmma_fence();
-            wgmma_m64n16k64(acc[sub % kAccs], A, desc);
-            wgmma_commit();
-          }
+          for (int s = 0; s < 4; ++s) desc[s] = act_descriptor(act_box + sub * kActBox + 32 * s);
+          wgmma_fence();
+          wgmma_m64n16k64(acc[sub % kAccs], A, desc);
+          wgmma_commit();
         }
       }
+      ++used;
+    };
+    // The group's sums in acc[0], once its wgmmas are done.
+    const auto finish_acc = [&] {
       wgmma_wait<0>();
 #pragma unroll
       for (int e = 0; e < 8 * kAccs; ++e) fence_operand(acc[e / 8][e % 8]);
 #pragma unroll
       for (int e = 0; e < 8 * (kAccs - 1); ++e) acc[0][e % 8] += acc[1 + e / 8][e % 8];
+    };
+    const auto clear_acc = [&] {
+#pragma unroll
+      for (int e = 0; e < 8 * kAccs; ++e) acc[e / 8][e % 8] = 0.0f;
+    };
+    const int owned = owned_groups(a, g1 - g0, kWGs);
+    for (int j = w; j < owned; j += kWGs) {  // whole groups, stored by this warpgroup alone
+      clear_acc();
+      for (int ks = ks0; ks < ks1; ++ks) step(ks, j < kWGs, true);
+      const long long c_end = clk ? clock64() : 0;
+      finish_acc();
+      store_group(a, g0 + j, acc[0], rig, t, res ? res + j * kGroupFloats : nullptr);
+      if (clk) clock_add(clk, kClockGroupEnd + w, clock64() - c_end);
+    }
+    for (int group = g0 + owned; group < g1; ++group) {  // the warpgroups' steps in turn
+      clear_acc();
+      for (int ks = ks0 + w; ks < ks1; ks += kWGs) step(ks, group == g0, false);
+      const long long c_end = clk ? clock64() : 0;
+      finish_acc();
       // Warpgroup 0 adds the others' sums (thread i of each holds the same outputs) and stores.
       if (w > 0) {
 #pragma unroll
@@ -445,7 +517,9 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
         store_group(a, group, acc[0], rig, t, res ? res + (group - g0) * kGroupFloats : nullptr);
       }
       asm volatile("bar.sync 1, %0;\n" ::"n"(kWGs * 128) : "memory");  // the exchange is free
+      if (clk) clock_add(clk, kClockGroupEnd + w, clock64() - c_end);
     }
+    clock_add(clk, kClockProducts + w, clock64() - c_dep);
   }
   // The products are done: the next kernel (RoPE + KV store, a norm, SwiGLU; with
   // chained_launches a dependent launch) may be scheduled while the results are summed and stored.
@@ -465,6 +539,13 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
                        : "memory");
     else
       cluster.sync();
+  }
+  if (tid == 0 && clk) {
+    const long long span = clock64() - c_dep;
+    clock_add(clk, kClockBlocks, 1);
+    if (blockIdx.x == 0 && blockIdx.y == 0) clock_add(clk, kClockLaunches, 1);
+    clock_add(clk, kClockEnd, span);
+    atomicMax(clk + kClockMaxEnd, static_cast<unsigned long long>(span));
   }
 #endif
 }
@@ -560,6 +641,14 @@ bool stream16_act_steps() {
   return on;
 }
 
+// Whether the warpgroups take whole row groups where a block's groups pair up
+// (KESTREL_CUDA_STREAM16_OWN=1), instead of taking turns at the steps of each group and adding
+// their sums through shared memory at its end (two warpgroup barriers a group).
+bool stream16_own_groups() {
+  static const bool on = env_flag_on("KESTREL_CUDA_STREAM16_OWN");
+  return on;
+}
+
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
@@ -610,9 +699,12 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
         if (smem > smem_limit) continue;
       }
       const int clusters = ceil_div(groups, gpb);
-      // A block's time: its groups times the steps a warpgroup takes of each; the cluster's sum
-      // reads every result once from each block (about a quarter of a 256-K step a group).
-      const double cost = double(gpb) * ceil_div(sps, W) * B + (splits > 1 ? 0.25 * gpb : 0.0);
+      // A block's time: the steps its busiest warpgroup takes (the groups it owns whole, then
+      // its turns of the others); the cluster's sum reads every result once from each block
+      // (about a quarter of a 256-K step a group).
+      const int owned = stream16_own_groups() && gpb >= W ? gpb / W * W : 0;
+      const double cost = (double(owned / W) * sps + double(gpb - owned) * ceil_div(sps, W)) * B +
+                          (splits > 1 ? 0.25 * gpb : 0.0);
       if (best.splits == 0 || cost < best_cost * 0.97) {
         best = {splits, clusters, sps, gpb, smem};
         best_cost = cost;
@@ -707,9 +799,65 @@ Expected<bool> stream16_available(int device) {
   return true;
 }
 
+namespace {
+
+// KESTREL_CUDA_STREAM16_TIMING's shapes (parts, n_in, rows of all parts), in the order first met.
+struct ClockShapes {
+  std::mutex mutex;
+  std::vector<std::tuple<int, int64_t, int64_t>> keys;
+  int slot(int n_parts, int64_t n_in, int64_t rows) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_tuple(n_parts, n_in, rows);
+    for (size_t i = 0; i < keys.size(); ++i)
+      if (keys[i] == key) return static_cast<int>(i);
+    if (keys.size() == kClockShapes) return -1;
+    keys.push_back(key);
+    return static_cast<int>(keys.size()) - 1;
+  }
+};
+
+ClockShapes& clock_shapes() {
+  static ClockShapes shapes;
+  return shapes;
+}
+
+}  // namespace
+
+size_t stream16_timing_bytes() {
+  return sizeof(unsigned long long) * kClockShapes * kClockFields;
+}
+
+void print_stream16_timing(const unsigned long long* timing) {
+  std::vector<unsigned long long> acc(kClockShapes * kClockFields);
+  if (cudaMemcpy(acc.data(), timing, stream16_timing_bytes(), cudaMemcpyDeviceToHost) !=
+      cudaSuccess)
+    return;
+  ClockShapes& shapes = clock_shapes();
+  const std::lock_guard<std::mutex> lock(shapes.mutex);
+  std::fprintf(stderr,
+               "stream16 timing (KESTREL_CUDA_STREAM16_TIMING=1), SM cycles a block from its "
+               "grid dependency wait:\n%-24s %8s %6s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s\n",
+               "parts x rows x n_in", "launches", "blocks", "early", "acts", "prod0", "prod1",
+               "end", "max-end", "wwait0", "wwait1", "gend0", "gend1");
+  for (size_t i = 0; i < shapes.keys.size(); ++i) {
+    const unsigned long long* c = acc.data() + i * kClockFields;
+    const double n = static_cast<double>(std::max(c[kClockBlocks], 1ull));
+    char name[64];
+    std::snprintf(name, sizeof(name), "%d x %lld x %lld", std::get<0>(shapes.keys[i]),
+                  static_cast<long long>(std::get<2>(shapes.keys[i])),
+                  static_cast<long long>(std::get<1>(shapes.keys[i])));
+    std::fprintf(stderr,
+                 "%-24s %8llu %6.0f %8.0f %8.0f %8.0f %8.0f %8.0f %8llu %8.0f %8.0f %8.0f %8.0f\n",
+                 name, c[kClockLaunches], n / std::max(c[kClockLaunches], 1ull), c[kClockEarly] / n,
+                 c[kClockActs] / n, c[kClockProducts] / n, c[kClockProducts + 1] / n,
+                 c[kClockEnd] / n, c[kClockMaxEnd], c[kClockWeightWait] / n,
+                 c[kClockWeightWait + 1] / n, c[kClockGroupEnd] / n, c[kClockGroupEnd + 1] / n);
+  }
+}
+
 Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
                               const __half* x16, int n_tokens, const Stream16Plan& plan,
-                              cudaStream_t s) {
+                              unsigned long long* timing, cudaStream_t s) {
   if (plan.splits == 0) return error("matmul (stream16): launched without a plan");
   const int64_t n_in = parts[0].w->n_in;
   Stream16Args a{};
@@ -731,6 +879,13 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.act_steps = stream16_act_steps() ? 1 : 0;
   static const bool relaxed_exit = env_flag_on("KESTREL_CUDA_STREAM16_RELAXED_EXIT");
   a.relaxed_exit = relaxed_exit ? 1 : 0;
+  a.own_groups = stream16_own_groups() ? 1 : 0;
+  if (timing) {
+    int64_t rows = 0;
+    for (int i = 0; i < n_parts; ++i) rows += parts[i].w->n_out;
+    const int slot = clock_shapes().slot(n_parts, n_in, rows);
+    a.clock = slot < 0 ? nullptr : timing + slot * kClockFields;
+  }
   return with_variant([&](auto v) {
     using V = decltype(v);
     return launch_boxes<V::kBoxes, V::kAccs, V::kPerm, V::kWGs>(a, n_in, plan, s);
