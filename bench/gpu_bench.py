@@ -123,6 +123,11 @@ VARIANTS = [
     # default), and with its clusters' last barrier relaxed (opt-in: no gain on the H200).
     ("KESTREL_CUDA_STREAM16_ACT_STEPS=0", "seed case, b128 ub16"),
     ("KESTREL_CUDA_STREAM16_RELAXED_EXIT=1", "seed case, b128 ub16"),
+    # stream16's warpgroups taking turns at the steps of every row group (whole groups each by
+    # default since the twenty-ninth session, H100: 4,232-4,298 against 4,105-4,146), and its
+    # cluster's sum with the loads of several places in flight (opt-in, not yet measured).
+    ("KESTREL_CUDA_STREAM16_OWN=0", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_STREAM16_SUM_VEC=1", "seed case, b128 ub16"),
     # The kernels between the matmuls without programmatic dependent launches (with them by
     # default).
     ("KESTREL_CUDA_PDL_CHAIN=0", "seed case, b128 ub16"),

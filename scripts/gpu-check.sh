@@ -474,6 +474,15 @@ if ((TESTS)); then
     gpu_test_stage gpu-tests-stream16-relaxed-exit '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-relaxed-exit.xml KESTREL_CUDA_STREAM16_RELAXED_EXIT=1 \
       KESTREL_CUDA_STREAM16_SPLITS=4
+    # The warpgroups taking turns at every row group's steps (KESTREL_CUDA_STREAM16_OWN=0; whole
+    # groups each by default since the twenty-ninth session), and the cluster's sum with its
+    # loads in flight together (opt-in, KESTREL_CUDA_STREAM16_SUM_VEC=1), 2 and 8 blocks a cluster.
+    gpu_test_stage gpu-tests-stream16-no-own '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-no-own.xml KESTREL_CUDA_STREAM16_OWN=0
+    gpu_test_stage gpu-tests-stream16-sum-vec '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-sum-vec.xml KESTREL_CUDA_STREAM16_SUM_VEC=1
+    gpu_test_stage gpu-tests-stream16-sum-vec-s8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-sum-vec-s8.xml KESTREL_CUDA_STREAM16_SUM_VEC=1 KESTREL_CUDA_STREAM16_SPLITS=8
     # Attention of 1-16 tokens with the keys split among blocks (attention_split.cu, opt-in:
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \

@@ -10,9 +10,9 @@
 //    producer warp. The producer's thread has the copy engine bring the block's rows in stages of
 //    64 rows x 256 K (8 KB of codes in the 128-byte swizzled layout, 1 KB of scales), kStages a
 //    warpgroup ahead: ~90 KB in flight an SM, where Little's law at 4.8 TB/s and ~2 us asks for
-//    ~75 KB. The warpgroups take alternate steps of the same 64 rows and add their accumulators
-//    at the group's end (through 4 KB of shared memory), so that any number of groups divides
-//    evenly between them;
+//    ~75 KB. Each warpgroup takes whole row groups (64 rows, all of the block's K) in turn; an
+//    odd last group (or a block's only one) the two take alternate steps of and add their
+//    accumulators at its end (through 4 KB of shared memory), so that the groups divide evenly;
 //  - the block's activations (16 tokens x its K range, f16, the 128-byte swizzled layout wgmma
 //    reads through a matrix descriptor) are copied once at the start and stay: the weights are
 //    the only stream (the v2 kernels re-read a step's activations from L2 with every row block);
@@ -59,6 +59,7 @@
 
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/frag_common.cuh"
+#include "backend/cuda/stream16_device.cuh"
 #include "backend/cuda/wgmma_ops.cuh"
 
 namespace kestrel::backend::cuda {
@@ -67,298 +68,14 @@ using quant::DType;
 
 namespace {
 
-constexpr int kBoxK = 256;            // K of a code box: 8 Q4_0 blocks a row
-constexpr int kGroupRows = 64;        // rows a warpgroup item (wgmma's M)
-constexpr int kBoxCodeBytes = 8192;   // a box's codes: 64 rows of 128 bytes, swizzled
-constexpr int kBoxScaleBytes = 1024;  // its scales: 8 f16 a row
-constexpr int kActBox = 16 * 64 * 2;  // 16 tokens x 64 K of f16: one swizzle atom column
-constexpr int kMaxSplits = 8;         // the portable cluster size
-
-// W consumer warpgroups (2; 3 and 4 were tried: above) and a producer warp. A stage: B boxes of
-// K side by side (B x 128 contiguous bytes of each row, so that the memory reads B times longer
-// runs of a row at once), kStages of them a warpgroup (the shared memory holds W x kStages).
-template <int B, int W = 2>
-struct Cfg {
-  static constexpr int kThreads = 128 * W + 32;
-  static constexpr int kStepK = kBoxK * B;
-  static constexpr int kCodeBytes = kBoxCodeBytes * B;
-  static constexpr int kStageBytes = kCodeBytes + kBoxScaleBytes * B;
-  static constexpr int kStages = B == 1 ? 5 : B == 2 ? 3 : 2;
-  static_assert(kStageBytes % 1024 == 0, "stages keep the swizzled codes 1024-aligned");
-};
-
-struct Stream16Part {
-  int64_t n_out;
-  float* out;
-  const float* bias;
-  int group_end;  // row groups of this part and the ones before it
-};
-
-struct Stream16Args {
-  CUtensorMap act;                      // f16 [T][n_in], 64 x 16 boxes, 128-byte swizzle
-  CUtensorMap codes[kMatvecMaxParts];   // u8 [n_out][n_in / 2], 128 x 64 boxes, swizzled
-  CUtensorMap scales[kMatvecMaxParts];  // f16 [n_out][n_in / 32], 8 x 64 boxes
-  Stream16Part parts[kMatvecMaxParts];
-  int n_parts;
-  int n_tokens;
-  int steps;             // ceil(n_in / kStepK) (a last step past n_in reads zeros)
-  int steps_per_split;   // K range of a block, in steps
-  int groups_per_block;  // row groups of a cluster (each block of it: all of them, its K range)
-  int groups;            // row groups of all parts
-  uint32_t half2_magic;  // 0x64006400 (codes_to_half2)
-  int act_steps;         // 1: a barrier for each step's activations (below), 0: one for all
-  int relaxed_exit;      // 1: the cluster's last barrier without release semantics (the end)
-  int own_groups;        // 1: the warpgroups take whole row groups where they pair up (above)
-  unsigned long long* clock;  // KESTREL_CUDA_STREAM16_TIMING=1: this launch's shape's sums, or null
-};
-
-constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
-
-// KESTREL_CUDA_STREAM16_TIMING's fields a shape (launches are counted by the host).
-enum ClockField {
-  kClockLaunches,
-  kClockBlocks,
-  kClockEarly,     // kernel entry to grid_dependency_wait's return (warpgroup 0)
-  kClockActs,      // to the first step's activations (warpgroup 0)
-  kClockProducts,  // to the warpgroup's last group stored (2 fields: warpgroups 0, 1)
-  kClockEnd = kClockProducts + 2,         // to the block's exit (after the cluster's sum)
-  kClockMaxEnd,                           // the slowest block's
-  kClockWeightWait,                       // waiting for full stages (2 fields)
-  kClockGroupEnd = kClockWeightWait + 2,  // groups' ends: last wgmmas, exchange, store (2)
-  kClockFields = kClockGroupEnd + 2,
-};
-constexpr int kClockShapes = 8;
-
-// Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
-// results kept for the cluster's sum (splits > 1), the barriers (the rings', one for each step's
-// activations); 1024 bytes of alignment slack.
-template <int B, int W>
-size_t smem_bytes(int steps_per_split, int groups_per_block, int splits) {
-  using C = Cfg<B, W>;
-  return size_t{W} * C::kStages * C::kStageBytes + size_t(steps_per_split) * 4 * B * kActBox +
-         size_t{W - 1} * kGroupFloats * 4 +
-         (splits > 1 ? size_t(groups_per_block) * kGroupFloats * 4 : 0) +
-         (2 * W * C::kStages + steps_per_split) * 8 + 1024;
-}
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-// The part of row group `group` and the group's first row in it.
-__device__ __forceinline__ int part_of_group(const Stream16Args& a, int group, int& row0) {
-  int p = 0, begin = 0;
-#pragma unroll
-  for (int i = 1; i < kMatvecMaxParts; ++i) {
-    if (i < a.n_parts && group >= a.parts[i - 1].group_end) {
-      p = i;
-      begin = a.parts[i - 1].group_end;
-    }
-  }
-  row0 = (group - begin) * kGroupRows;
-  return p;
-}
-
-// The activations of the block's K range, once the kernel before this one has written them
-// (a programmatic dependent launch gets here while it may still run): with a.act_steps each
-// step's on its own barrier (bar + 8 i for step ks0 + i), so that the first products need only
-// the first step's 16 KB (ncu, attn_q at 16 tokens: the consumers' wait for all 64 KB was 17% of
-// the stall samples, the wait for weights 13%); else all on barrier bar.
-template <int B>
-__device__ void load_acts(const Stream16Args& a, int ks0, int ks1, uint32_t acts, uint32_t bar) {
-  grid_dependency_wait();
-  constexpr int kBoxes = 4 * B;  // activation boxes a step
-  if (!a.act_steps) barrier_expect(bar, (ks1 - ks0) * kBoxes * kActBox);
-  for (int i = 0; i < ks1 - ks0; ++i) {
-    const uint32_t step_bar = a.act_steps ? bar + 8 * i : bar;
-    if (a.act_steps) barrier_expect(step_bar, kBoxes * kActBox);
-    for (int b = i * kBoxes; b < (i + 1) * kBoxes; ++b)
-      tma_load(acts + b * kActBox, a.act, (ks0 * kBoxes + b) * 64, 0, step_bar);
-  }
-}
-
-// Row groups [g0, g0 + owned) are taken whole, group g0 + j by warpgroup j % kWGs (own_groups:
-// no exchange between the warpgroups); the rest, [g0 + owned, g1), step by step in turn.
-__device__ __forceinline__ int owned_groups(const Stream16Args& a, int n_groups, int n_wgs) {
-  return a.own_groups && n_groups >= n_wgs ? n_groups / n_wgs * n_wgs : 0;
-}
-
-// The producer thread: each step of the block's K range of each row group into the ring of the
-// warpgroup that takes it, in the order that warpgroup takes them (owned groups: all their steps,
-// the warpgroups' groups side by side; the others: steps ks0 + w, + kWGs, ...: warpgroup w). The
-// weights depend on no kernel, so the rings fill first, then the activations come (load_acts):
-// launched early, the block has its first ~100 KB of weights on the way while the kernel before
-// it finishes.
-template <int B, int kWGs>
-__device__ void produce(const Stream16Args& a, int g0, int g1, int ks0, int ks1, uint32_t stages,
-                        uint32_t full, uint32_t empty, uint32_t acts, uint32_t act_bar) {
-  using C = Cfg<B, kWGs>;
-  bool acts_loaded = false;
-  int filled[kWGs] = {};
-  const auto issue = [&](int w, int group, int ks) {
-    int row0 = 0;
-    const int p = part_of_group(a, group, row0);
-    const int slot = filled[w] % C::kStages, use = filled[w] / C::kStages;
-    const int stage = w * C::kStages + slot;
-    if (use > 0) {
-      if (!acts_loaded) load_acts<B>(a, ks0, ks1, acts, act_bar);
-      acts_loaded = true;
-      barrier_wait(empty + 8 * stage, (use - 1) & 1);
-    }
-    const uint32_t dst = stages + stage * C::kStageBytes, bar = full + 8 * stage;
-    barrier_expect(bar, C::kStageBytes);
-#pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const int kb = ks * B + b;  // box of K (past n_in: zeros)
-      tma_load(dst + b * kBoxCodeBytes, a.codes[p], kb * (kBoxK / 2), row0, bar);
-      tma_load(dst + C::kCodeBytes + b * kBoxScaleBytes, a.scales[p], kb * (kBoxK / 32), row0, bar);
-    }
-    ++filled[w];
-  };
-  const int owned = owned_groups(a, g1 - g0, kWGs);
-  for (int j = 0; j < owned; j += kWGs)
-    for (int ks = ks0; ks < ks1; ++ks)
-#pragma unroll
-      for (int w = 0; w < kWGs; ++w) issue(w, g0 + j + w, ks);
-  for (int group = g0 + owned; group < g1; ++group)
-    for (int ks2 = ks0; ks2 < ks1; ks2 += kWGs)
-#pragma unroll
-      for (int w = 0; w < kWGs; ++w)
-        if (ks2 + w < ks1) issue(w, group, ks2 + w);
-  if (!acts_loaded) load_acts<B>(a, ks0, ks1, acts, act_bar);
-}
-
-// A of one 64-K slice pair (Q4_0 blocks 2 sub and 2 sub + 1 of the stage) for the thread's rows:
-// A[4 s + i] is register i of the m64k16 fragment of K slice s (as decode_step in
-// matmul_wgmma.cu). codes: the thread's first row's bytes 4 (t / 2) in the stage, whose 16-byte
-// chunks are swizzled by the row's index mod 8 (= g); sc: the rows' eight scales.
-__device__ __forceinline__ void decode_pair(const uint8_t* codes, int g, const uint4 (&sc)[2],
-                                            int sub, uint32_t sel, uint32_t magic,
-                                            uint32_t (&A)[16]) {
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const uint32_t scw = sub == 0 ? sc[ri].x : sub == 1 ? sc[ri].y : sub == 2 ? sc[ri].z : sc[ri].w;
-#pragma unroll
-    for (int blk = 0; blk < 2; ++blk) {
-      const uint8_t* cb = codes + ri * 8 * 128 + (((2 * sub + blk) ^ g) << 4);
-      const uint32_t pair = __byte_perm(*reinterpret_cast<const uint32_t*>(cb),
-                                        *reinterpret_cast<const uint32_t*>(cb + 8), sel);
-      const uint32_t s2 = __byte_perm(scw, 0, blk ? 0x3232 : 0x1010);
-      __half2 d;
-      memcpy(&d, &s2, 4);
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t w = h ? pair >> 4 : pair;
-        A[4 * (2 * blk + h) + ri] = codes_to_half2<DType::Q4_0, 0x5150>(w, magic, d);
-        A[4 * (2 * blk + h) + 2 + ri] = codes_to_half2<DType::Q4_0, 0x5352>(w, magic, d);
-      }
-    }
-  }
-}
-
-// decode_pair for activations whose 16-element groups hold the even elements, then the odd ones
-// (permute_acts): the thread's word of a block (bytes 4t .. 4t + 3: elements 4t .. 4t + 3 in the
-// low nibbles, 16 + 4t .. in the high ones) gives its four halves of the two slices by a shift
-// and one logic op each (low nibbles of bytes 0 and 2 are the elements for k-slots 2t, 2t + 1;
-// of bytes 1 and 3 those for 2t + 8, 2t + 9), no byte permutes. codes: bytes 4t of the row.
-__device__ __forceinline__ void decode_pair_perm(const uint8_t* codes, int g, const uint4 (&sc)[2],
-                                                 int sub, uint32_t magic, uint32_t (&A)[16]) {
-  const __half2 offset = __half2half2(__ushort_as_half(0x6408));  // 1024 + 8
-#pragma unroll
-  for (int ri = 0; ri < 2; ++ri) {
-    const uint32_t scw = sub == 0 ? sc[ri].x : sub == 1 ? sc[ri].y : sub == 2 ? sc[ri].z : sc[ri].w;
-#pragma unroll
-    for (int blk = 0; blk < 2; ++blk) {
-      const uint32_t word =
-          *reinterpret_cast<const uint32_t*>(codes + ri * 8 * 128 + (((2 * sub + blk) ^ g) << 4));
-      const uint32_t s2 = __byte_perm(scw, 0, blk ? 0x3232 : 0x1010);
-      __half2 d;
-      memcpy(&d, &s2, 4);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {  // shift 0: slice low reg 0, 8: reg 2; 4, 12: the high slice
-        const uint32_t bits = ((word >> (4 * i)) & 0x000F000Fu) | magic;
-        __half2 h;
-        memcpy(&h, &bits, 4);
-        h = __hmul2(__hsub2(h, offset), d);
-        uint32_t out;
-        memcpy(&out, &h, 4);
-        A[4 * (2 * blk + i % 2) + 2 * (i / 2) + ri] = out;
-      }
-    }
-  }
-}
-
-// Reorders every 16-element group of the resident activations (n_boxes boxes of 16 rows x 128
-// swizzled bytes) into its even elements, then its odd ones, for decode_pair_perm: threads
-// tid of n share the work; the caller makes the writes visible to wgmma (fence_acts).
-__device__ __forceinline__ void permute_acts(uint8_t* acts, int n_boxes, int tid, int n) {
-  for (int i = tid; i < n_boxes * 64; i += n) {
-    const int q = i % 4, r = i / 4 % 16;
-    uint8_t* row = acts + (i / 64) * kActBox + r * 128;
-    uint4* p0 = reinterpret_cast<uint4*>(row + (((2 * q) ^ (r % 8)) << 4));
-    uint4* p1 = reinterpret_cast<uint4*>(row + (((2 * q + 1) ^ (r % 8)) << 4));
-    const uint4 a = *p0, b = *p1;
-    *p0 = make_uint4(__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.z, a.w, 0x5410),
-                     __byte_perm(b.x, b.y, 0x5410), __byte_perm(b.z, b.w, 0x5410));
-    *p1 = make_uint4(__byte_perm(a.x, a.y, 0x7632), __byte_perm(a.z, a.w, 0x7632),
-                     __byte_perm(b.x, b.y, 0x7632), __byte_perm(b.z, b.w, 0x7632));
-  }
-}
-
-// The permuted activations visible to wgmma (the async proxy) for the kThreads threads that
-// meet at named barrier kId (immediates: a register id makes ptxas reserve all 16 barriers).
-template <int kId, int kThreads>
-__device__ __forceinline__ void fence_acts() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
-}
-
-// acc (row r, r + 8 of the thread; tokens 8 j + 2 t, + 1) into out (+ bias), or into the
-// block's result buffer res[group][token][64] for the cluster's sum.
-__device__ __forceinline__ void store_group(const Stream16Args& a, int group, const float (&acc)[8],
-                                            int rig, int t, float* res) {
-  if (res) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-      res[(8 * (e / 4) + 2 * t + e % 2) * kGroupRows + rig + 8 * (e % 4 / 2)] = acc[e];
-    return;
-  }
-  int row0 = 0;
-  const Stream16Part& part = a.parts[part_of_group(a, group, row0)];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int tok = 8 * (e / 4) + 2 * t + e % 2;
-    const int64_t r = row0 + rig + 8 * (e % 4 / 2);
-    if (tok < a.n_tokens && r < part.n_out)
-      part.out[tok * part.n_out + r] = acc[e] + (part.bias ? part.bias[r] : 0.0f);
-  }
-}
-
-// Block rank of a cluster: sums its slice of the cluster's results over every block's buffer,
-// in rank order, into out (+ bias).
-__device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* res) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int splits = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
-  const int n = n_groups * kGroupFloats, threads = static_cast<int>(blockDim.x);
-  for (int i = rank * threads + static_cast<int>(threadIdx.x); i < n; i += splits * threads) {
-    float v = 0.0f;
-    for (int r = 0; r < splits; ++r) v += cluster.map_shared_rank(res, r)[i];
-    const int group = g0 + i / kGroupFloats, tok = i / kGroupRows % 16;
-    int row0 = 0;
-    const Stream16Part& part = a.parts[part_of_group(a, group, row0)];
-    const int64_t r = row0 + i % kGroupRows;
-    if (tok < a.n_tokens && r < part.n_out)
-      part.out[tok * part.n_out + r] = v + (part.bias ? part.bias[r] : 0.0f);
-  }
-}
-
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
-
 // KESTREL_CUDA_STREAM16_TIMING=1: where a launch's time goes, in SM cycles summed over its blocks
 // (clock64 of one SM; times from the block's grid_dependency_wait, when the kernel before has
 // finished). Thread 0 (warpgroup 0) and thread 128 (warpgroup 1) record.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void clock_add(unsigned long long* clk, int field, long long cycles) {
   if (clk) atomicAdd(clk + field, static_cast<unsigned long long>(cycles > 0 ? cycles : 0));
 }
+#endif
 
 // kAccs accumulator sets taken in turn by the 64-K slices, added at the group's end: chains of
 // dependent wgmmas kAccs times shorter. kPerm: the activations reordered once (permute_acts) so
@@ -528,7 +245,10 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
   if (split) {
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every block's results are in its shared memory
-    sum_cluster(a, g0, g1 - g0, res);
+    if (a.sum_vec)
+      sum_cluster_vec(a, g0, g1 - g0, res);
+    else
+      sum_cluster(a, g0, g1 - g0, res);
     // ... and stay there until every block has read them. cluster.sync() arrives with release
     // semantics: MEMBAR.ALL.GPU, which waits for this thread's stores to the output (ncu: its
     // ERRBAR took 3% of the stall samples). Nothing needs them ordered here, and the reads of
@@ -641,11 +361,15 @@ bool stream16_act_steps() {
   return on;
 }
 
-// Whether the warpgroups take whole row groups where a block's groups pair up
-// (KESTREL_CUDA_STREAM16_OWN=1), instead of taking turns at the steps of each group and adding
-// their sums through shared memory at its end (two warpgroup barriers a group).
+// Whether the warpgroups take whole row groups where a block's groups pair up, instead of taking
+// turns at the steps of each group and adding their sums through shared memory at its end (two
+// warpgroup barriers a group; KESTREL_CUDA_STREAM16_OWN=0). H100, the seed's b128 ub16 in one
+// call: 4,298 / 4,232 t/s against 4,105 / 4,146; gate/up at 16 tokens 30.1 against 32.2 us.
 bool stream16_own_groups() {
-  static const bool on = env_flag_on("KESTREL_CUDA_STREAM16_OWN");
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_STREAM16_OWN");
+    return !(e && std::string(e) == "0");
+  }();
   return on;
 }
 
@@ -880,6 +604,8 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   static const bool relaxed_exit = env_flag_on("KESTREL_CUDA_STREAM16_RELAXED_EXIT");
   a.relaxed_exit = relaxed_exit ? 1 : 0;
   a.own_groups = stream16_own_groups() ? 1 : 0;
+  static const bool sum_vec = env_flag_on("KESTREL_CUDA_STREAM16_SUM_VEC");
+  a.sum_vec = sum_vec ? 1 : 0;
   if (timing) {
     int64_t rows = 0;
     for (int i = 0; i < n_parts; ++i) rows += parts[i].w->n_out;
