@@ -66,7 +66,7 @@ struct Stream16Args {
 
 constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
 
-// KESTREL_CUDA_STREAM16_TIMING's fields a shape (launches are counted by the host).
+// KESTREL_CUDA_STREAM16_TIMING's fields a shape (each launch counted by its first block).
 enum ClockField {
   kClockLaunches,
   kClockBlocks,
