@@ -125,9 +125,11 @@ VARIANTS = [
     ("KESTREL_CUDA_STREAM16_RELAXED_EXIT=1", "seed case, b128 ub16"),
     # stream16's warpgroups taking turns at the steps of every row group (whole groups each by
     # default since the twenty-ninth session, H100: 4,232-4,298 against 4,105-4,146), and its
-    # cluster's sum with the loads of several places in flight (opt-in, not yet measured).
+    # cluster's sum by remote float4 loads instead of each block pushing its results into the
+    # slices' owners (the default since the thirtieth session, H100: 4,780 / 4,789 against
+    # 4,527-4,575).
     ("KESTREL_CUDA_STREAM16_OWN=0", "seed case, b128 ub16"),
-    ("KESTREL_CUDA_STREAM16_SUM_VEC=1", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_STREAM16_PUSH=0", "seed case, b128 ub16"),
     # The kernels between the matmuls without programmatic dependent launches (with them by
     # default).
     ("KESTREL_CUDA_PDL_CHAIN=0", "seed case, b128 ub16"),

@@ -475,14 +475,20 @@ if ((TESTS)); then
       gtest-gpu-stream16-relaxed-exit.xml KESTREL_CUDA_STREAM16_RELAXED_EXIT=1 \
       KESTREL_CUDA_STREAM16_SPLITS=4
     # The warpgroups taking turns at every row group's steps (KESTREL_CUDA_STREAM16_OWN=0; whole
-    # groups each by default since the twenty-ninth session), and the cluster's sum with its
-    # loads in flight together (opt-in, KESTREL_CUDA_STREAM16_SUM_VEC=1), 2 and 8 blocks a cluster.
+    # groups each by default since the twenty-ninth session); the cluster's sum by remote loads
+    # (KESTREL_CUDA_STREAM16_PUSH=0: float4 loads; with SUM_VEC=0 one at a time) instead of each
+    # block pushing its results into the slices' owners (the default since the thirtieth
+    # session), and the push with 3 (uneven slices) and 8 blocks a cluster.
     gpu_test_stage gpu-tests-stream16-no-own '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-no-own.xml KESTREL_CUDA_STREAM16_OWN=0
     gpu_test_stage gpu-tests-stream16-sum-vec '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-sum-vec.xml KESTREL_CUDA_STREAM16_SUM_VEC=1
-    gpu_test_stage gpu-tests-stream16-sum-vec-s8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
-      gtest-gpu-stream16-sum-vec-s8.xml KESTREL_CUDA_STREAM16_SUM_VEC=1 KESTREL_CUDA_STREAM16_SPLITS=8
+      gtest-gpu-stream16-sum-vec.xml KESTREL_CUDA_STREAM16_PUSH=0
+    gpu_test_stage gpu-tests-stream16-sum-plain '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-sum-plain.xml KESTREL_CUDA_STREAM16_PUSH=0 KESTREL_CUDA_STREAM16_SUM_VEC=0
+    gpu_test_stage gpu-tests-stream16-push-s3 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-push-s3.xml KESTREL_CUDA_STREAM16_SPLITS=3
+    gpu_test_stage gpu-tests-stream16-push-s8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+      gtest-gpu-stream16-push-s8.xml KESTREL_CUDA_STREAM16_SPLITS=8
     # Attention of 1-16 tokens with the keys split among blocks (attention_split.cu, opt-in:
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
     gpu_test_stage gpu-tests-att-split '*GpuOpsAttention*:*GpuOpsChain*' gtest-gpu-att-split.xml \

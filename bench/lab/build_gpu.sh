@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Configure build-gpu once (CUDA, sm_90a, Release; .gpu-deps for pkg-config) and build TARGET;
 # on failure print the errors and exit non-zero. For the lab's quick A/B scripts.
-#   bash bench/lab/build_gpu.sh TARGET
+#   bash bench/lab/build_gpu.sh TARGET...
 set -uo pipefail
 export PKG_CONFIG_PATH=$PWD/.gpu-deps/lib/pkgconfig
 command -v pkg-config >/dev/null || export PKG_CONFIG=$PWD/scripts/pkg-config-lite.py
@@ -10,5 +10,5 @@ if [[ ! -f build-gpu/build.ninja ]]; then
     -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER="$(command -v nvcc)" >/tmp/lab-cfg.log 2>&1 ||
     { tail -n 20 /tmp/lab-cfg.log; exit 1; }
 fi
-cmake --build build-gpu -j "$(nproc)" --target "$1" >/tmp/lab-build.log 2>&1 ||
+cmake --build build-gpu -j "$(nproc)" --target "$@" >/tmp/lab-build.log 2>&1 ||
   { grep -E 'error|FAILED' /tmp/lab-build.log | head -20; exit 1; }

@@ -21,9 +21,10 @@
 //    a 64 K, into 8 f32 accumulators a thread; a stage goes back to the producer as soon as it is
 //    decoded (B is the resident activations);
 //  - K is split over the blocks of a thread block cluster (grid.x = splits <= 8): each block
-//    keeps its results for all its rows in shared memory and, after a cluster barrier, sums a
-//    slice of them over the cluster's blocks in rank order (deterministic), through distributed
-//    shared memory. No partials in global memory, no second launch.
+//    keeps its results for all its rows in shared memory, stores every other block's slice of
+//    them into that block's shared memory (st.async, counted on its barrier) and sums its own
+//    slice over the cluster's blocks in rank order (deterministic) once the others' parts are in.
+//    No partials in global memory, no second launch, no cluster barrier at the end.
 // The host picks the split and the rows a cluster owns so that every SM streams about the same
 // bytes (stream16_plan). Up to kMatvecMaxParts weights of one launch (Q, K, V; gate, up) share
 // the activations; their row groups are numbered across the parts.
@@ -101,10 +102,15 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
   // The warpgroups' exchange (warpgroup w > 0 leaves its accumulators there for warpgroup 0),
   // then the cluster's results, then the barriers.
   float* xch = reinterpret_cast<float*>(base + kWGs * C::kStages * C::kStageBytes + act_bytes);
+  // With kSumPush the receive buffer follows the results, and its barrier the activations'.
+  const bool push = split && a.sum_mode == kSumPush;
   float* res = split ? xch + (kWGs - 1) * kGroupFloats : nullptr;
+  float* rcv = push ? res + a.groups_per_block * kGroupFloats : nullptr;
   const uint32_t full =
-                     smem_addr(xch + (kWGs - 1 + (split ? a.groups_per_block : 0)) * kGroupFloats),
-                 empty = full + 8 * kWGs * C::kStages, act_bar = empty + 8 * kWGs * C::kStages;
+                     smem_addr(xch + (kWGs - 1 + (split ? a.groups_per_block : 0)) * kGroupFloats) +
+                     (push ? static_cast<uint32_t>(push_buffer_bytes(a.groups_per_block)) : 0),
+                 empty = full + 8 * kWGs * C::kStages, act_bar = empty + 8 * kWGs * C::kStages,
+                 rcv_bar = act_bar + 8 * a.steps_per_split;
   const int tid = threadIdx.x;
   const long long c_start = clock64();
   long long c_dep = c_start;
@@ -115,9 +121,17 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
       barrier_init(empty + 8 * s, 128);
     }
     for (int i = 0; i < max(1, ks1 - ks0); ++i) barrier_init(act_bar + 8 * i, 1);
+    if (push) {  // its one phase ends when the other blocks' parts of this block's slice are in
+      barrier_init(rcv_bar, 1);
+      barrier_expect(rcv_bar, push_bytes(g1 - g0, static_cast<int>(gridDim.x),
+                                         static_cast<int>(cg::this_cluster().block_rank())));
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // kSumPush: the other blocks may store into this one's receive buffer once its barrier is
+  // initialized; the wait for theirs is at the end, so that this costs nothing here.
+  if (push) asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   if (tid == kWGs * 128) {
     produce<B, kWGs>(a, g0, g1, ks0, ks1, stages, full, empty, acts, act_bar);
   } else if (tid < kWGs * 128) {
@@ -242,10 +256,18 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
   // chained_launches a dependent launch) may be scheduled while the results are summed and stored.
   grid_dependents_launch();
   __syncwarp();  // the producer's lane rejoins its warp before the cluster barrier
-  if (split) {
+  if (push) {
+    asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every block's barrier init
+    __syncthreads();  // the block's results are all in res
+    push_results(g1 - g0, res, smem_addr(rcv), rcv_bar);
+    wait_pushed(rcv_bar);
+    if (tid == 0) clock_add(clk, kClockMet, clock64() - c_dep);
+    sum_pushed(a, g0, g1 - g0, res, rcv);
+  } else if (split) {
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every block's results are in its shared memory
-    if (a.sum_vec)
+    if (tid == 0) clock_add(clk, kClockMet, clock64() - c_dep);
+    if (a.sum_mode == kSumVec)
       sum_cluster_vec(a, g0, g1 - g0, res);
     else
       sum_cluster(a, g0, g1 - g0, res);
@@ -373,6 +395,22 @@ bool stream16_own_groups() {
   return on;
 }
 
+// How a cluster's blocks sum their results (SumMode): by default each block pushes the others'
+// slices into their shared memory (push_results + sum_pushed); KESTREL_CUDA_STREAM16_PUSH=0: the
+// float4 loads of sum_cluster_vec; with KESTREL_CUDA_STREAM16_SUM_VEC=0 too, sum_cluster's one
+// load at a time. H100, the seed's b128 ub16 (thirtieth session, alternating rows of one call
+// each): sum_cluster 4,457 / 4,386 t/s, sum_cluster_vec 4,527 / 4,564 (next call 4,564 / 4,575),
+// push 4,780 / 4,789.
+int stream16_sum_mode() {
+  static const int mode = [] {
+    const char* push = std::getenv("KESTREL_CUDA_STREAM16_PUSH");
+    if (!(push && std::string(push) == "0")) return int{kSumPush};
+    const char* e = std::getenv("KESTREL_CUDA_STREAM16_SUM_VEC");
+    return e && std::string(e) == "0" ? int{kSumPlain} : int{kSumVec};
+  }();
+  return mode;
+}
+
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
@@ -402,6 +440,7 @@ int max_active_clusters(int splits, size_t smem) {
 template <int B, int kAccs, bool kPerm, int W>
 Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   const int steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
+  const bool push = stream16_sum_mode() == kSumPush;
   Stream16Plan best;
   double best_cost = 0;
   const int forced = forced_stream16_splits();
@@ -413,13 +452,13 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
       if (used_splits != splits)
         continue;  // rounding left a split empty: a smaller one is the same
       int gpb = ceil_div(groups, std::max(1, std::min(sms / splits, groups)));
-      size_t smem = smem_bytes<B, W>(sps, gpb, splits);
+      size_t smem = smem_bytes<B, W>(sps, gpb, splits, push);
       if (smem > smem_limit) continue;
       if (const int most = max_active_clusters<B, kAccs, kPerm, W>(splits, smem); most <= 0) {
         continue;
       } else if (ceil_div(groups, gpb) > most) {  // one wave: more rows a cluster
         gpb = ceil_div(groups, most);
-        smem = smem_bytes<B, W>(sps, gpb, splits);
+        smem = smem_bytes<B, W>(sps, gpb, splits, push);
         if (smem > smem_limit) continue;
       }
       const int clusters = ceil_div(groups, gpb);
@@ -560,9 +599,10 @@ void print_stream16_timing(const unsigned long long* timing) {
   const std::lock_guard<std::mutex> lock(shapes.mutex);
   std::fprintf(stderr,
                "stream16 timing (KESTREL_CUDA_STREAM16_TIMING=1), SM cycles a block from its "
-               "grid dependency wait:\n%-24s %8s %6s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s\n",
+               "grid dependency wait:\n%-24s %8s %6s %8s %8s %8s %8s %8s %8s %8s %8s %8s %8s "
+               "%8s\n",
                "parts x rows x n_in", "launches", "blocks", "early", "acts", "prod0", "prod1",
-               "end", "max-end", "wwait0", "wwait1", "gend0", "gend1");
+               "met", "end", "max-end", "wwait0", "wwait1", "gend0", "gend1");
   for (size_t i = 0; i < shapes.keys.size(); ++i) {
     const unsigned long long* c = acc.data() + i * kClockFields;
     const double n = static_cast<double>(std::max(c[kClockBlocks], 1ull));
@@ -571,10 +611,11 @@ void print_stream16_timing(const unsigned long long* timing) {
                   static_cast<long long>(std::get<2>(shapes.keys[i])),
                   static_cast<long long>(std::get<1>(shapes.keys[i])));
     std::fprintf(stderr,
-                 "%-24s %8llu %6.0f %8.0f %8.0f %8.0f %8.0f %8.0f %8llu %8.0f %8.0f %8.0f %8.0f\n",
+                 "%-24s %8llu %6.0f %8.0f %8.0f %8.0f %8.0f %8.0f %8.0f %8llu %8.0f %8.0f %8.0f "
+                 "%8.0f\n",
                  name, c[kClockLaunches], n / std::max(c[kClockLaunches], 1ull), c[kClockEarly] / n,
                  c[kClockActs] / n, c[kClockProducts] / n, c[kClockProducts + 1] / n,
-                 c[kClockEnd] / n, c[kClockMaxEnd], c[kClockWeightWait] / n,
+                 c[kClockMet] / n, c[kClockEnd] / n, c[kClockMaxEnd], c[kClockWeightWait] / n,
                  c[kClockWeightWait + 1] / n, c[kClockGroupEnd] / n, c[kClockGroupEnd + 1] / n);
   }
 }
@@ -604,8 +645,7 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   static const bool relaxed_exit = env_flag_on("KESTREL_CUDA_STREAM16_RELAXED_EXIT");
   a.relaxed_exit = relaxed_exit ? 1 : 0;
   a.own_groups = stream16_own_groups() ? 1 : 0;
-  static const bool sum_vec = env_flag_on("KESTREL_CUDA_STREAM16_SUM_VEC");
-  a.sum_vec = sum_vec ? 1 : 0;
+  a.sum_mode = stream16_sum_mode();
   if (timing) {
     int64_t rows = 0;
     for (int i = 0; i < n_parts; ++i) rows += parts[i].w->n_out;

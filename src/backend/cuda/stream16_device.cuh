@@ -61,8 +61,13 @@ struct Stream16Args {
   int relaxed_exit;      // 1: the cluster's last barrier without release semantics (the end)
   int own_groups;        // 1: the warpgroups take whole row groups where they pair up (above)
   unsigned long long* clock;  // KESTREL_CUDA_STREAM16_TIMING=1: this launch's shape's sums, or null
-  int sum_vec;  // 1: sum_cluster_vec (KESTREL_CUDA_STREAM16_SUM_VEC=1), else sum_cluster
+  int sum_mode;  // the cluster's sum: kSumPlain, kSumVec or kSumPush (below)
 };
+
+// How a cluster's blocks sum their results: sum_cluster (remote loads one at a time),
+// sum_cluster_vec (float4 loads, several in flight; the default) or push_results + sum_pushed
+// (each block stores the others' slices into their shared memory, which then sum alone).
+enum SumMode { kSumPlain = 0, kSumVec = 1, kSumPush = 2 };
 
 constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
 
@@ -77,20 +82,29 @@ enum ClockField {
   kClockMaxEnd,                           // the slowest block's
   kClockWeightWait,                       // waiting for full stages (2 fields)
   kClockGroupEnd = kClockWeightWait + 2,  // groups' ends: last wgmmas, exchange, store (2)
-  kClockFields = kClockGroupEnd + 2,
+  kClockMet = kClockGroupEnd + 2,  // to every block's results there (the cluster's first barrier)
+  kClockFields,
 };
 constexpr int kClockShapes = 8;
 
+// A block's receive buffer for kSumPush: a slice of each other block's results (slices of
+// ceil(results / splits) float4s, by the sender's rank), 128 bytes of slack for uneven slices.
+__host__ __device__ inline size_t push_buffer_bytes(int groups_per_block) {
+  return size_t(groups_per_block) * kGroupFloats * 4 + 128;
+}
+
 // Shared memory of a launch: the stages, the resident activations, the warpgroups' exchange, the
-// results kept for the cluster's sum (splits > 1), the barriers (the rings', one for each step's
-// activations); 1024 bytes of alignment slack.
+// results kept for the cluster's sum (splits > 1; with kSumPush also the receive buffer), the
+// barriers (the rings', one for each step's activations, kSumPush's); 1024 bytes of alignment
+// slack.
 template <int B, int W>
-size_t smem_bytes(int steps_per_split, int groups_per_block, int splits) {
+size_t smem_bytes(int steps_per_split, int groups_per_block, int splits, bool push) {
   using C = Cfg<B, W>;
   return size_t{W} * C::kStages * C::kStageBytes + size_t(steps_per_split) * 4 * B * kActBox +
          size_t{W - 1} * kGroupFloats * 4 +
          (splits > 1 ? size_t(groups_per_block) * kGroupFloats * 4 : 0) +
-         (2 * W * C::kStages + steps_per_split) * 8 + 1024;
+         (splits > 1 && push ? push_buffer_bytes(groups_per_block) : 0) +
+         (2 * W * C::kStages + steps_per_split + 1) * 8 + 1024;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -303,6 +317,22 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
   }
 }
 
+// The cluster's sum of float4 i of the block's results (4 consecutive rows of one token) into
+// out (+ bias).
+__device__ __forceinline__ void store_sum4(const Stream16Args& a, int g0, int i4, float4 v) {
+  const int i = 4 * i4;
+  const int group = g0 + i / kGroupFloats, tok = i / kGroupRows % 16;
+  if (tok >= a.n_tokens) return;
+  int row0 = 0;
+  const Stream16Part& part = a.parts[part_of_group(a, group, row0)];
+  const float vs[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int64_t r = row0 + i % kGroupRows + c;
+    if (r < part.n_out) part.out[tok * part.n_out + r] = vs[c] + (part.bias ? part.bias[r] : 0.0f);
+  }
+}
+
 // sum_cluster with the loads of several places in flight at once: each thread takes 4
 // consecutive results (a float4 of each block's buffer) at kUnroll places, and all of a rank's
 // loads are issued before their sums. The same sums in the same order (0, + rank 0, + rank 1,
@@ -332,21 +362,94 @@ __device__ void sum_cluster_vec(const Stream16Args& a, int g0, int n_groups, flo
         v[k] = make_float4(v[k].x + x[k].x, v[k].y + x[k].y, v[k].z + x[k].z, v[k].w + x[k].w);
     }
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int i = 4 * (base + k * stride);
-      const int group = g0 + i / kGroupFloats, tok = i / kGroupRows % 16;
-      if (base + k * stride >= n4 || tok >= a.n_tokens) continue;
-      int row0 = 0;
-      const Stream16Part& part = a.parts[part_of_group(a, group, row0)];
-      const float vs[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int64_t r = row0 + i % kGroupRows + c;
-        if (r < part.n_out)
-          part.out[tok * part.n_out + r] = vs[c] + (part.bias ? part.bias[r] : 0.0f);
-      }
-    }
+    for (int k = 0; k < kUnroll; ++k)
+      if (base + k * stride < n4) store_sum4(a, g0, base + k * stride, v[k]);
   }
+}
+
+// st.async: 16 bytes into another block's shared memory (a shared::cluster address), counted on
+// its barrier `bar` (a shared::cluster address too) as they land.
+__device__ __forceinline__ void store_remote(uint32_t addr, float4 v, uint32_t bar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(addr),
+      "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar)
+      : "memory");
+}
+
+// The shared::cluster address of `addr` (this block's shared memory) in block `rank`.
+__device__ __forceinline__ uint32_t cluster_address(uint32_t addr, int rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+
+// kSumPush, a block's slice of the results (float4 indices) and its size in float4s.
+__device__ __forceinline__ int push_slice(int n4, int splits, int rank, int& lo) {
+  const int size = (n4 + splits - 1) / splits;
+  lo = min(n4, rank * size);
+  return min(n4, lo + size) - lo;
+}
+
+// kSumPush, first half: this block's results of every other block's slice into that block's
+// receive buffer (rcv, at [this rank][slice index]), each store counted on its barrier rcv_bar.
+// Fire and forget: the stores need no answer, and no block reads another's memory afterwards, so
+// no cluster barrier at the exit (sum_cluster's second one). The caller has waited for the
+// cluster's barrier inits (barrier.cluster.wait) and for its block's results (__syncthreads).
+__device__ void push_results(int n_groups, const float* res, uint32_t rcv, uint32_t rcv_bar) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int splits = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
+  const int n4 = n_groups * kGroupFloats / 4, size = (n4 + splits - 1) / splits;
+  const float4* res4 = reinterpret_cast<const float4*>(res);
+  for (int i = static_cast<int>(threadIdx.x); i < n4; i += static_cast<int>(blockDim.x)) {
+    const int owner = i / size;
+    if (owner == rank) continue;
+    const uint32_t dst = rcv + (rank * size + i - owner * size) * 16;
+    store_remote(cluster_address(dst, owner), res4[i], cluster_address(rcv_bar, owner));
+  }
+}
+
+// kSumPush, second half: once the other blocks' parts of this block's slice are in
+// (wait_pushed), their sum with this block's own in rank order (the order of sum_cluster: bit for
+// bit its results) into out (+ bias).
+__device__ void sum_pushed(const Stream16Args& a, int g0, int n_groups, const float* res,
+                           const float* rcv) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int splits = static_cast<int>(cluster.num_blocks()), rank = cluster.block_rank();
+  const int n4 = n_groups * kGroupFloats / 4, size = (n4 + splits - 1) / splits;
+  int lo = 0;
+  const int count = push_slice(n4, splits, rank, lo);
+  const float4* res4 = reinterpret_cast<const float4*>(res);
+  const float4* rcv4 = reinterpret_cast<const float4*>(rcv);
+  for (int j = static_cast<int>(threadIdx.x); j < count; j += static_cast<int>(blockDim.x)) {
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int r = 0; r < splits; ++r) {
+      const float4 x = r == rank ? res4[lo + j] : rcv4[r * size + j];
+      v = make_float4(v.x + x.x, v.y + x.y, v.z + x.z, v.w + x.w);
+    }
+    store_sum4(a, g0, lo + j, v);
+  }
+}
+
+// kSumPush: waits for the other blocks' parts of this block's slice (rcv_bar's first phase: its
+// thread 0 expected their bytes at the start).
+__device__ __forceinline__ void wait_pushed(uint32_t rcv_bar) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "WAIT_PUSH:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], 0;\n"
+      "@p bra DONE_PUSH;\n"
+      "bra WAIT_PUSH;\n"
+      "DONE_PUSH:\n}\n" ::"r"(rcv_bar)
+      : "memory");
+}
+
+// The bytes block `rank` receives under kSumPush: the other blocks' parts of its slice.
+__device__ __forceinline__ int push_bytes(int n_groups, int splits, int rank) {
+  int lo = 0;
+  return (splits - 1) * push_slice(n_groups * kGroupFloats / 4, splits, rank, lo) * 16;
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
