@@ -411,6 +411,17 @@ int stream16_sum_mode() {
   return mode;
 }
 
+// The plan's cost of the cluster's sum for a row group, in 256-K steps: 0.25 unless
+// KESTREL_CUDA_STREAM16_SUM_COST says otherwise (lab: whether plans of more splits pay now that
+// the sum is pushed).
+double stream16_sum_cost() {
+  static const double cost = [] {
+    const char* e = std::getenv("KESTREL_CUDA_STREAM16_SUM_COST");
+    return e ? std::clamp(std::atof(e), 0.0, 8.0) : 0.25;
+  }();
+  return cost;
+}
+
 // Clusters of `splits` blocks of `smem` bytes that can be resident at once: a cluster's blocks
 // share a GPC, so 132 SMs do not hold 33 clusters of 4 one-SM blocks when their GPCs have 16 or
 // 18 SMs. Queried once per (device, kernel, splits, shared memory).
@@ -464,10 +475,10 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
       const int clusters = ceil_div(groups, gpb);
       // A block's time: the steps its busiest warpgroup takes (the groups it owns whole, then
       // its turns of the others); the cluster's sum reads every result once from each block
-      // (about a quarter of a 256-K step a group).
+      // (about a quarter of a 256-K step a group; KESTREL_CUDA_STREAM16_SUM_COST, lab).
       const int owned = stream16_own_groups() && gpb >= W ? gpb / W * W : 0;
       const double cost = (double(owned / W) * sps + double(gpb - owned) * ceil_div(sps, W)) * B +
-                          (splits > 1 ? 0.25 * gpb : 0.0);
+                          (splits > 1 ? stream16_sum_cost() * gpb : 0.0);
       if (best.splits == 0 || cost < best_cost * 0.97) {
         best = {splits, clusters, sps, gpb, smem};
         best_cost = cost;
