@@ -61,7 +61,7 @@ struct Stream16Args {
   int relaxed_exit;      // 1: the cluster's last barrier without release semantics (the end)
   int own_groups;        // 1: the warpgroups take whole row groups where they pair up (above)
   unsigned long long* clock;  // KESTREL_CUDA_STREAM16_TIMING=1: this launch's shape's sums, or null
-  int sum_mode;  // the cluster's sum: kSumPlain, kSumVec or kSumPush (below)
+  int sum_mode;               // the cluster's sum: kSumPlain, kSumVec or kSumPush (below)
 };
 
 // How a cluster's blocks sum their results: sum_cluster (remote loads one at a time),
