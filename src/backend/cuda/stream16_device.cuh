@@ -65,8 +65,8 @@ struct Stream16Args {
 };
 
 // How a cluster's blocks sum their results: sum_cluster (remote loads one at a time),
-// sum_cluster_vec (float4 loads, several in flight; the default) or push_results + sum_pushed
-// (each block stores the others' slices into their shared memory, which then sum alone).
+// sum_cluster_vec (float4 loads, several in flight) or push_results + sum_pushed (each block
+// stores the others' slices into their shared memory, which then sum alone; the default).
 enum SumMode { kSumPlain = 0, kSumVec = 1, kSumPush = 2 };
 
 constexpr int kGroupFloats = kGroupRows * 16;  // a group's results
