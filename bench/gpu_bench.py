@@ -134,6 +134,10 @@ VARIANTS = [
     # default).
     ("KESTREL_CUDA_PDL_CHAIN=0", "seed case, b128 ub16"),
     ("KESTREL_CUDA_PDL_CHAIN=0", "llama2-7b tg128"),
+    # Recorded passes (decode steps, micro-batches of up to 16) that copy their positions once
+    # instead of before every layer's RoPE and attention (opt-in, not yet measured).
+    ("KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1", "llama2-7b tg128"),
     # Attention of micro-batches (and, from 1 token, decode steps) with the keys split among
     # blocks (attention_split.cu, opt-in) instead of a block a head for 1 or 4 tokens.
     ("KESTREL_CUDA_ATT_SPLIT_MIN=3", "b128 ub16"),

@@ -427,6 +427,14 @@ class CudaBackend final : public Backend {
   std::map<uint64_t, Recorded> graphs_;
   Mode mode_ = Mode::Eager;
   int graph_slot_ = 0;
+  // KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1 (opt-in): an upload of the same host array with the same
+  // contents as the body's previous upload reuses its slot (upload_ints), so that a recorded
+  // pass copies its positions once, not before every layer's RoPE and attention: each copy is a
+  // memcpy node, and a kernel after one cannot start early (programmatic dependent launch).
+  bool graph_upload_once_ = false;
+  const int32_t* last_slot_host_ = nullptr;  // the body's previous upload: its array, size, slot
+  int last_slot_n_ = 0;
+  size_t last_slot_off_ = 0;
   int32_t* slots_host_ = nullptr;
   int32_t* slots_dev_ = nullptr;
   void drop_graphs();  // after any buffer a recording may use is freed or moved
