@@ -23,6 +23,14 @@ Status Backend::rope_kv_store(Tensor& q, Tensor& k, const Tensor& v, int n_token
   return kv_store(k, v, n_tokens, positions, k_cache, v_cache);
 }
 
+Status Backend::matmul_rope_kv_store(const Tensor& x, int n_tokens, const MatmulOut* qkv,
+                                     const int32_t* positions, const RopeParams& pq,
+                                     const RopeParams& pk, Tensor& k_cache, Tensor& v_cache) {
+  KESTREL_TRY(matmul_group(x, n_tokens, qkv, 3));
+  return rope_kv_store(*qkv[0].out, *qkv[1].out, *qkv[2].out, n_tokens, positions, pq, pk, k_cache,
+                       v_cache);
+}
+
 Status Backend::rope_kv_attention(Tensor& q, Tensor& k, const Tensor& v, int n_tokens,
                                   const int32_t* positions, const RopeParams& pq,
                                   const RopeParams& pk, Tensor& k_cache, Tensor& v_cache,

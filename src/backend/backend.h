@@ -157,6 +157,18 @@ class Backend {
   virtual bool fuses_rope_kv_store(const Tensor& /*k_cache*/, const Tensor& /*v_cache*/) const {
     return false;
   }
+  // qkv[0..2] = x . W^T (+ bias) for Q, K and V (matmul_group of the three), then rope_kv_store
+  // of those outputs: a layer's projections, RoPE and KV store as one op. A backend that runs it
+  // as one says so in fuses_matmul_rope_kv_store (the forward pass then times it as one op,
+  // "matmul+rope+kv_store"); the default runs the two.
+  virtual Status matmul_rope_kv_store(const Tensor& x, int n_tokens, const MatmulOut* qkv,
+                                      const int32_t* positions, const RopeParams& pq,
+                                      const RopeParams& pk, Tensor& k_cache, Tensor& v_cache);
+  virtual bool fuses_matmul_rope_kv_store(const Weight& /*wq*/, int /*n_tokens*/,
+                                          const Tensor& /*k_cache*/,
+                                          const Tensor& /*v_cache*/) const {
+    return false;
+  }
   // rope_kv_store, then attention of the rotated q into out: a layer's attention as one op. A
   // backend that runs it as one says so in fuses_rope_kv_attention (the forward pass then times
   // it as one op, "rope+kv_store+attention"); q and k may then be left unrotated (callers read

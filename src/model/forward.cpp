@@ -243,18 +243,25 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
   const backend::MatmulOut qkv[] = {{L.wq.get(), &s.q, bias ? &L.bq : nullptr},   // q[T][q_dim]
                                     {L.wk.get(), &s.k, bias ? &L.bk : nullptr},   // k[T][kv_dim]
                                     {L.wv.get(), &s.v, bias ? &L.bv : nullptr}};  // v[T][kv_dim]
-  KESTREL_TRY(matmul_group(be, s.h, n, qkv));
-  if (be.fuses_rope_kv_attention(n, cache.k(il), cache.v(il))) {  // att[T][q_dim]
+  const backend::Tensor &kc = cache.k(il), &vc = cache.v(il);
+  if (be.fuses_rope_kv_attention(n, kc, vc)) {  // att[T][q_dim]
+    KESTREL_TRY(matmul_group(be, s.h, n, qkv));
     OP(be, "rope+kv_store+attention",
        be.rope_kv_attention(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il), attn,
                             s.att));
   } else {
-    if (be.fuses_rope_kv_store(cache.k(il), cache.v(il))) {
-      OP(be, "rope+kv_store",
-         be.rope_kv_store(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
+    if (be.fuses_matmul_rope_kv_store(*L.wq, n, kc, vc)) {  // q, k rotated; cache rows pos[t]
+      OP(be, "matmul+rope+kv_store",
+         be.matmul_rope_kv_store(s.h, n, qkv, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
     } else {
-      OP(be, "rope", be.rope_qk(s.q, s.k, n, pos, rope_q, rope_k));
-      OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
+      KESTREL_TRY(matmul_group(be, s.h, n, qkv));
+      if (be.fuses_rope_kv_store(kc, vc)) {
+        OP(be, "rope+kv_store",
+           be.rope_kv_store(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il)));
+      } else {
+        OP(be, "rope", be.rope_qk(s.q, s.k, n, pos, rope_q, rope_k));
+        OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
+      }
     }
     OP(be, "attention",
        be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));  // att[T][q_dim]

@@ -137,6 +137,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->fused_swiglu_ = env_is("KESTREL_CUDA_FUSED_SWIGLU", "1");
   be->matmul_swiglu_ = env_is("KESTREL_CUDA_MATMUL_SWIGLU", "1");
   be->matmul_add_norm_ = env_is("KESTREL_CUDA_MATMUL_ADD_NORM", "1");
+  be->matmul_rope_kv_ = env_is("KESTREL_CUDA_MATMUL_ROPE_KV", "1");
   if (env_is("KESTREL_CUDA_FUSED_DECODE", "1")) {
     KESTREL_ASSIGN_OR_RETURN(be->fused_decode_, decode_layer_available(device));
   }

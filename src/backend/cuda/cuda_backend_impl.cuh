@@ -109,6 +109,7 @@ struct DecodeRope {
 // aligned, coalesced) and fp16 scales; every other type keeps its GGUF rows.
 class CudaBackend;
 struct MatvecPart;
+struct Stream16Rope;
 struct QuantizedActs;
 
 class CudaWeight final : public Weight {
@@ -190,6 +191,11 @@ class CudaBackend final : public Backend {
                        Tensor& out) override;
   bool fuses_swiglu_matmul(const Weight& w, int n_tokens) const override;
   // Decode's gate and up with SwiGLU in the matvec's epilogue (launch_matvec_swiglu), opt-in.
+  Status matmul_rope_kv_store(const Tensor& x, int n_tokens, const MatmulOut* qkv,
+                              const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
+                              Tensor& k_cache, Tensor& v_cache) override;
+  bool fuses_matmul_rope_kv_store(const Weight& wq, int n_tokens, const Tensor& k_cache,
+                                  const Tensor& v_cache) const override;
   Status matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gate, const Weight& w_up,
                        Tensor& gate, Tensor& up) override;
   bool fuses_matmul_swiglu(const Weight& w_gate, const Weight& w_up, int n_tokens) const override;
@@ -251,7 +257,14 @@ class CudaBackend final : public Backend {
   // The 5-16-token tensor-core products `parts` of x (its f16 copy converted unless `held`), one
   // launch.
   Status matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held, const MatvecPart* parts,
-                     int n_parts);
+                     int n_parts, const Stream16Rope* rope = nullptr);
+  // matmul_group, with RoPE and the KV store in the launch's epilogue where `rope` is given
+  // (matmul_rope_kv_store: then an error unless the one stream16 launch takes them).
+  Status matmul_group_launch(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs,
+                             const Stream16Rope* rope);
+  // Whether matmul_rope_kv_store's arguments take the fused launch (else the two ops).
+  bool rope_epilogue_fits(const Tensor& x, int n_tokens, const MatmulOut* qkv, const RopeParams& pq,
+                          const RopeParams& pk, const Tensor& k_cache, const Tensor& v_cache) const;
   // Where an op writing out [n_tokens][k] also writes it as the input of a Q4_0 matmul of that
   // size (int8 planes or f16, in their scratch, remembered as held for `out`); nothing when the
   // matmul would read f32 or KESTREL_CUDA_NO_FUSED_INPUTS=1. Call after forget_activations().
@@ -351,6 +364,9 @@ class CudaBackend final : public Backend {
   // projections' epilogues (matmul_add_rms_norm). Slower, as above: tg128 383 against 439-441
   // (ncu: the weight stream +9 us a launch, the K-split launches +6 us a layer).
   bool matmul_add_norm_ = false;
+  // RoPE and the KV store in the epilogue of the 5-16-token Q, K, V launch (matmul_rope_kv_store,
+  // matmul_rope_kv.cu), the rope+kv_store launch gone: KESTREL_CUDA_MATMUL_ROPE_KV=1 (opt-in).
+  bool matmul_rope_kv_ = false;
   // The next counter pair of matvec_stream.cu's launches.
   Expected<unsigned*> matvec_stream_counters();
   // Prompt attention fused in f32 (attention_flash.cu): -1 where it measured faster (a quantized
@@ -512,9 +528,24 @@ Expected<bool> decode_layer_available(int device);
 // count or width) or no split of K fits: they stay on the fragment kernel.
 Stream16Plan stream16_plan(const MatvecPart* parts, int n_parts, int n_tokens, int sms,
                            size_t smem_limit);
+// RoPE of Q and K and the KV store of the rotated K and V in the epilogue of a Q, K, V launch
+// (matmul_rope_kv_store): the rope_kv_store op's work, bit for bit.
+struct Stream16Rope {
+  const int32_t* pos = nullptr;  // [T] on the device
+  uint8_t* k_cache = nullptr;
+  uint8_t* v_cache = nullptr;
+  int64_t row_bytes = 0;  // of both caches
+  int head_dim = 0;
+  int cache_type = 0;  // quant::DType of both caches (F16, Q8_0 or Q4_0); 0: no RoPE
+  RopeTable table;     // the normal layout's pairs only
+};
+// Whether a launch of `plan` can take the epilogue above (its clusters sum by push, in slices of
+// whole 32-float4 runs).
+bool stream16_takes_rope(const Stream16Plan& plan);
 Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
                               const __half* x16, int n_tokens, const Stream16Plan& plan,
-                              unsigned long long* timing, cudaStream_t s);
+                              unsigned long long* timing, cudaStream_t s,
+                              const Stream16Rope* rope = nullptr);
 // KESTREL_CUDA_STREAM16_TIMING=1: the device buffer of the kernel's clock sums, and their table
 // (stderr; when the backend is destroyed).
 size_t stream16_timing_bytes();

@@ -283,6 +283,11 @@ Status check_matmul_shapes(const CudaWeight& w, const Tensor& x, int n_tokens, c
 // fragment path (5-16 tokens) or the wgmma path (prompt chunks) with one weight type: seven
 // matmuls per layer become four launches, and the grids fill the GPU with fewer tails.
 Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut* outs, int n_outs) {
+  return matmul_group_launch(x, n_tokens, outs, n_outs, nullptr);
+}
+
+Status CudaBackend::matmul_group_launch(const Tensor& x, int n_tokens, const MatmulOut* outs,
+                                        int n_outs, const Stream16Rope* rope) {
   const auto& w0 = static_cast<const CudaWeight&>(*outs[0].w);
   const MatmulPath path = matmul_path(w0.type, w0.n_in, n_tokens);
   bool one_launch = group_matmuls_ && n_outs >= 2 && n_outs <= kMatvecMaxParts &&
@@ -293,6 +298,8 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
     const auto& w = static_cast<const CudaWeight&>(*m.w);
     one_launch = w.type == w0.type && w.n_in == w0.n_in && m.out->data != x.data;
   }
+  if (rope && (!one_launch || path != MatmulPath::kFrag))
+    return error("matmul+rope+kv_store: the projections do not take the fused launch");
   if (!one_launch) return Backend::matmul_group(x, n_tokens, outs, n_outs);
   MatvecPart parts[kMatvecMaxParts];
   const float* xp = static_cast<const float*>(x.data);
@@ -312,7 +319,8 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
       if (parts[i].out == x16_.x) x16_.valid = false;
     }
     if (n_tokens <= 0 || mode_ == Mode::Stage) return Status::ok();
-    if (path == MatmulPath::kFrag) return matmul_frag(xp, n_tokens, n_in, x16_held, parts, n_outs);
+    if (path == MatmulPath::kFrag)
+      return matmul_frag(xp, n_tokens, n_in, x16_held, parts, n_outs, rope);
     KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(xp, n_tokens, n_in, x16_held));
     return launch_matmul_wgmma(*wgmma_maps_, parts, n_outs, x16, n_tokens, sm_count_, stream_);
   }
@@ -325,15 +333,16 @@ Status CudaBackend::matmul_group(const Tensor& x, int n_tokens, const MatmulOut*
 }
 
 Status CudaBackend::matmul_frag(const float* x, int n_tokens, int64_t n_in, bool held,
-                                const MatvecPart* parts, int n_parts) {
+                                const MatvecPart* parts, int n_parts, const Stream16Rope* rope) {
   if (lab_skips("matmul")) return Status::ok();
   KESTREL_ASSIGN_OR_RETURN(const __half* x16, f16_activations(x, n_tokens, n_in, held));
   if (stream16_) {
     const Stream16Plan plan = stream16_plan(parts, n_parts, n_tokens, sm_count_, smem_optin_);
     if (plan.splits > 0)
       return launch_matmul_stream16(*wgmma_maps_, parts, n_parts, x16, n_tokens, plan,
-                                    stream16_timing_, stream_);
+                                    stream16_timing_, stream_, rope);
   }
+  if (rope) return error("matmul+rope+kv_store: no stream16 launch for the projections");
   const int row_blocks = frag_v2_row_blocks(parts, n_parts);
   float* partial = nullptr;
   unsigned* arrivals = nullptr;

@@ -631,10 +631,18 @@ void print_stream16_timing(const unsigned long long* timing) {
   }
 }
 
+bool stream16_takes_rope(const Stream16Plan& plan) {
+  return stream16_sum_mode() == kSumPush &&
+         (plan.splits == 2 || plan.splits == 4 || plan.splits == 8);
+}
+
 Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int n_parts,
                               const __half* x16, int n_tokens, const Stream16Plan& plan,
-                              unsigned long long* timing, cudaStream_t s) {
+                              unsigned long long* timing, cudaStream_t s,
+                              const Stream16Rope* rope) {
   if (plan.splits == 0) return error("matmul (stream16): launched without a plan");
+  if (rope && (n_parts != 3 || !stream16_takes_rope(plan)))
+    return error("matmul (stream16): RoPE and the KV store asked of a launch that cannot take them");
   const int64_t n_in = parts[0].w->n_in;
   Stream16Args a{};
   int groups = 0;
@@ -657,6 +665,7 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
   a.relaxed_exit = relaxed_exit ? 1 : 0;
   a.own_groups = stream16_own_groups() ? 1 : 0;
   a.sum_mode = stream16_sum_mode();
+  if (rope) a.rope = *rope;
   if (timing) {
     int64_t rows = 0;
     for (int i = 0; i < n_parts; ++i) rows += parts[i].w->n_out;

@@ -11,6 +11,8 @@
 
 #include "backend/cuda/cuda_backend_impl.cuh"
 #include "backend/cuda/frag_common.cuh"
+#include "backend/cuda/kv_store_device.cuh"
+#include "backend/cuda/rope_device.cuh"
 #include "backend/cuda/wgmma_ops.cuh"
 
 namespace kestrel::backend::cuda {
@@ -62,6 +64,7 @@ struct Stream16Args {
   int own_groups;        // 1: the warpgroups take whole row groups where they pair up (above)
   unsigned long long* clock;  // KESTREL_CUDA_STREAM16_TIMING=1: this launch's shape's sums, or null
   int sum_mode;               // the cluster's sum: kSumPlain, kSumVec or kSumPush (below)
+  Stream16Rope rope;  // cache_type != 0: parts Q, K, V, RoPE and the KV store in the sum (below)
 };
 
 // How a cluster's blocks sum their results: sum_cluster (remote loads one at a time),
@@ -333,6 +336,67 @@ __device__ __forceinline__ void store_sum4(const Stream16Args& a, int g0, int i4
   }
 }
 
+// store_sum4 of a launch of Q, K and V (parts 0, 1, 2; a.rope.cache_type set) that also rotates
+// Q and K (RoPE, the normal layout: pairs of adjacent rows) and stores the rotated K and V in the
+// caches at row pos[token]: the rope_kv_store op's work (rope_kv_store.cu), with its functions, so
+// the same results bit for bit. The whole warp calls it, lane l on float4 i4 = 32 q + l: 2 tokens
+// x 64 rows of one group (one part), 4 quant blocks of the cache row of 8 lanes each (the host
+// takes this path only where every slice is whole runs of 32 float4s and parts whole groups).
+__device__ __forceinline__ void store_sum4_rope(const Stream16Args& a, int g0, int i4, float4 v) {
+  const Stream16Rope& rp = a.rope;
+  const int i = 4 * i4, lane = threadIdx.x % 32;
+  const int group = g0 + i / kGroupFloats, tok = i / kGroupRows % 16;
+  int row0 = 0;
+  const int p = part_of_group(a, group, row0);  // warp-uniform
+  const Stream16Part& part = a.parts[p];
+  const int64_t r = row0 + i % kGroupRows;
+  const bool valid = tok < a.n_tokens;  // uniform in each 8 lanes (one token's 32 rows)
+  const int pos = valid ? rp.pos[tok] : 0;
+  if (part.bias) {
+    v.x += part.bias[r], v.y += part.bias[r + 1], v.z += part.bias[r + 2], v.w += part.bias[r + 3];
+  } else {  // (x + 0.0f: as store_sum4 writes it)
+    v.x += 0.0f, v.y += 0.0f, v.z += 0.0f, v.w += 0.0f;
+  }
+  if (p < 2 && valid) {  // RoPE of Q and K: pairs (r, r + 1), (r + 2, r + 3) of their head
+    const int pair = static_cast<int>(r % rp.head_dim) / 2;
+    float sn, cn;
+    rope_sincos(pos, rp.table.inv_freq[pair], sn, cn);
+    const float x0 = rope_rotate(v.x, v.y, sn, cn, true), x1 = rope_rotate(v.x, v.y, sn, cn, false);
+    rope_sincos(pos, rp.table.inv_freq[pair + 1], sn, cn);
+    const float x2 = rope_rotate(v.z, v.w, sn, cn, true), x3 = rope_rotate(v.z, v.w, sn, cn, false);
+    v = make_float4(x0, x1, x2, x3);
+  }
+  if (valid) *reinterpret_cast<float4*>(part.out + tok * part.n_out + r) = v;
+  if (p == 0) return;
+  uint8_t* const cache = p == 1 ? rp.k_cache : rp.v_cache;
+  if (rp.cache_type == static_cast<int>(DType::F16)) {
+    if (valid) {
+      __half2* dst = reinterpret_cast<__half2*>(cache + int64_t{pos} * rp.row_bytes + 2 * r);
+      dst[0] = __floats2half2_rn(v.x, v.y);
+      dst[1] = __floats2half2_rn(v.z, v.w);
+    }
+    return;
+  }
+  // Quant blocks: block m of the warp's four is lanes 8 m .. 8 m + 7's float4s; lane l takes its
+  // element l (component l % 4 of lane 8 m + l / 4's float4), as store_kv_block wants.
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const int src = 8 * m + lane / 4;
+    const float cx = __shfl_sync(0xffffffffu, v.x, src), cy = __shfl_sync(0xffffffffu, v.y, src),
+                cz = __shfl_sync(0xffffffffu, v.z, src), cw = __shfl_sync(0xffffffffu, v.w, src);
+    const float x = lane % 4 == 0 ? cx : lane % 4 == 1 ? cy : lane % 4 == 2 ? cz : cw;
+    const bool block_valid = __shfl_sync(0xffffffffu, valid, 8 * m);
+    const int block_pos = __shfl_sync(0xffffffffu, pos, 8 * m);
+    const int64_t block = __shfl_sync(0xffffffffu, r, 8 * m) / 32;
+    if (!block_valid) continue;  // uniform: the whole warp skips it
+    uint8_t* row = cache + int64_t{block_pos} * rp.row_bytes;
+    if (rp.cache_type == static_cast<int>(DType::Q8_0))
+      store_kv_block<DType::Q8_0>(x, lane, row, block);
+    else
+      store_kv_block<DType::Q4_0>(x, lane, row, block);
+  }
+}
+
 // sum_cluster with the loads of several places in flight at once: each thread takes 4
 // consecutive results (a float4 of each block's buffer) at kUnroll places, and all of a rank's
 // loads are issued before their sums. The same sums in the same order (0, + rank 0, + rank 1,
@@ -429,7 +493,10 @@ __device__ void sum_pushed(const Stream16Args& a, int g0, int n_groups, const fl
       const float4 x = r == rank ? res4[lo + j] : rcv4[r * size + j];
       v = make_float4(v.x + x.x, v.y + x.y, v.z + x.z, v.w + x.w);
     }
-    store_sum4(a, g0, lo + j, v);
+    if (a.rope.cache_type)
+      store_sum4_rope(a, g0, lo + j, v);
+    else
+      store_sum4(a, g0, lo + j, v);
   }
 }
 
