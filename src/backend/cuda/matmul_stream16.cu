@@ -81,7 +81,9 @@ __device__ __forceinline__ void clock_add(unsigned long long* clk, int field, lo
 // kAccs accumulator sets taken in turn by the 64-K slices, added at the group's end: chains of
 // dependent wgmmas kAccs times shorter. kPerm: the activations reordered once (permute_acts) so
 // that the weights decode without byte permutes (decode_pair_perm).
-template <int B, int kAccs, bool kPerm, int kWGs>
+// kRope: the Q, K, V launch with RoPE and the KV store in its pushed sum (a.rope; the default
+// variant only), an instance of its own so that the other launches' code stays as measured.
+template <int B, int kAccs, bool kPerm, int kWGs, bool kRope = false>
 __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     matmul_stream16_kernel(const __grid_constant__ Stream16Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -262,7 +264,7 @@ __global__ void __launch_bounds__(Cfg<B, kWGs>::kThreads, 1)
     push_results(g1 - g0, res, smem_addr(rcv), rcv_bar);
     wait_pushed(rcv_bar);
     if (tid == 0) clock_add(clk, kClockMet, clock64() - c_dep);
-    sum_pushed(a, g0, g1 - g0, res, rcv);
+    sum_pushed<kRope>(a, g0, g1 - g0, res, rcv);
   } else if (split) {
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every block's results are in its shared memory
@@ -488,6 +490,10 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
   return best;
 }
 
+// The variant that has a kRope instance: the default (2 boxes, one set, permuted, 2 warpgroups).
+template <int B, int kAccs, bool kPerm, int W>
+constexpr bool kRopeVariant = B == 2 && kAccs == 1 && kPerm&& W == 2;
+
 template <int B, int kAccs, bool kPerm, int W>
 Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cudaStream_t s) {
   a.steps = static_cast<int>(ceil_div(n_in, int64_t{Cfg<B, W>::kStepK}));
@@ -500,8 +506,17 @@ Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cud
   attrs[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attrs;
   config.numAttrs = stream16_early() ? 2 : 1;
-  CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs, kPerm, W>, a),
-           "matmul (stream16 launch)");
+  if (a.rope.cache_type) {
+    if constexpr (kRopeVariant<B, kAccs, kPerm, W>) {
+      CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs, kPerm, W, true>, a),
+               "matmul (stream16 launch, RoPE and KV store)");
+    } else {
+      return error("matmul (stream16): RoPE and the KV store asked of another kernel variant");
+    }
+  } else {
+    CUDA_TRY(cudaLaunchKernelEx(&config, matmul_stream16_kernel<B, kAccs, kPerm, W>, a),
+             "matmul (stream16 launch)");
+  }
   LAUNCH_CHECK("matmul (stream16, Q4_0)");
   return Status::ok();
 }
@@ -561,13 +576,15 @@ Expected<bool> stream16_available(int device) {
                            probe_says_compiled(stream16_probe_kernel, "stream16 probe"));
   if (!compiled) return false;
   const int smem = static_cast<int>(prop.sharedMemPerBlockOptin);
-  for (const void* kernel : {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, false, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, false, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, false, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2, false, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2, false, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 2>),
-                             reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true, 2>)})
+  for (const void* kernel :
+       {reinterpret_cast<const void*>(matmul_stream16_kernel<1, 1, false, 2>),
+        reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, false, 2>),
+        reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, false, 2>),
+        reinterpret_cast<const void*>(matmul_stream16_kernel<2, 2, false, 2>),
+        reinterpret_cast<const void*>(matmul_stream16_kernel<4, 2, false, 2>),
+        reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 2>),
+        reinterpret_cast<const void*>(matmul_stream16_kernel<4, 1, true, 2>),
+        reinterpret_cast<const void*>(matmul_stream16_kernel<2, 1, true, 2, true>)})
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "stream16 matmul (shared memory limit)");
   return true;
@@ -632,7 +649,7 @@ void print_stream16_timing(const unsigned long long* timing) {
 }
 
 bool stream16_takes_rope(const Stream16Plan& plan) {
-  return stream16_sum_mode() == kSumPush &&
+  return stream16_sum_mode() == kSumPush && stream16_variant() == 121 &&
          (plan.splits == 2 || plan.splits == 4 || plan.splits == 8);
 }
 
@@ -642,7 +659,8 @@ Status launch_matmul_stream16(WgmmaMapCache& maps, const MatvecPart* parts, int 
                               const Stream16Rope* rope) {
   if (plan.splits == 0) return error("matmul (stream16): launched without a plan");
   if (rope && (n_parts != 3 || !stream16_takes_rope(plan)))
-    return error("matmul (stream16): RoPE and the KV store asked of a launch that cannot take them");
+    return error(
+        "matmul (stream16): RoPE and the KV store asked of a launch that cannot take them");
   const int64_t n_in = parts[0].w->n_in;
   Stream16Args a{};
   int groups = 0;

@@ -336,6 +336,63 @@ __device__ __forceinline__ void store_sum4(const Stream16Args& a, int g0, int i4
   }
 }
 
+// store_kv_block for a 32-element block held by 8 lanes (an aligned group of a warp), lane k of
+// them holding elements 4 k .. 4 k + 3 in v: 3 shuffle rounds instead of the redistribution to a
+// lane an element and 5. The same arithmetic and tie rule (the first element of largest
+// magnitude), so the same bytes. The whole warp calls it; `valid` is uniform in each 8 lanes.
+template <quant::DType T>
+__device__ __forceinline__ void store_kv_block8(float4 v, int k, bool valid, uint8_t* row,
+                                                int64_t b) {
+  static_assert(T == quant::DType::Q8_0 || T == quant::DType::Q4_0);
+  const float x[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (T == quant::DType::Q8_0) {
+    float amax = fmaxf(fmaxf(fabsf(x[0]), fabsf(x[1])), fmaxf(fabsf(x[2]), fabsf(x[3])));
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const __half dh = __float2half_rn(__fdiv_rn(amax, 127.0f));
+    const float d = __half2float(dh);
+    if (!valid) return;
+    uint8_t* blk = row + 34 * b;
+    if (k == 0) *reinterpret_cast<__half*>(blk) = dh;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float q = d == 0.0f ? 0.0f : fminf(fmaxf(roundf(__fdiv_rn(x[c], d)), -127.0f), 127.0f);
+      blk[2 + 4 * k + c] = static_cast<uint8_t>(static_cast<int8_t>(q));
+    }
+  } else {
+    float best = fabsf(x[0]), m = x[0];
+    int at = 4 * k;
+#pragma unroll
+    for (int c = 1; c < 4; ++c)
+      if (fabsf(x[c]) > best) best = fabsf(x[c]), m = x[c], at = 4 * k + c;
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const float om = __shfl_xor_sync(0xffffffffu, m, o);
+      const int oa = __shfl_xor_sync(0xffffffffu, at, o);
+      if (ob > best || (ob == best && oa < at)) best = ob, m = om, at = oa;
+    }
+    const __half dh = __float2half_rn(__fdiv_rn(m, -8.0f));
+    const float d = __half2float(dh);
+    uint32_t q4 = 0;  // the four 4-bit codes of this lane, code c in bits 8 c .. 8 c + 3
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int q =
+          d == 0.0f ? 8
+                    : static_cast<int>(fminf(fmaxf(roundf(__fdiv_rn(x[c], d)), -8.0f), 7.0f)) + 8;
+      q4 |= static_cast<uint32_t>(q) << (8 * c);
+    }
+    // Byte j of the block's codes: element j low, j + 16 high; lane k < 4's partner is k + 4.
+    const uint32_t hi = __shfl_down_sync(0xffffffffu, q4, 4);
+    if (!valid || k >= 4) return;
+    uint8_t* blk = row + 18 * b;
+    if (k == 0) *reinterpret_cast<__half*>(blk) = dh;
+    const uint32_t bytes = q4 | (hi << 4);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) blk[2 + 4 * k + c] = static_cast<uint8_t>(bytes >> (8 * c));
+  }
+}
+
 // store_sum4 of a launch of Q, K and V (parts 0, 1, 2; a.rope.cache_type set) that also rotates
 // Q and K (RoPE, the normal layout: pairs of adjacent rows) and stores the rotated K and V in the
 // caches at row pos[token]: the rope_kv_store op's work (rope_kv_store.cu), with its functions, so
@@ -377,24 +434,14 @@ __device__ __forceinline__ void store_sum4_rope(const Stream16Args& a, int g0, i
     }
     return;
   }
-  // Quant blocks: block m of the warp's four is lanes 8 m .. 8 m + 7's float4s; lane l takes its
-  // element l (component l % 4 of lane 8 m + l / 4's float4), as store_kv_block wants.
-#pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    const int src = 8 * m + lane / 4;
-    const float cx = __shfl_sync(0xffffffffu, v.x, src), cy = __shfl_sync(0xffffffffu, v.y, src),
-                cz = __shfl_sync(0xffffffffu, v.z, src), cw = __shfl_sync(0xffffffffu, v.w, src);
-    const float x = lane % 4 == 0 ? cx : lane % 4 == 1 ? cy : lane % 4 == 2 ? cz : cw;
-    const bool block_valid = __shfl_sync(0xffffffffu, valid, 8 * m);
-    const int block_pos = __shfl_sync(0xffffffffu, pos, 8 * m);
-    const int64_t block = __shfl_sync(0xffffffffu, r, 8 * m) / 32;
-    if (!block_valid) continue;  // uniform: the whole warp skips it
-    uint8_t* row = cache + int64_t{block_pos} * rp.row_bytes;
-    if (rp.cache_type == static_cast<int>(DType::Q8_0))
-      store_kv_block<DType::Q8_0>(x, lane, row, block);
-    else
-      store_kv_block<DType::Q4_0>(x, lane, row, block);
-  }
+  // Quant blocks: each 8 lanes' float4s are one 32-element block of one token's row (element
+  // 4 (lane % 8) + c in component c), quantized by those 8 lanes together with
+  // store_kv_block's arithmetic and tie rule (kv_store_device.cuh: bit for bit its bytes).
+  uint8_t* row = cache + int64_t{pos} * rp.row_bytes;
+  if (rp.cache_type == static_cast<int>(DType::Q8_0))
+    store_kv_block8<DType::Q8_0>(v, lane % 8, valid, row, r / 32);
+  else
+    store_kv_block8<DType::Q4_0>(v, lane % 8, valid, row, r / 32);
 }
 
 // sum_cluster with the loads of several places in flight at once: each thread takes 4
@@ -477,6 +524,7 @@ __device__ void push_results(int n_groups, const float* res, uint32_t rcv, uint3
 // kSumPush, second half: once the other blocks' parts of this block's slice are in
 // (wait_pushed), their sum with this block's own in rank order (the order of sum_cluster: bit for
 // bit its results) into out (+ bias).
+template <bool kRope>
 __device__ void sum_pushed(const Stream16Args& a, int g0, int n_groups, const float* res,
                            const float* rcv) {
   namespace cg = cooperative_groups;
@@ -493,7 +541,7 @@ __device__ void sum_pushed(const Stream16Args& a, int g0, int n_groups, const fl
       const float4 x = r == rank ? res4[lo + j] : rcv4[r * size + j];
       v = make_float4(v.x + x.x, v.y + x.y, v.z + x.z, v.w + x.w);
     }
-    if (a.rope.cache_type)
+    if constexpr (kRope)
       store_sum4_rope(a, g0, lo + j, v);
     else
       store_sum4(a, g0, lo + j, v);
