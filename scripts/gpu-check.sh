@@ -487,7 +487,7 @@ if ((TESTS)); then
       gtest-gpu-stream16-sum-plain.xml KESTREL_CUDA_STREAM16_PUSH=0 KESTREL_CUDA_STREAM16_SUM_VEC=0
     gpu_test_stage gpu-tests-stream16-push-s3 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
       gtest-gpu-stream16-push-s3.xml KESTREL_CUDA_STREAM16_SPLITS=3
-    gpu_test_stage gpu-tests-stream16-push-s8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*' \
+    gpu_test_stage gpu-tests-stream16-push-s8 '*GpuOpsMatmul*.Q4_0/*:*GpuOpsChain*:*GpuOpsFusedRope*' \
       gtest-gpu-stream16-push-s8.xml KESTREL_CUDA_STREAM16_SPLITS=8
     # Attention of 1-16 tokens with the keys split among blocks (attention_split.cu, opt-in:
     # KESTREL_CUDA_ATT_SPLIT_MIN=N from N tokens; 1 here, decode steps included).
@@ -546,9 +546,13 @@ if ((TESTS && !QUICK)); then
     ((BENCH)) && bench_reserve=$BENCH_SECS
     e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
     e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
-    # Recorded passes that copy their positions once (opt-in, KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1).
+    # Recorded passes that copy their positions once (opt-in, KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1),
+    # and with it RoPE and the KV store in the Q/K/V launch's epilogue (opt-in,
+    # KESTREL_CUDA_MATMUL_ROPE_KV=1).
     e2e e2e-graph-upload-once "--backend cuda -ngl 99" 150 $((bench_reserve + 10)) \
       KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1
+    e2e e2e-matmul-rope-kv "--backend cuda -ngl 99" 150 $((bench_reserve + 10)) \
+      KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1 KESTREL_CUDA_MATMUL_ROPE_KV=1
     # The opt-in fused decode layer on the runs whose every token is a decode step.
     E2E_ONLY=b1-ub1 e2e e2e-fused-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_FUSED_DECODE=1

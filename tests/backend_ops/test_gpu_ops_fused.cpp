@@ -142,7 +142,7 @@ TEST_P(GpuOpsFusedRope, MatmulRopeKvStoreIsTheOps) {
   auto fused = create_backend(GetParam(), BackendOptions{});
   ASSERT_TRUE(fused.has_value()) << fused.message();
   const int64_t n_in = 2048;
-  const int shapes[][3] = {{8, 2, 128}, {8, 4, 64}};  // heads, KV heads, head size
+  const int shapes[][3] = {{8, 2, 128}, {8, 4, 64}};                 // heads, KV heads, head size
   const std::pair<int, int> steps[] = {{16, 0}, {7, 37}, {5, 300}};  // (tokens, p0)
   for (const auto& sh : shapes)
     for (DType ct : {DType::F16, DType::Q8_0, DType::Q4_0})
@@ -152,8 +152,8 @@ TEST_P(GpuOpsFusedRope, MatmulRopeKvStoreIsTheOps) {
             const int n_head = sh[0], n_kv = sh[1], hd = sh[2];
             const int q_dim = n_head * hd, kv_dim = n_kv * hd, n_ctx = p0 + T + 3;
             SCOPED_TRACE(std::to_string(n_head) + "/" + std::to_string(n_kv) + " heads of " +
-                         std::to_string(hd) + ", " + type_str(ct) + " cache, " +
-                         std::to_string(T) + " tokens at " + std::to_string(p0) +
+                         std::to_string(hd) + ", " + type_str(ct) + " cache, " + std::to_string(T) +
+                         " tokens at " + std::to_string(p0) +
                          (layout == RopeLayout::NeoX ? " neox" : " normal") +
                          (with_bias ? ", biases" : ""));
             const RopeParams pq{n_head, hd, 10000.0f, layout}, pk{n_kv, hd, 10000.0f, layout};

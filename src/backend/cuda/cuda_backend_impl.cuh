@@ -190,12 +190,14 @@ class CudaBackend final : public Backend {
   Status swiglu_matmul(Tensor& gate, const Tensor& up, int n_tokens, const Weight& w,
                        Tensor& out) override;
   bool fuses_swiglu_matmul(const Weight& w, int n_tokens) const override;
-  // Decode's gate and up with SwiGLU in the matvec's epilogue (launch_matvec_swiglu), opt-in.
+  // A micro-batch's Q, K, V with RoPE and the KV store in stream16's epilogue (matmul_rope_kv.cu),
+  // opt-in.
   Status matmul_rope_kv_store(const Tensor& x, int n_tokens, const MatmulOut* qkv,
                               const int32_t* positions, const RopeParams& pq, const RopeParams& pk,
                               Tensor& k_cache, Tensor& v_cache) override;
   bool fuses_matmul_rope_kv_store(const Weight& wq, int n_tokens, const Tensor& k_cache,
                                   const Tensor& v_cache) const override;
+  // Decode's gate and up with SwiGLU in the matvec's epilogue (launch_matvec_swiglu), opt-in.
   Status matmul_swiglu(const Tensor& x, int n_tokens, const Weight& w_gate, const Weight& w_up,
                        Tensor& gate, Tensor& up) override;
   bool fuses_matmul_swiglu(const Weight& w_gate, const Weight& w_up, int n_tokens) const override;
@@ -365,7 +367,9 @@ class CudaBackend final : public Backend {
   // (ncu: the weight stream +9 us a launch, the K-split launches +6 us a layer).
   bool matmul_add_norm_ = false;
   // RoPE and the KV store in the epilogue of the 5-16-token Q, K, V launch (matmul_rope_kv_store,
-  // matmul_rope_kv.cu), the rope+kv_store launch gone: KESTREL_CUDA_MATMUL_ROPE_KV=1 (opt-in).
+  // matmul_rope_kv.cu), the rope+kv_store launch gone: KESTREL_CUDA_MATMUL_ROPE_KV=1 (opt-in:
+  // slower so far, seed b128 ub16 -6%; likely the positions' memcpy node before the launch,
+  // bench/NOTES.md, thirtieth session).
   bool matmul_rope_kv_ = false;
   // The next counter pair of matvec_stream.cu's launches.
   Expected<unsigned*> matvec_stream_counters();

@@ -11,6 +11,13 @@
 //
 // Where it does not fit (other weight types or token counts, the NeoX layout, head sizes that are
 // not a multiple of 32, a plan whose cluster does not sum by push in whole slices), the two ops.
+//
+// Measured (thirtieth session): bit for bit the two ops (GpuOpsFusedRope), e2e 175/175, but
+// slower: the seed's b128 ub16 4,374 / 4,228 t/s against 4,640 / 4,551 (H100), 4,421 / 4,406
+// against 4,747 / 4,693 (H200, the epilogue's quantization by 8-lane groups). Likely cause: in a
+// recorded micro-batch the positions' upload is a memcpy node, which this op puts before the
+// Q/K/V launch, so that launch loses its early start (KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1 copies
+// them once a pass: race the two together). Opt-in: KESTREL_CUDA_MATMUL_ROPE_KV=1.
 #include <algorithm>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
@@ -44,7 +51,8 @@ bool CudaBackend::rope_epilogue_fits(const Tensor& x, int n_tokens, const Matmul
   for (int i = 0; i < 3; ++i) {
     const auto& w = static_cast<const CudaWeight&>(*qkv[i].w);
     // Whole 64-row groups a part (its rows and cache blocks never shared with the next part).
-    if (w.type != DType::Q4_0 || w.n_in != x.cols || w.n_out % 64 != 0 || qkv[i].out->data == x.data)
+    if (w.type != DType::Q4_0 || w.n_in != x.cols || w.n_out % 64 != 0 ||
+        qkv[i].out->data == x.data)
       return false;
     parts[i] = {&w, static_cast<float*>(qkv[i].out->data),
                 qkv[i].bias ? static_cast<const float*>(qkv[i].bias->data) : nullptr};

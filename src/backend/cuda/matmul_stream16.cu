@@ -492,7 +492,7 @@ Stream16Plan plan_boxes(int64_t n_in, int groups, int sms, size_t smem_limit) {
 
 // The variant that has a kRope instance: the default (2 boxes, one set, permuted, 2 warpgroups).
 template <int B, int kAccs, bool kPerm, int W>
-constexpr bool kRopeVariant = B == 2 && kAccs == 1 && kPerm&& W == 2;
+constexpr bool kRopeVariant = kPerm ? B == 2 && kAccs == 1 && W == 2 : false;
 
 template <int B, int kAccs, bool kPerm, int W>
 Status launch_boxes(Stream16Args& a, int64_t n_in, const Stream16Plan& plan, cudaStream_t s) {
