@@ -495,6 +495,66 @@ TEST_P(GpuOpsElementwise, GetRowsCopiesTheChosenRows) {
   EXPECT_TRUE(be().synchronize().is_ok());
 }
 
+// ---- recorded passes ------------------------------------------------------------------------
+
+KESTREL_GPU_OPS_SUITE(GpuOpsRecorded);
+
+// A recorded pass (run_recorded; CUDA graphs, OpenCL recordings) replays its ops with the inputs
+// of each call: here one host array of row indices, rewritten between two get_rows of the body,
+// with the same or other contents at each call, so that a backend that copies an input once per
+// pass when it repeats (CUDA: KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1) meets every case: repeats at the
+// capture and not later, the reverse, and repeats with new values.
+TEST_P(GpuOpsRecorded, InputsOfEveryReplayAreRead) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  const int64_t n_src = 40, dim = 256;
+  const int n_rows = 3;
+  for (const char* once : {"0", "1"}) {
+    SCOPED_TRACE(std::string("KESTREL_CUDA_GRAPH_UPLOAD_ONCE=") + once);
+    ScopedEnv env("KESTREL_CUDA_GRAPH_UPLOAD_ONCE", once);
+    auto made = create_backend(GetParam(), BackendOptions{});
+    ASSERT_TRUE(made.has_value()) << made.message();
+    Backend& b = **made;
+    const std::vector<float> x = randn(rng, static_cast<size_t>(n_src * dim));
+    DevTensor xt(b, n_src, dim, x), out1(b, DType::F32, n_rows, dim, "out1"),
+        out2(b, DType::F32, n_rows, dim, "out2");
+    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(n_src - 1));
+    // Per call of a key: whether the second get_rows sees the first's indices again.
+    const std::vector<bool> patterns[] = {{false, false, false, true, true, false},
+                                          {true, true, true, false, true, true},
+                                          {true, true, true, true, true, true}};
+    for (size_t k = 0; k < std::size(patterns); ++k) {
+      for (size_t call = 0; call < patterns[k].size(); ++call) {
+        SCOPED_TRACE("key " + std::to_string(k) + ", call " + std::to_string(call));
+        std::vector<int32_t> first(n_rows), rows(n_rows);
+        for (auto& r : first) r = pick(rng);
+        std::vector<int32_t> second = first;
+        if (!patterns[k][call]) {
+          for (auto& r : second) r = pick(rng);
+          second[0] = (first[0] + 1) % n_src;  // not equal by chance
+        }
+        const Status st = b.run_recorded(0x5eed00 + k, [&]() -> Status {
+          rows = first;
+          KESTREL_TRY(b.get_rows(*xt, rows.data(), n_rows, *out1));
+          rows = second;
+          return b.get_rows(*xt, rows.data(), n_rows, *out2);
+        });
+        ASSERT_TRUE(st.is_ok()) << st.message();
+        const std::vector<float> got1 = fetch(b, out1), got2 = fetch(b, out2);
+        for (int i = 0; i < n_rows; ++i) {
+          EXPECT_TRUE(std::equal(got1.begin() + i * dim, got1.begin() + (i + 1) * dim,
+                                 x.begin() + first[i] * dim))
+              << "first get_rows, row " << i;
+          EXPECT_TRUE(std::equal(got2.begin() + i * dim, got2.begin() + (i + 1) * dim,
+                                 x.begin() + second[i] * dim))
+              << "second get_rows, row " << i;
+        }
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
 // ---- report ---------------------------------------------------------------------------------
 
 // Prints the largest error per backend / op / type against its bound at the end (opt-in).

@@ -396,11 +396,19 @@ Expected<const int32_t*> CudaBackend::upload_ints(const int32_t* host, int n) {
   if (mode_ != Mode::Eager) {
     // Recorded bodies read their inputs from fixed slots: the recording copies pinned slot k to
     // device slot k; a replay refills the pinned slots first.
-    // (graph_slot_ > 0: the previous upload was of this body. The host arrays of a body are the
-    // same at every recording and staging, so the choice repeats: the slots stay in step.)
-    if (graph_upload_once_ && graph_slot_ > 0 && host == last_slot_host_ && n == last_slot_n_ &&
-        std::memcmp(slots_host_ + last_slot_off_, host, n * sizeof(int32_t)) == 0)
-      return static_cast<const int32_t*>(slots_dev_ + last_slot_off_);
+    // (graph_slot_ > 0: the previous upload was of this body.)
+    const bool same =
+        graph_upload_once_ && graph_slot_ > 0 && host == last_slot_host_ && n == last_slot_n_ &&
+        std::memcmp(slots_host_ + last_slot_off_, host, n * sizeof(int32_t)) == 0;
+    if (mode_ == Mode::Capture) {
+      recording_->reused.push_back(same);
+    } else if (upload_index_ >= recording_->reused.size() ||
+               recording_->reused[upload_index_] != same) {
+      stage_diverged_ = true;  // run_recorded runs this pass eagerly instead
+      return static_cast<const int32_t*>(slots_dev_);
+    }
+    ++upload_index_;
+    if (same) return static_cast<const int32_t*>(slots_dev_ + last_slot_off_);
     if (graph_slot_ >= kGraphSlots || n > kSlotInts)
       return error("a recorded forward pass uploads more indices than its slots hold");
     const size_t off = static_cast<size_t>(graph_slot_++) * kSlotInts;

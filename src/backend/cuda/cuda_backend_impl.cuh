@@ -443,6 +443,9 @@ class CudaBackend final : public Backend {
     int runs = 0;
     bool failed = false;
     cudaGraphExec_t exec = nullptr;
+    // Which of the body's uploads reused the previous upload's slot when it was captured: a
+    // staging must make the same choices, or the graph would read slots nobody refilled.
+    std::vector<bool> reused;
   };
   std::map<uint64_t, Recorded> graphs_;
   Mode mode_ = Mode::Eager;
@@ -452,6 +455,9 @@ class CudaBackend final : public Backend {
   // pass copies its positions once, not before every layer's RoPE and attention: each copy is a
   // memcpy node, and a kernel after one cannot start early (programmatic dependent launch).
   bool graph_upload_once_ = false;
+  Recorded* recording_ = nullptr;  // the body being captured or staged
+  size_t upload_index_ = 0;        // its uploads so far
+  bool stage_diverged_ = false;    // a staging's uploads chose other slots than its capture
   const int32_t* last_slot_host_ = nullptr;  // the body's previous upload: its array, size, slot
   int last_slot_n_ = 0;
   size_t last_slot_off_ = 0;

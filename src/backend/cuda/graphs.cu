@@ -28,6 +28,9 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
   if (!g.exec) {
     mode_ = Mode::Capture;
     graph_slot_ = 0;
+    upload_index_ = 0;
+    recording_ = &g;
+    g.reused.clear();
     Status st = cuda_status(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
                             "graph capture");
     if (st) st = body();
@@ -49,9 +52,20 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
   } else {
     mode_ = Mode::Stage;
     graph_slot_ = 0;
+    upload_index_ = 0;
+    recording_ = &g;
+    stage_diverged_ = false;
     Status st = body();
     mode_ = Mode::Eager;
     KESTREL_TRY(st);
+    if (stage_diverged_ || upload_index_ != g.reused.size()) {
+      // The body's inputs repeat differently than when it was captured (an array reused with
+      // other contents): nothing was launched yet; run this key eagerly from now on.
+      cudaGraphExecDestroy(g.exec);
+      g.exec = nullptr;
+      g.failed = true;
+      return body();
+    }
   }
   return cuda_status(cudaGraphLaunch(g.exec, stream_), "graph launch");
 }
