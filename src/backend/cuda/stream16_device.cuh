@@ -328,12 +328,23 @@ __device__ __forceinline__ void store_sum4(const Stream16Args& a, int g0, int i4
   if (tok >= a.n_tokens) return;
   int row0 = 0;
   const Stream16Part& part = a.parts[part_of_group(a, group, row0)];
+  const int64_t r = row0 + i % kGroupRows;
+  float* dst = part.out + tok * part.n_out + r;
+  if (r + 3 < part.n_out && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    // One 16-byte store instead of four (outputs of a width that is a multiple of 4).
+    if (part.bias) {
+      v.x += part.bias[r], v.y += part.bias[r + 1], v.z += part.bias[r + 2];
+      v.w += part.bias[r + 3];
+    } else {
+      v.x += 0.0f, v.y += 0.0f, v.z += 0.0f, v.w += 0.0f;
+    }
+    *reinterpret_cast<float4*>(dst) = v;
+    return;
+  }
   const float vs[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int64_t r = row0 + i % kGroupRows + c;
-    if (r < part.n_out) part.out[tok * part.n_out + r] = vs[c] + (part.bias ? part.bias[r] : 0.0f);
-  }
+  for (int c = 0; c < 4; ++c)
+    if (r + c < part.n_out) dst[c] = vs[c] + (part.bias ? part.bias[r + c] : 0.0f);
 }
 
 // store_kv_block for a 32-element block held by 8 lanes (an aligned group of a warp), lane k of
