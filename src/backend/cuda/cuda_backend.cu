@@ -122,7 +122,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     be->flash_attention_ = env_is("KESTREL_CUDA_FLASH", "1") ? 1 : 0;
   be->mma_attention_ = !env_is("KESTREL_CUDA_FLASH_MMA", "0");
   be->graphs_disabled_ = env_is("KESTREL_CUDA_NO_GRAPHS", "1");
-  be->graph_upload_once_ = env_is("KESTREL_CUDA_GRAPH_UPLOAD_ONCE", "1");
+  be->graph_upload_once_ = !env_is("KESTREL_CUDA_GRAPH_UPLOAD_ONCE", "0");
   if (!env_is("KESTREL_CUDA_WGMMA", "0")) {
     KESTREL_ASSIGN_OR_RETURN(be->wgmma_, wgmma_available(device));
     if (be->wgmma_) be->wgmma_maps_.reset(new_wgmma_map_cache());
