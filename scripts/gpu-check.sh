@@ -546,13 +546,13 @@ if ((TESTS && !QUICK)); then
     ((BENCH)) && bench_reserve=$BENCH_SECS
     e2e e2e-gpu "--backend cuda -ngl 99" 150 $((bench_reserve + 60))
     e2e e2e-split "--backend cuda -ngl 1" 120 $((bench_reserve + 10))
-    # Recorded passes that copy their positions once (opt-in, KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1),
-    # and with it RoPE and the KV store in the Q/K/V launch's epilogue (opt-in,
-    # KESTREL_CUDA_MATMUL_ROPE_KV=1).
-    e2e e2e-graph-upload-once "--backend cuda -ngl 99" 150 $((bench_reserve + 10)) \
-      KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1
+    # Recorded passes that copy their positions before every layer (the default copies them
+    # once: KESTREL_CUDA_GRAPH_UPLOAD_ONCE=0), and RoPE and the KV store in the Q/K/V launch's
+    # epilogue (opt-in, KESTREL_CUDA_MATMUL_ROPE_KV=1).
+    e2e e2e-graph-upload-every "--backend cuda -ngl 99" 150 $((bench_reserve + 10)) \
+      KESTREL_CUDA_GRAPH_UPLOAD_ONCE=0
     e2e e2e-matmul-rope-kv "--backend cuda -ngl 99" 150 $((bench_reserve + 10)) \
-      KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1 KESTREL_CUDA_MATMUL_ROPE_KV=1
+      KESTREL_CUDA_MATMUL_ROPE_KV=1
     # The opt-in fused decode layer on the runs whose every token is a decode step.
     E2E_ONLY=b1-ub1 e2e e2e-fused-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_FUSED_DECODE=1

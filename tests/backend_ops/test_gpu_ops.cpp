@@ -502,8 +502,8 @@ KESTREL_GPU_OPS_SUITE(GpuOpsRecorded);
 // A recorded pass (run_recorded; CUDA graphs, OpenCL recordings) replays its ops with the inputs
 // of each call: here one host array of row indices, rewritten between two get_rows of the body,
 // with the same or other contents at each call, so that a backend that copies an input once per
-// pass when it repeats (CUDA: KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1) meets every case: repeats at the
-// capture and not later, the reverse, and repeats with new values.
+// pass when it repeats (CUDA, unless KESTREL_CUDA_GRAPH_UPLOAD_ONCE=0) meets every case: repeats at
+// the capture and not later, the reverse, and repeats with new values.
 TEST_P(GpuOpsRecorded, InputsOfEveryReplayAreRead) {
   GPU_TRACE_SEED();
   std::mt19937 rng = test_rng();

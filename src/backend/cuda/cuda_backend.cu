@@ -397,9 +397,9 @@ Expected<const int32_t*> CudaBackend::upload_ints(const int32_t* host, int n) {
     // Recorded bodies read their inputs from fixed slots: the recording copies pinned slot k to
     // device slot k; a replay refills the pinned slots first.
     // (graph_slot_ > 0: the previous upload was of this body.)
-    const bool same =
-        graph_upload_once_ && graph_slot_ > 0 && host == last_slot_host_ && n == last_slot_n_ &&
-        std::memcmp(slots_host_ + last_slot_off_, host, n * sizeof(int32_t)) == 0;
+    const bool same = graph_upload_once_ && graph_slot_ > 0 && host == last_slot_host_ &&
+                      n == last_slot_n_ &&
+                      std::memcmp(slots_host_ + last_slot_off_, host, n * sizeof(int32_t)) == 0;
     if (mode_ == Mode::Capture) {
       recording_->reused.push_back(same);
     } else if (upload_index_ >= recording_->reused.size() ||

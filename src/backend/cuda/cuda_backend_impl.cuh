@@ -450,11 +450,13 @@ class CudaBackend final : public Backend {
   std::map<uint64_t, Recorded> graphs_;
   Mode mode_ = Mode::Eager;
   int graph_slot_ = 0;
-  // KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1 (opt-in): an upload of the same host array with the same
-  // contents as the body's previous upload reuses its slot (upload_ints), so that a recorded
-  // pass copies its positions once, not before every layer's RoPE and attention: each copy is a
-  // memcpy node, and a kernel after one cannot start early (programmatic dependent launch).
-  bool graph_upload_once_ = false;
+  // An upload of the same host array with the same contents as the body's previous upload reuses
+  // its slot (upload_ints), so that a recorded pass copies its positions once, not before every
+  // layer's RoPE and attention: each copy is a memcpy node, and a kernel after one cannot start
+  // early (programmatic dependent launch). H100: tg128 503-507 t/s against 477-481, the seed's
+  // b128 ub16 4,894-5,015 against 4,615-4,619 (bench/NOTES.md, thirty-first session).
+  // KESTREL_CUDA_GRAPH_UPLOAD_ONCE=0: a copy an upload.
+  bool graph_upload_once_ = true;
   Recorded* recording_ = nullptr;  // the body being captured or staged
   size_t upload_index_ = 0;        // its uploads so far
   bool stage_diverged_ = false;    // a staging's uploads chose other slots than its capture

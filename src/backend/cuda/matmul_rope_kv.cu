@@ -16,8 +16,9 @@
 // slower: the seed's b128 ub16 4,374 / 4,228 t/s against 4,640 / 4,551 (H100), 4,421 / 4,406
 // against 4,747 / 4,693 (H200, the epilogue's quantization by 8-lane groups). Likely cause: in a
 // recorded micro-batch the positions' upload is a memcpy node, which this op puts before the
-// Q/K/V launch, so that launch loses its early start (KESTREL_CUDA_GRAPH_UPLOAD_ONCE=1 copies
-// them once a pass: race the two together). Opt-in: KESTREL_CUDA_MATMUL_ROPE_KV=1.
+// Q/K/V launch, so that launch loses its early start. Wrong: with the positions copied once a
+// pass (thirty-first session, now the default) it is slower still, 4,036-4,195 t/s against
+// 4,894-5,015 (H100): the epilogue itself costs. Opt-in: KESTREL_CUDA_MATMUL_ROPE_KV=1.
 #include <algorithm>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
