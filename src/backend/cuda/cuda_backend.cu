@@ -166,6 +166,7 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
     be->decode_barrier_ = static_cast<unsigned long long*>(counter);
     if (env_is("KESTREL_CUDA_DECODE_TIMING", "1")) KESTREL_TRY(be->init_decode_timing());
   }
+  if (env_is("KESTREL_CUDA_GRAPH_TIMING", "1")) KESTREL_TRY(be->init_graph_timing());
   if (be->stream16_ && env_is("KESTREL_CUDA_STREAM16_TIMING", "1")) {
     KESTREL_ASSIGN_OR_RETURN(void* acc, be->device_alloc(stream16_timing_bytes(), "timing"));
     CUDA_TRY(cudaMemset(acc, 0, stream16_timing_bytes()), "cudaMemset");
@@ -192,6 +193,7 @@ CudaBackend::~CudaBackend() {
     if (ptr) device_free(ptr);
   for (auto& [host, dev] : tables_) device_free(dev);
   drop_graphs();
+  graph_timing_.reset();  // (prints its table)
   if (slots_dev_) device_free(slots_dev_);
   if (decode_barrier_) device_free(decode_barrier_);
   if (decode_timing_) {

@@ -331,6 +331,7 @@ class CudaBackend final : public Backend {
   // when the backend is destroyed.
   unsigned long long* decode_timing_ = nullptr;
   Status init_decode_timing();
+  Status init_graph_timing();
   void print_decode_timing() const;
   // The Q, K, V weights of the fused layer that followed each one (by its Q weight) in the last
   // pass, asked of L2 at the end of that layer; forgotten with any weight.
@@ -465,6 +466,22 @@ class CudaBackend final : public Backend {
   size_t last_slot_off_ = 0;
   int32_t* slots_host_ = nullptr;
   int32_t* slots_dev_ = nullptr;
+  // KESTREL_CUDA_GRAPH_TIMING=1 (lab): where a replayed pass's wall time goes, printed at exit
+  // (graphs.cu): the GPU inside the graph and between replays (events), the host's staging,
+  // launch call and wait.
+  struct GraphTiming {
+    cudaEvent_t start[2] = {}, stop[2] = {};  // two replays' events: this one's and the last's
+    int cur = 0;                              // the slot of the next (or pending) replay
+    bool pending = false;                     // replay `cur`'s events recorded, not yet read
+    bool follows[2] = {};      // the replay in a slot came right after the one in the other
+    bool recorded = false;     // a replay's events were recorded before
+    bool interrupted = false;  // another pass ran since (a capture, an eager pass)
+    double replays = 0, gpu_us = 0, betweens = 0, between_us = 0;
+    double wait_us = 0, stage_us = 0, launch_us = 0;
+    void read();  // after a synchronize: adds the pending replay's times
+    ~GraphTiming();
+  };
+  std::unique_ptr<GraphTiming> graph_timing_;
   void drop_graphs();  // after any buffer a recording may use is freed or moved
   // Set when decode steps fall back from the fused layer to ops: the next run_recorded drops
   // every recording first (not during one: the current recording is still being used).

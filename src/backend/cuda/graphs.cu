@@ -3,9 +3,59 @@
 // The second time a key comes, the body is captured into a CUDA graph; from the third on, the
 // body only stages its inputs (token ids, positions, row lists) into fixed pinned slots, whose
 // copies to the device are the graph's first nodes, and the graph is launched once.
+#include <chrono>
+#include <cstdio>
+
 #include "backend/cuda/cuda_backend_impl.cuh"
 
 namespace kestrel::backend::cuda {
+
+namespace {
+
+double us_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+Status CudaBackend::init_graph_timing() {
+  graph_timing_ = std::make_unique<GraphTiming>();
+  for (int i = 0; i < 2; ++i) {
+    CUDA_TRY(cudaEventCreate(&graph_timing_->start[i]), "cudaEventCreate");
+    CUDA_TRY(cudaEventCreate(&graph_timing_->stop[i]), "cudaEventCreate");
+  }
+  return Status::ok();
+}
+
+void CudaBackend::GraphTiming::read() {
+  if (!pending) return;
+  float ms = 0;
+  if (cudaEventElapsedTime(&ms, start[cur], stop[cur]) == cudaSuccess) {
+    gpu_us += 1e3 * ms;
+    ++replays;
+  }
+  if (follows[cur] && cudaEventElapsedTime(&ms, stop[1 - cur], start[cur]) == cudaSuccess) {
+    between_us += 1e3 * ms;  // the copies outside the graphs (logits) and the host's gap
+    ++betweens;
+  }
+  pending = false;
+  cur ^= 1;
+}
+
+CudaBackend::GraphTiming::~GraphTiming() {
+  if (replays > 0)
+    std::fprintf(stderr,
+                 "graph timing (KESTREL_CUDA_GRAPH_TIMING=1): %.0f replays; GPU %.1f us a replay "
+                 "inside the graph, %.1f us from a replay's end to the next one's start; host "
+                 "%.1f us waiting for the GPU before staging, %.1f us staging, %.1f us in "
+                 "cudaGraphLaunch a replay\n",
+                 replays, gpu_us / replays, betweens > 0 ? between_us / betweens : 0.0,
+                 wait_us / replays, stage_us / replays, launch_us / replays);
+  for (int i = 0; i < 2; ++i) {
+    if (start[i]) cudaEventDestroy(start[i]);
+    if (stop[i]) cudaEventDestroy(stop[i]);
+  }
+}
 
 void CudaBackend::drop_graphs() {
   for (auto& [key, g] : graphs_)
@@ -22,9 +72,18 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
     drop_graphs_pending_ = false;
   }
   Recorded& g = graphs_[key];
+  GraphTiming* gt = graph_timing_.get();
+  if (gt && !g.exec) gt->interrupted = true;     // (no replay: its time is not a gap)
   if (g.failed || g.runs++ == 0) return body();  // the first run allocates what the body needs
   // The pinned slots are refilled below: the previous launch must have read them.
+  auto t0 = std::chrono::steady_clock::now();
   CUDA_TRY(cudaStreamSynchronize(stream_), "graph (wait for the previous step)");
+  if (gt) {
+    if (g.exec) gt->wait_us += us_since(t0);
+    gt->read();
+    t0 = std::chrono::steady_clock::now();
+  }
+  bool timed = false;
   if (!g.exec) {
     mode_ = Mode::Capture;
     graph_slot_ = 0;
@@ -64,10 +123,25 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
       cudaGraphExecDestroy(g.exec);
       g.exec = nullptr;
       g.failed = true;
+      if (gt) gt->interrupted = true;
       return body();
     }
+    if (gt) {
+      gt->stage_us += us_since(t0);
+      CUDA_TRY(cudaEventRecord(gt->start[gt->cur], stream_), "graph timing");
+      gt->follows[gt->cur] = gt->recorded && !gt->interrupted;
+      timed = true;
+      t0 = std::chrono::steady_clock::now();
+    }
   }
-  return cuda_status(cudaGraphLaunch(g.exec, stream_), "graph launch");
+  KESTREL_TRY(cuda_status(cudaGraphLaunch(g.exec, stream_), "graph launch"));
+  if (timed) {
+    gt->launch_us += us_since(t0);
+    CUDA_TRY(cudaEventRecord(gt->stop[gt->cur], stream_), "graph timing");
+    gt->pending = gt->recorded = true;
+    gt->interrupted = false;
+  }
+  return Status::ok();
 }
 
 }  // namespace kestrel::backend::cuda
