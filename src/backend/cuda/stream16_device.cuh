@@ -320,6 +320,16 @@ __device__ void sum_cluster(const Stream16Args& a, int g0, int n_groups, float* 
   }
 }
 
+// v + bias of rows r .. r + 3 (+ 0.0f without one, as the scalar stores add it), all in range.
+__device__ __forceinline__ float4 add_bias4(const Stream16Part& part, int64_t r, float4 v) {
+  if (part.bias) {
+    v.x += part.bias[r], v.y += part.bias[r + 1], v.z += part.bias[r + 2], v.w += part.bias[r + 3];
+  } else {
+    v.x += 0.0f, v.y += 0.0f, v.z += 0.0f, v.w += 0.0f;
+  }
+  return v;
+}
+
 // The cluster's sum of float4 i of the block's results (4 consecutive rows of one token) into
 // out (+ bias).
 __device__ __forceinline__ void store_sum4(const Stream16Args& a, int g0, int i4, float4 v) {
@@ -332,13 +342,7 @@ __device__ __forceinline__ void store_sum4(const Stream16Args& a, int g0, int i4
   float* dst = part.out + tok * part.n_out + r;
   if (r + 3 < part.n_out && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
     // One 16-byte store instead of four (outputs of a width that is a multiple of 4).
-    if (part.bias) {
-      v.x += part.bias[r], v.y += part.bias[r + 1], v.z += part.bias[r + 2];
-      v.w += part.bias[r + 3];
-    } else {
-      v.x += 0.0f, v.y += 0.0f, v.z += 0.0f, v.w += 0.0f;
-    }
-    *reinterpret_cast<float4*>(dst) = v;
+    *reinterpret_cast<float4*>(dst) = add_bias4(part, r, v);
     return;
   }
   const float vs[4] = {v.x, v.y, v.z, v.w};
@@ -420,11 +424,7 @@ __device__ __forceinline__ void store_sum4_rope(const Stream16Args& a, int g0, i
   const int64_t r = row0 + i % kGroupRows;
   const bool valid = tok < a.n_tokens;  // uniform in each 8 lanes (one token's 32 rows)
   const int pos = valid ? rp.pos[tok] : 0;
-  if (part.bias) {
-    v.x += part.bias[r], v.y += part.bias[r + 1], v.z += part.bias[r + 2], v.w += part.bias[r + 3];
-  } else {  // (x + 0.0f: as store_sum4 writes it)
-    v.x += 0.0f, v.y += 0.0f, v.z += 0.0f, v.w += 0.0f;
-  }
+  v = add_bias4(part, r, v);
   if (p < 2 && valid) {  // RoPE of Q and K: pairs (r, r + 1), (r + 2, r + 3) of their head
     const int pair = static_cast<int>(r % rp.head_dim) / 2;
     float sn, cn;
