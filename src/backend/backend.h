@@ -177,14 +177,6 @@ class Backend {
                                    const int32_t* positions, const RopeParams& pq,
                                    const RopeParams& pk, Tensor& k_cache, Tensor& v_cache,
                                    const AttentionParams& p, Tensor& out);
-  // A hint before attention, which leaves memory idle: the weights the next matmuls of n_tokens
-  // read, in their order (the output projection, gate, up), which a backend may start moving
-  // into its caches now. Results never depend on it; called only where prefetches_weights says
-  // the backend does it (the forward pass then times it as an op, "prefetch").
-  virtual bool prefetches_weights(int /*n_tokens*/) const { return false; }
-  virtual Status prefetch_weights(const Weight* const* /*w*/, int /*n_weights*/, int /*n_tokens*/) {
-    return Status::ok();
-  }
   virtual bool fuses_rope_kv_attention(int /*n_tokens*/, const Tensor& /*k_cache*/,
                                        const Tensor& /*v_cache*/) const {
     return false;

@@ -112,7 +112,7 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
   if (overlap && n_logit_rows == 0 && !one_backend_ && !profiler_) return Status::ok();
   Backend& last = n_logit_rows > 0 ? *model_.head_backend() : *model_.layer(c.n_layer - 1).backend;
   // A download waits for the ops before it (in order): without a profiler the logits' copy is
-  // queued behind the pass instead of issued after a wait for it (one round trip less a step).
+  // queued behind the pass instead of issued after a wait for it.
   if (n_logit_rows == 0 || profiler_) KESTREL_TRY(last.synchronize());
   if (n_logit_rows > 0)
     OP(last, "copy logits to host", last.download(logits_, 0, n_logit_rows, logits));
@@ -246,11 +246,8 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
                                     {L.wk.get(), &s.k, bias ? &L.bk : nullptr},   // k[T][kv_dim]
                                     {L.wv.get(), &s.v, bias ? &L.bv : nullptr}};  // v[T][kv_dim]
   const backend::Tensor &kc = cache.k(il), &vc = cache.v(il);
-  const backend::Weight* after_attention[] = {L.wo.get(), L.w_gate.get(), L.w_up.get()};
-  const bool prefetch = be.prefetches_weights(n);  // they come in while attention runs
-  if (be.fuses_rope_kv_attention(n, kc, vc)) {     // att[T][q_dim]
+  if (be.fuses_rope_kv_attention(n, kc, vc)) {  // att[T][q_dim]
     KESTREL_TRY(matmul_group(be, s.h, n, qkv));
-    if (prefetch) OP(be, "prefetch", be.prefetch_weights(after_attention, 3, n));
     OP(be, "rope+kv_store+attention",
        be.rope_kv_attention(s.q, s.k, s.v, n, pos, rope_q, rope_k, cache.k(il), cache.v(il), attn,
                             s.att));
@@ -268,12 +265,12 @@ Status Forward::run_layer(int il, int n, const int32_t* pos, kv::KvCache& cache,
         OP(be, "kv_store", be.kv_store(s.k, s.v, n, pos, cache.k(il), cache.v(il)));  // rows pos[t]
       }
     }
-    if (prefetch) OP(be, "prefetch", be.prefetch_weights(after_attention, 3, n));
     OP(be, "attention",
        be.attention(s.q, n, pos, cache.k(il), cache.v(il), attn, s.att));  // att[T][q_dim]
   }
   // proj[T][E] = att . wo^T; x += proj, then h = norm(x) (h[T][E]).
-  if (be.fuses_matmul_add_rms_norm(*L.wo, n, after_attention + 1, 2)) {
+  const backend::Weight* ffn_in[] = {L.w_gate.get(), L.w_up.get()};
+  if (be.fuses_matmul_add_rms_norm(*L.wo, n, ffn_in, 2)) {
     OP(be, "matmul+add_rms_norm",
        be.matmul_add_rms_norm(*L.wo, s.att, n, s.proj, s.x, L.ffn_norm, c.rms_eps, s.h));
   } else {

@@ -123,9 +123,6 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->mma_attention_ = !env_is("KESTREL_CUDA_FLASH_MMA", "0");
   be->graphs_disabled_ = env_is("KESTREL_CUDA_NO_GRAPHS", "1");
   be->graph_upload_once_ = !env_is("KESTREL_CUDA_GRAPH_UPLOAD_ONCE", "0");
-  be->pinned_download_ = !env_is("KESTREL_CUDA_PINNED_DOWNLOAD", "0");
-  if (const char* mb = std::getenv("KESTREL_CUDA_PREFETCH_MB"))
-    be->prefetch_bytes_ = int64_t{std::clamp(std::atoi(mb), 0, 1024)} << 20;
   if (!env_is("KESTREL_CUDA_WGMMA", "0")) {
     KESTREL_ASSIGN_OR_RETURN(be->wgmma_, wgmma_available(device));
     if (be->wgmma_) be->wgmma_maps_.reset(new_wgmma_map_cache());
@@ -208,7 +205,6 @@ CudaBackend::~CudaBackend() {
     device_free(stream16_timing_);
   }
   if (slots_host_) cudaFreeHost(slots_host_);
-  if (download_stage_) cudaFreeHost(download_stage_);
   if (ring_dev_) device_free(ring_dev_);
   if (ring_host_) cudaFreeHost(ring_host_);
   if (cublas_) cublasDestroy(cublas_);
@@ -346,56 +342,11 @@ Status CudaBackend::download(const Tensor& src, int64_t row0, int64_t n_rows, vo
                  static_cast<long long>(row0), static_cast<long long>(row0 + n_rows),
                  static_cast<long long>(src.rows));
   const size_t rb = src.row_bytes();
-  const size_t bytes = rb * n_rows;
-  const uint8_t* from = static_cast<const uint8_t*>(src.data) + rb * row0;
-  op_synchronized_ = true;
-  if (!pinned_download_ || bytes == 0 || bytes > kDownloadStageMaxBytes) {
-    CUDA_TRY(cudaMemcpyAsync(dst, from, bytes, cudaMemcpyDeviceToHost, stream_),
-             "download from the GPU");
-    return synchronize();
-  }
-  // Through a pinned buffer: a copy into pageable memory is staged by the driver in pieces and
-  // does not start until the host has issued it, where a pinned one is a single DMA queued behind
-  // the pass (a decode step's logits, 128-512 KB a token).
-  if (bytes > download_stage_bytes_) {
-    if (download_stage_) cudaFreeHost(download_stage_);
-    download_stage_ = nullptr;
-    download_stage_bytes_ = 0;
-    CUDA_TRY(cudaMallocHost(&download_stage_, bytes), "pinned host buffer");
-    download_stage_bytes_ = bytes;
-  }
-  CUDA_TRY(cudaMemcpyAsync(download_stage_, from, bytes, cudaMemcpyDeviceToHost, stream_),
+  CUDA_TRY(cudaMemcpyAsync(dst, static_cast<const uint8_t*>(src.data) + rb * row0, rb * n_rows,
+                           cudaMemcpyDeviceToHost, stream_),
            "download from the GPU");
-  KESTREL_TRY(synchronize());
-  std::memcpy(dst, download_stage_, bytes);
-  return Status::ok();
-}
-
-// Decode steps and micro-batches stream their weights once: attention leaves DRAM idle for
-// several us a layer (twenty-fourth session's skip table), and its grid of 32 blocks leaves most
-// SMs to the next matmul's early start, whose first wave asks L2 for its own rows only.
-bool CudaBackend::prefetches_weights(int n_tokens) const {
-  constexpr int kMostTokens = 16;  // stream16's micro-batches
-  return prefetch_bytes_ > 0 && n_tokens <= kMostTokens;
-}
-
-Status CudaBackend::prefetch_weights(const Weight* const* ws, int n_weights, int n_tokens) {
-  if (mode_ == Mode::Stage || !prefetches_weights(n_tokens)) return Status::ok();
-  PrefetchRanges r{};
-  int64_t left = prefetch_bytes_;
-  for (int i = 0; i < n_weights && left > 0 && r.n + 2 <= kPrefetchRanges; ++i) {
-    const auto& w = static_cast<const CudaWeight&>(*ws[i]);
-    if (w.type != quant::DType::Q4_0 && w.type != quant::DType::Q8_0) break;
-    const int64_t code = w.n_out * w.n_in / (w.type == quant::DType::Q4_0 ? 2 : 1);
-    const int64_t scale = w.n_out * (w.n_in / 32) * 2;
-    const double share = std::min(1.0, static_cast<double>(left) / (code + scale));
-    r.p[r.n] = w.qs;  // the first rows of both arrays, in the order the matmul reads them
-    r.bytes[r.n++] = static_cast<int64_t>(share * code);
-    r.p[r.n] = reinterpret_cast<const uint8_t*>(w.d);
-    r.bytes[r.n++] = static_cast<int64_t>(share * scale);
-    left -= code + scale;
-  }
-  return launch_l2_prefetch(r, stream_);
+  op_synchronized_ = true;
+  return synchronize();
 }
 
 Status CudaBackend::synchronize() {

@@ -165,8 +165,6 @@ class CudaBackend final : public Backend {
                            Tensor& out) override;
   bool fuses_rope_kv_attention(int n_tokens, const Tensor& k_cache,
                                const Tensor& v_cache) const override;
-  bool prefetches_weights(int n_tokens) const override;
-  Status prefetch_weights(const Weight* const* w, int n_weights, int n_tokens) override;
   // 1 where a decode step over n_keys keys leaves attention_decode.cu for tc16 (a recorded step
   // must replay only where it would choose the same kernel), else 0.
   int record_bucket(int n_keys) const override;
@@ -434,16 +432,6 @@ class CudaBackend final : public Backend {
   // Live device allocations (bytes, kind) and the bytes held per kind, now and at most.
   std::map<void*, std::pair<size_t, MemKind>> live_;
   int64_t held_[3] = {}, peak_[3] = {};
-  // download's pinned staging buffer (grown to the largest download up to the cap; larger ones
-  // go straight to the caller's memory). KESTREL_CUDA_PINNED_DOWNLOAD=0: every download direct.
-  static constexpr size_t kDownloadStageMaxBytes = size_t{64} << 20;
-  bool pinned_download_ = true;
-  // KESTREL_CUDA_PREFETCH_MB=N (lab, opt-in until measured): the first N MiB of the weights
-  // after attention (output projection, gate, up) asked of L2 while attention runs (decode and
-  // micro-batches of up to 16 tokens).
-  int64_t prefetch_bytes_ = 0;
-  void* download_stage_ = nullptr;
-  size_t download_stage_bytes_ = 0;
   // Pinned ring for upload_ints.
   int32_t* ring_host_ = nullptr;
   int32_t* ring_dev_ = nullptr;
@@ -679,13 +667,6 @@ Status launch_rope(float* x, float* x1, int heads1, int n_tokens, const int32_t*
 Status launch_swiglu(const float* gate, const float* up, int64_t n, float* out,
                      const MatmulInputOut& also, bool vec4, cudaStream_t s);
 Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s);
-constexpr int kPrefetchRanges = 6;
-struct PrefetchRanges {
-  const uint8_t* p[kPrefetchRanges];
-  int64_t bytes[kPrefetchRanges];
-  int n;
-};
-Status launch_l2_prefetch(const PrefetchRanges& r, cudaStream_t s);
 Status launch_get_rows(const float* x, int64_t n_cols, const int32_t* rows, int n_rows, float* out,
                        cudaStream_t s);
 // K and V (or one of them) into their caches, quantizing on write: one launch when both caches

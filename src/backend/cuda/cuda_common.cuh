@@ -75,23 +75,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// Asks L2 for the bytes [p, p + bytes) in one instruction (sm_90: the copy engine walks them),
-// rounded inward to 16-byte boundaries; before sm_90, nothing.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint64_t begin = (reinterpret_cast<uint64_t>(p) + 15) & ~uint64_t{15};
-  const uint64_t end =
-      (reinterpret_cast<uint64_t>(p) + static_cast<uint64_t>(bytes)) & ~uint64_t{15};
-  if (end > begin)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(begin),
-                 "r"(static_cast<uint32_t>(end - begin))
-                 : "memory");
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // Whether the decode matvec goes as a programmatic dependent launch (KESTREL_CUDA_PDL=0: not):
 // H200 tg128 398 t/s against 389 for the baseline row of the same run (bench/NOTES.md).
 inline bool dependent_launches() {

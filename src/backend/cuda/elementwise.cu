@@ -160,19 +160,6 @@ __global__ void add_kernel(float* x, const float* y, int64_t n) {
   if (i < n) x[i] += y[i];
 }
 
-// A slice of each range a block, its first thread asking L2 for it once the kernel before has
-// finished (earlier, the prefetch would queue in front of that kernel's own loads: twentieth
-// session). It lets the next kernel start at once and ends only after the kernel before it (a
-// chained kernel's wait covers only the kernel just before it, so this one must not end first).
-__global__ void l2_prefetch_kernel(const PrefetchRanges r) {
-  grid_dependents_launch();
-  grid_dependency_wait();
-  if (threadIdx.x < r.n) {
-    const int64_t i = blockIdx.x, n = gridDim.x, bytes = r.bytes[threadIdx.x];
-    prefetch_l2_bulk(r.p[threadIdx.x] + bytes * i / n, bytes * (i + 1) / n - bytes * i / n);
-  }
-}
-
 __global__ void get_rows_kernel(const float* x, int64_t n_cols, const int32_t* rows, float* out) {
   const float* src = x + static_cast<int64_t>(rows[blockIdx.x]) * n_cols;
   float* dst = out + static_cast<int64_t>(blockIdx.x) * n_cols;
@@ -255,14 +242,6 @@ Status launch_add(float* x, const float* y, int64_t n, cudaStream_t s) {
   if (n <= 0) return Status::ok();
   add_kernel<<<ceil_div(n, 256), 256, 0, s>>>(x, y, n);
   LAUNCH_CHECK("add");
-  return Status::ok();
-}
-
-Status launch_l2_prefetch(const PrefetchRanges& r, cudaStream_t s) {
-  constexpr int kBlocks = 32;  // slices: one SM's copy engine alone walks them slower
-  CUDA_TRY(launch_dependent(chained_launches(), l2_prefetch_kernel, dim3(kBlocks), dim3(32), s, r),
-           "prefetch");
-  LAUNCH_CHECK("prefetch");
   return Status::ok();
 }
 
