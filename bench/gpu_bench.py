@@ -155,6 +155,8 @@ VARIANTS = [
     # 276 against 291), and tg128 with tc16 at short caches too (KESTREL_CUDA_ATT_DECODE=0).
     ("KESTREL_CUDA_ATT_DECODE_MAX_KEYS=1000000", "tg128 @ d3968"),
     ("KESTREL_CUDA_ATT_DECODE=0", "llama2-7b tg128"),
+    # The decode kernel's first pass before its dependency wait (opt-in, not yet measured).
+    ("KESTREL_CUDA_ATT_DECODE_EARLY=1", "llama2-7b tg128"),
     # Prompt chunks' wgmma tiles all of 128 tokens (by default each launch picks 128 or 192 by
     # its waves of blocks), and Q, K, V / gate, up as a launch each (grouped by default).
     ("KESTREL_CUDA_WGMMA_BN=128", "=llama2-7b pp327"),

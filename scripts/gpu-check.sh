@@ -437,6 +437,14 @@ if ((TESTS)); then
       gtest-gpu-no-att-decode.xml KESTREL_CUDA_ATT_DECODE=0
     gpu_test_stage gpu-tests-att-decode-128 '*GpuOpsAttention*' \
       gtest-gpu-att-decode-128.xml KESTREL_CUDA_ATT_DECODE_KEYS=128
+    # The decode kernel's first pass asked for before its dependency wait, the token's own K and V
+    # rows through shared memory (opt-in KESTREL_CUDA_ATT_DECODE_EARLY=1; bit for bit the default),
+    # with one split a head and with a split every 128 keys.
+    gpu_test_stage gpu-tests-att-decode-early '*GpuOpsAttention*:*GpuOpsChain*' \
+      gtest-gpu-att-decode-early.xml KESTREL_CUDA_ATT_DECODE_EARLY=1
+    gpu_test_stage gpu-tests-att-decode-early-128 '*GpuOpsAttention*' \
+      gtest-gpu-att-decode-early-128.xml KESTREL_CUDA_ATT_DECODE_EARLY=1 \
+      KESTREL_CUDA_ATT_DECODE_KEYS=128
     # tc16 with a 16-key sub-tile a warp before another split (more merges; by default 8).
     gpu_test_stage gpu-tests-tc16-subs-1 '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-tc16-subs-1.xml KESTREL_CUDA_TC16_WARP_SUBS=1
@@ -559,6 +567,9 @@ if ((TESTS && !QUICK)); then
     # Decode steps' attention on tc16 (KESTREL_CUDA_ATT_DECODE=0), the same runs.
     E2E_ONLY=b1-ub1 e2e e2e-no-att-decode "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_ATT_DECODE=0
+    # The decode kernel's opt-in early first pass (KESTREL_CUDA_ATT_DECODE_EARLY=1), the same runs.
+    E2E_ONLY=b1-ub1 e2e e2e-att-decode-early "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
+      KESTREL_CUDA_ATT_DECODE_EARLY=1
     # ... and leaving it for tc16 past 40 keys, mid-run (recorded steps keyed by the kernel).
     E2E_ONLY=b1-ub1 e2e e2e-att-decode-40 "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_ATT_DECODE_MAX_KEYS=40

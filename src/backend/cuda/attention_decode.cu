@@ -140,15 +140,16 @@ __device__ __forceinline__ float2 v_pair(const uint8_t* row, int j) {
   }
 }
 
-// V rows k0 .. k0 + nk - 1 of KV head kvh into dst (a row every slice_bytes) with cp.async; the
-// caller commits.
+// V rows k0 .. k0 + nk - 1 of KV head kvh into dst (a row every slice_bytes) with cp.async, but
+// for row `skip` (-1: none); the caller commits.
 template <DType T, int D>
 __device__ __forceinline__ void copy_v_rows(const uint8_t* cache, int64_t row_bytes, int kvh,
-                                            int k0, int nk, uint8_t* dst) {
+                                            int k0, int nk, uint8_t* dst, int skip = -1) {
   constexpr int kChunk = T == DType::F16 ? 16 : 4;  // quantized slices: 4-byte aligned only
   constexpr int kPer = slice_bytes<T, D>() / kChunk;
   for (int i = threadIdx.x; i < nk * kPer; i += kThreads) {
     const int r = i / kPer, ch = i % kPer;
+    if (k0 + r == skip) continue;
     __pipeline_memcpy_async(
         dst + r * slice_bytes<T, D>() + ch * kChunk,
         cache + (k0 + r) * row_bytes + int64_t{kvh} * slice_bytes<T, D>() + ch * kChunk, kChunk);
@@ -177,17 +178,48 @@ __device__ __forceinline__ void block_reduce(float (&v)[kMaxGroup], int g, float
   }
 }
 
-template <DType KT, DType VT, int D>
+// The K slice of key k0 + t (t < nk, else key k0's: every thread loads) into registers, every load
+// issued before any is used.
+template <DType KT, int D>
+__device__ __forceinline__ void load_k_slice(const DecodeAttnArgs& a, int kvh, int k0, int nk,
+                                             uint32_t (&kw)[slice_bytes<KT, D>() / 4]) {
+  constexpr int kSlice = slice_bytes<KT, D>(), kWords = kSlice / 4;
+  const int t = threadIdx.x;
+  const uint32_t* krow = reinterpret_cast<const uint32_t*>(
+      a.kc + int64_t{t < nk ? k0 + t : k0} * a.k_row_bytes + int64_t{kvh} * kSlice);
+  if constexpr (KT == DType::F16) {
+#pragma unroll
+    for (int i = 0; i < kWords / 4; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(krow)[i];
+      kw[4 * i] = v.x, kw[4 * i + 1] = v.y, kw[4 * i + 2] = v.z, kw[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) kw[i] = krow[i];
+  }
+}
+
+// kEarly (KESTREL_CUDA_ATT_DECODE_EARLY=1, with RoPE only; written, not yet run on a GPU): the
+// block's first pass of K and V is asked for before grid_dependency_wait, since every cache row
+// it reads but the token's own was written by earlier passes (and the positions by a copy before
+// the Q/K/V launch), and the token's own K and V rows, which this kernel stores, come to the
+// block through shared memory instead of being fenced and read back. The default's chain after
+// the wait is positions -> q, k, v -> store + fence -> K; this one's is q, k, v -> shared memory.
+// The same bytes meet the same arithmetic: bit for bit the default's results.
+template <DType KT, DType VT, int D, bool kEarly>
 __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const DecodeAttnArgs a) {
   grid_dependents_launch();  // the output projection may start streaming its weights
-  grid_dependency_wait();    // (chained_launches: started before the kernel before ended)
+  if (!kEarly)
+    grid_dependency_wait();  // (chained_launches: started before the kernel before ended)
   constexpr int kSlice = slice_bytes<KT, D>(), kWords = kSlice / 4;
   constexpr int kPairs = D / 2, kKeyGroups = kThreads / kPairs;  // P V: a thread a dim pair
   extern __shared__ float4 smem4[];
   float* qs = reinterpret_cast<float*>(smem4);  // [kMaxGroup][D], prescaled
   float* ps = qs + kMaxGroup * D;               // [kMaxGroup][kPassKeys]
   float* os = ps + kMaxGroup * kPassKeys;       // [kKeyGroups][kMaxGroup][D]
-  uint8_t* vs = reinterpret_cast<uint8_t*>(os + kKeyGroups * kMaxGroup * D);
+  uint8_t* own = reinterpret_cast<uint8_t*>(os + kKeyGroups * kMaxGroup * D);  // kEarly: the
+  uint8_t* own_v = own + 2 * D;  // token's K and V slices (2 D bytes hold any cache type's)
+  uint8_t* vs = kEarly ? own + 4 * D : own;
   __shared__ float red_max[kWarps][kMaxGroup], red_sum[kWarps][kMaxGroup];
   const int kvh = blockIdx.x, split = blockIdx.y, g = a.group;
   const int t = threadIdx.x, j = t % kPairs, kg = t / kPairs;
@@ -203,6 +235,16 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   const int64_t q_dim = int64_t{a.n_head} * D;
   const float* q = a.q + int64_t{kvh} * g * D;              // the group's heads are adjacent
   const float scale_log2 = a.scale * 1.44269504088896341f;  // exp(x) = 2^(x log2 e)
+  // kEarly: the token's key (the last, n_kv - 1) where this block holds it, else -1.
+  const int own_key = kEarly && split == splits - 1 ? n_kv - 1 : -1;
+  uint32_t kw[kWords];
+  if constexpr (kEarly) {
+    const int nk = min(kPassKeys, k_end - k_begin);
+    copy_v_rows<VT, D>(a.vc, a.v_row_bytes, kvh, k_begin, nk, vs, own_key);
+    __pipeline_commit();
+    load_k_slice<KT, D>(a, kvh, k_begin, nk, kw);
+    grid_dependency_wait();  // q, k and v of the token: the Q/K/V launch's
+  }
   if (a.rope) {
     const int p = n_kv - 1;  // the token's position: its key is the last
     if (t < D) {             // element t of each head, rotated as rope_kv_store_kernel does
@@ -215,10 +257,15 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
       if (split == splits - 1) {  // the split holding the token's key stores its K and V rows
         const float* kh = a.k_new + int64_t{kvh} * D;
         const int64_t col = int64_t{kvh} * D + t;
-        store_cache_element<KT>(a.kc_w + p * a.k_row_bytes, col,
-                                rope_rotate(kh[i0], kh[i1], sn, cn, t == i0));
-        store_cache_element<VT>(a.vc_w + p * a.v_row_bytes, col, a.v_new[col]);
-        __threadfence();
+        const float k_rot = rope_rotate(kh[i0], kh[i1], sn, cn, t == i0), v_new = a.v_new[col];
+        store_cache_element<KT>(a.kc_w + p * a.k_row_bytes, col, k_rot);
+        store_cache_element<VT>(a.vc_w + p * a.v_row_bytes, col, v_new);
+        if constexpr (kEarly) {  // the same bytes, for this block (no other block reads them)
+          store_cache_element<KT>(own, t, k_rot);
+          store_cache_element<VT>(own_v, t, v_new);
+        } else {
+          __threadfence();
+        }
       }
     }
     __syncthreads();  // the stored rows before any thread reads the cache
@@ -232,22 +279,16 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
     m_run[h] = -INFINITY, l_run[h] = 0.0f, o[h][0] = o[h][1] = 0.0f;
   for (int k0 = k_begin; k0 < k_end; k0 += kPassKeys) {
     const int nk = min(kPassKeys, k_end - k0);
-    copy_v_rows<VT, D>(a.vc, a.v_row_bytes, kvh, k0, nk, vs);
-    __pipeline_commit();
-    // The thread's key: its whole K slice in registers, every load issued before any is used.
-    uint32_t kw[kWords];
+    if (!kEarly || k0 != k_begin) {  // (kEarly: the first pass was asked for before the wait)
+      copy_v_rows<VT, D>(a.vc, a.v_row_bytes, kvh, k0, nk, vs, own_key);
+      __pipeline_commit();
+      // The thread's key: its whole K slice in registers, every load issued before any is used.
+      load_k_slice<KT, D>(a, kvh, k0, nk, kw);
+    }
     const bool live = t < nk;
-    const uint32_t* krow = reinterpret_cast<const uint32_t*>(
-        a.kc + int64_t{live ? k0 + t : k0} * a.k_row_bytes + int64_t{kvh} * kSlice);
-    if constexpr (KT == DType::F16) {
+    if (kEarly && k0 + t == own_key) {  // (published by the barrier after the RoPE above)
 #pragma unroll
-      for (int i = 0; i < kWords / 4; ++i) {
-        const uint4 v = reinterpret_cast<const uint4*>(krow)[i];
-        kw[4 * i] = v.x, kw[4 * i + 1] = v.y, kw[4 * i + 2] = v.z, kw[4 * i + 3] = v.w;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < kWords; ++i) kw[i] = krow[i];
+      for (int i = 0; i < kWords; ++i) kw[i] = reinterpret_cast<const uint32_t*>(own)[i];
     }
     __syncthreads();  // Q in shared memory (first pass); the last pass's P V reads are done
     float s[kMaxGroup];
@@ -293,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
     }
 #pragma unroll 4
     for (int k = kg; k < nk; k += kKeyGroups) {
-      const float2 v = v_pair<VT, D>(vs + k * slice_bytes<VT, D>(), j);
+      const float2 v = v_pair<VT, D>(k0 + k == own_key ? own_v : vs + k * slice_bytes<VT, D>(), j);
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h) {
         if (h >= g) break;
@@ -342,10 +383,10 @@ __global__ void __launch_bounds__(kThreads) attention_decode_kernel(const Decode
   }
 }
 
-template <DType KT, DType VT, int D>
+template <DType KT, DType VT, int D, bool kEarly>
 Status launch_typed(const DecodeAttnArgs& a, int n_head_kv, int splits, cudaStream_t s) {
-  constexpr size_t smem = decode_smem_bytes<VT, D>();
-  auto kernel = attention_decode_kernel<KT, VT, D>;
+  constexpr size_t smem = decode_smem_bytes<VT, D>() + (kEarly ? 4 * D : 0);
+  auto kernel = attention_decode_kernel<KT, VT, D, kEarly>;
   CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(smem)),
            "attention (decode): shared memory size");
@@ -363,6 +404,15 @@ int decode_min_keys() {
     return (v + kPassKeys - 1) / kPassKeys * kPassKeys;
   }();
   return n;
+}
+
+// KESTREL_CUDA_ATT_DECODE_EARLY=1: attention_decode_kernel's kEarly form (with RoPE only).
+bool decode_early() {
+  static const bool on = [] {
+    const char* e = std::getenv("KESTREL_CUDA_ATT_DECODE_EARLY");
+    return e && e[0] == '1' && e[1] == '\0';
+  }();
+  return on;
 }
 
 }  // namespace
@@ -434,8 +484,12 @@ Status launch_attention_decode(const float* q, const int32_t* pos, const Tensor&
   Status st = Status::ok();
   with_cache_types(kc.type, vc.type, [&](auto types) {
     using T = decltype(types);
-    st = p.head_dim == 64 ? launch_typed<T::kK, T::kV, 64>(a, p.n_head_kv, splits, s)
-                          : launch_typed<T::kK, T::kV, 128>(a, p.n_head_kv, splits, s);
+    if (a.rope && decode_early())
+      st = p.head_dim == 64 ? launch_typed<T::kK, T::kV, 64, true>(a, p.n_head_kv, splits, s)
+                            : launch_typed<T::kK, T::kV, 128, true>(a, p.n_head_kv, splits, s);
+    else
+      st = p.head_dim == 64 ? launch_typed<T::kK, T::kV, 64, false>(a, p.n_head_kv, splits, s)
+                            : launch_typed<T::kK, T::kV, 128, false>(a, p.n_head_kv, splits, s);
   });
   KESTREL_TRY(st);
   LAUNCH_CHECK("attention (decode)");
