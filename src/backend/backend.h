@@ -33,6 +33,13 @@ struct Tensor {
   size_t row_bytes() const { return bytes / static_cast<size_t>(rows > 0 ? rows : 1); }
 };
 
+// A host array of indices a recorded pass uploads (token ids, positions, the logits' rows):
+// run_recorded's inputs.
+struct RecordInput {
+  const int32_t* data = nullptr;
+  int n = 0;
+};
+
 // A weight matrix as stored in the GGUF file (host memory, usually the file mapping):
 // n_out rows of n_in elements of `type`.
 struct HostMatrix {
@@ -234,9 +241,15 @@ class Backend {
   // Runs `body`, a sequence of this backend's ops whose kernels and shapes are fixed by `key`, as
   // one unit. A backend may record it when the key comes again and replay the recording after
   // that (CUDA graphs: one launch instead of hundreds), calling body only to take in its inputs
-  // (token ids, positions, row lists, host-side checks). The default runs body.
-  virtual Status run_recorded(uint64_t key, const std::function<Status()>& body) {
+  // (token ids, positions, row lists, host-side checks). `inputs` [n_inputs] are the host arrays
+  // the body uploads from: a backend may take a replay's inputs straight from them without calling
+  // body at all, so body may depend on nothing but `key` and their contents (a recording whose
+  // uploads came from anywhere else stages through body). The default runs body.
+  virtual Status run_recorded(uint64_t key, const RecordInput* inputs, int n_inputs,
+                              const std::function<Status()>& body) {
     (void)key;
+    (void)inputs;
+    (void)n_inputs;
     return body();
   }
   // What, besides the batch's shape, fixes the kernels of a pass whose last token sees n_keys

@@ -85,6 +85,12 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
   if (pos0 < 0 || pos0 + n > cache.n_ctx())
     return error("positions %d..%d do not fit the context of %d tokens: raise -c", pos0,
                  pos0 + n - 1, cache.n_ctx());
+  // (Checked here, not only by the embedding op: a replayed pass may not run the op's checks.)
+  const int64_t n_vocab = model_.token_embd().n_out;
+  for (int t = 0; t < n; ++t)
+    if (tokens[t] < 0 || tokens[t] >= n_vocab)
+      return error("token id %d is outside the vocabulary of %lld tokens", tokens[t],
+                   static_cast<long long>(n_vocab));
   for (int i = 0; i < n_logit_rows; ++i)
     if (logit_rows[i] < 0 || logit_rows[i] >= n)
       return error("logits requested for row %d of a batch of %d tokens", logit_rows[i], n);
@@ -104,8 +110,12 @@ Status Forward::run(const int32_t* tokens, int n, int32_t pos0, kv::KvCache& cac
                    static_cast<uint64_t>(in->record_bucket(pos0 + n) & 0xff) << 33;
     key ^= std::hash<const void*>{}(cache.k(0).data) * 31 +
            std::hash<const void*>{}(scratch_[in].x.data);
-    KESTREL_TRY(
-        in->run_recorded(key, [&] { return enqueue(tokens, n, cache, logit_rows, n_logit_rows); }));
+    // Everything the pass uploads: a replay may take these without walking the pass.
+    const backend::RecordInput inputs[] = {
+        {tokens, n}, {positions_.data(), n}, {logit_rows, n_logit_rows}};
+    KESTREL_TRY(in->run_recorded(key, inputs, static_cast<int>(std::size(inputs)), [&] {
+      return enqueue(tokens, n, cache, logit_rows, n_logit_rows);
+    }));
   } else {
     KESTREL_TRY(enqueue(tokens, n, cache, logit_rows, n_logit_rows));
   }

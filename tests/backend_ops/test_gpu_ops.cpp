@@ -533,7 +533,8 @@ TEST_P(GpuOpsRecorded, InputsOfEveryReplayAreRead) {
           for (auto& r : second) r = pick(rng);
           second[0] = (first[0] + 1) % n_src;  // not equal by chance
         }
-        const Status st = b.run_recorded(0x5eed00 + k, [&]() -> Status {
+        // (No inputs named: `rows` changes inside the body, so replays stage through it.)
+        const Status st = b.run_recorded(0x5eed00 + k, nullptr, 0, [&]() -> Status {
           rows = first;
           KESTREL_TRY(b.get_rows(*xt, rows.data(), n_rows, *out1));
           rows = second;
@@ -551,6 +552,55 @@ TEST_P(GpuOpsRecorded, InputsOfEveryReplayAreRead) {
         }
         if (HasFailure()) return;
       }
+    }
+  }
+}
+
+// The same with the inputs named (as the forward pass names its token ids, positions and rows):
+// a backend may refill a replay's slots from them without walking the body (CUDA with
+// KESTREL_CUDA_GRAPH_DIRECT_STAGE=1). Each call's arrays are new allocations, so a refill from
+// the capture's pointers would read freed memory or stale rows; one array is uploaded twice in
+// a row (a slot reused) and one in part (an offset into an input).
+TEST_P(GpuOpsRecorded, NamedInputsOfEveryReplayAreRead) {
+  GPU_TRACE_SEED();
+  std::mt19937 rng = test_rng();
+  const int64_t n_src = 40, dim = 128;
+  const int n_rows = 4;
+  for (const char* direct : {"0", "1"}) {
+    SCOPED_TRACE(std::string("KESTREL_CUDA_GRAPH_DIRECT_STAGE=") + direct);
+    ScopedEnv env("KESTREL_CUDA_GRAPH_DIRECT_STAGE", direct);
+    auto made = create_backend(GetParam(), BackendOptions{});
+    ASSERT_TRUE(made.has_value()) << made.message();
+    Backend& b = **made;
+    const std::vector<float> x = randn(rng, static_cast<size_t>(n_src * dim));
+    DevTensor xt(b, n_src, dim, x);
+    DevTensor outs[] = {{b, DType::F32, n_rows, dim, "out1"},
+                        {b, DType::F32, n_rows, dim, "out2"},
+                        {b, DType::F32, n_rows - 1, dim, "out3"}};
+    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(n_src - 1));
+    for (int call = 0; call < 6; ++call) {
+      SCOPED_TRACE("call " + std::to_string(call));
+      auto first = std::make_unique<std::vector<int32_t>>(n_rows);
+      auto second = std::make_unique<std::vector<int32_t>>(n_rows);
+      for (auto& r : *first) r = pick(rng);
+      for (auto& r : *second) r = pick(rng);
+      const RecordInput inputs[] = {{first->data(), n_rows}, {second->data(), n_rows}};
+      const Status st = b.run_recorded(0x5eed10, inputs, 2, [&]() -> Status {
+        KESTREL_TRY(b.get_rows(*xt, first->data(), n_rows, *outs[0]));
+        KESTREL_TRY(b.get_rows(*xt, first->data(), n_rows, *outs[1]));
+        return b.get_rows(*xt, second->data() + 1, n_rows - 1, *outs[2]);
+      });
+      ASSERT_TRUE(st.is_ok()) << st.message();
+      const std::vector<int32_t>* want[] = {first.get(), first.get(), second.get()};
+      for (int o = 0; o < 3; ++o) {
+        const std::vector<float> got = fetch(b, outs[o]);
+        const int skip = o == 2 ? 1 : 0;
+        for (int i = 0; i + skip < n_rows; ++i)
+          EXPECT_TRUE(std::equal(got.begin() + i * dim, got.begin() + (i + 1) * dim,
+                                 x.begin() + (*want[o])[i + skip] * dim))
+              << "get_rows " << o << ", row " << i;
+      }
+      if (HasFailure()) return;
     }
   }
 }

@@ -15,8 +15,6 @@ namespace kestrel::backend::cuda {
 namespace {
 
 constexpr size_t kRingInts = 1 << 18;  // pinned ring for positions and row lists (1 MiB)
-// Fixed upload slots of recorded graphs: a slot per upload_ints call of the recorded body.
-constexpr int kGraphSlots = 1024, kSlotInts = 64;
 
 double gib(double bytes) {
   return bytes / 1073741824.0;
@@ -123,6 +121,8 @@ Expected<std::unique_ptr<CudaBackend>> CudaBackend::create(int device) {
   be->mma_attention_ = !env_is("KESTREL_CUDA_FLASH_MMA", "0");
   be->graphs_disabled_ = env_is("KESTREL_CUDA_NO_GRAPHS", "1");
   be->graph_upload_once_ = !env_is("KESTREL_CUDA_GRAPH_UPLOAD_ONCE", "0");
+  be->graph_direct_stage_ = env_is("KESTREL_CUDA_GRAPH_DIRECT_STAGE", "1");
+  be->graph_one_copy_ = env_is("KESTREL_CUDA_GRAPH_ONE_COPY", "1");
   if (!env_is("KESTREL_CUDA_WGMMA", "0")) {
     KESTREL_ASSIGN_OR_RETURN(be->wgmma_, wgmma_available(device));
     if (be->wgmma_) be->wgmma_maps_.reset(new_wgmma_map_cache());
@@ -394,6 +394,27 @@ Status CudaBackend::flush_profile() {
   return Status::ok();
 }
 
+// A captured upload into a new slot: which of run_recorded's inputs holds it. One that none (or
+// more than one) holds leaves the recording to stage through its body.
+void CudaBackend::note_fill(const int32_t* host, int n, size_t slot) {
+  if (n <= 0) return;  // nothing to refill
+  Recorded& g = *recording_;
+  int found = -1;
+  for (int i = 0; i < n_capture_inputs_; ++i) {
+    const RecordInput& in = capture_inputs_[i];
+    if (host >= in.data && host + n <= in.data + in.n) {
+      if (found >= 0) found = -2;  // (ambiguous: the inputs overlap)
+      if (found == -1) found = i;
+    }
+  }
+  if (found < 0) {
+    g.direct = false;
+    return;
+  }
+  g.fills.push_back(
+      Recorded::Fill{found, static_cast<int>(host - capture_inputs_[found].data), n, slot});
+}
+
 Expected<const int32_t*> CudaBackend::upload_ints(const int32_t* host, int n) {
   if (mode_ != Mode::Eager) {
     // Recorded bodies read their inputs from fixed slots: the recording copies pinned slot k to
@@ -418,12 +439,16 @@ Expected<const int32_t*> CudaBackend::upload_ints(const int32_t* host, int n) {
     last_slot_host_ = host;
     last_slot_n_ = n;
     last_slot_off_ = off;
-    if (mode_ == Mode::Capture)
+    if (mode_ == Mode::Capture) {
+      note_fill(host, n, off);
+      if (graph_slot_ <= copied_slots_) return static_cast<const int32_t*>(slots_dev_ + off);
       CUDA_TRY(cudaMemcpyAsync(slots_dev_ + off, slots_host_ + off, n * sizeof(int32_t),
                                cudaMemcpyHostToDevice, stream_),
                "index upload");
+    }
     return static_cast<const int32_t*>(slots_dev_ + off);
   }
+  if (eager_uploads_ >= 0) ++eager_uploads_;
   if (n <= 0) return static_cast<const int32_t*>(ring_dev_);
   if (static_cast<size_t>(n) > kRingInts) return error("%d indices exceed the upload ring", n);
   if (last_ints_dev_ && last_ints_.size() == static_cast<size_t>(n) &&

@@ -212,7 +212,8 @@ class CudaBackend final : public Backend {
   Status add(Tensor& x, const Tensor& y, int n_tokens) override;
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;
-  Status run_recorded(uint64_t key, const std::function<Status()>& body) override;
+  Status run_recorded(uint64_t key, const RecordInput* inputs, int n_inputs,
+                      const std::function<Status()>& body) override;
   Status profile_op(std::string_view kind, OpProfiler& profiler,
                     const std::function<Status()>& op) override;
 
@@ -447,8 +448,24 @@ class CudaBackend final : public Backend {
     // Which of the body's uploads reused the previous upload's slot when it was captured: a
     // staging must make the same choices, or the graph would read slots nobody refilled.
     std::vector<bool> reused;
+    // Where each slot's contents come from among run_recorded's inputs (input, offset, count,
+    // slot): when every upload of the capture came from them (`direct`), a replay refills the
+    // slots from the inputs without walking the body (the walk cost the host 19-26 us a
+    // replay, bench/NOTES.md, thirty-second session).
+    struct Fill {
+      int input, offset, n;
+      size_t slot;
+    };
+    std::vector<Fill> fills;
+    std::vector<int> input_sizes;  // the inputs' lengths at the capture
+    bool direct = false;
+    int first_uploads = 0;  // of the first (eager) run: at least as many as the slots it takes
+    // Refills the slots from `inputs` when it can (direct, the same lengths as the capture's).
+    bool stage_direct(const RecordInput* inputs, int n_inputs, int32_t* slots_host) const;
   };
   std::map<uint64_t, Recorded> graphs_;
+  // Fixed upload slots of recorded graphs: a slot per upload_ints call of the recorded body.
+  static constexpr int kGraphSlots = 1024, kSlotInts = 64;
   Mode mode_ = Mode::Eager;
   int graph_slot_ = 0;
   // An upload of the same host array with the same contents as the body's previous upload reuses
@@ -458,9 +475,23 @@ class CudaBackend final : public Backend {
   // b128 ub16 4,894-5,015 against 4,615-4,619 (bench/NOTES.md, thirty-first session).
   // KESTREL_CUDA_GRAPH_UPLOAD_ONCE=0: a copy an upload.
   bool graph_upload_once_ = true;
+  // KESTREL_CUDA_GRAPH_DIRECT_STAGE=1 (opt-in until run on a GPU): a replay whose capture took
+  // every upload from run_recorded's inputs refills its slots from them (Recorded::fills);
+  // otherwise every replay stages by walking its body.
+  bool graph_direct_stage_ = false;
+  // KESTREL_CUDA_GRAPH_ONE_COPY=1 (lab): a recording copies all its slots in one node at its
+  // start, sized by the body's first run, instead of a copy node at each upload (a kernel after
+  // a copy node cannot start early: the positions' copy sat between layer 0's Q/K/V and its
+  // attention, the logits rows' between the last layer and the head).
+  bool graph_one_copy_ = false;
+  int eager_uploads_ = -1;  // the uploads of a body's first run so far (-1: not counting)
+  int copied_slots_ = 0;    // slots the capture copies at its start
+  const RecordInput* capture_inputs_ = nullptr;  // run_recorded's inputs while it captures
+  int n_capture_inputs_ = 0;
   Recorded* recording_ = nullptr;  // the body being captured or staged
-  size_t upload_index_ = 0;        // its uploads so far
-  bool stage_diverged_ = false;    // a staging's uploads chose other slots than its capture
+  void note_fill(const int32_t* host, int n, size_t slot);
+  size_t upload_index_ = 0;      // its uploads so far
+  bool stage_diverged_ = false;  // a staging's uploads chose other slots than its capture
   const int32_t* last_slot_host_ = nullptr;  // the body's previous upload: its array, size, slot
   int last_slot_n_ = 0;
   size_t last_slot_off_ = 0;

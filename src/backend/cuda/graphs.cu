@@ -5,6 +5,7 @@
 // copies to the device are the graph's first nodes, and the graph is launched once.
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 
 #include "backend/cuda/cuda_backend_impl.cuh"
 
@@ -63,7 +64,19 @@ void CudaBackend::drop_graphs() {
   graphs_.clear();
 }
 
-Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& body) {
+// A replay's inputs straight into the slots its capture filled from them (Recorded::fills).
+bool CudaBackend::Recorded::stage_direct(const RecordInput* inputs, int n_inputs,
+                                         int32_t* slots_host) const {
+  if (!direct || static_cast<size_t>(n_inputs) != input_sizes.size()) return false;
+  for (int i = 0; i < n_inputs; ++i)
+    if (inputs[i].n != input_sizes[i]) return false;
+  for (const Fill& f : fills)
+    std::memcpy(slots_host + f.slot, inputs[f.input].data + f.offset, f.n * sizeof(int32_t));
+  return true;
+}
+
+Status CudaBackend::run_recorded(uint64_t key, const RecordInput* inputs, int n_inputs,
+                                 const std::function<Status()>& body) {
   // A recorded pass must make the same choices (which activations to re-quantize) every time.
   forget_activations();
   if (mode_ != Mode::Eager || graphs_disabled_) return body();  // nested, or switched off
@@ -73,8 +86,15 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
   }
   Recorded& g = graphs_[key];
   GraphTiming* gt = graph_timing_.get();
-  if (gt && !g.exec) gt->interrupted = true;     // (no replay: its time is not a gap)
-  if (g.failed || g.runs++ == 0) return body();  // the first run allocates what the body needs
+  if (gt && !g.exec) gt->interrupted = true;  // (no replay: its time is not a gap)
+  if (g.failed) return body();
+  if (g.runs++ == 0) {  // the first run allocates what the body needs
+    eager_uploads_ = 0;
+    const Status st = body();
+    g.first_uploads = eager_uploads_;
+    eager_uploads_ = -1;
+    return st;
+  }
   // The pinned slots are refilled below: the previous launch must have read them.
   auto t0 = std::chrono::steady_clock::now();
   CUDA_TRY(cudaStreamSynchronize(stream_), "graph (wait for the previous step)");
@@ -84,15 +104,33 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
     t0 = std::chrono::steady_clock::now();
   }
   bool timed = false;
-  if (!g.exec) {
+  const bool replay = g.exec != nullptr;
+  if (!replay) {
     mode_ = Mode::Capture;
     graph_slot_ = 0;
     upload_index_ = 0;
     recording_ = &g;
     g.reused.clear();
+    g.fills.clear();
+    g.input_sizes.clear();
+    for (int i = 0; i < n_inputs; ++i) g.input_sizes.push_back(inputs[i].n);
+    g.direct = graph_direct_stage_;
+    capture_inputs_ = inputs;
+    n_capture_inputs_ = n_inputs;
     Status st = cuda_status(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
                             "graph capture");
+    copied_slots_ = 0;
+    if (st && graph_one_copy_ && g.first_uploads > 0 && g.first_uploads <= kGraphSlots) {
+      copied_slots_ = g.first_uploads;
+      st = cuda_status(
+          cudaMemcpyAsync(slots_dev_, slots_host_, sizeof(int32_t) * kSlotInts * copied_slots_,
+                          cudaMemcpyHostToDevice, stream_),
+          "index upload");
+    }
     if (st) st = body();
+    copied_slots_ = 0;
+    capture_inputs_ = nullptr;
+    n_capture_inputs_ = 0;
     cudaGraph_t graph = nullptr;
     const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
     mode_ = Mode::Eager;
@@ -108,7 +146,7 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
       g.failed = true;
       return body();
     }
-  } else {
+  } else if (!g.stage_direct(inputs, n_inputs, slots_host_)) {
     mode_ = Mode::Stage;
     graph_slot_ = 0;
     upload_index_ = 0;
@@ -126,13 +164,13 @@ Status CudaBackend::run_recorded(uint64_t key, const std::function<Status()>& bo
       if (gt) gt->interrupted = true;
       return body();
     }
-    if (gt) {
-      gt->stage_us += us_since(t0);
-      CUDA_TRY(cudaEventRecord(gt->start[gt->cur], stream_), "graph timing");
-      gt->follows[gt->cur] = gt->recorded && !gt->interrupted;
-      timed = true;
-      t0 = std::chrono::steady_clock::now();
-    }
+  }
+  if (gt && replay) {
+    gt->stage_us += us_since(t0);
+    CUDA_TRY(cudaEventRecord(gt->start[gt->cur], stream_), "graph timing");
+    gt->follows[gt->cur] = gt->recorded && !gt->interrupted;
+    timed = true;
+    t0 = std::chrono::steady_clock::now();
   }
   KESTREL_TRY(cuda_status(cudaGraphLaunch(g.exec, stream_), "graph launch"));
   if (timed) {

@@ -479,15 +479,18 @@ bool ksplit_enabled() {
   return on;
 }
 
-// Whether the K-split matvec lets the next kernel start (its blocks up to their wait: the next
-// matvec asks L2 for its rows, the weight stream fills its ring) once every block of it has its
-// inputs (KESTREL_CUDA_KSPLIT_TRIGGER=1); by default the next kernel starts when it ends.
-bool ksplit_triggers() {
-  static const bool on = [] {
+// Whether the K-split matvec of n_parts products lets the next kernel start (its blocks up to
+// their wait: the next matvec asks L2 for its rows, the weight stream fills its ring, decode
+// attention loads the cache's keys) once every block of it has its inputs: all launches with
+// KESTREL_CUDA_KSPLIT_TRIGGER=1 (tg128 -8% on the H100, thirty-second session), the three-part
+// ones (decode's Q/K/V, which attention follows) with =3 (lab); by default the next kernel starts
+// when it ends.
+bool ksplit_triggers(int n_parts) {
+  static const int mode = [] {
     const char* e = std::getenv("KESTREL_CUDA_KSPLIT_TRIGGER");
-    return e && std::string(e) == "1";
+    return e && (e[0] == '1' || e[0] == '3') && !e[1] ? e[0] - '0' : 0;
   }();
-  return on;
+  return mode == 1 || (mode == 3 && n_parts == 3);
 }
 
 // Which of decode's plain products go on matvec_pipe_kernel (KESTREL_CUDA_MATVEC_PIPE): 2 (the
@@ -563,7 +566,7 @@ Status launch_matvec_parts(const MatvecPart* parts, int n_parts, const Quantized
   args.meta = a.meta;
   args.n_tokens = n_tokens;
   args.dependent = ksplit && dependent_launches();
-  args.trigger = args.dependent && ksplit_triggers();
+  args.trigger = args.dependent && ksplit_triggers(n_parts);
   args.swiglu_arrivals = swiglu_arrivals;
   args.swiglu_also = also;
   args.in_ss = a.row_ss;

@@ -99,7 +99,8 @@ class OpenclBackend final : public Backend {
   Status get_rows(const Tensor& x, const int32_t* rows, int n_rows, Tensor& out) override;
   Status synchronize() override;
   // record.cpp: passes recorded into cl_khr_command_buffer and replayed (KESTREL_CL_RECORD=1).
-  Status run_recorded(uint64_t key, const std::function<Status()>& body) override;
+  Status run_recorded(uint64_t key, const RecordInput* inputs, int n_inputs,
+                      const std::function<Status()>& body) override;
   Status profile_op(std::string_view kind, OpProfiler& profiler,
                     const std::function<Status()>& op) override;
 

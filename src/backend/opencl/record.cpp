@@ -96,7 +96,9 @@ void OpenclBackend::drop_recordings() {
   recordings_stale_ = false;
 }
 
-Status OpenclBackend::run_recorded(uint64_t key, const std::function<Status()>& body) {
+// (The inputs are taken in by staging through body: OpenCL's staging has not been timed yet.)
+Status OpenclBackend::run_recorded(uint64_t key, const RecordInput* /*inputs*/, int /*n_inputs*/,
+                                   const std::function<Status()>& body) {
   // A recorded pass must make the same host-side choices every time (which f16 forms exist).
   companion_ = {};
   half_x_ready_ = nullptr;
