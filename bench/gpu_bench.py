@@ -157,6 +157,11 @@ VARIANTS = [
     ("KESTREL_CUDA_ATT_DECODE=0", "llama2-7b tg128"),
     # The decode kernel's first pass before its dependency wait (opt-in, not yet measured).
     ("KESTREL_CUDA_ATT_DECODE_EARLY=1", "llama2-7b tg128"),
+    # Replays refilled from the named inputs without walking the pass, and a recording's slots
+    # copied in one node at its start (both opt-in, not yet measured).
+    ("KESTREL_CUDA_GRAPH_DIRECT_STAGE=1", "llama2-7b tg128"),
+    ("KESTREL_CUDA_GRAPH_DIRECT_STAGE=1", "seed case, b128 ub16"),
+    ("KESTREL_CUDA_GRAPH_ONE_COPY=1", "llama2-7b tg128"),
     # Prompt chunks' wgmma tiles all of 128 tokens (by default each launch picks 128 or 192 by
     # its waves of blocks), and Q, K, V / gate, up as a launch each (grouped by default).
     ("KESTREL_CUDA_WGMMA_BN=128", "=llama2-7b pp327"),

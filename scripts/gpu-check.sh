@@ -445,6 +445,14 @@ if ((TESTS)); then
     gpu_test_stage gpu-tests-att-decode-early-128 '*GpuOpsAttention*' \
       gtest-gpu-att-decode-early-128.xml KESTREL_CUDA_ATT_DECODE_EARLY=1 \
       KESTREL_CUDA_ATT_DECODE_KEYS=128
+    # Recorded passes refilled from the forward pass's named inputs without walking the body
+    # (opt-in KESTREL_CUDA_GRAPH_DIRECT_STAGE=1) and copying their slots in one node at the start
+    # (opt-in KESTREL_CUDA_GRAPH_ONE_COPY=1); only Q/K/V launches letting attention start early
+    # (lab KESTREL_CUDA_KSPLIT_TRIGGER=3).
+    gpu_test_stage gpu-tests-graph-direct '*GpuOpsRecorded*:*GpuOpsChain*' \
+      gtest-gpu-graph-direct.xml KESTREL_CUDA_GRAPH_DIRECT_STAGE=1 KESTREL_CUDA_GRAPH_ONE_COPY=1
+    gpu_test_stage gpu-tests-ksplit-trigger-3 '*GpuOpsAttention*:*GpuOpsChain*' \
+      gtest-gpu-ksplit-trigger-3.xml KESTREL_CUDA_KSPLIT_TRIGGER=3
     # tc16 with a 16-key sub-tile a warp before another split (more merges; by default 8).
     gpu_test_stage gpu-tests-tc16-subs-1 '*GpuOpsAttention*:*GpuOpsChain*' \
       gtest-gpu-tc16-subs-1.xml KESTREL_CUDA_TC16_WARP_SUBS=1
@@ -570,6 +578,9 @@ if ((TESTS && !QUICK)); then
     # The decode kernel's opt-in early first pass (KESTREL_CUDA_ATT_DECODE_EARLY=1), the same runs.
     E2E_ONLY=b1-ub1 e2e e2e-att-decode-early "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_ATT_DECODE_EARLY=1
+    # Replays staged from the named inputs, their slots copied in one node (both opt-in).
+    e2e e2e-graph-direct "--backend cuda -ngl 99" 150 $((bench_reserve + 10)) \
+      KESTREL_CUDA_GRAPH_DIRECT_STAGE=1 KESTREL_CUDA_GRAPH_ONE_COPY=1
     # ... and leaving it for tc16 past 40 keys, mid-run (recorded steps keyed by the kernel).
     E2E_ONLY=b1-ub1 e2e e2e-att-decode-40 "--backend cuda -ngl 99" 60 $((bench_reserve + 10)) \
       KESTREL_CUDA_ATT_DECODE_MAX_KEYS=40
