@@ -512,6 +512,7 @@ TEST_P(GpuOpsRecorded, InputsOfEveryReplayAreRead) {
   for (const char* once : {"0", "1"}) {
     SCOPED_TRACE(std::string("KESTREL_CUDA_GRAPH_UPLOAD_ONCE=") + once);
     ScopedEnv env("KESTREL_CUDA_GRAPH_UPLOAD_ONCE", once);
+    ScopedEnv record("KESTREL_CL_RECORD", "1");  // (OpenCL records where the driver can)
     auto made = create_backend(GetParam(), BackendOptions{});
     ASSERT_TRUE(made.has_value()) << made.message();
     Backend& b = **made;
@@ -558,17 +559,20 @@ TEST_P(GpuOpsRecorded, InputsOfEveryReplayAreRead) {
 
 // The same with the inputs named (as the forward pass names its token ids, positions and rows):
 // a backend may refill a replay's slots from them without walking the body (CUDA with
-// KESTREL_CUDA_GRAPH_DIRECT_STAGE=1). Each call's arrays are new allocations, so a refill from
-// the capture's pointers would read freed memory or stale rows; one array is uploaded twice in
-// a row (a slot reused) and one in part (an offset into an input).
+// KESTREL_CUDA_GRAPH_DIRECT_STAGE=1; OpenCL's recordings unless KESTREL_CL_RECORD_DIRECT=0). Each
+// call's arrays are new allocations, so a refill from the capture's pointers would read freed
+// memory or stale rows; one array is uploaded twice in a row (a slot reused) and one in part (an
+// offset into an input).
 TEST_P(GpuOpsRecorded, NamedInputsOfEveryReplayAreRead) {
   GPU_TRACE_SEED();
   std::mt19937 rng = test_rng();
   const int64_t n_src = 40, dim = 128;
   const int n_rows = 4;
   for (const char* direct : {"0", "1"}) {
-    SCOPED_TRACE(std::string("KESTREL_CUDA_GRAPH_DIRECT_STAGE=") + direct);
+    SCOPED_TRACE(std::string("direct staging ") + direct);
     ScopedEnv env("KESTREL_CUDA_GRAPH_DIRECT_STAGE", direct);
+    ScopedEnv env_cl("KESTREL_CL_RECORD_DIRECT", direct);
+    ScopedEnv record("KESTREL_CL_RECORD", "1");
     auto made = create_backend(GetParam(), BackendOptions{});
     ASSERT_TRUE(made.has_value()) << made.message();
     Backend& b = **made;

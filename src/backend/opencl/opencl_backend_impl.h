@@ -208,6 +208,17 @@ class OpenclBackend final : public Backend {
     CommandBufferFns::Buffer cb = nullptr;
     int runs = 0;
     bool failed = false;
+    size_t slot_end = 0;  // the slots the pass takes (ints from the slots' start)
+    // Where each slot's contents come from among run_recorded's inputs (input, offset, count,
+    // ring offset): when every upload of the capture came from them (`direct`), a replay fills
+    // the slots from the inputs without walking the body.
+    struct Fill {
+      int input, offset, n;
+      size_t at;
+    };
+    std::vector<Fill> fills;
+    std::vector<int> input_sizes;  // the inputs' lengths at the capture
+    bool direct = false;
   };
   std::string load_command_buffer_fns();
   void choose_recording();
@@ -215,11 +226,18 @@ class OpenclBackend final : public Backend {
   Expected<bool> record_launch(cl_kernel k, const char* op, cl_uint dims, const size_t* global,
                                const size_t* local);
   Expected<int> upload_slot(const int32_t* host, int n, const char* what);
+  Status write_slots(size_t n_ints);
+  bool stage_direct(Recording& r, const RecordInput* inputs, int n_inputs);
   bool record_ = false;
   CommandBufferFns cb_;
   RecMode rec_mode_ = RecMode::Eager;
   CommandBufferFns::Buffer rec_cb_ = nullptr;
   size_t slot_pos_ = 0;
+  // KESTREL_CL_RECORD_DIRECT=0: every replay stages by walking its body.
+  bool record_direct_ = true;
+  Recording* capturing_ = nullptr;  // the recording being captured, and run_recorded's inputs
+  const RecordInput* capture_inputs_ = nullptr;
+  int n_capture_inputs_ = 0;
   std::map<uint64_t, Recording> recordings_;
   bool recordings_stale_ = false;  // a buffer was freed or a tensor uploaded: drop them
 

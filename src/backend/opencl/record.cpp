@@ -7,7 +7,9 @@
 // As on CUDA (cuda/graphs.cu): the first pass of a key runs eagerly (it allocates what the pass
 // needs), the second is captured (its launches go into the command buffer, its inputs to fixed
 // slots at the end of the index ring), later ones stage (the body runs without launching
-// anything, only to write its inputs into the same slots) and enqueue the buffer. Anything the
+// anything, only to write its inputs into the same slots, which then go to the device in one
+// write; or, when the capture took every input from run_recorded's named inputs, the slots are
+// filled from those without walking the body) and enqueue the buffer. Anything the
 // recording cannot hold -- an upload into a tensor, a buffer freed (scratch growth) -- drops it
 // and the pass runs eagerly.
 #include <cstdio>
@@ -87,6 +89,8 @@ void OpenclBackend::choose_recording() {
     return;
   }
   record_ = true;
+  const char* direct = std::getenv("KESTREL_CL_RECORD_DIRECT");
+  record_direct_ = !(direct && std::string(direct) == "0");
 }
 
 void OpenclBackend::drop_recordings() {
@@ -96,8 +100,18 @@ void OpenclBackend::drop_recordings() {
   recordings_stale_ = false;
 }
 
-// (The inputs are taken in by staging through body: OpenCL's staging has not been timed yet.)
-Status OpenclBackend::run_recorded(uint64_t key, const RecordInput* /*inputs*/, int /*n_inputs*/,
+// A replay's inputs straight into the slots its capture filled from them (Recording::fills),
+// when every upload of the capture came from them and they have the capture's lengths.
+bool OpenclBackend::stage_direct(Recording& r, const RecordInput* inputs, int n_inputs) {
+  if (!r.direct || static_cast<size_t>(n_inputs) != r.input_sizes.size()) return false;
+  for (int i = 0; i < n_inputs; ++i)
+    if (inputs[i].n != r.input_sizes[i]) return false;
+  for (const Recording::Fill& f : r.fills)
+    std::memcpy(ring_host_.data() + f.at, inputs[f.input].data + f.offset, f.n * sizeof(int32_t));
+  return true;
+}
+
+Status OpenclBackend::run_recorded(uint64_t key, const RecordInput* inputs, int n_inputs,
                                    const std::function<Status()>& body) {
   // A recorded pass must make the same host-side choices every time (which f16 forms exist).
   companion_ = {};
@@ -117,7 +131,18 @@ Status OpenclBackend::run_recorded(uint64_t key, const RecordInput* /*inputs*/, 
     rec_mode_ = RecMode::Capture;
     rec_cb_ = r.cb;
     slot_pos_ = 0;
+    r.fills.clear();
+    r.input_sizes.assign(n_inputs, 0);
+    for (int i = 0; i < n_inputs; ++i) r.input_sizes[i] = inputs[i].n;
+    r.direct = record_direct_;
+    capturing_ = &r;
+    capture_inputs_ = inputs;
+    n_capture_inputs_ = n_inputs;
     Status st = body();
+    capturing_ = nullptr;
+    capture_inputs_ = nullptr;
+    n_capture_inputs_ = 0;
+    r.slot_end = slot_pos_;
     rec_mode_ = RecMode::Eager;
     rec_cb_ = nullptr;
     if (st && !recordings_stale_) st = cl_status(cb_.finalize(r.cb), "command buffer", "record");
@@ -129,15 +154,19 @@ Status OpenclBackend::run_recorded(uint64_t key, const RecordInput* /*inputs*/, 
       return body();
     }
   } else {
-    rec_mode_ = RecMode::Stage;
-    slot_pos_ = 0;
-    const Status st = body();
-    rec_mode_ = RecMode::Eager;
-    KESTREL_TRY(st);
-    if (recordings_stale_) {  // the body freed a buffer the recording uses: run it eagerly
-      drop_recordings();
-      return body();
+    if (!stage_direct(r, inputs, n_inputs)) {
+      rec_mode_ = RecMode::Stage;
+      slot_pos_ = 0;
+      const Status st = body();
+      rec_mode_ = RecMode::Eager;
+      KESTREL_TRY(st);
+      if (recordings_stale_) {  // the body freed a buffer the recording uses: run it eagerly
+        drop_recordings();
+        return body();
+      }
     }
+    // The staged slots in one write (the capture wrote each as it came).
+    KESTREL_TRY(write_slots(r.slot_end));
   }
   ++launches_;
   return cl_status(cb_.enqueue(1, &queue_, r.cb, 0, nullptr, nullptr), "command buffer", "replay");
@@ -155,19 +184,44 @@ Expected<bool> OpenclBackend::record_launch(cl_kernel k, const char* op, cl_uint
   return true;
 }
 
-// A recorded pass's index array: at slot_pos_ of the slots at the ring's end, written now
-// (blocking: the replay enqueued before may still read the slots, and an in-order queue runs
-// this write after it).
+// The first n_ints of the slots, written to the device (blocking: the replay enqueued before
+// may still read the slots, and an in-order queue runs this write after it).
+Status OpenclBackend::write_slots(size_t n_ints) {
+  if (n_ints == 0) return Status::ok();
+  const size_t at = kRingInts - kRecordSlotInts;
+  KESTREL_CL_TRY(
+      clEnqueueWriteBuffer(queue_, ring_dev_, CL_TRUE, at * sizeof(int32_t),
+                           n_ints * sizeof(int32_t), ring_host_.data() + at, 0, nullptr, nullptr),
+      "recorded pass inputs");
+  return Status::ok();
+}
+
+// A recorded pass's index array: at slot_pos_ of the slots at the ring's end. A capture writes
+// it now (blocking, as write_slots); a staging only fills the host copy, which run_recorded
+// writes in one go. A capture also notes which of run_recorded's inputs holds the array
+// (Recording::fills); one that none (or more than one) holds leaves the recording to stage
+// through its body.
 Expected<int> OpenclBackend::upload_slot(const int32_t* host, int n, const char* what) {
   if (slot_pos_ + static_cast<size_t>(n) > kRecordSlotInts)
     return error("%s: %d indices exceed the recorded pass's slots", what, n);
   const size_t at = kRingInts - kRecordSlotInts + slot_pos_;
   std::memcpy(ring_host_.data() + at, host, n * sizeof(int32_t));
+  slot_pos_ += (static_cast<size_t>(n) + 31) & ~size_t{31};
+  if (rec_mode_ != RecMode::Capture) return static_cast<int>(at);
+  int found = -1;
+  for (int i = 0; i < n_capture_inputs_; ++i) {
+    const RecordInput& in = capture_inputs_[i];
+    if (host >= in.data && host + n <= in.data + in.n) found = found == -1 ? i : -2;
+  }
+  if (found < 0)
+    capturing_->direct = false;
+  else
+    capturing_->fills.push_back(
+        {found, static_cast<int>(host - capture_inputs_[found].data), n, at});
   KESTREL_CL_TRY(
       clEnqueueWriteBuffer(queue_, ring_dev_, CL_TRUE, at * sizeof(int32_t), n * sizeof(int32_t),
                            ring_host_.data() + at, 0, nullptr, nullptr),
       what);
-  slot_pos_ += (static_cast<size_t>(n) + 31) & ~size_t{31};
   return static_cast<int>(at);
 }
 
