@@ -40,6 +40,27 @@ struct RecordInput {
   int n = 0;
 };
 
+// A recorded pass's upload as its capture found it among run_recorded's inputs: `n` ints of
+// input `input` from `offset`, into the backend's slot at `at`.
+struct RecordFill {
+  int input = -1, offset = 0, n = 0;
+  size_t at = 0;
+};
+
+// The fill of an upload of n ints at host into slot `at`: input -1 when no input holds it, or
+// more than one (overlapping inputs: which one a replay means is unknown).
+inline RecordFill find_record_fill(const RecordInput* inputs, int n_inputs, const int32_t* host,
+                                   int n, size_t at) {
+  RecordFill f{-1, 0, n, at};
+  for (int i = 0; i < n_inputs; ++i) {
+    if (host < inputs[i].data || host + n > inputs[i].data + inputs[i].n) continue;
+    if (f.input != -1) return {-1, 0, n, at};
+    f.input = i;
+    f.offset = static_cast<int>(host - inputs[i].data);
+  }
+  return f;
+}
+
 // A weight matrix as stored in the GGUF file (host memory, usually the file mapping):
 // n_out rows of n_in elements of `type`.
 struct HostMatrix {

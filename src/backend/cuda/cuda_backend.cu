@@ -398,21 +398,11 @@ Status CudaBackend::flush_profile() {
 // more than one) holds leaves the recording to stage through its body.
 void CudaBackend::note_fill(const int32_t* host, int n, size_t slot) {
   if (n <= 0) return;  // nothing to refill
-  Recorded& g = *recording_;
-  int found = -1;
-  for (int i = 0; i < n_capture_inputs_; ++i) {
-    const RecordInput& in = capture_inputs_[i];
-    if (host >= in.data && host + n <= in.data + in.n) {
-      if (found >= 0) found = -2;  // (ambiguous: the inputs overlap)
-      if (found == -1) found = i;
-    }
-  }
-  if (found < 0) {
-    g.direct = false;
-    return;
-  }
-  g.fills.push_back(
-      Recorded::Fill{found, static_cast<int>(host - capture_inputs_[found].data), n, slot});
+  const RecordFill f = find_record_fill(capture_inputs_, n_capture_inputs_, host, n, slot);
+  if (f.input < 0)
+    recording_->direct = false;
+  else
+    recording_->fills.push_back(f);
 }
 
 Expected<const int32_t*> CudaBackend::upload_ints(const int32_t* host, int n) {

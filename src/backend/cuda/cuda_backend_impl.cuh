@@ -452,11 +452,7 @@ class CudaBackend final : public Backend {
     // slot): when every upload of the capture came from them (`direct`), a replay refills the
     // slots from the inputs without walking the body (the walk cost the host 19-26 us a
     // replay, bench/NOTES.md, thirty-second session).
-    struct Fill {
-      int input, offset, n;
-      size_t slot;
-    };
-    std::vector<Fill> fills;
+    std::vector<RecordFill> fills;
     std::vector<int> input_sizes;  // the inputs' lengths at the capture
     bool direct = false;
     int first_uploads = 0;  // of the first (eager) run: at least as many as the slots it takes

@@ -70,8 +70,8 @@ bool CudaBackend::Recorded::stage_direct(const RecordInput* inputs, int n_inputs
   if (!direct || static_cast<size_t>(n_inputs) != input_sizes.size()) return false;
   for (int i = 0; i < n_inputs; ++i)
     if (inputs[i].n != input_sizes[i]) return false;
-  for (const Fill& f : fills)
-    std::memcpy(slots_host + f.slot, inputs[f.input].data + f.offset, f.n * sizeof(int32_t));
+  for (const RecordFill& f : fills)
+    std::memcpy(slots_host + f.at, inputs[f.input].data + f.offset, f.n * sizeof(int32_t));
   return true;
 }
 

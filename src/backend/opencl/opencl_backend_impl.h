@@ -212,11 +212,7 @@ class OpenclBackend final : public Backend {
     // Where each slot's contents come from among run_recorded's inputs (input, offset, count,
     // ring offset): when every upload of the capture came from them (`direct`), a replay fills
     // the slots from the inputs without walking the body.
-    struct Fill {
-      int input, offset, n;
-      size_t at;
-    };
-    std::vector<Fill> fills;
+    std::vector<RecordFill> fills;
     std::vector<int> input_sizes;  // the inputs' lengths at the capture
     bool direct = false;
   };

@@ -106,7 +106,7 @@ bool OpenclBackend::stage_direct(Recording& r, const RecordInput* inputs, int n_
   if (!r.direct || static_cast<size_t>(n_inputs) != r.input_sizes.size()) return false;
   for (int i = 0; i < n_inputs; ++i)
     if (inputs[i].n != r.input_sizes[i]) return false;
-  for (const Recording::Fill& f : r.fills)
+  for (const RecordFill& f : r.fills)
     std::memcpy(ring_host_.data() + f.at, inputs[f.input].data + f.offset, f.n * sizeof(int32_t));
   return true;
 }
@@ -208,16 +208,11 @@ Expected<int> OpenclBackend::upload_slot(const int32_t* host, int n, const char*
   std::memcpy(ring_host_.data() + at, host, n * sizeof(int32_t));
   slot_pos_ += (static_cast<size_t>(n) + 31) & ~size_t{31};
   if (rec_mode_ != RecMode::Capture) return static_cast<int>(at);
-  int found = -1;
-  for (int i = 0; i < n_capture_inputs_; ++i) {
-    const RecordInput& in = capture_inputs_[i];
-    if (host >= in.data && host + n <= in.data + in.n) found = found == -1 ? i : -2;
-  }
-  if (found < 0)
+  const RecordFill f = find_record_fill(capture_inputs_, n_capture_inputs_, host, n, at);
+  if (f.input < 0)
     capturing_->direct = false;
   else
-    capturing_->fills.push_back(
-        {found, static_cast<int>(host - capture_inputs_[found].data), n, at});
+    capturing_->fills.push_back(f);
   KESTREL_CL_TRY(
       clEnqueueWriteBuffer(queue_, ring_dev_, CL_TRUE, at * sizeof(int32_t), n * sizeof(int32_t),
                            ring_host_.data() + at, 0, nullptr, nullptr),
